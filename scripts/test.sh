@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Runs every test on a fresh machine: installs PostgreSQL when missing, starts a throwaway
+# cluster (each test then makes its own database in it), runs `cargo test`, removes the cluster.
+# Extra arguments go to `cargo test` (e.g. `scripts/test.sh ordering`).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+# shellcheck source=scripts/pg-throwaway.sh
+source scripts/pg-throwaway.sh
+# The test cluster trades durability for speed; the benchmark runs with fsync on.
+PG_EXTRA_CONF=$'fsync = off\nsynchronous_commit = off\nfull_page_writes = off' pg_throwaway_start
+cargo test --locked "$@"

@@ -1,0 +1,308 @@
+//! The `contact-sync` command line (clap derive). Each subcommand calls one library function;
+//! no SQL and no HTTP here.
+
+use crate::config::Settings;
+use crate::outbox::{self, NewJob};
+use crate::providers::Registry;
+use crate::sandbox::{Sandbox, SandboxAccounts};
+use crate::telemetry::LogFormat;
+use crate::worker::{shutdown, Worker};
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand};
+use serde_json::{Map, Value};
+use sqlx::postgres::PgPoolOptions;
+use sqlx::PgPool;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+#[derive(Debug, Parser)]
+#[command(name = "contact-sync", version, about = "Keeps email-marketing providers in step with your contacts, through a Postgres outbox")]
+pub struct Cli {
+    /// TOML configuration file.
+    #[arg(long, global = true, env = "CONTACT_SYNC_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Log line format (RUST_LOG sets the level).
+    #[arg(long, global = true, value_enum, default_value = "pretty")]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Apply the embedded migrations (idempotent, safe to run concurrently).
+    Migrate,
+    /// Run the worker daemon.
+    Run {
+        /// Exit 0 once no job is runnable now.
+        #[arg(long)]
+        drain: bool,
+        /// Apply migrations before starting.
+        #[arg(long)]
+        migrate: bool,
+    },
+    /// Record a change (or, with --file, many).
+    Enqueue(EnqueueArgs),
+    /// Serve the JustClick and Smartlink simulators.
+    Sandbox {
+        #[arg(long, default_value = "127.0.0.1:8089")]
+        listen: SocketAddr,
+        /// Extra JustClick account, LOGIN:SECRET (repeatable).
+        #[arg(long = "justclick", value_name = "LOGIN:SECRET")]
+        justclick: Vec<String>,
+        /// Extra Smartlink account, GAMEID:SECRET (repeatable).
+        #[arg(long = "smartlink", value_name = "GAMEID:SECRET")]
+        smartlink: Vec<String>,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct EnqueueArgs {
+    #[arg(long, required_unless_present = "file")]
+    pub provider: Option<String>,
+    #[arg(long, required_unless_present = "file")]
+    pub account: Option<String>,
+    #[arg(long, required_unless_present = "file")]
+    pub email: Option<String>,
+    /// A payload field, KEY=VALUE (repeatable). Integers for subscribe, update_strategy and
+    /// modify_ts; comma-separated lists for tags and preferences; attributes.NAME=VALUE for a
+    /// Smartlink attribute; text otherwise.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+    /// The payload as a JSON object (merged under --set).
+    #[arg(long)]
+    pub payload: Option<String>,
+    #[arg(long)]
+    pub idempotency_key: Option<String>,
+    /// JSON Lines file, one change per line (fields: provider, account, email, payload,
+    /// idempotency_key, run_at). Bad lines are reported and skipped; good ones are queued.
+    #[arg(long, conflicts_with_all = ["provider", "account", "email", "set", "payload", "idempotency_key"])]
+    pub file: Option<PathBuf>,
+}
+
+pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let settings = Settings::load(cli.config.as_deref()).context("loading configuration")?;
+    match cli.command {
+        Command::Migrate => {
+            let pool = connect(&settings).await?;
+            crate::migrate(&pool).await?;
+            println!("migrations applied ({} known)", crate::MIGRATOR.iter().count());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Run { drain, migrate } => run_worker(settings, drain, migrate).await,
+        Command::Enqueue(args) => {
+            let pool = connect(&settings).await?;
+            match &args.file {
+                Some(path) => enqueue_file(&pool, path).await,
+                None => {
+                    let job = job_from_args(&args)?;
+                    let mut conn = pool.acquire().await?;
+                    let id = outbox::enqueue(&mut conn, &job).await?;
+                    println!("{id}");
+                    Ok(ExitCode::SUCCESS)
+                }
+            }
+        }
+        Command::Sandbox { listen, justclick, smartlink } => {
+            let mut accounts = SandboxAccounts::from_settings(&settings);
+            if accounts.justclick.is_empty() && accounts.smartlink.is_empty() && justclick.is_empty() && smartlink.is_empty() {
+                accounts = crate::demo::sandbox_accounts();
+            }
+            for pair in &justclick {
+                let (login, secret) = pair.split_once(':').context("--justclick takes LOGIN:SECRET")?;
+                accounts = accounts.with_justclick(login, secret);
+            }
+            for pair in &smartlink {
+                let (game, secret) = pair.split_once(':').context("--smartlink takes GAMEID:SECRET")?;
+                accounts = accounts.with_smartlink(game, secret);
+            }
+            let logins: Vec<_> = accounts.justclick.keys().cloned().collect();
+            let games: Vec<_> = accounts.smartlink.keys().cloned().collect();
+            let sandbox = Sandbox::start(listen, accounts).await.with_context(|| format!("binding {listen}"))?;
+            println!("sandbox listening on {}", sandbox.url());
+            for login in logins {
+                println!("  justclick {login}: base_url = \"{}\"", sandbox.justclick_base_url(&login));
+            }
+            for game in games {
+                println!("  smartlink {game}: base_url = \"{}\"", sandbox.smartlink_base_url());
+            }
+            let stop = shutdown::on_signals();
+            stop.cancelled().await;
+            sandbox.stop().await;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// A pool for this process's settings.
+pub async fn connect(settings: &Settings) -> anyhow::Result<PgPool> {
+    let url = settings.database_url()?;
+    PgPoolOptions::new()
+        .max_connections(settings.database.max_connections)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect(url.expose())
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot connect to the database: {}", redact_db_error(&e)))
+}
+
+/// sqlx errors do not carry the URL, but be explicit: only the error's own text.
+fn redact_db_error(e: &sqlx::Error) -> String {
+    crate::providers::outcome::error_chain(e)
+}
+
+async fn run_worker(settings: Settings, drain: bool, migrate: bool) -> anyhow::Result<ExitCode> {
+    let registry = Registry::from_settings(&settings)?;
+    if registry.is_empty() {
+        tracing::warn!("no [accounts] configured: jobs will wait until configuration names their account");
+    }
+    let stop = shutdown::on_signals();
+    // Wait for the database at start (a daemon may start before Postgres).
+    let url = settings.database_url()?.clone();
+    let options = PgPoolOptions::new()
+        .max_connections(settings.database.max_connections)
+        .acquire_timeout(Duration::from_secs(10));
+    let pool = options.connect_lazy(url.expose()).map_err(|e| anyhow::anyhow!("bad database URL: {}", redact_db_error(&e)))?;
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        let ready = async {
+            if migrate {
+                crate::migrate(&pool).await.map_err(anyhow::Error::from)?;
+            }
+            crate::migrate::is_current(&pool).await.map_err(anyhow::Error::from)
+        };
+        match ready.await {
+            Ok(true) => break,
+            Ok(false) => bail!("the database schema is not current: run `contact-sync migrate` (or `run --migrate`)"),
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "database not ready");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = stop.cancelled() => return Ok(ExitCode::SUCCESS),
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+    let admin = crate::admin::spawn(&settings, pool.clone(), stop.clone()).await?;
+    let worker = Worker::new(pool.clone(), settings, registry);
+    let report = if drain { worker.drain_until(stop.clone()).await } else { worker.run(stop.clone()).await };
+    stop.cancel();
+    if let Some(admin) = admin {
+        let _ = admin.await;
+    }
+    pool.close().await;
+    tracing::info!(?report, "exiting");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Builds a job from `--provider/--account/--email/--set/--payload`.
+pub fn job_from_args(args: &EnqueueArgs) -> anyhow::Result<NewJob> {
+    let mut payload = match &args.payload {
+        Some(text) => match serde_json::from_str::<Value>(text).context("--payload is not JSON")? {
+            Value::Object(map) => map,
+            _ => bail!("--payload must be a JSON object"),
+        },
+        None => Map::new(),
+    };
+    for pair in &args.set {
+        let (key, value) = pair.split_once('=').with_context(|| format!("--set {pair:?}: expected KEY=VALUE"))?;
+        set_field(&mut payload, key, value)?;
+    }
+    let mut job = NewJob::new(
+        args.provider.clone().unwrap_or_default(),
+        args.account.clone().unwrap_or_default(),
+        args.email.clone().unwrap_or_default(),
+        Value::Object(payload),
+    );
+    job.idempotency_key = args.idempotency_key.clone();
+    Ok(job)
+}
+
+fn set_field(payload: &mut Map<String, Value>, key: &str, value: &str) -> anyhow::Result<()> {
+    if let Some(name) = key.strip_prefix("attributes.") {
+        let attrs = payload.entry("attributes").or_insert_with(|| Value::Object(Map::new()));
+        let Value::Object(attrs) = attrs else { bail!("attributes is not an object") };
+        attrs.insert(name.to_string(), Value::String(value.to_string()));
+        return Ok(());
+    }
+    let typed = match key {
+        "subscribe" | "update_strategy" | "modify_ts" => {
+            Value::from(value.trim().parse::<i64>().with_context(|| format!("--set {key}: {value:?} is not an integer"))?)
+        }
+        "tags" | "preferences" => Value::Array(
+            value.split(',').map(str::trim).filter(|s| !s.is_empty()).map(|s| Value::String(s.into())).collect(),
+        ),
+        _ => Value::String(value.to_string()),
+    };
+    payload.insert(key.to_string(), typed);
+    Ok(())
+}
+
+/// Lines per batch statement in bulk loads.
+const FILE_BATCH: usize = 1000;
+
+/// Bulk load from JSON Lines: bad lines are reported on stderr and skipped, good ones queued.
+/// Exit code 0 when every line was queued, 1 when some were rejected.
+async fn enqueue_file(pool: &PgPool, path: &Path) -> anyhow::Result<ExitCode> {
+    let bytes = tokio::fs::read(path).await.with_context(|| format!("reading {}", path.display()))?;
+    let mut rejected = 0usize;
+    let mut queued = 0usize;
+    let mut batch: Vec<(usize, NewJob)> = Vec::with_capacity(FILE_BATCH);
+    let lines = bytes.split(|b| *b == b'\n');
+    for (index, raw) in lines.enumerate() {
+        let line_no = index + 1;
+        let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
+        if raw.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        let job = std::str::from_utf8(raw)
+            .map_err(|_| "not valid UTF-8".to_string())
+            .and_then(|text| serde_json::from_str::<NewJob>(text).map_err(|e| format!("not a change object: {e}")));
+        match job {
+            Ok(job) => batch.push((line_no, job)),
+            Err(e) => {
+                rejected += 1;
+                eprintln!("line {line_no}: {e}");
+            }
+        }
+        if batch.len() >= FILE_BATCH {
+            let (q, r) = load_batch(pool, std::mem::take(&mut batch)).await?;
+            queued += q;
+            rejected += r;
+        }
+    }
+    let (q, r) = load_batch(pool, batch).await?;
+    queued += q;
+    rejected += r;
+    println!("queued {queued}, rejected {rejected}");
+    Ok(if rejected == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+/// One statement for the whole batch; if the database rejects one line, each line goes on its
+/// own so the good ones still land. Returns (queued, rejected).
+async fn load_batch(pool: &PgPool, batch: Vec<(usize, NewJob)>) -> anyhow::Result<(usize, usize)> {
+    if batch.is_empty() {
+        return Ok((0, 0));
+    }
+    let jobs: Vec<NewJob> = batch.iter().map(|(_, j)| j.clone()).collect();
+    let mut conn = pool.acquire().await?;
+    match outbox::enqueue_batch(&mut conn, &jobs).await {
+        Ok(ids) => return Ok((ids.len(), 0)),
+        Err(e) if e.is_invalid() => {}
+        Err(e) => return Err(e.into()),
+    }
+    let (mut queued, mut rejected) = (0, 0);
+    for (line_no, job) in &batch {
+        match outbox::enqueue(&mut conn, job).await {
+            Ok(_) => queued += 1,
+            Err(e) if e.is_invalid() => {
+                rejected += 1;
+                eprintln!("line {line_no}: {e}");
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok((queued, rejected))
+}

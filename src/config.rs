@@ -1,0 +1,524 @@
+//! Configuration: one typed [`Settings`] struct, loaded from a TOML file (`--config PATH` or
+//! `CONTACT_SYNC_CONFIG`), then `CONTACT_SYNC__SECTION__KEY` environment overrides, with
+//! `DATABASE_URL` honoured, and validated once at start with errors that name the key.
+//! Secrets are [`Secret`]s: `Debug` of the settings prints `[redacted]`.
+
+use crate::secret::Secret;
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+/// Everything a contact-sync process reads from its configuration.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    #[serde(default)]
+    pub database: DatabaseSettings,
+    #[serde(default)]
+    pub worker: WorkerSettings,
+    #[serde(default)]
+    pub retention: RetentionSettings,
+    #[serde(default)]
+    pub admin: AdminSettings,
+    #[serde(default)]
+    pub http: HttpSettings,
+    /// Provider accounts by name (`[a-z0-9_]`, so env overrides can name them).
+    #[serde(default)]
+    pub accounts: BTreeMap<String, AccountSettings>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseSettings {
+    /// `postgres://...`; may carry a password, hence a secret.
+    pub url: Option<Secret>,
+    /// Pool size of one process (the worker needs a few: claim, complete, heartbeat, listen).
+    #[serde(default = "defaults::max_connections")]
+    pub max_connections: u32,
+}
+
+impl Default for DatabaseSettings {
+    fn default() -> Self {
+        Self { url: None, max_connections: defaults::max_connections() }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkerSettings {
+    /// Provider calls in flight per process.
+    #[serde(default = "defaults::concurrency")]
+    pub concurrency: usize,
+    /// Jobs per claim statement.
+    #[serde(default = "defaults::batch_size")]
+    pub batch_size: usize,
+    /// How long a claim is held without a heartbeat.
+    #[serde(default = "defaults::lease", with = "crate::duration::serde_text")]
+    pub lease: Duration,
+    /// Fallback wake-up when no NOTIFY arrives (jittered by up to 10%).
+    #[serde(default = "defaults::poll_interval", with = "crate::duration::serde_text")]
+    pub poll_interval: Duration,
+    /// Attempts before a job goes `dead` (a job's own `max_attempts` column wins).
+    #[serde(default = "defaults::max_attempts")]
+    pub max_attempts: i32,
+    #[serde(default = "defaults::backoff_base", with = "crate::duration::serde_text")]
+    pub backoff_base: Duration,
+    #[serde(default = "defaults::backoff_cap", with = "crate::duration::serde_text")]
+    pub backoff_cap: Duration,
+    /// How long SIGTERM waits for in-flight calls before releasing them.
+    #[serde(default = "defaults::shutdown_timeout", with = "crate::duration::serde_text")]
+    pub shutdown_timeout: Duration,
+    /// Consecutive jobs of one contact merged into one call at most.
+    #[serde(default = "defaults::max_coalesce")]
+    pub max_coalesce: usize,
+}
+
+impl Default for WorkerSettings {
+    fn default() -> Self {
+        Self {
+            concurrency: defaults::concurrency(),
+            batch_size: defaults::batch_size(),
+            lease: defaults::lease(),
+            poll_interval: defaults::poll_interval(),
+            max_attempts: defaults::max_attempts(),
+            backoff_base: defaults::backoff_base(),
+            backoff_cap: defaults::backoff_cap(),
+            shutdown_timeout: defaults::shutdown_timeout(),
+            max_coalesce: defaults::max_coalesce(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionSettings {
+    /// `succeeded`, `coalesced` and `cancelled` rows older than this are pruned.
+    #[serde(default = "defaults::retention", with = "crate::duration::serde_text")]
+    pub finished: Duration,
+}
+
+impl Default for RetentionSettings {
+    fn default() -> Self {
+        Self { finished: defaults::retention() }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminSettings {
+    /// `/metrics`, `/healthz`, `/readyz`; loopback by default; `""` turns it off.
+    #[serde(default = "defaults::admin_listen")]
+    pub listen: String,
+}
+
+impl Default for AdminSettings {
+    fn default() -> Self {
+        Self { listen: defaults::admin_listen() }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSettings {
+    #[serde(default = "defaults::connect_timeout", with = "crate::duration::serde_text")]
+    pub connect_timeout: Duration,
+    /// Whole-request timeout of one provider call.
+    #[serde(default = "defaults::request_timeout", with = "crate::duration::serde_text")]
+    pub request_timeout: Duration,
+}
+
+impl Default for HttpSettings {
+    fn default() -> Self {
+        Self {
+            connect_timeout: defaults::connect_timeout(),
+            request_timeout: defaults::request_timeout(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProviderKind {
+    Justclick,
+    Smartlink,
+}
+
+impl ProviderKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProviderKind::Justclick => "justclick",
+            ProviderKind::Smartlink => "smartlink",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "justclick" => Some(ProviderKind::Justclick),
+            "smartlink" => Some(ProviderKind::Smartlink),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for ProviderKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What a Smartlink account does with a confirmation email the provider would not send again
+/// within its one-hour window (DESIGN.md rule 5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum DoubleOptIn {
+    /// Send the other fields now, re-send the pending status when the window ends.
+    #[default]
+    Defer,
+    /// Send the other fields, record that no email was triggered.
+    Drop,
+}
+
+/// One provider account. Which fields apply depends on `provider`; `validate` checks them.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccountSettings {
+    pub provider: ProviderKind,
+    /// JustClick login (also its third-level domain).
+    pub login: Option<String>,
+    /// Smartlink project id (`gameid`).
+    pub game_id: Option<String>,
+    /// The account's API key.
+    pub secret: Secret,
+    /// Defaults to the provider's public endpoint.
+    pub base_url: Option<String>,
+    /// Calls per second this process makes for the account (unset: unlimited).
+    pub rate_limit_per_second: Option<f64>,
+    /// Token-bucket burst (default: one second's worth, at least 1).
+    pub burst: Option<u32>,
+    /// Allow an `http://` base URL that is not loopback.
+    #[serde(default)]
+    pub allow_insecure_http: bool,
+    /// Smartlink only.
+    #[serde(default)]
+    pub double_opt_in: DoubleOptIn,
+    /// Provider codes to treat as retryable on top of the built-in ones.
+    #[serde(default)]
+    pub retryable_codes: Vec<i64>,
+}
+
+impl AccountSettings {
+    /// The base URL the client calls: the configured one or the provider's public endpoint.
+    pub fn effective_base_url(&self) -> String {
+        if let Some(url) = &self.base_url {
+            return url.trim_end_matches('/').to_string();
+        }
+        match self.provider {
+            ProviderKind::Justclick => {
+                format!("https://{}.justclick.ru", self.login.as_deref().unwrap_or_default())
+            }
+            ProviderKind::Smartlink => "https://openapi.smartlink.intlgame.com".to_string(),
+        }
+    }
+}
+
+/// A configuration problem, naming the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration: {0}")]
+    Load(#[from] config::ConfigError),
+    #[error("configuration key {key}: {reason}")]
+    Invalid { key: String, reason: String },
+}
+
+fn invalid(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { key: key.into(), reason: reason.into() }
+}
+
+mod defaults {
+    use std::time::Duration;
+    pub fn max_connections() -> u32 {
+        10
+    }
+    pub fn concurrency() -> usize {
+        32
+    }
+    pub fn batch_size() -> usize {
+        100
+    }
+    pub fn lease() -> Duration {
+        Duration::from_secs(60)
+    }
+    pub fn poll_interval() -> Duration {
+        Duration::from_secs(1)
+    }
+    pub fn max_attempts() -> i32 {
+        20
+    }
+    pub fn backoff_base() -> Duration {
+        Duration::from_secs(2)
+    }
+    pub fn backoff_cap() -> Duration {
+        Duration::from_secs(3600)
+    }
+    pub fn shutdown_timeout() -> Duration {
+        Duration::from_secs(30)
+    }
+    pub fn max_coalesce() -> usize {
+        50
+    }
+    pub fn retention() -> Duration {
+        Duration::from_secs(7 * 86_400)
+    }
+    pub fn admin_listen() -> String {
+        "127.0.0.1:9187".to_string()
+    }
+    pub fn connect_timeout() -> Duration {
+        Duration::from_secs(5)
+    }
+    pub fn request_timeout() -> Duration {
+        Duration::from_secs(30)
+    }
+}
+
+impl Settings {
+    /// Loads from `path` (if any), then the environment, then validates.
+    pub fn load(path: Option<&Path>) -> Result<Settings, ConfigError> {
+        Self::load_from(path, |name| std::env::var(name).ok(), None)
+    }
+
+    /// [`Settings::load`] with an explicit environment (for tests): `vars` lists
+    /// `CONTACT_SYNC__…` pairs; `None` reads the process environment.
+    pub fn load_from(
+        path: Option<&Path>,
+        var: impl Fn(&str) -> Option<String>,
+        vars: Option<Vec<(String, String)>>,
+    ) -> Result<Settings, ConfigError> {
+        let mut builder = config::Config::builder();
+        if let Some(path) = path {
+            builder = builder.add_source(config::File::from(path).format(config::FileFormat::Toml));
+        }
+        let mut env = config::Environment::with_prefix("CONTACT_SYNC")
+            .prefix_separator("__")
+            .separator("__")
+            .try_parsing(true);
+        if let Some(vars) = vars {
+            env = env.source(Some(vars.into_iter().collect()));
+        }
+        builder = builder.add_source(env);
+        // DATABASE_URL sits between the file and CONTACT_SYNC__DATABASE__URL.
+        if var("CONTACT_SYNC__DATABASE__URL").is_none() {
+            if let Some(url) = var("DATABASE_URL") {
+                builder = builder.set_override("database.url", url)?;
+            }
+        }
+        let settings: Settings = builder.build()?.try_deserialize()?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Checks every value once, at start; the error names the key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let w = &self.worker;
+        if w.concurrency == 0 || w.concurrency > 10_000 {
+            return Err(invalid("worker.concurrency", "must be between 1 and 10000"));
+        }
+        if w.batch_size == 0 || w.batch_size > 10_000 {
+            return Err(invalid("worker.batch_size", "must be between 1 and 10000"));
+        }
+        if w.lease < Duration::from_secs(1) {
+            return Err(invalid("worker.lease", "must be at least 1s"));
+        }
+        if w.poll_interval < Duration::from_millis(10) {
+            return Err(invalid("worker.poll_interval", "must be at least 10ms"));
+        }
+        if w.max_attempts < 1 {
+            return Err(invalid("worker.max_attempts", "must be at least 1"));
+        }
+        if w.backoff_base.is_zero() {
+            return Err(invalid("worker.backoff_base", "must be greater than 0"));
+        }
+        if w.backoff_cap < w.backoff_base {
+            return Err(invalid("worker.backoff_cap", "must not be smaller than worker.backoff_base"));
+        }
+        if w.max_coalesce == 0 {
+            return Err(invalid("worker.max_coalesce", "must be at least 1"));
+        }
+        if self.database.max_connections < 2 {
+            return Err(invalid("database.max_connections", "must be at least 2"));
+        }
+        if !self.admin.listen.is_empty() && self.admin.listen.parse::<std::net::SocketAddr>().is_err() {
+            return Err(invalid("admin.listen", "must be an address like 127.0.0.1:9187, or empty to turn it off"));
+        }
+        for (name, account) in &self.accounts {
+            let key = |field: &str| format!("accounts.{name}.{field}");
+            if !valid_account_name(name) {
+                return Err(invalid(
+                    format!("accounts.{name}"),
+                    "account names use only a-z, 0-9 and _ (at most 64 characters)",
+                ));
+            }
+            if account.secret.is_empty() {
+                return Err(invalid(key("secret"), "is required"));
+            }
+            match account.provider {
+                ProviderKind::Justclick => {
+                    let login = account.login.as_deref().unwrap_or_default();
+                    if login.is_empty() || !login.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+                        return Err(invalid(key("login"), "is required for justclick (letters, digits, - and _)"));
+                    }
+                    if account.game_id.is_some() {
+                        return Err(invalid(key("game_id"), "applies to smartlink accounts only"));
+                    }
+                }
+                ProviderKind::Smartlink => {
+                    let game = account.game_id.as_deref().unwrap_or_default();
+                    if game.is_empty() || !game.chars().all(|c| c.is_ascii_digit()) {
+                        return Err(invalid(key("game_id"), "is required for smartlink (digits)"));
+                    }
+                    if account.login.is_some() {
+                        return Err(invalid(key("login"), "applies to justclick accounts only"));
+                    }
+                }
+            }
+            if let Some(rate) = account.rate_limit_per_second {
+                if !(rate > 0.0 && rate.is_finite()) {
+                    return Err(invalid(key("rate_limit_per_second"), "must be a positive number"));
+                }
+            }
+            if account.burst == Some(0) {
+                return Err(invalid(key("burst"), "must be at least 1"));
+            }
+            crate::providers::http::check_base_url(&account.effective_base_url(), account.allow_insecure_http)
+                .map_err(|reason| invalid(key("base_url"), reason))?;
+        }
+        Ok(())
+    }
+
+    /// The database URL, or an error naming the ways to set it.
+    pub fn database_url(&self) -> Result<&Secret, ConfigError> {
+        self.database.url.as_ref().ok_or_else(|| {
+            invalid("database.url", "is not set (set DATABASE_URL, CONTACT_SYNC__DATABASE__URL or [database] url)")
+        })
+    }
+}
+
+/// `[a-z0-9_]{1,64}`: the same rule as the jobs table's CHECK.
+pub fn valid_account_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn load_toml(toml: &str, env: &[(&str, &str)]) -> Result<Settings, ConfigError> {
+        let mut file = tempfile_in_target();
+        file.1.write_all(toml.as_bytes()).unwrap();
+        let vars: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let lookup = vars.clone();
+        Settings::load_from(
+            Some(&file.0),
+            move |name| lookup.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone()),
+            Some(vars),
+        )
+    }
+
+    fn tempfile_in_target() -> (std::path::PathBuf, std::fs::File) {
+        let path = std::env::temp_dir().join(format!("contact-sync-test-{}.toml", fastrand::u64(..)));
+        let file = std::fs::File::create(&path).unwrap();
+        (path, file)
+    }
+
+    const SAMPLE: &str = r#"
+[worker]
+concurrency = 8
+lease = "30s"
+[accounts.jc_main]
+provider = "justclick"
+login = "username"
+secret = "jc-secret-value"
+rate_limit_per_second = 5
+[accounts.sl_main]
+provider = "smartlink"
+game_id = "12345"
+secret = "sl-secret-value"
+double_opt_in = "drop"
+"#;
+
+    #[test]
+    fn file_then_env_overrides() {
+        let s = load_toml(
+            SAMPLE,
+            &[
+                ("CONTACT_SYNC__WORKER__CONCURRENCY", "64"),
+                ("CONTACT_SYNC__ACCOUNTS__SL_MAIN__SECRET", "from-env"),
+                ("DATABASE_URL", "postgres://localhost/app"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(s.worker.concurrency, 64);
+        assert_eq!(s.worker.lease, Duration::from_secs(30));
+        assert_eq!(s.worker.batch_size, 100);
+        assert_eq!(s.accounts["sl_main"].secret.expose(), "from-env");
+        assert_eq!(s.accounts["sl_main"].double_opt_in, DoubleOptIn::Drop);
+        assert_eq!(s.database.url.as_ref().unwrap().expose(), "postgres://localhost/app");
+        assert_eq!(s.accounts["jc_main"].effective_base_url(), "https://username.justclick.ru");
+    }
+
+    #[test]
+    fn debug_redacts_secrets() {
+        let s = load_toml(SAMPLE, &[("DATABASE_URL", "postgres://u:pw@localhost/app")]).unwrap();
+        let text = format!("{s:?}");
+        assert!(text.contains("[redacted]"));
+        assert!(!text.contains("jc-secret-value"));
+        assert!(!text.contains("sl-secret-value"));
+        assert!(!text.contains("pw@"));
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let err = load_toml(SAMPLE, &[("CONTACT_SYNC__WORKER__CONCURRENCY", "0")]).unwrap_err();
+        assert!(err.to_string().contains("worker.concurrency"), "{err}");
+        let err = load_toml("[worker]\nlease = \"30\"\n", &[]).unwrap_err();
+        assert!(err.to_string().contains("no unit"), "{err}");
+        let err = load_toml("[worker]\nconcurency = 3\n", &[]).unwrap_err();
+        assert!(err.to_string().contains("concurency"), "{err}");
+        let err = load_toml("[accounts.JC]\nprovider = \"justclick\"\nlogin = \"x\"\nsecret = \"s\"\n", &[]);
+        // the config crate lower-cases keys; an upper-case name still fails one way or another
+        let bad = load_toml("[accounts.jc]\nprovider = \"justclick\"\nsecret = \"s\"\n", &[]).unwrap_err();
+        assert!(bad.to_string().contains("accounts.jc.login"), "{bad}");
+        drop(err);
+        let bad = load_toml(
+            "[accounts.jc]\nprovider = \"justclick\"\nlogin = \"x\"\nsecret = \"s\"\nbase_url = \"http://10.1.2.3\"\n",
+            &[],
+        )
+        .unwrap_err();
+        assert!(bad.to_string().contains("accounts.jc.base_url"), "{bad}");
+    }
+
+    #[test]
+    fn insecure_http_needs_the_flag() {
+        let ok = load_toml(
+            "[accounts.jc]\nprovider = \"justclick\"\nlogin = \"x\"\nsecret = \"s\"\nbase_url = \"http://10.1.2.3\"\nallow_insecure_http = true\n",
+            &[],
+        );
+        assert!(ok.is_ok());
+        let loopback = load_toml(
+            "[accounts.jc]\nprovider = \"justclick\"\nlogin = \"x\"\nsecret = \"s\"\nbase_url = \"http://127.0.0.1:9000/jc\"\n",
+            &[],
+        );
+        assert!(loopback.is_ok());
+    }
+
+    #[test]
+    fn account_names_are_restricted() {
+        assert!(valid_account_name("jc_main2"));
+        assert!(!valid_account_name("jc-main"));
+        assert!(!valid_account_name("JC"));
+        assert!(!valid_account_name(""));
+    }
+}

@@ -1,0 +1,158 @@
+//! Fenced state writes after a claim: succeed (many at once, with the coalesced followers),
+//! retry, kill (dead), release. Every write matches `(id, attempts, state = 'running')`; a write
+//! that touches no row means the lease was lost and another worker owns the job now.
+
+use super::job::{AttemptError, JobId, JobState, Lease};
+use sqlx::PgPool;
+use std::time::Duration;
+
+/// A delivered job and what rode along with it.
+#[derive(Debug, Clone)]
+pub struct Success {
+    pub lease: Lease,
+    /// Double-opt-in outcome to record (`sent`, `deferred_until …`, `suppressed`).
+    pub doi: Option<String>,
+    /// Followers carried by this call: they end `coalesced`, pointing here.
+    pub followers: Vec<JobId>,
+}
+
+/// Marks many jobs `succeeded` (and their followers `coalesced`) in one statement. Returns the
+/// ids whose lease was lost (nothing written for them).
+pub async fn succeed_many(pool: &PgPool, items: &[Success]) -> Result<Vec<JobId>, sqlx::Error> {
+    if items.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut ids = Vec::with_capacity(items.len());
+    let mut attempts = Vec::with_capacity(items.len());
+    let mut dois = Vec::with_capacity(items.len());
+    let mut follower_ids = Vec::new();
+    let mut follower_heads = Vec::new();
+    for item in items {
+        ids.push(item.lease.id);
+        attempts.push(item.lease.attempt);
+        dois.push(item.doi.as_deref());
+        for f in &item.followers {
+            follower_ids.push(*f);
+            follower_heads.push(item.lease.id);
+        }
+    }
+    let done: Vec<JobId> = sqlx::query_scalar(
+        // language=PostgreSQL
+        r#"
+        WITH done AS (
+            UPDATE contact_sync.jobs j
+            SET state = 'succeeded', finished_at = now(), locked_until = NULL, doi = coalesce(t.doi, j.doi)
+            FROM unnest($1::bigint[], $2::int[], $3::text[]) AS t(id, attempt, doi)
+            WHERE j.id = t.id AND j.state = 'running' AND j.attempts = t.attempt
+            RETURNING j.id
+        ), merged AS (
+            UPDATE contact_sync.jobs f
+            SET state = 'coalesced', finished_at = now(), coalesced_into = m.head
+            FROM unnest($4::bigint[], $5::bigint[]) AS m(id, head)
+            WHERE f.id = m.id AND f.state = 'pending' AND m.head IN (SELECT id FROM done)
+            RETURNING f.id
+        )
+        SELECT id FROM done
+        "#,
+    )
+    .bind(&ids)
+    .bind(&attempts)
+    .bind(&dois)
+    .bind(&follower_ids)
+    .bind(&follower_heads)
+    .fetch_all(pool)
+    .await?;
+    Ok(ids.into_iter().filter(|id| !done.contains(id)).collect())
+}
+
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// Records a retryable failure: back to `pending` at `now() + delay`. False if the lease was lost.
+pub async fn retry(pool: &PgPool, lease: Lease, delay: Duration, error: &AttemptError) -> Result<bool, sqlx::Error> {
+    let result = sqlx::query(
+        // language=PostgreSQL
+        r#"
+        UPDATE contact_sync.jobs
+        SET state = 'pending', run_at = now() + make_interval(secs => $3::bigint / 1000.0),
+            locked_until = NULL, locked_by = NULL,
+            last_error = $5,
+            errors = errors || jsonb_build_array(jsonb_build_object(
+                'attempt', attempts, 'at', now(), 'kind', $4::text, 'code', $6::text, 'error', $5::text))
+        WHERE id = $1 AND attempts = $2 AND state = 'running'
+        "#,
+    )
+    .bind(lease.id)
+    .bind(lease.attempt)
+    .bind(millis(delay))
+    .bind(&error.kind)
+    .bind(&error.message)
+    .bind(&error.code)
+    .execute(pool)
+    .await?;
+    Ok(result.rows_affected() == 1)
+}
+
+/// A retryable failure: [`retry`], or [`kill`] once the job has used its `max_attempts`.
+/// Returns the new state, or `None` if the lease was lost.
+pub async fn retry_or_kill(
+    pool: &PgPool,
+    lease: Lease,
+    max_attempts: i32,
+    delay: Duration,
+    error: &AttemptError,
+) -> Result<Option<JobState>, sqlx::Error> {
+    if lease.attempt >= max_attempts {
+        return kill(pool, lease, error).await.map(|ok| ok.then_some(JobState::Dead));
+    }
+    retry(pool, lease, delay, error).await.map(|ok| ok.then_some(JobState::Pending))
+}
+
+/// Parks a job as `dead` (permanent failure or attempts exhausted). False if the lease was lost.
+pub async fn kill(pool: &PgPool, lease: Lease, error: &AttemptError) -> Result<bool, sqlx::Error> {
+    let result = sqlx::query(
+        // language=PostgreSQL
+        r#"
+        UPDATE contact_sync.jobs
+        SET state = 'dead', finished_at = now(), locked_until = NULL, locked_by = NULL,
+            last_error = $4,
+            errors = errors || jsonb_build_array(jsonb_build_object(
+                'attempt', attempts, 'at', now(), 'kind', $3::text, 'code', $5::text, 'error', $4::text))
+        WHERE id = $1 AND attempts = $2 AND state = 'running'
+        "#,
+    )
+    .bind(lease.id)
+    .bind(lease.attempt)
+    .bind(&error.kind)
+    .bind(&error.message)
+    .bind(&error.code)
+    .execute(pool)
+    .await?;
+    Ok(result.rows_affected() == 1)
+}
+
+/// Puts claimed jobs back to `pending`, runnable now. `undo_attempt` for jobs whose call never
+/// started (shutdown before they ran, or a job of an account this worker cannot serve).
+pub async fn release(pool: &PgPool, leases: &[Lease], undo_attempt: bool) -> Result<u64, sqlx::Error> {
+    if leases.is_empty() {
+        return Ok(0);
+    }
+    let (ids, attempts): (Vec<JobId>, Vec<i32>) = leases.iter().map(|l| (l.id, l.attempt)).unzip();
+    let result = sqlx::query(
+        // language=PostgreSQL
+        r#"
+        UPDATE contact_sync.jobs j
+        SET state = 'pending', locked_until = NULL, locked_by = NULL, run_at = now(),
+            attempts = CASE WHEN $3 THEN j.attempts - 1 ELSE j.attempts END
+        FROM unnest($1::bigint[], $2::int[]) AS t(id, attempt)
+        WHERE j.id = t.id AND j.state = 'running' AND j.attempts = t.attempt
+        "#,
+    )
+    .bind(&ids)
+    .bind(&attempts)
+    .bind(undo_attempt)
+    .execute(pool)
+    .await?;
+    Ok(result.rows_affected())
+}

@@ -1,0 +1,129 @@
+//! The Smartlink double-opt-in ledger (`contact_sync.doi_ledger`) and the deferred pending-status
+//! re-sends (`contact_sync.doi_deferred`). The one-hour window is counted in database time, per
+//! API key (its md5, never the key) and lower-cased address, shared by every worker.
+
+use super::job::JobId;
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use sqlx::PgPool;
+
+/// May this job trigger a confirmation email now?
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reservation {
+    /// Yes: the ledger now records it (taken over by the job on its retries).
+    Granted,
+    /// No: one was triggered within the hour; the window ends at `until`.
+    Busy { until: DateTime<Utc> },
+}
+
+/// Reserves the confirmation window for `job_id`, unless another call holds it.
+pub async fn reserve(pool: &PgPool, api_key_id: &str, email: &str, job_id: JobId) -> Result<Reservation, sqlx::Error> {
+    let granted: Option<bool> = sqlx::query_scalar(
+        // language=PostgreSQL
+        r#"
+        INSERT INTO contact_sync.doi_ledger AS l (api_key_id, email, sent_at, job_id)
+        VALUES ($1, lower($2), now(), $3)
+        ON CONFLICT (api_key_id, email) DO UPDATE
+            SET sent_at = now(), job_id = EXCLUDED.job_id
+            WHERE l.sent_at <= now() - interval '1 hour' OR l.job_id = EXCLUDED.job_id
+        RETURNING true
+        "#,
+    )
+    .bind(api_key_id)
+    .bind(email)
+    .bind(job_id)
+    .fetch_optional(pool)
+    .await?;
+    if granted.is_some() {
+        return Ok(Reservation::Granted);
+    }
+    let until: Option<DateTime<Utc>> = sqlx::query_scalar(
+        // language=PostgreSQL
+        "SELECT sent_at + interval '1 hour' FROM contact_sync.doi_ledger WHERE api_key_id = $1 AND email = lower($2)",
+    )
+    .bind(api_key_id)
+    .bind(email)
+    .fetch_optional(pool)
+    .await?;
+    Ok(match until {
+        Some(until) => Reservation::Busy { until },
+        // The holder vanished between the two statements: try once more next attempt.
+        None => Reservation::Busy { until: Utc::now() },
+    })
+}
+
+/// Gives the window back after a call that certainly sent no email (permanent failure).
+pub async fn release(pool: &PgPool, api_key_id: &str, email: &str, job_id: JobId) -> Result<(), sqlx::Error> {
+    sqlx::query("DELETE FROM contact_sync.doi_ledger WHERE api_key_id = $1 AND email = lower($2) AND job_id = $3")
+        .bind(api_key_id)
+        .bind(email)
+        .bind(job_id)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+/// A pending-status re-send to make when the window ends.
+#[derive(Debug, Clone)]
+pub struct Deferral<'a> {
+    /// The job that carried the change (its head).
+    pub job_id: JobId,
+    /// The newest job id merged into that call: a later status supersedes the re-send.
+    pub covers_id: JobId,
+    pub provider: &'a str,
+    pub account: &'a str,
+    pub email: &'a str,
+    /// `{"subscribe": 3, ["update_strategy": n]}`
+    pub payload: Value,
+    pub due_at: DateTime<Utc>,
+}
+
+pub async fn defer(pool: &PgPool, d: &Deferral<'_>) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        // language=PostgreSQL
+        r#"
+        INSERT INTO contact_sync.doi_deferred (job_id, covers_id, provider, account, email, payload, due_at)
+        VALUES ($1, $2, $3, $4, $5, $6, $7)
+        ON CONFLICT (job_id) DO UPDATE SET due_at = EXCLUDED.due_at, payload = EXCLUDED.payload,
+                                           covers_id = EXCLUDED.covers_id
+        "#,
+    )
+    .bind(d.job_id)
+    .bind(d.covers_id)
+    .bind(d.provider)
+    .bind(d.account)
+    .bind(d.email)
+    .bind(&d.payload)
+    .bind(d.due_at)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// Turns due deferrals into ordinary jobs at the end of their contact's queue, unless a later
+/// job of the contact set a status of its own. Returns the new job ids.
+pub async fn enqueue_due_resends(pool: &PgPool) -> Result<Vec<JobId>, sqlx::Error> {
+    sqlx::query_scalar(
+        // language=PostgreSQL
+        r#"
+        WITH due AS (
+            DELETE FROM contact_sync.doi_deferred d
+            WHERE d.job_id IN (SELECT job_id FROM contact_sync.doi_deferred WHERE due_at <= now()
+                               ORDER BY due_at LIMIT 1000 FOR UPDATE SKIP LOCKED)
+            RETURNING d.*
+        )
+        INSERT INTO contact_sync.jobs (provider, account, email, payload)
+        SELECT due.provider, due.account, due.email,
+               due.payload || jsonb_build_object('modify_ts', floor(extract(epoch FROM clock_timestamp()) * 1000)::bigint)
+        FROM due
+        WHERE NOT EXISTS (
+            SELECT 1 FROM contact_sync.jobs n
+            WHERE n.contact_key = due.provider || ':' || due.account || ':' || lower(due.email)
+              AND n.id > due.covers_id AND n.payload ? 'subscribe'
+              AND n.state IN ('pending', 'running', 'succeeded', 'coalesced'))
+        RETURNING id
+        "#,
+    )
+    .fetch_all(pool)
+    .await
+}

@@ -1,0 +1,139 @@
+//! The job as the worker and the operator see it: states, the claimed row, new rows.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde_json::Value;
+
+pub type JobId = i64;
+
+/// A job's place in its life (DESIGN.md "States").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, PartialOrd, Ord)]
+#[serde(rename_all = "lowercase")]
+pub enum JobState {
+    Pending,
+    Running,
+    Succeeded,
+    Dead,
+    Cancelled,
+    Coalesced,
+}
+
+impl JobState {
+    pub const ALL: [JobState; 6] = [
+        JobState::Pending,
+        JobState::Running,
+        JobState::Succeeded,
+        JobState::Dead,
+        JobState::Cancelled,
+        JobState::Coalesced,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Pending => "pending",
+            JobState::Running => "running",
+            JobState::Succeeded => "succeeded",
+            JobState::Dead => "dead",
+            JobState::Cancelled => "cancelled",
+            JobState::Coalesced => "coalesced",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<JobState> {
+        JobState::ALL.into_iter().find(|s| s.as_str() == text)
+    }
+}
+
+impl std::fmt::Display for JobState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A change to record: what `contact_sync.enqueue()` takes.
+#[derive(Debug, Clone, PartialEq, serde::Deserialize, Serialize)]
+pub struct NewJob {
+    pub provider: String,
+    pub account: String,
+    pub email: String,
+    #[serde(default = "empty_object")]
+    pub payload: Value,
+    #[serde(default)]
+    pub idempotency_key: Option<String>,
+    #[serde(default)]
+    pub run_at: Option<DateTime<Utc>>,
+}
+
+fn empty_object() -> Value {
+    Value::Object(Default::default())
+}
+
+impl NewJob {
+    pub fn new(provider: impl Into<String>, account: impl Into<String>, email: impl Into<String>, payload: Value) -> Self {
+        Self {
+            provider: provider.into(),
+            account: account.into(),
+            email: email.into(),
+            payload,
+            idempotency_key: None,
+            run_at: None,
+        }
+    }
+
+    pub fn idempotency_key(mut self, key: impl Into<String>) -> Self {
+        self.idempotency_key = Some(key.into());
+        self
+    }
+
+    pub fn run_at(mut self, at: DateTime<Utc>) -> Self {
+        self.run_at = Some(at);
+        self
+    }
+}
+
+/// A later pending job of the same contact, merged into its head's call.
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+pub struct Follower {
+    pub id: JobId,
+    pub payload: Value,
+}
+
+/// A job this worker holds the lease of. `(id, attempts)` is the fencing token: every write
+/// after the claim matches both, so a worker whose lease was lost writes nothing.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct ClaimedJob {
+    pub id: JobId,
+    pub provider: String,
+    pub account: String,
+    pub email: String,
+    pub payload: Value,
+    pub attempts: i32,
+    pub max_attempts: i32,
+    pub created_at_ms: i64,
+    /// Consecutive due pending jobs of the same contact (JSON `[{"id", "payload"}]`).
+    #[sqlx(json)]
+    pub followers: Vec<Follower>,
+}
+
+/// A job's fencing token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Lease {
+    pub id: JobId,
+    pub attempt: i32,
+}
+
+impl ClaimedJob {
+    pub fn lease(&self) -> Lease {
+        Lease { id: self.id, attempt: self.attempts }
+    }
+}
+
+/// One failed attempt, as kept in `errors` and `last_error`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AttemptError {
+    /// `timeout`, `server_error`, `permanent`, …
+    pub kind: String,
+    /// The provider's code or HTTP status, when there is one.
+    pub code: Option<String>,
+    pub message: String,
+}

@@ -1,0 +1,27 @@
+//! Retention: finished jobs (`succeeded`, `coalesced`, `cancelled`) older than
+//! `retention.finished` are deleted in small batches; `dead` jobs stay until retried or cancelled.
+
+use sqlx::PgPool;
+use std::time::Duration;
+
+/// Deletes up to `batch` finished jobs older than `older_than`; returns how many.
+pub async fn prune_finished(pool: &PgPool, older_than: Duration, batch: i64) -> Result<u64, sqlx::Error> {
+    let result = sqlx::query(
+        // language=PostgreSQL
+        r#"
+        DELETE FROM contact_sync.jobs
+        WHERE id IN (
+            SELECT id FROM contact_sync.jobs
+            WHERE state IN ('succeeded', 'coalesced', 'cancelled')
+              AND finished_at < now() - make_interval(secs => $1::bigint / 1000.0)
+            ORDER BY finished_at
+            LIMIT $2
+            FOR UPDATE SKIP LOCKED)
+        "#,
+    )
+    .bind(i64::try_from(older_than.as_millis()).unwrap_or(i64::MAX))
+    .bind(batch)
+    .execute(pool)
+    .await?;
+    Ok(result.rows_affected())
+}

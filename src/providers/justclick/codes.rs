@@ -1,0 +1,40 @@
+//! JustClick `error_code` → outcome (providers.md table).
+
+use crate::providers::DeliveryError;
+use std::time::Duration;
+
+/// Code 8 (API request limit for this address exhausted) waits this long before the next try.
+pub const LIMIT_EXHAUSTED_DELAY: Duration = Duration::from_secs(2 * 3600);
+
+pub fn classify(code: i64, text: &str, extra_retryable: &[i64]) -> Result<(), DeliveryError> {
+    match code {
+        0 => Ok(()),
+        8 => Err(DeliveryError::provider_busy(code, text, Some(LIMIT_EXHAUSTED_DELAY))),
+        c if extra_retryable.contains(&c) => Err(DeliveryError::provider_busy(code, text, None)),
+        // 1-7: client bug or configuration (alert); 100: invalid e-mail; 500: no such subscriber;
+        // anything else: permanent by default, kept in the job's history.
+        c => Err(DeliveryError::permanent(c.to_string(), text)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::providers::RetryReason;
+
+    #[test]
+    fn documented_codes() {
+        assert!(classify(0, "OK", &[]).is_ok());
+        for c in [1, 2, 3, 4, 5, 6, 7, 100, 500, 401] {
+            assert!(matches!(classify(c, "x", &[]), Err(DeliveryError::Permanent { .. })), "{c}");
+        }
+        match classify(8, "limit", &[]) {
+            Err(DeliveryError::Retryable { reason, retry_after, .. }) => {
+                assert_eq!(reason, RetryReason::ProviderBusy);
+                assert_eq!(retry_after, Some(LIMIT_EXHAUSTED_DELAY));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(classify(401, "x", &[401]), Err(DeliveryError::Retryable { .. })));
+    }
+}

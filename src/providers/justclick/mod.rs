@@ -1,0 +1,198 @@
+//! JustClick `UpdateSubscriberData` client: builds the form in the documented order, signs it,
+//! and trusts an answer only when its own hash verifies.
+
+pub mod codes;
+pub mod sign;
+
+use crate::config::{AccountSettings, ProviderKind};
+use crate::providers::outcome::{self, body_snippet};
+use crate::providers::{digest_eq, BoxFuture, Delivered, Delivery, DeliveryError, Provider, RetryReason};
+use crate::secret::Secret;
+use serde::Deserialize;
+use serde_json::Value;
+
+/// Path appended to the account's base URL.
+pub const PATH: &str = "/api/UpdateSubscriberData";
+
+/// The optional fields, in the order they are sent after `lead_email`.
+pub const FIELDS: [&str; 4] = ["lead_name", "lead_phone", "lead_city", "lead_tags"];
+
+pub struct JustClick {
+    login: String,
+    secret: Secret,
+    endpoint: String,
+    client: reqwest::Client,
+    extra_retryable: Vec<i64>,
+}
+
+impl JustClick {
+    pub fn new(account: &AccountSettings, base: reqwest::Url, client: reqwest::Client) -> Self {
+        Self {
+            login: account.login.clone().unwrap_or_default(),
+            secret: account.secret.clone(),
+            endpoint: format!("{}{PATH}", base.as_str().trim_end_matches('/')),
+            client,
+            extra_retryable: account.retryable_codes.clone(),
+        }
+    }
+}
+
+/// The form fields in the documented order (without `hash`).
+pub fn form_fields(email: &str, payload: &crate::providers::payload::Payload) -> Result<Vec<(&'static str, String)>, DeliveryError> {
+    if let Some(key) = payload.keys().find(|k| !FIELDS.contains(&k.as_str())) {
+        return Err(DeliveryError::permanent("invalid_payload", format!("unknown justclick field {key:?}")));
+    }
+    let mut fields = vec![("lead_email", email.to_string())];
+    for name in FIELDS {
+        match payload.get(name) {
+            None | Some(Value::Null) => {}
+            Some(Value::String(s)) => fields.push((name, s.clone())),
+            Some(Value::Array(items)) if name == "lead_tags" => {
+                let tags: Option<Vec<&str>> = items.iter().map(Value::as_str).collect();
+                let tags = tags.ok_or_else(|| {
+                    DeliveryError::permanent("invalid_payload", "justclick field lead_tags: tags must be strings")
+                })?;
+                fields.push((name, tags.join(",")));
+            }
+            Some(_) => {
+                return Err(DeliveryError::permanent(
+                    "invalid_payload",
+                    format!("justclick field {name} must be a string"),
+                ))
+            }
+        }
+    }
+    Ok(fields)
+}
+
+/// The signed form body: the encoded fields, then `&hash=…`.
+pub fn signed_body(fields: &[(&str, String)], login: &str, secret: &str) -> String {
+    let mut body = sign::php_build_query(fields);
+    let hash = sign::request_hash(&body, login, secret);
+    body.push_str("&hash=");
+    body.push_str(&hash);
+    body
+}
+
+/// `error_code` arrives as a number or a numeric string.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Code {
+    Number(i64),
+    Text(String),
+}
+
+#[derive(Deserialize)]
+struct Answer {
+    error_code: Code,
+    #[serde(default)]
+    error_text: Option<String>,
+    #[serde(default)]
+    hash: Option<String>,
+}
+
+/// Verifies and classifies a 2xx answer body.
+pub fn read_answer(body: &[u8], secret: &str, extra_retryable: &[i64]) -> Result<Delivered, DeliveryError> {
+    let answer: Answer = serde_json::from_slice(body).map_err(|e| {
+        DeliveryError::retryable(
+            RetryReason::MalformedResponse,
+            format!("justclick answer is not the documented JSON ({e}): {}", body_snippet(body)),
+        )
+    })?;
+    let code = match answer.error_code {
+        Code::Number(n) => n,
+        Code::Text(t) => t.trim().parse().map_err(|_| {
+            DeliveryError::retryable(RetryReason::MalformedResponse, format!("justclick error_code {t:?} is not a number"))
+        })?,
+    };
+    let text = answer.error_text.unwrap_or_default();
+    let expected = sign::response_hash(code, &text, secret);
+    match answer.hash {
+        Some(hash) if digest_eq(&hash, &expected) => {}
+        _ => {
+            tracing::warn!(error_code = code, "justclick answer hash does not verify: possible forgery, not trusted");
+            return Err(DeliveryError::Retryable {
+                reason: RetryReason::BadResponseSignature,
+                retry_after: None,
+                code: Some(code.to_string()),
+                detail: format!("justclick answer hash does not verify (error_code {code}); not trusted"),
+            });
+        }
+    }
+    codes::classify(code, &text, extra_retryable)?;
+    Ok(Delivered { detail: text })
+}
+
+impl Provider for JustClick {
+    fn kind(&self) -> ProviderKind {
+        ProviderKind::Justclick
+    }
+
+    fn deliver<'a>(&'a self, delivery: Delivery<'a>) -> BoxFuture<'a, Result<Delivered, DeliveryError>> {
+        Box::pin(async move {
+            let fields = form_fields(delivery.email, delivery.payload)?;
+            let body = signed_body(&fields, &self.login, self.secret.expose());
+            let response = self
+                .client
+                .post(&self.endpoint)
+                .header(reqwest::header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+                .body(body)
+                .send()
+                .await
+                .map_err(outcome::from_transport)?;
+            let status = response.status();
+            let headers = response.headers().clone();
+            let bytes = response.bytes().await.map_err(outcome::from_transport)?;
+            if !status.is_success() {
+                return Err(outcome::from_status(status, &headers, &bytes));
+            }
+            read_answer(&bytes, self.secret.expose(), &self.extra_retryable)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn fields_in_documented_order_with_tags_joined() {
+        let payload = json!({"lead_tags": ["a", "b"], "lead_city": "X", "lead_name": "N"});
+        let fields = form_fields("u@example.com", payload.as_object().unwrap()).unwrap();
+        let names: Vec<_> = fields.iter().map(|(k, _)| *k).collect();
+        assert_eq!(names, ["lead_email", "lead_name", "lead_city", "lead_tags"]);
+        assert_eq!(fields[3].1, "a,b");
+    }
+
+    #[test]
+    fn signed_body_matches_vector() {
+        let payload = json!({"lead_name": "Новое Имя2", "lead_phone": "+77777777777", "lead_city": "Мухоловск", "lead_tags": "tag1,tag2,tag3"});
+        let fields = form_fields("user@example.com", payload.as_object().unwrap()).unwrap();
+        let body = signed_body(&fields, "username", "XXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXX");
+        assert!(body.ends_with("&hash=ab9658bd7aa8614cc37a9c06a7bf744e"), "{body}");
+    }
+
+    #[test]
+    fn answers_verify_or_are_not_trusted() {
+        let ok = br#"{"error_code":0,"error_text":"OK","hash":"b6dbfded180416dee23ca6bfb4d96e3d"}"#;
+        assert_eq!(read_answer(ok, "s3cr3t", &[]).unwrap().detail, "OK");
+        // \u escapes are decoded before hashing
+        let escaped = br#"{"error_code":"0","error_text":"\u0414\u0430\u043d\u043d\u044b\u0435 \u043a\u043e\u043d\u0442\u0430\u043a\u0442\u0430 \u043e\u0431\u043d\u043e\u0432\u043b\u0435\u043d\u044b","hash":"c6979ee97b510722694890d64b702eed"}"#;
+        assert!(read_answer(escaped, "s3cr3t", &[]).is_ok());
+        let forged = br#"{"error_code":0,"error_text":"OK","hash":"00000000000000000000000000000000"}"#;
+        assert!(matches!(
+            read_answer(forged, "s3cr3t", &[]),
+            Err(DeliveryError::Retryable { reason: RetryReason::BadResponseSignature, .. })
+        ));
+        let permanent = br#"{"error_code":401,"error_text":"Error","hash":"dec40809bfb20b91f07fc5104776c1e7"}"#;
+        assert_eq!(
+            read_answer(permanent, "s3cr3t", &[]),
+            Err(DeliveryError::permanent("401", "Error"))
+        );
+        assert!(matches!(
+            read_answer(b"<html>", "s3cr3t", &[]),
+            Err(DeliveryError::Retryable { reason: RetryReason::MalformedResponse, .. })
+        ));
+    }
+}

@@ -1,0 +1,196 @@
+//! What a provider call came to, decided here and nowhere else: transport failures, HTTP
+//! statuses and provider codes become [`DeliveryError::Retryable`] or
+//! [`DeliveryError::Permanent`]; the worker only matches on the variant.
+
+use std::fmt;
+use std::time::Duration;
+
+/// Why a failed call is worth another attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetryReason {
+    /// The TCP/TLS connection could not be made.
+    Connect,
+    /// No complete answer within `http.request_timeout`.
+    Timeout,
+    /// HTTP 5xx.
+    ServerError,
+    /// HTTP 429 or a provider rate-limit code: the account is slowed down.
+    RateLimited,
+    /// A provider code declared retryable (built-in or `retryable_codes`).
+    ProviderBusy,
+    /// The response's signature did not verify: possibly forged, never a success.
+    BadResponseSignature,
+    /// Not the JSON the provider documents.
+    MalformedResponse,
+    /// Any other I/O failure (reset connection, truncated body).
+    Transport,
+}
+
+impl RetryReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RetryReason::Connect => "connect",
+            RetryReason::Timeout => "timeout",
+            RetryReason::ServerError => "server_error",
+            RetryReason::RateLimited => "rate_limited",
+            RetryReason::ProviderBusy => "provider_busy",
+            RetryReason::BadResponseSignature => "bad_response_signature",
+            RetryReason::MalformedResponse => "malformed_response",
+            RetryReason::Transport => "transport",
+        }
+    }
+}
+
+impl fmt::Display for RetryReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A failed delivery. Texts never contain secrets, signatures or request URLs.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum DeliveryError {
+    /// Worth another attempt, after `retry_after` if the provider said so.
+    #[error("{reason}: {detail}")]
+    Retryable {
+        reason: RetryReason,
+        retry_after: Option<Duration>,
+        /// The provider's code, when it sent one.
+        code: Option<String>,
+        detail: String,
+    },
+    /// The provider refused the change itself (or it can never be sent): the job goes `dead`.
+    #[error("permanent error {code}: {text}")]
+    Permanent { code: String, text: String },
+}
+
+impl DeliveryError {
+    pub fn retryable(reason: RetryReason, detail: impl Into<String>) -> Self {
+        DeliveryError::Retryable { reason, retry_after: None, code: None, detail: detail.into() }
+    }
+
+    pub fn permanent(code: impl Into<String>, text: impl Into<String>) -> Self {
+        DeliveryError::Permanent { code: code.into(), text: text.into() }
+    }
+
+    /// A provider code the provider or the account declares retryable.
+    pub fn provider_busy(code: i64, text: &str, retry_after: Option<Duration>) -> Self {
+        DeliveryError::Retryable {
+            reason: RetryReason::ProviderBusy,
+            retry_after,
+            code: Some(code.to_string()),
+            detail: format!("provider code {code}: {text}"),
+        }
+    }
+
+    /// Short machine-readable kind for the error history and metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            DeliveryError::Retryable { reason, .. } => reason.as_str(),
+            DeliveryError::Permanent { .. } => "permanent",
+        }
+    }
+
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            DeliveryError::Retryable { code, .. } => code.as_deref(),
+            DeliveryError::Permanent { code, .. } => Some(code),
+        }
+    }
+}
+
+/// Classifies a `reqwest` failure. The URL is stripped first: the Smartlink signature travels in
+/// the query string.
+pub fn from_transport(err: reqwest::Error) -> DeliveryError {
+    let err = err.without_url();
+    let reason = if err.is_timeout() {
+        RetryReason::Timeout
+    } else if err.is_connect() {
+        RetryReason::Connect
+    } else {
+        RetryReason::Transport
+    };
+    DeliveryError::retryable(reason, error_chain(&err))
+}
+
+/// `err: source: source` in one line.
+pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(s) = source {
+        let part = s.to_string();
+        if !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        source = s.source();
+    }
+    text
+}
+
+/// Classifies a non-2xx HTTP status (everything the provider did not answer with its JSON).
+pub fn from_status(status: reqwest::StatusCode, headers: &reqwest::header::HeaderMap, body: &[u8]) -> DeliveryError {
+    let snippet = body_snippet(body);
+    let retry_after = super::http::retry_after(headers);
+    if status == reqwest::StatusCode::TOO_MANY_REQUESTS {
+        return DeliveryError::Retryable {
+            reason: RetryReason::RateLimited,
+            retry_after,
+            code: Some("429".into()),
+            detail: format!("HTTP 429 Too Many Requests {snippet}").trim_end().to_string(),
+        };
+    }
+    if status.is_server_error() || status == reqwest::StatusCode::REQUEST_TIMEOUT {
+        return DeliveryError::Retryable {
+            reason: RetryReason::ServerError,
+            retry_after,
+            code: Some(status.as_u16().to_string()),
+            detail: format!("HTTP {status} {snippet}").trim_end().to_string(),
+        };
+    }
+    // 4xx other than 408/429: the request itself is wrong (path, method, size).
+    DeliveryError::permanent(format!("http_{}", status.as_u16()), format!("HTTP {status} {snippet}").trim_end())
+}
+
+/// The start of a body for an error text: printable, at most 200 characters.
+pub fn body_snippet(body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(body);
+    let cleaned: String = text.chars().map(|c| if c.is_control() { ' ' } else { c }).take(200).collect();
+    cleaned.trim().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use reqwest::header::{HeaderMap, HeaderValue, RETRY_AFTER};
+    use reqwest::StatusCode;
+
+    #[test]
+    fn statuses_are_classified() {
+        let mut h = HeaderMap::new();
+        h.insert(RETRY_AFTER, HeaderValue::from_static("7"));
+        match from_status(StatusCode::TOO_MANY_REQUESTS, &h, b"slow down") {
+            DeliveryError::Retryable { reason, retry_after, .. } => {
+                assert_eq!(reason, RetryReason::RateLimited);
+                assert_eq!(retry_after, Some(Duration::from_secs(7)));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            from_status(StatusCode::BAD_GATEWAY, &HeaderMap::new(), b""),
+            DeliveryError::Retryable { reason: RetryReason::ServerError, .. }
+        ));
+        assert!(matches!(
+            from_status(StatusCode::NOT_FOUND, &HeaderMap::new(), b""),
+            DeliveryError::Permanent { .. }
+        ));
+    }
+
+    #[test]
+    fn snippets_are_short_and_printable() {
+        let long = "x\n".repeat(500);
+        let s = body_snippet(long.as_bytes());
+        assert!(s.chars().count() <= 200);
+        assert!(!s.contains('\n'));
+    }
+}

@@ -1,0 +1,93 @@
+//! Simulated JustClick `UpdateSubscriberData`: decodes the raw form body as PHP fills `$_POST`,
+//! recomputes `http_build_query` + `::login::secret`, and answers with a signed JSON body.
+
+use super::{php_json_string, Contact, Fault, SandboxState};
+use crate::providers::digest_eq;
+use crate::providers::justclick::sign::{php_build_query, php_urldecode, request_hash, response_hash};
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde_json::Value;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+pub const OK_TEXT: &str = "Данные контакта обновлены";
+
+fn answer(code: i64, text: &str, secret: &str) -> Response {
+    let hash = response_hash(code, text, secret);
+    json(format!(r#"{{"error_code":{code},"error_text":{},"hash":"{hash}"}}"#, php_json_string(text)))
+}
+
+pub(crate) fn json(body: String) -> Response {
+    ([(header::CONTENT_TYPE, "application/json; charset=utf-8")], body).into_response()
+}
+
+pub async fn update_subscriber(State(state): State<Arc<SandboxState>>, Path(login): Path<String>, body: Bytes) -> Response {
+    state.requests.fetch_add(1, Ordering::Relaxed);
+    let secret = state.accounts.justclick.get(&login).map(|s| s.expose().to_string());
+    let Some(secret) = secret else {
+        return answer(5, "Unknown login", "");
+    };
+    let Ok(text) = std::str::from_utf8(&body) else {
+        return answer(3, "Wrong data", &secret);
+    };
+    let mut pairs: Vec<(String, String)> = Vec::new();
+    for part in text.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = part.split_once('=').unwrap_or((part, ""));
+        match (php_urldecode(k), php_urldecode(v)) {
+            (Some(k), Some(v)) => pairs.push((k, v)),
+            _ => return answer(3, "Wrong data", &secret),
+        }
+    }
+    let Some(hash_index) = pairs.iter().position(|(k, _)| k == "hash") else {
+        return answer(1, "Hash is missing", &secret);
+    };
+    let sent_hash = pairs.remove(hash_index).1;
+    if pairs.is_empty() {
+        return answer(2, "No data", &secret);
+    }
+    let expected = request_hash(&php_build_query(&pairs), &login, &secret);
+    if !digest_eq(&sent_hash, &expected) {
+        state.bad_signatures.fetch_add(1, Ordering::Relaxed);
+        return answer(4, "Incorrect hash", &secret);
+    }
+    let Some(email) = pairs.iter().find(|(k, _)| k == "lead_email").map(|(_, v)| v.clone()) else {
+        return answer(100, "E-mail is missing", &secret);
+    };
+    if !email.contains('@') || email.len() > 254 {
+        return answer(100, "E-mail is invalid", &secret);
+    }
+    let id = ("justclick".to_string(), login.clone(), email.to_lowercase());
+    let _in_flight = state.enter(id.clone());
+    match state.before_answer("justclick", &login, &email).await {
+        None => {}
+        Some(Fault::Status { status }) => {
+            let code = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            return (code, "sandbox: injected failure").into_response();
+        }
+        Some(Fault::RateLimit { retry_after_secs }) => {
+            return (StatusCode::TOO_MANY_REQUESTS, [(header::RETRY_AFTER, retry_after_secs.to_string())], "slow down")
+                .into_response();
+        }
+        Some(Fault::ForgeSignature) => {
+            return json(format!(
+                r#"{{"error_code":0,"error_text":{},"hash":"{}"}}"#,
+                php_json_string(OK_TEXT),
+                response_hash(0, OK_TEXT, "not-the-secret")
+            ));
+        }
+        Some(Fault::ErrorCode { code, text }) => return answer(code, &text, &secret),
+        Some(Fault::Malformed) => return json("<html>Service Unavailable</html>".into()),
+        Some(Fault::Stall { .. }) => {}
+    }
+    if let Ok(mut contacts) = state.contacts.lock() {
+        let contact: &mut Contact = contacts.entry(id).or_default();
+        for (k, v) in pairs.iter().filter(|(k, _)| k != "lead_email") {
+            contact.fields.insert(k.clone(), Value::String(v.clone()));
+        }
+        contact.updates += 1;
+    }
+    state.accepted.fetch_add(1, Ordering::Relaxed);
+    answer(0, OK_TEXT, &secret)
+}

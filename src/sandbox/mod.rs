@@ -1,0 +1,344 @@
+//! The sandbox: JustClick and Smartlink simulators on one port, for `contact-sync sandbox`,
+//! `demo`, `bench`, our tests and users' own tests. They read the raw wire bytes, recompute
+//! and check signatures the way the real services do, sign their answers, keep contact state,
+//! apply Smartlink's one-hour confirmation-email rule, and inject scripted faults.
+//!
+//! Routes: `POST /justclick/{login}/api/UpdateSubscriberData`,
+//! `POST /smartlink/api/v4/userinfo/sync_user_by_email?…`, and the control API under
+//! `/_sandbox/` (`GET stats`, `GET contacts`, `POST faults`, `POST delay`, `POST reset`).
+
+pub mod faults;
+mod justclick;
+mod smartlink;
+
+use crate::config::{ProviderKind, Settings};
+use crate::secret::Secret;
+use axum::extract::State;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+pub use faults::{Fault, FaultRule, Faults};
+use serde::Serialize;
+use serde_json::{Map, Value};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// Credentials the sandbox verifies against.
+#[derive(Debug, Clone, Default)]
+pub struct SandboxAccounts {
+    /// JustClick login → API key.
+    pub justclick: HashMap<String, Secret>,
+    /// Smartlink game id → API key.
+    pub smartlink: HashMap<String, Secret>,
+}
+
+impl SandboxAccounts {
+    /// The accounts of a configuration (so `contact-sync sandbox --config` matches a worker).
+    pub fn from_settings(settings: &Settings) -> Self {
+        let mut accounts = SandboxAccounts::default();
+        for account in settings.accounts.values() {
+            match account.provider {
+                ProviderKind::Justclick => {
+                    accounts.justclick.insert(account.login.clone().unwrap_or_default(), account.secret.clone());
+                }
+                ProviderKind::Smartlink => {
+                    accounts.smartlink.insert(account.game_id.clone().unwrap_or_default(), account.secret.clone());
+                }
+            }
+        }
+        accounts
+    }
+
+    pub fn with_justclick(mut self, login: &str, secret: &str) -> Self {
+        self.justclick.insert(login.into(), Secret::new(secret));
+        self
+    }
+
+    pub fn with_smartlink(mut self, game_id: &str, secret: &str) -> Self {
+        self.smartlink.insert(game_id.into(), Secret::new(secret));
+        self
+    }
+}
+
+/// One contact as a provider holds it.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct Contact {
+    /// Current field values.
+    pub fields: Map<String, Value>,
+    /// Smartlink status (1, 0, -1, 3).
+    pub subscribe: Option<i64>,
+    pub modify_ts: i64,
+    /// Accepted updates.
+    pub updates: u64,
+    /// Smartlink updates ignored because their `modify_ts` was older than the contact's.
+    pub stale_updates: u64,
+    /// Calls that asked for the pending status (`subscribe = 3`).
+    pub pending_requests: u64,
+    /// Confirmation emails actually sent.
+    pub confirmation_emails: u64,
+}
+
+/// (provider, account, lower-cased email)
+pub type ContactId = (String, String, String);
+
+/// Counters across all requests.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct Stats {
+    pub requests: u64,
+    pub accepted: u64,
+    pub bad_signatures: u64,
+    pub faults_injected: u64,
+    /// The most calls ever in flight at once for a single contact (1 when ordering holds).
+    pub max_in_flight_per_contact: u64,
+    /// Confirmation emails the 1-hour rule held back.
+    pub emails_suppressed: u64,
+}
+
+#[derive(Default)]
+pub(crate) struct SandboxState {
+    accounts: SandboxAccounts,
+    contacts: Mutex<HashMap<ContactId, Contact>>,
+    in_flight: Mutex<HashMap<ContactId, u64>>,
+    /// (game id, email) → when the last confirmation email went out.
+    emails: Mutex<HashMap<(String, String), Instant>>,
+    faults: Faults,
+    requests: AtomicU64,
+    accepted: AtomicU64,
+    bad_signatures: AtomicU64,
+    faults_injected: AtomicU64,
+    max_in_flight: AtomicU64,
+    emails_suppressed: AtomicU64,
+}
+
+/// Counts a call in flight for a contact until dropped.
+pub(crate) struct InFlight<'a> {
+    state: &'a SandboxState,
+    id: ContactId,
+}
+
+impl SandboxState {
+    pub(crate) fn enter(&self, id: ContactId) -> InFlight<'_> {
+        if let Ok(mut f) = self.in_flight.lock() {
+            let n = f.entry(id.clone()).or_insert(0);
+            *n += 1;
+            self.max_in_flight.fetch_max(*n, Ordering::Relaxed);
+        }
+        InFlight { state: self, id }
+    }
+
+    /// Applies the per-request delay and a matching fault; returns the fault to answer with.
+    pub(crate) async fn before_answer(&self, provider: &str, account: &str, email: &str) -> Option<Fault> {
+        let delay = self.faults.delay();
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        let fault = self.faults.take(provider, account, email);
+        if fault.is_some() {
+            self.faults_injected.fetch_add(1, Ordering::Relaxed);
+        }
+        if let Some(Fault::Stall { ms }) = fault {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            return None;
+        }
+        fault
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut f) = self.state.in_flight.lock() {
+            if let Some(n) = f.get_mut(&self.id) {
+                *n -= 1;
+                if *n == 0 {
+                    f.remove(&self.id);
+                }
+            }
+        }
+    }
+}
+
+/// A running sandbox; stops when dropped or on [`Sandbox::stop`].
+pub struct Sandbox {
+    addr: SocketAddr,
+    state: Arc<SandboxState>,
+    stop: CancellationToken,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Sandbox {
+    /// Binds `addr` (use port 0 for any free port) and serves in the background.
+    pub async fn start(addr: SocketAddr, accounts: SandboxAccounts) -> std::io::Result<Sandbox> {
+        let listener = TcpListener::bind(addr).await?;
+        Self::serve(listener, accounts)
+    }
+
+    /// Serves on an already-bound listener.
+    pub fn serve(listener: TcpListener, accounts: SandboxAccounts) -> std::io::Result<Sandbox> {
+        let addr = listener.local_addr()?;
+        let state = Arc::new(SandboxState { accounts, ..Default::default() });
+        let stop = CancellationToken::new();
+        let app = router(state.clone());
+        let stopped = stop.clone();
+        let task = tokio::spawn(async move {
+            let served = axum::serve(listener, app).with_graceful_shutdown(stopped.cancelled_owned()).await;
+            if let Err(e) = served {
+                tracing::error!(error = %e, "sandbox server failed");
+            }
+        });
+        Ok(Sandbox { addr, state, stop, task: Some(task) })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://127.0.0.1:PORT`
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The `base_url` of a JustClick account served here.
+    pub fn justclick_base_url(&self, login: &str) -> String {
+        format!("{}/justclick/{login}", self.url())
+    }
+
+    /// The `base_url` of every Smartlink account served here.
+    pub fn smartlink_base_url(&self) -> String {
+        format!("{}/smartlink", self.url())
+    }
+
+    pub fn faults(&self) -> &Faults {
+        &self.state.faults
+    }
+
+    /// A contact's state: provider `justclick` with the login, or `smartlink` with the game id.
+    pub fn contact(&self, provider: &str, account: &str, email: &str) -> Option<Contact> {
+        let id = (provider.to_string(), account.to_string(), email.to_lowercase());
+        self.state.contacts.lock().ok()?.get(&id).cloned()
+    }
+
+    pub fn contacts(&self) -> HashMap<ContactId, Contact> {
+        self.state.contacts.lock().map(|c| c.clone()).unwrap_or_default()
+    }
+
+    pub fn stats(&self) -> Stats {
+        stats(&self.state)
+    }
+
+    /// Stops serving and waits for the server task.
+    pub async fn stop(mut self) {
+        self.stop.cancel();
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+fn stats(s: &SandboxState) -> Stats {
+    Stats {
+        requests: s.requests.load(Ordering::Relaxed),
+        accepted: s.accepted.load(Ordering::Relaxed),
+        bad_signatures: s.bad_signatures.load(Ordering::Relaxed),
+        faults_injected: s.faults_injected.load(Ordering::Relaxed),
+        max_in_flight_per_contact: s.max_in_flight.load(Ordering::Relaxed),
+        emails_suppressed: s.emails_suppressed.load(Ordering::Relaxed),
+    }
+}
+
+fn router(state: Arc<SandboxState>) -> Router {
+    Router::new()
+        .route("/justclick/{login}/api/UpdateSubscriberData", post(justclick::update_subscriber))
+        .route("/smartlink/api/v4/userinfo/sync_user_by_email", post(smartlink::sync_user_by_email))
+        .route("/_sandbox/stats", get(|State(s): State<Arc<SandboxState>>| async move { Json(stats(&s)) }))
+        .route("/_sandbox/contacts", get(contacts_json))
+        .route("/_sandbox/faults", post(push_fault))
+        .route("/_sandbox/delay", post(set_delay))
+        .route("/_sandbox/reset", post(reset))
+        .with_state(state)
+}
+
+async fn contacts_json(State(s): State<Arc<SandboxState>>) -> Json<Vec<Value>> {
+    let contacts = s.contacts.lock().map(|c| c.clone()).unwrap_or_default();
+    let mut list: Vec<Value> = contacts
+        .into_iter()
+        .map(|((provider, account, email), c)| {
+            serde_json::json!({"provider": provider, "account": account, "email": email, "contact": c})
+        })
+        .collect();
+    list.sort_by_key(|v| v.to_string());
+    Json(list)
+}
+
+async fn push_fault(State(s): State<Arc<SandboxState>>, Json(rule): Json<FaultRule>) -> Json<Value> {
+    s.faults.push(rule);
+    Json(serde_json::json!({"ok": true, "remaining": s.faults.remaining()}))
+}
+
+#[derive(serde::Deserialize)]
+struct DelayBody {
+    ms: u64,
+}
+
+async fn set_delay(State(s): State<Arc<SandboxState>>, Json(body): Json<DelayBody>) -> Json<Value> {
+    s.faults.set_delay(Duration::from_millis(body.ms));
+    Json(serde_json::json!({"ok": true}))
+}
+
+async fn reset(State(s): State<Arc<SandboxState>>) -> Json<Value> {
+    s.faults.clear();
+    if let Ok(mut c) = s.contacts.lock() {
+        c.clear();
+    }
+    if let Ok(mut e) = s.emails.lock() {
+        e.clear();
+    }
+    Json(serde_json::json!({"ok": true}))
+}
+
+/// JSON string the way PHP's `json_encode` writes it: non-ASCII as `\uXXXX`, `/` as `\/`.
+pub(crate) fn php_json_string(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 2);
+    out.push('"');
+    for ch in text.chars() {
+        match ch {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '/' => out.push_str("\\/"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if c.is_ascii() && !c.is_ascii_control() => out.push(c),
+            c => {
+                let mut units = [0u16; 2];
+                for unit in c.encode_utf16(&mut units) {
+                    out.push_str(&format!("\\u{unit:04x}"));
+                }
+            }
+        }
+    }
+    out.push('"');
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn php_style_json_round_trips() {
+        for s in ["Данные контакта обновлены", "a/b \"q\" \\", "🙂\n"] {
+            let encoded = super::php_json_string(s);
+            assert!(encoded.is_ascii());
+            let back: String = serde_json::from_str(&encoded).unwrap();
+            assert_eq!(back, s);
+        }
+    }
+}

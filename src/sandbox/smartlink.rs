@@ -1,0 +1,196 @@
+//! Simulated Smartlink `SyncUserByEmail`: checks `gameid/seq/ts/sig` against the raw query
+//! string and body bytes, applies `modify_ts` ordering and the `update_strategy` table, and
+//! sends at most one confirmation email per API key and address per hour.
+
+use super::justclick::json;
+use super::{Contact, Fault, SandboxState};
+use crate::providers::digest_eq;
+use crate::providers::smartlink::{sign, PATH};
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{header, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use serde_json::Value;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// The provider's confirmation-email window.
+pub const EMAIL_WINDOW: Duration = Duration::from_secs(3600);
+/// How far `ts` may be from the sandbox's clock.
+const TS_TOLERANCE_SECS: i64 = 600;
+
+fn answer(code: i64, msg: &str, seq: &str) -> Response {
+    json(serde_json::json!({"code": code, "msg": msg, "seq": seq}).to_string())
+}
+
+/// Does `update_strategy` let `subscribe` overwrite the `current` status?
+pub fn overwrites(strategy: i64, current: Option<i64>) -> bool {
+    // columns: subscribed(1) / unsubscribed(0) / unknown(-1 or new) / pending(3)
+    let column = match current {
+        Some(1) => 0,
+        Some(0) => 1,
+        Some(3) => 3,
+        _ => 2,
+    };
+    const TABLE: [[bool; 4]; 4] = [
+        [true, true, true, false],
+        [true, true, true, true],
+        [false, false, true, false],
+        [false, true, true, true],
+    ];
+    usize::try_from(strategy).ok().and_then(|s| TABLE.get(s)).is_some_and(|row| row[column])
+}
+
+/// The documented default strategy for a status.
+pub fn default_strategy(subscribe: i64) -> i64 {
+    match subscribe {
+        1 => 0,
+        0 => 1,
+        -1 => 2,
+        _ => 3,
+    }
+}
+
+pub async fn sync_user_by_email(State(state): State<Arc<SandboxState>>, uri: Uri, body: Bytes) -> Response {
+    state.requests.fetch_add(1, Ordering::Relaxed);
+    let query = uri.query().unwrap_or("");
+    let Some((params, sig)) = query.rsplit_once("&sig=") else {
+        return answer(1003, "sig missing or not last", "");
+    };
+    let mut game_id = None;
+    let mut seq = None;
+    let mut ts = None;
+    for pair in params.split('&') {
+        match pair.split_once('=') {
+            Some(("gameid", v)) => game_id = Some(v),
+            Some(("seq", v)) => seq = Some(v),
+            Some(("ts", v)) => ts = v.parse::<i64>().ok(),
+            _ => return answer(1005, "unexpected query parameter", ""),
+        }
+    }
+    let seq = seq.unwrap_or("");
+    if !seq.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+        return answer(1005, "seq may hold letters, digits and _ only", "");
+    }
+    let Some(game_id) = game_id else { return answer(1005, "gameid missing", seq) };
+    let Some(secret) = state.accounts.smartlink.get(game_id).map(|s| s.expose().to_string()) else {
+        return answer(1001, "invalid gameid", seq);
+    };
+    let Some(ts) = ts else { return answer(1005, "ts missing", seq) };
+    if (ts - chrono::Utc::now().timestamp()).abs() > TS_TOLERANCE_SECS {
+        return answer(1002, "ts expired", seq);
+    }
+    if !digest_eq(sig, &sign::sig(PATH, params, &body, &secret)) {
+        state.bad_signatures.fetch_add(1, Ordering::Relaxed);
+        return answer(1003, "sig error", seq);
+    }
+    let Ok(Value::Object(doc)) = serde_json::from_slice::<Value>(&body) else {
+        return answer(1005, "body is not a JSON object", seq);
+    };
+    let Some(email) = doc.get("email").and_then(Value::as_str).filter(|e| e.contains('@')) else {
+        return answer(1005, "email missing or invalid", seq);
+    };
+    let Some(modify_ts) = doc.get("modify_ts").and_then(Value::as_i64) else {
+        return answer(1005, "modify_ts missing", seq);
+    };
+    let subscribe = doc.get("subscribe").and_then(Value::as_i64);
+    if subscribe.is_some_and(|s| ![-1, 0, 1, 3].contains(&s)) {
+        return answer(1005, "subscribe invalid", seq);
+    }
+    let strategy = doc.get("update_strategy").and_then(Value::as_i64);
+    if strategy.is_some_and(|s| !(0..=3).contains(&s)) {
+        return answer(1005, "update_strategy invalid", seq);
+    }
+
+    let id = ("smartlink".to_string(), game_id.to_string(), email.to_lowercase());
+    let _in_flight = state.enter(id.clone());
+    match state.before_answer("smartlink", game_id, email).await {
+        None => {}
+        Some(Fault::Status { status }) => {
+            let code = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            return (code, "sandbox: injected failure").into_response();
+        }
+        Some(Fault::RateLimit { retry_after_secs }) => {
+            return (StatusCode::TOO_MANY_REQUESTS, [(header::RETRY_AFTER, retry_after_secs.to_string())], "slow down")
+                .into_response();
+        }
+        Some(Fault::ForgeSignature) => return answer(0, "success", "forged_seq"),
+        Some(Fault::ErrorCode { code, text }) => return answer(code, &text, seq),
+        Some(Fault::Malformed) => return json("<html>Bad Gateway</html>".into()),
+        Some(Fault::Stall { .. }) => {}
+    }
+
+    let Ok(mut contacts) = state.contacts.lock() else {
+        return (StatusCode::INTERNAL_SERVER_ERROR, "sandbox state poisoned").into_response();
+    };
+    let contact: &mut Contact = contacts.entry(id).or_default();
+    if modify_ts < contact.modify_ts {
+        contact.stale_updates += 1;
+        state.accepted.fetch_add(1, Ordering::Relaxed);
+        return answer(0, "success", seq);
+    }
+    contact.modify_ts = modify_ts;
+    for key in ["tags", "openid", "location", "language", "preferences"] {
+        match doc.get(key) {
+            Some(Value::String(s)) if s.is_empty() && (key == "location" || key == "language") => {}
+            Some(v) => {
+                contact.fields.insert(key.to_string(), v.clone());
+            }
+            None => {}
+        }
+    }
+    if let Some(Value::Object(attrs)) = doc.get("attributes") {
+        let entry = contact.fields.entry("attributes").or_insert_with(|| Value::Object(Default::default()));
+        if let Value::Object(current) = entry {
+            for (k, v) in attrs {
+                current.insert(k.clone(), v.clone());
+            }
+        }
+    }
+    let mut send_email = false;
+    if let Some(status) = subscribe {
+        if status == 3 {
+            contact.pending_requests += 1;
+        }
+        if overwrites(strategy.unwrap_or_else(|| default_strategy(status)), contact.subscribe) {
+            send_email = status == 3 && contact.subscribe != Some(3);
+            contact.subscribe = Some(status);
+        }
+    }
+    contact.updates += 1;
+    if send_email {
+        let key = (game_id.to_string(), email.to_lowercase());
+        if let Ok(mut emails) = state.emails.lock() {
+            let now = Instant::now();
+            match emails.get(&key) {
+                Some(at) if now.duration_since(*at) < EMAIL_WINDOW => {
+                    state.emails_suppressed.fetch_add(1, Ordering::Relaxed);
+                }
+                _ => {
+                    emails.insert(key, now);
+                    contact.confirmation_emails += 1;
+                }
+            }
+        }
+    }
+    state.accepted.fetch_add(1, Ordering::Relaxed);
+    answer(0, "success", seq)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strategy_table() {
+        // 0 → yes / yes / yes / no
+        assert!(overwrites(0, Some(1)) && overwrites(0, Some(0)) && overwrites(0, Some(-1)) && !overwrites(0, Some(3)));
+        // 2 → no / no / yes / no
+        assert!(!overwrites(2, Some(1)) && !overwrites(2, Some(0)) && overwrites(2, None) && !overwrites(2, Some(3)));
+        // 3 → no / yes / yes / yes
+        assert!(!overwrites(3, Some(1)) && overwrites(3, Some(0)) && overwrites(3, Some(3)));
+        assert_eq!(default_strategy(3), 3);
+        assert!(!overwrites(9, None));
+    }
+}

@@ -1,0 +1,96 @@
+//! Smartlink's one confirmation email per API key and address per hour (DESIGN.md rule 5):
+//! before a call that would set the pending status (`subscribe = 3`), reserve the window in the
+//! ledger; inside someone else's window, send the other fields and either re-send the status
+//! when the window ends (`defer`) or record that no email was triggered (`drop`).
+
+use crate::config::DoubleOptIn;
+use crate::outbox::doi::{self, Deferral, Reservation};
+use crate::outbox::JobId;
+use crate::providers::payload::Payload;
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use sqlx::PgPool;
+
+/// The status that asks for confirmation.
+pub const PENDING: i64 = 3;
+
+/// What was decided for one call.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decision {
+    /// The call does not set the pending status.
+    NotApplicable,
+    /// This call holds the window and triggers the email.
+    Send,
+    /// The status was taken out of the call; re-send at `until`.
+    Defer { until: DateTime<Utc>, status: Payload },
+    /// The status was taken out of the call; no email.
+    Suppress,
+}
+
+impl Decision {
+    /// What the job's `doi` column records.
+    pub fn record(&self) -> Option<String> {
+        match self {
+            Decision::NotApplicable => None,
+            Decision::Send => Some("sent".into()),
+            Decision::Defer { until, .. } => Some(format!("deferred_until {}", until.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))),
+            Decision::Suppress => Some("suppressed".into()),
+        }
+    }
+}
+
+/// Decides, and strips `subscribe`/`update_strategy` from `payload` when the window is taken.
+pub async fn decide(
+    pool: &PgPool,
+    api_key_id: &str,
+    policy: DoubleOptIn,
+    email: &str,
+    job_id: JobId,
+    payload: &mut Payload,
+) -> Result<Decision, sqlx::Error> {
+    if payload.get("subscribe").and_then(Value::as_i64) != Some(PENDING) {
+        return Ok(Decision::NotApplicable);
+    }
+    match doi::reserve(pool, api_key_id, email, job_id).await? {
+        Reservation::Granted => Ok(Decision::Send),
+        Reservation::Busy { until } => {
+            let mut status = Payload::new();
+            for key in ["subscribe", "update_strategy"] {
+                if let Some(v) = payload.remove(key) {
+                    status.insert(key.to_string(), v);
+                }
+            }
+            Ok(match policy {
+                DoubleOptIn::Defer => Decision::Defer { until, status },
+                DoubleOptIn::Drop => Decision::Suppress,
+            })
+        }
+    }
+}
+
+/// After a successful call: schedule the deferred re-send.
+pub async fn after_success(
+    pool: &PgPool,
+    decision: &Decision,
+    job: (JobId, JobId),
+    provider: &str,
+    account: &str,
+    email: &str,
+) -> Result<(), sqlx::Error> {
+    if let Decision::Defer { until, status } = decision {
+        doi::defer(
+            pool,
+            &Deferral {
+                job_id: job.0,
+                covers_id: job.1,
+                provider,
+                account,
+                email,
+                payload: Value::Object(status.clone()),
+                due_at: *until,
+            },
+        )
+        .await?;
+    }
+    Ok(())
+}

@@ -1,0 +1,166 @@
+//! One claimed job: merge its followers, apply the double-opt-in rule, call the provider, and
+//! turn the result into exactly one [`Completion`] for the completer. The executor never writes
+//! a job's state itself.
+
+use super::double_opt_in::{self, Decision};
+use super::retry::next_delay;
+use super::Shared;
+use crate::metrics::{self as m};
+use crate::outbox::job::{AttemptError, ClaimedJob, JobId, Lease};
+use crate::outbox::doi;
+use crate::providers::payload::{merge, Payload};
+use crate::providers::{Delivery, DeliveryError, RetryReason};
+use crate::telemetry::mask_email;
+use serde_json::Value;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, OwnedSemaphorePermit};
+use tracing::Instrument;
+
+/// What to write for one claimed job.
+#[derive(Debug)]
+pub enum Outcome {
+    Success { doi: Option<String>, followers: Vec<JobId> },
+    Retry { delay: Duration, error: AttemptError },
+    Dead { error: AttemptError },
+    /// Could not even start (no client for the account): back to pending, attempt undone.
+    Release,
+}
+
+/// An outcome on its way to the completer; the slot is freed once it is written.
+#[derive(Debug)]
+pub struct Completion {
+    pub lease: Lease,
+    pub max_attempts: i32,
+    pub provider: String,
+    pub account: String,
+    pub outcome: Outcome,
+    /// Held, never read: dropping it (after the write) frees the slot.
+    #[allow(dead_code)]
+    pub permit: OwnedSemaphorePermit,
+}
+
+pub async fn execute(shared: Arc<Shared>, job: ClaimedJob, permit: OwnedSemaphorePermit, completions: mpsc::UnboundedSender<Completion>) {
+    let span = tracing::info_span!(
+        "job",
+        job_id = job.id,
+        provider = %job.provider,
+        account = %job.account,
+        email = %mask_email(&job.email),
+        attempt = job.attempts,
+    );
+    async move {
+        let outcome = deliver(&shared, &job).await;
+        let completion = Completion {
+            lease: job.lease(),
+            max_attempts: job.max_attempts,
+            provider: job.provider,
+            account: job.account,
+            outcome,
+            permit,
+        };
+        if completions.send(completion).is_err() {
+            tracing::warn!("completer gone; the lease will expire and the job will be retried");
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+fn dead(code: &str, message: String) -> Outcome {
+    Outcome::Dead { error: AttemptError { kind: "permanent".into(), code: Some(code.into()), message } }
+}
+
+fn database_retry(shared: &Shared, attempt: i32, err: &sqlx::Error) -> Outcome {
+    let w = &shared.settings.worker;
+    let delay = next_delay(attempt, w.backoff_base, w.backoff_cap, None, &mut fastrand::Rng::new());
+    Outcome::Retry {
+        delay,
+        error: AttemptError { kind: "database".into(), code: None, message: format!("database error: {err}") },
+    }
+}
+
+async fn deliver(shared: &Shared, job: &ClaimedJob) -> Outcome {
+    let Some(provider) = shared.registry.get(&job.account) else {
+        return Outcome::Release;
+    };
+    let kind = provider.kind();
+    if kind.as_str() != job.provider {
+        return dead(
+            "account_mismatch",
+            format!("account {} is a {kind} account; this job is for {}", job.account, job.provider),
+        );
+    }
+    let Value::Object(head) = &job.payload else {
+        return dead("invalid_payload", "payload is not a JSON object".into());
+    };
+    let mut payload: Payload = head.clone();
+    for follower in &job.followers {
+        if let Value::Object(later) = &follower.payload {
+            merge(kind, &mut payload, later);
+        }
+    }
+    let followers: Vec<JobId> = job.followers.iter().map(|f| f.id).collect();
+    if !followers.is_empty() {
+        tracing::debug!(merged = followers.len(), "coalescing consecutive changes into one call");
+    }
+
+    let decision = match provider.double_opt_in() {
+        Some((key_id, policy)) => {
+            match double_opt_in::decide(&shared.pool, key_id, policy, &job.email, job.id, &mut payload).await {
+                Ok(d) => d,
+                Err(e) => return database_retry(shared, job.attempts, &e),
+            }
+        }
+        None => Decision::NotApplicable,
+    };
+
+    let started = Instant::now();
+    let result = provider
+        .deliver(Delivery {
+            job_id: job.id,
+            attempt: job.attempts,
+            email: &job.email,
+            payload: &payload,
+            created_at_ms: job.created_at_ms,
+        })
+        .await;
+    let took = started.elapsed();
+
+    match result {
+        Ok(delivered) => {
+            m::provider_request(&job.provider, &job.account, "success", took);
+            tracing::debug!(took_ms = took.as_millis() as u64, answer = %delivered.detail, "delivered");
+            let covers = followers.last().copied().unwrap_or(job.id);
+            if let Err(e) =
+                double_opt_in::after_success(&shared.pool, &decision, (job.id, covers), &job.provider, &job.account, &job.email).await
+            {
+                tracing::warn!(error = %e, "could not schedule the confirmation re-send; the call will be repeated");
+                return database_retry(shared, job.attempts, &e);
+            }
+            Outcome::Success { doi: decision.record(), followers }
+        }
+        Err(DeliveryError::Retryable { reason, retry_after, code, detail }) => {
+            m::provider_request(&job.provider, &job.account, "retryable", took);
+            let w = &shared.settings.worker;
+            if reason == RetryReason::RateLimited {
+                shared.limits.pause(&job.account, retry_after.unwrap_or(w.backoff_base));
+            }
+            let delay = next_delay(job.attempts, w.backoff_base, w.backoff_cap, retry_after, &mut fastrand::Rng::new());
+            tracing::warn!(reason = %reason, code = code.as_deref().unwrap_or(""), retry_in_ms = delay.as_millis() as u64, error = %detail, "delivery failed; will retry");
+            Outcome::Retry { delay, error: AttemptError { kind: reason.as_str().into(), code, message: detail } }
+        }
+        Err(DeliveryError::Permanent { code, text }) => {
+            m::provider_request(&job.provider, &job.account, "permanent", took);
+            if decision == Decision::Send {
+                if let Some((key_id, _)) = provider.double_opt_in() {
+                    if let Err(e) = doi::release(&shared.pool, key_id, &job.email, job.id).await {
+                        tracing::warn!(error = %e, "could not release the confirmation window");
+                    }
+                }
+            }
+            tracing::error!(code = %code, error = %text, "provider refused the change; job parked as dead");
+            Outcome::Dead { error: AttemptError { kind: "permanent".into(), code: Some(code), message: text } }
+        }
+    }
+}

@@ -1,0 +1,162 @@
+//! The worker: [`Worker::run`] (the daemon, until a shutdown signal) and [`Worker::drain`]
+//! (until nothing is runnable now). It wires the parts below:
+//!
+//! - `producer`: claims batches when slots are free, woken by NOTIFY, completions or a jittered
+//!   poll; spawns one executor per job;
+//! - `executor`: one provider call, turned into one outcome;
+//! - `completer`: the only writer of outcomes, batched;
+//! - `maintenance`: lease heartbeat, rescue of expired leases, due double-opt-in re-sends,
+//!   retention pruning;
+//! - `retry`, `rate_limit`, `double_opt_in`: pure policies and their bookkeeping;
+//! - `shutdown`: SIGTERM/SIGINT → a cancellation token.
+
+mod completer;
+pub mod double_opt_in;
+mod executor;
+mod maintenance;
+mod producer;
+pub mod rate_limit;
+pub mod retry;
+pub mod shutdown;
+
+use crate::config::Settings;
+use crate::outbox::JobId;
+use crate::providers::Registry;
+use rate_limit::RateLimits;
+use sqlx::PgPool;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+/// State shared by the worker's tasks.
+pub(crate) struct Shared {
+    pub pool: PgPool,
+    pub settings: Settings,
+    pub registry: Registry,
+    /// Accounts this worker serves (the registry's); other accounts' jobs wait.
+    pub accounts: Vec<String>,
+    /// Written into `locked_by`: host, pid and a random tag.
+    pub worker_id: String,
+    pub limits: RateLimits,
+    /// Leases held right now (job id → attempt), for the heartbeat and shutdown.
+    pub in_flight: Mutex<HashMap<JobId, i32>>,
+    /// Wakes the producer (NOTIFY, completions).
+    pub wake: Notify,
+    pub stats: Stats,
+}
+
+/// Counters of one worker's life, for `--drain` summaries, tests and the demo.
+#[derive(Debug, Default)]
+pub struct Stats {
+    claimed: AtomicU64,
+    succeeded: AtomicU64,
+    coalesced: AtomicU64,
+    retried: AtomicU64,
+    dead: AtomicU64,
+    lease_lost: AtomicU64,
+}
+
+impl Stats {
+    fn add_claimed(&self, n: u64) {
+        self.claimed.fetch_add(n, Ordering::Relaxed);
+    }
+    fn add_succeeded(&self, n: u64, coalesced: u64) {
+        self.succeeded.fetch_add(n, Ordering::Relaxed);
+        self.coalesced.fetch_add(coalesced, Ordering::Relaxed);
+    }
+    fn add_retried(&self) {
+        self.retried.fetch_add(1, Ordering::Relaxed);
+    }
+    fn add_dead(&self) {
+        self.dead.fetch_add(1, Ordering::Relaxed);
+    }
+    fn add_lost(&self) {
+        self.lease_lost.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn report(&self) -> Report {
+        Report {
+            claimed: self.claimed.load(Ordering::Relaxed),
+            succeeded: self.succeeded.load(Ordering::Relaxed),
+            coalesced: self.coalesced.load(Ordering::Relaxed),
+            retried: self.retried.load(Ordering::Relaxed),
+            dead: self.dead.load(Ordering::Relaxed),
+            lease_lost: self.lease_lost.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// What a worker did so far.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Report {
+    pub claimed: u64,
+    pub succeeded: u64,
+    pub coalesced: u64,
+    pub retried: u64,
+    pub dead: u64,
+    pub lease_lost: u64,
+}
+
+/// A contact-sync worker bound to one database and one set of provider accounts.
+#[derive(Clone)]
+pub struct Worker {
+    shared: Arc<Shared>,
+}
+
+impl Worker {
+    pub fn new(pool: PgPool, settings: Settings, registry: Registry) -> Worker {
+        let accounts = registry.account_names();
+        let limits = RateLimits::from_settings(&settings);
+        let host = std::env::var("HOSTNAME")
+            .ok()
+            .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+            .map(|h| h.trim().to_string())
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "host".into());
+        let worker_id = format!("{host}:{}:{:04x}", std::process::id(), fastrand::u16(..));
+        Worker {
+            shared: Arc::new(Shared {
+                pool,
+                settings,
+                registry,
+                accounts,
+                worker_id,
+                limits,
+                in_flight: Mutex::new(HashMap::new()),
+                wake: Notify::new(),
+                stats: Stats::default(),
+            }),
+        }
+    }
+
+    /// This worker's `locked_by` name.
+    pub fn id(&self) -> &str {
+        &self.shared.worker_id
+    }
+
+    pub fn report(&self) -> Report {
+        self.shared.stats.report()
+    }
+
+    /// Runs until `shutdown` fires: then stops claiming, lets in-flight calls finish within
+    /// `worker.shutdown_timeout`, and puts unfinished claims back.
+    pub async fn run(&self, shutdown: CancellationToken) -> Report {
+        producer::run(self.shared.clone(), shutdown, false).await;
+        self.report()
+    }
+
+    /// Runs until no job of this worker's accounts is runnable now and none is in flight
+    /// (`contact-sync run --drain`; what tests use instead of sleeping).
+    pub async fn drain(&self) -> Report {
+        producer::run(self.shared.clone(), CancellationToken::new(), true).await;
+        self.report()
+    }
+
+    /// [`Worker::drain`] that also stops when `shutdown` fires.
+    pub async fn drain_until(&self, shutdown: CancellationToken) -> Report {
+        producer::run(self.shared.clone(), shutdown, true).await;
+        self.report()
+    }
+}

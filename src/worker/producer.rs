@@ -1,0 +1,188 @@
+//! The claim loop: when slots are free, plan per-account quotas, claim in one statement, spawn
+//! an executor per job; otherwise sleep until a NOTIFY, a completion, a rate-limit token or the
+//! jittered poll interval. Shutdown and drain end it here.
+
+use super::executor::{self, Completion};
+use super::{completer, maintenance, Shared};
+use crate::metrics::{self as m, JobEvent};
+use crate::outbox::{claim, complete, doi, Lease};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, Semaphore};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+/// Poll interval ±10%, so replicas started together do not poll in step.
+fn jittered(d: Duration) -> Duration {
+    let factor = 0.9 + fastrand::f64() * 0.2;
+    d.mul_f64(factor)
+}
+
+fn is_unique_violation(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db) if db.code().as_deref() == Some("23505"))
+}
+
+pub async fn run(shared: Arc<Shared>, shutdown: CancellationToken, drain: bool) {
+    let w = shared.settings.worker.clone();
+    let slots = Arc::new(Semaphore::new(w.concurrency));
+    let (tx, rx) = mpsc::unbounded_channel::<Completion>();
+    let completer = tokio::spawn(completer::run(shared.clone(), rx));
+    let background = CancellationToken::new();
+    let listener = tokio::spawn(maintenance::listen(shared.clone(), background.clone()));
+    let upkeep = tokio::spawn(maintenance::run(shared.clone(), background.clone()));
+    let mut tasks = JoinSet::new();
+    let mut db_backoff = Duration::ZERO;
+
+    tracing::info!(worker = %shared.worker_id, accounts = ?shared.accounts, concurrency = w.concurrency, drain, "worker started");
+    loop {
+        if shutdown.is_cancelled() {
+            break;
+        }
+        while let Some(done) = tasks.try_join_next() {
+            if let Err(e) = done {
+                tracing::error!(error = %e, "executor task failed");
+            }
+        }
+        let mut wake_in = jittered(w.poll_interval);
+        let mut more_waiting = false;
+        let mut held_back = false;
+        let free = slots.available_permits();
+        if free > 0 {
+            let plan = shared.limits.plan(&shared.accounts, free, w.batch_size);
+            if let Some(d) = plan.wake_in {
+                wake_in = wake_in.min(d);
+                held_back = true;
+            }
+            if !plan.quotas.is_empty() {
+                let claimed = claim::claim(
+                    &shared.pool,
+                    &plan.quotas,
+                    w.lease,
+                    &shared.worker_id,
+                    w.max_attempts,
+                    w.max_coalesce,
+                )
+                .await;
+                match claimed {
+                    Ok(jobs) => {
+                        db_backoff = Duration::ZERO;
+                        for q in &plan.quotas {
+                            let got = jobs.iter().filter(|j| j.account == q.account).count();
+                            let asked = usize::try_from(q.limit).unwrap_or(0);
+                            shared.limits.refund(&q.account, asked.saturating_sub(got));
+                            more_waiting |= got == asked;
+                        }
+                        if !jobs.is_empty() {
+                            shared.stats.add_claimed(jobs.len() as u64);
+                            if let Ok(mut in_flight) = shared.in_flight.lock() {
+                                for job in &jobs {
+                                    in_flight.insert(job.id, job.attempts);
+                                }
+                                m::in_flight(in_flight.len());
+                            }
+                        }
+                        for job in jobs {
+                            m::job_event(JobEvent::Claimed, &job.provider, &job.account, 1);
+                            match slots.clone().try_acquire_owned() {
+                                Ok(permit) => {
+                                    tasks.spawn(executor::execute(shared.clone(), job, permit, tx.clone()));
+                                }
+                                Err(_) => {
+                                    // Unreachable while only this loop takes slots; never lose the claim.
+                                    let lease = job.lease();
+                                    forget(&shared, &[lease]);
+                                    if let Err(e) = complete::release(&shared.pool, &[lease], true).await {
+                                        tracing::warn!(error = %e, job_id = lease.id, "could not release; the lease will expire");
+                                    }
+                                }
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        for q in &plan.quotas {
+                            shared.limits.refund(&q.account, usize::try_from(q.limit).unwrap_or(0));
+                        }
+                        if is_unique_violation(&e) {
+                            // Lost a race for a contact to a concurrent claim: try again now.
+                            more_waiting = true;
+                        } else {
+                            db_backoff = (db_backoff * 2).clamp(Duration::from_millis(100), Duration::from_secs(5));
+                            tracing::warn!(error = %e, retry_in_ms = db_backoff.as_millis() as u64, "claim failed; retrying");
+                            wake_in = db_backoff;
+                        }
+                    }
+                }
+            }
+        }
+
+        if drain && !more_waiting && tasks.is_empty() && in_flight_is_empty(&shared) && db_backoff.is_zero() {
+            if let Err(e) = doi::enqueue_due_resends(&shared.pool).await {
+                tracing::warn!(error = %e, "could not enqueue due confirmation re-sends");
+            }
+            match claim::runnable_exists(&shared.pool, &shared.accounts).await {
+                Ok(false) => break,
+                Ok(true) if held_back => {} // rate limit or pause: wake when it allows
+                Ok(true) => wake_in = wake_in.min(Duration::from_millis(10)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "drain check failed; retrying");
+                    wake_in = Duration::from_millis(200);
+                }
+            }
+        }
+        if more_waiting && slots.available_permits() > 0 {
+            continue;
+        }
+        tokio::select! {
+            _ = shared.wake.notified() => {}
+            _ = tokio::time::sleep(wake_in) => {}
+            _ = shutdown.cancelled() => {}
+        }
+    }
+
+    // Shutdown: finish in-flight calls within the timeout, then release what is left.
+    let deadline = tokio::time::sleep(w.shutdown_timeout);
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            next = tasks.join_next() => if next.is_none() { break },
+            _ = &mut deadline => {
+                tracing::warn!(abandoned = tasks.len(), "shutdown timeout: abandoning in-flight calls");
+                tasks.abort_all();
+                while tasks.join_next().await.is_some() {}
+                break;
+            }
+        }
+    }
+    drop(tx);
+    if let Err(e) = completer.await {
+        tracing::error!(error = %e, "completer task failed");
+    }
+    let leftover: Vec<Lease> = shared
+        .in_flight
+        .lock()
+        .map(|mut f| f.drain().map(|(id, attempt)| Lease { id, attempt }).collect())
+        .unwrap_or_default();
+    if !leftover.is_empty() {
+        match complete::release(&shared.pool, &leftover, false).await {
+            Ok(n) => tracing::info!(released = n, "unfinished claims put back"),
+            Err(e) => tracing::warn!(error = %e, "could not release claims; their leases will expire"),
+        }
+    }
+    background.cancel();
+    let _ = listener.await;
+    let _ = upkeep.await;
+    m::in_flight(0);
+    tracing::info!(worker = %shared.worker_id, report = ?shared.stats.report(), "worker stopped");
+}
+
+fn in_flight_is_empty(shared: &Shared) -> bool {
+    shared.in_flight.lock().map(|f| f.is_empty()).unwrap_or(true)
+}
+
+fn forget(shared: &Shared, leases: &[Lease]) {
+    if let Ok(mut f) = shared.in_flight.lock() {
+        for l in leases {
+            f.remove(&l.id);
+        }
+    }
+}

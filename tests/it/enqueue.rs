@@ -1,0 +1,144 @@
+//! Enqueue: validation, idempotency, transactions, batch and bulk forms.
+
+use crate::helpers::*;
+use contact_sync::outbox::{enqueue, enqueue_batch, NewJob};
+use serde_json::json;
+
+async fn sql_error(env: &TestEnv, sql: &str) -> (String, String) {
+    let err = sqlx::query(sql).execute(&env.pool).await.unwrap_err();
+    let db = err.as_database_error().expect("database error");
+    (db.code().unwrap().to_string(), db.message().to_string())
+}
+
+#[tokio::test]
+async fn sql_function_validates_with_clear_messages() {
+    let env = TestEnv::new().await;
+    let cases = [
+        ("SELECT contact_sync.enqueue('mailchimp', 'jc', 'a@b.co')", "unknown provider"),
+        ("SELECT contact_sync.enqueue('justclick', 'jc', 'not-an-email')", "malformed email"),
+        ("SELECT contact_sync.enqueue('justclick', 'jc', 'a b@c.co')", "malformed email"),
+        ("SELECT contact_sync.enqueue('justclick', 'jc', 'a@b.co', '[1]')", "must be a JSON object"),
+        ("SELECT contact_sync.enqueue('justclick', 'jc', 'a@b.co', '{\"lead_nmae\": \"x\"}')", "unknown justclick payload key 'lead_nmae'"),
+        ("SELECT contact_sync.enqueue('justclick', 'jc', 'a@b.co', '{\"lead_name\": 5}')", "lead_name must be a string"),
+        ("SELECT contact_sync.enqueue('smartlink', 'sl', 'a@b.co', '{\"subscribe\": 2}')", "subscribe must be one of"),
+        ("SELECT contact_sync.enqueue('smartlink', 'sl', 'a@b.co', '{\"openid\": \"123456789012345678901\"}')", "openid"),
+        ("SELECT contact_sync.enqueue('smartlink', 'sl', 'a@b.co', '{\"location\": \"US\"}')", "location"),
+        ("SELECT contact_sync.enqueue('smartlink', 'sl', 'a@b.co', '{\"lead_name\": \"x\"}')", "unknown smartlink payload key"),
+        ("SELECT contact_sync.enqueue('justclick', 'JC-Main', 'a@b.co')", "invalid account name"),
+    ];
+    for (sql, expected) in cases {
+        let (code, message) = sql_error(&env, sql).await;
+        assert_eq!(code, "22023", "{sql}: {message}");
+        assert!(message.contains(expected), "{sql}: {message}");
+    }
+    let long_name = "x".repeat(256);
+    let (_, message) = sql_error(
+        &env,
+        &format!("SELECT contact_sync.enqueue('justclick', 'jc', 'a@b.co', '{{\"lead_name\": \"{long_name}\"}}')"),
+    )
+    .await;
+    assert!(message.contains("longer than 255"), "{message}");
+    let too_many_tags: Vec<String> = (0..101).map(|i| format!("t{i}")).collect();
+    let (_, message) = sql_error(
+        &env,
+        &format!("SELECT contact_sync.enqueue('smartlink', 'sl', 'a@b.co', '{}')", json!({"tags": too_many_tags})),
+    )
+    .await;
+    assert!(message.contains("more than 100"), "{message}");
+    // a direct INSERT obeys the same rules (CHECK constraint)
+    let (code, message) = sql_error(
+        &env,
+        "INSERT INTO contact_sync.jobs (provider, account, email, payload) VALUES ('justclick', 'jc', 'x', '{}')",
+    )
+    .await;
+    assert_eq!(code, "22023");
+    assert!(message.contains("malformed email"));
+    assert_eq!(env.count("pending").await, 0);
+}
+
+#[tokio::test]
+async fn sql_injection_looking_values_are_just_data() {
+    let env = TestEnv::new().await;
+    let evil = "Robert'); DROP TABLE contact_sync.jobs;--";
+    let id = env.enqueue(jc("bobby@example.com", json!({"lead_name": evil}))).await;
+    let row = env.job(id).await;
+    assert_eq!(row.payload["lead_name"], evil);
+    let worker = env.worker();
+    env.settle(&worker).await;
+    assert_eq!(env.job(id).await.state, "succeeded");
+    let contact = env.sandbox.contact("justclick", JC_LOGIN, "bobby@example.com").unwrap();
+    assert_eq!(contact.fields["lead_name"], evil);
+}
+
+#[tokio::test]
+async fn idempotency_key_returns_the_existing_job() {
+    let env = TestEnv::new().await;
+    let a = env.enqueue(jc("a@example.com", json!({"lead_name": "A"})).idempotency_key("k1")).await;
+    let b = env.enqueue(jc("a@example.com", json!({"lead_name": "B"})).idempotency_key("k1")).await;
+    assert_eq!(a, b);
+    let c = env.enqueue(jc("a@example.com", json!({"lead_name": "C"})).idempotency_key("k2")).await;
+    assert_ne!(a, c);
+    let sql_id: i64 = sqlx::query_scalar("SELECT contact_sync.enqueue('justclick', 'jc', 'a@example.com', '{}', 'k1')")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(sql_id, a);
+    let count: i64 = sqlx::query_scalar("SELECT count(*) FROM contact_sync.jobs").fetch_one(&env.pool).await.unwrap();
+    assert_eq!(count, 2);
+    assert_eq!(env.job(a).await.payload["lead_name"], "A");
+}
+
+#[tokio::test]
+async fn rollback_drops_the_job_and_commit_keeps_it() {
+    let env = TestEnv::new().await;
+    let mut tx = env.pool.begin().await.unwrap();
+    enqueue(&mut tx, &jc("gone@example.com", json!({}))).await.unwrap();
+    tx.rollback().await.unwrap();
+    let mut tx = env.pool.begin().await.unwrap();
+    let kept = enqueue(&mut tx, &jc("kept@example.com", json!({}))).await.unwrap();
+    tx.commit().await.unwrap();
+    let ids: Vec<i64> = sqlx::query_scalar("SELECT id FROM contact_sync.jobs").fetch_all(&env.pool).await.unwrap();
+    assert_eq!(ids, vec![kept]);
+}
+
+#[tokio::test]
+async fn batch_enqueue_is_one_statement_with_the_same_rules() {
+    let env = TestEnv::new().await;
+    let existing = env.enqueue(jc("x@example.com", json!({})).idempotency_key("dup")).await;
+    let jobs = vec![
+        jc("a@example.com", json!({"lead_name": "A"})),
+        sl("b@example.com", json!({"subscribe": 1})),
+        jc("x@example.com", json!({})).idempotency_key("dup"),
+        jc("c@example.com", json!({})).idempotency_key("new"),
+        jc("c@example.com", json!({})).idempotency_key("new"),
+        jc("d@example.com", json!({})),
+    ];
+    let mut conn = env.pool.acquire().await.unwrap();
+    let ids = enqueue_batch(&mut conn, &jobs).await.unwrap();
+    assert_eq!(ids.len(), 6);
+    assert_eq!(ids[2], existing);
+    assert_eq!(ids[3], ids[4]);
+    assert!(ids[0] < ids[1] && ids[1] < ids[5]);
+    let emails: Vec<String> = sqlx::query_scalar("SELECT email FROM contact_sync.jobs WHERE id = ANY($1) ORDER BY id")
+        .bind(&ids)
+        .fetch_all(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(emails, ["x@example.com", "a@example.com", "b@example.com", "c@example.com", "d@example.com"]);
+    // modify_ts defaulted for Smartlink
+    assert!(env.job(ids[1]).await.payload["modify_ts"].as_i64().unwrap() > 1_700_000_000_000);
+    // one bad row rejects the whole batch with a clear error
+    let bad = vec![jc("ok@example.com", json!({})), jc("bad", json!({}))];
+    let err = enqueue_batch(&mut conn, &bad).await.unwrap_err();
+    assert!(err.is_invalid(), "{err}");
+    assert!(err.to_string().contains("malformed email"), "{err}");
+}
+
+#[tokio::test]
+async fn rust_api_reports_validation_errors_as_invalid() {
+    let env = TestEnv::new().await;
+    let mut conn = env.pool.acquire().await.unwrap();
+    let err = enqueue(&mut conn, &NewJob::new("smartlink", "sl", "a@b.co", json!({"update_strategy": 9}))).await.unwrap_err();
+    assert!(err.is_invalid());
+    assert!(err.to_string().contains("update_strategy"), "{err}");
+}

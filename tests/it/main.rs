@@ -1,0 +1,12 @@
+//! The one integration-test binary: every test gets its own database in the throwaway cluster
+//! (`scripts/test.sh`), a sandbox on 127.0.0.1:0, and drives the real worker.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod helpers;
+
+mod claim;
+mod enqueue;
+mod ordering;
+mod providers;
+mod retries;
+mod shutdown;

@@ -1,0 +1,75 @@
+//! Graceful shutdown: stop claiming, finish or release in-flight work, nothing lost.
+
+use crate::helpers::*;
+use contact_sync::outbox::enqueue_batch;
+use serde_json::json;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_releases_unfinished_claims() {
+    let env = TestEnv::new().await;
+    env.sandbox.faults().set_delay(Duration::from_secs(3));
+    let jobs: Vec<_> = (0..20).map(|i| jc(&format!("s{i}@example.com"), json!({}))).collect();
+    let mut conn = env.pool.acquire().await.unwrap();
+    enqueue_batch(&mut conn, &jobs).await.unwrap();
+    let mut settings = env.settings.clone();
+    settings.worker.shutdown_timeout = Duration::from_millis(300);
+    let worker = env.worker_with(&settings, env.pool.clone());
+    let stop = CancellationToken::new();
+    let run = tokio::spawn({
+        let worker = worker.clone();
+        let stop = stop.clone();
+        async move { worker.run(stop).await }
+    });
+    // wait until calls are in flight
+    for _ in 0..200 {
+        if env.count("running").await == 8 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(env.count("running").await, 8);
+    let started = std::time::Instant::now();
+    stop.cancel();
+    let report = run.await.unwrap();
+    assert!(started.elapsed() < Duration::from_secs(2), "shutdown took {:?}", started.elapsed());
+    assert_eq!(report.claimed, 8);
+    assert_eq!(env.count("running").await, 0);
+    assert_eq!(env.count("pending").await, 20);
+    let leftover: i64 = sqlx::query_scalar("SELECT count(*) FROM contact_sync.jobs WHERE locked_until IS NOT NULL OR locked_by IS NOT NULL")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(leftover, 0);
+    // the released jobs are delivered by the next worker
+    env.sandbox.faults().set_delay(Duration::ZERO);
+    env.settle(&env.worker()).await;
+    assert_eq!(env.count("succeeded").await, 20);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_waits_for_calls_that_finish_in_time() {
+    let env = TestEnv::new().await;
+    env.sandbox.faults().set_delay(Duration::from_millis(300));
+    for i in 0..4 {
+        env.enqueue(jc(&format!("f{i}@example.com"), json!({}))).await;
+    }
+    let worker = env.worker();
+    let stop = CancellationToken::new();
+    let run = tokio::spawn({
+        let worker = worker.clone();
+        let stop = stop.clone();
+        async move { worker.run(stop).await }
+    });
+    for _ in 0..200 {
+        if env.count("running").await == 4 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    stop.cancel();
+    let report = run.await.unwrap();
+    assert_eq!(report.succeeded, 4);
+    assert_eq!(env.count("succeeded").await, 4);
+}
