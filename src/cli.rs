@@ -18,7 +18,11 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 #[derive(Debug, Parser)]
-#[command(name = "contact-sync", version, about = "Keeps email-marketing providers in step with your contacts, through a Postgres outbox")]
+#[command(
+    name = "contact-sync",
+    version,
+    about = "Keeps email-marketing providers in step with your contacts, through a Postgres outbox"
+)]
 pub struct Cli {
     /// TOML configuration file.
     #[arg(long, global = true, env = "CONTACT_SYNC_CONFIG")]
@@ -88,7 +92,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Migrate => {
             let pool = connect(&settings).await?;
             crate::migrate(&pool).await?;
-            println!("migrations applied ({} known)", crate::MIGRATOR.iter().count());
+            println!(
+                "migrations applied ({} known)",
+                crate::MIGRATOR.iter().count()
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Run { drain, migrate } => run_worker(settings, drain, migrate).await,
@@ -105,28 +112,48 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
             }
         }
-        Command::Sandbox { listen, justclick, smartlink } => {
+        Command::Sandbox {
+            listen,
+            justclick,
+            smartlink,
+        } => {
             let mut accounts = SandboxAccounts::from_settings(&settings);
-            if accounts.justclick.is_empty() && accounts.smartlink.is_empty() && justclick.is_empty() && smartlink.is_empty() {
+            if accounts.justclick.is_empty()
+                && accounts.smartlink.is_empty()
+                && justclick.is_empty()
+                && smartlink.is_empty()
+            {
                 accounts = crate::demo::sandbox_accounts();
             }
             for pair in &justclick {
-                let (login, secret) = pair.split_once(':').context("--justclick takes LOGIN:SECRET")?;
+                let (login, secret) = pair
+                    .split_once(':')
+                    .context("--justclick takes LOGIN:SECRET")?;
                 accounts = accounts.with_justclick(login, secret);
             }
             for pair in &smartlink {
-                let (game, secret) = pair.split_once(':').context("--smartlink takes GAMEID:SECRET")?;
+                let (game, secret) = pair
+                    .split_once(':')
+                    .context("--smartlink takes GAMEID:SECRET")?;
                 accounts = accounts.with_smartlink(game, secret);
             }
             let logins: Vec<_> = accounts.justclick.keys().cloned().collect();
             let games: Vec<_> = accounts.smartlink.keys().cloned().collect();
-            let sandbox = Sandbox::start(listen, accounts).await.with_context(|| format!("binding {listen}"))?;
+            let sandbox = Sandbox::start(listen, accounts)
+                .await
+                .with_context(|| format!("binding {listen}"))?;
             println!("sandbox listening on {}", sandbox.url());
             for login in logins {
-                println!("  justclick {login}: base_url = \"{}\"", sandbox.justclick_base_url(&login));
+                println!(
+                    "  justclick {login}: base_url = \"{}\"",
+                    sandbox.justclick_base_url(&login)
+                );
             }
             for game in games {
-                println!("  smartlink {game}: base_url = \"{}\"", sandbox.smartlink_base_url());
+                println!(
+                    "  smartlink {game}: base_url = \"{}\"",
+                    sandbox.smartlink_base_url()
+                );
             }
             let stop = shutdown::on_signals();
             stop.cancelled().await;
@@ -155,7 +182,9 @@ fn redact_db_error(e: &sqlx::Error) -> String {
 async fn run_worker(settings: Settings, drain: bool, migrate: bool) -> anyhow::Result<ExitCode> {
     let registry = Registry::from_settings(&settings)?;
     if registry.is_empty() {
-        tracing::warn!("no [accounts] configured: jobs will wait until configuration names their account");
+        tracing::warn!(
+            "no [accounts] configured: jobs will wait until configuration names their account"
+        );
     }
     let stop = shutdown::on_signals();
     // Wait for the database at start (a daemon may start before Postgres).
@@ -163,14 +192,18 @@ async fn run_worker(settings: Settings, drain: bool, migrate: bool) -> anyhow::R
     let options = PgPoolOptions::new()
         .max_connections(settings.database.max_connections)
         .acquire_timeout(Duration::from_secs(10));
-    let pool = options.connect_lazy(url.expose()).map_err(|e| anyhow::anyhow!("bad database URL: {}", redact_db_error(&e)))?;
+    let pool = options
+        .connect_lazy(url.expose())
+        .map_err(|e| anyhow::anyhow!("bad database URL: {}", redact_db_error(&e)))?;
     let mut backoff = Duration::from_millis(200);
     loop {
         let ready = async {
             if migrate {
                 crate::migrate(&pool).await.map_err(anyhow::Error::from)?;
             }
-            crate::migrate::is_current(&pool).await.map_err(anyhow::Error::from)
+            crate::migrate::is_current(&pool)
+                .await
+                .map_err(anyhow::Error::from)
         };
         match ready.await {
             Ok(true) => break,
@@ -187,7 +220,11 @@ async fn run_worker(settings: Settings, drain: bool, migrate: bool) -> anyhow::R
     }
     let admin = crate::admin::spawn(&settings, pool.clone(), stop.clone()).await?;
     let worker = Worker::new(pool.clone(), settings, registry);
-    let report = if drain { worker.drain_until(stop.clone()).await } else { worker.run(stop.clone()).await };
+    let report = if drain {
+        worker.drain_until(stop.clone()).await
+    } else {
+        worker.run(stop.clone()).await
+    };
     stop.cancel();
     if let Some(admin) = admin {
         let _ = admin.await;
@@ -207,7 +244,9 @@ pub fn job_from_args(args: &EnqueueArgs) -> anyhow::Result<NewJob> {
         None => Map::new(),
     };
     for pair in &args.set {
-        let (key, value) = pair.split_once('=').with_context(|| format!("--set {pair:?}: expected KEY=VALUE"))?;
+        let (key, value) = pair
+            .split_once('=')
+            .with_context(|| format!("--set {pair:?}: expected KEY=VALUE"))?;
         set_field(&mut payload, key, value)?;
     }
     let mut job = NewJob::new(
@@ -222,17 +261,29 @@ pub fn job_from_args(args: &EnqueueArgs) -> anyhow::Result<NewJob> {
 
 fn set_field(payload: &mut Map<String, Value>, key: &str, value: &str) -> anyhow::Result<()> {
     if let Some(name) = key.strip_prefix("attributes.") {
-        let attrs = payload.entry("attributes").or_insert_with(|| Value::Object(Map::new()));
-        let Value::Object(attrs) = attrs else { bail!("attributes is not an object") };
+        let attrs = payload
+            .entry("attributes")
+            .or_insert_with(|| Value::Object(Map::new()));
+        let Value::Object(attrs) = attrs else {
+            bail!("attributes is not an object")
+        };
         attrs.insert(name.to_string(), Value::String(value.to_string()));
         return Ok(());
     }
     let typed = match key {
-        "subscribe" | "update_strategy" | "modify_ts" => {
-            Value::from(value.trim().parse::<i64>().with_context(|| format!("--set {key}: {value:?} is not an integer"))?)
-        }
+        "subscribe" | "update_strategy" | "modify_ts" => Value::from(
+            value
+                .trim()
+                .parse::<i64>()
+                .with_context(|| format!("--set {key}: {value:?} is not an integer"))?,
+        ),
         "tags" | "preferences" => Value::Array(
-            value.split(',').map(str::trim).filter(|s| !s.is_empty()).map(|s| Value::String(s.into())).collect(),
+            value
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(|s| Value::String(s.into()))
+                .collect(),
         ),
         _ => Value::String(value.to_string()),
     };
@@ -246,7 +297,9 @@ const FILE_BATCH: usize = 1000;
 /// Bulk load from JSON Lines: bad lines are reported on stderr and skipped, good ones queued.
 /// Exit code 0 when every line was queued, 1 when some were rejected.
 async fn enqueue_file(pool: &PgPool, path: &Path) -> anyhow::Result<ExitCode> {
-    let bytes = tokio::fs::read(path).await.with_context(|| format!("reading {}", path.display()))?;
+    let bytes = tokio::fs::read(path)
+        .await
+        .with_context(|| format!("reading {}", path.display()))?;
     let mut rejected = 0usize;
     let mut queued = 0usize;
     let mut batch: Vec<(usize, NewJob)> = Vec::with_capacity(FILE_BATCH);
@@ -259,7 +312,10 @@ async fn enqueue_file(pool: &PgPool, path: &Path) -> anyhow::Result<ExitCode> {
         }
         let job = std::str::from_utf8(raw)
             .map_err(|_| "not valid UTF-8".to_string())
-            .and_then(|text| serde_json::from_str::<NewJob>(text).map_err(|e| format!("not a change object: {e}")));
+            .and_then(|text| {
+                serde_json::from_str::<NewJob>(text)
+                    .map_err(|e| format!("not a change object: {e}"))
+            });
         match job {
             Ok(job) => batch.push((line_no, job)),
             Err(e) => {
@@ -277,7 +333,11 @@ async fn enqueue_file(pool: &PgPool, path: &Path) -> anyhow::Result<ExitCode> {
     queued += q;
     rejected += r;
     println!("queued {queued}, rejected {rejected}");
-    Ok(if rejected == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) })
+    Ok(if rejected == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 /// One statement for the whole batch; if the database rejects one line, each line goes on its

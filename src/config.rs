@@ -40,7 +40,10 @@ pub struct DatabaseSettings {
 
 impl Default for DatabaseSettings {
     fn default() -> Self {
-        Self { url: None, max_connections: defaults::max_connections() }
+        Self {
+            url: None,
+            max_connections: defaults::max_connections(),
+        }
     }
 }
 
@@ -57,17 +60,29 @@ pub struct WorkerSettings {
     #[serde(default = "defaults::lease", with = "crate::duration::serde_text")]
     pub lease: Duration,
     /// Fallback wake-up when no NOTIFY arrives (jittered by up to 10%).
-    #[serde(default = "defaults::poll_interval", with = "crate::duration::serde_text")]
+    #[serde(
+        default = "defaults::poll_interval",
+        with = "crate::duration::serde_text"
+    )]
     pub poll_interval: Duration,
     /// Attempts before a job goes `dead` (a job's own `max_attempts` column wins).
     #[serde(default = "defaults::max_attempts")]
     pub max_attempts: i32,
-    #[serde(default = "defaults::backoff_base", with = "crate::duration::serde_text")]
+    #[serde(
+        default = "defaults::backoff_base",
+        with = "crate::duration::serde_text"
+    )]
     pub backoff_base: Duration,
-    #[serde(default = "defaults::backoff_cap", with = "crate::duration::serde_text")]
+    #[serde(
+        default = "defaults::backoff_cap",
+        with = "crate::duration::serde_text"
+    )]
     pub backoff_cap: Duration,
     /// How long SIGTERM waits for in-flight calls before releasing them.
-    #[serde(default = "defaults::shutdown_timeout", with = "crate::duration::serde_text")]
+    #[serde(
+        default = "defaults::shutdown_timeout",
+        with = "crate::duration::serde_text"
+    )]
     pub shutdown_timeout: Duration,
     /// Consecutive jobs of one contact merged into one call at most.
     #[serde(default = "defaults::max_coalesce")]
@@ -100,7 +115,9 @@ pub struct RetentionSettings {
 
 impl Default for RetentionSettings {
     fn default() -> Self {
-        Self { finished: defaults::retention() }
+        Self {
+            finished: defaults::retention(),
+        }
     }
 }
 
@@ -114,17 +131,25 @@ pub struct AdminSettings {
 
 impl Default for AdminSettings {
     fn default() -> Self {
-        Self { listen: defaults::admin_listen() }
+        Self {
+            listen: defaults::admin_listen(),
+        }
     }
 }
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HttpSettings {
-    #[serde(default = "defaults::connect_timeout", with = "crate::duration::serde_text")]
+    #[serde(
+        default = "defaults::connect_timeout",
+        with = "crate::duration::serde_text"
+    )]
     pub connect_timeout: Duration,
     /// Whole-request timeout of one provider call.
-    #[serde(default = "defaults::request_timeout", with = "crate::duration::serde_text")]
+    #[serde(
+        default = "defaults::request_timeout",
+        with = "crate::duration::serde_text"
+    )]
     pub request_timeout: Duration,
 }
 
@@ -215,7 +240,10 @@ impl AccountSettings {
         }
         match self.provider {
             ProviderKind::Justclick => {
-                format!("https://{}.justclick.ru", self.login.as_deref().unwrap_or_default())
+                format!(
+                    "https://{}.justclick.ru",
+                    self.login.as_deref().unwrap_or_default()
+                )
             }
             ProviderKind::Smartlink => "https://openapi.smartlink.intlgame.com".to_string(),
         }
@@ -232,7 +260,10 @@ pub enum ConfigError {
 }
 
 fn invalid(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid { key: key.into(), reason: reason.into() }
+    ConfigError::Invalid {
+        key: key.into(),
+        reason: reason.into(),
+    }
 }
 
 mod defaults {
@@ -339,7 +370,10 @@ impl Settings {
             return Err(invalid("worker.backoff_base", "must be greater than 0"));
         }
         if w.backoff_cap < w.backoff_base {
-            return Err(invalid("worker.backoff_cap", "must not be smaller than worker.backoff_base"));
+            return Err(invalid(
+                "worker.backoff_cap",
+                "must not be smaller than worker.backoff_base",
+            ));
         }
         if w.max_coalesce == 0 {
             return Err(invalid("worker.max_coalesce", "must be at least 1"));
@@ -347,8 +381,13 @@ impl Settings {
         if self.database.max_connections < 2 {
             return Err(invalid("database.max_connections", "must be at least 2"));
         }
-        if !self.admin.listen.is_empty() && self.admin.listen.parse::<std::net::SocketAddr>().is_err() {
-            return Err(invalid("admin.listen", "must be an address like 127.0.0.1:9187, or empty to turn it off"));
+        if !self.admin.listen.is_empty()
+            && self.admin.listen.parse::<std::net::SocketAddr>().is_err()
+        {
+            return Err(invalid(
+                "admin.listen",
+                "must be an address like 127.0.0.1:9187, or empty to turn it off",
+            ));
         }
         for (name, account) in &self.accounts {
             let key = |field: &str| format!("accounts.{name}.{field}");
@@ -364,17 +403,30 @@ impl Settings {
             match account.provider {
                 ProviderKind::Justclick => {
                     let login = account.login.as_deref().unwrap_or_default();
-                    if login.is_empty() || !login.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
-                        return Err(invalid(key("login"), "is required for justclick (letters, digits, - and _)"));
+                    if login.is_empty()
+                        || !login
+                            .chars()
+                            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+                    {
+                        return Err(invalid(
+                            key("login"),
+                            "is required for justclick (letters, digits, - and _)",
+                        ));
                     }
                     if account.game_id.is_some() {
-                        return Err(invalid(key("game_id"), "applies to smartlink accounts only"));
+                        return Err(invalid(
+                            key("game_id"),
+                            "applies to smartlink accounts only",
+                        ));
                     }
                 }
                 ProviderKind::Smartlink => {
                     let game = account.game_id.as_deref().unwrap_or_default();
                     if game.is_empty() || !game.chars().all(|c| c.is_ascii_digit()) {
-                        return Err(invalid(key("game_id"), "is required for smartlink (digits)"));
+                        return Err(invalid(
+                            key("game_id"),
+                            "is required for smartlink (digits)",
+                        ));
                     }
                     if account.login.is_some() {
                         return Err(invalid(key("login"), "applies to justclick accounts only"));
@@ -383,14 +435,20 @@ impl Settings {
             }
             if let Some(rate) = account.rate_limit_per_second {
                 if !(rate > 0.0 && rate.is_finite()) {
-                    return Err(invalid(key("rate_limit_per_second"), "must be a positive number"));
+                    return Err(invalid(
+                        key("rate_limit_per_second"),
+                        "must be a positive number",
+                    ));
                 }
             }
             if account.burst == Some(0) {
                 return Err(invalid(key("burst"), "must be at least 1"));
             }
-            crate::providers::http::check_base_url(&account.effective_base_url(), account.allow_insecure_http)
-                .map_err(|reason| invalid(key("base_url"), reason))?;
+            crate::providers::http::check_base_url(
+                &account.effective_base_url(),
+                account.allow_insecure_http,
+            )
+            .map_err(|reason| invalid(key("base_url"), reason))?;
         }
         Ok(())
     }
@@ -398,7 +456,10 @@ impl Settings {
     /// The database URL, or an error naming the ways to set it.
     pub fn database_url(&self) -> Result<&Secret, ConfigError> {
         self.database.url.as_ref().ok_or_else(|| {
-            invalid("database.url", "is not set (set DATABASE_URL, CONTACT_SYNC__DATABASE__URL or [database] url)")
+            invalid(
+                "database.url",
+                "is not set (set DATABASE_URL, CONTACT_SYNC__DATABASE__URL or [database] url)",
+            )
         })
     }
 }
@@ -407,7 +468,9 @@ impl Settings {
 pub fn valid_account_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 64
-        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
 }
 
 #[cfg(test)]
@@ -418,17 +481,26 @@ mod tests {
     fn load_toml(toml: &str, env: &[(&str, &str)]) -> Result<Settings, ConfigError> {
         let mut file = tempfile_in_target();
         file.1.write_all(toml.as_bytes()).unwrap();
-        let vars: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let vars: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         let lookup = vars.clone();
         Settings::load_from(
             Some(&file.0),
-            move |name| lookup.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone()),
+            move |name| {
+                lookup
+                    .iter()
+                    .find(|(k, _)| k == name)
+                    .map(|(_, v)| v.clone())
+            },
             Some(vars),
         )
     }
 
     fn tempfile_in_target() -> (std::path::PathBuf, std::fs::File) {
-        let path = std::env::temp_dir().join(format!("contact-sync-test-{}.toml", fastrand::u64(..)));
+        let path =
+            std::env::temp_dir().join(format!("contact-sync-test-{}.toml", fastrand::u64(..)));
         let file = std::fs::File::create(&path).unwrap();
         (path, file)
     }
@@ -465,8 +537,14 @@ double_opt_in = "drop"
         assert_eq!(s.worker.batch_size, 100);
         assert_eq!(s.accounts["sl_main"].secret.expose(), "from-env");
         assert_eq!(s.accounts["sl_main"].double_opt_in, DoubleOptIn::Drop);
-        assert_eq!(s.database.url.as_ref().unwrap().expose(), "postgres://localhost/app");
-        assert_eq!(s.accounts["jc_main"].effective_base_url(), "https://username.justclick.ru");
+        assert_eq!(
+            s.database.url.as_ref().unwrap().expose(),
+            "postgres://localhost/app"
+        );
+        assert_eq!(
+            s.accounts["jc_main"].effective_base_url(),
+            "https://username.justclick.ru"
+        );
     }
 
     #[test]
@@ -487,9 +565,16 @@ double_opt_in = "drop"
         assert!(err.to_string().contains("no unit"), "{err}");
         let err = load_toml("[worker]\nconcurency = 3\n", &[]).unwrap_err();
         assert!(err.to_string().contains("concurency"), "{err}");
-        let err = load_toml("[accounts.JC]\nprovider = \"justclick\"\nlogin = \"x\"\nsecret = \"s\"\n", &[]);
+        let err = load_toml(
+            "[accounts.JC]\nprovider = \"justclick\"\nlogin = \"x\"\nsecret = \"s\"\n",
+            &[],
+        );
         // the config crate lower-cases keys; an upper-case name still fails one way or another
-        let bad = load_toml("[accounts.jc]\nprovider = \"justclick\"\nsecret = \"s\"\n", &[]).unwrap_err();
+        let bad = load_toml(
+            "[accounts.jc]\nprovider = \"justclick\"\nsecret = \"s\"\n",
+            &[],
+        )
+        .unwrap_err();
         assert!(bad.to_string().contains("accounts.jc.login"), "{bad}");
         drop(err);
         let bad = load_toml(

@@ -6,9 +6,9 @@ use std::time::Duration;
 /// Parses `<integer><unit>` with unit one of `ms`, `s`, `m`, `h`, `d`.
 pub fn parse(text: &str) -> Result<Duration, String> {
     let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .ok_or_else(|| format!("{text:?} has no unit (write e.g. \"500ms\", \"30s\", \"5m\", \"1h\", \"7d\")"))?;
+    let split = text.find(|c: char| !c.is_ascii_digit()).ok_or_else(|| {
+        format!("{text:?} has no unit (write e.g. \"500ms\", \"30s\", \"5m\", \"1h\", \"7d\")")
+    })?;
     let (number, unit) = text.split_at(split);
     let n: u64 = number
         .parse()
@@ -33,7 +33,12 @@ pub fn parse(text: &str) -> Result<Duration, String> {
 /// Formats a duration the way [`parse`] reads it, choosing the largest exact unit.
 pub fn format(d: Duration) -> String {
     let ms = d.as_millis();
-    for (unit, size) in [("d", 86_400_000u128), ("h", 3_600_000), ("m", 60_000), ("s", 1_000)] {
+    for (unit, size) in [
+        ("d", 86_400_000u128),
+        ("h", 3_600_000),
+        ("m", 60_000),
+        ("s", 1_000),
+    ] {
         if ms >= size && ms % size == 0 {
             return format!("{}{unit}", ms / size);
         }

@@ -14,7 +14,9 @@ pub enum LogFormat {
 /// Installs the global subscriber; a second call (tests) is a no-op.
 pub fn init(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Pretty => builder.with_target(false).try_init(),
         LogFormat::Json => builder.json().with_current_span(true).try_init(),
@@ -36,7 +38,10 @@ pub fn mask_email(email: &str) -> String {
 mod tests {
     #[test]
     fn masks_the_local_part() {
-        assert_eq!(super::mask_email("jane.doe@example.com"), "ja***@example.com");
+        assert_eq!(
+            super::mask_email("jane.doe@example.com"),
+            "ja***@example.com"
+        );
         assert_eq!(super::mask_email("j@x.io"), "j***@x.io");
         assert_eq!(super::mask_email("nonsense"), "***");
     }

@@ -86,7 +86,11 @@ pub async fn claim(
 }
 
 /// Extends the leases this worker still holds; returns the ids whose lease is still ours.
-pub async fn extend_leases(pool: &PgPool, leases: &[Lease], lease: Duration) -> Result<Vec<JobId>, sqlx::Error> {
+pub async fn extend_leases(
+    pool: &PgPool,
+    leases: &[Lease],
+    lease: Duration,
+) -> Result<Vec<JobId>, sqlx::Error> {
     if leases.is_empty() {
         return Ok(Vec::new());
     }
@@ -128,7 +132,10 @@ pub async fn runnable_exists(pool: &PgPool, accounts: &[String]) -> Result<bool,
 }
 
 /// Time until the next pending job of these accounts falls due (None: none pending).
-pub async fn next_due_in(pool: &PgPool, accounts: &[String]) -> Result<Option<Duration>, sqlx::Error> {
+pub async fn next_due_in(
+    pool: &PgPool,
+    accounts: &[String],
+) -> Result<Option<Duration>, sqlx::Error> {
     let ms: Option<f64> = sqlx::query_scalar(
         // language=PostgreSQL
         r#"

@@ -70,7 +70,12 @@ fn millis(d: Duration) -> i64 {
 }
 
 /// Records a retryable failure: back to `pending` at `now() + delay`. False if the lease was lost.
-pub async fn retry(pool: &PgPool, lease: Lease, delay: Duration, error: &AttemptError) -> Result<bool, sqlx::Error> {
+pub async fn retry(
+    pool: &PgPool,
+    lease: Lease,
+    delay: Duration,
+    error: &AttemptError,
+) -> Result<bool, sqlx::Error> {
     let result = sqlx::query(
         // language=PostgreSQL
         r#"
@@ -104,9 +109,13 @@ pub async fn retry_or_kill(
     error: &AttemptError,
 ) -> Result<Option<JobState>, sqlx::Error> {
     if lease.attempt >= max_attempts {
-        return kill(pool, lease, error).await.map(|ok| ok.then_some(JobState::Dead));
+        return kill(pool, lease, error)
+            .await
+            .map(|ok| ok.then_some(JobState::Dead));
     }
-    retry(pool, lease, delay, error).await.map(|ok| ok.then_some(JobState::Pending))
+    retry(pool, lease, delay, error)
+        .await
+        .map(|ok| ok.then_some(JobState::Pending))
 }
 
 /// Parks a job as `dead` (permanent failure or attempts exhausted). False if the lease was lost.
@@ -134,7 +143,11 @@ pub async fn kill(pool: &PgPool, lease: Lease, error: &AttemptError) -> Result<b
 
 /// Puts claimed jobs back to `pending`, runnable now. `undo_attempt` for jobs whose call never
 /// started (shutdown before they ran, or a job of an account this worker cannot serve).
-pub async fn release(pool: &PgPool, leases: &[Lease], undo_attempt: bool) -> Result<u64, sqlx::Error> {
+pub async fn release(
+    pool: &PgPool,
+    leases: &[Lease],
+    undo_attempt: bool,
+) -> Result<u64, sqlx::Error> {
     if leases.is_empty() {
         return Ok(0);
     }

@@ -17,7 +17,12 @@ pub enum Reservation {
 }
 
 /// Reserves the confirmation window for `job_id`, unless another call holds it.
-pub async fn reserve(pool: &PgPool, api_key_id: &str, email: &str, job_id: JobId) -> Result<Reservation, sqlx::Error> {
+pub async fn reserve(
+    pool: &PgPool,
+    api_key_id: &str,
+    email: &str,
+    job_id: JobId,
+) -> Result<Reservation, sqlx::Error> {
     let granted: Option<bool> = sqlx::query_scalar(
         // language=PostgreSQL
         r#"
@@ -53,7 +58,12 @@ pub async fn reserve(pool: &PgPool, api_key_id: &str, email: &str, job_id: JobId
 }
 
 /// Gives the window back after a call that certainly sent no email (permanent failure).
-pub async fn release(pool: &PgPool, api_key_id: &str, email: &str, job_id: JobId) -> Result<(), sqlx::Error> {
+pub async fn release(
+    pool: &PgPool,
+    api_key_id: &str,
+    email: &str,
+    job_id: JobId,
+) -> Result<(), sqlx::Error> {
     sqlx::query("DELETE FROM contact_sync.doi_ledger WHERE api_key_id = $1 AND email = lower($2) AND job_id = $3")
         .bind(api_key_id)
         .bind(email)

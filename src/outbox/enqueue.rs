@@ -33,7 +33,10 @@ impl From<sqlx::Error> for EnqueueError {
                         message = format!("{message} (hint: {hint})");
                     }
                 }
-                return EnqueueError::Invalid { message, sqlstate: code };
+                return EnqueueError::Invalid {
+                    message,
+                    sqlstate: code,
+                };
             }
         }
         EnqueueError::Database(err)
@@ -59,7 +62,10 @@ pub async fn enqueue(conn: &mut PgConnection, job: &NewJob) -> Result<JobId, Enq
 
 /// Enqueues many changes in one statement (all or nothing), returning their ids in input order.
 /// Same rules as [`enqueue`]: validation, the Smartlink `modify_ts` default, idempotency keys.
-pub async fn enqueue_batch(conn: &mut PgConnection, jobs: &[NewJob]) -> Result<Vec<JobId>, EnqueueError> {
+pub async fn enqueue_batch(
+    conn: &mut PgConnection,
+    jobs: &[NewJob],
+) -> Result<Vec<JobId>, EnqueueError> {
     if jobs.is_empty() {
         return Ok(Vec::new());
     }

@@ -69,7 +69,12 @@ fn empty_object() -> Value {
 }
 
 impl NewJob {
-    pub fn new(provider: impl Into<String>, account: impl Into<String>, email: impl Into<String>, payload: Value) -> Self {
+    pub fn new(
+        provider: impl Into<String>,
+        account: impl Into<String>,
+        email: impl Into<String>,
+        payload: Value,
+    ) -> Self {
         Self {
             provider: provider.into(),
             account: account.into(),
@@ -124,7 +129,10 @@ pub struct Lease {
 
 impl ClaimedJob {
     pub fn lease(&self) -> Lease {
-        Lease { id: self.id, attempt: self.attempts }
+        Lease {
+            id: self.id,
+            attempt: self.attempts,
+        }
     }
 }
 

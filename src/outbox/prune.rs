@@ -5,7 +5,11 @@ use sqlx::PgPool;
 use std::time::Duration;
 
 /// Deletes up to `batch` finished jobs older than `older_than`; returns how many.
-pub async fn prune_finished(pool: &PgPool, older_than: Duration, batch: i64) -> Result<u64, sqlx::Error> {
+pub async fn prune_finished(
+    pool: &PgPool,
+    older_than: Duration,
+    batch: i64,
+) -> Result<u64, sqlx::Error> {
     let result = sqlx::query(
         // language=PostgreSQL
         r#"

@@ -4,7 +4,10 @@
 use sqlx::PgPool;
 
 /// Returns expired leases; yields `(rescued back to pending, parked as dead)`.
-pub async fn rescue_expired(pool: &PgPool, default_max_attempts: i32) -> Result<(u64, u64), sqlx::Error> {
+pub async fn rescue_expired(
+    pool: &PgPool,
+    default_max_attempts: i32,
+) -> Result<(u64, u64), sqlx::Error> {
     let states: Vec<String> = sqlx::query_scalar(
         // language=PostgreSQL
         r#"

@@ -7,7 +7,10 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 /// The one client every provider shares (connection pool, TLS sessions).
-pub fn build_client(settings: &HttpSettings, max_idle_per_host: usize) -> Result<reqwest::Client, reqwest::Error> {
+pub fn build_client(
+    settings: &HttpSettings,
+    max_idle_per_host: usize,
+) -> Result<reqwest::Client, reqwest::Error> {
     reqwest::Client::builder()
         .use_rustls_tls()
         .https_only(false) // per-account policy: see check_base_url
@@ -52,7 +55,11 @@ fn is_loopback(url: &reqwest::Url) -> bool {
 
 /// `Retry-After` as delta-seconds or an HTTP date; capped at one day.
 pub fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
-    let value = headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?.trim();
+    let value = headers
+        .get(reqwest::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim();
     let delay = if let Ok(secs) = value.parse::<u64>() {
         Duration::from_secs(secs)
     } else {
@@ -85,7 +92,10 @@ mod tests {
         let mut h = reqwest::header::HeaderMap::new();
         h.insert(reqwest::header::RETRY_AFTER, "120".parse().unwrap());
         assert_eq!(retry_after(&h), Some(Duration::from_secs(120)));
-        h.insert(reqwest::header::RETRY_AFTER, "Wed, 21 Oct 2015 07:28:00 GMT".parse().unwrap());
+        h.insert(
+            reqwest::header::RETRY_AFTER,
+            "Wed, 21 Oct 2015 07:28:00 GMT".parse().unwrap(),
+        );
         assert_eq!(retry_after(&h), Some(Duration::ZERO));
         h.insert(reqwest::header::RETRY_AFTER, "soon".parse().unwrap());
         assert_eq!(retry_after(&h), None);

@@ -41,7 +41,10 @@ pub trait Provider: Send + Sync + 'static {
     fn kind(&self) -> ProviderKind;
 
     /// Sends one change, verifies the answer, classifies the outcome.
-    fn deliver<'a>(&'a self, delivery: Delivery<'a>) -> BoxFuture<'a, Result<Delivered, DeliveryError>>;
+    fn deliver<'a>(
+        &'a self,
+        delivery: Delivery<'a>,
+    ) -> BoxFuture<'a, Result<Delivered, DeliveryError>>;
 
     /// For providers with a confirmation-email window: the key that window is counted per
     /// (never the secret itself) and the account's policy.
@@ -77,11 +80,19 @@ impl Registry {
             .map_err(|e| RegistryError::Client(outcome::error_chain(&e)))?;
         let mut registry = Registry::default();
         for (name, account) in &settings.accounts {
-            let base = http::check_base_url(&account.effective_base_url(), account.allow_insecure_http)
-                .map_err(|reason| RegistryError::BaseUrl { account: name.clone(), reason })?;
+            let base =
+                http::check_base_url(&account.effective_base_url(), account.allow_insecure_http)
+                    .map_err(|reason| RegistryError::BaseUrl {
+                        account: name.clone(),
+                        reason,
+                    })?;
             let provider: Arc<dyn Provider> = match account.provider {
-                ProviderKind::Justclick => Arc::new(justclick::JustClick::new(account, base, client.clone())),
-                ProviderKind::Smartlink => Arc::new(smartlink::Smartlink::new(account, base, client.clone())),
+                ProviderKind::Justclick => {
+                    Arc::new(justclick::JustClick::new(account, base, client.clone()))
+                }
+                ProviderKind::Smartlink => {
+                    Arc::new(smartlink::Smartlink::new(account, base, client.clone()))
+                }
             };
             registry.accounts.insert(name.clone(), provider);
         }
@@ -127,17 +138,19 @@ const HEX: &[u8; 16] = b"0123456789abcdef";
 /// Compares two hex digests without an early exit.
 pub fn digest_eq(a: &str, b: &str) -> bool {
     a.len() == b.len()
-        && a.bytes()
-            .zip(b.bytes())
-            .fold(0u8, |acc, (x, y)| acc | (x.to_ascii_lowercase() ^ y.to_ascii_lowercase()))
-            == 0
+        && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| {
+            acc | (x.to_ascii_lowercase() ^ y.to_ascii_lowercase())
+        }) == 0
 }
 
 #[cfg(test)]
 mod tests {
     #[test]
     fn md5_hex_is_lowercase() {
-        assert_eq!(super::md5_hex(&[b"a", b"bc"]), "900150983cd24fb0d6963f7d28e17f72");
+        assert_eq!(
+            super::md5_hex(&[b"a", b"bc"]),
+            "900150983cd24fb0d6963f7d28e17f72"
+        );
         assert!(super::digest_eq("ABCDEF", "abcdef"));
         assert!(!super::digest_eq("abcdee", "abcdef"));
         assert!(!super::digest_eq("abc", "abcdef"));

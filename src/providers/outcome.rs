@@ -66,11 +66,19 @@ pub enum DeliveryError {
 
 impl DeliveryError {
     pub fn retryable(reason: RetryReason, detail: impl Into<String>) -> Self {
-        DeliveryError::Retryable { reason, retry_after: None, code: None, detail: detail.into() }
+        DeliveryError::Retryable {
+            reason,
+            retry_after: None,
+            code: None,
+            detail: detail.into(),
+        }
     }
 
     pub fn permanent(code: impl Into<String>, text: impl Into<String>) -> Self {
-        DeliveryError::Permanent { code: code.into(), text: text.into() }
+        DeliveryError::Permanent {
+            code: code.into(),
+            text: text.into(),
+        }
     }
 
     /// A provider code the provider or the account declares retryable.
@@ -129,7 +137,11 @@ pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
 }
 
 /// Classifies a non-2xx HTTP status (everything the provider did not answer with its JSON).
-pub fn from_status(status: reqwest::StatusCode, headers: &reqwest::header::HeaderMap, body: &[u8]) -> DeliveryError {
+pub fn from_status(
+    status: reqwest::StatusCode,
+    headers: &reqwest::header::HeaderMap,
+    body: &[u8],
+) -> DeliveryError {
     let snippet = body_snippet(body);
     let retry_after = super::http::retry_after(headers);
     if status == reqwest::StatusCode::TOO_MANY_REQUESTS {
@@ -137,7 +149,9 @@ pub fn from_status(status: reqwest::StatusCode, headers: &reqwest::header::Heade
             reason: RetryReason::RateLimited,
             retry_after,
             code: Some("429".into()),
-            detail: format!("HTTP 429 Too Many Requests {snippet}").trim_end().to_string(),
+            detail: format!("HTTP 429 Too Many Requests {snippet}")
+                .trim_end()
+                .to_string(),
         };
     }
     if status.is_server_error() || status == reqwest::StatusCode::REQUEST_TIMEOUT {
@@ -149,13 +163,20 @@ pub fn from_status(status: reqwest::StatusCode, headers: &reqwest::header::Heade
         };
     }
     // 4xx other than 408/429: the request itself is wrong (path, method, size).
-    DeliveryError::permanent(format!("http_{}", status.as_u16()), format!("HTTP {status} {snippet}").trim_end())
+    DeliveryError::permanent(
+        format!("http_{}", status.as_u16()),
+        format!("HTTP {status} {snippet}").trim_end(),
+    )
 }
 
 /// The start of a body for an error text: printable, at most 200 characters.
 pub fn body_snippet(body: &[u8]) -> String {
     let text = String::from_utf8_lossy(body);
-    let cleaned: String = text.chars().map(|c| if c.is_control() { ' ' } else { c }).take(200).collect();
+    let cleaned: String = text
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .take(200)
+        .collect();
     cleaned.trim().to_string()
 }
 
@@ -170,7 +191,11 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert(RETRY_AFTER, HeaderValue::from_static("7"));
         match from_status(StatusCode::TOO_MANY_REQUESTS, &h, b"slow down") {
-            DeliveryError::Retryable { reason, retry_after, .. } => {
+            DeliveryError::Retryable {
+                reason,
+                retry_after,
+                ..
+            } => {
                 assert_eq!(reason, RetryReason::RateLimited);
                 assert_eq!(retry_after, Some(Duration::from_secs(7)));
             }
@@ -178,7 +203,10 @@ mod tests {
         }
         assert!(matches!(
             from_status(StatusCode::BAD_GATEWAY, &HeaderMap::new(), b""),
-            DeliveryError::Retryable { reason: RetryReason::ServerError, .. }
+            DeliveryError::Retryable {
+                reason: RetryReason::ServerError,
+                ..
+            }
         ));
         assert!(matches!(
             from_status(StatusCode::NOT_FOUND, &HeaderMap::new(), b""),

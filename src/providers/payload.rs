@@ -19,7 +19,9 @@ pub fn merge(provider: ProviderKind, acc: &mut Payload, later: &Payload) {
     for (key, value) in later {
         match (provider, key.as_str()) {
             (ProviderKind::Smartlink, "attributes") => {
-                if let (Some(Value::Object(current)), Value::Object(new)) = (acc.get_mut("attributes"), value) {
+                if let (Some(Value::Object(current)), Value::Object(new)) =
+                    (acc.get_mut("attributes"), value)
+                {
                     for (k, v) in new {
                         current.insert(k.clone(), v.clone());
                     }
@@ -53,24 +55,49 @@ mod tests {
     #[test]
     fn later_scalars_override() {
         let mut acc = obj(json!({"lead_name": "A", "lead_city": "X"}));
-        merge(ProviderKind::Justclick, &mut acc, &obj(json!({"lead_name": "B"})));
-        assert_eq!(Value::Object(acc), json!({"lead_name": "B", "lead_city": "X"}));
+        merge(
+            ProviderKind::Justclick,
+            &mut acc,
+            &obj(json!({"lead_name": "B"})),
+        );
+        assert_eq!(
+            Value::Object(acc),
+            json!({"lead_name": "B", "lead_city": "X"})
+        );
     }
 
     #[test]
     fn smartlink_attributes_merge_and_modify_ts_is_newest() {
         let mut acc = obj(json!({"attributes": {"a": "1", "b": "1"}, "modify_ts": 200}));
-        merge(ProviderKind::Smartlink, &mut acc, &obj(json!({"attributes": {"b": "2"}, "modify_ts": 100})));
-        assert_eq!(Value::Object(acc), json!({"attributes": {"a": "1", "b": "2"}, "modify_ts": 200}));
+        merge(
+            ProviderKind::Smartlink,
+            &mut acc,
+            &obj(json!({"attributes": {"b": "2"}, "modify_ts": 100})),
+        );
+        assert_eq!(
+            Value::Object(acc),
+            json!({"attributes": {"a": "1", "b": "2"}, "modify_ts": 200})
+        );
     }
 
     #[test]
     fn later_subscribe_carries_its_own_strategy() {
         let mut acc = obj(json!({"subscribe": 0, "update_strategy": 1}));
-        merge(ProviderKind::Smartlink, &mut acc, &obj(json!({"subscribe": 1})));
+        merge(
+            ProviderKind::Smartlink,
+            &mut acc,
+            &obj(json!({"subscribe": 1})),
+        );
         assert_eq!(Value::Object(acc), json!({"subscribe": 1}));
         let mut acc = obj(json!({"subscribe": 0, "update_strategy": 1}));
-        merge(ProviderKind::Smartlink, &mut acc, &obj(json!({"tags": ["x"]})));
-        assert_eq!(Value::Object(acc), json!({"subscribe": 0, "update_strategy": 1, "tags": ["x"]}));
+        merge(
+            ProviderKind::Smartlink,
+            &mut acc,
+            &obj(json!({"tags": ["x"]})),
+        );
+        assert_eq!(
+            Value::Object(acc),
+            json!({"subscribe": 0, "update_strategy": 1, "tags": ["x"]})
+        );
     }
 }

@@ -48,7 +48,13 @@ fn one() -> u32 {
 
 impl FaultRule {
     pub fn new(fault: Fault, times: u32) -> Self {
-        Self { provider: None, account: None, email: None, fault, times }
+        Self {
+            provider: None,
+            account: None,
+            email: None,
+            fault,
+            times,
+        }
     }
     pub fn provider(mut self, provider: &str) -> Self {
         self.provider = Some(provider.into());
@@ -98,7 +104,10 @@ impl Faults {
 
     /// Rules not used up yet.
     pub fn remaining(&self) -> u32 {
-        self.rules.lock().map(|r| r.iter().map(|r| r.times).sum()).unwrap_or(0)
+        self.rules
+            .lock()
+            .map(|r| r.iter().map(|r| r.times).sum())
+            .unwrap_or(0)
     }
 
     /// Takes the first matching rule's fault (one use).
@@ -130,10 +139,24 @@ mod tests {
         let f = Faults::default();
         f.push(FaultRule::new(Fault::Status { status: 503 }, 2).provider("smartlink"));
         assert_eq!(f.take("justclick", "x", "a@b.c"), None);
-        assert_eq!(f.take("smartlink", "1", "a@b.c"), Some(Fault::Status { status: 503 }));
-        assert_eq!(f.take("smartlink", "1", "a@b.c"), Some(Fault::Status { status: 503 }));
+        assert_eq!(
+            f.take("smartlink", "1", "a@b.c"),
+            Some(Fault::Status { status: 503 })
+        );
+        assert_eq!(
+            f.take("smartlink", "1", "a@b.c"),
+            Some(Fault::Status { status: 503 })
+        );
         assert_eq!(f.take("smartlink", "1", "a@b.c"), None);
-        let rule: FaultRule = serde_json::from_str(r#"{"fault":{"kind":"rate_limit","retry_after_secs":3},"times":1}"#).unwrap();
-        assert_eq!(rule.fault, Fault::RateLimit { retry_after_secs: 3 });
+        let rule: FaultRule = serde_json::from_str(
+            r#"{"fault":{"kind":"rate_limit","retry_after_secs":3},"times":1}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            rule.fault,
+            Fault::RateLimit {
+                retry_after_secs: 3
+            }
+        );
     }
 }

@@ -3,7 +3,9 @@
 
 use super::{php_json_string, Contact, Fault, SandboxState};
 use crate::providers::digest_eq;
-use crate::providers::justclick::sign::{php_build_query, php_urldecode, request_hash, response_hash};
+use crate::providers::justclick::sign::{
+    php_build_query, php_urldecode, request_hash, response_hash,
+};
 use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::{header, StatusCode};
@@ -16,16 +18,31 @@ pub const OK_TEXT: &str = "Данные контакта обновлены";
 
 fn answer(code: i64, text: &str, secret: &str) -> Response {
     let hash = response_hash(code, text, secret);
-    json(format!(r#"{{"error_code":{code},"error_text":{},"hash":"{hash}"}}"#, php_json_string(text)))
+    json(format!(
+        r#"{{"error_code":{code},"error_text":{},"hash":"{hash}"}}"#,
+        php_json_string(text)
+    ))
 }
 
 pub(crate) fn json(body: String) -> Response {
-    ([(header::CONTENT_TYPE, "application/json; charset=utf-8")], body).into_response()
+    (
+        [(header::CONTENT_TYPE, "application/json; charset=utf-8")],
+        body,
+    )
+        .into_response()
 }
 
-pub async fn update_subscriber(State(state): State<Arc<SandboxState>>, Path(login): Path<String>, body: Bytes) -> Response {
+pub async fn update_subscriber(
+    State(state): State<Arc<SandboxState>>,
+    Path(login): Path<String>,
+    body: Bytes,
+) -> Response {
     state.requests.fetch_add(1, Ordering::Relaxed);
-    let secret = state.accounts.justclick.get(&login).map(|s| s.expose().to_string());
+    let secret = state
+        .accounts
+        .justclick
+        .get(&login)
+        .map(|s| s.expose().to_string());
     let Some(secret) = secret else {
         return answer(5, "Unknown login", "");
     };
@@ -52,7 +69,11 @@ pub async fn update_subscriber(State(state): State<Arc<SandboxState>>, Path(logi
         state.bad_signatures.fetch_add(1, Ordering::Relaxed);
         return answer(4, "Incorrect hash", &secret);
     }
-    let Some(email) = pairs.iter().find(|(k, _)| k == "lead_email").map(|(_, v)| v.clone()) else {
+    let Some(email) = pairs
+        .iter()
+        .find(|(k, _)| k == "lead_email")
+        .map(|(_, v)| v.clone())
+    else {
         return answer(100, "E-mail is missing", &secret);
     };
     if !email.contains('@') || email.len() > 254 {
@@ -67,7 +88,11 @@ pub async fn update_subscriber(State(state): State<Arc<SandboxState>>, Path(logi
             return (code, "sandbox: injected failure").into_response();
         }
         Some(Fault::RateLimit { retry_after_secs }) => {
-            return (StatusCode::TOO_MANY_REQUESTS, [(header::RETRY_AFTER, retry_after_secs.to_string())], "slow down")
+            return (
+                StatusCode::TOO_MANY_REQUESTS,
+                [(header::RETRY_AFTER, retry_after_secs.to_string())],
+                "slow down",
+            )
                 .into_response();
         }
         Some(Fault::ForgeSignature) => {

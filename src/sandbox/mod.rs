@@ -43,10 +43,16 @@ impl SandboxAccounts {
         for account in settings.accounts.values() {
             match account.provider {
                 ProviderKind::Justclick => {
-                    accounts.justclick.insert(account.login.clone().unwrap_or_default(), account.secret.clone());
+                    accounts.justclick.insert(
+                        account.login.clone().unwrap_or_default(),
+                        account.secret.clone(),
+                    );
                 }
                 ProviderKind::Smartlink => {
-                    accounts.smartlink.insert(account.game_id.clone().unwrap_or_default(), account.secret.clone());
+                    accounts.smartlink.insert(
+                        account.game_id.clone().unwrap_or_default(),
+                        account.secret.clone(),
+                    );
                 }
             }
         }
@@ -131,7 +137,12 @@ impl SandboxState {
     }
 
     /// Applies the per-request delay and a matching fault; returns the fault to answer with.
-    pub(crate) async fn before_answer(&self, provider: &str, account: &str, email: &str) -> Option<Fault> {
+    pub(crate) async fn before_answer(
+        &self,
+        provider: &str,
+        account: &str,
+        email: &str,
+    ) -> Option<Fault> {
         let delay = self.faults.delay();
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
@@ -179,17 +190,27 @@ impl Sandbox {
     /// Serves on an already-bound listener.
     pub fn serve(listener: TcpListener, accounts: SandboxAccounts) -> std::io::Result<Sandbox> {
         let addr = listener.local_addr()?;
-        let state = Arc::new(SandboxState { accounts, ..Default::default() });
+        let state = Arc::new(SandboxState {
+            accounts,
+            ..Default::default()
+        });
         let stop = CancellationToken::new();
         let app = router(state.clone());
         let stopped = stop.clone();
         let task = tokio::spawn(async move {
-            let served = axum::serve(listener, app).with_graceful_shutdown(stopped.cancelled_owned()).await;
+            let served = axum::serve(listener, app)
+                .with_graceful_shutdown(stopped.cancelled_owned())
+                .await;
             if let Err(e) = served {
                 tracing::error!(error = %e, "sandbox server failed");
             }
         });
-        Ok(Sandbox { addr, state, stop, task: Some(task) })
+        Ok(Sandbox {
+            addr,
+            state,
+            stop,
+            task: Some(task),
+        })
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -217,12 +238,20 @@ impl Sandbox {
 
     /// A contact's state: provider `justclick` with the login, or `smartlink` with the game id.
     pub fn contact(&self, provider: &str, account: &str, email: &str) -> Option<Contact> {
-        let id = (provider.to_string(), account.to_string(), email.to_lowercase());
+        let id = (
+            provider.to_string(),
+            account.to_string(),
+            email.to_lowercase(),
+        );
         self.state.contacts.lock().ok()?.get(&id).cloned()
     }
 
     pub fn contacts(&self) -> HashMap<ContactId, Contact> {
-        self.state.contacts.lock().map(|c| c.clone()).unwrap_or_default()
+        self.state
+            .contacts
+            .lock()
+            .map(|c| c.clone())
+            .unwrap_or_default()
     }
 
     pub fn stats(&self) -> Stats {
@@ -257,9 +286,18 @@ fn stats(s: &SandboxState) -> Stats {
 
 fn router(state: Arc<SandboxState>) -> Router {
     Router::new()
-        .route("/justclick/{login}/api/UpdateSubscriberData", post(justclick::update_subscriber))
-        .route("/smartlink/api/v4/userinfo/sync_user_by_email", post(smartlink::sync_user_by_email))
-        .route("/_sandbox/stats", get(|State(s): State<Arc<SandboxState>>| async move { Json(stats(&s)) }))
+        .route(
+            "/justclick/{login}/api/UpdateSubscriberData",
+            post(justclick::update_subscriber),
+        )
+        .route(
+            "/smartlink/api/v4/userinfo/sync_user_by_email",
+            post(smartlink::sync_user_by_email),
+        )
+        .route(
+            "/_sandbox/stats",
+            get(|State(s): State<Arc<SandboxState>>| async move { Json(stats(&s)) }),
+        )
         .route("/_sandbox/contacts", get(contacts_json))
         .route("/_sandbox/faults", post(push_fault))
         .route("/_sandbox/delay", post(set_delay))
@@ -279,7 +317,10 @@ async fn contacts_json(State(s): State<Arc<SandboxState>>) -> Json<Vec<Value>> {
     Json(list)
 }
 
-async fn push_fault(State(s): State<Arc<SandboxState>>, Json(rule): Json<FaultRule>) -> Json<Value> {
+async fn push_fault(
+    State(s): State<Arc<SandboxState>>,
+    Json(rule): Json<FaultRule>,
+) -> Json<Value> {
     s.faults.push(rule);
     Json(serde_json::json!({"ok": true, "remaining": s.faults.remaining()}))
 }

@@ -39,7 +39,10 @@ pub fn overwrites(strategy: i64, current: Option<i64>) -> bool {
         [false, false, true, false],
         [false, true, true, true],
     ];
-    usize::try_from(strategy).ok().and_then(|s| TABLE.get(s)).is_some_and(|row| row[column])
+    usize::try_from(strategy)
+        .ok()
+        .and_then(|s| TABLE.get(s))
+        .is_some_and(|row| row[column])
 }
 
 /// The documented default strategy for a status.
@@ -52,7 +55,11 @@ pub fn default_strategy(subscribe: i64) -> i64 {
     }
 }
 
-pub async fn sync_user_by_email(State(state): State<Arc<SandboxState>>, uri: Uri, body: Bytes) -> Response {
+pub async fn sync_user_by_email(
+    State(state): State<Arc<SandboxState>>,
+    uri: Uri,
+    body: Bytes,
+) -> Response {
     state.requests.fetch_add(1, Ordering::Relaxed);
     let query = uri.query().unwrap_or("");
     let Some((params, sig)) = query.rsplit_once("&sig=") else {
@@ -73,11 +80,20 @@ pub async fn sync_user_by_email(State(state): State<Arc<SandboxState>>, uri: Uri
     if !seq.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
         return answer(1005, "seq may hold letters, digits and _ only", "");
     }
-    let Some(game_id) = game_id else { return answer(1005, "gameid missing", seq) };
-    let Some(secret) = state.accounts.smartlink.get(game_id).map(|s| s.expose().to_string()) else {
+    let Some(game_id) = game_id else {
+        return answer(1005, "gameid missing", seq);
+    };
+    let Some(secret) = state
+        .accounts
+        .smartlink
+        .get(game_id)
+        .map(|s| s.expose().to_string())
+    else {
         return answer(1001, "invalid gameid", seq);
     };
-    let Some(ts) = ts else { return answer(1005, "ts missing", seq) };
+    let Some(ts) = ts else {
+        return answer(1005, "ts missing", seq);
+    };
     if (ts - chrono::Utc::now().timestamp()).abs() > TS_TOLERANCE_SECS {
         return answer(1002, "ts expired", seq);
     }
@@ -88,7 +104,11 @@ pub async fn sync_user_by_email(State(state): State<Arc<SandboxState>>, uri: Uri
     let Ok(Value::Object(doc)) = serde_json::from_slice::<Value>(&body) else {
         return answer(1005, "body is not a JSON object", seq);
     };
-    let Some(email) = doc.get("email").and_then(Value::as_str).filter(|e| e.contains('@')) else {
+    let Some(email) = doc
+        .get("email")
+        .and_then(Value::as_str)
+        .filter(|e| e.contains('@'))
+    else {
         return answer(1005, "email missing or invalid", seq);
     };
     let Some(modify_ts) = doc.get("modify_ts").and_then(Value::as_i64) else {
@@ -103,7 +123,11 @@ pub async fn sync_user_by_email(State(state): State<Arc<SandboxState>>, uri: Uri
         return answer(1005, "update_strategy invalid", seq);
     }
 
-    let id = ("smartlink".to_string(), game_id.to_string(), email.to_lowercase());
+    let id = (
+        "smartlink".to_string(),
+        game_id.to_string(),
+        email.to_lowercase(),
+    );
     let _in_flight = state.enter(id.clone());
     match state.before_answer("smartlink", game_id, email).await {
         None => {}
@@ -112,7 +136,11 @@ pub async fn sync_user_by_email(State(state): State<Arc<SandboxState>>, uri: Uri
             return (code, "sandbox: injected failure").into_response();
         }
         Some(Fault::RateLimit { retry_after_secs }) => {
-            return (StatusCode::TOO_MANY_REQUESTS, [(header::RETRY_AFTER, retry_after_secs.to_string())], "slow down")
+            return (
+                StatusCode::TOO_MANY_REQUESTS,
+                [(header::RETRY_AFTER, retry_after_secs.to_string())],
+                "slow down",
+            )
                 .into_response();
         }
         Some(Fault::ForgeSignature) => return answer(0, "success", "forged_seq"),
@@ -141,7 +169,10 @@ pub async fn sync_user_by_email(State(state): State<Arc<SandboxState>>, uri: Uri
         }
     }
     if let Some(Value::Object(attrs)) = doc.get("attributes") {
-        let entry = contact.fields.entry("attributes").or_insert_with(|| Value::Object(Default::default()));
+        let entry = contact
+            .fields
+            .entry("attributes")
+            .or_insert_with(|| Value::Object(Default::default()));
         if let Value::Object(current) = entry {
             for (k, v) in attrs {
                 current.insert(k.clone(), v.clone());
@@ -153,7 +184,10 @@ pub async fn sync_user_by_email(State(state): State<Arc<SandboxState>>, uri: Uri
         if status == 3 {
             contact.pending_requests += 1;
         }
-        if overwrites(strategy.unwrap_or_else(|| default_strategy(status)), contact.subscribe) {
+        if overwrites(
+            strategy.unwrap_or_else(|| default_strategy(status)),
+            contact.subscribe,
+        ) {
             send_email = status == 3 && contact.subscribe != Some(3);
             contact.subscribe = Some(status);
         }
@@ -185,9 +219,19 @@ mod tests {
     #[test]
     fn strategy_table() {
         // 0 → yes / yes / yes / no
-        assert!(overwrites(0, Some(1)) && overwrites(0, Some(0)) && overwrites(0, Some(-1)) && !overwrites(0, Some(3)));
+        assert!(
+            overwrites(0, Some(1))
+                && overwrites(0, Some(0))
+                && overwrites(0, Some(-1))
+                && !overwrites(0, Some(3))
+        );
         // 2 → no / no / yes / no
-        assert!(!overwrites(2, Some(1)) && !overwrites(2, Some(0)) && overwrites(2, None) && !overwrites(2, Some(3)));
+        assert!(
+            !overwrites(2, Some(1))
+                && !overwrites(2, Some(0))
+                && overwrites(2, None)
+                && !overwrites(2, Some(3))
+        );
         // 3 → no / yes / yes / yes
         assert!(!overwrites(3, Some(1)) && overwrites(3, Some(0)) && overwrites(3, Some(3)));
         assert_eq!(default_strategy(3), 3);

@@ -58,14 +58,20 @@ async fn write(shared: &Shared, batch: Vec<Completion>) {
     let successes: Vec<Success> = batch
         .iter()
         .filter_map(|c| match &c.outcome {
-            Outcome::Success { doi, followers } => {
-                Some(Success { lease: c.lease, doi: doi.clone(), followers: followers.clone() })
-            }
+            Outcome::Success { doi, followers } => Some(Success {
+                lease: c.lease,
+                doi: doi.clone(),
+                followers: followers.clone(),
+            }),
             _ => None,
         })
         .collect();
     if !successes.is_empty() {
-        match with_retries(shared, "successes", || complete::succeed_many(pool, &successes)).await {
+        match with_retries(shared, "successes", || {
+            complete::succeed_many(pool, &successes)
+        })
+        .await
+        {
             Ok(lost) => {
                 for c in &batch {
                     if let Outcome::Success { followers, .. } = &c.outcome {
@@ -73,13 +79,20 @@ async fn write(shared: &Shared, batch: Vec<Completion>) {
                             lease_lost(shared, c);
                         } else {
                             m::job_event(JobEvent::Succeeded, &c.provider, &c.account, 1);
-                            m::job_event(JobEvent::Coalesced, &c.provider, &c.account, followers.len() as u64);
+                            m::job_event(
+                                JobEvent::Coalesced,
+                                &c.provider,
+                                &c.account,
+                                followers.len() as u64,
+                            );
                             shared.stats.add_succeeded(1, followers.len() as u64);
                         }
                     }
                 }
             }
-            Err(e) => tracing::error!(error = %e, jobs = successes.len(), "could not record delivered jobs; their leases will expire and they will be delivered again"),
+            Err(e) => {
+                tracing::error!(error = %e, jobs = successes.len(), "could not record delivered jobs; their leases will expire and they will be delivered again")
+            }
         }
     }
     for c in &batch {
@@ -105,19 +118,20 @@ async fn write(shared: &Shared, batch: Vec<Completion>) {
             }
             Outcome::Dead { error } => with_retries(shared, "a dead job", || complete::kill(pool, c.lease, error))
                 .await
-                .map(|ok| {
-                    if ok {
+                .inspect(|ok| {
+                    if *ok {
                         m::job_event(JobEvent::Dead, &c.provider, &c.account, 1);
                         shared.stats.add_dead();
                     }
-                    ok
                 }),
             Outcome::Release => complete::release(pool, &[c.lease], true).await.map(|n| n == 1),
         };
         match written {
             Ok(true) => {}
             Ok(false) => lease_lost(shared, c),
-            Err(e) => tracing::error!(job_id = c.lease.id, error = %e, "could not record the outcome; the lease will expire and the job will be retried"),
+            Err(e) => {
+                tracing::error!(job_id = c.lease.id, error = %e, "could not record the outcome; the lease will expire and the job will be retried")
+            }
         }
     }
     if let Ok(mut in_flight) = shared.in_flight.lock() {

@@ -22,7 +22,10 @@ pub enum Decision {
     /// This call holds the window and triggers the email.
     Send,
     /// The status was taken out of the call; re-send at `until`.
-    Defer { until: DateTime<Utc>, status: Payload },
+    Defer {
+        until: DateTime<Utc>,
+        status: Payload,
+    },
     /// The status was taken out of the call; no email.
     Suppress,
 }
@@ -33,7 +36,10 @@ impl Decision {
         match self {
             Decision::NotApplicable => None,
             Decision::Send => Some("sent".into()),
-            Decision::Defer { until, .. } => Some(format!("deferred_until {}", until.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))),
+            Decision::Defer { until, .. } => Some(format!(
+                "deferred_until {}",
+                until.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+            )),
             Decision::Suppress => Some("suppressed".into()),
         }
     }

@@ -6,8 +6,8 @@ use super::double_opt_in::{self, Decision};
 use super::retry::next_delay;
 use super::Shared;
 use crate::metrics::{self as m};
-use crate::outbox::job::{AttemptError, ClaimedJob, JobId, Lease};
 use crate::outbox::doi;
+use crate::outbox::job::{AttemptError, ClaimedJob, JobId, Lease};
 use crate::providers::payload::{merge, Payload};
 use crate::providers::{Delivery, DeliveryError, RetryReason};
 use crate::telemetry::mask_email;
@@ -20,9 +20,17 @@ use tracing::Instrument;
 /// What to write for one claimed job.
 #[derive(Debug)]
 pub enum Outcome {
-    Success { doi: Option<String>, followers: Vec<JobId> },
-    Retry { delay: Duration, error: AttemptError },
-    Dead { error: AttemptError },
+    Success {
+        doi: Option<String>,
+        followers: Vec<JobId>,
+    },
+    Retry {
+        delay: Duration,
+        error: AttemptError,
+    },
+    Dead {
+        error: AttemptError,
+    },
     /// Could not even start (no client for the account): back to pending, attempt undone.
     Release,
 }
@@ -40,7 +48,12 @@ pub struct Completion {
     pub permit: OwnedSemaphorePermit,
 }
 
-pub async fn execute(shared: Arc<Shared>, job: ClaimedJob, permit: OwnedSemaphorePermit, completions: mpsc::UnboundedSender<Completion>) {
+pub async fn execute(
+    shared: Arc<Shared>,
+    job: ClaimedJob,
+    permit: OwnedSemaphorePermit,
+    completions: mpsc::UnboundedSender<Completion>,
+) {
     let span = tracing::info_span!(
         "job",
         job_id = job.id,
@@ -68,15 +81,31 @@ pub async fn execute(shared: Arc<Shared>, job: ClaimedJob, permit: OwnedSemaphor
 }
 
 fn dead(code: &str, message: String) -> Outcome {
-    Outcome::Dead { error: AttemptError { kind: "permanent".into(), code: Some(code.into()), message } }
+    Outcome::Dead {
+        error: AttemptError {
+            kind: "permanent".into(),
+            code: Some(code.into()),
+            message,
+        },
+    }
 }
 
 fn database_retry(shared: &Shared, attempt: i32, err: &sqlx::Error) -> Outcome {
     let w = &shared.settings.worker;
-    let delay = next_delay(attempt, w.backoff_base, w.backoff_cap, None, &mut fastrand::Rng::new());
+    let delay = next_delay(
+        attempt,
+        w.backoff_base,
+        w.backoff_cap,
+        None,
+        &mut fastrand::Rng::new(),
+    );
     Outcome::Retry {
         delay,
-        error: AttemptError { kind: "database".into(), code: None, message: format!("database error: {err}") },
+        error: AttemptError {
+            kind: "database".into(),
+            code: None,
+            message: format!("database error: {err}"),
+        },
     }
 }
 
@@ -88,7 +117,10 @@ async fn deliver(shared: &Shared, job: &ClaimedJob) -> Outcome {
     if kind.as_str() != job.provider {
         return dead(
             "account_mismatch",
-            format!("account {} is a {kind} account; this job is for {}", job.account, job.provider),
+            format!(
+                "account {} is a {kind} account; this job is for {}",
+                job.account, job.provider
+            ),
         );
     }
     let Value::Object(head) = &job.payload else {
@@ -102,12 +134,24 @@ async fn deliver(shared: &Shared, job: &ClaimedJob) -> Outcome {
     }
     let followers: Vec<JobId> = job.followers.iter().map(|f| f.id).collect();
     if !followers.is_empty() {
-        tracing::debug!(merged = followers.len(), "coalescing consecutive changes into one call");
+        tracing::debug!(
+            merged = followers.len(),
+            "coalescing consecutive changes into one call"
+        );
     }
 
     let decision = match provider.double_opt_in() {
         Some((key_id, policy)) => {
-            match double_opt_in::decide(&shared.pool, key_id, policy, &job.email, job.id, &mut payload).await {
+            match double_opt_in::decide(
+                &shared.pool,
+                key_id,
+                policy,
+                &job.email,
+                job.id,
+                &mut payload,
+            )
+            .await
+            {
                 Ok(d) => d,
                 Err(e) => return database_retry(shared, job.attempts, &e),
             }
@@ -132,23 +176,53 @@ async fn deliver(shared: &Shared, job: &ClaimedJob) -> Outcome {
             m::provider_request(&job.provider, &job.account, "success", took);
             tracing::debug!(took_ms = took.as_millis() as u64, answer = %delivered.detail, "delivered");
             let covers = followers.last().copied().unwrap_or(job.id);
-            if let Err(e) =
-                double_opt_in::after_success(&shared.pool, &decision, (job.id, covers), &job.provider, &job.account, &job.email).await
+            if let Err(e) = double_opt_in::after_success(
+                &shared.pool,
+                &decision,
+                (job.id, covers),
+                &job.provider,
+                &job.account,
+                &job.email,
+            )
+            .await
             {
                 tracing::warn!(error = %e, "could not schedule the confirmation re-send; the call will be repeated");
                 return database_retry(shared, job.attempts, &e);
             }
-            Outcome::Success { doi: decision.record(), followers }
+            Outcome::Success {
+                doi: decision.record(),
+                followers,
+            }
         }
-        Err(DeliveryError::Retryable { reason, retry_after, code, detail }) => {
+        Err(DeliveryError::Retryable {
+            reason,
+            retry_after,
+            code,
+            detail,
+        }) => {
             m::provider_request(&job.provider, &job.account, "retryable", took);
             let w = &shared.settings.worker;
             if reason == RetryReason::RateLimited {
-                shared.limits.pause(&job.account, retry_after.unwrap_or(w.backoff_base));
+                shared
+                    .limits
+                    .pause(&job.account, retry_after.unwrap_or(w.backoff_base));
             }
-            let delay = next_delay(job.attempts, w.backoff_base, w.backoff_cap, retry_after, &mut fastrand::Rng::new());
+            let delay = next_delay(
+                job.attempts,
+                w.backoff_base,
+                w.backoff_cap,
+                retry_after,
+                &mut fastrand::Rng::new(),
+            );
             tracing::warn!(reason = %reason, code = code.as_deref().unwrap_or(""), retry_in_ms = delay.as_millis() as u64, error = %detail, "delivery failed; will retry");
-            Outcome::Retry { delay, error: AttemptError { kind: reason.as_str().into(), code, message: detail } }
+            Outcome::Retry {
+                delay,
+                error: AttemptError {
+                    kind: reason.as_str().into(),
+                    code,
+                    message: detail,
+                },
+            }
         }
         Err(DeliveryError::Permanent { code, text }) => {
             m::provider_request(&job.provider, &job.account, "permanent", took);
@@ -160,7 +234,13 @@ async fn deliver(shared: &Shared, job: &ClaimedJob) -> Outcome {
                 }
             }
             tracing::error!(code = %code, error = %text, "provider refused the change; job parked as dead");
-            Outcome::Dead { error: AttemptError { kind: "permanent".into(), code: Some(code), message: text } }
+            Outcome::Dead {
+                error: AttemptError {
+                    kind: "permanent".into(),
+                    code: Some(code),
+                    message: text,
+                },
+            }
         }
     }
 }

@@ -41,7 +41,9 @@ pub async fn listen(shared: Arc<Shared>, stop: CancellationToken) {
                     }
                 }
             }
-            Err(e) => tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "cannot LISTEN; polling meanwhile"),
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "cannot LISTEN; polling meanwhile")
+            }
         }
         tokio::select! {
             _ = tokio::time::sleep(backoff) => {}
@@ -54,7 +56,9 @@ pub async fn listen(shared: Arc<Shared>, stop: CancellationToken) {
 pub async fn run(shared: Arc<Shared>, stop: CancellationToken) {
     let w = &shared.settings.worker;
     let heartbeat_every = (w.lease / 3).max(Duration::from_millis(200));
-    let sweep_every = w.poll_interval.clamp(Duration::from_millis(100), Duration::from_secs(5));
+    let sweep_every = w
+        .poll_interval
+        .clamp(Duration::from_millis(100), Duration::from_secs(5));
     let prune_every = Duration::from_secs(60);
     let mut next_heartbeat = Instant::now() + heartbeat_every;
     let mut next_sweep = Instant::now();
@@ -83,7 +87,13 @@ pub async fn run(shared: Arc<Shared>, stop: CancellationToken) {
 
 async fn heartbeat(shared: &Shared) {
     let leases: Vec<Lease> = match shared.in_flight.lock() {
-        Ok(f) => f.iter().map(|(id, attempt)| Lease { id: *id, attempt: *attempt }).collect(),
+        Ok(f) => f
+            .iter()
+            .map(|(id, attempt)| Lease {
+                id: *id,
+                attempt: *attempt,
+            })
+            .collect(),
         Err(_) => return,
     };
     if leases.is_empty() {
@@ -91,7 +101,10 @@ async fn heartbeat(shared: &Shared) {
     }
     match claim::extend_leases(&shared.pool, &leases, shared.settings.worker.lease).await {
         Ok(held) if held.len() < leases.len() => {
-            tracing::warn!(lost = leases.len() - held.len(), "some leases were lost (rescued by another worker)");
+            tracing::warn!(
+                lost = leases.len() - held.len(),
+                "some leases were lost (rescued by another worker)"
+            );
         }
         Ok(_) => {}
         Err(e) => tracing::warn!(error = %e, "lease heartbeat failed"),
@@ -108,7 +121,9 @@ async fn sweep(shared: &Shared) {
         Err(e) => tracing::debug!(error = %e, "rescue failed"),
     }
     match doi::enqueue_due_resends(&shared.pool).await {
-        Ok(ids) if !ids.is_empty() => tracing::info!(jobs = ?ids, "enqueued confirmation re-sends whose window ended"),
+        Ok(ids) if !ids.is_empty() => {
+            tracing::info!(jobs = ?ids, "enqueued confirmation re-sends whose window ended")
+        }
         Ok(_) => {}
         Err(e) => tracing::debug!(error = %e, "re-send sweep failed"),
     }
@@ -132,6 +147,9 @@ async fn retention(shared: &Shared) {
         }
     }
     if total > 0 {
-        tracing::info!(pruned = total, "pruned finished jobs past retention.finished");
+        tracing::info!(
+            pruned = total,
+            "pruned finished jobs past retention.finished"
+        );
     }
 }

@@ -85,13 +85,20 @@ pub async fn run(shared: Arc<Shared>, shutdown: CancellationToken, drain: bool) 
                             m::job_event(JobEvent::Claimed, &job.provider, &job.account, 1);
                             match slots.clone().try_acquire_owned() {
                                 Ok(permit) => {
-                                    tasks.spawn(executor::execute(shared.clone(), job, permit, tx.clone()));
+                                    tasks.spawn(executor::execute(
+                                        shared.clone(),
+                                        job,
+                                        permit,
+                                        tx.clone(),
+                                    ));
                                 }
                                 Err(_) => {
                                     // Unreachable while only this loop takes slots; never lose the claim.
                                     let lease = job.lease();
                                     forget(&shared, &[lease]);
-                                    if let Err(e) = complete::release(&shared.pool, &[lease], true).await {
+                                    if let Err(e) =
+                                        complete::release(&shared.pool, &[lease], true).await
+                                    {
                                         tracing::warn!(error = %e, job_id = lease.id, "could not release; the lease will expire");
                                     }
                                 }
@@ -100,13 +107,16 @@ pub async fn run(shared: Arc<Shared>, shutdown: CancellationToken, drain: bool) 
                     }
                     Err(e) => {
                         for q in &plan.quotas {
-                            shared.limits.refund(&q.account, usize::try_from(q.limit).unwrap_or(0));
+                            shared
+                                .limits
+                                .refund(&q.account, usize::try_from(q.limit).unwrap_or(0));
                         }
                         if is_unique_violation(&e) {
                             // Lost a race for a contact to a concurrent claim: try again now.
                             more_waiting = true;
                         } else {
-                            db_backoff = (db_backoff * 2).clamp(Duration::from_millis(100), Duration::from_secs(5));
+                            db_backoff = (db_backoff * 2)
+                                .clamp(Duration::from_millis(100), Duration::from_secs(5));
                             tracing::warn!(error = %e, retry_in_ms = db_backoff.as_millis() as u64, "claim failed; retrying");
                             wake_in = db_backoff;
                         }
@@ -115,7 +125,12 @@ pub async fn run(shared: Arc<Shared>, shutdown: CancellationToken, drain: bool) 
             }
         }
 
-        if drain && !more_waiting && tasks.is_empty() && in_flight_is_empty(&shared) && db_backoff.is_zero() {
+        if drain
+            && !more_waiting
+            && tasks.is_empty()
+            && in_flight_is_empty(&shared)
+            && db_backoff.is_zero()
+        {
             if let Err(e) = doi::enqueue_due_resends(&shared.pool).await {
                 tracing::warn!(error = %e, "could not enqueue due confirmation re-sends");
             }
@@ -160,12 +175,18 @@ pub async fn run(shared: Arc<Shared>, shutdown: CancellationToken, drain: bool) 
     let leftover: Vec<Lease> = shared
         .in_flight
         .lock()
-        .map(|mut f| f.drain().map(|(id, attempt)| Lease { id, attempt }).collect())
+        .map(|mut f| {
+            f.drain()
+                .map(|(id, attempt)| Lease { id, attempt })
+                .collect()
+        })
         .unwrap_or_default();
     if !leftover.is_empty() {
         match complete::release(&shared.pool, &leftover, false).await {
             Ok(n) => tracing::info!(released = n, "unfinished claims put back"),
-            Err(e) => tracing::warn!(error = %e, "could not release claims; their leases will expire"),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not release claims; their leases will expire")
+            }
         }
     }
     background.cancel();
@@ -176,7 +197,11 @@ pub async fn run(shared: Arc<Shared>, shutdown: CancellationToken, drain: bool) 
 }
 
 fn in_flight_is_empty(shared: &Shared) -> bool {
-    shared.in_flight.lock().map(|f| f.is_empty()).unwrap_or(true)
+    shared
+        .in_flight
+        .lock()
+        .map(|f| f.is_empty())
+        .unwrap_or(true)
 }
 
 fn forget(shared: &Shared, leases: &[Lease]) {

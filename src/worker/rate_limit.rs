@@ -22,7 +22,9 @@ struct Bucket {
 impl Bucket {
     fn refill(&mut self, now: Instant) {
         if let Some(rate) = self.rate {
-            let elapsed = now.saturating_duration_since(self.refilled_at).as_secs_f64();
+            let elapsed = now
+                .saturating_duration_since(self.refilled_at)
+                .as_secs_f64();
             self.tokens = (self.tokens + elapsed * rate).min(self.burst);
         }
         self.refilled_at = now;
@@ -51,12 +53,24 @@ impl RateLimits {
             .accounts
             .iter()
             .map(|(name, a)| {
-                let burst = f64::from(a.burst.unwrap_or_else(|| a.rate_limit_per_second.map_or(1, |r| r.ceil().max(1.0) as u32)));
-                let bucket = Bucket { rate: a.rate_limit_per_second, burst, tokens: burst, refilled_at: now, paused_until: None };
+                let burst = f64::from(a.burst.unwrap_or_else(|| {
+                    a.rate_limit_per_second
+                        .map_or(1, |r| r.ceil().max(1.0) as u32)
+                }));
+                let bucket = Bucket {
+                    rate: a.rate_limit_per_second,
+                    burst,
+                    tokens: burst,
+                    refilled_at: now,
+                    paused_until: None,
+                };
                 (name.clone(), bucket)
             })
             .collect();
-        Self { buckets: Mutex::new(buckets), rotation: Mutex::new(0) }
+        Self {
+            buckets: Mutex::new(buckets),
+            rotation: Mutex::new(0),
+        }
     }
 
     /// Shares `free` slots among `accounts` (at most `batch` each), within their tokens. Tokens
@@ -64,7 +78,9 @@ impl RateLimits {
     pub fn plan(&self, accounts: &[String], free: usize, batch: usize) -> Plan {
         let now = Instant::now();
         let mut plan = Plan::default();
-        let Ok(mut buckets) = self.buckets.lock() else { return plan };
+        let Ok(mut buckets) = self.buckets.lock() else {
+            return plan;
+        };
         let mut ready: Vec<(&String, usize)> = Vec::new();
         for account in accounts {
             let Some(bucket) = buckets.get_mut(account) else {
@@ -81,7 +97,9 @@ impl RateLimits {
             bucket.refill(now);
             match bucket.rate {
                 None => ready.push((account, usize::MAX)),
-                Some(_) if bucket.tokens >= 1.0 => ready.push((account, bucket.tokens.floor() as usize)),
+                Some(_) if bucket.tokens >= 1.0 => {
+                    ready.push((account, bucket.tokens.floor() as usize))
+                }
                 Some(rate) => {
                     let wait = Duration::from_secs_f64(((1.0 - bucket.tokens) / rate).max(0.001));
                     plan.wake_in = min_opt(plan.wake_in, wait);
@@ -110,7 +128,10 @@ impl RateLimits {
                     bucket.tokens -= limit as f64;
                 }
             }
-            plan.quotas.push(AccountQuota { account: account.clone(), limit: i32::try_from(limit).unwrap_or(i32::MAX) });
+            plan.quotas.push(AccountQuota {
+                account: account.clone(),
+                limit: i32::try_from(limit).unwrap_or(i32::MAX),
+            });
         }
         plan
     }
@@ -130,13 +151,15 @@ impl RateLimits {
     pub fn pause(&self, account: &str, delay: Duration) {
         let until = Instant::now() + delay;
         if let Ok(mut buckets) = self.buckets.lock() {
-            let bucket = buckets.entry(account.to_string()).or_insert_with(|| Bucket {
-                rate: None,
-                burst: 1.0,
-                tokens: 1.0,
-                refilled_at: Instant::now(),
-                paused_until: None,
-            });
+            let bucket = buckets
+                .entry(account.to_string())
+                .or_insert_with(|| Bucket {
+                    rate: None,
+                    burst: 1.0,
+                    tokens: 1.0,
+                    refilled_at: Instant::now(),
+                    paused_until: None,
+                });
             bucket.paused_until = Some(bucket.paused_until.map_or(until, |u| u.max(until)));
         }
     }
@@ -202,7 +225,10 @@ mod tests {
         assert!(plan.wake_in.is_some());
         limits.refund("a", 1);
         let plan = limits.plan(&names(), 32, 100);
-        assert_eq!(plan.quotas.iter().find(|q| q.account == "a").unwrap().limit, 1);
+        assert_eq!(
+            plan.quotas.iter().find(|q| q.account == "a").unwrap().limit,
+            1
+        );
     }
 
     #[test]

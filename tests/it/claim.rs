@@ -11,13 +11,18 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 fn quota(account: &str, limit: i32) -> Vec<AccountQuota> {
-    vec![AccountQuota { account: account.into(), limit }]
+    vec![AccountQuota {
+        account: account.into(),
+        limit,
+    }]
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_claimers_never_take_the_same_job() {
     let env = TestEnv::new().await;
-    let jobs: Vec<_> = (0..600).map(|i| jc(&format!("c{i}@example.com"), json!({}))).collect();
+    let jobs: Vec<_> = (0..600)
+        .map(|i| jc(&format!("c{i}@example.com"), json!({})))
+        .collect();
     let mut conn = env.pool.acquire().await.unwrap();
     enqueue_batch(&mut conn, &jobs).await.unwrap();
     drop(conn);
@@ -27,7 +32,16 @@ async fn concurrent_claimers_never_take_the_same_job() {
         handles.push(tokio::spawn(async move {
             let mut mine = Vec::new();
             loop {
-                let got = claim(&pool, &quota("jc", 17), Duration::from_secs(30), &format!("w{w}"), 20, 1).await.unwrap();
+                let got = claim(
+                    &pool,
+                    &quota("jc", 17),
+                    Duration::from_secs(30),
+                    &format!("w{w}"),
+                    20,
+                    1,
+                )
+                .await
+                .unwrap();
                 if got.is_empty() {
                     break;
                 }
@@ -50,12 +64,28 @@ async fn expired_leases_are_rescued_and_the_last_attempt_goes_dead() {
     let env = TestEnv::new().await;
     let a = env.enqueue(jc("a@example.com", json!({}))).await;
     let b = env.enqueue(jc("b@example.com", json!({}))).await;
-    sqlx::query("UPDATE contact_sync.jobs SET max_attempts = 1 WHERE id = $1").bind(b).execute(&env.pool).await.unwrap();
-    let claimed = claim(&env.pool, &quota("jc", 10), Duration::from_secs(30), "w", 20, 1).await.unwrap();
+    sqlx::query("UPDATE contact_sync.jobs SET max_attempts = 1 WHERE id = $1")
+        .bind(b)
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    let claimed = claim(
+        &env.pool,
+        &quota("jc", 10),
+        Duration::from_secs(30),
+        "w",
+        20,
+        1,
+    )
+    .await
+    .unwrap();
     assert_eq!(claimed.len(), 2);
     // a live lease is not rescued
     assert_eq!(rescue_expired(&env.pool, 20).await.unwrap(), (0, 0));
-    sqlx::query("UPDATE contact_sync.jobs SET locked_until = now() - interval '1 second'").execute(&env.pool).await.unwrap();
+    sqlx::query("UPDATE contact_sync.jobs SET locked_until = now() - interval '1 second'")
+        .execute(&env.pool)
+        .await
+        .unwrap();
     assert_eq!(rescue_expired(&env.pool, 20).await.unwrap(), (1, 1));
     let a_row = env.job(a).await;
     assert_eq!(a_row.state, "pending");
@@ -69,19 +99,55 @@ async fn expired_leases_are_rescued_and_the_last_attempt_goes_dead() {
 async fn writes_after_a_lost_lease_change_nothing() {
     let env = TestEnv::new().await;
     let id = env.enqueue(jc("a@example.com", json!({}))).await;
-    let first = claim(&env.pool, &quota("jc", 1), Duration::from_secs(30), "old", 20, 1).await.unwrap();
+    let first = claim(
+        &env.pool,
+        &quota("jc", 1),
+        Duration::from_secs(30),
+        "old",
+        20,
+        1,
+    )
+    .await
+    .unwrap();
     let old = first[0].lease();
     // the old worker stalls; its lease expires and another worker takes the job
-    sqlx::query("UPDATE contact_sync.jobs SET locked_until = now() - interval '1 second'").execute(&env.pool).await.unwrap();
+    sqlx::query("UPDATE contact_sync.jobs SET locked_until = now() - interval '1 second'")
+        .execute(&env.pool)
+        .await
+        .unwrap();
     rescue_expired(&env.pool, 20).await.unwrap();
-    let second = claim(&env.pool, &quota("jc", 1), Duration::from_secs(30), "new", 20, 1).await.unwrap();
+    let second = claim(
+        &env.pool,
+        &quota("jc", 1),
+        Duration::from_secs(30),
+        "new",
+        20,
+        1,
+    )
+    .await
+    .unwrap();
     let new = second[0].lease();
     assert_eq!(new.attempt, old.attempt + 1);
 
-    let error = AttemptError { kind: "timeout".into(), code: None, message: "late".into() };
-    let lost = complete::succeed_many(&env.pool, &[Success { lease: old, doi: None, followers: vec![] }]).await.unwrap();
+    let error = AttemptError {
+        kind: "timeout".into(),
+        code: None,
+        message: "late".into(),
+    };
+    let lost = complete::succeed_many(
+        &env.pool,
+        &[Success {
+            lease: old,
+            doi: None,
+            followers: vec![],
+        }],
+    )
+    .await
+    .unwrap();
     assert_eq!(lost, vec![id]);
-    assert!(!complete::retry(&env.pool, old, Duration::ZERO, &error).await.unwrap());
+    assert!(!complete::retry(&env.pool, old, Duration::ZERO, &error)
+        .await
+        .unwrap());
     assert!(!complete::kill(&env.pool, old, &error).await.unwrap());
     assert_eq!(complete::release(&env.pool, &[old], true).await.unwrap(), 0);
     let row = env.job(id).await;
@@ -89,20 +155,40 @@ async fn writes_after_a_lost_lease_change_nothing() {
     assert_eq!(row.attempts, 2);
 
     // the owner's write goes through
-    let lost = complete::succeed_many(&env.pool, &[Success { lease: new, doi: None, followers: vec![] }]).await.unwrap();
+    let lost = complete::succeed_many(
+        &env.pool,
+        &[Success {
+            lease: new,
+            doi: None,
+            followers: vec![],
+        }],
+    )
+    .await
+    .unwrap();
     assert!(lost.is_empty());
     assert_eq!(env.job(id).await.state, "succeeded");
     // and a stale heartbeat extends nothing
-    assert!(contact_sync::outbox::claim::extend_leases(&env.pool, &[Lease { id, attempt: 1 }], Duration::from_secs(5))
-        .await
-        .unwrap()
-        .is_empty());
+    assert!(contact_sync::outbox::claim::extend_leases(
+        &env.pool,
+        &[Lease { id, attempt: 1 }],
+        Duration::from_secs(5)
+    )
+    .await
+    .unwrap()
+    .is_empty());
 }
 
 #[tokio::test]
 async fn jobs_of_unknown_accounts_wait() {
     let env = TestEnv::new().await;
-    let ghost = env.enqueue(contact_sync::outbox::NewJob::new("justclick", "ghost", "a@example.com", json!({}))).await;
+    let ghost = env
+        .enqueue(contact_sync::outbox::NewJob::new(
+            "justclick",
+            "ghost",
+            "a@example.com",
+            json!({}),
+        ))
+        .await;
     let known = env.enqueue(jc("a@example.com", json!({}))).await;
     let worker = env.worker();
     env.settle(&worker).await;
@@ -112,7 +198,10 @@ async fn jobs_of_unknown_accounts_wait() {
     assert_eq!(row.attempts, 0);
     // once configuration names the account, it is delivered
     let mut settings = env.settings.clone();
-    settings.accounts.insert("ghost".into(), justclick_account(&env.sandbox, "other", "other-secret"));
+    settings.accounts.insert(
+        "ghost".into(),
+        justclick_account(&env.sandbox, "other", "other-secret"),
+    );
     env.worker_with(&settings, env.pool.clone()).drain().await;
     assert_eq!(env.job(ghost).await.state, "succeeded");
 }
@@ -122,11 +211,18 @@ async fn migrations_are_idempotent_and_safe_concurrently() {
     let env = TestEnv::new().await;
     contact_sync::migrate(&env.pool).await.unwrap();
     let other = env.db.another_pool().await;
-    let (a, b) = tokio::join!(contact_sync::migrate(&env.pool), contact_sync::migrate(&other));
+    let (a, b) = tokio::join!(
+        contact_sync::migrate(&env.pool),
+        contact_sync::migrate(&other)
+    );
     a.unwrap();
     b.unwrap();
     assert!(contact_sync::migrate::is_current(&env.pool).await.unwrap());
     // our bookkeeping stays inside our schema
-    let public: Option<String> = sqlx::query_scalar("SELECT to_regclass('public._sqlx_migrations')::text").fetch_one(&env.pool).await.unwrap();
+    let public: Option<String> =
+        sqlx::query_scalar("SELECT to_regclass('public._sqlx_migrations')::text")
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
     assert_eq!(public, None);
 }

@@ -41,7 +41,10 @@ async fn sql_function_validates_with_clear_messages() {
     let too_many_tags: Vec<String> = (0..101).map(|i| format!("t{i}")).collect();
     let (_, message) = sql_error(
         &env,
-        &format!("SELECT contact_sync.enqueue('smartlink', 'sl', 'a@b.co', '{}')", json!({"tags": too_many_tags})),
+        &format!(
+            "SELECT contact_sync.enqueue('smartlink', 'sl', 'a@b.co', '{}')",
+            json!({"tags": too_many_tags})
+        ),
     )
     .await;
     assert!(message.contains("more than 100"), "{message}");
@@ -60,30 +63,46 @@ async fn sql_function_validates_with_clear_messages() {
 async fn sql_injection_looking_values_are_just_data() {
     let env = TestEnv::new().await;
     let evil = "Robert'); DROP TABLE contact_sync.jobs;--";
-    let id = env.enqueue(jc("bobby@example.com", json!({"lead_name": evil}))).await;
+    let id = env
+        .enqueue(jc("bobby@example.com", json!({"lead_name": evil})))
+        .await;
     let row = env.job(id).await;
     assert_eq!(row.payload["lead_name"], evil);
     let worker = env.worker();
     env.settle(&worker).await;
     assert_eq!(env.job(id).await.state, "succeeded");
-    let contact = env.sandbox.contact("justclick", JC_LOGIN, "bobby@example.com").unwrap();
+    let contact = env
+        .sandbox
+        .contact("justclick", JC_LOGIN, "bobby@example.com")
+        .unwrap();
     assert_eq!(contact.fields["lead_name"], evil);
 }
 
 #[tokio::test]
 async fn idempotency_key_returns_the_existing_job() {
     let env = TestEnv::new().await;
-    let a = env.enqueue(jc("a@example.com", json!({"lead_name": "A"})).idempotency_key("k1")).await;
-    let b = env.enqueue(jc("a@example.com", json!({"lead_name": "B"})).idempotency_key("k1")).await;
+    let a = env
+        .enqueue(jc("a@example.com", json!({"lead_name": "A"})).idempotency_key("k1"))
+        .await;
+    let b = env
+        .enqueue(jc("a@example.com", json!({"lead_name": "B"})).idempotency_key("k1"))
+        .await;
     assert_eq!(a, b);
-    let c = env.enqueue(jc("a@example.com", json!({"lead_name": "C"})).idempotency_key("k2")).await;
+    let c = env
+        .enqueue(jc("a@example.com", json!({"lead_name": "C"})).idempotency_key("k2"))
+        .await;
     assert_ne!(a, c);
-    let sql_id: i64 = sqlx::query_scalar("SELECT contact_sync.enqueue('justclick', 'jc', 'a@example.com', '{}', 'k1')")
+    let sql_id: i64 = sqlx::query_scalar(
+        "SELECT contact_sync.enqueue('justclick', 'jc', 'a@example.com', '{}', 'k1')",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(sql_id, a);
+    let count: i64 = sqlx::query_scalar("SELECT count(*) FROM contact_sync.jobs")
         .fetch_one(&env.pool)
         .await
         .unwrap();
-    assert_eq!(sql_id, a);
-    let count: i64 = sqlx::query_scalar("SELECT count(*) FROM contact_sync.jobs").fetch_one(&env.pool).await.unwrap();
     assert_eq!(count, 2);
     assert_eq!(env.job(a).await.payload["lead_name"], "A");
 }
@@ -92,19 +111,28 @@ async fn idempotency_key_returns_the_existing_job() {
 async fn rollback_drops_the_job_and_commit_keeps_it() {
     let env = TestEnv::new().await;
     let mut tx = env.pool.begin().await.unwrap();
-    enqueue(&mut tx, &jc("gone@example.com", json!({}))).await.unwrap();
+    enqueue(&mut tx, &jc("gone@example.com", json!({})))
+        .await
+        .unwrap();
     tx.rollback().await.unwrap();
     let mut tx = env.pool.begin().await.unwrap();
-    let kept = enqueue(&mut tx, &jc("kept@example.com", json!({}))).await.unwrap();
+    let kept = enqueue(&mut tx, &jc("kept@example.com", json!({})))
+        .await
+        .unwrap();
     tx.commit().await.unwrap();
-    let ids: Vec<i64> = sqlx::query_scalar("SELECT id FROM contact_sync.jobs").fetch_all(&env.pool).await.unwrap();
+    let ids: Vec<i64> = sqlx::query_scalar("SELECT id FROM contact_sync.jobs")
+        .fetch_all(&env.pool)
+        .await
+        .unwrap();
     assert_eq!(ids, vec![kept]);
 }
 
 #[tokio::test]
 async fn batch_enqueue_is_one_statement_with_the_same_rules() {
     let env = TestEnv::new().await;
-    let existing = env.enqueue(jc("x@example.com", json!({})).idempotency_key("dup")).await;
+    let existing = env
+        .enqueue(jc("x@example.com", json!({})).idempotency_key("dup"))
+        .await;
     let jobs = vec![
         jc("a@example.com", json!({"lead_name": "A"})),
         sl("b@example.com", json!({"subscribe": 1})),
@@ -119,12 +147,22 @@ async fn batch_enqueue_is_one_statement_with_the_same_rules() {
     assert_eq!(ids[2], existing);
     assert_eq!(ids[3], ids[4]);
     assert!(ids[0] < ids[1] && ids[1] < ids[5]);
-    let emails: Vec<String> = sqlx::query_scalar("SELECT email FROM contact_sync.jobs WHERE id = ANY($1) ORDER BY id")
-        .bind(&ids)
-        .fetch_all(&env.pool)
-        .await
-        .unwrap();
-    assert_eq!(emails, ["x@example.com", "a@example.com", "b@example.com", "c@example.com", "d@example.com"]);
+    let emails: Vec<String> =
+        sqlx::query_scalar("SELECT email FROM contact_sync.jobs WHERE id = ANY($1) ORDER BY id")
+            .bind(&ids)
+            .fetch_all(&env.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        emails,
+        [
+            "x@example.com",
+            "a@example.com",
+            "b@example.com",
+            "c@example.com",
+            "d@example.com"
+        ]
+    );
     // modify_ts defaulted for Smartlink
     assert!(env.job(ids[1]).await.payload["modify_ts"].as_i64().unwrap() > 1_700_000_000_000);
     // one bad row rejects the whole batch with a clear error
@@ -138,7 +176,12 @@ async fn batch_enqueue_is_one_statement_with_the_same_rules() {
 async fn rust_api_reports_validation_errors_as_invalid() {
     let env = TestEnv::new().await;
     let mut conn = env.pool.acquire().await.unwrap();
-    let err = enqueue(&mut conn, &NewJob::new("smartlink", "sl", "a@b.co", json!({"update_strategy": 9}))).await.unwrap_err();
+    let err = enqueue(
+        &mut conn,
+        &NewJob::new("smartlink", "sl", "a@b.co", json!({"update_strategy": 9})),
+    )
+    .await
+    .unwrap_err();
     assert!(err.is_invalid());
     assert!(err.to_string().contains("update_strategy"), "{err}");
 }

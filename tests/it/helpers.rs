@@ -29,11 +29,20 @@ pub struct TestDb {
 
 impl TestDb {
     pub async fn new() -> TestDb {
-        let admin_url = std::env::var("DATABASE_URL").expect("DATABASE_URL must be set: run the tests through scripts/test.sh");
+        let admin_url = std::env::var("DATABASE_URL")
+            .expect("DATABASE_URL must be set: run the tests through scripts/test.sh");
         let admin = PgConnectOptions::from_str(&admin_url).unwrap();
-        let name = format!("cs_test_{}_{}_{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed), fastrand::u32(..));
+        let name = format!(
+            "cs_test_{}_{}_{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed),
+            fastrand::u32(..)
+        );
         let mut conn = admin.connect().await.unwrap();
-        sqlx::query(&format!("CREATE DATABASE {name}")).execute(&mut conn).await.unwrap();
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&mut conn)
+            .await
+            .unwrap();
         let options = admin.clone().database(&name);
         let pool = pool_for(&options).await;
         contact_sync::migrate(&pool).await.unwrap();
@@ -84,9 +93,19 @@ impl TestEnv {
         settings.worker.backoff_cap = Duration::from_millis(5);
         settings.worker.shutdown_timeout = Duration::from_secs(5);
         settings.http.request_timeout = Duration::from_secs(5);
-        settings.accounts.insert("jc".into(), justclick_account(&sandbox, JC_LOGIN, JC_SECRET));
-        settings.accounts.insert("sl".into(), smartlink_account(&sandbox, SL_GAME, SL_SECRET));
-        TestEnv { pool: db.pool.clone(), db, sandbox, settings }
+        settings.accounts.insert(
+            "jc".into(),
+            justclick_account(&sandbox, JC_LOGIN, JC_SECRET),
+        );
+        settings
+            .accounts
+            .insert("sl".into(), smartlink_account(&sandbox, SL_GAME, SL_SECRET));
+        TestEnv {
+            pool: db.pool.clone(),
+            db,
+            sandbox,
+            settings,
+        }
     }
 
     pub fn worker(&self) -> Worker {
@@ -132,7 +151,11 @@ impl TestEnv {
     }
 
     pub async fn count(&self, state: &str) -> i64 {
-        sqlx::query_scalar("SELECT count(*) FROM contact_sync.jobs WHERE state = $1").bind(state).fetch_one(&self.pool).await.unwrap()
+        sqlx::query_scalar("SELECT count(*) FROM contact_sync.jobs WHERE state = $1")
+            .bind(state)
+            .fetch_one(&self.pool)
+            .await
+            .unwrap()
     }
 }
 

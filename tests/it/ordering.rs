@@ -15,7 +15,10 @@ async fn several_workers_keep_one_call_per_contact_and_the_last_value_wins() {
     for round in 0..changes_per_contact {
         for c in 0..contacts {
             jobs.push(jc(&format!("Contact{c}@Example.com"), json!({"lead_name": format!("name {c} v{round}"), "lead_city": format!("city {round}")})));
-            jobs.push(sl(&format!("contact{c}@example.com"), json!({"attributes": {"v": format!("{round}")}, "modify_ts": 1_000 + round})));
+            jobs.push(sl(
+                &format!("contact{c}@example.com"),
+                json!({"attributes": {"v": format!("{round}")}, "modify_ts": 1_000 + round}),
+            ));
         }
     }
     // enqueue in slices while the workers run, so claims interleave with new changes
@@ -44,21 +47,35 @@ async fn several_workers_keep_one_call_per_contact_and_the_last_value_wins() {
         env.settle(w).await;
     }
     let stats = env.sandbox.stats();
-    assert_eq!(stats.max_in_flight_per_contact, 1, "two calls in flight for one contact: {stats:?}");
+    assert_eq!(
+        stats.max_in_flight_per_contact, 1,
+        "two calls in flight for one contact: {stats:?}"
+    );
     assert_eq!(stats.bad_signatures, 0);
-    let open: i64 = sqlx::query_scalar("SELECT count(*) FROM contact_sync.jobs WHERE state NOT IN ('succeeded', 'coalesced')")
-        .fetch_one(&env.pool)
-        .await
-        .unwrap();
+    let open: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM contact_sync.jobs WHERE state NOT IN ('succeeded', 'coalesced')",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
     assert_eq!(open, 0);
     let last = changes_per_contact - 1;
     for c in 0..contacts {
-        let jc_contact = env.sandbox.contact("justclick", JC_LOGIN, &format!("contact{c}@example.com")).unwrap();
+        let jc_contact = env
+            .sandbox
+            .contact("justclick", JC_LOGIN, &format!("contact{c}@example.com"))
+            .unwrap();
         assert_eq!(jc_contact.fields["lead_name"], format!("name {c} v{last}"));
         assert_eq!(jc_contact.fields["lead_city"], format!("city {last}"));
-        let sl_contact = env.sandbox.contact("smartlink", SL_GAME, &format!("contact{c}@example.com")).unwrap();
+        let sl_contact = env
+            .sandbox
+            .contact("smartlink", SL_GAME, &format!("contact{c}@example.com"))
+            .unwrap();
         assert_eq!(sl_contact.fields["attributes"]["v"], format!("{last}"));
-        assert_eq!(sl_contact.stale_updates, 0, "smartlink saw an older change after a newer one");
+        assert_eq!(
+            sl_contact.stale_updates, 0,
+            "smartlink saw an older change after a newer one"
+        );
     }
     // coalesced jobs point at a succeeded carrier of the same contact
     let bad_pointers: i64 = sqlx::query_scalar(
@@ -74,10 +91,21 @@ async fn several_workers_keep_one_call_per_contact_and_the_last_value_wins() {
 #[tokio::test]
 async fn consecutive_changes_are_coalesced_into_one_call() {
     let env = TestEnv::new().await;
-    let a = env.enqueue(jc("merge@example.com", json!({"lead_name": "First", "lead_city": "Paris"}))).await;
-    let b = env.enqueue(jc("MERGE@example.com", json!({"lead_name": "Second"}))).await;
-    let c = env.enqueue(jc("merge@example.com", json!({"lead_phone": "+100"}))).await;
-    let other = env.enqueue(jc("other@example.com", json!({"lead_name": "Other"}))).await;
+    let a = env
+        .enqueue(jc(
+            "merge@example.com",
+            json!({"lead_name": "First", "lead_city": "Paris"}),
+        ))
+        .await;
+    let b = env
+        .enqueue(jc("MERGE@example.com", json!({"lead_name": "Second"})))
+        .await;
+    let c = env
+        .enqueue(jc("merge@example.com", json!({"lead_phone": "+100"})))
+        .await;
+    let other = env
+        .enqueue(jc("other@example.com", json!({"lead_name": "Other"})))
+        .await;
     let worker = env.worker();
     let report = env.settle(&worker).await;
     assert_eq!(report.succeeded, 2);
@@ -89,7 +117,10 @@ async fn consecutive_changes_are_coalesced_into_one_call() {
         assert_eq!(row.coalesced_into, Some(a));
     }
     assert_eq!(env.job(other).await.state, "succeeded");
-    let contact = env.sandbox.contact("justclick", JC_LOGIN, "merge@example.com").unwrap();
+    let contact = env
+        .sandbox
+        .contact("justclick", JC_LOGIN, "merge@example.com")
+        .unwrap();
     assert_eq!(contact.updates, 1);
     assert_eq!(contact.fields["lead_name"], "Second");
     assert_eq!(contact.fields["lead_city"], "Paris");
@@ -99,15 +130,32 @@ async fn consecutive_changes_are_coalesced_into_one_call() {
 #[tokio::test]
 async fn a_scheduled_change_is_not_merged_and_blocks_later_ones() {
     let env = TestEnv::new().await;
-    let now = env.enqueue(jc("s@example.com", json!({"lead_name": "now"}))).await;
-    let later = env
-        .enqueue(jc("s@example.com", json!({"lead_name": "later"})).run_at(chrono::Utc::now() + chrono::Duration::hours(1)))
+    let now = env
+        .enqueue(jc("s@example.com", json!({"lead_name": "now"})))
         .await;
-    let after = env.enqueue(jc("s@example.com", json!({"lead_name": "after"}))).await;
+    let later = env
+        .enqueue(
+            jc("s@example.com", json!({"lead_name": "later"}))
+                .run_at(chrono::Utc::now() + chrono::Duration::hours(1)),
+        )
+        .await;
+    let after = env
+        .enqueue(jc("s@example.com", json!({"lead_name": "after"})))
+        .await;
     let worker = env.worker();
     worker.drain().await;
     assert_eq!(env.job(now).await.state, "succeeded");
     assert_eq!(env.job(later).await.state, "pending");
-    assert_eq!(env.job(after).await.state, "pending", "must wait for the earlier scheduled change");
-    assert_eq!(env.sandbox.contact("justclick", JC_LOGIN, "s@example.com").unwrap().fields["lead_name"], "now");
+    assert_eq!(
+        env.job(after).await.state,
+        "pending",
+        "must wait for the earlier scheduled change"
+    );
+    assert_eq!(
+        env.sandbox
+            .contact("justclick", JC_LOGIN, "s@example.com")
+            .unwrap()
+            .fields["lead_name"],
+        "now"
+    );
 }

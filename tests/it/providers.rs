@@ -25,11 +25,17 @@ async fn cyrillic_and_punctuation_reach_both_providers_intact() {
     env.settle(&worker).await;
     assert_eq!(env.job(a).await.state, "succeeded");
     assert_eq!(env.job(b).await.state, "succeeded");
-    let c = env.sandbox.contact("justclick", JC_LOGIN, "a.b+c@example.org").unwrap();
+    let c = env
+        .sandbox
+        .contact("justclick", JC_LOGIN, "a.b+c@example.org")
+        .unwrap();
     assert_eq!(c.fields["lead_name"], name);
     assert_eq!(c.fields["lead_tags"], "tag1,тег 2");
     assert_eq!(c.fields["lead_phone"], "+7 (777) 777-77-77");
-    let c = env.sandbox.contact("smartlink", SL_GAME, "a.b+c@example.org").unwrap();
+    let c = env
+        .sandbox
+        .contact("smartlink", SL_GAME, "a.b+c@example.org")
+        .unwrap();
     assert_eq!(c.fields["attributes"]["nickname"], name);
     assert_eq!(c.subscribe, Some(1));
     assert_eq!(env.sandbox.stats().bad_signatures, 0);
@@ -38,36 +44,66 @@ async fn cyrillic_and_punctuation_reach_both_providers_intact() {
 #[tokio::test]
 async fn smartlink_modify_ts_is_the_change_time_not_the_send_time() {
     let env = TestEnv::new().await;
-    let id = env.enqueue(sl("ts@example.com", json!({"tags": ["a"]}))).await;
+    let id = env
+        .enqueue(sl("ts@example.com", json!({"tags": ["a"]})))
+        .await;
     let enqueued_ms = env.job(id).await.payload["modify_ts"].as_i64().unwrap();
     tokio::time::sleep(Duration::from_millis(20)).await;
     env.settle(&env.worker()).await;
-    let c = env.sandbox.contact("smartlink", SL_GAME, "ts@example.com").unwrap();
+    let c = env
+        .sandbox
+        .contact("smartlink", SL_GAME, "ts@example.com")
+        .unwrap();
     assert_eq!(c.modify_ts, enqueued_ms);
 }
 
 async fn ledger_to_the_past(env: &TestEnv) {
-    sqlx::query("UPDATE contact_sync.doi_ledger SET sent_at = sent_at - interval '61 minutes'").execute(&env.pool).await.unwrap();
-    sqlx::query("UPDATE contact_sync.doi_deferred SET due_at = due_at - interval '61 minutes'").execute(&env.pool).await.unwrap();
+    sqlx::query("UPDATE contact_sync.doi_ledger SET sent_at = sent_at - interval '61 minutes'")
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE contact_sync.doi_deferred SET due_at = due_at - interval '61 minutes'")
+        .execute(&env.pool)
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
 async fn double_opt_in_defer_resends_the_status_when_the_window_ends() {
     let env = TestEnv::new().await;
     let worker = env.worker();
-    let first = env.enqueue(sl("doi@example.com", json!({"subscribe": 3}))).await;
+    let first = env
+        .enqueue(sl("doi@example.com", json!({"subscribe": 3})))
+        .await;
     env.settle(&worker).await;
     assert_eq!(env.job(first).await.doi.as_deref(), Some("sent"));
     // the contact unsubscribes, then asks again within the hour
-    env.enqueue(sl("doi@example.com", json!({"subscribe": 0}))).await;
+    env.enqueue(sl("doi@example.com", json!({"subscribe": 0})))
+        .await;
     env.settle(&worker).await;
-    let second = env.enqueue(sl("DOI@example.com", json!({"subscribe": 3, "tags": ["again"]}))).await;
+    let second = env
+        .enqueue(sl(
+            "DOI@example.com",
+            json!({"subscribe": 3, "tags": ["again"]}),
+        ))
+        .await;
     env.settle(&worker).await;
     let row = env.job(second).await;
     assert_eq!(row.state, "succeeded");
-    assert!(row.doi.as_deref().unwrap().starts_with("deferred_until "), "{:?}", row.doi);
-    let c = env.sandbox.contact("smartlink", SL_GAME, "doi@example.com").unwrap();
-    assert_eq!(c.fields["tags"], json!(["again"]), "the other fields went now");
+    assert!(
+        row.doi.as_deref().unwrap().starts_with("deferred_until "),
+        "{:?}",
+        row.doi
+    );
+    let c = env
+        .sandbox
+        .contact("smartlink", SL_GAME, "doi@example.com")
+        .unwrap();
+    assert_eq!(
+        c.fields["tags"],
+        json!(["again"]),
+        "the other fields went now"
+    );
     assert_eq!(c.subscribe, Some(0), "the status waits for the window");
     assert_eq!(c.pending_requests, 1);
     // nothing is re-sent before the window ends
@@ -76,13 +112,18 @@ async fn double_opt_in_defer_resends_the_status_when_the_window_ends() {
     // the window ends (database time): the pending status is re-sent
     ledger_to_the_past(&env).await;
     env.settle(&worker).await;
-    let resent: (i64, Option<String>) = sqlx::query_as("SELECT id, doi FROM contact_sync.jobs WHERE id > $1 ORDER BY id DESC LIMIT 1")
-        .bind(second)
-        .fetch_one(&env.pool)
-        .await
-        .unwrap();
+    let resent: (i64, Option<String>) = sqlx::query_as(
+        "SELECT id, doi FROM contact_sync.jobs WHERE id > $1 ORDER BY id DESC LIMIT 1",
+    )
+    .bind(second)
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
     assert_eq!(resent.1.as_deref(), Some("sent"));
-    let c = env.sandbox.contact("smartlink", SL_GAME, "doi@example.com").unwrap();
+    let c = env
+        .sandbox
+        .contact("smartlink", SL_GAME, "doi@example.com")
+        .unwrap();
     assert_eq!(c.pending_requests, 2);
     assert_eq!(c.subscribe, Some(3));
 }
@@ -91,19 +132,42 @@ async fn double_opt_in_defer_resends_the_status_when_the_window_ends() {
 async fn a_newer_status_supersedes_the_deferred_resend() {
     let env = TestEnv::new().await;
     let worker = env.worker();
-    env.enqueue(sl("sup@example.com", json!({"subscribe": 3}))).await;
+    env.enqueue(sl("sup@example.com", json!({"subscribe": 3})))
+        .await;
     env.settle(&worker).await;
-    env.enqueue(sl("sup@example.com", json!({"subscribe": 3, "update_strategy": 1}))).await;
+    env.enqueue(sl(
+        "sup@example.com",
+        json!({"subscribe": 3, "update_strategy": 1}),
+    ))
+    .await;
     env.settle(&worker).await;
-    let later = env.enqueue(sl("sup@example.com", json!({"subscribe": 1}))).await;
+    // strategy 1 lets "subscribed" overwrite "pending" (the default, 0, would not)
+    let later = env
+        .enqueue(sl(
+            "sup@example.com",
+            json!({"subscribe": 1, "update_strategy": 1}),
+        ))
+        .await;
     env.settle(&worker).await;
     ledger_to_the_past(&env).await;
     env.settle(&worker).await;
-    let newest: i64 = sqlx::query_scalar("SELECT max(id) FROM contact_sync.jobs").fetch_one(&env.pool).await.unwrap();
+    let newest: i64 = sqlx::query_scalar("SELECT max(id) FROM contact_sync.jobs")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
     assert_eq!(newest, later, "no re-send after a newer status");
-    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM contact_sync.doi_deferred").fetch_one(&env.pool).await.unwrap();
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM contact_sync.doi_deferred")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
     assert_eq!(left, 0);
-    assert_eq!(env.sandbox.contact("smartlink", SL_GAME, "sup@example.com").unwrap().subscribe, Some(1));
+    assert_eq!(
+        env.sandbox
+            .contact("smartlink", SL_GAME, "sup@example.com")
+            .unwrap()
+            .subscribe,
+        Some(1)
+    );
 }
 
 #[tokio::test]
@@ -115,27 +179,50 @@ async fn double_opt_in_drop_suppresses_and_the_window_is_per_api_key() {
     sl2.double_opt_in = DoubleOptIn::Drop;
     settings.accounts.insert("sl2".into(), sl2);
     let worker = env.worker_with(&settings, env.pool.clone());
-    let first = env.enqueue(sl("drop@example.com", json!({"subscribe": 3}))).await;
+    let first = env
+        .enqueue(sl("drop@example.com", json!({"subscribe": 3})))
+        .await;
     env.settle(&worker).await;
     assert_eq!(env.job(first).await.doi.as_deref(), Some("sent"));
     let second = env
-        .enqueue(contact_sync::outbox::NewJob::new("smartlink", "sl2", "drop@example.com", json!({"subscribe": 3, "language": "en"})))
+        .enqueue(contact_sync::outbox::NewJob::new(
+            "smartlink",
+            "sl2",
+            "drop@example.com",
+            json!({"subscribe": 3, "language": "en"}),
+        ))
         .await;
     env.settle(&worker).await;
     let row = env.job(second).await;
     assert_eq!(row.state, "succeeded");
     assert_eq!(row.doi.as_deref(), Some("suppressed"));
-    let deferred: i64 = sqlx::query_scalar("SELECT count(*) FROM contact_sync.doi_deferred").fetch_one(&env.pool).await.unwrap();
+    let deferred: i64 = sqlx::query_scalar("SELECT count(*) FROM contact_sync.doi_deferred")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
     assert_eq!(deferred, 0);
-    assert_eq!(env.sandbox.contact("smartlink", SL_GAME, "drop@example.com").unwrap().pending_requests, 1);
+    assert_eq!(
+        env.sandbox
+            .contact("smartlink", SL_GAME, "drop@example.com")
+            .unwrap()
+            .pending_requests,
+        1
+    );
     // another address is not affected
-    let other = env.enqueue(sl("else@example.com", json!({"subscribe": 3}))).await;
+    let other = env
+        .enqueue(sl("else@example.com", json!({"subscribe": 3})))
+        .await;
     env.settle(&worker).await;
     assert_eq!(env.job(other).await.doi.as_deref(), Some("sent"));
     // the window is counted in database time
     ledger_to_the_past(&env).await;
     let third = env
-        .enqueue(contact_sync::outbox::NewJob::new("smartlink", "sl2", "drop@example.com", json!({"subscribe": 3})))
+        .enqueue(contact_sync::outbox::NewJob::new(
+            "smartlink",
+            "sl2",
+            "drop@example.com",
+            json!({"subscribe": 3}),
+        ))
         .await;
     env.settle(&worker).await;
     assert_eq!(env.job(third).await.doi.as_deref(), Some("sent"));
@@ -150,13 +237,35 @@ async fn a_throttled_account_does_not_slow_the_other() {
     slow.rate_limit_per_second = Some(4.0);
     slow.burst = Some(1);
     settings.accounts.insert("jc".into(), slow);
-    settings.accounts.insert("jc2".into(), justclick_account(&env.sandbox, "other", "other-secret"));
+    settings.accounts.insert(
+        "jc2".into(),
+        justclick_account(&env.sandbox, "other", "other-secret"),
+    );
     // the slow account is also told to back off once
-    env.sandbox.faults().push(FaultRule::new(Fault::RateLimit { retry_after_secs: 1 }, 1).account(JC_LOGIN));
+    env.sandbox.faults().push(
+        FaultRule::new(
+            Fault::RateLimit {
+                retry_after_secs: 1,
+            },
+            1,
+        )
+        .account(JC_LOGIN),
+    );
     let mut conn = env.pool.acquire().await.unwrap();
-    let mut jobs: Vec<_> = (0..6).map(|i| jc(&format!("slow{i}@example.com"), json!({}))).collect();
-    jobs.extend((0..200).map(|i| contact_sync::outbox::NewJob::new("justclick", "jc2", format!("fast{i}@example.com"), json!({}))));
-    contact_sync::outbox::enqueue_batch(&mut conn, &jobs).await.unwrap();
+    let mut jobs: Vec<_> = (0..6)
+        .map(|i| jc(&format!("slow{i}@example.com"), json!({})))
+        .collect();
+    jobs.extend((0..200).map(|i| {
+        contact_sync::outbox::NewJob::new(
+            "justclick",
+            "jc2",
+            format!("fast{i}@example.com"),
+            json!({}),
+        )
+    }));
+    contact_sync::outbox::enqueue_batch(&mut conn, &jobs)
+        .await
+        .unwrap();
     let worker = env.worker_with(&settings, env.pool.clone());
     let started = std::time::Instant::now();
     worker.drain().await;
@@ -171,7 +280,13 @@ async fn a_throttled_account_does_not_slow_the_other() {
     assert_eq!(env.count("succeeded").await, 206, "{spans:?}");
     let (fast_done, slow_done) = (spans[1].2, spans[0].2);
     // 6 calls at 4/s with a burst of 1 plus a 1 s Retry-After: well over a second
-    assert!(slow_done >= 1.5, "slow account finished too early: {spans:?}");
-    assert!(fast_done < slow_done / 2.0, "fast account was held back: {spans:?}");
+    assert!(
+        slow_done >= 1.5,
+        "slow account finished too early: {spans:?}"
+    );
+    assert!(
+        fast_done < slow_done / 2.0,
+        "fast account was held back: {spans:?}"
+    );
     assert!(took >= Duration::from_millis(1500));
 }

@@ -10,7 +10,9 @@ use tokio_util::sync::CancellationToken;
 async fn shutdown_releases_unfinished_claims() {
     let env = TestEnv::new().await;
     env.sandbox.faults().set_delay(Duration::from_secs(3));
-    let jobs: Vec<_> = (0..20).map(|i| jc(&format!("s{i}@example.com"), json!({}))).collect();
+    let jobs: Vec<_> = (0..20)
+        .map(|i| jc(&format!("s{i}@example.com"), json!({})))
+        .collect();
     let mut conn = env.pool.acquire().await.unwrap();
     enqueue_batch(&mut conn, &jobs).await.unwrap();
     let mut settings = env.settings.clone();
@@ -33,7 +35,11 @@ async fn shutdown_releases_unfinished_claims() {
     let started = std::time::Instant::now();
     stop.cancel();
     let report = run.await.unwrap();
-    assert!(started.elapsed() < Duration::from_secs(2), "shutdown took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "shutdown took {:?}",
+        started.elapsed()
+    );
     assert_eq!(report.claimed, 8);
     assert_eq!(env.count("running").await, 0);
     assert_eq!(env.count("pending").await, 20);
@@ -53,7 +59,8 @@ async fn shutdown_waits_for_calls_that_finish_in_time() {
     let env = TestEnv::new().await;
     env.sandbox.faults().set_delay(Duration::from_millis(300));
     for i in 0..4 {
-        env.enqueue(jc(&format!("f{i}@example.com"), json!({}))).await;
+        env.enqueue(jc(&format!("f{i}@example.com"), json!({})))
+            .await;
     }
     let worker = env.worker();
     let stop = CancellationToken::new();

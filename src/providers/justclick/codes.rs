@@ -9,7 +9,11 @@ pub const LIMIT_EXHAUSTED_DELAY: Duration = Duration::from_secs(2 * 3600);
 pub fn classify(code: i64, text: &str, extra_retryable: &[i64]) -> Result<(), DeliveryError> {
     match code {
         0 => Ok(()),
-        8 => Err(DeliveryError::provider_busy(code, text, Some(LIMIT_EXHAUSTED_DELAY))),
+        8 => Err(DeliveryError::provider_busy(
+            code,
+            text,
+            Some(LIMIT_EXHAUSTED_DELAY),
+        )),
         c if extra_retryable.contains(&c) => Err(DeliveryError::provider_busy(code, text, None)),
         // 1-7: client bug or configuration (alert); 100: invalid e-mail; 500: no such subscriber;
         // anything else: permanent by default, kept in the job's history.
@@ -26,15 +30,25 @@ mod tests {
     fn documented_codes() {
         assert!(classify(0, "OK", &[]).is_ok());
         for c in [1, 2, 3, 4, 5, 6, 7, 100, 500, 401] {
-            assert!(matches!(classify(c, "x", &[]), Err(DeliveryError::Permanent { .. })), "{c}");
+            assert!(
+                matches!(classify(c, "x", &[]), Err(DeliveryError::Permanent { .. })),
+                "{c}"
+            );
         }
         match classify(8, "limit", &[]) {
-            Err(DeliveryError::Retryable { reason, retry_after, .. }) => {
+            Err(DeliveryError::Retryable {
+                reason,
+                retry_after,
+                ..
+            }) => {
                 assert_eq!(reason, RetryReason::ProviderBusy);
                 assert_eq!(retry_after, Some(LIMIT_EXHAUSTED_DELAY));
             }
             other => panic!("{other:?}"),
         }
-        assert!(matches!(classify(401, "x", &[401]), Err(DeliveryError::Retryable { .. })));
+        assert!(matches!(
+            classify(401, "x", &[401]),
+            Err(DeliveryError::Retryable { .. })
+        ));
     }
 }

@@ -6,7 +6,9 @@ pub mod sign;
 
 use crate::config::{AccountSettings, ProviderKind};
 use crate::providers::outcome::{self, body_snippet};
-use crate::providers::{digest_eq, BoxFuture, Delivered, Delivery, DeliveryError, Provider, RetryReason};
+use crate::providers::{
+    digest_eq, BoxFuture, Delivered, Delivery, DeliveryError, Provider, RetryReason,
+};
 use crate::secret::Secret;
 use serde::Deserialize;
 use serde_json::Value;
@@ -38,9 +40,15 @@ impl JustClick {
 }
 
 /// The form fields in the documented order (without `hash`).
-pub fn form_fields(email: &str, payload: &crate::providers::payload::Payload) -> Result<Vec<(&'static str, String)>, DeliveryError> {
+pub fn form_fields(
+    email: &str,
+    payload: &crate::providers::payload::Payload,
+) -> Result<Vec<(&'static str, String)>, DeliveryError> {
     if let Some(key) = payload.keys().find(|k| !FIELDS.contains(&k.as_str())) {
-        return Err(DeliveryError::permanent("invalid_payload", format!("unknown justclick field {key:?}")));
+        return Err(DeliveryError::permanent(
+            "invalid_payload",
+            format!("unknown justclick field {key:?}"),
+        ));
     }
     let mut fields = vec![("lead_email", email.to_string())];
     for name in FIELDS {
@@ -50,7 +58,10 @@ pub fn form_fields(email: &str, payload: &crate::providers::payload::Payload) ->
             Some(Value::Array(items)) if name == "lead_tags" => {
                 let tags: Option<Vec<&str>> = items.iter().map(Value::as_str).collect();
                 let tags = tags.ok_or_else(|| {
-                    DeliveryError::permanent("invalid_payload", "justclick field lead_tags: tags must be strings")
+                    DeliveryError::permanent(
+                        "invalid_payload",
+                        "justclick field lead_tags: tags must be strings",
+                    )
                 })?;
                 fields.push((name, tags.join(",")));
             }
@@ -92,17 +103,27 @@ struct Answer {
 }
 
 /// Verifies and classifies a 2xx answer body.
-pub fn read_answer(body: &[u8], secret: &str, extra_retryable: &[i64]) -> Result<Delivered, DeliveryError> {
+pub fn read_answer(
+    body: &[u8],
+    secret: &str,
+    extra_retryable: &[i64],
+) -> Result<Delivered, DeliveryError> {
     let answer: Answer = serde_json::from_slice(body).map_err(|e| {
         DeliveryError::retryable(
             RetryReason::MalformedResponse,
-            format!("justclick answer is not the documented JSON ({e}): {}", body_snippet(body)),
+            format!(
+                "justclick answer is not the documented JSON ({e}): {}",
+                body_snippet(body)
+            ),
         )
     })?;
     let code = match answer.error_code {
         Code::Number(n) => n,
         Code::Text(t) => t.trim().parse().map_err(|_| {
-            DeliveryError::retryable(RetryReason::MalformedResponse, format!("justclick error_code {t:?} is not a number"))
+            DeliveryError::retryable(
+                RetryReason::MalformedResponse,
+                format!("justclick error_code {t:?} is not a number"),
+            )
         })?,
     };
     let text = answer.error_text.unwrap_or_default();
@@ -110,12 +131,17 @@ pub fn read_answer(body: &[u8], secret: &str, extra_retryable: &[i64]) -> Result
     match answer.hash {
         Some(hash) if digest_eq(&hash, &expected) => {}
         _ => {
-            tracing::warn!(error_code = code, "justclick answer hash does not verify: possible forgery, not trusted");
+            tracing::warn!(
+                error_code = code,
+                "justclick answer hash does not verify: possible forgery, not trusted"
+            );
             return Err(DeliveryError::Retryable {
                 reason: RetryReason::BadResponseSignature,
                 retry_after: None,
                 code: Some(code.to_string()),
-                detail: format!("justclick answer hash does not verify (error_code {code}); not trusted"),
+                detail: format!(
+                    "justclick answer hash does not verify (error_code {code}); not trusted"
+                ),
             });
         }
     }
@@ -128,14 +154,20 @@ impl Provider for JustClick {
         ProviderKind::Justclick
     }
 
-    fn deliver<'a>(&'a self, delivery: Delivery<'a>) -> BoxFuture<'a, Result<Delivered, DeliveryError>> {
+    fn deliver<'a>(
+        &'a self,
+        delivery: Delivery<'a>,
+    ) -> BoxFuture<'a, Result<Delivered, DeliveryError>> {
         Box::pin(async move {
             let fields = form_fields(delivery.email, delivery.payload)?;
             let body = signed_body(&fields, &self.login, self.secret.expose());
             let response = self
                 .client
                 .post(&self.endpoint)
-                .header(reqwest::header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+                .header(
+                    reqwest::header::CONTENT_TYPE,
+                    "application/x-www-form-urlencoded",
+                )
                 .body(body)
                 .send()
                 .await
@@ -169,8 +201,15 @@ mod tests {
     fn signed_body_matches_vector() {
         let payload = json!({"lead_name": "Новое Имя2", "lead_phone": "+77777777777", "lead_city": "Мухоловск", "lead_tags": "tag1,tag2,tag3"});
         let fields = form_fields("user@example.com", payload.as_object().unwrap()).unwrap();
-        let body = signed_body(&fields, "username", "XXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXX");
-        assert!(body.ends_with("&hash=ab9658bd7aa8614cc37a9c06a7bf744e"), "{body}");
+        let body = signed_body(
+            &fields,
+            "username",
+            "XXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXX",
+        );
+        assert!(
+            body.ends_with("&hash=ab9658bd7aa8614cc37a9c06a7bf744e"),
+            "{body}"
+        );
     }
 
     #[test]
@@ -180,19 +219,27 @@ mod tests {
         // \u escapes are decoded before hashing
         let escaped = br#"{"error_code":"0","error_text":"\u0414\u0430\u043d\u043d\u044b\u0435 \u043a\u043e\u043d\u0442\u0430\u043a\u0442\u0430 \u043e\u0431\u043d\u043e\u0432\u043b\u0435\u043d\u044b","hash":"c6979ee97b510722694890d64b702eed"}"#;
         assert!(read_answer(escaped, "s3cr3t", &[]).is_ok());
-        let forged = br#"{"error_code":0,"error_text":"OK","hash":"00000000000000000000000000000000"}"#;
+        let forged =
+            br#"{"error_code":0,"error_text":"OK","hash":"00000000000000000000000000000000"}"#;
         assert!(matches!(
             read_answer(forged, "s3cr3t", &[]),
-            Err(DeliveryError::Retryable { reason: RetryReason::BadResponseSignature, .. })
+            Err(DeliveryError::Retryable {
+                reason: RetryReason::BadResponseSignature,
+                ..
+            })
         ));
-        let permanent = br#"{"error_code":401,"error_text":"Error","hash":"dec40809bfb20b91f07fc5104776c1e7"}"#;
+        let permanent =
+            br#"{"error_code":401,"error_text":"Error","hash":"dec40809bfb20b91f07fc5104776c1e7"}"#;
         assert_eq!(
             read_answer(permanent, "s3cr3t", &[]),
             Err(DeliveryError::permanent("401", "Error"))
         );
         assert!(matches!(
             read_answer(b"<html>", "s3cr3t", &[]),
-            Err(DeliveryError::Retryable { reason: RetryReason::MalformedResponse, .. })
+            Err(DeliveryError::Retryable {
+                reason: RetryReason::MalformedResponse,
+                ..
+            })
         ));
     }
 }

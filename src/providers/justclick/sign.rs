@@ -22,7 +22,12 @@ pub fn php_urlencode(text: &str, out: &mut String) {
 
 /// PHP `http_build_query` of string pairs, in order.
 pub fn php_build_query<K: AsRef<str>, V: AsRef<str>>(pairs: &[(K, V)]) -> String {
-    let mut out = String::with_capacity(pairs.iter().map(|(k, v)| k.as_ref().len() + v.as_ref().len() * 3 + 2).sum());
+    let mut out = String::with_capacity(
+        pairs
+            .iter()
+            .map(|(k, v)| k.as_ref().len() + v.as_ref().len() * 3 + 2)
+            .sum(),
+    );
     for (i, (k, v)) in pairs.iter().enumerate() {
         if i > 0 {
             out.push('&');
@@ -58,12 +63,24 @@ pub fn php_urldecode(text: &str) -> Option<String> {
 
 /// The request hash over the encoded params (everything sent but `hash`).
 pub fn request_hash(query: &str, login: &str, secret: &str) -> String {
-    md5_hex(&[query.as_bytes(), b"::", login.as_bytes(), b"::", secret.as_bytes()])
+    md5_hex(&[
+        query.as_bytes(),
+        b"::",
+        login.as_bytes(),
+        b"::",
+        secret.as_bytes(),
+    ])
 }
 
 /// The response hash over the decoded `error_code` and `error_text`.
 pub fn response_hash(error_code: i64, error_text: &str, secret: &str) -> String {
-    md5_hex(&[error_code.to_string().as_bytes(), b"::", error_text.as_bytes(), b"::", secret.as_bytes()])
+    md5_hex(&[
+        error_code.to_string().as_bytes(),
+        b"::",
+        error_text.as_bytes(),
+        b"::",
+        secret.as_bytes(),
+    ])
 }
 
 #[cfg(test)]
@@ -85,7 +102,11 @@ mod tests {
             "lead_email=user%40example.com&lead_name=%D0%9D%D0%BE%D0%B2%D0%BE%D0%B5+%D0%98%D0%BC%D1%8F2&lead_phone=%2B77777777777&lead_city=%D0%9C%D1%83%D1%85%D0%BE%D0%BB%D0%BE%D0%B2%D1%81%D0%BA&lead_tags=tag1%2Ctag2%2Ctag3"
         );
         assert_eq!(
-            request_hash(&query, "username", "XXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXX"),
+            request_hash(
+                &query,
+                "username",
+                "XXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXX"
+            ),
             "ab9658bd7aa8614cc37a9c06a7bf744e"
         );
     }
@@ -94,14 +115,26 @@ mod tests {
     fn vector_two_plus_in_address() {
         let query = php_build_query(&[("lead_email", "a.b+c@example.org")]);
         assert_eq!(query, "lead_email=a.b%2Bc%40example.org");
-        assert_eq!(request_hash(&query, "shop42", "s3cr3t"), "0ca9242ac988287b7afb5605d6cd1bd3");
+        assert_eq!(
+            request_hash(&query, "shop42", "s3cr3t"),
+            "0ca9242ac988287b7afb5605d6cd1bd3"
+        );
     }
 
     #[test]
     fn response_vectors() {
-        assert_eq!(response_hash(0, "OK", "s3cr3t"), "b6dbfded180416dee23ca6bfb4d96e3d");
-        assert_eq!(response_hash(0, "Данные контакта обновлены", "s3cr3t"), "c6979ee97b510722694890d64b702eed");
-        assert_eq!(response_hash(401, "Error", "s3cr3t"), "dec40809bfb20b91f07fc5104776c1e7");
+        assert_eq!(
+            response_hash(0, "OK", "s3cr3t"),
+            "b6dbfded180416dee23ca6bfb4d96e3d"
+        );
+        assert_eq!(
+            response_hash(0, "Данные контакта обновлены", "s3cr3t"),
+            "c6979ee97b510722694890d64b702eed"
+        );
+        assert_eq!(
+            response_hash(401, "Error", "s3cr3t"),
+            "dec40809bfb20b91f07fc5104776c1e7"
+        );
     }
 
     #[test]

@@ -21,8 +21,17 @@ mod tests {
     #[test]
     fn documented_codes() {
         assert!(classify(0, "ok", &[]).is_ok());
-        assert_eq!(classify(NO_PERMISSION, "no permission", &[]), Err(DeliveryError::permanent("22010", "no permission")));
-        assert!(matches!(classify(5, "busy", &[5]), Err(DeliveryError::Retryable { .. })));
-        assert!(matches!(classify(5, "x", &[]), Err(DeliveryError::Permanent { .. })));
+        assert_eq!(
+            classify(NO_PERMISSION, "no permission", &[]),
+            Err(DeliveryError::permanent("22010", "no permission"))
+        );
+        assert!(matches!(
+            classify(5, "busy", &[5]),
+            Err(DeliveryError::Retryable { .. })
+        ));
+        assert!(matches!(
+            classify(5, "x", &[]),
+            Err(DeliveryError::Permanent { .. })
+        ));
     }
 }

@@ -7,7 +7,9 @@ pub mod sign;
 use crate::config::{AccountSettings, DoubleOptIn, ProviderKind};
 use crate::providers::outcome::{self, body_snippet};
 use crate::providers::payload::Payload;
-use crate::providers::{md5_hex, BoxFuture, Delivered, Delivery, DeliveryError, Provider, RetryReason};
+use crate::providers::{
+    md5_hex, BoxFuture, Delivered, Delivery, DeliveryError, Provider, RetryReason,
+};
 use crate::secret::Secret;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -98,7 +100,12 @@ fn int_in(payload: &Payload, field: &str, allowed: &[i64]) -> Result<Option<i64>
     }
 }
 
-fn text<'a>(payload: &'a Payload, field: &str, ok: impl Fn(&str) -> bool, why: &str) -> Result<Option<&'a str>, DeliveryError> {
+fn text<'a>(
+    payload: &'a Payload,
+    field: &str,
+    ok: impl Fn(&str) -> bool,
+    why: &str,
+) -> Result<Option<&'a str>, DeliveryError> {
     match payload.get(field) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) if ok(s) => Ok(Some(s)),
@@ -114,23 +121,49 @@ fn is_language_code(s: &str) -> bool {
     let first_ok = parts
         .next()
         .is_some_and(|p| (2..=3).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_alphabetic()));
-    first_ok && parts.all(|p| (2..=8).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_alphanumeric()))
+    first_ok
+        && parts.all(|p| (2..=8).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_alphanumeric()))
 }
 
 /// Validates a change and lays out its body (invalid input is a permanent failure naming the field).
-pub fn body<'a>(email: &'a str, payload: &'a Payload, created_at_ms: i64) -> Result<Body<'a>, DeliveryError> {
+pub fn body<'a>(
+    email: &'a str,
+    payload: &'a Payload,
+    created_at_ms: i64,
+) -> Result<Body<'a>, DeliveryError> {
     const KNOWN: [&str; 9] = [
-        "modify_ts", "tags", "openid", "subscribe", "location", "language", "attributes", "preferences", "update_strategy",
+        "modify_ts",
+        "tags",
+        "openid",
+        "subscribe",
+        "location",
+        "language",
+        "attributes",
+        "preferences",
+        "update_strategy",
     ];
     if let Some(key) = payload.keys().find(|k| !KNOWN.contains(&k.as_str())) {
-        return Err(DeliveryError::permanent("invalid_payload", format!("unknown smartlink field {key:?}")));
+        return Err(DeliveryError::permanent(
+            "invalid_payload",
+            format!("unknown smartlink field {key:?}"),
+        ));
     }
-    if email.is_empty() || email.chars().count() > 255 || !email.contains('@') || email.chars().any(char::is_whitespace) {
-        return Err(invalid("email", "must be an address of at most 255 characters"));
+    if email.is_empty()
+        || email.chars().count() > 255
+        || !email.contains('@')
+        || email.chars().any(char::is_whitespace)
+    {
+        return Err(invalid(
+            "email",
+            "must be an address of at most 255 characters",
+        ));
     }
     let modify_ts = match payload.get("modify_ts") {
         None | Some(Value::Null) => created_at_ms,
-        Some(v) => v.as_i64().filter(|n| *n >= 0).ok_or_else(|| invalid("modify_ts", "must be a non-negative integer"))?,
+        Some(v) => v
+            .as_i64()
+            .filter(|n| *n >= 0)
+            .ok_or_else(|| invalid("modify_ts", "must be a non-negative integer"))?,
     };
     let attributes = match payload.get("attributes") {
         None | Some(Value::Null) => None,
@@ -141,10 +174,18 @@ pub fn body<'a>(email: &'a str, payload: &'a Payload, created_at_ms: i64) -> Res
             for (k, value) in map {
                 match value {
                     Value::String(s) if s.chars().count() > 1000 => {
-                        return Err(invalid("attributes", &format!("{k:?} is longer than 1000 characters")))
+                        return Err(invalid(
+                            "attributes",
+                            &format!("{k:?} is longer than 1000 characters"),
+                        ))
                     }
                     Value::String(_) | Value::Number(_) | Value::Bool(_) => {}
-                    _ => return Err(invalid("attributes", &format!("{k:?} must be a string, number or boolean"))),
+                    _ => {
+                        return Err(invalid(
+                            "attributes",
+                            &format!("{k:?} must be a string, number or boolean"),
+                        ))
+                    }
                 }
             }
             Some(v)
@@ -168,7 +209,12 @@ pub fn body<'a>(email: &'a str, payload: &'a Payload, created_at_ms: i64) -> Res
             |s| s.is_empty() || (s.len() == 3 && s.bytes().all(|b| b.is_ascii_digit())),
             "must be a 3-digit ISO 3166 numeric code like \"004\"",
         )?,
-        language: text(payload, "language", is_language_code, "must be a language code like \"en\"")?,
+        language: text(
+            payload,
+            "language",
+            is_language_code,
+            "must be a language code like \"en\"",
+        )?,
         attributes,
         preferences: string_list(payload, "preferences")?,
         update_strategy: int_in(payload, "update_strategy", &[0, 1, 2, 3])?,
@@ -192,17 +238,27 @@ struct Answer {
 }
 
 /// Classifies a 2xx answer; `seq` must echo the request's.
-pub fn read_answer(body: &[u8], seq: &str, extra_retryable: &[i64]) -> Result<Delivered, DeliveryError> {
+pub fn read_answer(
+    body: &[u8],
+    seq: &str,
+    extra_retryable: &[i64],
+) -> Result<Delivered, DeliveryError> {
     let answer: Answer = serde_json::from_slice(body).map_err(|e| {
         DeliveryError::retryable(
             RetryReason::MalformedResponse,
-            format!("smartlink answer is not the documented JSON ({e}): {}", body_snippet(body)),
+            format!(
+                "smartlink answer is not the documented JSON ({e}): {}",
+                body_snippet(body)
+            ),
         )
     })?;
     let code = match answer.code {
         Code::Number(n) => n,
         Code::Text(t) => t.trim().parse().map_err(|_| {
-            DeliveryError::retryable(RetryReason::MalformedResponse, format!("smartlink code {t:?} is not a number"))
+            DeliveryError::retryable(
+                RetryReason::MalformedResponse,
+                format!("smartlink code {t:?} is not a number"),
+            )
         })?,
     };
     if let Some(echo) = answer.seq.as_deref() {
@@ -232,13 +288,22 @@ impl Provider for Smartlink {
         Some((&self.api_key_id, self.double_opt_in))
     }
 
-    fn deliver<'a>(&'a self, delivery: Delivery<'a>) -> BoxFuture<'a, Result<Delivered, DeliveryError>> {
+    fn deliver<'a>(
+        &'a self,
+        delivery: Delivery<'a>,
+    ) -> BoxFuture<'a, Result<Delivered, DeliveryError>> {
         Box::pin(async move {
             let body = body(delivery.email, delivery.payload, delivery.created_at_ms)?;
-            let bytes = serde_json::to_vec(&body)
-                .map_err(|e| DeliveryError::permanent("invalid_payload", format!("cannot serialise: {e}")))?;
+            let bytes = serde_json::to_vec(&body).map_err(|e| {
+                DeliveryError::permanent("invalid_payload", format!("cannot serialise: {e}"))
+            })?;
             // Fresh per request: letters, digits and `_` only.
-            let seq = format!("job_{}_{}_{}", delivery.job_id, delivery.attempt, fastrand::u32(..));
+            let seq = format!(
+                "job_{}_{}_{}",
+                delivery.job_id,
+                delivery.attempt,
+                fastrand::u32(..)
+            );
             let ts = chrono::Utc::now().timestamp();
             let params = params(&self.game_id, &seq, ts);
             let sig = sign::sig(PATH, &params, &bytes, self.secret.expose());
@@ -274,8 +339,16 @@ mod tests {
             "preferences": ["option1","option2"]});
         let b = body("545058834@qq.com", payload.as_object().unwrap(), 0).unwrap();
         let bytes = serde_json::to_string(&b).unwrap();
-        assert_eq!(bytes, r#"{"email":"545058834@qq.com","modify_ts":1691225447577,"tags":["tag1","tag2"],"openid":"5450588341569","subscribe":1,"location":"004","language":"en","attributes":{"nickname":"tang","level":"10","birthday":"1990-05-09 00:00:00+08:00"},"preferences":["option1","option2"]}"#);
-        let sig = sign::sig(PATH, &params("12345", "job_42_1", 1691225447), bytes.as_bytes(), "sl-api-key-0123456789abcdef");
+        assert_eq!(
+            bytes,
+            r#"{"email":"545058834@qq.com","modify_ts":1691225447577,"tags":["tag1","tag2"],"openid":"5450588341569","subscribe":1,"location":"004","language":"en","attributes":{"nickname":"tang","level":"10","birthday":"1990-05-09 00:00:00+08:00"},"preferences":["option1","option2"]}"#
+        );
+        let sig = sign::sig(
+            PATH,
+            &params("12345", "job_42_1", 1691225447),
+            bytes.as_bytes(),
+            "sl-api-key-0123456789abcdef",
+        );
         assert_eq!(sig, "2f2200788ba8bf16584cec1d1ad529b3");
     }
 
@@ -283,7 +356,10 @@ mod tests {
     fn modify_ts_falls_back_to_the_change_time() {
         let payload = json!({});
         let b = body("a@b.co", payload.as_object().unwrap(), 1700000000000).unwrap();
-        assert_eq!(serde_json::to_string(&b).unwrap(), r#"{"email":"a@b.co","modify_ts":1700000000000}"#);
+        assert_eq!(
+            serde_json::to_string(&b).unwrap(),
+            r#"{"email":"a@b.co","modify_ts":1700000000000}"#
+        );
     }
 
     #[test]
@@ -299,7 +375,9 @@ mod tests {
             (json!({"nope": 1}), "nope"),
         ] {
             match body("a@b.co", payload.as_object().unwrap(), 0) {
-                Err(DeliveryError::Permanent { text, .. }) => assert!(text.contains(field), "{text}"),
+                Err(DeliveryError::Permanent { text, .. }) => {
+                    assert!(text.contains(field), "{text}")
+                }
                 other => panic!("{payload}: {other:?}"),
             }
         }
@@ -315,9 +393,16 @@ mod tests {
             Err(DeliveryError::Retryable { .. })
         ));
         assert_eq!(
-            read_answer(br#"{"code":22010,"msg":"no permission","seq":"s1"}"#, "s1", &[]),
+            read_answer(
+                br#"{"code":22010,"msg":"no permission","seq":"s1"}"#,
+                "s1",
+                &[]
+            ),
             Err(DeliveryError::permanent("22010", "no permission"))
         );
-        assert!(matches!(read_answer(b"{", "s1", &[]), Err(DeliveryError::Retryable { .. })));
+        assert!(matches!(
+            read_answer(b"{", "s1", &[]),
+            Err(DeliveryError::Retryable { .. })
+        ));
     }
 }

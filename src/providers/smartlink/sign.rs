@@ -4,7 +4,13 @@
 use crate::providers::md5_hex;
 
 pub fn sig(path: &str, params: &str, body: &[u8], api_key: &str) -> String {
-    md5_hex(&[path.as_bytes(), b"?", params.as_bytes(), body, api_key.as_bytes()])
+    md5_hex(&[
+        path.as_bytes(),
+        b"?",
+        params.as_bytes(),
+        body,
+        api_key.as_bytes(),
+    ])
 }
 
 #[cfg(test)]
