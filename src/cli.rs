@@ -2,7 +2,9 @@
 //! no SQL and no HTTP here.
 
 use crate::config::Settings;
+use crate::outbox::admin::{self, ActionResult, JobDetail, JobSummary, Status};
 use crate::outbox::{self, NewJob};
+use crate::table;
 use crate::providers::Registry;
 use crate::sandbox::{Sandbox, SandboxAccounts};
 use crate::telemetry::LogFormat;
@@ -49,6 +51,34 @@ pub enum Command {
     },
     /// Record a change (or, with --file, many).
     Enqueue(EnqueueArgs),
+    /// Counts per state and account, backlog, oldest runnable job, dead jobs.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// List or inspect jobs.
+    #[command(subcommand)]
+    Jobs(JobsCommand),
+    /// Put a dead or cancelled job back to pending (or every dead job with --dead).
+    Retry {
+        #[arg(required_unless_present = "dead", conflicts_with = "dead")]
+        id: Option<i64>,
+        #[arg(long)]
+        dead: bool,
+        /// With --dead: only this account's.
+        #[arg(long, requires = "dead")]
+        account: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Cancel a pending or dead job.
+    Cancel {
+        id: i64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The zero-setup demo: throwaway Postgres (unless DATABASE_URL), sandbox, sample changes.
+    Demo,
     /// Serve the JustClick and Smartlink simulators.
     Sandbox {
         #[arg(long, default_value = "127.0.0.1:8089")]
@@ -59,6 +89,29 @@ pub enum Command {
         /// Extra Smartlink account, GAMEID:SECRET (repeatable).
         #[arg(long = "smartlink", value_name = "GAMEID:SECRET")]
         smartlink: Vec<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum JobsCommand {
+    /// Newest first.
+    List {
+        #[arg(long)]
+        state: Option<String>,
+        #[arg(long)]
+        account: Option<String>,
+        #[arg(long)]
+        email: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: i64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// One job with its error history.
+    Show {
+        id: i64,
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -89,6 +142,61 @@ pub struct EnqueueArgs {
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let settings = Settings::load(cli.config.as_deref()).context("loading configuration")?;
     match cli.command {
+        Command::Demo => {
+            let url = settings.database.url.as_ref().map(|u| u.expose().to_string());
+            crate::demo::run(url).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Status { json } => {
+            let pool = connect(&settings).await?;
+            let status = admin::status(&pool).await?;
+            print!("{}", if json { to_json(&status)? } else { render_status(&status) });
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Jobs(JobsCommand::List { state, account, email, limit, json }) => {
+            if let Some(s) = &state {
+                if crate::outbox::JobState::parse(s).is_none() {
+                    bail!("--state {s:?}: expected one of pending, running, succeeded, dead, cancelled, coalesced");
+                }
+            }
+            let pool = connect(&settings).await?;
+            let jobs = admin::list(&pool, &admin::ListFilter { state, account, email, limit }).await?;
+            print!("{}", if json { to_json(&jobs)? } else { render_jobs(&jobs) });
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Jobs(JobsCommand::Show { id, json }) => {
+            let pool = connect(&settings).await?;
+            match admin::show(&pool, id).await? {
+                Some(job) => {
+                    print!("{}", if json { to_json(&job)? } else { render_job(&job) });
+                    Ok(ExitCode::SUCCESS)
+                }
+                None => {
+                    eprintln!("job {id} not found");
+                    Ok(ExitCode::from(2))
+                }
+            }
+        }
+        Command::Retry { id, dead, account, json } => {
+            let pool = connect(&settings).await?;
+            if dead {
+                let n = admin::retry_dead(&pool, account.as_deref()).await?;
+                if json {
+                    print!("{}", to_json(&serde_json::json!({"retried": n}))?);
+                } else {
+                    println!("{n} dead job(s) back to pending");
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
+            let id = id.context("a job id or --dead is required")?;
+            let result = admin::retry(&pool, id).await?;
+            Ok(report_action(id, "retry", result, json)?)
+        }
+        Command::Cancel { id, json } => {
+            let pool = connect(&settings).await?;
+            let result = admin::cancel(&pool, id).await?;
+            Ok(report_action(id, "cancel", result, json)?)
+        }
         Command::Migrate => {
             let pool = connect(&settings).await?;
             crate::migrate(&pool).await?;
@@ -365,4 +473,128 @@ async fn load_batch(pool: &PgPool, batch: Vec<(usize, NewJob)>) -> anyhow::Resul
         }
     }
     Ok((queued, rejected))
+}
+
+fn to_json<T: serde::Serialize>(value: &T) -> anyhow::Result<String> {
+    Ok(format!("{}\n", serde_json::to_string_pretty(value)?))
+}
+
+fn report_action(id: i64, verb: &str, (result, state): (ActionResult, Option<String>), json: bool) -> anyhow::Result<ExitCode> {
+    let state = state.unwrap_or_default();
+    if json {
+        print!("{}", to_json(&serde_json::json!({"id": id, "result": result, "state": state}))?);
+    } else {
+        match result {
+            ActionResult::Done => println!("job {id}: {state}"),
+            ActionResult::NotFound => eprintln!("job {id} not found"),
+            ActionResult::WrongState => eprintln!("job {id} is {state}: cannot {verb} it"),
+        }
+    }
+    Ok(match result {
+        ActionResult::Done => ExitCode::SUCCESS,
+        ActionResult::NotFound => ExitCode::from(2),
+        ActionResult::WrongState => ExitCode::from(3),
+    })
+}
+
+fn ts(t: &chrono::DateTime<chrono::Utc>) -> String {
+    t.format("%Y-%m-%d %H:%M:%S").to_string()
+}
+
+/// `status` as tables.
+pub fn render_status(status: &Status) -> String {
+    use std::collections::BTreeMap;
+    let mut by_account: BTreeMap<&str, BTreeMap<&str, i64>> = BTreeMap::new();
+    for c in &status.counts {
+        by_account.entry(c.account.as_str()).or_default().insert(c.state.as_str(), c.count);
+    }
+    let states = ["pending", "running", "succeeded", "coalesced", "dead", "cancelled"];
+    let rows: Vec<Vec<String>> = by_account
+        .iter()
+        .map(|(account, counts)| {
+            let mut row = vec![account.to_string()];
+            row.extend(states.iter().map(|s| counts.get(s).copied().unwrap_or(0).to_string()));
+            row
+        })
+        .collect();
+    let mut out = table::render(&["ACCOUNT", "PENDING", "RUNNING", "SUCCEEDED", "COALESCED", "DEAD", "CANCELLED"], &rows);
+    if !status.backlog.is_empty() {
+        out.push('\n');
+        let rows: Vec<Vec<String>> = status
+            .backlog
+            .iter()
+            .map(|b| {
+                vec![
+                    b.account.clone(),
+                    b.runnable.to_string(),
+                    b.scheduled.to_string(),
+                    b.oldest_runnable_age_s.map(|s| format!("{s:.1}s")).unwrap_or_else(|| "-".into()),
+                ]
+            })
+            .collect();
+        out.push_str(&table::render(&["ACCOUNT", "RUNNABLE", "SCHEDULED", "OLDEST RUNNABLE"], &rows));
+    }
+    out.push_str(&format!("\ndead jobs: {}\n", status.dead));
+    out
+}
+
+/// `jobs list` as a table.
+pub fn render_jobs(jobs: &[JobSummary]) -> String {
+    let rows: Vec<Vec<String>> = jobs
+        .iter()
+        .map(|j| {
+            vec![
+                j.id.to_string(),
+                j.provider.clone(),
+                j.account.clone(),
+                j.email.clone(),
+                j.state.clone(),
+                j.attempts.to_string(),
+                ts(&j.run_at),
+                j.last_error.as_deref().map(|e| e.chars().take(60).collect()).unwrap_or_default(),
+            ]
+        })
+        .collect();
+    table::render(&["ID", "PROVIDER", "ACCOUNT", "EMAIL", "STATE", "ATTEMPTS", "RUN AT", "LAST ERROR"], &rows)
+}
+
+/// `jobs show` as a key/value block and the error history.
+pub fn render_job(j: &JobDetail) -> String {
+    let opt = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
+    let rows = vec![
+        vec!["id".into(), j.id.to_string()],
+        vec!["provider".into(), j.provider.clone()],
+        vec!["account".into(), j.account.clone()],
+        vec!["email".into(), j.email.clone()],
+        vec!["state".into(), j.state.clone()],
+        vec!["attempts".into(), format!("{}{}", j.attempts, j.max_attempts.map(|m| format!(" of {m}")).unwrap_or_default())],
+        vec!["run at".into(), ts(&j.run_at)],
+        vec!["created at".into(), ts(&j.created_at)],
+        vec!["finished at".into(), j.finished_at.as_ref().map(ts).unwrap_or_else(|| "-".into())],
+        vec!["locked by".into(), opt(&j.locked_by)],
+        vec!["idempotency key".into(), opt(&j.idempotency_key)],
+        vec!["coalesced into".into(), j.coalesced_into.map(|i| i.to_string()).unwrap_or_else(|| "-".into())],
+        vec!["double opt-in".into(), opt(&j.doi)],
+        vec!["payload".into(), j.payload.to_string()],
+        vec!["last error".into(), opt(&j.last_error)],
+    ];
+    let mut out = table::render(&["FIELD", "VALUE"], &rows);
+    let history: Vec<Vec<String>> = j
+        .errors
+        .as_array()
+        .map(|errors| {
+            errors
+                .iter()
+                .map(|e| {
+                    let text = |k: &str| e.get(k).map(|v| v.as_str().map(String::from).unwrap_or_else(|| v.to_string())).unwrap_or_default();
+                    vec![text("attempt"), text("at"), text("kind"), text("code").replace("null", "-"), text("error")]
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    if !history.is_empty() {
+        out.push_str("\nerror history\n");
+        out.push_str(&table::render(&["ATTEMPT", "AT", "KIND", "CODE", "ERROR"], &history));
+    }
+    out
 }

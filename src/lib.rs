@@ -62,6 +62,7 @@ pub mod pg;
 pub mod providers;
 pub mod sandbox;
 pub mod secret;
+pub mod table;
 pub mod telemetry;
 pub mod worker;
 

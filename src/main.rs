@@ -5,7 +5,12 @@ use std::process::ExitCode;
 
 fn main() -> ExitCode {
     let cli = contact_sync::cli::Cli::parse();
-    contact_sync::telemetry::init(cli.log_format);
+    // The demo and the benchmark narrate on stdout; their logs default to warnings.
+    let default_level = match cli.command {
+        contact_sync::cli::Command::Demo => "warn",
+        _ => "info",
+    };
+    contact_sync::telemetry::init(cli.log_format, default_level);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -1,1 +1,253 @@
+//! Operator queries: `status`, `jobs list`, `jobs show`, `retry`, `cancel`, and the queue
+//! gauges of `/metrics`. Filters are bound parameters, never formatted into SQL.
 
+use super::job::JobId;
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde_json::Value;
+use sqlx::{PgPool, QueryBuilder};
+
+/// Jobs per account and state.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, PartialEq, Eq)]
+pub struct StateCount {
+    pub account: String,
+    pub state: String,
+    pub count: i64,
+}
+
+/// The runnable backlog of one account.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, PartialEq)]
+pub struct Backlog {
+    pub account: String,
+    /// Pending jobs due now.
+    pub runnable: i64,
+    /// Pending jobs scheduled later (retries, future run_at).
+    pub scheduled: i64,
+    /// Age of the oldest job due now, in seconds.
+    pub oldest_runnable_age_s: Option<f64>,
+}
+
+/// What `contact-sync status` shows.
+#[derive(Debug, Clone, Serialize)]
+pub struct Status {
+    pub counts: Vec<StateCount>,
+    pub backlog: Vec<Backlog>,
+    pub dead: i64,
+}
+
+pub async fn status(pool: &PgPool) -> Result<Status, sqlx::Error> {
+    let counts = sqlx::query_as::<_, StateCount>(
+        // language=PostgreSQL
+        "SELECT account, state, count(*) AS count FROM contact_sync.jobs GROUP BY account, state ORDER BY account, state",
+    )
+    .fetch_all(pool)
+    .await?;
+    let backlog = backlog(pool).await?;
+    let dead = counts.iter().filter(|c| c.state == "dead").map(|c| c.count).sum();
+    Ok(Status { counts, backlog, dead })
+}
+
+/// Pending work per account (uses the pending partial index only).
+pub async fn backlog(pool: &PgPool) -> Result<Vec<Backlog>, sqlx::Error> {
+    sqlx::query_as::<_, Backlog>(
+        // language=PostgreSQL
+        r#"
+        SELECT account,
+               count(*) FILTER (WHERE run_at <= now()) AS runnable,
+               count(*) FILTER (WHERE run_at > now()) AS scheduled,
+               extract(epoch FROM now() - min(run_at) FILTER (WHERE run_at <= now()))::float8 AS oldest_runnable_age_s
+        FROM contact_sync.jobs WHERE state = 'pending'
+        GROUP BY account ORDER BY account
+        "#,
+    )
+    .fetch_all(pool)
+    .await
+}
+
+/// One line of `jobs list`.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct JobSummary {
+    pub id: JobId,
+    pub provider: String,
+    pub account: String,
+    pub email: String,
+    pub state: String,
+    pub attempts: i32,
+    pub run_at: DateTime<Utc>,
+    pub created_at: DateTime<Utc>,
+    pub last_error: Option<String>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct ListFilter {
+    pub state: Option<String>,
+    pub account: Option<String>,
+    pub email: Option<String>,
+    pub limit: i64,
+}
+
+pub async fn list(pool: &PgPool, filter: &ListFilter) -> Result<Vec<JobSummary>, sqlx::Error> {
+    let mut q = QueryBuilder::new(
+        "SELECT id, provider, account, email, state, attempts, run_at, created_at, last_error FROM contact_sync.jobs WHERE true",
+    );
+    if let Some(state) = &filter.state {
+        q.push(" AND state = ").push_bind(state);
+    }
+    if let Some(account) = &filter.account {
+        q.push(" AND account = ").push_bind(account);
+    }
+    if let Some(email) = &filter.email {
+        q.push(" AND lower(email) = lower(").push_bind(email).push(")");
+    }
+    q.push(" ORDER BY id DESC LIMIT ").push_bind(filter.limit.clamp(1, 10_000));
+    q.build_query_as::<JobSummary>().fetch_all(pool).await
+}
+
+/// Everything about one job, with its error history.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct JobDetail {
+    pub id: JobId,
+    pub provider: String,
+    pub account: String,
+    pub email: String,
+    pub payload: Value,
+    pub idempotency_key: Option<String>,
+    pub state: String,
+    pub attempts: i32,
+    pub max_attempts: Option<i32>,
+    pub run_at: DateTime<Utc>,
+    pub created_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub locked_until: Option<DateTime<Utc>>,
+    pub locked_by: Option<String>,
+    pub last_error: Option<String>,
+    pub errors: Value,
+    pub coalesced_into: Option<JobId>,
+    pub doi: Option<String>,
+}
+
+pub async fn show(pool: &PgPool, id: JobId) -> Result<Option<JobDetail>, sqlx::Error> {
+    sqlx::query_as::<_, JobDetail>(
+        // language=PostgreSQL
+        r#"
+        SELECT id, provider, account, email, payload, idempotency_key, state, attempts, max_attempts, run_at,
+               created_at, finished_at, locked_until, locked_by, last_error, errors, coalesced_into, doi
+        FROM contact_sync.jobs WHERE id = $1
+        "#,
+    )
+    .bind(id)
+    .fetch_optional(pool)
+    .await
+}
+
+/// What an operator action did to one job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ActionResult {
+    Done,
+    NotFound,
+    /// The job is in a state the action does not apply to (the state is returned).
+    WrongState,
+}
+
+/// The job's current state, if it exists.
+async fn state_of(pool: &PgPool, id: JobId) -> Result<Option<String>, sqlx::Error> {
+    sqlx::query_scalar("SELECT state FROM contact_sync.jobs WHERE id = $1").bind(id).fetch_optional(pool).await
+}
+
+/// A `dead` or `cancelled` job back to `pending`, runnable now, with a fresh set of attempts
+/// (its error history is kept).
+pub async fn retry(pool: &PgPool, id: JobId) -> Result<(ActionResult, Option<String>), sqlx::Error> {
+    let done = sqlx::query(
+        // language=PostgreSQL
+        r#"
+        UPDATE contact_sync.jobs
+        SET state = 'pending', attempts = 0, run_at = now(), finished_at = NULL, locked_until = NULL, locked_by = NULL
+        WHERE id = $1 AND state IN ('dead', 'cancelled')
+        "#,
+    )
+    .bind(id)
+    .execute(pool)
+    .await?;
+    if done.rows_affected() == 1 {
+        notify(pool).await?;
+        return Ok((ActionResult::Done, Some("pending".into())));
+    }
+    Ok(match state_of(pool, id).await? {
+        None => (ActionResult::NotFound, None),
+        Some(s) => (ActionResult::WrongState, Some(s)),
+    })
+}
+
+/// Every `dead` job (of one account) back to `pending`; returns how many.
+pub async fn retry_dead(pool: &PgPool, account: Option<&str>) -> Result<u64, sqlx::Error> {
+    let done = sqlx::query(
+        // language=PostgreSQL
+        r#"
+        UPDATE contact_sync.jobs
+        SET state = 'pending', attempts = 0, run_at = now(), finished_at = NULL
+        WHERE state = 'dead' AND ($1::text IS NULL OR account = $1)
+        "#,
+    )
+    .bind(account)
+    .execute(pool)
+    .await?;
+    if done.rows_affected() > 0 {
+        notify(pool).await?;
+    }
+    Ok(done.rows_affected())
+}
+
+/// A `pending` or `dead` job to `cancelled` (a `running` one must finish or be released first).
+pub async fn cancel(pool: &PgPool, id: JobId) -> Result<(ActionResult, Option<String>), sqlx::Error> {
+    let done = sqlx::query(
+        // language=PostgreSQL
+        "UPDATE contact_sync.jobs SET state = 'cancelled', finished_at = now() WHERE id = $1 AND state IN ('pending', 'dead')",
+    )
+    .bind(id)
+    .execute(pool)
+    .await?;
+    if done.rows_affected() == 1 {
+        return Ok((ActionResult::Done, Some("cancelled".into())));
+    }
+    Ok(match state_of(pool, id).await? {
+        None => (ActionResult::NotFound, None),
+        Some(s) => (ActionResult::WrongState, Some(s)),
+    })
+}
+
+async fn notify(pool: &PgPool) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT pg_notify('contact_sync_jobs', '')").execute(pool).await.map(|_| ())
+}
+
+/// Deletes every job of `account` and the double-opt-in rows of `api_key_id` (the demo's own
+/// clean-up; not exposed on the command line).
+pub async fn purge_account(pool: &PgPool, account: &str, api_key_id: Option<&str>) -> Result<u64, sqlx::Error> {
+    let n = sqlx::query("DELETE FROM contact_sync.jobs WHERE account = $1").bind(account).execute(pool).await?.rows_affected();
+    sqlx::query("DELETE FROM contact_sync.doi_deferred WHERE account = $1").bind(account).execute(pool).await?;
+    if let Some(key) = api_key_id {
+        sqlx::query("DELETE FROM contact_sync.doi_ledger WHERE api_key_id = $1").bind(key).execute(pool).await?;
+    }
+    Ok(n)
+}
+
+/// Counts per state for some accounts (progress lines, summaries).
+pub async fn counts_for(pool: &PgPool, accounts: &[String]) -> Result<Vec<StateCount>, sqlx::Error> {
+    sqlx::query_as::<_, StateCount>(
+        // language=PostgreSQL
+        "SELECT account, state, count(*) AS count FROM contact_sync.jobs WHERE account = ANY($1) GROUP BY account, state ORDER BY account, state",
+    )
+    .bind(accounts)
+    .fetch_all(pool)
+    .await
+}
+
+/// Failed attempts recorded for some accounts (the sum of their error histories).
+pub async fn failed_attempts(pool: &PgPool, accounts: &[String]) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT coalesce(sum(jsonb_array_length(errors)), 0)::bigint FROM contact_sync.jobs WHERE account = ANY($1)",
+    )
+    .bind(accounts)
+    .fetch_one(pool)
+    .await
+}

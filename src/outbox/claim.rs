@@ -139,7 +139,7 @@ pub async fn next_due_in(
     let ms: Option<f64> = sqlx::query_scalar(
         // language=PostgreSQL
         r#"
-        SELECT greatest(0, extract(epoch FROM (min(run_at) - now())) * 1000)::float8
+        SELECT (extract(epoch FROM (min(run_at) - now())) * 1000)::float8
         FROM contact_sync.jobs WHERE account = ANY($1) AND state = 'pending'
         "#,
     )

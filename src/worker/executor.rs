@@ -54,7 +54,8 @@ pub async fn execute(
     permit: OwnedSemaphorePermit,
     completions: mpsc::UnboundedSender<Completion>,
 ) {
-    let span = tracing::info_span!(
+    // ERROR level so the job context shows on every event the filter lets through.
+    let span = tracing::error_span!(
         "job",
         job_id = job.id,
         provider = %job.provider,

@@ -33,7 +33,11 @@ pub async fn run(shared: Arc<Shared>, shutdown: CancellationToken, drain: bool) 
     let mut tasks = JoinSet::new();
     let mut db_backoff = Duration::ZERO;
 
-    tracing::info!(worker = %shared.worker_id, accounts = ?shared.accounts, concurrency = w.concurrency, drain, "worker started");
+    if drain {
+        tracing::debug!(worker = %shared.worker_id, accounts = ?shared.accounts, "draining");
+    } else {
+        tracing::info!(worker = %shared.worker_id, accounts = ?shared.accounts, concurrency = w.concurrency, "worker started");
+    }
     loop {
         if shutdown.is_cancelled() {
             break;
@@ -193,7 +197,11 @@ pub async fn run(shared: Arc<Shared>, shutdown: CancellationToken, drain: bool) 
     let _ = listener.await;
     let _ = upkeep.await;
     m::in_flight(0);
-    tracing::info!(worker = %shared.worker_id, report = ?shared.stats.report(), "worker stopped");
+    if drain {
+        tracing::debug!(worker = %shared.worker_id, report = ?shared.stats.report(), "drained");
+    } else {
+        tracing::info!(worker = %shared.worker_id, report = ?shared.stats.report(), "worker stopped");
+    }
 }
 
 fn in_flight_is_empty(shared: &Shared) -> bool {
