@@ -26,7 +26,9 @@ pub fn recorder() -> Option<PrometheusHandle> {
             let recorder = PrometheusBuilder::new()
                 .set_buckets_for_metric(
                     Matcher::Full("contact_sync_provider_request_duration_seconds".into()),
-                    &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0],
+                    &[
+                        0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                    ],
                 )
                 .ok()?
                 .build_recorder();
@@ -45,7 +47,10 @@ struct AdminState {
 
 /// The admin routes, for [`serve`] and for tests.
 pub fn router(pool: PgPool) -> Router {
-    let state = AdminState { pool, handle: recorder() };
+    let state = AdminState {
+        pool,
+        handle: recorder(),
+    };
     Router::new()
         .route("/metrics", get(metrics_page))
         .route("/healthz", get(|| async { "ok\n" }))
@@ -54,12 +59,22 @@ pub fn router(pool: PgPool) -> Router {
 }
 
 /// Serves the admin routes on `listener` until `stop` fires.
-pub async fn serve(listener: TcpListener, pool: PgPool, stop: CancellationToken) -> std::io::Result<()> {
-    axum::serve(listener, router(pool)).with_graceful_shutdown(stop.cancelled_owned()).await
+pub async fn serve(
+    listener: TcpListener,
+    pool: PgPool,
+    stop: CancellationToken,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(pool))
+        .with_graceful_shutdown(stop.cancelled_owned())
+        .await
 }
 
 /// Binds `admin.listen` (unless empty) and serves in the background.
-pub async fn spawn(settings: &Settings, pool: PgPool, stop: CancellationToken) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
+pub async fn spawn(
+    settings: &Settings,
+    pool: PgPool,
+    stop: CancellationToken,
+) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
     if settings.admin.listen.is_empty() {
         return Ok(None);
     }
@@ -82,8 +97,10 @@ async fn metrics_page(State(state): State<AdminState>) -> impl IntoResponse {
     match backlog(&state.pool).await {
         Ok(rows) => {
             for row in rows {
-                metrics::gauge!("contact_sync_queue_runnable", "account" => row.account.clone()).set(row.runnable as f64);
-                metrics::gauge!("contact_sync_queue_scheduled", "account" => row.account.clone()).set(row.scheduled as f64);
+                metrics::gauge!("contact_sync_queue_runnable", "account" => row.account.clone())
+                    .set(row.runnable as f64);
+                metrics::gauge!("contact_sync_queue_scheduled", "account" => row.account.clone())
+                    .set(row.scheduled as f64);
                 metrics::gauge!("contact_sync_queue_oldest_runnable_age_seconds", "account" => row.account)
                     .set(row.oldest_runnable_age_s.unwrap_or(0.0));
             }
@@ -91,15 +108,30 @@ async fn metrics_page(State(state): State<AdminState>) -> impl IntoResponse {
         Err(e) => tracing::warn!(error = %e, "queue gauges unavailable"),
     }
     match &state.handle {
-        Some(handle) => (StatusCode::OK, [("content-type", "text/plain; version=0.0.4")], handle.render()).into_response(),
-        None => (StatusCode::SERVICE_UNAVAILABLE, "metrics recorder not installed\n").into_response(),
+        Some(handle) => (
+            StatusCode::OK,
+            [("content-type", "text/plain; version=0.0.4")],
+            handle.render(),
+        )
+            .into_response(),
+        None => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "metrics recorder not installed\n",
+        )
+            .into_response(),
     }
 }
 
 async fn ready(State(state): State<AdminState>) -> impl IntoResponse {
     match crate::migrate::is_current(&state.pool).await {
         Ok(true) => (StatusCode::OK, "ready\n".to_string()),
-        Ok(false) => (StatusCode::SERVICE_UNAVAILABLE, "migrations not current\n".to_string()),
-        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("database unreachable: {e}\n")),
+        Ok(false) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "migrations not current\n".to_string(),
+        ),
+        Err(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("database unreachable: {e}\n"),
+        ),
     }
 }

@@ -4,9 +4,9 @@
 use crate::config::Settings;
 use crate::outbox::admin::{self, ActionResult, JobDetail, JobSummary, Status};
 use crate::outbox::{self, NewJob};
-use crate::table;
 use crate::providers::Registry;
 use crate::sandbox::{Sandbox, SandboxAccounts};
+use crate::table;
 use crate::telemetry::LogFormat;
 use crate::worker::{shutdown, Worker};
 use anyhow::{bail, Context};
@@ -143,32 +143,72 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let settings = Settings::load(cli.config.as_deref()).context("loading configuration")?;
     match cli.command {
         Command::Demo => {
-            let url = settings.database.url.as_ref().map(|u| u.expose().to_string());
+            let url = settings
+                .database
+                .url
+                .as_ref()
+                .map(|u| u.expose().to_string());
             crate::demo::run(url).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Status { json } => {
             let pool = connect(&settings).await?;
             let status = admin::status(&pool).await?;
-            print!("{}", if json { to_json(&status)? } else { render_status(&status) });
+            print!(
+                "{}",
+                if json {
+                    to_json(&status)?
+                } else {
+                    render_status(&status)
+                }
+            );
             Ok(ExitCode::SUCCESS)
         }
-        Command::Jobs(JobsCommand::List { state, account, email, limit, json }) => {
+        Command::Jobs(JobsCommand::List {
+            state,
+            account,
+            email,
+            limit,
+            json,
+        }) => {
             if let Some(s) = &state {
                 if crate::outbox::JobState::parse(s).is_none() {
                     bail!("--state {s:?}: expected one of pending, running, succeeded, dead, cancelled, coalesced");
                 }
             }
             let pool = connect(&settings).await?;
-            let jobs = admin::list(&pool, &admin::ListFilter { state, account, email, limit }).await?;
-            print!("{}", if json { to_json(&jobs)? } else { render_jobs(&jobs) });
+            let jobs = admin::list(
+                &pool,
+                &admin::ListFilter {
+                    state,
+                    account,
+                    email,
+                    limit,
+                },
+            )
+            .await?;
+            print!(
+                "{}",
+                if json {
+                    to_json(&jobs)?
+                } else {
+                    render_jobs(&jobs)
+                }
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Jobs(JobsCommand::Show { id, json }) => {
             let pool = connect(&settings).await?;
             match admin::show(&pool, id).await? {
                 Some(job) => {
-                    print!("{}", if json { to_json(&job)? } else { render_job(&job) });
+                    print!(
+                        "{}",
+                        if json {
+                            to_json(&job)?
+                        } else {
+                            render_job(&job)
+                        }
+                    );
                     Ok(ExitCode::SUCCESS)
                 }
                 None => {
@@ -177,7 +217,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
             }
         }
-        Command::Retry { id, dead, account, json } => {
+        Command::Retry {
+            id,
+            dead,
+            account,
+            json,
+        } => {
             let pool = connect(&settings).await?;
             if dead {
                 let n = admin::retry_dead(&pool, account.as_deref()).await?;
@@ -479,10 +524,18 @@ fn to_json<T: serde::Serialize>(value: &T) -> anyhow::Result<String> {
     Ok(format!("{}\n", serde_json::to_string_pretty(value)?))
 }
 
-fn report_action(id: i64, verb: &str, (result, state): (ActionResult, Option<String>), json: bool) -> anyhow::Result<ExitCode> {
+fn report_action(
+    id: i64,
+    verb: &str,
+    (result, state): (ActionResult, Option<String>),
+    json: bool,
+) -> anyhow::Result<ExitCode> {
     let state = state.unwrap_or_default();
     if json {
-        print!("{}", to_json(&serde_json::json!({"id": id, "result": result, "state": state}))?);
+        print!(
+            "{}",
+            to_json(&serde_json::json!({"id": id, "result": result, "state": state}))?
+        );
     } else {
         match result {
             ActionResult::Done => println!("job {id}: {state}"),
@@ -506,18 +559,43 @@ pub fn render_status(status: &Status) -> String {
     use std::collections::BTreeMap;
     let mut by_account: BTreeMap<&str, BTreeMap<&str, i64>> = BTreeMap::new();
     for c in &status.counts {
-        by_account.entry(c.account.as_str()).or_default().insert(c.state.as_str(), c.count);
+        by_account
+            .entry(c.account.as_str())
+            .or_default()
+            .insert(c.state.as_str(), c.count);
     }
-    let states = ["pending", "running", "succeeded", "coalesced", "dead", "cancelled"];
+    let states = [
+        "pending",
+        "running",
+        "succeeded",
+        "coalesced",
+        "dead",
+        "cancelled",
+    ];
     let rows: Vec<Vec<String>> = by_account
         .iter()
         .map(|(account, counts)| {
             let mut row = vec![account.to_string()];
-            row.extend(states.iter().map(|s| counts.get(s).copied().unwrap_or(0).to_string()));
+            row.extend(
+                states
+                    .iter()
+                    .map(|s| counts.get(s).copied().unwrap_or(0).to_string()),
+            );
             row
         })
         .collect();
-    let mut out = table::render(&["ACCOUNT", "PENDING", "RUNNING", "SUCCEEDED", "COALESCED", "DEAD", "CANCELLED"], &rows);
+    let mut out = table::render(
+        &[
+            "ACCOUNT",
+            "PENDING",
+            "RUNNING",
+            "SUCCEEDED",
+            "COALESCED",
+            "DEAD",
+            "CANCELLED",
+        ],
+        &rows,
+    );
     if !status.backlog.is_empty() {
         out.push('\n');
         let rows: Vec<Vec<String>> = status
@@ -528,11 +606,16 @@ pub fn render_status(status: &Status) -> String {
                     b.account.clone(),
                     b.runnable.to_string(),
                     b.scheduled.to_string(),
-                    b.oldest_runnable_age_s.map(|s| format!("{s:.1}s")).unwrap_or_else(|| "-".into()),
+                    b.oldest_runnable_age_s
+                        .map(|s| format!("{s:.1}s"))
+                        .unwrap_or_else(|| "-".into()),
                 ]
             })
             .collect();
-        out.push_str(&table::render(&["ACCOUNT", "RUNNABLE", "SCHEDULED", "OLDEST RUNNABLE"], &rows));
+        out.push_str(&table::render(
+            &["ACCOUNT", "RUNNABLE", "SCHEDULED", "OLDEST RUNNABLE"],
+            &rows,
+        ));
     }
     out.push_str(&format!("\ndead jobs: {}\n", status.dead));
     out
@@ -551,11 +634,26 @@ pub fn render_jobs(jobs: &[JobSummary]) -> String {
                 j.state.clone(),
                 j.attempts.to_string(),
                 ts(&j.run_at),
-                j.last_error.as_deref().map(|e| e.chars().take(60).collect()).unwrap_or_default(),
+                j.last_error
+                    .as_deref()
+                    .map(|e| e.chars().take(60).collect())
+                    .unwrap_or_default(),
             ]
         })
         .collect();
-    table::render(&["ID", "PROVIDER", "ACCOUNT", "EMAIL", "STATE", "ATTEMPTS", "RUN AT", "LAST ERROR"], &rows)
+    table::render(
+        &[
+            "ID",
+            "PROVIDER",
+            "ACCOUNT",
+            "EMAIL",
+            "STATE",
+            "ATTEMPTS",
+            "RUN AT",
+            "LAST ERROR",
+        ],
+        &rows,
+    )
 }
 
 /// `jobs show` as a key/value block and the error history.
@@ -567,13 +665,30 @@ pub fn render_job(j: &JobDetail) -> String {
         vec!["account".into(), j.account.clone()],
         vec!["email".into(), j.email.clone()],
         vec!["state".into(), j.state.clone()],
-        vec!["attempts".into(), format!("{}{}", j.attempts, j.max_attempts.map(|m| format!(" of {m}")).unwrap_or_default())],
+        vec![
+            "attempts".into(),
+            format!(
+                "{}{}",
+                j.attempts,
+                j.max_attempts
+                    .map(|m| format!(" of {m}"))
+                    .unwrap_or_default()
+            ),
+        ],
         vec!["run at".into(), ts(&j.run_at)],
         vec!["created at".into(), ts(&j.created_at)],
-        vec!["finished at".into(), j.finished_at.as_ref().map(ts).unwrap_or_else(|| "-".into())],
+        vec![
+            "finished at".into(),
+            j.finished_at.as_ref().map(ts).unwrap_or_else(|| "-".into()),
+        ],
         vec!["locked by".into(), opt(&j.locked_by)],
         vec!["idempotency key".into(), opt(&j.idempotency_key)],
-        vec!["coalesced into".into(), j.coalesced_into.map(|i| i.to_string()).unwrap_or_else(|| "-".into())],
+        vec![
+            "coalesced into".into(),
+            j.coalesced_into
+                .map(|i| i.to_string())
+                .unwrap_or_else(|| "-".into()),
+        ],
         vec!["double opt-in".into(), opt(&j.doi)],
         vec!["payload".into(), j.payload.to_string()],
         vec!["last error".into(), opt(&j.last_error)],
@@ -586,15 +701,32 @@ pub fn render_job(j: &JobDetail) -> String {
             errors
                 .iter()
                 .map(|e| {
-                    let text = |k: &str| e.get(k).map(|v| v.as_str().map(String::from).unwrap_or_else(|| v.to_string())).unwrap_or_default();
-                    vec![text("attempt"), text("at"), text("kind"), text("code").replace("null", "-"), text("error")]
+                    let text = |k: &str| {
+                        e.get(k)
+                            .map(|v| {
+                                v.as_str()
+                                    .map(String::from)
+                                    .unwrap_or_else(|| v.to_string())
+                            })
+                            .unwrap_or_default()
+                    };
+                    vec![
+                        text("attempt"),
+                        text("at"),
+                        text("kind"),
+                        text("code").replace("null", "-"),
+                        text("error"),
+                    ]
                 })
                 .collect()
         })
         .unwrap_or_default();
     if !history.is_empty() {
         out.push_str("\nerror history\n");
-        out.push_str(&table::render(&["ATTEMPT", "AT", "KIND", "CODE", "ERROR"], &history));
+        out.push_str(&table::render(
+            &["ATTEMPT", "AT", "KIND", "CODE", "ERROR"],
+            &history,
+        ));
     }
     out
 }

@@ -29,7 +29,9 @@ pub const ACCOUNTS: [&str; 2] = ["demo_jc", "demo_sl"];
 
 /// The demo's provider accounts (also the sandbox's default credentials).
 pub fn sandbox_accounts() -> SandboxAccounts {
-    SandboxAccounts::default().with_justclick(JC_LOGIN, JC_SECRET).with_smartlink(SL_GAME, SL_SECRET)
+    SandboxAccounts::default()
+        .with_justclick(JC_LOGIN, JC_SECRET)
+        .with_smartlink(SL_GAME, SL_SECRET)
 }
 
 /// What the demo ended with.
@@ -45,7 +47,11 @@ pub struct DemoSummary {
 
 impl DemoSummary {
     pub fn count(&self, state: &str) -> i64 {
-        self.counts.iter().filter(|c| c.state == state).map(|c| c.count).sum()
+        self.counts
+            .iter()
+            .filter(|c| c.state == state)
+            .map(|c| c.count)
+            .sum()
     }
 }
 
@@ -56,38 +62,74 @@ fn demo_settings(sandbox: &Sandbox) -> Settings {
     settings.worker.backoff_base = Duration::from_millis(200);
     settings.worker.backoff_cap = Duration::from_secs(1);
     settings.http.request_timeout = Duration::from_secs(2);
-    let account = |provider, login: Option<&str>, game: Option<&str>, secret: &str, base: String| AccountSettings {
-        provider,
-        login: login.map(String::from),
-        game_id: game.map(String::from),
-        secret: Secret::new(secret),
-        base_url: Some(base),
-        rate_limit_per_second: None,
-        burst: None,
-        allow_insecure_http: false,
-        double_opt_in: DoubleOptIn::Defer,
-        retryable_codes: vec![],
-    };
+    let account =
+        |provider, login: Option<&str>, game: Option<&str>, secret: &str, base: String| {
+            AccountSettings {
+                provider,
+                login: login.map(String::from),
+                game_id: game.map(String::from),
+                secret: Secret::new(secret),
+                base_url: Some(base),
+                rate_limit_per_second: None,
+                burst: None,
+                allow_insecure_http: false,
+                double_opt_in: DoubleOptIn::Defer,
+                retryable_codes: vec![],
+            }
+        };
     settings.accounts.insert(
         ACCOUNTS[0].into(),
-        account(ProviderKind::Justclick, Some(JC_LOGIN), None, JC_SECRET, sandbox.justclick_base_url(JC_LOGIN)),
+        account(
+            ProviderKind::Justclick,
+            Some(JC_LOGIN),
+            None,
+            JC_SECRET,
+            sandbox.justclick_base_url(JC_LOGIN),
+        ),
     );
     settings.accounts.insert(
         ACCOUNTS[1].into(),
-        account(ProviderKind::Smartlink, None, Some(SL_GAME), SL_SECRET, sandbox.smartlink_base_url()),
+        account(
+            ProviderKind::Smartlink,
+            None,
+            Some(SL_GAME),
+            SL_SECRET,
+            sandbox.smartlink_base_url(),
+        ),
     );
     settings
 }
 
-const FIRST: [&str; 8] = ["Анна", "Boris", "Chloé", "Dmitri", "Eve", "Фёдор", "Grace", "Hugo"];
-const CITIES: [&str; 6] = ["Москва", "Berlin", "São Paulo", "Мухоловск", "Zürich", "Lyon"];
+const FIRST: [&str; 8] = [
+    "Анна",
+    "Boris",
+    "Chloé",
+    "Dmitri",
+    "Eve",
+    "Фёдор",
+    "Grace",
+    "Hugo",
+];
+const CITIES: [&str; 6] = [
+    "Москва",
+    "Berlin",
+    "São Paulo",
+    "Мухоловск",
+    "Zürich",
+    "Lyon",
+];
 
 fn first_wave() -> Vec<NewJob> {
     let mut jobs = Vec::new();
     for i in 0..40 {
         let email = format!("customer{i}@example.com");
         let name = format!("{} {}", FIRST[i % FIRST.len()], i);
-        jobs.push(NewJob::new("justclick", ACCOUNTS[0], &email, json!({"lead_name": name, "lead_tags": ["newsletter"]})));
+        jobs.push(NewJob::new(
+            "justclick",
+            ACCOUNTS[0],
+            &email,
+            json!({"lead_name": name, "lead_tags": ["newsletter"]}),
+        ));
         jobs.push(NewJob::new("justclick", ACCOUNTS[0], &email, json!({"lead_city": CITIES[i % CITIES.len()], "lead_phone": format!("+7 900 000-{i:02}-{i:02}")})));
         jobs.push(NewJob::new(
             "smartlink",
@@ -97,9 +139,19 @@ fn first_wave() -> Vec<NewJob> {
         ));
     }
     // a contact JustClick does not know: a permanent failure
-    jobs.push(NewJob::new("justclick", ACCOUNTS[0], "unknown.person@example.com", json!({"lead_name": "Nobody"})));
+    jobs.push(NewJob::new(
+        "justclick",
+        ACCOUNTS[0],
+        "unknown.person@example.com",
+        json!({"lead_name": "Nobody"}),
+    ));
     // double opt-in: asks to confirm
-    jobs.push(NewJob::new("smartlink", ACCOUNTS[1], "confirm.me@example.com", json!({"subscribe": 3})));
+    jobs.push(NewJob::new(
+        "smartlink",
+        ACCOUNTS[1],
+        "confirm.me@example.com",
+        json!({"subscribe": 3}),
+    ));
     jobs
 }
 
@@ -107,11 +159,21 @@ fn second_wave() -> Vec<NewJob> {
     let mut jobs = Vec::new();
     for i in 0..20 {
         let email = format!("customer{i}@example.com");
-        jobs.push(NewJob::new("smartlink", ACCOUNTS[1], &email, json!({"attributes": {"last_order": format!("#{}", 1000 + i)}})));
+        jobs.push(NewJob::new(
+            "smartlink",
+            ACCOUNTS[1],
+            &email,
+            json!({"attributes": {"last_order": format!("#{}", 1000 + i)}}),
+        ));
     }
     // asks to confirm again within the hour: the provider would not send a second email, so the
     // status is deferred until the window ends
-    jobs.push(NewJob::new("smartlink", ACCOUNTS[1], "confirm.me@example.com", json!({"subscribe": 3, "tags": ["returning"]})));
+    jobs.push(NewJob::new(
+        "smartlink",
+        ACCOUNTS[1],
+        "confirm.me@example.com",
+        json!({"subscribe": 3, "tags": ["returning"]}),
+    ));
     jobs
 }
 
@@ -127,28 +189,53 @@ pub async fn run(database_url: Option<String>) -> anyhow::Result<DemoSummary> {
             println!("No DATABASE_URL: starting a throwaway PostgreSQL ...");
             let pg = tokio::task::spawn_blocking(|| ThrowawayPostgres::start("")).await??;
             let url = pg.url();
-            println!("  PostgreSQL on {} (data in {}, removed at the end)", url.trim_start_matches("postgres://postgres@"), pg.data_dir().display());
+            println!(
+                "  PostgreSQL on {} (data in {}, removed at the end)",
+                url.trim_start_matches("postgres://postgres@"),
+                pg.data_dir().display()
+            );
             (Some(pg), url)
         }
     };
-    let pool = PgPoolOptions::new().max_connections(12).connect(&url).await.context("connecting to the database")?;
+    let pool = PgPoolOptions::new()
+        .max_connections(12)
+        .connect(&url)
+        .await
+        .context("connecting to the database")?;
     crate::migrate(&pool).await?;
     let sl_key = api_key_id(&Secret::new(SL_SECRET));
     for account in ACCOUNTS {
         admin::purge_account(&pool, account, Some(&sl_key)).await?;
     }
     let sandbox = Sandbox::start("127.0.0.1:0".parse()?, sandbox_accounts()).await?;
-    println!("Sandbox providers on {} (JustClick login {JC_LOGIN:?}, Smartlink game {SL_GAME})", sandbox.url());
+    println!(
+        "Sandbox providers on {} (JustClick login {JC_LOGIN:?}, Smartlink game {SL_GAME})",
+        sandbox.url()
+    );
     // The weather: a few outages, a throttle, a forged answer, a timeout, an unknown contact.
     let faults = sandbox.faults();
     faults.push(FaultRule::new(Fault::Status { status: 503 }, 3).provider("justclick"));
     faults.push(FaultRule::new(Fault::ForgeSignature, 1).provider("justclick"));
-    faults.push(FaultRule::new(Fault::RateLimit { retry_after_secs: 1 }, 2).provider("smartlink"));
+    faults.push(
+        FaultRule::new(
+            Fault::RateLimit {
+                retry_after_secs: 1,
+            },
+            2,
+        )
+        .provider("smartlink"),
+    );
     faults.push(FaultRule::new(Fault::Stall { ms: 2500 }, 1).provider("smartlink"));
     faults.push(
-        FaultRule::new(Fault::ErrorCode { code: 500, text: "Подписчик не найден (subscriber not found)".into() }, 1)
-            .provider("justclick")
-            .email("unknown.person@example.com"),
+        FaultRule::new(
+            Fault::ErrorCode {
+                code: 500,
+                text: "Подписчик не найден (subscriber not found)".into(),
+            },
+            1,
+        )
+        .provider("justclick")
+        .email("unknown.person@example.com"),
     );
     faults.set_delay(Duration::from_millis(5));
 
@@ -209,7 +296,9 @@ async fn settle(pool: &sqlx::PgPool, worker: &Worker, accounts: &[String]) -> an
         worker.drain().await;
         match claim::next_due_in(pool, accounts).await? {
             None => return Ok(()),
-            Some(wait) if Instant::now() < deadline => tokio::time::sleep(wait.min(Duration::from_secs(2))).await,
+            Some(wait) if Instant::now() < deadline => {
+                tokio::time::sleep(wait.min(Duration::from_secs(2))).await
+            }
             Some(_) => anyhow::bail!("the demo did not settle within two minutes"),
         }
     }
@@ -217,10 +306,20 @@ async fn settle(pool: &sqlx::PgPool, worker: &Worker, accounts: &[String]) -> an
 
 async fn progress_line(pool: sqlx::PgPool, accounts: Vec<String>) {
     let tty = std::io::stderr().is_terminal();
-    let every = if tty { Duration::from_millis(200) } else { Duration::from_secs(1) };
+    let every = if tty {
+        Duration::from_millis(200)
+    } else {
+        Duration::from_secs(1)
+    };
     loop {
         if let Ok(counts) = admin::counts_for(&pool, &accounts).await {
-            let get = |s: &str| counts.iter().filter(|c| c.state == s).map(|c| c.count).sum::<i64>();
+            let get = |s: &str| {
+                counts
+                    .iter()
+                    .filter(|c| c.state == s)
+                    .map(|c| c.count)
+                    .sum::<i64>()
+            };
             let line = format!(
                 "pending {:>4} | running {:>3} | succeeded {:>4} | coalesced {:>4} | dead {:>2}",
                 get("pending"),
@@ -244,11 +343,28 @@ fn print_summary(s: &DemoSummary, sandbox: &Sandbox) {
     let mut rows = Vec::new();
     for account in ACCOUNTS {
         let get = |state: &str| {
-            s.counts.iter().filter(|c| c.account == account && c.state == state).map(|c| c.count).sum::<i64>().to_string()
+            s.counts
+                .iter()
+                .filter(|c| c.account == account && c.state == state)
+                .map(|c| c.count)
+                .sum::<i64>()
+                .to_string()
         };
-        rows.push(vec![account.to_string(), get("succeeded"), get("coalesced"), get("dead"), get("pending")]);
+        rows.push(vec![
+            account.to_string(),
+            get("succeeded"),
+            get("coalesced"),
+            get("dead"),
+            get("pending"),
+        ]);
     }
-    print!("{}", table::render(&["ACCOUNT", "SUCCEEDED", "COALESCED", "DEAD", "PENDING"], &rows));
+    print!(
+        "{}",
+        table::render(
+            &["ACCOUNT", "SUCCEEDED", "COALESCED", "DEAD", "PENDING"],
+            &rows
+        )
+    );
     let stats = sandbox.stats();
     println!(
         "\nProvider calls: {} (faults injected: {}, failed attempts retried or recorded: {}, most calls in flight for one contact: {})",

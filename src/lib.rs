@@ -35,7 +35,7 @@
 //! # Layout
 //!
 //! - [`config`]: the typed [`config::Settings`] (TOML file, `CONTACT_SYNC__…` env, `DATABASE_URL`).
-//! - [`migrate`]: embedded migrations, all inside the `contact_sync` schema.
+//! - [`mod@migrate`]: embedded migrations, all inside the `contact_sync` schema.
 //! - [`outbox`]: the only SQL on `contact_sync.jobs`: enqueue, claim, fenced completion,
 //!   rescue, retention, the double-opt-in ledger, operator queries.
 //! - [`providers`]: the [`providers::Provider`] trait, the account registry, the JustClick and
@@ -46,7 +46,7 @@
 //! - [`sandbox`]: local JustClick and Smartlink simulators that verify signatures like the real
 //!   services and inject faults.
 //! - [`admin`]: `/metrics`, `/healthz`, `/readyz`; [`metrics`]: what is counted.
-//! - [`cli`]: the `contact-sync` command line; [`demo`] and [`bench`] behind it.
+//! - [`cli`]: the `contact-sync` command line; [`demo`] and [`mod@bench`] behind it.
 //! - [`telemetry`], [`duration`], [`secret`]: logging, durations, redacted secrets.
 
 pub mod admin;

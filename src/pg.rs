@@ -38,39 +38,74 @@ fn find_bin() -> Option<PathBuf> {
         return Some(best);
     }
     std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths).find(|p| p.join("initdb").is_file() && p.join("pg_ctl").is_file())
+        std::env::split_paths(&paths)
+            .find(|p| p.join("initdb").is_file() && p.join("pg_ctl").is_file())
     })
 }
 
 fn is_root() -> bool {
-    Command::new("id").arg("-u").output().map(|o| o.stdout.starts_with(b"0")).unwrap_or(false)
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout.starts_with(b"0"))
+        .unwrap_or(false)
 }
 
 fn free_port() -> Result<u16, PgError> {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
-        .map_err(|e| PgError::Failed { step: "finding a free port", detail: e.to_string() })
+        .map_err(|e| PgError::Failed {
+            step: "finding a free port",
+            detail: e.to_string(),
+        })
 }
 
 impl ThrowawayPostgres {
     /// Starts a cluster; `extra_conf` lines go into postgresql.conf.
     pub fn start(extra_conf: &str) -> Result<ThrowawayPostgres, PgError> {
         let bin = find_bin().ok_or(PgError::NotInstalled)?;
-        let dir = std::env::temp_dir().join(format!("contact-sync-pg-{}-{}", std::process::id(), fastrand::u32(..)));
-        std::fs::create_dir_all(&dir).map_err(|e| PgError::Failed { step: "creating the data directory", detail: e.to_string() })?;
-        let run_as = if is_root() { Some("postgres".to_string()) } else { None };
+        let dir = std::env::temp_dir().join(format!(
+            "contact-sync-pg-{}-{}",
+            std::process::id(),
+            fastrand::u32(..)
+        ));
+        std::fs::create_dir_all(&dir).map_err(|e| PgError::Failed {
+            step: "creating the data directory",
+            detail: e.to_string(),
+        })?;
+        let run_as = if is_root() {
+            Some("postgres".to_string())
+        } else {
+            None
+        };
         if let Some(user) = &run_as {
             let status = Command::new("chown").arg(user).arg(&dir).status();
             if !status.map(|s| s.success()).unwrap_or(false) {
-                return Err(PgError::Failed { step: "chown to the postgres user", detail: format!("{}", dir.display()) });
+                return Err(PgError::Failed {
+                    step: "chown to the postgres user",
+                    detail: format!("{}", dir.display()),
+                });
             }
         }
         let port = free_port()?;
-        let pg = ThrowawayPostgres { bin, dir, run_as, port };
+        let pg = ThrowawayPostgres {
+            bin,
+            dir,
+            run_as,
+            port,
+        };
         pg.run(
             "initdb",
-            &["-D", &pg.data().to_string_lossy(), "--auth=trust", "--username=postgres", "-E", "UTF8", "--no-locale"],
+            &[
+                "-D",
+                &pg.data().to_string_lossy(),
+                "--auth=trust",
+                "--username=postgres",
+                "-E",
+                "UTF8",
+                "--no-locale",
+            ],
         )?;
         let conf = format!(
             "listen_addresses = '127.0.0.1'\nport = {port}\nunix_socket_directories = '{}'\nmax_connections = 200\nshared_buffers = 256MB\n{extra_conf}\n",
@@ -79,10 +114,22 @@ impl ThrowawayPostgres {
         let conf_path = pg.data().join("postgresql.conf");
         let mut existing = std::fs::read_to_string(&conf_path).unwrap_or_default();
         existing.push_str(&conf);
-        std::fs::write(&conf_path, existing).map_err(|e| PgError::Failed { step: "writing postgresql.conf", detail: e.to_string() })?;
+        std::fs::write(&conf_path, existing).map_err(|e| PgError::Failed {
+            step: "writing postgresql.conf",
+            detail: e.to_string(),
+        })?;
         pg.run(
             "pg_ctl",
-            &["-D", &pg.data().to_string_lossy(), "-l", &pg.dir.join("server.log").to_string_lossy(), "-w", "-t", "60", "start"],
+            &[
+                "-D",
+                &pg.data().to_string_lossy(),
+                "-l",
+                &pg.dir.join("server.log").to_string_lossy(),
+                "-w",
+                "-t",
+                "60",
+                "start",
+            ],
         )?;
         Ok(pg)
     }
@@ -105,14 +152,22 @@ impl ThrowawayPostgres {
             .args(args)
             .stdin(Stdio::null())
             .output()
-            .map_err(|e| PgError::Failed { step: tool, detail: e.to_string() })?;
+            .map_err(|e| PgError::Failed {
+                step: tool,
+                detail: e.to_string(),
+            })?;
         if out.status.success() {
             Ok(())
         } else {
             let log = std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default();
             Err(PgError::Failed {
                 step: tool,
-                detail: format!("{}{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr), log),
+                detail: format!(
+                    "{}{}{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr),
+                    log
+                ),
             })
         }
     }
@@ -129,7 +184,17 @@ impl ThrowawayPostgres {
 
 impl Drop for ThrowawayPostgres {
     fn drop(&mut self) {
-        let _ = self.run("pg_ctl", &["-D", &self.data().to_string_lossy(), "-m", "fast", "-w", "stop"]);
+        let _ = self.run(
+            "pg_ctl",
+            &[
+                "-D",
+                &self.data().to_string_lossy(),
+                "-m",
+                "fast",
+                "-w",
+                "stop",
+            ],
+        );
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

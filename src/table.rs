@@ -37,7 +37,13 @@ pub fn render(header: &[&str], rows: &[Vec<String>]) -> String {
 mod tests {
     #[test]
     fn columns_align() {
-        let t = super::render(&["ID", "STATE"], &[vec!["1".into(), "pending".into()], vec!["1234".into(), "dead".into()]]);
+        let t = super::render(
+            &["ID", "STATE"],
+            &[
+                vec!["1".into(), "pending".into()],
+                vec!["1234".into(), "dead".into()],
+            ],
+        );
         assert_eq!(t, "ID    STATE\n1     pending\n1234  dead\n");
     }
 }

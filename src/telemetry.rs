@@ -14,7 +14,8 @@ pub enum LogFormat {
 /// Installs the global subscriber with `RUST_LOG`, or `default_level` when it is unset; a
 /// second call (tests) is a no-op.
 pub fn init(format: LogFormat, default_level: &str) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

@@ -43,8 +43,16 @@ pub async fn status(pool: &PgPool) -> Result<Status, sqlx::Error> {
     .fetch_all(pool)
     .await?;
     let backlog = backlog(pool).await?;
-    let dead = counts.iter().filter(|c| c.state == "dead").map(|c| c.count).sum();
-    Ok(Status { counts, backlog, dead })
+    let dead = counts
+        .iter()
+        .filter(|c| c.state == "dead")
+        .map(|c| c.count)
+        .sum();
+    Ok(Status {
+        counts,
+        backlog,
+        dead,
+    })
 }
 
 /// Pending work per account (uses the pending partial index only).
@@ -97,9 +105,12 @@ pub async fn list(pool: &PgPool, filter: &ListFilter) -> Result<Vec<JobSummary>,
         q.push(" AND account = ").push_bind(account);
     }
     if let Some(email) = &filter.email {
-        q.push(" AND lower(email) = lower(").push_bind(email).push(")");
+        q.push(" AND lower(email) = lower(")
+            .push_bind(email)
+            .push(")");
     }
-    q.push(" ORDER BY id DESC LIMIT ").push_bind(filter.limit.clamp(1, 10_000));
+    q.push(" ORDER BY id DESC LIMIT ")
+        .push_bind(filter.limit.clamp(1, 10_000));
     q.build_query_as::<JobSummary>().fetch_all(pool).await
 }
 
@@ -152,12 +163,18 @@ pub enum ActionResult {
 
 /// The job's current state, if it exists.
 async fn state_of(pool: &PgPool, id: JobId) -> Result<Option<String>, sqlx::Error> {
-    sqlx::query_scalar("SELECT state FROM contact_sync.jobs WHERE id = $1").bind(id).fetch_optional(pool).await
+    sqlx::query_scalar("SELECT state FROM contact_sync.jobs WHERE id = $1")
+        .bind(id)
+        .fetch_optional(pool)
+        .await
 }
 
 /// A `dead` or `cancelled` job back to `pending`, runnable now, with a fresh set of attempts
 /// (its error history is kept).
-pub async fn retry(pool: &PgPool, id: JobId) -> Result<(ActionResult, Option<String>), sqlx::Error> {
+pub async fn retry(
+    pool: &PgPool,
+    id: JobId,
+) -> Result<(ActionResult, Option<String>), sqlx::Error> {
     let done = sqlx::query(
         // language=PostgreSQL
         r#"
@@ -199,7 +216,10 @@ pub async fn retry_dead(pool: &PgPool, account: Option<&str>) -> Result<u64, sql
 }
 
 /// A `pending` or `dead` job to `cancelled` (a `running` one must finish or be released first).
-pub async fn cancel(pool: &PgPool, id: JobId) -> Result<(ActionResult, Option<String>), sqlx::Error> {
+pub async fn cancel(
+    pool: &PgPool,
+    id: JobId,
+) -> Result<(ActionResult, Option<String>), sqlx::Error> {
     let done = sqlx::query(
         // language=PostgreSQL
         "UPDATE contact_sync.jobs SET state = 'cancelled', finished_at = now() WHERE id = $1 AND state IN ('pending', 'dead')",
@@ -217,22 +237,42 @@ pub async fn cancel(pool: &PgPool, id: JobId) -> Result<(ActionResult, Option<St
 }
 
 async fn notify(pool: &PgPool) -> Result<(), sqlx::Error> {
-    sqlx::query("SELECT pg_notify('contact_sync_jobs', '')").execute(pool).await.map(|_| ())
+    sqlx::query("SELECT pg_notify('contact_sync_jobs', '')")
+        .execute(pool)
+        .await
+        .map(|_| ())
 }
 
 /// Deletes every job of `account` and the double-opt-in rows of `api_key_id` (the demo's own
 /// clean-up; not exposed on the command line).
-pub async fn purge_account(pool: &PgPool, account: &str, api_key_id: Option<&str>) -> Result<u64, sqlx::Error> {
-    let n = sqlx::query("DELETE FROM contact_sync.jobs WHERE account = $1").bind(account).execute(pool).await?.rows_affected();
-    sqlx::query("DELETE FROM contact_sync.doi_deferred WHERE account = $1").bind(account).execute(pool).await?;
+pub async fn purge_account(
+    pool: &PgPool,
+    account: &str,
+    api_key_id: Option<&str>,
+) -> Result<u64, sqlx::Error> {
+    let n = sqlx::query("DELETE FROM contact_sync.jobs WHERE account = $1")
+        .bind(account)
+        .execute(pool)
+        .await?
+        .rows_affected();
+    sqlx::query("DELETE FROM contact_sync.doi_deferred WHERE account = $1")
+        .bind(account)
+        .execute(pool)
+        .await?;
     if let Some(key) = api_key_id {
-        sqlx::query("DELETE FROM contact_sync.doi_ledger WHERE api_key_id = $1").bind(key).execute(pool).await?;
+        sqlx::query("DELETE FROM contact_sync.doi_ledger WHERE api_key_id = $1")
+            .bind(key)
+            .execute(pool)
+            .await?;
     }
     Ok(n)
 }
 
 /// Counts per state for some accounts (progress lines, summaries).
-pub async fn counts_for(pool: &PgPool, accounts: &[String]) -> Result<Vec<StateCount>, sqlx::Error> {
+pub async fn counts_for(
+    pool: &PgPool,
+    accounts: &[String],
+) -> Result<Vec<StateCount>, sqlx::Error> {
     sqlx::query_as::<_, StateCount>(
         // language=PostgreSQL
         "SELECT account, state, count(*) AS count FROM contact_sync.jobs WHERE account = ANY($1) GROUP BY account, state ORDER BY account, state",

@@ -52,6 +52,7 @@ impl std::fmt::Display for JobState {
 
 /// A change to record: what `contact_sync.enqueue()` takes.
 #[derive(Debug, Clone, PartialEq, serde::Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
 pub struct NewJob {
     pub provider: String,
     pub account: String,

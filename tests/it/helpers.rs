@@ -24,6 +24,8 @@ static COUNTER: AtomicU32 = AtomicU32::new(0);
 /// A database of its own, created from `DATABASE_URL`, migrated.
 pub struct TestDb {
     pub options: PgConnectOptions,
+    /// For the real binary (`DATABASE_URL`).
+    pub url: String,
     pub pool: PgPool,
 }
 
@@ -44,9 +46,15 @@ impl TestDb {
             .await
             .unwrap();
         let options = admin.clone().database(&name);
+        let mut url = url::Url::parse(&admin_url).unwrap();
+        url.set_path(&format!("/{name}"));
         let pool = pool_for(&options).await;
         contact_sync::migrate(&pool).await.unwrap();
-        TestDb { options, pool }
+        TestDb {
+            options,
+            url: url.to_string(),
+            pool,
+        }
     }
 
     /// Another pool on the same database: a stand-in for another process.
@@ -148,6 +156,55 @@ impl TestEnv {
         .fetch_one(&self.pool)
         .await
         .unwrap()
+    }
+
+    /// A TOML configuration equal to `self.settings` (for the real binary).
+    pub fn config_file(&self, extra: &str) -> std::path::PathBuf {
+        let w = &self.settings.worker;
+        let mut toml = format!(
+            "[worker]\nconcurrency = {}\nbatch_size = {}\nlease = \"{}\"\npoll_interval = \"{}\"\nbackoff_base = \"{}\"\nbackoff_cap = \"{}\"\nshutdown_timeout = \"{}\"\nmax_attempts = {}\n[admin]\nlisten = \"\"\n",
+            w.concurrency,
+            w.batch_size,
+            contact_sync::duration::format(w.lease),
+            contact_sync::duration::format(w.poll_interval),
+            contact_sync::duration::format(w.backoff_base),
+            contact_sync::duration::format(w.backoff_cap),
+            contact_sync::duration::format(w.shutdown_timeout),
+            w.max_attempts,
+        );
+        toml.push_str(&format!(
+            "[accounts.jc]\nprovider = \"justclick\"\nlogin = \"{JC_LOGIN}\"\nsecret = \"{JC_SECRET}\"\nbase_url = \"{}\"\n",
+            self.sandbox.justclick_base_url(JC_LOGIN)
+        ));
+        toml.push_str(&format!(
+            "[accounts.sl]\nprovider = \"smartlink\"\ngame_id = \"{SL_GAME}\"\nsecret = \"{SL_SECRET}\"\nbase_url = \"{}\"\n",
+            self.sandbox.smartlink_base_url()
+        ));
+        toml.push_str(extra);
+        let path = std::env::temp_dir().join(format!("contact-sync-it-{}.toml", fastrand::u64(..)));
+        std::fs::write(&path, toml).unwrap();
+        path
+    }
+
+    /// The real binary with this test's database and configuration.
+    pub fn binary(&self, config: &std::path::Path) -> tokio::process::Command {
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_contact-sync"));
+        cmd.env("DATABASE_URL", &self.db.url)
+            .env("CONTACT_SYNC_CONFIG", config)
+            .env_remove("RUST_LOG")
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true);
+        cmd
+    }
+
+    /// Runs the binary to completion: (exit code, stdout, stderr).
+    pub async fn cli(&self, config: &std::path::Path, args: &[&str]) -> (i32, String, String) {
+        let out = self.binary(config).args(args).output().await.unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
     }
 
     pub async fn count(&self, state: &str) -> i64 {

@@ -4,7 +4,9 @@
 
 mod helpers;
 
+mod admin;
 mod claim;
+mod cli;
 mod enqueue;
 mod ordering;
 mod providers;

@@ -1,0 +1,293 @@
+//! The real `contact-sync` binary: enqueue (single and bulk), status, jobs, retry, cancel,
+//! run --drain, and the demo.
+
+use crate::helpers::*;
+use serde_json::{json, Value};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enqueue_run_and_operator_commands() {
+    let env = TestEnv::new().await;
+    let config = env.config_file("");
+    // enqueue: single, with --set typing
+    let (code, out, err) = env
+        .cli(
+            &config,
+            &[
+                "enqueue",
+                "--provider",
+                "smartlink",
+                "--account",
+                "sl",
+                "--email",
+                "cli@example.com",
+                "--set",
+                "subscribe=1",
+                "--set",
+                "tags=a,b",
+                "--set",
+                "attributes.level=7",
+                "--set",
+                "openid=123",
+            ],
+        )
+        .await;
+    assert_eq!(code, 0, "{err}");
+    let id: i64 = out.trim().parse().unwrap();
+    let payload = env.job(id).await.payload;
+    assert_eq!(payload["subscribe"], 1);
+    assert_eq!(payload["tags"], json!(["a", "b"]));
+    assert_eq!(payload["attributes"]["level"], "7");
+    assert_eq!(payload["openid"], "123");
+    // a validation error is reported with the database's words and a non-zero exit
+    let (code, _, err) = env
+        .cli(
+            &config,
+            &[
+                "enqueue",
+                "--provider",
+                "justclick",
+                "--account",
+                "jc",
+                "--email",
+                "nope",
+            ],
+        )
+        .await;
+    assert_ne!(code, 0);
+    assert!(err.contains("malformed email"), "{err}");
+    // idempotency key from the CLI
+    let args = [
+        "enqueue",
+        "--provider",
+        "justclick",
+        "--account",
+        "jc",
+        "--email",
+        "k@example.com",
+        "--idempotency-key",
+        "order-1",
+    ];
+    let (_, first, _) = env.cli(&config, &args).await;
+    let (_, second, _) = env.cli(&config, &args).await;
+    assert_eq!(first, second);
+
+    // a job that will fail permanently, and one for an unknown account
+    env.sandbox.faults().push(
+        contact_sync::sandbox::FaultRule::new(
+            contact_sync::sandbox::Fault::ErrorCode {
+                code: 100,
+                text: "E-mail is invalid".into(),
+            },
+            1,
+        )
+        .email("bad@example.com"),
+    );
+    let (_, dead_id, _) = env
+        .cli(
+            &config,
+            &[
+                "enqueue",
+                "--provider",
+                "justclick",
+                "--account",
+                "jc",
+                "--email",
+                "bad@example.com",
+                "--set",
+                "lead_name=X",
+            ],
+        )
+        .await;
+    let dead_id: i64 = dead_id.trim().parse().unwrap();
+    env.cli(
+        &config,
+        &[
+            "enqueue",
+            "--provider",
+            "justclick",
+            "--account",
+            "ghost",
+            "--email",
+            "g@example.com",
+        ],
+    )
+    .await;
+
+    let (code, _, err) = env.cli(&config, &["run", "--drain"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(env.job(id).await.state, "succeeded");
+    assert_eq!(env.job(dead_id).await.state, "dead");
+
+    // status: table and JSON
+    let (code, out, _) = env.cli(&config, &["status"]).await;
+    assert_eq!(code, 0);
+    assert!(
+        out.lines()
+            .next()
+            .unwrap()
+            .starts_with("ACCOUNT  PENDING  RUNNING  SUCCEEDED"),
+        "{out}"
+    );
+    let ghost_line = out.lines().find(|l| l.starts_with("ghost")).unwrap();
+    assert_eq!(
+        ghost_line.split_whitespace().collect::<Vec<_>>(),
+        ["ghost", "1", "0", "0", "0", "0", "0"]
+    );
+    assert!(out.contains("dead jobs: 1"), "{out}");
+    let (_, out, _) = env.cli(&config, &["status", "--json"]).await;
+    let status: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(status["dead"], 1);
+    assert!(status["backlog"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|b| b["account"] == "ghost" && b["runnable"] == 1));
+
+    // jobs list with filters
+    let (_, out, _) = env.cli(&config, &["jobs", "list", "--state", "dead"]).await;
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 2, "{out}");
+    assert!(lines[0].starts_with("ID"));
+    assert!(
+        lines[1].contains("bad@example.com") && lines[1].contains("E-mail is invalid"),
+        "{out}"
+    );
+    let (_, out, _) = env
+        .cli(&config, &["jobs", "list", "--account", "sl", "--json"])
+        .await;
+    let list: Vec<Value> = serde_json::from_str(&out).unwrap();
+    assert_eq!(list.len(), 1);
+    assert_eq!(list[0]["email"], "cli@example.com");
+    let (_, out, _) = env
+        .cli(
+            &config,
+            &["jobs", "list", "--email", "CLI@example.com", "--limit", "5"],
+        )
+        .await;
+    assert_eq!(out.lines().count(), 2);
+    let (code, _, err) = env
+        .cli(&config, &["jobs", "list", "--state", "bogus"])
+        .await;
+    assert_ne!(code, 0);
+    assert!(err.contains("expected one of"));
+
+    // jobs show: table with the error history, and JSON
+    let (_, out, _) = env
+        .cli(&config, &["jobs", "show", &dead_id.to_string()])
+        .await;
+    assert!(out.contains("state            dead"), "{out}");
+    assert!(out.contains("error history"), "{out}");
+    assert!(out.contains("permanent") && out.contains("100"), "{out}");
+    let (_, out, _) = env
+        .cli(&config, &["jobs", "show", &dead_id.to_string(), "--json"])
+        .await;
+    let detail: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(detail["errors"][0]["code"], "100");
+    let (code, _, _) = env.cli(&config, &["jobs", "show", "999999"]).await;
+    assert_eq!(code, 2);
+
+    // retry a dead job: pending again, then delivered
+    let (code, out, _) = env
+        .cli(&config, &["retry", &dead_id.to_string(), "--json"])
+        .await;
+    assert_eq!(code, 0);
+    assert_eq!(
+        serde_json::from_str::<Value>(&out).unwrap()["state"],
+        "pending"
+    );
+    let (code, _, err) = env.cli(&config, &["retry", &id.to_string()]).await;
+    assert_eq!(code, 3, "a succeeded job cannot be retried");
+    assert!(err.contains("succeeded"));
+    env.cli(&config, &["run", "--drain"]).await;
+    assert_eq!(env.job(dead_id).await.state, "succeeded");
+
+    // cancel the waiting job; retry --dead
+    let ghost: i64 = sqlx::query_scalar("SELECT id FROM contact_sync.jobs WHERE account = 'ghost'")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    let (code, out, _) = env.cli(&config, &["cancel", &ghost.to_string()]).await;
+    assert_eq!(code, 0);
+    assert!(out.contains("cancelled"));
+    let (code, out, _) = env
+        .cli(&config, &["retry", "--dead", "--account", "jc"])
+        .await;
+    assert_eq!(code, 0);
+    assert!(out.contains("0 dead job(s)"), "{out}");
+}
+
+#[tokio::test]
+async fn bulk_file_rejects_bad_lines_and_keeps_good_ones() {
+    let env = TestEnv::new().await;
+    let config = env.config_file("");
+    let mut file: Vec<u8> = Vec::new();
+    file.extend_from_slice(b"{\"provider\":\"justclick\",\"account\":\"jc\",\"email\":\"one@example.com\",\"payload\":{\"lead_name\":\"One\"}}\n");
+    file.extend_from_slice(
+        b"{\"provider\":\"justclick\",\"account\":\"jc\",\"email\":\"broken\"}\n",
+    );
+    file.extend_from_slice(b"not json at all\n");
+    file.extend_from_slice(b"{\"provider\":\"smartlink\",\"account\":\"sl\",\"email\":\"two@example.com\",\"payload\":{\"subscribe\":\"yes\"}}\n");
+    file.extend_from_slice(
+        b"{\"provider\":\"justclick\",\"account\":\"jc\",\"email\":\"\xff\xfe@example.com\"}\n",
+    );
+    file.extend_from_slice(b"\n");
+    file.extend_from_slice(b"{\"provider\":\"smartlink\",\"account\":\"sl\",\"email\":\"three@example.com\",\"payload\":{\"tags\":[\"x\"]},\"idempotency_key\":\"t3\"}\r\n");
+    file.extend_from_slice(b"{\"provider\":\"justclick\",\"account\":\"jc\",\"email\":\"four@example.com\",\"unexpected\":1}\n");
+    let path = std::env::temp_dir().join(format!("changes-{}.jsonl", fastrand::u64(..)));
+    std::fs::write(&path, &file).unwrap();
+    let (code, out, err) = env
+        .cli(&config, &["enqueue", "--file", path.to_str().unwrap()])
+        .await;
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(out.contains("queued 2, rejected 5"), "{out}\n{err}");
+    assert!(
+        err.contains("line 2: ") && err.contains("malformed email"),
+        "{err}"
+    );
+    assert!(err.contains("line 3: not a change object"), "{err}");
+    assert!(
+        err.contains("line 4: ") && err.contains("subscribe"),
+        "{err}"
+    );
+    assert!(err.contains("line 5: not valid UTF-8"), "{err}");
+    assert!(
+        err.contains("line 8: not a change object") && err.contains("unexpected"),
+        "{err}"
+    );
+    let emails: Vec<String> = sqlx::query_scalar("SELECT email FROM contact_sync.jobs ORDER BY id")
+        .fetch_all(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(emails, ["one@example.com", "three@example.com"]);
+}
+
+#[tokio::test]
+async fn demo_runs_to_completion_on_a_throwaway_postgres() {
+    let env = TestEnv::new().await;
+    let config = env.config_file("");
+    let out = env
+        .binary(&config)
+        .env_remove("DATABASE_URL")
+        .env_remove("CONTACT_SYNC_CONFIG")
+        .arg("demo")
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("starting a throwaway PostgreSQL"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("demo_jc") && stdout.contains("demo_sl"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("Dead job") && stdout.contains("subscriber not found"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("deferred_until: 1"), "{stdout}");
+    assert!(stdout.contains("cleaned up"), "{stdout}");
+}
