@@ -79,6 +79,8 @@ pub enum Command {
     },
     /// The zero-setup demo: throwaway Postgres (unless DATABASE_URL), sandbox, sample changes.
     Demo,
+    /// End-to-end benchmark; prints one JSON line.
+    Bench(crate::bench::BenchArgs),
     /// Serve the JustClick and Smartlink simulators.
     Sandbox {
         #[arg(long, default_value = "127.0.0.1:8089")]
@@ -149,6 +151,16 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .as_ref()
                 .map(|u| u.expose().to_string());
             crate::demo::run(url).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench(args) => {
+            let pretty = args.pretty;
+            let url = settings.database.url.as_ref().map(|u| u.expose().to_string());
+            let result = crate::bench::run(args, url).await?;
+            println!("{}", serde_json::to_string(&result)?);
+            if pretty {
+                print!("{}", crate::bench::render(&result));
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Status { json } => {

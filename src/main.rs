@@ -7,7 +7,7 @@ fn main() -> ExitCode {
     let cli = contact_sync::cli::Cli::parse();
     // The demo and the benchmark narrate on stdout; their logs default to warnings.
     let default_level = match cli.command {
-        contact_sync::cli::Command::Demo => "warn",
+        contact_sync::cli::Command::Demo | contact_sync::cli::Command::Bench(_) => "warn",
         _ => "info",
     };
     contact_sync::telemetry::init(cli.log_format, default_level);

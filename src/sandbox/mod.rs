@@ -118,6 +118,8 @@ pub(crate) struct SandboxState {
     faults_injected: AtomicU64,
     max_in_flight: AtomicU64,
     emails_suppressed: AtomicU64,
+    /// Receives (email, arrival time) of every signed request that reached a contact.
+    observer: Mutex<Option<tokio::sync::mpsc::UnboundedSender<(String, Instant)>>>,
 }
 
 /// Counts a call in flight for a contact until dropped.
@@ -128,6 +130,11 @@ pub(crate) struct InFlight<'a> {
 
 impl SandboxState {
     pub(crate) fn enter(&self, id: ContactId) -> InFlight<'_> {
+        if let Ok(observer) = self.observer.lock() {
+            if let Some(tx) = observer.as_ref() {
+                let _ = tx.send((id.2.clone(), Instant::now()));
+            }
+        }
         if let Ok(mut f) = self.in_flight.lock() {
             let n = f.entry(id.clone()).or_insert(0);
             *n += 1;
@@ -256,6 +263,16 @@ impl Sandbox {
 
     pub fn stats(&self) -> Stats {
         stats(&self.state)
+    }
+
+    /// Reports (lower-cased email, arrival time) of every verified request from now on
+    /// (latency measurements).
+    pub fn observe(&self) -> tokio::sync::mpsc::UnboundedReceiver<(String, Instant)> {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        if let Ok(mut observer) = self.state.observer.lock() {
+            *observer = Some(tx);
+        }
+        rx
     }
 
     /// Stops serving and waits for the server task.
