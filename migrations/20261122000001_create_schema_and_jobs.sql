@@ -3,145 +3,142 @@
 
 CREATE SCHEMA IF NOT EXISTS contact_sync;
 
--- Validates one change for its provider. Raises SQLSTATE 22023 (invalid_parameter_value) with a
--- message that names the offending field; returns true otherwise. Used by the CHECK constraint on
--- contact_sync.jobs, so every way of inserting a job (the SQL function, the Rust batch API, a
--- hand-written INSERT) obeys the same rules.
-CREATE FUNCTION contact_sync.validate_job(p_provider text, p_email text, p_payload jsonb)
-RETURNS boolean
-LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE AS $fn$
-DECLARE
-    k text;
-    v jsonb;
-    t text;
-BEGIN
-    IF p_provider IS NULL OR p_provider NOT IN ('justclick', 'smartlink') THEN
-        RAISE EXCEPTION USING ERRCODE = '22023',
-            MESSAGE = format('contact_sync: unknown provider %s (expected "justclick" or "smartlink")',
-                             coalesce(quote_literal(p_provider), 'NULL'));
-    END IF;
-    IF p_email IS NULL OR length(p_email) > 254
-       OR p_email !~ '^[^[:space:][:cntrl:]@]+@[^[:space:][:cntrl:]@]+\.[^[:space:][:cntrl:]@.]+$' THEN
-        RAISE EXCEPTION USING ERRCODE = '22023',
-            MESSAGE = format('contact_sync: malformed email %s', coalesce(quote_literal(left(p_email, 80)), 'NULL')),
-            HINT = 'an address like user@example.com, at most 254 characters';
-    END IF;
-    IF p_payload IS NULL OR jsonb_typeof(p_payload) <> 'object' THEN
-        RAISE EXCEPTION USING ERRCODE = '22023',
-            MESSAGE = format('contact_sync: payload must be a JSON object, got %s',
-                             coalesce(jsonb_typeof(p_payload), 'NULL'));
-    END IF;
+-- Validation of one change. Raises SQLSTATE 22023 (invalid_parameter_value) with a message that
+-- names the offending field; returns true otherwise. It is the jobs_valid CHECK constraint, so
+-- every way of inserting a job (the SQL function, the Rust batch API, a hand-written INSERT)
+-- obeys the same rules.
+--
+-- It runs for every inserted row, so the validators are plain SQL expressions that the planner
+-- inlines into the constraint (no PL/pgSQL interpreter, no sub-queries on the happy path); only
+-- the error paths call PL/pgSQL. The raising helpers are IMMUTABLE (same arguments, same error)
+-- so that inlining is allowed, and every call passes row data in `ctx` so that the planner can
+-- never fold one into a constant and raise at plan time.
 
-    FOR k, v IN SELECT * FROM jsonb_each(p_payload) LOOP
-        t := jsonb_typeof(v);
-        IF p_provider = 'justclick' THEN
-            IF k IN ('lead_name', 'lead_city', 'lead_phone') THEN
-                IF t <> 'string' THEN
-                    RAISE EXCEPTION USING ERRCODE = '22023',
-                        MESSAGE = format('contact_sync: justclick field %s must be a string, got %s', k, t);
-                END IF;
-                IF length(v #>> '{}') > (CASE k WHEN 'lead_phone' THEN 64 ELSE 255 END) THEN
-                    RAISE EXCEPTION USING ERRCODE = '22023',
-                        MESSAGE = format('contact_sync: justclick field %s is longer than %s characters', k,
-                                         CASE k WHEN 'lead_phone' THEN 64 ELSE 255 END);
-                END IF;
-            ELSIF k = 'lead_tags' THEN
-                IF t = 'array' THEN
-                    IF EXISTS (SELECT 1 FROM jsonb_array_elements(v) e WHERE jsonb_typeof(e) <> 'string') THEN
-                        RAISE EXCEPTION USING ERRCODE = '22023',
-                            MESSAGE = 'contact_sync: justclick field lead_tags must be a string or an array of strings';
-                    END IF;
-                    IF EXISTS (SELECT 1 FROM jsonb_array_elements_text(v) e WHERE e = '' OR position(',' in e) > 0) THEN
-                        RAISE EXCEPTION USING ERRCODE = '22023',
-                            MESSAGE = 'contact_sync: justclick field lead_tags: a tag in an array must be non-empty and contain no comma';
-                    END IF;
-                    IF (SELECT coalesce(sum(length(e) + 1), 0) FROM jsonb_array_elements_text(v) e) > 1001 THEN
-                        RAISE EXCEPTION USING ERRCODE = '22023',
-                            MESSAGE = 'contact_sync: justclick field lead_tags is longer than 1000 characters';
-                    END IF;
-                ELSIF t = 'string' THEN
-                    IF length(v #>> '{}') > 1000 THEN
-                        RAISE EXCEPTION USING ERRCODE = '22023',
-                            MESSAGE = 'contact_sync: justclick field lead_tags is longer than 1000 characters';
-                    END IF;
-                ELSE
-                    RAISE EXCEPTION USING ERRCODE = '22023',
-                        MESSAGE = format('contact_sync: justclick field lead_tags must be a string or an array of strings, got %s', t);
-                END IF;
-            ELSE
-                RAISE EXCEPTION USING ERRCODE = '22023',
-                    MESSAGE = format('contact_sync: unknown justclick payload key %s', quote_literal(k)),
-                    HINT = 'allowed: lead_name, lead_phone, lead_city, lead_tags';
-            END IF;
-        ELSE -- smartlink
-            IF k = 'modify_ts' THEN
-                IF t <> 'number' OR (v #>> '{}') !~ '^[0-9]{1,16}$' THEN
-                    RAISE EXCEPTION USING ERRCODE = '22023',
-                        MESSAGE = 'contact_sync: smartlink field modify_ts must be a non-negative integer (milliseconds)';
-                END IF;
-            ELSIF k IN ('tags', 'preferences') THEN
-                IF t <> 'array' OR EXISTS (SELECT 1 FROM jsonb_array_elements(v) e WHERE jsonb_typeof(e) <> 'string') THEN
-                    RAISE EXCEPTION USING ERRCODE = '22023',
-                        MESSAGE = format('contact_sync: smartlink field %s must be an array of strings', k);
-                END IF;
-                IF jsonb_array_length(v) > 100 THEN
-                    RAISE EXCEPTION USING ERRCODE = '22023',
-                        MESSAGE = format('contact_sync: smartlink field %s has more than 100 entries', k);
-                END IF;
-                IF EXISTS (SELECT 1 FROM jsonb_array_elements_text(v) e WHERE length(e) > 255) THEN
-                    RAISE EXCEPTION USING ERRCODE = '22023',
-                        MESSAGE = format('contact_sync: smartlink field %s has an entry longer than 255 characters', k);
-                END IF;
-            ELSIF k = 'openid' THEN
-                IF t <> 'string' OR (v #>> '{}') !~ '^[0-9]{1,20}$' THEN
-                    RAISE EXCEPTION USING ERRCODE = '22023',
-                        MESSAGE = 'contact_sync: smartlink field openid must be a string of at most 20 digits';
-                END IF;
-            ELSIF k = 'subscribe' THEN
-                IF t <> 'number' OR (v #>> '{}') NOT IN ('-1', '0', '1', '3') THEN
-                    RAISE EXCEPTION USING ERRCODE = '22023',
-                        MESSAGE = 'contact_sync: smartlink field subscribe must be one of -1, 0, 1, 3';
-                END IF;
-            ELSIF k = 'update_strategy' THEN
-                IF t <> 'number' OR (v #>> '{}') NOT IN ('0', '1', '2', '3') THEN
-                    RAISE EXCEPTION USING ERRCODE = '22023',
-                        MESSAGE = 'contact_sync: smartlink field update_strategy must be one of 0, 1, 2, 3';
-                END IF;
-            ELSIF k = 'location' THEN
-                IF t <> 'string' OR (v #>> '{}') !~ '^([0-9]{3})?$' THEN
-                    RAISE EXCEPTION USING ERRCODE = '22023',
-                        MESSAGE = 'contact_sync: smartlink field location must be a 3-digit ISO 3166 numeric code like "004"';
-                END IF;
-            ELSIF k = 'language' THEN
-                IF t <> 'string' OR (v #>> '{}') !~ '^([A-Za-z]{2,3}([-_][A-Za-z0-9]{2,8})*)?$' THEN
-                    RAISE EXCEPTION USING ERRCODE = '22023',
-                        MESSAGE = 'contact_sync: smartlink field language must be a language code like "en" or "pt-BR"';
-                END IF;
-            ELSIF k = 'attributes' THEN
-                IF t <> 'object' THEN
-                    RAISE EXCEPTION USING ERRCODE = '22023',
-                        MESSAGE = 'contact_sync: smartlink field attributes must be an object';
-                END IF;
-                IF (SELECT count(*) FROM jsonb_object_keys(v)) > 50 THEN
-                    RAISE EXCEPTION USING ERRCODE = '22023',
-                        MESSAGE = 'contact_sync: smartlink field attributes has more than 50 entries';
-                END IF;
-                IF EXISTS (SELECT 1 FROM jsonb_each(v) a WHERE jsonb_typeof(a.value) NOT IN ('string', 'number', 'boolean')) THEN
-                    RAISE EXCEPTION USING ERRCODE = '22023',
-                        MESSAGE = 'contact_sync: smartlink attributes values must be strings, numbers or booleans';
-                END IF;
-                IF EXISTS (SELECT 1 FROM jsonb_each_text(v) a WHERE length(a.value) > 1000 OR length(a.key) > 255) THEN
-                    RAISE EXCEPTION USING ERRCODE = '22023',
-                        MESSAGE = 'contact_sync: smartlink attribute longer than 1000 characters';
-                END IF;
-            ELSE
-                RAISE EXCEPTION USING ERRCODE = '22023',
-                    MESSAGE = format('contact_sync: unknown smartlink payload key %s', quote_literal(k)),
-                    HINT = 'allowed: modify_ts, tags, openid, subscribe, location, language, attributes, preferences, update_strategy';
-            END IF;
-        END IF;
-    END LOOP;
-    RETURN true;
+CREATE FUNCTION contact_sync.reject(message text, hint text, ctx jsonb) RETURNS boolean
+LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE AS $fn$
+BEGIN
+    IF hint IS NULL THEN
+        RAISE EXCEPTION USING ERRCODE = '22023', MESSAGE = message;
+    END IF;
+    RAISE EXCEPTION USING ERRCODE = '22023', MESSAGE = message, HINT = hint;
+END
+$fn$;
+
+CREATE FUNCTION contact_sync.reject_unknown_key(provider text, extra jsonb, allowed text) RETURNS boolean
+LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE AS $fn$
+BEGIN
+    RAISE EXCEPTION USING ERRCODE = '22023',
+        MESSAGE = format('contact_sync: unknown %s payload key %s', provider,
+                         quote_literal((SELECT min(k) FROM jsonb_object_keys(extra) k))),
+        HINT = 'allowed: ' || allowed;
+END
+$fn$;
+
+-- Characters of a string array joined with commas (only called for large arrays).
+CREATE FUNCTION contact_sync.joined_length(arr jsonb) RETURNS integer
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $fn$
+    SELECT coalesce(sum(length(e) + 1) - 1, 0)::integer FROM jsonb_array_elements_text(arr) e
+$fn$;
+
+CREATE FUNCTION contact_sync.validate_justclick(p jsonb) RETURNS boolean
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $fn$
+SELECT CASE
+    WHEN (p - ARRAY['lead_name', 'lead_phone', 'lead_city', 'lead_tags']) <> '{}'::jsonb THEN
+        contact_sync.reject_unknown_key('justclick', p - ARRAY['lead_name', 'lead_phone', 'lead_city', 'lead_tags'],
+                                        'lead_name, lead_phone, lead_city, lead_tags')
+    WHEN p ? 'lead_name' AND jsonb_typeof(p -> 'lead_name') <> 'string' THEN
+        contact_sync.reject('contact_sync: justclick field lead_name must be a string, got ' || jsonb_typeof(p -> 'lead_name'), NULL, p)
+    WHEN p ? 'lead_name' AND length(p ->> 'lead_name') > 255 THEN
+        contact_sync.reject('contact_sync: justclick field lead_name is longer than 255 characters', NULL, p)
+    WHEN p ? 'lead_city' AND jsonb_typeof(p -> 'lead_city') <> 'string' THEN
+        contact_sync.reject('contact_sync: justclick field lead_city must be a string, got ' || jsonb_typeof(p -> 'lead_city'), NULL, p)
+    WHEN p ? 'lead_city' AND length(p ->> 'lead_city') > 255 THEN
+        contact_sync.reject('contact_sync: justclick field lead_city is longer than 255 characters', NULL, p)
+    WHEN p ? 'lead_phone' AND jsonb_typeof(p -> 'lead_phone') <> 'string' THEN
+        contact_sync.reject('contact_sync: justclick field lead_phone must be a string, got ' || jsonb_typeof(p -> 'lead_phone'), NULL, p)
+    WHEN p ? 'lead_phone' AND length(p ->> 'lead_phone') > 64 THEN
+        contact_sync.reject('contact_sync: justclick field lead_phone is longer than 64 characters', NULL, p)
+    WHEN NOT p ? 'lead_tags' THEN true
+    WHEN jsonb_typeof(p -> 'lead_tags') = 'string' THEN
+        CASE WHEN length(p ->> 'lead_tags') > 1000 THEN
+            contact_sync.reject('contact_sync: justclick field lead_tags is longer than 1000 characters', NULL, p)
+        ELSE true END
+    WHEN jsonb_typeof(p -> 'lead_tags') <> 'array' OR jsonb_path_exists(p -> 'lead_tags', '$[*] ? (@.type() != "string")') THEN
+        contact_sync.reject('contact_sync: justclick field lead_tags must be a string or an array of strings', NULL, p)
+    WHEN jsonb_path_exists(p -> 'lead_tags', '$[*] ? (@ == "" || @ like_regex ",")') THEN
+        contact_sync.reject('contact_sync: justclick field lead_tags: a tag in an array must be non-empty and contain no comma', NULL, p)
+    WHEN length((p -> 'lead_tags')::text) > 1000 AND contact_sync.joined_length(p -> 'lead_tags') > 1000 THEN
+        contact_sync.reject('contact_sync: justclick field lead_tags is longer than 1000 characters', NULL, p)
+    ELSE true
+END
+$fn$;
+
+CREATE FUNCTION contact_sync.validate_smartlink_list(field text, v jsonb, p jsonb) RETURNS boolean
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $fn$
+SELECT CASE
+    WHEN v IS NULL THEN true
+    WHEN jsonb_typeof(v) <> 'array' OR jsonb_path_exists(v, '$[*] ? (@.type() != "string")') THEN
+        contact_sync.reject('contact_sync: smartlink field ' || field || ' must be an array of strings', NULL, p)
+    WHEN jsonb_array_length(v) > 100 THEN
+        contact_sync.reject('contact_sync: smartlink field ' || field || ' has more than 100 entries', NULL, p)
+    WHEN length(v::text) > 255 AND jsonb_path_exists(v, '$[*] ? (@ like_regex "^.{255}." flag "s")') THEN
+        contact_sync.reject('contact_sync: smartlink field ' || field || ' has an entry longer than 255 characters', NULL, p)
+    ELSE true
+END
+$fn$;
+
+CREATE FUNCTION contact_sync.validate_smartlink(p jsonb) RETURNS boolean
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $fn$
+SELECT CASE
+    WHEN (p - ARRAY['modify_ts', 'tags', 'openid', 'subscribe', 'location', 'language', 'attributes', 'preferences', 'update_strategy']) <> '{}'::jsonb THEN
+        contact_sync.reject_unknown_key('smartlink',
+            p - ARRAY['modify_ts', 'tags', 'openid', 'subscribe', 'location', 'language', 'attributes', 'preferences', 'update_strategy'],
+            'modify_ts, tags, openid, subscribe, location, language, attributes, preferences, update_strategy')
+    WHEN p ? 'modify_ts' AND (jsonb_typeof(p -> 'modify_ts') <> 'number' OR (p ->> 'modify_ts') !~ '^[0-9]{1,16}$') THEN
+        contact_sync.reject('contact_sync: smartlink field modify_ts must be a non-negative integer (milliseconds)', NULL, p)
+    WHEN NOT contact_sync.validate_smartlink_list('tags', p -> 'tags', p) THEN false
+    WHEN NOT contact_sync.validate_smartlink_list('preferences', p -> 'preferences', p) THEN false
+    WHEN p ? 'openid' AND (jsonb_typeof(p -> 'openid') <> 'string' OR (p ->> 'openid') !~ '^[0-9]{1,20}$') THEN
+        contact_sync.reject('contact_sync: smartlink field openid must be a string of at most 20 digits', NULL, p)
+    WHEN p ? 'subscribe' AND (jsonb_typeof(p -> 'subscribe') <> 'number' OR (p ->> 'subscribe') NOT IN ('-1', '0', '1', '3')) THEN
+        contact_sync.reject('contact_sync: smartlink field subscribe must be one of -1, 0, 1, 3', NULL, p)
+    WHEN p ? 'update_strategy' AND (jsonb_typeof(p -> 'update_strategy') <> 'number' OR (p ->> 'update_strategy') NOT IN ('0', '1', '2', '3')) THEN
+        contact_sync.reject('contact_sync: smartlink field update_strategy must be one of 0, 1, 2, 3', NULL, p)
+    WHEN p ? 'location' AND (jsonb_typeof(p -> 'location') <> 'string' OR (p ->> 'location') !~ '^([0-9]{3})?$') THEN
+        contact_sync.reject('contact_sync: smartlink field location must be a 3-digit ISO 3166 numeric code like "004"', NULL, p)
+    WHEN p ? 'language' AND (jsonb_typeof(p -> 'language') <> 'string' OR (p ->> 'language') !~ '^([A-Za-z]{2,3}([-_][A-Za-z0-9]{2,8})*)?$') THEN
+        contact_sync.reject('contact_sync: smartlink field language must be a language code like "en" or "pt-BR"', NULL, p)
+    WHEN NOT p ? 'attributes' THEN true
+    WHEN jsonb_typeof(p -> 'attributes') <> 'object' THEN
+        contact_sync.reject('contact_sync: smartlink field attributes must be an object', NULL, p)
+    -- (the cheap text-length tests skip the costlier checks for values too short to fail them)
+    WHEN length((p -> 'attributes')::text) > 250 AND jsonb_array_length(jsonb_path_query_array(p -> 'attributes', '$.keyvalue()')) > 50 THEN
+        contact_sync.reject('contact_sync: smartlink field attributes has more than 50 entries', NULL, p)
+    WHEN jsonb_path_exists(p -> 'attributes', '$.* ? (@.type() != "string" && @.type() != "number" && @.type() != "boolean")') THEN
+        contact_sync.reject('contact_sync: smartlink attributes values must be strings, numbers or booleans', NULL, p)
+    WHEN length((p -> 'attributes')::text) > 255
+      AND (jsonb_path_exists(p -> 'attributes', '$.* ? (@.type() == "string" && @ like_regex "^(.{250}){4}." flag "s")')
+           OR jsonb_path_exists(p -> 'attributes', '$.keyvalue() ? (@.key like_regex "^.{255}." flag "s")')) THEN
+        contact_sync.reject('contact_sync: smartlink attribute longer than 1000 characters (or a name longer than 255)', NULL, p)
+    ELSE true
+END
+$fn$;
+
+CREATE FUNCTION contact_sync.validate_job(p_provider text, p_email text, p_payload jsonb) RETURNS boolean
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $fn$
+SELECT CASE
+    WHEN p_provider IS NULL OR p_provider NOT IN ('justclick', 'smartlink') THEN
+        contact_sync.reject('contact_sync: unknown provider ' || coalesce(quote_literal(p_provider), 'NULL')
+                            || ' (expected "justclick" or "smartlink")', NULL, p_payload)
+    WHEN p_email IS NULL OR length(p_email) > 254
+         OR p_email !~ '^[^[:space:][:cntrl:]@]+@[^[:space:][:cntrl:]@]+\.[^[:space:][:cntrl:]@.]+$' THEN
+        contact_sync.reject('contact_sync: malformed email ' || coalesce(quote_literal(left(p_email, 80)), 'NULL'),
+                            'an address like user@example.com, at most 254 characters', p_payload)
+    WHEN p_payload IS NULL OR jsonb_typeof(p_payload) <> 'object' THEN
+        contact_sync.reject('contact_sync: payload must be a JSON object, got ' || coalesce(jsonb_typeof(p_payload), 'NULL'),
+                            NULL, p_payload)
+    WHEN p_provider = 'justclick' THEN contact_sync.validate_justclick(p_payload)
+    ELSE contact_sync.validate_smartlink(p_payload)
 END
 $fn$;
 

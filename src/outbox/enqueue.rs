@@ -4,6 +4,7 @@
 
 use super::job::{JobId, NewJob};
 use sqlx::PgConnection;
+use std::collections::HashMap;
 
 /// Why a change was not recorded.
 #[derive(Debug, thiserror::Error)]
@@ -83,38 +84,22 @@ pub async fn enqueue_batch(
         keys.push(job.idempotency_key.as_deref());
         run_ats.push(job.run_at);
     }
-    let rows: Vec<(i64, Option<JobId>)> = sqlx::query_as(
+    // Identity values are taken in insertion order, so the new keyless ids, sorted, line up
+    // with the keyless inputs; keyed rows are matched by (account, key).
+    let inserted: Vec<(JobId, String, Option<String>)> = sqlx::query_as(
         // language=PostgreSQL
         r#"
-        WITH input AS (
-            SELECT i.ord, i.provider, i.account, i.email, i.key, coalesce(i.run_at, now()) AS run_at,
-                   CASE WHEN i.provider = 'smartlink' AND jsonb_typeof(i.payload) = 'object'
-                             AND NOT i.payload ? 'modify_ts'
-                        THEN i.payload || jsonb_build_object('modify_ts',
-                                 floor(extract(epoch FROM clock_timestamp()) * 1000)::bigint)
-                        ELSE i.payload END AS payload
-            FROM unnest($1::text[], $2::text[], $3::text[], $4::jsonb[], $5::text[], $6::timestamptz[])
-                 WITH ORDINALITY AS i(provider, account, email, payload, key, run_at, ord)
-        ), inserted AS (
-            INSERT INTO contact_sync.jobs (provider, account, email, payload, idempotency_key, run_at)
-            SELECT provider, account, email, payload, key, run_at FROM input ORDER BY ord
-            ON CONFLICT (account, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
-            RETURNING id, account, idempotency_key
-        ), numbered AS (
-            SELECT id, account, idempotency_key,
-                   row_number() OVER (ORDER BY id) AS rn
-            FROM inserted WHERE idempotency_key IS NULL
-        ), plain AS (
-            SELECT ord, row_number() OVER (ORDER BY ord) AS rn FROM input WHERE key IS NULL
-        )
-        SELECT i.ord, coalesce(n.id, x.id, j.id)
-        FROM input i
-        LEFT JOIN plain p ON p.ord = i.ord
-        LEFT JOIN numbered n ON n.rn = p.rn
-        LEFT JOIN inserted x ON i.key IS NOT NULL AND x.account = i.account AND x.idempotency_key = i.key
-        LEFT JOIN contact_sync.jobs j ON i.key IS NOT NULL AND x.id IS NULL AND j.idempotency_key IS NOT NULL
-                                     AND j.account = i.account AND j.idempotency_key = i.key
+        INSERT INTO contact_sync.jobs (provider, account, email, payload, idempotency_key, run_at)
+        SELECT i.provider, i.account, i.email,
+               CASE WHEN i.provider = 'smartlink' AND jsonb_typeof(i.payload) = 'object' AND NOT i.payload ? 'modify_ts'
+                    THEN i.payload || jsonb_build_object('modify_ts', floor(extract(epoch FROM clock_timestamp()) * 1000)::bigint)
+                    ELSE i.payload END,
+               i.key, coalesce(i.run_at, now())
+        FROM unnest($1::text[], $2::text[], $3::text[], $4::jsonb[], $5::text[], $6::timestamptz[])
+             WITH ORDINALITY AS i(provider, account, email, payload, key, run_at, ord)
         ORDER BY i.ord
+        ON CONFLICT (account, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+        RETURNING id, account, idempotency_key
         "#,
     )
     .bind(&providers)
@@ -125,13 +110,52 @@ pub async fn enqueue_batch(
     .bind(&run_ats)
     .fetch_all(&mut *conn)
     .await?;
-    let mut ids = Vec::with_capacity(rows.len());
-    for (index, (_, id)) in rows.into_iter().enumerate() {
+    let mut keyless: Vec<JobId> = Vec::with_capacity(inserted.len());
+    let mut by_key: HashMap<(String, String), JobId> = HashMap::new();
+    for (id, account, key) in inserted {
+        match key {
+            None => keyless.push(id),
+            Some(key) => {
+                by_key.insert((account, key), id);
+            }
+        }
+    }
+    keyless.sort_unstable();
+    let missing: Vec<(&str, &str)> = jobs
+        .iter()
+        .filter_map(|j| j.idempotency_key.as_deref().map(|k| (j.account.as_str(), k)))
+        .filter(|(a, k)| !by_key.contains_key(&((*a).to_string(), (*k).to_string())))
+        .collect();
+    if !missing.is_empty() {
+        let (accounts, keys): (Vec<&str>, Vec<&str>) = missing.into_iter().unzip();
+        let existing: Vec<(JobId, String, String)> = sqlx::query_as(
+            // language=PostgreSQL
+            r#"
+            SELECT j.id, j.account, j.idempotency_key FROM contact_sync.jobs j
+            JOIN unnest($1::text[], $2::text[]) AS m(account, key) ON j.account = m.account AND j.idempotency_key = m.key
+            WHERE j.idempotency_key IS NOT NULL
+            "#,
+        )
+        .bind(&accounts)
+        .bind(&keys)
+        .fetch_all(&mut *conn)
+        .await?;
+        for (id, account, key) in existing {
+            by_key.insert((account, key), id);
+        }
+    }
+    let mut next_keyless = keyless.into_iter();
+    let mut ids = Vec::with_capacity(jobs.len());
+    for job in jobs {
+        let id = match &job.idempotency_key {
+            None => next_keyless.next(),
+            Some(key) => by_key.get(&(job.account.clone(), key.clone())).copied(),
+        };
         match id {
             Some(id) => ids.push(id),
             // A concurrent transaction committed this key after our statement's snapshot:
             // a fresh statement sees it.
-            None => ids.push(enqueue(conn, &jobs[index]).await?),
+            None => ids.push(enqueue(conn, job).await?),
         }
     }
     Ok(ids)
