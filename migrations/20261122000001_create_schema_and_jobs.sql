@@ -4,12 +4,14 @@
 CREATE SCHEMA IF NOT EXISTS contact_sync;
 
 -- Validation of one change. Raises SQLSTATE 22023 (invalid_parameter_value) with a message that
--- names the offending field; returns true otherwise. It is the jobs_valid CHECK constraint, so
--- every way of inserting a job (the SQL function, the Rust batch API, a hand-written INSERT)
--- obeys the same rules.
+-- names the offending field; returns true otherwise. The triggers at the end of this file run
+-- it for every inserted row (and on updates of provider, email or payload), so every way of
+-- inserting a job (the SQL function, the Rust batch API, a hand-written INSERT) obeys the same
+-- rules. (Not a CHECK constraint: Postgres re-checks those on every UPDATE, and the worker
+-- updates each row twice.)
 --
 -- It runs for every inserted row, so the validators are plain SQL expressions that the planner
--- inlines into the constraint (no PL/pgSQL interpreter, no sub-queries on the happy path); only
+-- inlines (no PL/pgSQL interpreter, no sub-queries on the happy path); only
 -- the error paths call PL/pgSQL. The raising helpers are IMMUTABLE (same arguments, same error)
 -- so that inlining is allowed, and every call passes row data in `ctx` so that the planner can
 -- never fold one into a constant and raise at plan time.
@@ -167,21 +169,22 @@ CREATE TABLE contact_sync.jobs (
     errors          jsonb       NOT NULL DEFAULT '[]',
     coalesced_into  bigint,
     -- Smartlink double opt-in outcome: sent | deferred_until <ts> | suppressed.
-    doi             text,
-    CONSTRAINT jobs_valid CHECK (contact_sync.validate_job(provider, email, payload))
+    doi             text
 );
 
 COMMENT ON TABLE contact_sync.jobs IS 'contact-sync outbox: one row per contact change';
 
+-- Every index below is partial, so a state change only touches the indexes of the state it
+-- enters: a claim (pending -> running) inserts into the primary key and the running index, a
+-- completion into the primary key and the finished index.
 -- Claiming: runnable jobs per account in order.
 CREATE INDEX jobs_pending_idx ON contact_sync.jobs (account, run_at, id) WHERE state = 'pending';
--- Ordering: the open (pending or running) jobs of one contact.
-CREATE INDEX jobs_open_contact_idx ON contact_sync.jobs (contact_key, id) WHERE state IN ('pending', 'running');
+-- Ordering: the pending jobs of one contact.
+CREATE INDEX jobs_pending_contact_idx ON contact_sync.jobs (contact_key, id) WHERE state = 'pending';
 -- Never two calls in flight for one contact, whatever the timing of concurrent claims: the
--- database itself refuses a second running job of a contact.
-CREATE UNIQUE INDEX jobs_one_running_per_contact_idx ON contact_sync.jobs (contact_key) WHERE state = 'running';
--- Rescue of expired leases.
-CREATE INDEX jobs_running_idx ON contact_sync.jobs (locked_until) WHERE state = 'running';
+-- database itself refuses a second running job of a contact. Also how the rescuer finds the
+-- running jobs (at most the calls in flight).
+CREATE UNIQUE INDEX jobs_running_contact_idx ON contact_sync.jobs (contact_key) WHERE state = 'running';
 -- Retention of finished jobs.
 CREATE INDEX jobs_finished_idx ON contact_sync.jobs (finished_at) WHERE state IN ('succeeded', 'coalesced', 'cancelled');
 -- Operator look-ups of parked jobs.
@@ -189,14 +192,29 @@ CREATE INDEX jobs_dead_idx ON contact_sync.jobs (account, id) WHERE state = 'dea
 -- Idempotent enqueue.
 CREATE UNIQUE INDEX jobs_idempotency_idx ON contact_sync.jobs (account, idempotency_key) WHERE idempotency_key IS NOT NULL;
 
--- Wake the workers once per inserting statement (notifications are delivered at commit).
-CREATE FUNCTION contact_sync.notify_jobs() RETURNS trigger
+-- After each inserting statement: validate every new row in one set-based query, then wake the
+-- workers once (notifications are delivered at commit).
+CREATE FUNCTION contact_sync.jobs_after_insert() RETURNS trigger
 LANGUAGE plpgsql AS $fn$
 BEGIN
+    PERFORM 1 FROM new_jobs n WHERE NOT contact_sync.validate_job(n.provider, n.email, n.payload);
     PERFORM pg_notify('contact_sync_jobs', '');
     RETURN NULL;
 END
 $fn$;
 
-CREATE TRIGGER jobs_notify AFTER INSERT ON contact_sync.jobs
-    FOR EACH STATEMENT EXECUTE FUNCTION contact_sync.notify_jobs();
+CREATE TRIGGER jobs_after_insert AFTER INSERT ON contact_sync.jobs
+    REFERENCING NEW TABLE AS new_jobs
+    FOR EACH STATEMENT EXECUTE FUNCTION contact_sync.jobs_after_insert();
+
+-- A hand-written UPDATE of what a job sends is validated too.
+CREATE FUNCTION contact_sync.jobs_before_update() RETURNS trigger
+LANGUAGE plpgsql AS $fn$
+BEGIN
+    PERFORM contact_sync.validate_job(NEW.provider, NEW.email, NEW.payload);
+    RETURN NEW;
+END
+$fn$;
+
+CREATE TRIGGER jobs_validate_update BEFORE UPDATE OF provider, email, payload ON contact_sync.jobs
+    FOR EACH ROW EXECUTE FUNCTION contact_sync.jobs_before_update();

@@ -99,15 +99,30 @@ fn jobs(args: &BenchArgs, wave: usize) -> Vec<NewJob> {
             };
             let email = format!("user{c}.w{wave}@bench.example.com");
             if provider == "justclick" {
-                NewJob::new(provider, ACCOUNTS[0], email, json!({"lead_name": format!("User {i}"), "lead_city": "Москва"}))
+                NewJob::new(
+                    provider,
+                    ACCOUNTS[0],
+                    email,
+                    json!({"lead_name": format!("User {i}"), "lead_city": "Москва"}),
+                )
             } else {
-                NewJob::new(provider, ACCOUNTS[1], email, json!({"tags": ["bench"], "attributes": {"n": format!("{i}")}}))
+                NewJob::new(
+                    provider,
+                    ACCOUNTS[1],
+                    email,
+                    json!({"tags": ["bench"], "attributes": {"n": format!("{i}")}}),
+                )
             }
         })
         .collect()
 }
 
-fn config_file(args: &BenchArgs, justclick_base: &str, smartlink_base: &str, dir: &Path) -> anyhow::Result<PathBuf> {
+fn config_file(
+    args: &BenchArgs,
+    justclick_base: &str,
+    smartlink_base: &str,
+    dir: &Path,
+) -> anyhow::Result<PathBuf> {
     let toml = format!(
         r#"[database]
 max_connections = 8
@@ -151,11 +166,17 @@ impl WorkerProcess {
     fn spawn(config: &Path, url: &str, drain: bool) -> anyhow::Result<WorkerProcess> {
         let exe = std::env::current_exe().context("locating the contact-sync binary")?;
         let mut cmd = std::process::Command::new(exe);
-        cmd.arg("run").env("CONTACT_SYNC_CONFIG", config).env("DATABASE_URL", url).env("RUST_LOG", "warn");
+        cmd.arg("run")
+            .env("CONTACT_SYNC_CONFIG", config)
+            .env("DATABASE_URL", url)
+            .env("RUST_LOG", "warn");
         if drain {
             cmd.arg("--drain");
         }
-        let child = cmd.stdin(std::process::Stdio::null()).spawn().context("starting the worker")?;
+        let child = cmd
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .context("starting the worker")?;
         Ok(WorkerProcess { child })
     }
 
@@ -168,29 +189,43 @@ impl WorkerProcess {
         }
     }
 
-    /// Waits with `wait4`, which reports this child's own peak RSS.
-    async fn wait(self) -> anyhow::Result<(i32, f64)> {
-        let pid = libc::pid_t::try_from(self.child.id())?;
-        tokio::task::spawn_blocking(move || {
-            let mut status: libc::c_int = 0;
-            // SAFETY: rusage is plain old data, fully written by wait4 on success.
-            let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-            // SAFETY: waiting for our own child; pointers are valid for the call.
-            let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
-            if r != pid {
-                bail!("wait4 failed: {}", std::io::Error::last_os_error());
+    /// Waits for the process; returns its exit code and its peak RSS in MiB. The peak is
+    /// read from `/proc/PID/status` (VmHWM, reset at exec) while it runs: `wait4`'s maxrss would
+    /// also count the parent's image the child was forked from.
+    async fn wait(mut self) -> anyhow::Result<(i32, f64)> {
+        let status_path = format!("/proc/{}/status", self.child.id());
+        let mut peak_kib: u64 = 0;
+        loop {
+            if let Ok(status) = std::fs::read_to_string(&status_path) {
+                if let Some(kib) = status
+                    .lines()
+                    .find_map(|l| l.strip_prefix("VmHWM:"))
+                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+                {
+                    peak_kib = peak_kib.max(kib);
+                }
             }
-            let code = if libc::WIFEXITED(status) { libc::WEXITSTATUS(status) } else { -1 };
-            Ok((code, usage.ru_maxrss as f64 / 1024.0))
-        })
-        .await?
+            if let Some(status) = self.child.try_wait()? {
+                return Ok((status.code().unwrap_or(-1), peak_kib as f64 / 1024.0));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 }
 
 async fn finished(pool: &PgPool) -> anyhow::Result<(i64, i64)> {
     let counts = admin::counts_for(pool, &ACCOUNTS.map(String::from)).await?;
-    let get = |s: &str| counts.iter().filter(|c| c.state == s).map(|c| c.count).sum::<i64>();
-    Ok((get("succeeded") + get("coalesced") + get("dead"), get("coalesced")))
+    let get = |s: &str| {
+        counts
+            .iter()
+            .filter(|c| c.state == s)
+            .map(|c| c.count)
+            .sum::<i64>()
+    };
+    Ok((
+        get("succeeded") + get("coalesced") + get("dead"),
+        get("coalesced"),
+    ))
 }
 
 /// Enqueues in batches of 5000; returns jobs per second.
@@ -204,10 +239,18 @@ async fn load(pool: &PgPool, jobs: &[NewJob]) -> anyhow::Result<f64> {
 }
 
 /// Starts `workers` draining processes, waits for them; returns (jobs/s, peak RSS MiB, coalesced).
-async fn e2e(pool: &PgPool, config: &Path, url: &str, workers: usize, expected: usize) -> anyhow::Result<(f64, f64, i64)> {
+async fn e2e(
+    pool: &PgPool,
+    config: &Path,
+    url: &str,
+    workers: usize,
+    expected: usize,
+) -> anyhow::Result<(f64, f64, i64)> {
     let (before, coalesced_before) = finished(pool).await?;
     let started = Instant::now();
-    let procs: Vec<WorkerProcess> = (0..workers).map(|_| WorkerProcess::spawn(config, url, true)).collect::<Result<_, _>>()?;
+    let procs: Vec<WorkerProcess> = (0..workers)
+        .map(|_| WorkerProcess::spawn(config, url, true))
+        .collect::<Result<_, _>>()?;
     let mut peak: f64 = 0.0;
     for p in procs {
         let (code, rss) = p.wait().await?;
@@ -222,7 +265,11 @@ async fn e2e(pool: &PgPool, config: &Path, url: &str, workers: usize, expected: 
     if done != expected {
         bail!("{done} of {expected} jobs finished");
     }
-    Ok((expected as f64 / took, peak, coalesced_after - coalesced_before))
+    Ok((
+        expected as f64 / took,
+        peak,
+        coalesced_after - coalesced_before,
+    ))
 }
 
 fn percentile(sorted: &[f64], p: f64) -> Option<f64> {
@@ -233,7 +280,13 @@ fn percentile(sorted: &[f64], p: f64) -> Option<f64> {
     sorted.get(rank.clamp(1, sorted.len()) - 1).copied()
 }
 
-async fn latency(pool: &PgPool, sandbox: &Sandbox, config: &Path, url: &str, samples: usize) -> anyhow::Result<(Vec<f64>, f64)> {
+async fn latency(
+    pool: &PgPool,
+    sandbox: &Sandbox,
+    config: &Path,
+    url: &str,
+    samples: usize,
+) -> anyhow::Result<(Vec<f64>, f64)> {
     let mut arrivals = sandbox.observe();
     let worker = WorkerProcess::spawn(config, url, false)?;
     let mut conn = pool.acquire().await?;
@@ -284,7 +337,9 @@ async fn insert_backlog(pool: &PgPool, rows: usize) -> anyhow::Result<()> {
         .await?;
         done += n;
     }
-    sqlx::query("ANALYZE contact_sync.jobs").execute(pool).await?;
+    sqlx::query("ANALYZE contact_sync.jobs")
+        .execute(pool)
+        .await?;
     Ok(())
 }
 
@@ -293,13 +348,22 @@ pub async fn run(args: BenchArgs, database_url: Option<String>) -> anyhow::Resul
     let (_pg, url) = match database_url {
         Some(url) => (None, url),
         None => {
-            eprintln!("bench: starting a throwaway PostgreSQL (fsync on, default synchronous_commit) ...");
-            let pg = tokio::task::spawn_blocking(|| ThrowawayPostgres::start("max_wal_size = 4GB\ncheckpoint_timeout = 15min")).await??;
+            eprintln!(
+                "bench: starting a throwaway PostgreSQL (fsync on, default synchronous_commit) ..."
+            );
+            let pg = tokio::task::spawn_blocking(|| {
+                ThrowawayPostgres::start("max_wal_size = 4GB\ncheckpoint_timeout = 15min")
+            })
+            .await??;
             let url = pg.url();
             (Some(pg), url)
         }
     };
-    let pool = PgPoolOptions::new().max_connections(4).connect(&url).await.context("connecting to the database")?;
+    let pool = PgPoolOptions::new()
+        .max_connections(4)
+        .connect(&url)
+        .await
+        .context("connecting to the database")?;
     crate::migrate(&pool).await?;
     for account in ACCOUNTS.iter().chain(&["bench_old"]) {
         admin::purge_account(&pool, account, None).await?;
@@ -314,14 +378,20 @@ pub async fn run(args: BenchArgs, database_url: Option<String>) -> anyhow::Resul
         (None, None) => bail!("no sandbox"),
     };
     let dir = std::env::temp_dir();
-    let config = config_file(&args, &format!("{base}/justclick/demo"), &format!("{base}/smartlink"), &dir)?;
+    let config = config_file(
+        &args,
+        &format!("{base}/justclick/demo"),
+        &format!("{base}/smartlink"),
+        &dir,
+    )?;
 
     eprintln!("bench: enqueueing {} changes ...", args.jobs);
     let first = jobs(&args, 0);
     let enqueue_jobs_per_s = load(&pool, &first).await?;
     drop(first);
     eprintln!("bench: e2e run ...");
-    let (e2e_jobs_per_s, mut peak, coalesced) = e2e(&pool, &config, &url, args.workers, args.jobs).await?;
+    let (e2e_jobs_per_s, mut peak, coalesced) =
+        e2e(&pool, &config, &url, args.workers, args.jobs).await?;
 
     let (latency_ms_p50, latency_ms_p99) = match (&sandbox, args.latency_samples) {
         (Some(s), n) if n > 0 => {
@@ -334,7 +404,10 @@ pub async fn run(args: BenchArgs, database_url: Option<String>) -> anyhow::Resul
     };
 
     let backlog_e2e_jobs_per_s = if args.backlog > 0 {
-        eprintln!("bench: inserting {} finished rows, then the e2e run again ...", args.backlog);
+        eprintln!(
+            "bench: inserting {} finished rows, then the e2e run again ...",
+            args.backlog
+        );
         insert_backlog(&pool, args.backlog).await?;
         let second = jobs(&args, 1);
         load(&pool, &second).await?;
@@ -371,7 +444,9 @@ pub async fn run(args: BenchArgs, database_url: Option<String>) -> anyhow::Resul
         backlog_rows: args.backlog,
         backlog_e2e_jobs_per_s: backlog_e2e_jobs_per_s.map(f64::round),
         peak_rss_mb: (peak * 10.0).round() / 10.0,
-        cores: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        cores: std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1),
         seconds: (started.elapsed().as_secs_f64() * 10.0).round() / 10.0,
     })
 }
@@ -380,12 +455,32 @@ pub async fn run(args: BenchArgs, database_url: Option<String>) -> anyhow::Resul
 pub fn render(r: &BenchResult) -> String {
     let opt = |v: Option<f64>| v.map(|v| format!("{v}")).unwrap_or_else(|| "-".into());
     let rows = vec![
-        vec!["enqueue_jobs_per_s".into(), format!("{}", r.enqueue_jobs_per_s), ">= 50000".into()],
-        vec!["e2e_jobs_per_s".into(), format!("{}", r.e2e_jobs_per_s), ">= 10000".into()],
+        vec![
+            "enqueue_jobs_per_s".into(),
+            format!("{}", r.enqueue_jobs_per_s),
+            ">= 50000".into(),
+        ],
+        vec![
+            "e2e_jobs_per_s".into(),
+            format!("{}", r.e2e_jobs_per_s),
+            ">= 10000".into(),
+        ],
         vec!["latency_ms_p50".into(), opt(r.latency_ms_p50), "".into()],
-        vec!["latency_ms_p99".into(), opt(r.latency_ms_p99), "<= 20".into()],
-        vec!["backlog_e2e_jobs_per_s".into(), opt(r.backlog_e2e_jobs_per_s), "within 15% of e2e".into()],
-        vec!["peak_rss_mb".into(), format!("{}", r.peak_rss_mb), "<= 64".into()],
+        vec![
+            "latency_ms_p99".into(),
+            opt(r.latency_ms_p99),
+            "<= 20".into(),
+        ],
+        vec![
+            "backlog_e2e_jobs_per_s".into(),
+            opt(r.backlog_e2e_jobs_per_s),
+            "within 15% of e2e".into(),
+        ],
+        vec![
+            "peak_rss_mb".into(),
+            format!("{}", r.peak_rss_mb),
+            "<= 64".into(),
+        ],
     ];
     table::render(&["METRIC", "VALUE", "TARGET"], &rows)
 }

@@ -155,7 +155,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Bench(args) => {
             let pretty = args.pretty;
-            let url = settings.database.url.as_ref().map(|u| u.expose().to_string());
+            let url = settings
+                .database
+                .url
+                .as_ref()
+                .map(|u| u.expose().to_string());
             let result = crate::bench::run(args, url).await?;
             println!("{}", serde_json::to_string(&result)?);
             if pretty {

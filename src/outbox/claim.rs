@@ -48,9 +48,10 @@ pub async fn claim(
                 WHERE j.account = q.account AND j.state = 'pending' AND j.run_at <= now()
                   AND NOT EXISTS (
                       SELECT 1 FROM contact_sync.jobs e
-                      WHERE e.contact_key = j.contact_key
-                        AND e.state IN ('pending', 'running')
-                        AND (e.state = 'running' OR e.id < j.id))
+                      WHERE e.contact_key = j.contact_key AND e.state = 'pending' AND e.id < j.id)
+                  AND NOT EXISTS (
+                      SELECT 1 FROM contact_sync.jobs r
+                      WHERE r.contact_key = j.contact_key AND r.state = 'running')
                 ORDER BY j.run_at, j.id
                 LIMIT q.n
                 FOR UPDATE SKIP LOCKED
@@ -59,8 +60,9 @@ pub async fn claim(
         UPDATE contact_sync.jobs j
         SET state = 'running', attempts = j.attempts + 1,
             locked_until = now() + make_interval(secs => $3::bigint / 1000.0), locked_by = $4
-        FROM picked
-        WHERE j.id = picked.id
+        -- = ANY(ARRAY(...)): primary-key probes; a join on the CTE can make the planner hash
+        -- the whole table
+        WHERE j.id = ANY(ARRAY(SELECT id FROM picked))
         RETURNING j.id, j.provider, j.account, j.email, j.payload, j.attempts,
                   coalesce(j.max_attempts, $5) AS max_attempts,
                   floor(extract(epoch FROM j.created_at) * 1000)::bigint AS created_at_ms,
@@ -122,8 +124,10 @@ pub async fn runnable_exists(pool: &PgPool, accounts: &[String]) -> Result<bool,
             WHERE j.account = ANY($1) AND j.state = 'pending' AND j.run_at <= now()
               AND NOT EXISTS (
                   SELECT 1 FROM contact_sync.jobs e
-                  WHERE e.contact_key = j.contact_key AND e.state IN ('pending', 'running')
-                    AND (e.state = 'running' OR e.id < j.id)))
+                  WHERE e.contact_key = j.contact_key AND e.state = 'pending' AND e.id < j.id)
+              AND NOT EXISTS (
+                  SELECT 1 FROM contact_sync.jobs r
+                  WHERE r.contact_key = j.contact_key AND r.state = 'running'))
         "#,
     )
     .bind(accounts)

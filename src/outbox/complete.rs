@@ -62,6 +62,7 @@ pub async fn succeed_many(pool: &PgPool, items: &[Success]) -> Result<Vec<JobId>
     .bind(&follower_heads)
     .fetch_all(pool)
     .await?;
+    let done: std::collections::HashSet<JobId> = done.into_iter().collect();
     Ok(ids.into_iter().filter(|id| !done.contains(id)).collect())
 }
 

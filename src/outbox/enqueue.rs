@@ -123,7 +123,11 @@ pub async fn enqueue_batch(
     keyless.sort_unstable();
     let missing: Vec<(&str, &str)> = jobs
         .iter()
-        .filter_map(|j| j.idempotency_key.as_deref().map(|k| (j.account.as_str(), k)))
+        .filter_map(|j| {
+            j.idempotency_key
+                .as_deref()
+                .map(|k| (j.account.as_str(), k))
+        })
         .filter(|(a, k)| !by_key.contains_key(&((*a).to_string(), (*k).to_string())))
         .collect();
     if !missing.is_empty() {

@@ -73,6 +73,7 @@ async fn write(shared: &Shared, batch: Vec<Completion>) {
         .await
         {
             Ok(lost) => {
+                let lost: std::collections::HashSet<_> = lost.into_iter().collect();
                 for c in &batch {
                     if let Outcome::Success { followers, .. } = &c.outcome {
                         if lost.contains(&c.lease.id) {

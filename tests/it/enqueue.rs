@@ -48,7 +48,7 @@ async fn sql_function_validates_with_clear_messages() {
     )
     .await;
     assert!(message.contains("more than 100"), "{message}");
-    // a direct INSERT obeys the same rules (CHECK constraint)
+    // a direct INSERT obeys the same rules (the insert trigger)
     let (code, message) = sql_error(
         &env,
         "INSERT INTO contact_sync.jobs (provider, account, email, payload) VALUES ('justclick', 'jc', 'x', '{}')",
@@ -184,4 +184,26 @@ async fn rust_api_reports_validation_errors_as_invalid() {
     .unwrap_err();
     assert!(err.is_invalid());
     assert!(err.to_string().contains("update_strategy"), "{err}");
+}
+
+#[tokio::test]
+async fn hand_written_updates_are_validated_too() {
+    let env = TestEnv::new().await;
+    let id = env.enqueue(jc("u@example.com", json!({}))).await;
+    let err =
+        sqlx::query("UPDATE contact_sync.jobs SET payload = '{\"lead_city\": 7}' WHERE id = $1")
+            .bind(id)
+            .execute(&env.pool)
+            .await
+            .unwrap_err();
+    assert!(
+        err.to_string().contains("lead_city must be a string"),
+        "{err}"
+    );
+    // the worker's own state updates are not re-validated, and work
+    sqlx::query("UPDATE contact_sync.jobs SET run_at = now() WHERE id = $1")
+        .bind(id)
+        .execute(&env.pool)
+        .await
+        .unwrap();
 }
