@@ -174,6 +174,13 @@ CREATE TABLE contact_sync.jobs (
 
 COMMENT ON TABLE contact_sync.jobs IS 'contact-sync outbox: one row per contact change';
 
+-- No statistics on `state`: a table is mostly finished rows with a few open ones, and after an
+-- ANALYZE taken while nothing was pending the planner would estimate "1 pending row" and turn the
+-- per-contact probes of the claim into scans of the whole pending set (quadratic in the backlog,
+-- seen in `contact-sync bench`). Without statistics it assumes a modest share and always probes
+-- the indexes by contact.
+ALTER TABLE contact_sync.jobs ALTER COLUMN state SET STATISTICS 0;
+
 -- Every index below is partial, so a state change only touches the indexes of the state it
 -- enters: a claim (pending -> running) inserts into the primary key and the running index, a
 -- completion into the primary key and the finished index.

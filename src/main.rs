@@ -3,11 +3,6 @@
 use clap::Parser;
 use std::process::ExitCode;
 
-/// mimalloc: the worker allocates and frees small buffers across threads at a high rate, where
-/// glibc's allocator spent a fifth of the CPU (measured with `perf` under `contact-sync bench`).
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> ExitCode {
     let cli = contact_sync::cli::Cli::parse();
     // The demo and the benchmark narrate on stdout; their logs default to warnings.
