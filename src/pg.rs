@@ -172,6 +172,26 @@ impl ThrowawayPostgres {
         }
     }
 
+    /// Restarts the server; `mode` is pg_ctl's shutdown mode (`smart`, `fast`, `immediate`).
+    /// Every connection is cut; clients must reconnect.
+    pub fn restart(&self, mode: &str) -> Result<(), PgError> {
+        self.run(
+            "pg_ctl",
+            &[
+                "-D",
+                &self.data().to_string_lossy(),
+                "-l",
+                &self.dir.join("server.log").to_string_lossy(),
+                "-m",
+                mode,
+                "-w",
+                "-t",
+                "60",
+                "restart",
+            ],
+        )
+    }
+
     /// `postgres://postgres@127.0.0.1:PORT/postgres`
     pub fn url(&self) -> String {
         format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)

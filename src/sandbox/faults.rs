@@ -22,6 +22,8 @@ pub enum Fault {
     ErrorCode { code: i64, text: String },
     /// A 200 answer that is not JSON.
     Malformed,
+    /// Headers and half a body, then the connection is dropped (reset mid-response).
+    Reset,
 }
 
 /// One scripted fault.

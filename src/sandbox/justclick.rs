@@ -32,6 +32,38 @@ pub(crate) fn json(body: String) -> Response {
         .into_response()
 }
 
+/// Checks a raw form body the way the service does: decode the fields as PHP fills `$_POST`,
+/// take `hash` out, re-encode the rest with `http_build_query`, compare. Returns the decoded
+/// fields (without `hash`) or the provider's error code and text.
+pub fn verify_form(
+    body: &[u8],
+    login: &str,
+    secret: &str,
+) -> Result<Vec<(String, String)>, (i64, &'static str)> {
+    let text = std::str::from_utf8(body).map_err(|_| (3, "Wrong data"))?;
+    let mut pairs: Vec<(String, String)> = Vec::new();
+    for part in text.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = part.split_once('=').unwrap_or((part, ""));
+        match (php_urldecode(k), php_urldecode(v)) {
+            (Some(k), Some(v)) => pairs.push((k, v)),
+            _ => return Err((3, "Wrong data")),
+        }
+    }
+    let hash_index = pairs
+        .iter()
+        .position(|(k, _)| k == "hash")
+        .ok_or((1, "Hash is missing"))?;
+    let sent_hash = pairs.remove(hash_index).1;
+    if pairs.is_empty() {
+        return Err((2, "No data"));
+    }
+    let expected = request_hash(&php_build_query(&pairs), login, secret);
+    if !digest_eq(&sent_hash, &expected) {
+        return Err((4, "Incorrect hash"));
+    }
+    Ok(pairs)
+}
+
 pub async fn update_subscriber(
     State(state): State<Arc<SandboxState>>,
     Path(login): Path<String>,
@@ -46,29 +78,15 @@ pub async fn update_subscriber(
     let Some(secret) = secret else {
         return answer(5, "Unknown login", "");
     };
-    let Ok(text) = std::str::from_utf8(&body) else {
-        return answer(3, "Wrong data", &secret);
-    };
-    let mut pairs: Vec<(String, String)> = Vec::new();
-    for part in text.split('&').filter(|p| !p.is_empty()) {
-        let (k, v) = part.split_once('=').unwrap_or((part, ""));
-        match (php_urldecode(k), php_urldecode(v)) {
-            (Some(k), Some(v)) => pairs.push((k, v)),
-            _ => return answer(3, "Wrong data", &secret),
+    let pairs = match verify_form(&body, &login, &secret) {
+        Ok(pairs) => pairs,
+        Err((code, text)) => {
+            if code == 4 {
+                state.bad_signatures.fetch_add(1, Ordering::Relaxed);
+            }
+            return answer(code, text, &secret);
         }
-    }
-    let Some(hash_index) = pairs.iter().position(|(k, _)| k == "hash") else {
-        return answer(1, "Hash is missing", &secret);
     };
-    let sent_hash = pairs.remove(hash_index).1;
-    if pairs.is_empty() {
-        return answer(2, "No data", &secret);
-    }
-    let expected = request_hash(&php_build_query(&pairs), &login, &secret);
-    if !digest_eq(&sent_hash, &expected) {
-        state.bad_signatures.fetch_add(1, Ordering::Relaxed);
-        return answer(4, "Incorrect hash", &secret);
-    }
     let Some(email) = pairs
         .iter()
         .find(|(k, _)| k == "lead_email")
@@ -104,6 +122,7 @@ pub async fn update_subscriber(
         }
         Some(Fault::ErrorCode { code, text }) => return answer(code, &text, &secret),
         Some(Fault::Malformed) => return json("<html>Service Unavailable</html>".into()),
+        Some(Fault::Reset) => return super::reset_mid_response(),
         Some(Fault::Stall { .. }) => {}
     }
     if let Ok(mut contacts) = state.contacts.lock() {

@@ -363,6 +363,26 @@ async fn reset(State(s): State<Arc<SandboxState>>) -> Json<Value> {
     Json(serde_json::json!({"ok": true}))
 }
 
+/// A 200 response that promises a JSON body, sends half of it, and breaks the connection.
+pub(crate) fn reset_mid_response() -> axum::response::Response {
+    use axum::http::header;
+    let chunks: Vec<Result<axum::body::Bytes, std::io::Error>> = vec![
+        Ok(axum::body::Bytes::from_static(
+            b"{\"error_code\":0,\"error_te",
+        )),
+        Err(std::io::Error::new(
+            std::io::ErrorKind::ConnectionReset,
+            "sandbox: injected reset",
+        )),
+    ];
+    let body = axum::body::Body::from_stream(futures_util::stream::iter(chunks));
+    axum::response::Response::builder()
+        .header(header::CONTENT_TYPE, "application/json")
+        .header(header::CONTENT_LENGTH, "120")
+        .body(body)
+        .unwrap_or_default()
+}
+
 /// JSON string the way PHP's `json_encode` writes it: non-ASCII as `\uXXXX`, `/` as `\/`.
 pub(crate) fn php_json_string(text: &str) -> String {
     let mut out = String::with_capacity(text.len() + 2);

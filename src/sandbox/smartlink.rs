@@ -55,6 +55,16 @@ pub fn default_strategy(subscribe: i64) -> i64 {
     }
 }
 
+/// The raw query string split into the signed params and the `sig` (which must come last).
+pub fn split_signed_query(query: &str) -> Option<(&str, &str)> {
+    query.rsplit_once("&sig=")
+}
+
+/// `sig == md5(path + "?" + params + body + key)` over the bytes as received.
+pub fn verify_signature(params: &str, sig: &str, body: &[u8], secret: &str) -> bool {
+    digest_eq(sig, &sign::sig(PATH, params, body, secret))
+}
+
 pub async fn sync_user_by_email(
     State(state): State<Arc<SandboxState>>,
     uri: Uri,
@@ -62,7 +72,7 @@ pub async fn sync_user_by_email(
 ) -> Response {
     state.requests.fetch_add(1, Ordering::Relaxed);
     let query = uri.query().unwrap_or("");
-    let Some((params, sig)) = query.rsplit_once("&sig=") else {
+    let Some((params, sig)) = split_signed_query(query) else {
         return answer(1003, "sig missing or not last", "");
     };
     let mut game_id = None;
@@ -97,7 +107,7 @@ pub async fn sync_user_by_email(
     if (ts - chrono::Utc::now().timestamp()).abs() > TS_TOLERANCE_SECS {
         return answer(1002, "ts expired", seq);
     }
-    if !digest_eq(sig, &sign::sig(PATH, params, &body, &secret)) {
+    if !verify_signature(params, sig, &body, &secret) {
         state.bad_signatures.fetch_add(1, Ordering::Relaxed);
         return answer(1003, "sig error", seq);
     }
@@ -146,6 +156,7 @@ pub async fn sync_user_by_email(
         Some(Fault::ForgeSignature) => return answer(0, "success", "forged_seq"),
         Some(Fault::ErrorCode { code, text }) => return answer(code, &text, seq),
         Some(Fault::Malformed) => return json("<html>Bad Gateway</html>".into()),
+        Some(Fault::Reset) => return super::reset_mid_response(),
         Some(Fault::Stall { .. }) => {}
     }
 
@@ -236,5 +247,52 @@ mod tests {
         assert!(!overwrites(3, Some(1)) && overwrites(3, Some(0)) && overwrites(3, Some(3)));
         assert_eq!(default_strategy(3), 3);
         assert!(!overwrites(9, None));
+    }
+}
+
+#[cfg(test)]
+mod property {
+    //! Any Unicode in any field survives the client's signing and the sandbox's verification.
+    use super::*;
+    use crate::providers::justclick::{form_fields, signed_body};
+    use crate::providers::smartlink::{body, params};
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+
+        #[test]
+        fn justclick_requests_verify(name in "\\PC{0,40}", city in "\\PC{0,40}", phone in "\\PC{0,20}",
+                                     tags in proptest::collection::vec("[^,]{1,10}", 0..4),
+                                     local in "[a-zA-Z0-9.+_~*'!-]{1,20}", secret in "\\PC{1,30}") {
+            let email = format!("{local}@example.com");
+            let payload = json!({"lead_name": name, "lead_city": city, "lead_phone": phone, "lead_tags": tags});
+            let fields = form_fields(&email, payload.as_object().unwrap()).unwrap();
+            let wire = signed_body(&fields, "login", &secret);
+            let decoded = crate::sandbox::justclick::verify_form(wire.as_bytes(), "login", &secret).unwrap();
+            let expected: Vec<(String, String)> = fields.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
+            prop_assert_eq!(decoded, expected);
+            // and a wrong secret never verifies
+            let other = format!("{secret}x");
+            prop_assert_eq!(crate::sandbox::justclick::verify_form(wire.as_bytes(), "login", &other).unwrap_err().0, 4);
+        }
+
+        #[test]
+        fn smartlink_requests_verify(nick in "\\PC{0,40}", tag in "\\PC{0,20}", lang in "[a-z]{2}",
+                                     ts in 0i64..4_000_000_000, id in 0i64..1_000_000, key in "\\PC{1,30}") {
+            let payload = json!({"tags": [tag], "attributes": {"nick": nick}, "language": lang, "modify_ts": ts * 1000});
+            let b = body("a.b+c@example.org", payload.as_object().unwrap(), 0).unwrap();
+            let bytes = serde_json::to_vec(&b).unwrap();
+            let query_params = params("777", &format!("job_{id}_1"), ts);
+            let sig = sign::sig(PATH, &query_params, &bytes, &key);
+            let query = format!("{query_params}&sig={sig}");
+            let (p, s) = split_signed_query(&query).unwrap();
+            prop_assert!(verify_signature(p, s, &bytes, &key));
+            let parsed: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+            prop_assert_eq!(&parsed["attributes"]["nick"], &json!(nick));
+            let other = format!("{key}x");
+            prop_assert!(!verify_signature(p, s, &bytes, &other));
+        }
     }
 }

@@ -33,7 +33,12 @@ impl TestDb {
     pub async fn new() -> TestDb {
         let admin_url = std::env::var("DATABASE_URL")
             .expect("DATABASE_URL must be set: run the tests through scripts/test.sh");
-        let admin = PgConnectOptions::from_str(&admin_url).unwrap();
+        Self::on(&admin_url).await
+    }
+
+    /// A database of its own on another server.
+    pub async fn on(admin_url: &str) -> TestDb {
+        let admin = PgConnectOptions::from_str(admin_url).unwrap();
         let name = format!(
             "cs_test_{}_{}_{}",
             std::process::id(),
@@ -46,7 +51,7 @@ impl TestDb {
             .await
             .unwrap();
         let options = admin.clone().database(&name);
-        let mut url = url::Url::parse(&admin_url).unwrap();
+        let mut url = url::Url::parse(admin_url).unwrap();
         url.set_path(&format!("/{name}"));
         let pool = pool_for(&options).await;
         contact_sync::migrate(&pool).await.unwrap();
@@ -82,7 +87,15 @@ pub struct TestEnv {
 
 impl TestEnv {
     pub async fn new() -> TestEnv {
-        let db = TestDb::new().await;
+        Self::with_db(TestDb::new().await).await
+    }
+
+    /// On another Postgres server (tests that restart it).
+    pub async fn with_database_url(url: &str) -> TestEnv {
+        Self::with_db(TestDb::on(url).await).await
+    }
+
+    async fn with_db(db: TestDb) -> TestEnv {
         let sandbox = Sandbox::start(
             "127.0.0.1:0".parse().unwrap(),
             SandboxAccounts::default()
@@ -162,7 +175,7 @@ impl TestEnv {
     pub fn config_file(&self, extra: &str) -> std::path::PathBuf {
         let w = &self.settings.worker;
         let mut toml = format!(
-            "[worker]\nconcurrency = {}\nbatch_size = {}\nlease = \"{}\"\npoll_interval = \"{}\"\nbackoff_base = \"{}\"\nbackoff_cap = \"{}\"\nshutdown_timeout = \"{}\"\nmax_attempts = {}\n[admin]\nlisten = \"\"\n",
+            "[worker]\nconcurrency = {}\nbatch_size = {}\nlease = \"{}\"\npoll_interval = \"{}\"\nbackoff_base = \"{}\"\nbackoff_cap = \"{}\"\nshutdown_timeout = \"{}\"\nmax_attempts = {}\n[admin]\nlisten = \"\"\n[http]\nrequest_timeout = \"{}\"\n",
             w.concurrency,
             w.batch_size,
             contact_sync::duration::format(w.lease),
@@ -171,6 +184,7 @@ impl TestEnv {
             contact_sync::duration::format(w.backoff_cap),
             contact_sync::duration::format(w.shutdown_timeout),
             w.max_attempts,
+            contact_sync::duration::format(self.settings.http.request_timeout),
         );
         toml.push_str(&format!(
             "[accounts.jc]\nprovider = \"justclick\"\nlogin = \"{JC_LOGIN}\"\nsecret = \"{JC_SECRET}\"\nbase_url = \"{}\"\n",

@@ -10,5 +10,6 @@ mod cli;
 mod enqueue;
 mod ordering;
 mod providers;
+mod reliability;
 mod retries;
 mod shutdown;

@@ -1,0 +1,667 @@
+//! Failure, caused for real against the real binary: kill -9, Postgres restarts, provider
+//! storms, bad input, shutdown under load, secrets, transport security.
+
+use crate::helpers::*;
+use contact_sync::outbox::{enqueue_batch, NewJob};
+use contact_sync::sandbox::{Fault, FaultRule};
+use serde_json::json;
+use std::collections::HashSet;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+fn sigterm(child: &tokio::process::Child) {
+    let pid = child.id().expect("running") as i32;
+    // SAFETY: signalling our own child.
+    unsafe {
+        libc::kill(pid, libc::SIGTERM);
+    }
+}
+
+fn sigkill(child: &tokio::process::Child) {
+    let pid = child.id().expect("running") as i32;
+    // SAFETY: signalling our own child.
+    unsafe {
+        libc::kill(pid, libc::SIGKILL);
+    }
+}
+
+/// Polls the database (the process under test is another program) until `done` or the deadline.
+async fn wait_until<F, Fut>(deadline: Duration, mut done: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let until = Instant::now() + deadline;
+    while !done().await {
+        assert!(
+            Instant::now() < until,
+            "condition not reached within {deadline:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn count_where(env: &TestEnv, condition: &str) -> i64 {
+    sqlx::query_scalar(&format!(
+        "SELECT count(*) FROM contact_sync.jobs WHERE {condition}"
+    ))
+    .fetch_one(&env.pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_run_loses_nothing() {
+    let mut env = TestEnv::new().await;
+    env.settings.worker.concurrency = 64;
+    env.settings.worker.lease = Duration::from_secs(2);
+    let config = env.config_file("");
+    env.sandbox.faults().set_delay(Duration::from_millis(20));
+    let jobs: Vec<NewJob> = (0..5000)
+        .map(|i| {
+            if i % 2 == 0 {
+                jc(
+                    &format!("k{i}@example.com"),
+                    json!({"lead_name": format!("final {i}")}),
+                )
+            } else {
+                sl(
+                    &format!("k{i}@example.com"),
+                    json!({"attributes": {"v": format!("final {i}")}}),
+                )
+            }
+        })
+        .collect();
+    let mut conn = env.pool.acquire().await.unwrap();
+    enqueue_batch(&mut conn, &jobs).await.unwrap();
+    let mut first = env
+        .binary(&config)
+        .arg("run")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until(Duration::from_secs(60), || async {
+        count_where(&env, "state = 'succeeded'").await >= 1500
+    })
+    .await;
+    sigkill(&first);
+    first.wait().await.unwrap();
+    let in_flight: HashSet<String> =
+        sqlx::query_scalar("SELECT lower(email) FROM contact_sync.jobs WHERE state = 'running'")
+            .fetch_all(&env.pool)
+            .await
+            .unwrap()
+            .into_iter()
+            .collect();
+    assert!(
+        !in_flight.is_empty(),
+        "the kill should catch calls in flight"
+    );
+    let mut second = env
+        .binary(&config)
+        .arg("run")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until(Duration::from_secs(120), || async {
+        count_where(&env, "state = 'succeeded'").await == 5000
+    })
+    .await;
+    sigterm(&second);
+    assert!(second.wait().await.unwrap().success());
+    assert_eq!(count_where(&env, "state = 'running'").await, 0);
+    // every contact has its final value; only calls in flight at the kill were repeated
+    for (i, job) in jobs.iter().enumerate() {
+        let (provider, account) = if i % 2 == 0 {
+            ("justclick", JC_LOGIN)
+        } else {
+            ("smartlink", SL_GAME)
+        };
+        let c = env.sandbox.contact(provider, account, &job.email).unwrap();
+        let value = if i % 2 == 0 {
+            c.fields["lead_name"].clone()
+        } else {
+            c.fields["attributes"]["v"].clone()
+        };
+        assert_eq!(value, json!(format!("final {i}")));
+        if c.updates > 1 {
+            assert!(
+                in_flight.contains(&job.email.to_lowercase()),
+                "{} delivered twice but was not in flight",
+                job.email
+            );
+        }
+    }
+    assert_eq!(env.sandbox.stats().max_in_flight_per_contact, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_restarts_fast_and_immediate_lose_nothing() {
+    // its own cluster: restarting the shared one would cut every other test's connections
+    let pg = tokio::task::spawn_blocking(|| contact_sync::pg::ThrowawayPostgres::start(""))
+        .await
+        .unwrap()
+        .unwrap();
+    let mut env = TestEnv::with_database_url(&pg.url()).await;
+    env.settings.worker.concurrency = 16;
+    env.settings.worker.lease = Duration::from_secs(3);
+    env.settings.worker.poll_interval = Duration::from_millis(100);
+    let config = env.config_file("");
+    env.sandbox.faults().set_delay(Duration::from_millis(10));
+    let jobs: Vec<NewJob> = (0..3000)
+        .map(|i| {
+            jc(
+                &format!("pg{i}@example.com"),
+                json!({"lead_name": format!("v{i}")}),
+            )
+        })
+        .collect();
+    let mut conn = env.pool.acquire().await.unwrap();
+    enqueue_batch(&mut conn, &jobs).await.unwrap();
+    drop(conn);
+    let worker = env
+        .binary(&config)
+        .arg("run")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    for (mode, after) in [("fast", 800), ("immediate", 1800)] {
+        wait_until(Duration::from_secs(60), || async {
+            // the pool reconnects by itself after a restart
+            sqlx::query_scalar::<_, i64>(
+                "SELECT count(*) FROM contact_sync.jobs WHERE state = 'succeeded'",
+            )
+            .fetch_one(&env.pool)
+            .await
+            .map(|n| n >= after)
+            .unwrap_or(false)
+        })
+        .await;
+        let pg_ref = &pg;
+        tokio::task::block_in_place(|| pg_ref.restart(mode)).unwrap();
+    }
+    wait_until(Duration::from_secs(120), || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM contact_sync.jobs WHERE state = 'succeeded'",
+        )
+        .fetch_one(&env.pool)
+        .await
+        .map(|n| n == 3000)
+        .unwrap_or(false)
+    })
+    .await;
+    sigterm(&worker);
+    let out = worker.wait_with_output().await.unwrap();
+    assert!(out.status.success());
+    let logs = String::from_utf8_lossy(&out.stderr);
+    assert!(logs.contains("WARN"), "the outage was logged");
+    let open: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM contact_sync.jobs WHERE state <> 'succeeded'")
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+    assert_eq!(open, 0);
+    for i in (0..3000).step_by(97) {
+        let c = env
+            .sandbox
+            .contact("justclick", JC_LOGIN, &format!("pg{i}@example.com"))
+            .unwrap();
+        assert_eq!(c.fields["lead_name"], format!("v{i}"));
+    }
+    env.pool.close().await;
+    drop(pg);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provider_storms_end_in_success_and_do_not_slow_other_accounts() {
+    let mut env = TestEnv::new().await;
+    env.settings.worker.max_attempts = 10;
+    env.settings.http.request_timeout = Duration::from_millis(500);
+    let config = env.config_file("");
+    let storm = [
+        Fault::Status { status: 500 },
+        Fault::Status { status: 503 },
+        Fault::RateLimit {
+            retry_after_secs: 1,
+        },
+        Fault::Reset,
+        Fault::Stall { ms: 1200 },
+        Fault::Malformed,
+        Fault::ForgeSignature,
+    ];
+    for f in &storm {
+        env.sandbox
+            .faults()
+            .push(FaultRule::new(f.clone(), 6).provider("justclick"));
+    }
+    let mut jobs: Vec<NewJob> = (0..30)
+        .map(|i| jc(&format!("storm{i}@example.com"), json!({"lead_name": "S"})))
+        .collect();
+    jobs.extend((0..200).map(|i| sl(&format!("calm{i}@example.com"), json!({"tags": ["calm"]}))));
+    let mut conn = env.pool.acquire().await.unwrap();
+    enqueue_batch(&mut conn, &jobs).await.unwrap();
+    let mut worker = env
+        .binary(&config)
+        .arg("run")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    wait_until(Duration::from_secs(20), || async {
+        count_where(&env, "account = 'sl' AND state = 'succeeded'").await == 200
+    })
+    .await;
+    let calm_done = started.elapsed();
+    wait_until(Duration::from_secs(90), || async {
+        count_where(&env, "account = 'jc' AND state = 'succeeded'").await == 30
+    })
+    .await;
+    let storm_done = started.elapsed();
+    sigterm(&worker);
+    assert!(worker.wait().await.unwrap().success());
+    assert_eq!(
+        env.sandbox.faults().remaining(),
+        0,
+        "every fault was served"
+    );
+    assert!(
+        calm_done < storm_done,
+        "calm {calm_done:?} vs storm {storm_done:?}"
+    );
+    // nothing counted as success while a fault lasted: every fault shows as a failed attempt
+    let failed: i64 = sqlx::query_scalar("SELECT sum(jsonb_array_length(errors))::bigint FROM contact_sync.jobs WHERE account = 'jc'")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    let by_kind: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT e->>'kind', count(*) FROM contact_sync.jobs, jsonb_array_elements(errors) e WHERE account = 'jc' GROUP BY 1 ORDER BY 1",
+    )
+    .fetch_all(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(failed, 42, "{by_kind:?}");
+    let kinds: Vec<String> = sqlx::query_scalar(
+        "SELECT DISTINCT e->>'kind' FROM contact_sync.jobs, jsonb_array_elements(errors) e WHERE account = 'jc' ORDER BY 1",
+    )
+    .fetch_all(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        kinds,
+        [
+            "bad_response_signature",
+            "malformed_response",
+            "rate_limited",
+            "server_error",
+            "timeout",
+            "transport"
+        ]
+    );
+    assert_eq!(count_where(&env, "attempts > 10").await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_a_thousand_calls_in_flight() {
+    let mut env = TestEnv::new().await;
+    env.settings.worker.concurrency = 1000;
+    env.settings.worker.batch_size = 1000;
+    env.settings.worker.shutdown_timeout = Duration::from_secs(2);
+    let config = env.config_file("[database]\nmax_connections = 10\n");
+    env.sandbox.faults().set_delay(Duration::from_secs(30));
+    let jobs: Vec<NewJob> = (0..1500)
+        .map(|i| jc(&format!("t{i}@example.com"), json!({})))
+        .collect();
+    let mut conn = env.pool.acquire().await.unwrap();
+    enqueue_batch(&mut conn, &jobs).await.unwrap();
+    let mut worker = env
+        .binary(&config)
+        .arg("run")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until(Duration::from_secs(30), || async {
+        count_where(&env, "state = 'running'").await == 1000
+    })
+    .await;
+    let started = Instant::now();
+    sigterm(&worker);
+    let status = worker.wait().await.unwrap();
+    let took = started.elapsed();
+    assert!(status.success(), "{status:?}");
+    assert!(took < Duration::from_secs(4), "exit took {took:?}");
+    assert_eq!(count_where(&env, "state = 'running'").await, 0);
+    assert_eq!(
+        count_where(&env, "state = 'pending' AND locked_until IS NULL").await,
+        1500
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_is_refused_or_parked_and_never_blocks_others() {
+    let env = TestEnv::new().await;
+    let config = env.config_file("");
+    for (args, expected) in [
+        (
+            vec![
+                "--provider",
+                "mailchimp",
+                "--account",
+                "jc",
+                "--email",
+                "a@example.com",
+            ],
+            "unknown provider",
+        ),
+        (
+            vec![
+                "--provider",
+                "justclick",
+                "--account",
+                "jc",
+                "--email",
+                "a@@example",
+            ],
+            "malformed email",
+        ),
+        (
+            vec![
+                "--provider",
+                "justclick",
+                "--account",
+                "j-c",
+                "--email",
+                "a@example.com",
+            ],
+            "invalid account name",
+        ),
+        (
+            vec![
+                "--provider",
+                "smartlink",
+                "--account",
+                "sl",
+                "--email",
+                "a@example.com",
+                "--set",
+                "subscribe=x",
+            ],
+            "not an integer",
+        ),
+        (
+            vec![
+                "--provider",
+                "smartlink",
+                "--account",
+                "sl",
+                "--email",
+                "a@example.com",
+                "--payload",
+                "{\"tags\": \"x\"}",
+            ],
+            "array of strings",
+        ),
+        (
+            vec![
+                "--provider",
+                "justclick",
+                "--account",
+                "jc",
+                "--email",
+                "a@example.com",
+                "--payload",
+                "{\"lead_name\": \"'; DROP TABLE x; --\", \"bogus\": 1}",
+            ],
+            "unknown justclick payload key 'bogus'",
+        ),
+    ] {
+        let mut full = vec!["enqueue"];
+        full.extend(args);
+        let long;
+        if expected == "longer" {
+            long = "x".repeat(300);
+            full.push(&long);
+        }
+        let (code, _, err) = env.cli(&config, &full).await;
+        assert_ne!(code, 0, "{full:?}");
+        assert!(err.contains(expected), "{full:?}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+    let (code, _, err) = env
+        .cli(
+            &config,
+            &[
+                "enqueue",
+                "--provider",
+                "justclick",
+                "--account",
+                "jc",
+                "--email",
+                "a@example.com",
+                "--set",
+                &format!("lead_city={}", "я".repeat(256)),
+            ],
+        )
+        .await;
+    assert_ne!(code, 0);
+    assert!(err.contains("longer than 255"), "{err}");
+    // only the provider can tell: a dead job with its reason, and the rest flows
+    env.sandbox.faults().push(
+        FaultRule::new(
+            Fault::ErrorCode {
+                code: 100,
+                text: "E-mail is invalid".into(),
+            },
+            1,
+        )
+        .email("rejected@example.com"),
+    );
+    let mut conn = env.pool.acquire().await.unwrap();
+    let mut jobs = vec![jc("rejected@example.com", json!({"lead_name": "R"}))];
+    jobs.push(NewJob::new(
+        "justclick",
+        "nobody",
+        "w@example.com",
+        json!({}),
+    ));
+    jobs.extend((0..50).map(|i| {
+        jc(
+            &format!("ok{i}@example.com"),
+            json!({"lead_name": "Robert'); DROP TABLE contact_sync.jobs;--"}),
+        )
+    }));
+    enqueue_batch(&mut conn, &jobs).await.unwrap();
+    let (code, _, err) = env.cli(&config, &["run", "--drain"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(count_where(&env, "state = 'succeeded'").await, 50);
+    assert_eq!(
+        count_where(&env, "state = 'dead' AND last_error = 'E-mail is invalid'").await,
+        1
+    );
+    assert_eq!(
+        count_where(&env, "state = 'pending' AND account = 'nobody'").await,
+        1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_never_reach_logs_or_errors() {
+    let mut env = TestEnv::new().await;
+    env.settings.worker.max_attempts = 2;
+    // a password in the URL (the test cluster trusts local connections and ignores it)
+    let mut url = url::Url::parse(&env.db.url).unwrap();
+    url.set_password(Some("pg-password-never-logged")).unwrap();
+    let config = env.config_file("");
+    for f in [
+        Fault::Status { status: 503 },
+        Fault::ForgeSignature,
+        Fault::Reset,
+        Fault::Malformed,
+    ] {
+        env.sandbox.faults().push(FaultRule::new(f, 1));
+    }
+    env.sandbox.faults().push(
+        FaultRule::new(
+            Fault::ErrorCode {
+                code: 4,
+                text: "Incorrect hash".into(),
+            },
+            2,
+        )
+        .provider("justclick"),
+    );
+    let mut jobs: Vec<NewJob> = (0..6)
+        .map(|i| jc(&format!("s{i}@example.com"), json!({"lead_name": "N"})))
+        .collect();
+    jobs.extend((0..6).map(|i| sl(&format!("s{i}@example.com"), json!({"subscribe": 3}))));
+    let mut conn = env.pool.acquire().await.unwrap();
+    enqueue_batch(&mut conn, &jobs).await.unwrap();
+    let out = env
+        .binary(&config)
+        .env("DATABASE_URL", url.as_str())
+        .env("RUST_LOG", "trace")
+        .args(["run", "--drain"])
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success());
+    let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.push_str(&String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("TRACE"), "trace logging was on");
+    let stored: Vec<String> = sqlx::query_scalar(
+        "SELECT errors::text || coalesce(last_error, '') FROM contact_sync.jobs",
+    )
+    .fetch_all(&env.pool)
+    .await
+    .unwrap();
+    text.push_str(&stored.join("\n"));
+    for secret in [JC_SECRET, SL_SECRET, "pg-password-never-logged"] {
+        assert!(!text.contains(secret), "secret {secret} leaked");
+    }
+    assert!(!text.contains("sig="), "a Smartlink signature leaked");
+    assert!(!text.contains("&hash="), "a JustClick request hash leaked");
+    // and Debug of the configuration is redacted
+    let settings = contact_sync::config::Settings::load_from(
+        Some(&config),
+        |_| Some(url.to_string()),
+        Some(vec![]),
+    )
+    .unwrap();
+    let debug = format!("{settings:?}");
+    assert!(
+        debug.contains("[redacted]")
+            && !debug.contains(JC_SECRET)
+            && !debug.contains("pg-password")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transport_security() {
+    let env = TestEnv::new().await;
+    // 1. an https provider with a self-signed certificate is refused
+    let dir = std::env::temp_dir().join(format!("cs-tls-{}", fastrand::u32(..)));
+    std::fs::create_dir_all(&dir).unwrap();
+    let status = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+        ])
+        .arg("-keyout")
+        .arg(dir.join("key.pem"))
+        .arg("-out")
+        .arg(dir.join("cert.pem"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("openssl");
+    assert!(status.success());
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut server = tokio::process::Command::new("openssl")
+        .args(["s_server", "-quiet", "-www", "-accept", &port.to_string()])
+        .arg("-cert")
+        .arg(dir.join("cert.pem"))
+        .arg("-key")
+        .arg(dir.join("key.pem"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    wait_until(Duration::from_secs(10), || async {
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+    })
+    .await;
+    let mut settings = env.settings.clone();
+    settings.worker.max_attempts = 1;
+    let mut tls = justclick_account(&env.sandbox, JC_LOGIN, JC_SECRET);
+    tls.base_url = Some(format!("https://localhost:{port}/justclick/{JC_LOGIN}"));
+    settings.accounts.insert("jc".into(), tls);
+    let id = env.enqueue(jc("tls@example.com", json!({}))).await;
+    env.worker_with(&settings, env.pool.clone()).drain().await;
+    let row = env.job(id).await;
+    assert_eq!(row.state, "dead");
+    let error = row.last_error.unwrap();
+    assert!(
+        error.to_lowercase().contains("certificate") || error.contains("UnknownIssuer"),
+        "{error}"
+    );
+    server.kill().await.ok();
+
+    // 2. plain http to a non-loopback host is refused at start, naming the key
+    let config = env.config_file("[accounts.far]\nprovider = \"justclick\"\nlogin = \"far\"\nsecret = \"s\"\nbase_url = \"http://10.20.30.40/jc\"\n");
+    let (code, _, err) = env.cli(&config, &["run", "--drain"]).await;
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("accounts.far.base_url") && err.contains("refused"),
+        "{err}"
+    );
+    let config = env.config_file(
+        "[accounts.far]\nprovider = \"justclick\"\nlogin = \"far\"\nsecret = \"s\"\nbase_url = \"http://10.20.30.40/jc\"\nallow_insecure_http = true\n",
+    );
+    let (code, _, err) = env.cli(&config, &["status"]).await;
+    assert_eq!(code, 0, "{err}");
+
+    // 3. the admin endpoint listens on loopback by default
+    let config = env.config_file("");
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("[admin]\nlisten = \"\"\n", "");
+    std::fs::write(&config, text).unwrap();
+    let worker = env
+        .binary(&config)
+        .arg("run")
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_until(Duration::from_secs(20), || async {
+        match reqwest::get("http://127.0.0.1:9187/healthz").await {
+            Ok(r) => r.status() == 200,
+            Err(_) => false,
+        }
+    })
+    .await;
+    sigterm(&worker);
+    let out = worker.wait_with_output().await.unwrap();
+    let logs = String::from_utf8_lossy(&out.stderr);
+    assert!(logs.contains("addr=127.0.0.1:9187"), "{logs}");
+}
