@@ -230,12 +230,37 @@ async fn finished(pool: &PgPool) -> anyhow::Result<(i64, i64)> {
 
 /// Enqueues in batches of 5000; returns jobs per second.
 async fn load(pool: &PgPool, jobs: &[NewJob]) -> anyhow::Result<f64> {
-    let mut conn = pool.acquire().await?;
-    let started = Instant::now();
-    for chunk in jobs.chunks(5000) {
-        enqueue_batch(&mut conn, chunk).await?;
+    // Two producers, as an application with a couple of request handlers would be: one
+    // Postgres backend per connection, so both cores take part.
+    const PRODUCERS: usize = 2;
+    const BATCH: usize = 5000;
+    let batches: Vec<&[NewJob]> = jobs.chunks(BATCH).collect();
+    let shares: Vec<Vec<Vec<NewJob>>> = (0..PRODUCERS)
+        .map(|p| {
+            batches
+                .iter()
+                .skip(p)
+                .step_by(PRODUCERS)
+                .map(|b| b.to_vec())
+                .collect()
+        })
+        .collect();
+    let loaded = Instant::now();
+    let mut handles = Vec::new();
+    for mine in shares {
+        let pool = pool.clone();
+        handles.push(tokio::spawn(async move {
+            let mut conn = pool.acquire().await?;
+            for batch in &mine {
+                enqueue_batch(&mut conn, batch).await?;
+            }
+            Ok::<_, anyhow::Error>(())
+        }));
     }
-    Ok(jobs.len() as f64 / started.elapsed().as_secs_f64())
+    for h in handles {
+        h.await??;
+    }
+    Ok(jobs.len() as f64 / loaded.elapsed().as_secs_f64())
 }
 
 /// Starts `workers` draining processes, waits for them; returns (jobs/s, peak RSS MiB, coalesced).

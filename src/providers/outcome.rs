@@ -169,6 +169,45 @@ pub fn from_status(
     )
 }
 
+/// A provider code that arrives as a JSON number or a numeric string.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(untagged)]
+pub enum CodeValue {
+    Number(i64),
+    Text(String),
+}
+
+impl CodeValue {
+    /// The code as a number; anything else is a malformed answer.
+    pub fn to_i64(&self, provider: &str, field: &str) -> Result<i64, DeliveryError> {
+        match self {
+            CodeValue::Number(n) => Ok(*n),
+            CodeValue::Text(t) => t.trim().parse().map_err(|_| {
+                DeliveryError::retryable(
+                    RetryReason::MalformedResponse,
+                    format!("{provider} {field} {t:?} is not a number"),
+                )
+            }),
+        }
+    }
+}
+
+/// Parses a 2xx answer body; anything but the documented JSON is a retryable malformed answer.
+pub fn parse_answer<T: serde::de::DeserializeOwned>(
+    provider: &str,
+    body: &[u8],
+) -> Result<T, DeliveryError> {
+    serde_json::from_slice(body).map_err(|e| {
+        DeliveryError::retryable(
+            RetryReason::MalformedResponse,
+            format!(
+                "{provider} answer is not the documented JSON ({e}): {}",
+                body_snippet(body)
+            ),
+        )
+    })
+}
+
 /// The start of a body for an error text: printable, at most 200 characters.
 pub fn body_snippet(body: &[u8]) -> String {
     let text = String::from_utf8_lossy(body);

@@ -8,7 +8,7 @@ use crate::providers::justclick::sign::{
 };
 use axum::body::Bytes;
 use axum::extract::{Path, State};
-use axum::http::{header, StatusCode};
+use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use serde_json::Value;
 use std::sync::atomic::Ordering;
@@ -101,17 +101,8 @@ pub async fn update_subscriber(
     let _in_flight = state.enter(id.clone());
     match state.before_answer("justclick", &login, &email).await {
         None => {}
-        Some(Fault::Status { status }) => {
-            let code = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-            return (code, "sandbox: injected failure").into_response();
-        }
-        Some(Fault::RateLimit { retry_after_secs }) => {
-            return (
-                StatusCode::TOO_MANY_REQUESTS,
-                [(header::RETRY_AFTER, retry_after_secs.to_string())],
-                "slow down",
-            )
-                .into_response();
+        Some(f @ (Fault::Status { .. } | Fault::RateLimit { .. } | Fault::Reset)) => {
+            return super::transport_fault(&f).unwrap_or_default();
         }
         Some(Fault::ForgeSignature) => {
             return json(format!(
@@ -122,7 +113,6 @@ pub async fn update_subscriber(
         }
         Some(Fault::ErrorCode { code, text }) => return answer(code, &text, &secret),
         Some(Fault::Malformed) => return json("<html>Service Unavailable</html>".into()),
-        Some(Fault::Reset) => return super::reset_mid_response(),
         Some(Fault::Stall { .. }) => {}
     }
     if let Ok(mut contacts) = state.contacts.lock() {

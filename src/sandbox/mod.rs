@@ -363,6 +363,29 @@ async fn reset(State(s): State<Arc<SandboxState>>) -> Json<Value> {
     Json(serde_json::json!({"ok": true}))
 }
 
+/// The answer to a fault that is the same for both providers (HTTP status, 429, reset); `None`
+/// for the provider-specific ones.
+pub(crate) fn transport_fault(fault: &Fault) -> Option<axum::response::Response> {
+    use axum::http::{header, StatusCode};
+    use axum::response::IntoResponse;
+    match fault {
+        Fault::Status { status } => {
+            let code = StatusCode::from_u16(*status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            Some((code, "sandbox: injected failure").into_response())
+        }
+        Fault::RateLimit { retry_after_secs } => Some(
+            (
+                StatusCode::TOO_MANY_REQUESTS,
+                [(header::RETRY_AFTER, retry_after_secs.to_string())],
+                "slow down",
+            )
+                .into_response(),
+        ),
+        Fault::Reset => Some(reset_mid_response()),
+        _ => None,
+    }
+}
+
 /// A 200 response that promises a JSON body, sends half of it, and breaks the connection.
 pub(crate) fn reset_mid_response() -> axum::response::Response {
     use axum::http::header;

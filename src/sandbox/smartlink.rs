@@ -8,7 +8,7 @@ use crate::providers::digest_eq;
 use crate::providers::smartlink::{sign, PATH};
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::{header, StatusCode, Uri};
+use axum::http::{StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use serde_json::Value;
 use std::sync::atomic::Ordering;
@@ -141,22 +141,12 @@ pub async fn sync_user_by_email(
     let _in_flight = state.enter(id.clone());
     match state.before_answer("smartlink", game_id, email).await {
         None => {}
-        Some(Fault::Status { status }) => {
-            let code = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-            return (code, "sandbox: injected failure").into_response();
-        }
-        Some(Fault::RateLimit { retry_after_secs }) => {
-            return (
-                StatusCode::TOO_MANY_REQUESTS,
-                [(header::RETRY_AFTER, retry_after_secs.to_string())],
-                "slow down",
-            )
-                .into_response();
+        Some(f @ (Fault::Status { .. } | Fault::RateLimit { .. } | Fault::Reset)) => {
+            return super::transport_fault(&f).unwrap_or_default();
         }
         Some(Fault::ForgeSignature) => return answer(0, "success", "forged_seq"),
         Some(Fault::ErrorCode { code, text }) => return answer(code, &text, seq),
         Some(Fault::Malformed) => return json("<html>Bad Gateway</html>".into()),
-        Some(Fault::Reset) => return super::reset_mid_response(),
         Some(Fault::Stall { .. }) => {}
     }
 

@@ -5,7 +5,7 @@ pub mod codes;
 pub mod sign;
 
 use crate::config::{AccountSettings, ProviderKind};
-use crate::providers::outcome::{self, body_snippet};
+use crate::providers::outcome::{self, parse_answer, CodeValue};
 use crate::providers::{
     digest_eq, BoxFuture, Delivered, Delivery, DeliveryError, Provider, RetryReason,
 };
@@ -85,17 +85,9 @@ pub fn signed_body(fields: &[(&str, String)], login: &str, secret: &str) -> Stri
     body
 }
 
-/// `error_code` arrives as a number or a numeric string.
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum Code {
-    Number(i64),
-    Text(String),
-}
-
 #[derive(Deserialize)]
 struct Answer {
-    error_code: Code,
+    error_code: CodeValue,
     #[serde(default)]
     error_text: Option<String>,
     #[serde(default)]
@@ -108,24 +100,8 @@ pub fn read_answer(
     secret: &str,
     extra_retryable: &[i64],
 ) -> Result<Delivered, DeliveryError> {
-    let answer: Answer = serde_json::from_slice(body).map_err(|e| {
-        DeliveryError::retryable(
-            RetryReason::MalformedResponse,
-            format!(
-                "justclick answer is not the documented JSON ({e}): {}",
-                body_snippet(body)
-            ),
-        )
-    })?;
-    let code = match answer.error_code {
-        Code::Number(n) => n,
-        Code::Text(t) => t.trim().parse().map_err(|_| {
-            DeliveryError::retryable(
-                RetryReason::MalformedResponse,
-                format!("justclick error_code {t:?} is not a number"),
-            )
-        })?,
-    };
+    let answer: Answer = parse_answer("justclick", body)?;
+    let code = answer.error_code.to_i64("justclick", "error_code")?;
     let text = answer.error_text.unwrap_or_default();
     let expected = sign::response_hash(code, &text, secret);
     match answer.hash {

@@ -5,7 +5,7 @@ pub mod codes;
 pub mod sign;
 
 use crate::config::{AccountSettings, DoubleOptIn, ProviderKind};
-use crate::providers::outcome::{self, body_snippet};
+use crate::providers::outcome::{self, parse_answer, CodeValue};
 use crate::providers::payload::Payload;
 use crate::providers::{
     md5_hex, BoxFuture, Delivered, Delivery, DeliveryError, Provider, RetryReason,
@@ -222,15 +222,8 @@ pub fn body<'a>(
 }
 
 #[derive(Deserialize)]
-#[serde(untagged)]
-enum Code {
-    Number(i64),
-    Text(String),
-}
-
-#[derive(Deserialize)]
 struct Answer {
-    code: Code,
+    code: CodeValue,
     #[serde(default)]
     msg: Option<String>,
     #[serde(default)]
@@ -243,24 +236,8 @@ pub fn read_answer(
     seq: &str,
     extra_retryable: &[i64],
 ) -> Result<Delivered, DeliveryError> {
-    let answer: Answer = serde_json::from_slice(body).map_err(|e| {
-        DeliveryError::retryable(
-            RetryReason::MalformedResponse,
-            format!(
-                "smartlink answer is not the documented JSON ({e}): {}",
-                body_snippet(body)
-            ),
-        )
-    })?;
-    let code = match answer.code {
-        Code::Number(n) => n,
-        Code::Text(t) => t.trim().parse().map_err(|_| {
-            DeliveryError::retryable(
-                RetryReason::MalformedResponse,
-                format!("smartlink code {t:?} is not a number"),
-            )
-        })?,
-    };
+    let answer: Answer = parse_answer("smartlink", body)?;
+    let code = answer.code.to_i64("smartlink", "code")?;
     if let Some(echo) = answer.seq.as_deref() {
         if echo != seq {
             return Err(DeliveryError::retryable(
