@@ -6,6 +6,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=scripts/pg-throwaway.sh
 source scripts/pg-throwaway.sh
+# The TLS test serves a self-signed certificate with the openssl command-line tool.
+if ! command -v openssl >/dev/null && [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssl >/dev/null
+fi
 # The test cluster trades durability for speed; the benchmark runs with fsync on.
 PG_EXTRA_CONF=$'fsync = off\nsynchronous_commit = off\nfull_page_writes = off' pg_throwaway_start
 cargo test --locked "$@"
