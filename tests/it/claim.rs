@@ -5,7 +5,7 @@ use contact_sync::outbox::claim::{claim, AccountQuota};
 use contact_sync::outbox::complete::{self, Success};
 use contact_sync::outbox::job::AttemptError;
 use contact_sync::outbox::rescue::rescue_expired;
-use contact_sync::outbox::{enqueue_batch, Lease};
+use contact_sync::outbox::Lease;
 use serde_json::json;
 use std::collections::HashSet;
 use std::time::Duration;
@@ -23,9 +23,7 @@ async fn concurrent_claimers_never_take_the_same_job() {
     let jobs: Vec<_> = (0..600)
         .map(|i| jc(&format!("c{i}@example.com"), json!({})))
         .collect();
-    let mut conn = env.pool.acquire().await.unwrap();
-    enqueue_batch(&mut conn, &jobs).await.unwrap();
-    drop(conn);
+    env.enqueue_many(&jobs).await;
     let mut handles = Vec::new();
     for w in 0..6 {
         let pool = env.db.another_pool().await;

@@ -211,6 +211,22 @@ impl TestEnv {
         cmd
     }
 
+    /// Starts `contact-sync ARGS` in the background, output discarded.
+    pub fn spawn_quiet(&self, config: &std::path::Path, args: &[&str]) -> tokio::process::Child {
+        self.binary(config)
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    }
+
+    /// Enqueues many jobs in one statement.
+    pub async fn enqueue_many(&self, jobs: &[NewJob]) -> Vec<JobId> {
+        let mut conn = self.pool.acquire().await.unwrap();
+        outbox::enqueue_batch(&mut conn, jobs).await.unwrap()
+    }
+
     /// Runs the binary to completion: (exit code, stdout, stderr).
     pub async fn cli(&self, config: &std::path::Path, args: &[&str]) -> (i32, String, String) {
         let out = self.binary(config).args(args).output().await.unwrap();

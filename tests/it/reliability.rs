@@ -72,15 +72,8 @@ async fn kill_9_mid_run_loses_nothing() {
             }
         })
         .collect();
-    let mut conn = env.pool.acquire().await.unwrap();
-    enqueue_batch(&mut conn, &jobs).await.unwrap();
-    let mut first = env
-        .binary(&config)
-        .arg("run")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    env.enqueue_many(&jobs).await;
+    let mut first = env.spawn_quiet(&config, &["run"]);
     wait_until(Duration::from_secs(60), || async {
         count_where(&env, "state = 'succeeded'").await >= 1500
     })
@@ -98,13 +91,7 @@ async fn kill_9_mid_run_loses_nothing() {
         !in_flight.is_empty(),
         "the kill should catch calls in flight"
     );
-    let mut second = env
-        .binary(&config)
-        .arg("run")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut second = env.spawn_quiet(&config, &["run"]);
     wait_until(Duration::from_secs(120), || async {
         count_where(&env, "state = 'succeeded'").await == 5000
     })
@@ -158,9 +145,7 @@ async fn postgres_restarts_fast_and_immediate_lose_nothing() {
             )
         })
         .collect();
-    let mut conn = env.pool.acquire().await.unwrap();
-    enqueue_batch(&mut conn, &jobs).await.unwrap();
-    drop(conn);
+    env.enqueue_many(&jobs).await;
     let worker = env
         .binary(&config)
         .arg("run")
@@ -241,15 +226,8 @@ async fn provider_storms_end_in_success_and_do_not_slow_other_accounts() {
         .map(|i| jc(&format!("storm{i}@example.com"), json!({"lead_name": "S"})))
         .collect();
     jobs.extend((0..200).map(|i| sl(&format!("calm{i}@example.com"), json!({"tags": ["calm"]}))));
-    let mut conn = env.pool.acquire().await.unwrap();
-    enqueue_batch(&mut conn, &jobs).await.unwrap();
-    let mut worker = env
-        .binary(&config)
-        .arg("run")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    env.enqueue_many(&jobs).await;
+    let mut worker = env.spawn_quiet(&config, &["run"]);
     let started = Instant::now();
     wait_until(Duration::from_secs(20), || async {
         count_where(&env, "account = 'sl' AND state = 'succeeded'").await == 200
@@ -315,15 +293,8 @@ async fn sigterm_with_a_thousand_calls_in_flight() {
     let jobs: Vec<NewJob> = (0..1500)
         .map(|i| jc(&format!("t{i}@example.com"), json!({})))
         .collect();
-    let mut conn = env.pool.acquire().await.unwrap();
-    enqueue_batch(&mut conn, &jobs).await.unwrap();
-    let mut worker = env
-        .binary(&config)
-        .arg("run")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    env.enqueue_many(&jobs).await;
+    let mut worker = env.spawn_quiet(&config, &["run"]);
     wait_until(Duration::from_secs(30), || async {
         count_where(&env, "state = 'running'").await == 1000
     })
@@ -518,8 +489,7 @@ async fn secrets_never_reach_logs_or_errors() {
         .map(|i| jc(&format!("s{i}@example.com"), json!({"lead_name": "N"})))
         .collect();
     jobs.extend((0..6).map(|i| sl(&format!("s{i}@example.com"), json!({"subscribe": 3}))));
-    let mut conn = env.pool.acquire().await.unwrap();
-    enqueue_batch(&mut conn, &jobs).await.unwrap();
+    env.enqueue_many(&jobs).await;
     let out = env
         .binary(&config)
         .env("DATABASE_URL", url.as_str())

@@ -1,7 +1,6 @@
 //! Graceful shutdown: stop claiming, finish or release in-flight work, nothing lost.
 
 use crate::helpers::*;
-use contact_sync::outbox::enqueue_batch;
 use serde_json::json;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -13,8 +12,7 @@ async fn shutdown_releases_unfinished_claims() {
     let jobs: Vec<_> = (0..20)
         .map(|i| jc(&format!("s{i}@example.com"), json!({})))
         .collect();
-    let mut conn = env.pool.acquire().await.unwrap();
-    enqueue_batch(&mut conn, &jobs).await.unwrap();
+    env.enqueue_many(&jobs).await;
     let mut settings = env.settings.clone();
     settings.worker.shutdown_timeout = Duration::from_millis(300);
     let worker = env.worker_with(&settings, env.pool.clone());
