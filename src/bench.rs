@@ -12,13 +12,11 @@
 
 use crate::demo;
 use crate::outbox::{admin, enqueue, enqueue_batch, NewJob};
-use crate::pg::ThrowawayPostgres;
 use crate::sandbox::Sandbox;
 use crate::table;
 use anyhow::{bail, Context};
 use serde::Serialize;
 use serde_json::json;
-use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -378,26 +376,17 @@ async fn quiesce(pool: &PgPool) {
 
 pub async fn run(args: BenchArgs, database_url: Option<String>) -> anyhow::Result<BenchResult> {
     let started = Instant::now();
-    let (_pg, url) = match database_url {
-        Some(url) => (None, url),
-        None => {
-            eprintln!(
-                "bench: starting a throwaway PostgreSQL (fsync on, default synchronous_commit) ..."
-            );
-            let pg = tokio::task::spawn_blocking(|| {
-                ThrowawayPostgres::start("max_wal_size = 4GB\ncheckpoint_timeout = 15min")
-            })
-            .await??;
-            let url = pg.url();
-            (Some(pg), url)
-        }
-    };
-    let pool = PgPoolOptions::new()
-        .max_connections(4)
-        .connect(&url)
-        .await
-        .context("connecting to the database")?;
-    crate::migrate(&pool).await?;
+    if database_url.is_none() {
+        eprintln!(
+            "bench: starting a throwaway PostgreSQL (fsync on, default synchronous_commit) ..."
+        );
+    }
+    let (_pg, pool, url) = crate::pg::open(
+        database_url,
+        "max_wal_size = 4GB\ncheckpoint_timeout = 15min",
+        4,
+    )
+    .await?;
     for account in ACCOUNTS.iter().chain(&["bench_old"]) {
         admin::purge_account(&pool, account, None).await?;
     }

@@ -6,17 +6,14 @@
 use crate::config::{AccountSettings, DoubleOptIn, ProviderKind, Settings};
 use crate::outbox::admin::{self, StateCount};
 use crate::outbox::{claim, enqueue_batch, NewJob};
-use crate::pg::ThrowawayPostgres;
 use crate::providers::smartlink::api_key_id;
 use crate::providers::Registry;
 use crate::sandbox::{Fault, FaultRule, Sandbox, SandboxAccounts};
 use crate::secret::Secret;
 use crate::table;
 use crate::worker::Worker;
-use anyhow::Context;
 use serde::Serialize;
 use serde_json::json;
-use sqlx::postgres::PgPoolOptions;
 use std::io::IsTerminal;
 use std::time::{Duration, Instant};
 
@@ -180,29 +177,20 @@ fn second_wave() -> Vec<NewJob> {
 /// Runs the demo; `database_url` None starts a throwaway Postgres.
 pub async fn run(database_url: Option<String>) -> anyhow::Result<DemoSummary> {
     let started = Instant::now();
-    let (_pg, url) = match database_url {
-        Some(url) => {
-            println!("Using DATABASE_URL (only the demo's accounts {ACCOUNTS:?} are touched).");
-            (None, url)
+    match &database_url {
+        Some(_) => {
+            println!("Using DATABASE_URL (only the demo's accounts {ACCOUNTS:?} are touched).")
         }
-        None => {
-            println!("No DATABASE_URL: starting a throwaway PostgreSQL ...");
-            let pg = tokio::task::spawn_blocking(|| ThrowawayPostgres::start("")).await??;
-            let url = pg.url();
-            println!(
-                "  PostgreSQL on {} (data in {}, removed at the end)",
-                url.trim_start_matches("postgres://postgres@"),
-                pg.data_dir().display()
-            );
-            (Some(pg), url)
-        }
-    };
-    let pool = PgPoolOptions::new()
-        .max_connections(12)
-        .connect(&url)
-        .await
-        .context("connecting to the database")?;
-    crate::migrate(&pool).await?;
+        None => println!("No DATABASE_URL: starting a throwaway PostgreSQL ..."),
+    }
+    let (_pg, pool, url) = crate::pg::open(database_url, "", 12).await?;
+    if let Some(pg) = &_pg {
+        println!(
+            "  PostgreSQL on {} (data in {}, removed at the end)",
+            url.trim_start_matches("postgres://postgres@"),
+            pg.data_dir().display()
+        );
+    }
     let sl_key = api_key_id(&Secret::new(SL_SECRET));
     for account in ACCOUNTS {
         admin::purge_account(&pool, account, Some(&sl_key)).await?;

@@ -218,3 +218,28 @@ impl Drop for ThrowawayPostgres {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// A migrated pool on `database_url`, or on a throwaway cluster (with `extra_conf`) started for
+/// the occasion and kept alive by the returned guard. Used by `demo` and `bench`.
+pub async fn open(
+    database_url: Option<String>,
+    extra_conf: &'static str,
+    max_connections: u32,
+) -> anyhow::Result<(Option<ThrowawayPostgres>, sqlx::PgPool, String)> {
+    let (pg, url) = match database_url {
+        Some(url) => (None, url),
+        None => {
+            let pg =
+                tokio::task::spawn_blocking(move || ThrowawayPostgres::start(extra_conf)).await??;
+            let url = pg.url();
+            (Some(pg), url)
+        }
+    };
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(max_connections)
+        .connect(&url)
+        .await
+        .map_err(|e| anyhow::anyhow!("connecting to the database: {e}"))?;
+    crate::migrate(&pool).await?;
+    Ok((pg, pool, url))
+}

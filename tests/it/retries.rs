@@ -88,6 +88,17 @@ async fn a_forged_answer_is_never_a_success() {
     assert_eq!(worker.report().succeeded, 0);
 }
 
+/// Seconds until the job's next attempt, by the database clock.
+async fn scheduled_in_s(env: &TestEnv, id: i64) -> f64 {
+    sqlx::query_scalar(
+        "SELECT extract(epoch FROM run_at - now())::float8 FROM contact_sync.jobs WHERE id = $1",
+    )
+    .bind(id)
+    .fetch_one(&env.pool)
+    .await
+    .unwrap()
+}
+
 #[tokio::test]
 async fn retries_are_scheduled_in_the_database_with_backoff() {
     let env = TestEnv::new().await;
@@ -104,13 +115,7 @@ async fn retries_are_scheduled_in_the_database_with_backoff() {
     assert_eq!(row.state, "pending");
     assert_eq!(row.attempts, 1);
     assert!(row.last_error.as_deref().unwrap().contains("502"));
-    let delay_s: f64 = sqlx::query_scalar(
-        "SELECT extract(epoch FROM run_at - now())::float8 FROM contact_sync.jobs WHERE id = $1",
-    )
-    .bind(id)
-    .fetch_one(&env.pool)
-    .await
-    .unwrap();
+    let delay_s = scheduled_in_s(&env, id).await;
     assert!((0.0..=60.0).contains(&delay_s), "{delay_s}");
     // Retry-After wins over the backoff
     env.sandbox.faults().push(FaultRule::new(
@@ -124,13 +129,7 @@ async fn retries_are_scheduled_in_the_database_with_backoff() {
         .await
         .unwrap();
     worker.drain().await;
-    let delay_s: f64 = sqlx::query_scalar(
-        "SELECT extract(epoch FROM run_at - now())::float8 FROM contact_sync.jobs WHERE id = $1",
-    )
-    .bind(id)
-    .fetch_one(&env.pool)
-    .await
-    .unwrap();
+    let delay_s = scheduled_in_s(&env, id).await;
     assert!((115.0..=120.0).contains(&delay_s), "{delay_s}");
 }
 
