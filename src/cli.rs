@@ -68,6 +68,10 @@ pub enum Command {
         /// With --dead: only this account's.
         #[arg(long, requires = "dead")]
         account: Option<String>,
+        /// Retry even when a newer change of the same contact was already delivered (the old
+        /// change then overwrites the newer one at the provider).
+        #[arg(long)]
+        force: bool,
         #[arg(long)]
         json: bool,
     },
@@ -237,20 +241,27 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             id,
             dead,
             account,
+            force,
             json,
         } => {
             let pool = connect(&settings).await?;
             if dead {
-                let n = admin::retry_dead(&pool, account.as_deref()).await?;
+                let done = admin::retry_dead(&pool, account.as_deref(), force).await?;
                 if json {
-                    print!("{}", to_json(&serde_json::json!({"retried": n}))?);
+                    print!("{}", to_json(&done)?);
                 } else {
-                    println!("{n} dead job(s) back to pending");
+                    println!("{} dead job(s) back to pending", done.retried);
+                    if done.skipped_stale > 0 {
+                        println!(
+                            "{} left dead: a newer change of the same contact was already delivered (use --force to re-send them anyway)",
+                            done.skipped_stale
+                        );
+                    }
                 }
                 return Ok(ExitCode::SUCCESS);
             }
             let id = id.context("a job id or --dead is required")?;
-            let result = admin::retry(&pool, id).await?;
+            let result = admin::retry(&pool, id, force).await?;
             Ok(report_action(id, "retry", result, json)?)
         }
         Command::Cancel { id, json } => {
@@ -394,13 +405,29 @@ async fn run_worker(settings: Settings, drain: bool, migrate: bool) -> anyhow::R
     } else {
         worker.run(stop.clone()).await
     };
+    // A drain succeeds only if none of its own claims is left `running`.
+    let held = if drain {
+        Some(worker.held_claims().await)
+    } else {
+        None
+    };
     stop.cancel();
     if let Some(admin) = admin {
         let _ = admin.await;
     }
     pool.close().await;
     tracing::info!(?report, "exiting");
-    Ok(ExitCode::SUCCESS)
+    match held {
+        Some(Ok(0)) | None => Ok(ExitCode::SUCCESS),
+        Some(Ok(n)) => {
+            eprintln!("error: {n} job(s) claimed by this worker are still `running` (their outcome could not be recorded); they return to the queue when their lease expires");
+            Ok(ExitCode::from(1))
+        }
+        Some(Err(e)) => {
+            eprintln!("error: cannot check that this worker's claims were all recorded: {e}");
+            Ok(ExitCode::from(1))
+        }
+    }
 }
 
 /// Builds a job from `--provider/--account/--email/--set/--payload`.
@@ -557,12 +584,16 @@ fn report_action(
             ActionResult::Done => println!("job {id}: {state}"),
             ActionResult::NotFound => eprintln!("job {id} not found"),
             ActionResult::WrongState => eprintln!("job {id} is {state}: cannot {verb} it"),
+            ActionResult::Stale => eprintln!(
+                "job {id} not retried: job {state}, a newer change of the same contact, was already delivered (or is being delivered); \
+                 retrying would overwrite it at the provider with older data. Use --force to re-send it anyway"
+            ),
         }
     }
     Ok(match result {
         ActionResult::Done => ExitCode::SUCCESS,
         ActionResult::NotFound => ExitCode::from(2),
-        ActionResult::WrongState => ExitCode::from(3),
+        ActionResult::WrongState | ActionResult::Stale => ExitCode::from(3),
     })
 }
 

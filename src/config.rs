@@ -332,7 +332,8 @@ impl Settings {
         let mut env = config::Environment::with_prefix("CONTACT_SYNC")
             .prefix_separator("__")
             .separator("__")
-            .try_parsing(true);
+            // Strings verbatim: a secret "007" stays "007"; typed settings parse the text.
+            .try_parsing(false);
         if let Some(vars) = vars {
             env = env.source(Some(vars.into_iter().collect()));
         }
@@ -520,6 +521,30 @@ game_id = "12345"
 secret = "sl-secret-value"
 double_opt_in = "drop"
 "#;
+
+    #[test]
+    fn env_strings_are_taken_verbatim() {
+        // Regression: "007" became 7 and a game id "012345" became 12345.
+        let s = load_toml(
+            SAMPLE,
+            &[
+                ("CONTACT_SYNC__ACCOUNTS__JC_MAIN__SECRET", "007"),
+                ("CONTACT_SYNC__ACCOUNTS__SL_MAIN__GAME_ID", "012345"),
+                ("CONTACT_SYNC__ACCOUNTS__SL_MAIN__SECRET", "1e3"),
+                ("CONTACT_SYNC__WORKER__CONCURRENCY", "16"),
+                (
+                    "CONTACT_SYNC__ACCOUNTS__JC_MAIN__ALLOW_INSECURE_HTTP",
+                    "true",
+                ),
+            ],
+        )
+        .unwrap();
+        assert_eq!(s.accounts["jc_main"].secret.expose(), "007");
+        assert_eq!(s.accounts["sl_main"].game_id.as_deref(), Some("012345"));
+        assert_eq!(s.accounts["sl_main"].secret.expose(), "1e3");
+        assert_eq!(s.worker.concurrency, 16);
+        assert!(s.accounts["jc_main"].allow_insecure_http);
+    }
 
     #[test]
     fn file_then_env_overrides() {

@@ -159,6 +159,9 @@ pub enum ActionResult {
     NotFound,
     /// The job is in a state the action does not apply to (the state is returned).
     WrongState,
+    /// Retrying would re-send an old change after a newer change of the same contact was
+    /// delivered (or is in flight): refused unless forced (the newer job's id is returned).
+    Stale,
 }
 
 /// The job's current state, if it exists.
@@ -169,17 +172,41 @@ async fn state_of(pool: &PgPool, id: JobId) -> Result<Option<String>, sqlx::Erro
         .await
 }
 
-/// A `dead` or `cancelled` job back to `pending`, runnable now, with a fresh set of attempts
-/// (its error history is kept).
+/// A newer change of the same contact that was delivered or is being delivered: retrying an
+/// older change after it would overwrite the newer value at the provider.
+const NEWER_DELIVERED: &str = r#"
+    SELECT n.id FROM contact_sync.jobs n
+    WHERE n.contact_key = j.contact_key AND n.id > j.id
+      AND n.state IN ('succeeded', 'coalesced', 'running')
+    ORDER BY n.id DESC LIMIT 1"#;
+
+/// A `dead` or `cancelled` job back to `pending` with a fresh set of attempts (its error
+/// history is kept), at its scheduled time if that is still ahead, else now. Refused
+/// ([`ActionResult::Stale`], with the newer job's id) when a newer change of the same contact
+/// was already delivered or is in flight, unless `force`.
 pub async fn retry(
     pool: &PgPool,
     id: JobId,
+    force: bool,
 ) -> Result<(ActionResult, Option<String>), sqlx::Error> {
+    if !force {
+        let newer: Option<JobId> = sqlx::query_scalar(&format!(
+            "SELECT ({NEWER_DELIVERED}) FROM contact_sync.jobs j WHERE j.id = $1 AND j.state IN ('dead', 'cancelled')"
+        ))
+        .bind(id)
+        .fetch_optional(pool)
+        .await?
+        .flatten();
+        if let Some(newer) = newer {
+            return Ok((ActionResult::Stale, Some(newer.to_string())));
+        }
+    }
     let done = sqlx::query(
         // language=PostgreSQL
         r#"
         UPDATE contact_sync.jobs
-        SET state = 'pending', attempts = 0, run_at = now(), finished_at = NULL, locked_until = NULL, locked_by = NULL
+        SET state = 'pending', attempts = 0, run_at = greatest(run_at, now()), finished_at = NULL,
+            locked_until = NULL, locked_by = NULL
         WHERE id = $1 AND state IN ('dead', 'cancelled')
         "#,
     )
@@ -196,23 +223,49 @@ pub async fn retry(
     })
 }
 
-/// Every `dead` job (of one account) back to `pending`; returns how many.
-pub async fn retry_dead(pool: &PgPool, account: Option<&str>) -> Result<u64, sqlx::Error> {
-    let done = sqlx::query(
-        // language=PostgreSQL
+/// What a bulk retry did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct BulkRetry {
+    pub retried: u64,
+    /// Left dead: a newer change of the same contact was already delivered (or is in flight).
+    pub skipped_stale: u64,
+}
+
+/// Every `dead` job (of one account) back to `pending`, except those a newer delivered change
+/// of the same contact made stale (unless `force`).
+pub async fn retry_dead(
+    pool: &PgPool,
+    account: Option<&str>,
+    force: bool,
+) -> Result<BulkRetry, sqlx::Error> {
+    let (retried, skipped): (i64, i64) = sqlx::query_as(&format!(
         r#"
-        UPDATE contact_sync.jobs
-        SET state = 'pending', attempts = 0, run_at = now(), finished_at = NULL
-        WHERE state = 'dead' AND ($1::text IS NULL OR account = $1)
-        "#,
-    )
+        WITH candidates AS (
+            SELECT j.id, ({NEWER_DELIVERED}) IS NOT NULL AS stale
+            FROM contact_sync.jobs j
+            WHERE j.state = 'dead' AND ($1::text IS NULL OR j.account = $1)
+        ), done AS (
+            UPDATE contact_sync.jobs j
+            SET state = 'pending', attempts = 0, run_at = greatest(j.run_at, now()), finished_at = NULL,
+                locked_until = NULL, locked_by = NULL
+            FROM candidates c
+            WHERE j.id = c.id AND j.state = 'dead' AND ($2 OR NOT c.stale)
+            RETURNING j.id
+        )
+        SELECT (SELECT count(*) FROM done), (SELECT count(*) FROM candidates WHERE stale AND NOT $2)
+        "#
+    ))
     .bind(account)
-    .execute(pool)
+    .bind(force)
+    .fetch_one(pool)
     .await?;
-    if done.rows_affected() > 0 {
+    if retried > 0 {
         notify(pool).await?;
     }
-    Ok(done.rows_affected())
+    Ok(BulkRetry {
+        retried: u64::try_from(retried).unwrap_or(0),
+        skipped_stale: u64::try_from(skipped).unwrap_or(0),
+    })
 }
 
 /// A `pending` or `dead` job to `cancelled` (a `running` one must finish or be released first).

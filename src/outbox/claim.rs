@@ -63,17 +63,23 @@ pub async fn claim(
         -- = ANY(ARRAY(...)): primary-key probes; a join on the CTE can make the planner hash
         -- the whole table
         WHERE j.id = ANY(ARRAY(SELECT id FROM picked))
-        RETURNING j.id, j.provider, j.account, j.email, j.payload, j.attempts,
+        -- payload and followers as text: the worker decodes each job on its own, so one row it
+        -- cannot read is parked alone instead of failing the whole batch
+        RETURNING j.id, j.provider, j.account, j.email, j.payload::text AS payload, j.attempts,
                   coalesce(j.max_attempts, $5) AS max_attempts,
                   floor(extract(epoch FROM j.created_at) * 1000)::bigint AS created_at_ms,
-                  (SELECT coalesce(jsonb_agg(jsonb_build_object('id', f.id, 'payload', f.payload) ORDER BY f.id), '[]')
-                   FROM (SELECT f.id, f.payload FROM contact_sync.jobs f
+                  (SELECT coalesce(jsonb_agg(jsonb_build_object(
+                              'id', f.id, 'payload', f.payload,
+                              'created_at_ms', floor(extract(epoch FROM f.created_at) * 1000)::bigint) ORDER BY f.id), '[]')::text
+                   FROM (SELECT f.id, f.payload, f.created_at FROM contact_sync.jobs f
                          WHERE f.contact_key = j.contact_key AND f.state = 'pending' AND f.id > j.id
-                           AND f.run_at <= now()
+                           AND f.run_at <= now() AND f.resend_after IS NULL
+                           -- consecutive only: stop at a job scheduled later or a re-send
                            AND NOT EXISTS (
                                SELECT 1 FROM contact_sync.jobs g
                                WHERE g.contact_key = j.contact_key AND g.state = 'pending'
-                                 AND g.id > j.id AND g.id < f.id AND g.run_at > now())
+                                 AND g.id > j.id AND g.id < f.id
+                                 AND (g.run_at > now() OR g.resend_after IS NOT NULL))
                          ORDER BY f.id LIMIT $6) f) AS followers
         "#,
     )
@@ -151,4 +157,15 @@ pub async fn next_due_in(
     .fetch_one(pool)
     .await?;
     Ok(ms.map(|ms| Duration::from_millis(ms.max(0.0) as u64)))
+}
+
+/// How many jobs are `running` under this worker's name (after a drain: must be none).
+pub async fn held_by(pool: &PgPool, worker_id: &str) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(
+        // language=PostgreSQL
+        "SELECT count(*) FROM contact_sync.jobs WHERE state = 'running' AND locked_by = $1",
+    )
+    .bind(worker_id)
+    .fetch_one(pool)
+    .await
 }

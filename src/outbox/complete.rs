@@ -2,7 +2,7 @@
 //! retry, kill (dead), release. Every write matches `(id, attempts, state = 'running')`; a write
 //! that touches no row means the lease was lost and another worker owns the job now.
 
-use super::job::{AttemptError, JobId, JobState, Lease};
+use super::job::{storable, AttemptError, JobId, JobState, Lease};
 use sqlx::PgPool;
 use std::time::Duration;
 
@@ -14,6 +14,9 @@ pub struct Success {
     pub doi: Option<String>,
     /// Followers carried by this call: they end `coalesced`, pointing here.
     pub followers: Vec<JobId>,
+    /// The call set a Smartlink status: pending confirmation re-sends queued behind it for the
+    /// contact are superseded (they end `cancelled`, `doi = superseded by job …`).
+    pub sets_status: bool,
 }
 
 /// Marks many jobs `succeeded` (and their followers `coalesced`) in one statement. Returns the
@@ -25,12 +28,14 @@ pub async fn succeed_many(pool: &PgPool, items: &[Success]) -> Result<Vec<JobId>
     let mut ids = Vec::with_capacity(items.len());
     let mut attempts = Vec::with_capacity(items.len());
     let mut dois = Vec::with_capacity(items.len());
+    let mut sets_status = Vec::with_capacity(items.len());
     let mut follower_ids = Vec::new();
     let mut follower_heads = Vec::new();
     for item in items {
         ids.push(item.lease.id);
         attempts.push(item.lease.attempt);
         dois.push(item.doi.as_deref());
+        sets_status.push(item.sets_status);
         for f in &item.followers {
             follower_ids.push(*f);
             follower_heads.push(item.lease.id);
@@ -42,15 +47,27 @@ pub async fn succeed_many(pool: &PgPool, items: &[Success]) -> Result<Vec<JobId>
         WITH done AS (
             UPDATE contact_sync.jobs j
             SET state = 'succeeded', finished_at = now(), locked_until = NULL, doi = coalesce(t.doi, j.doi)
-            FROM unnest($1::bigint[], $2::int[], $3::text[]) AS t(id, attempt, doi)
+            FROM unnest($1::bigint[], $2::int[], $3::text[], $6::bool[]) AS t(id, attempt, doi, sets_status)
             WHERE j.id = t.id AND j.state = 'running' AND j.attempts = t.attempt
-            RETURNING j.id
+            RETURNING j.id, j.contact_key, t.sets_status
         ), merged AS (
+            -- a follower cancelled while its call was in flight was delivered all the same:
+            -- say so instead of leaving it `cancelled`
             UPDATE contact_sync.jobs f
-            SET state = 'coalesced', finished_at = now(), coalesced_into = m.head
+            SET state = 'coalesced', finished_at = now(), coalesced_into = m.head,
+                last_error = CASE WHEN f.state = 'cancelled'
+                                  THEN 'cancelled while being delivered with job ' || m.head || ': delivered all the same'
+                                  ELSE f.last_error END
             FROM unnest($4::bigint[], $5::bigint[]) AS m(id, head)
-            WHERE f.id = m.id AND f.state = 'pending' AND m.head IN (SELECT id FROM done)
+            WHERE f.id = m.id AND f.state IN ('pending', 'cancelled') AND m.head IN (SELECT id FROM done)
             RETURNING f.id
+        ), superseded AS (
+            UPDATE contact_sync.jobs r
+            SET state = 'cancelled', finished_at = now(), doi = 'superseded by job ' || d.id
+            FROM done d
+            WHERE d.sets_status AND r.contact_key = d.contact_key AND r.state = 'pending'
+              AND r.resend_after IS NOT NULL AND r.resend_after < d.id
+            RETURNING r.id
         )
         SELECT id FROM done
         "#,
@@ -60,6 +77,7 @@ pub async fn succeed_many(pool: &PgPool, items: &[Success]) -> Result<Vec<JobId>
     .bind(&dois)
     .bind(&follower_ids)
     .bind(&follower_heads)
+    .bind(&sets_status)
     .fetch_all(pool)
     .await?;
     let done: std::collections::HashSet<JobId> = done.into_iter().collect();
@@ -70,12 +88,25 @@ fn millis(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
+/// Most entries kept in a job's `errors` history (the oldest go first).
+pub const MAX_ERRORS_KEPT: i32 = 100;
+
+/// Whether a retry uses up one of the job's attempts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Attempt {
+    /// A failed attempt.
+    Counts,
+    /// The provider asked to slow down (429, JustClick code 8): not a failure of the job.
+    Throttled,
+}
+
 /// Records a retryable failure: back to `pending` at `now() + delay`. False if the lease was lost.
 pub async fn retry(
     pool: &PgPool,
     lease: Lease,
     delay: Duration,
     error: &AttemptError,
+    attempt: Attempt,
 ) -> Result<bool, sqlx::Error> {
     let result = sqlx::query(
         // language=PostgreSQL
@@ -83,8 +114,10 @@ pub async fn retry(
         UPDATE contact_sync.jobs
         SET state = 'pending', run_at = now() + make_interval(secs => $3::bigint / 1000.0),
             locked_until = NULL, locked_by = NULL,
+            attempts = CASE WHEN $7 THEN attempts - 1 ELSE attempts END,
             last_error = $5,
-            errors = errors || jsonb_build_array(jsonb_build_object(
+            errors = (CASE WHEN jsonb_array_length(errors) >= $8 THEN errors - 0 ELSE errors END)
+                     || jsonb_build_array(jsonb_build_object(
                 'attempt', attempts, 'at', now(), 'kind', $4::text, 'code', $6::text, 'error', $5::text))
         WHERE id = $1 AND attempts = $2 AND state = 'running'
         "#,
@@ -93,8 +126,10 @@ pub async fn retry(
     .bind(lease.attempt)
     .bind(millis(delay))
     .bind(&error.kind)
-    .bind(&error.message)
-    .bind(&error.code)
+    .bind(storable(&error.message))
+    .bind(error.code.as_deref().map(storable))
+    .bind(attempt == Attempt::Throttled)
+    .bind(MAX_ERRORS_KEPT)
     .execute(pool)
     .await?;
     Ok(result.rows_affected() == 1)
@@ -108,13 +143,14 @@ pub async fn retry_or_kill(
     max_attempts: i32,
     delay: Duration,
     error: &AttemptError,
+    attempt: Attempt,
 ) -> Result<Option<JobState>, sqlx::Error> {
-    if lease.attempt >= max_attempts {
+    if attempt == Attempt::Counts && lease.attempt >= max_attempts {
         return kill(pool, lease, error)
             .await
             .map(|ok| ok.then_some(JobState::Dead));
     }
-    retry(pool, lease, delay, error)
+    retry(pool, lease, delay, error, attempt)
         .await
         .map(|ok| ok.then_some(JobState::Pending))
 }
@@ -135,8 +171,8 @@ pub async fn kill(pool: &PgPool, lease: Lease, error: &AttemptError) -> Result<b
     .bind(lease.id)
     .bind(lease.attempt)
     .bind(&error.kind)
-    .bind(&error.message)
-    .bind(&error.code)
+    .bind(storable(&error.message))
+    .bind(error.code.as_deref().map(storable))
     .execute(pool)
     .await?;
     Ok(result.rows_affected() == 1)

@@ -16,48 +16,78 @@ pub enum Reservation {
     Busy { until: DateTime<Utc> },
 }
 
-/// Reserves the confirmation window for `job_id`, unless another call holds it.
+/// The provider's window (one hour) plus a safety margin for clock skew and call latency: the
+/// ledger frees an address only once the provider has certainly forgotten its last email.
+pub const WINDOW_SQL: &str = "interval '1 hour 2 minutes'";
+
+/// Reserves the confirmation window for `job_id`, unless another call holds it. Every time is
+/// the database's.
 pub async fn reserve(
     pool: &PgPool,
     api_key_id: &str,
     email: &str,
     job_id: JobId,
 ) -> Result<Reservation, sqlx::Error> {
-    let granted: Option<bool> = sqlx::query_scalar(
-        // language=PostgreSQL
+    let insert = format!(
         r#"
         INSERT INTO contact_sync.doi_ledger AS l (api_key_id, email, sent_at, job_id)
         VALUES ($1, lower($2), now(), $3)
         ON CONFLICT (api_key_id, email) DO UPDATE
             SET sent_at = now(), job_id = EXCLUDED.job_id
-            WHERE l.sent_at <= now() - interval '1 hour' OR l.job_id = EXCLUDED.job_id
+            WHERE l.sent_at <= now() - {WINDOW_SQL} OR l.job_id = EXCLUDED.job_id
         RETURNING true
-        "#,
-    )
-    .bind(api_key_id)
-    .bind(email)
-    .bind(job_id)
-    .fetch_optional(pool)
-    .await?;
-    if granted.is_some() {
-        return Ok(Reservation::Granted);
+        "#
+    );
+    let holder = format!(
+        "SELECT sent_at + {WINDOW_SQL} FROM contact_sync.doi_ledger WHERE api_key_id = $1 AND email = lower($2)"
+    );
+    // The holder can vanish between the two statements (its call failed and released the
+    // window): then try again.
+    for _ in 0..3 {
+        let granted: Option<bool> = sqlx::query_scalar(&insert)
+            .bind(api_key_id)
+            .bind(email)
+            .bind(job_id)
+            .fetch_optional(pool)
+            .await?;
+        if granted.is_some() {
+            return Ok(Reservation::Granted);
+        }
+        let until: Option<DateTime<Utc>> = sqlx::query_scalar(&holder)
+            .bind(api_key_id)
+            .bind(email)
+            .fetch_optional(pool)
+            .await?;
+        if let Some(until) = until {
+            return Ok(Reservation::Busy { until });
+        }
     }
-    let until: Option<DateTime<Utc>> = sqlx::query_scalar(
-        // language=PostgreSQL
-        "SELECT sent_at + interval '1 hour' FROM contact_sync.doi_ledger WHERE api_key_id = $1 AND email = lower($2)",
-    )
-    .bind(api_key_id)
-    .bind(email)
-    .fetch_optional(pool)
-    .await?;
-    Ok(match until {
-        Some(until) => Reservation::Busy { until },
-        // The holder vanished between the two statements: try once more next attempt.
-        None => Reservation::Busy { until: Utc::now() },
-    })
+    // Still contended: treat the window as busy for a minute of database time.
+    let until: DateTime<Utc> = sqlx::query_scalar("SELECT now() + interval '1 minute'")
+        .fetch_one(pool)
+        .await?;
+    Ok(Reservation::Busy { until })
 }
 
-/// Gives the window back after a call that certainly sent no email (permanent failure).
+/// After the call that holds the window was answered: the provider's hour started no earlier
+/// than now, so count from now.
+pub async fn confirm(
+    pool: &PgPool,
+    api_key_id: &str,
+    email: &str,
+    job_id: JobId,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE contact_sync.doi_ledger SET sent_at = now() WHERE api_key_id = $1 AND email = lower($2) AND job_id = $3")
+        .bind(api_key_id)
+        .bind(email)
+        .bind(job_id)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+/// Gives the window back after a call that certainly sent no email (the provider refused it,
+/// answered 5xx/429, or was never reached).
 pub async fn release(
     pool: &PgPool,
     api_key_id: &str,
@@ -110,8 +140,11 @@ pub async fn defer(pool: &PgPool, d: &Deferral<'_>) -> Result<(), sqlx::Error> {
     Ok(())
 }
 
-/// Turns due deferrals into ordinary jobs at the end of their contact's queue, unless a later
-/// job of the contact set a status of its own. Returns the new job ids.
+/// Turns due deferrals into jobs at the end of their contact's queue, unless a later job of the
+/// contact set a status of its own. A status change still uncommitted now is caught later: the
+/// re-send remembers the change it follows (`resend_after`), never rides along with other
+/// changes, and is superseded when a newer status change of its contact is delivered first
+/// ([`super::complete::succeed_many`]). Returns the new job ids.
 pub async fn enqueue_due_resends(pool: &PgPool) -> Result<Vec<JobId>, sqlx::Error> {
     sqlx::query_scalar(
         // language=PostgreSQL
@@ -122,9 +155,10 @@ pub async fn enqueue_due_resends(pool: &PgPool) -> Result<Vec<JobId>, sqlx::Erro
                                ORDER BY due_at LIMIT 1000 FOR UPDATE SKIP LOCKED)
             RETURNING d.*
         )
-        INSERT INTO contact_sync.jobs (provider, account, email, payload)
+        INSERT INTO contact_sync.jobs (provider, account, email, payload, resend_after)
         SELECT due.provider, due.account, due.email,
-               due.payload || jsonb_build_object('modify_ts', floor(extract(epoch FROM clock_timestamp()) * 1000)::bigint)
+               due.payload || jsonb_build_object('modify_ts', floor(extract(epoch FROM clock_timestamp()) * 1000)::bigint),
+               due.covers_id
         FROM due
         WHERE NOT EXISTS (
             SELECT 1 FROM contact_sync.jobs n

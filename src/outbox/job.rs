@@ -102,6 +102,7 @@ impl NewJob {
 pub struct Follower {
     pub id: JobId,
     pub payload: Value,
+    pub created_at_ms: i64,
 }
 
 /// A job this worker holds the lease of. `(id, attempts)` is the fencing token: every write
@@ -112,13 +113,14 @@ pub struct ClaimedJob {
     pub provider: String,
     pub account: String,
     pub email: String,
-    pub payload: Value,
+    /// The stored payload as JSON text, decoded by [`ClaimedJob::decode`].
+    pub payload: String,
     pub attempts: i32,
     pub max_attempts: i32,
     pub created_at_ms: i64,
-    /// Consecutive due pending jobs of the same contact (JSON `[{"id", "payload"}]`).
-    #[sqlx(json)]
-    pub followers: Vec<Follower>,
+    /// Consecutive due pending jobs of the same contact, as JSON text
+    /// (`[{"id", "payload", "created_at_ms"}]`).
+    pub followers: String,
 }
 
 /// A job's fencing token.
@@ -129,6 +131,40 @@ pub struct Lease {
 }
 
 impl ClaimedJob {
+    /// The job's payload object. An error names why it cannot be read (the job is parked alone).
+    pub fn decode(&self) -> Result<serde_json::Map<String, Value>, String> {
+        match serde_json::from_str::<Value>(&self.payload) {
+            Ok(Value::Object(map)) => Ok(map),
+            Ok(other) => Err(format!(
+                "payload is not a JSON object but {}",
+                json_kind(&other)
+            )),
+            Err(e) => Err(format!("stored payload cannot be decoded exactly: {e}")),
+        }
+    }
+
+    /// The followers that can be decoded, in order, up to the first that cannot (which will be
+    /// claimed as a head later and parked alone).
+    pub fn decode_followers(&self) -> Vec<Follower> {
+        match serde_json::from_str::<Vec<Follower>>(&self.followers) {
+            Ok(list) => list
+                .into_iter()
+                .take_while(|f| f.payload.is_object())
+                .collect(),
+            Err(_) => {
+                // One follower the decoder refuses spoils the list: keep the readable prefix.
+                let Ok(Value::Array(items)) = serde_json::from_str::<Value>(&self.followers) else {
+                    return Vec::new();
+                };
+                items
+                    .into_iter()
+                    .map_while(|v| serde_json::from_value::<Follower>(v).ok())
+                    .take_while(|f| f.payload.is_object())
+                    .collect()
+            }
+        }
+    }
+
     pub fn lease(&self) -> Lease {
         Lease {
             id: self.id,
@@ -145,4 +181,29 @@ pub struct AttemptError {
     /// The provider's code or HTTP status, when there is one.
     pub code: Option<String>,
     pub message: String,
+}
+
+fn json_kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// A text made storable in Postgres (no NUL) and bounded; provider texts are already printable
+/// (`providers::outcome::printable`), this is the last guard before the database.
+pub fn storable(text: &str) -> String {
+    const MAX: usize = 2000;
+    let mut out: String = text.chars().take(MAX).collect();
+    if out.contains('\0') {
+        out = out.replace('\0', "\\u{0000}");
+    }
+    if text.chars().nth(MAX).is_some() {
+        out.push('…');
+    }
+    out
 }

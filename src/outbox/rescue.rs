@@ -20,7 +20,8 @@ pub async fn rescue_expired(
                 'attempt', attempts, 'at', now(), 'kind', 'lease_expired', 'code', NULL,
                 'error', 'lease expired: the worker ' || coalesce(locked_by, '?') || ' stopped renewing it')),
             locked_by = NULL
-        WHERE state = 'running' AND locked_until < now()
+        -- a running row without a lease (hand-inserted) is rescued too, or it blocks its contact forever
+        WHERE state = 'running' AND (locked_until IS NULL OR locked_until < now())
         RETURNING state
         "#,
     )

@@ -2,8 +2,10 @@
 //! account name to client, and the shared pieces (HTTP hygiene, outcome classification,
 //! payload merging). The worker sees providers only through this module.
 
+pub mod address;
 pub mod http;
 pub mod justclick;
+pub mod model;
 pub mod outcome;
 pub mod payload;
 pub mod smartlink;

@@ -74,10 +74,11 @@ impl DeliveryError {
         }
     }
 
+    /// The code and text are made printable here (they may come from the provider).
     pub fn permanent(code: impl Into<String>, text: impl Into<String>) -> Self {
         DeliveryError::Permanent {
-            code: code.into(),
-            text: text.into(),
+            code: printable(&code.into(), 64),
+            text: printable(&text.into(), MAX_TEXT),
         }
     }
 
@@ -87,7 +88,7 @@ impl DeliveryError {
             reason: RetryReason::ProviderBusy,
             retry_after,
             code: Some(code.to_string()),
-            detail: format!("provider code {code}: {text}"),
+            detail: format!("provider code {code}: {}", printable(text, MAX_TEXT)),
         }
     }
 
@@ -208,6 +209,30 @@ pub fn parse_answer<T: serde::de::DeserializeOwned>(
     })
 }
 
+/// Longest provider text kept in an error (characters).
+pub const MAX_TEXT: usize = 500;
+
+/// A provider's text made safe for the database, logs and terminals: control characters
+/// (NUL, ESC, C1, line separators, bidi overrides) become `\u{…}` escapes, and the text is cut
+/// at `max` characters with a trailing `…`.
+pub fn printable(text: &str, max: usize) -> String {
+    let mut out = String::with_capacity(text.len().min(max * 4));
+    for (n, c) in text.chars().enumerate() {
+        if n == max {
+            out.push('…');
+            break;
+        }
+        let unsafe_char = c.is_control()
+            || matches!(c, '\u{2028}' | '\u{2029}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}' | '\u{FEFF}');
+        if unsafe_char {
+            out.push_str(&format!("\\u{{{:04x}}}", u32::from(c)));
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// The start of a body for an error text: printable, at most 200 characters.
 pub fn body_snippet(body: &[u8]) -> String {
     let text = String::from_utf8_lossy(body);
@@ -251,6 +276,19 @@ mod tests {
             from_status(StatusCode::NOT_FOUND, &HeaderMap::new(), b""),
             DeliveryError::Permanent { .. }
         ));
+    }
+
+    #[test]
+    fn provider_texts_are_made_printable() {
+        // Regression: a NUL in a provider's text could not be stored; ESC reached terminals.
+        let t = printable("bad\u{0}\u{1b}[31mred\u{202e}", 100);
+        assert_eq!(t, "bad\\u{0000}\\u{001b}[31mred\\u{202e}");
+        assert!(!t.chars().any(char::is_control));
+        assert_eq!(printable("abcdef", 3), "abc…");
+        match DeliveryError::permanent("7", "x\u{0}y") {
+            DeliveryError::Permanent { text, .. } => assert_eq!(text, "x\\u{0000}y"),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

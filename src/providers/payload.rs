@@ -1,103 +1,432 @@
-//! Provider-native payloads as the outbox stores them (a JSON object per job) and the merge rule
-//! for coalescing: applying the merged payload once has the same effect as applying each in
-//! order. Field-level validation lives in the database (`contact_sync.validate_job`) and again in
-//! each client before sending.
+//! Provider-native payloads as the outbox stores them (a JSON object per job) and the
+//! coalescing planner: which consecutive changes of one contact can ride in one call, and what
+//! that call sends. The rule it keeps, proven against [`super::model`] by a property test:
+//! **the merged call leaves the provider in the state the changes applied one by one would**
+//! (same fields, same status, same confirmation emails asked for), and never exceeds a provider
+//! limit. Where no single call can do that, the group ends and the rest waits for the next call.
+//! Field-level validation lives in the database (`contact_sync.validate_job`) and again in each
+//! client before sending.
 
+use super::model::{self, StatusOp};
 use crate::config::ProviderKind;
 use serde_json::{Map, Value};
 
 pub type Payload = Map<String, Value>;
 
-/// Folds `later` into `acc` (DESIGN.md rule 2): later scalar fields override earlier ones.
-/// Smartlink extras: `attributes` merge key by key (the provider always applies each one),
-/// `modify_ts` keeps the newest, and a later `subscribe` brings its own `update_strategy` (or
-/// none), because the strategy only means something next to the status it guards.
-pub fn merge(provider: ProviderKind, acc: &mut Payload, later: &Payload) {
-    if provider == ProviderKind::Smartlink && later.contains_key("subscribe") {
-        acc.remove("update_strategy");
-    }
-    for (key, value) in later {
-        match (provider, key.as_str()) {
-            (ProviderKind::Smartlink, "attributes") => {
-                if let (Some(Value::Object(current)), Value::Object(new)) =
-                    (acc.get_mut("attributes"), value)
-                {
-                    for (k, v) in new {
-                        current.insert(k.clone(), v.clone());
-                    }
-                    continue;
-                }
-                acc.insert(key.clone(), value.clone());
+/// Smartlink's cap on attributes in one call.
+pub const SMARTLINK_MAX_ATTRIBUTES: usize = 50;
+
+/// One change of a contact, in queue order.
+#[derive(Debug, Clone, Copy)]
+pub struct Change<'a> {
+    pub id: i64,
+    pub payload: &'a Payload,
+    /// When it was enqueued (ms): Smartlink's `modify_ts` when the payload has none.
+    pub created_at_ms: i64,
+}
+
+/// The call for a group of consecutive changes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Group {
+    pub payload: Payload,
+    /// How many of the changes (from the first) the call covers; at least 1.
+    pub taken: usize,
+}
+
+/// Takes the longest prefix of `changes` (non-empty, head first) that one call can carry
+/// exactly, and the payload of that call.
+///
+/// `known_modify_ts` is the newest Smartlink `modify_ts` the provider already holds for the
+/// contact, when known: a head older than that is discarded by the provider, so it must not
+/// lend its fields to the later changes of its group.
+pub fn take_group(
+    provider: ProviderKind,
+    known_modify_ts: Option<i64>,
+    changes: &[Change<'_>],
+) -> Group {
+    let Some(head) = changes.first() else {
+        return Group {
+            payload: Payload::new(),
+            taken: 0,
+        };
+    };
+    let head = normalized(provider, head);
+    let mut acc = match known_modify_ts {
+        Some(known) if provider == ProviderKind::Smartlink && ts(&head) < known => {
+            // The provider will discard the head: the call starts from "no change".
+            let mut empty = Payload::new();
+            empty.insert("modify_ts".into(), Value::from(known));
+            empty
+        }
+        _ => head,
+    };
+    let mut taken = 1;
+    for change in &changes[1..] {
+        let later = normalized(provider, change);
+        let merged = match provider {
+            ProviderKind::Justclick => Some(merge_justclick(&acc, &later)),
+            ProviderKind::Smartlink => merge_smartlink(&acc, &later),
+        };
+        match merged {
+            Some(m) => {
+                acc = m;
+                taken += 1;
             }
-            (ProviderKind::Smartlink, "modify_ts") => {
-                let newest = match (acc.get("modify_ts").and_then(Value::as_i64), value.as_i64()) {
-                    (Some(a), Some(b)) => Value::from(a.max(b)),
-                    _ => value.clone(),
-                };
-                acc.insert(key.clone(), newest);
-            }
-            _ => {
-                acc.insert(key.clone(), value.clone());
-            }
+            None => break,
         }
     }
+    Group {
+        payload: acc,
+        taken,
+    }
+}
+
+fn normalized(provider: ProviderKind, change: &Change<'_>) -> Payload {
+    let mut p = change.payload.clone();
+    if provider == ProviderKind::Smartlink && p.get("modify_ts").and_then(Value::as_i64).is_none() {
+        p.insert("modify_ts".into(), Value::from(change.created_at_ms));
+    }
+    p
+}
+
+/// JustClick: every field replaces; the later value wins.
+fn merge_justclick(acc: &Payload, later: &Payload) -> Payload {
+    let mut out = acc.clone();
+    for (k, v) in later {
+        out.insert(k.clone(), v.clone());
+    }
+    out
+}
+
+fn ts(p: &Payload) -> i64 {
+    p.get("modify_ts").and_then(Value::as_i64).unwrap_or(0)
+}
+
+/// Smartlink: `None` when no single call equals `acc` then `later`.
+fn merge_smartlink(acc: &Payload, later: &Payload) -> Option<Payload> {
+    // After `acc` the contact's modify_ts is at least acc's: an older change is discarded by
+    // the provider whatever it holds, so it rides along with no effect.
+    if ts(later) < ts(acc) {
+        return Some(acc.clone());
+    }
+    let mut out = acc.clone();
+    out.insert("modify_ts".into(), Value::from(ts(later)));
+    for key in ["tags", "openid", "preferences"] {
+        if let Some(v) = later.get(key) {
+            out.insert(key.into(), v.clone());
+        }
+    }
+    for key in ["location", "language"] {
+        match later.get(key) {
+            Some(Value::String(s)) if s.is_empty() => {} // empty does not overwrite
+            Some(v) => {
+                out.insert(key.into(), v.clone());
+            }
+            None => {}
+        }
+    }
+    if let Some(Value::Object(new)) = later.get("attributes") {
+        let mut attrs = match out.get("attributes") {
+            Some(Value::Object(a)) => a.clone(),
+            _ => Map::new(),
+        };
+        for (k, v) in new {
+            attrs.insert(k.clone(), v.clone());
+        }
+        if attrs.len() > SMARTLINK_MAX_ATTRIBUTES {
+            return None;
+        }
+        out.insert("attributes".into(), Value::Object(attrs));
+    }
+    let status = compose(StatusOp::of(acc), StatusOp::of(later))?;
+    out.remove("subscribe");
+    out.remove("update_strategy");
+    if let Some(op) = status {
+        out.insert("subscribe".into(), Value::from(op.subscribe));
+        if op.strategy != model::default_strategy(op.subscribe) {
+            out.insert("update_strategy".into(), Value::from(op.strategy));
+        }
+    }
+    Some(out)
+}
+
+/// Every status a contact can have before a call.
+const STATUSES: [Option<i64>; 5] = [None, Some(-1), Some(0), Some(1), Some(3)];
+
+fn run(ops: &[Option<StatusOp>], start: Option<i64>) -> (Option<i64>, u32) {
+    let mut status = start;
+    let mut emails = 0;
+    for op in ops.iter().flatten() {
+        let (next, asked) = op.apply(status);
+        status = next;
+        emails += u32::from(asked);
+    }
+    (status, emails)
+}
+
+/// One status operation equal to `first` then `second` on every starting status (same final
+/// status, same confirmation emails asked for); `Some(None)` is "no status in the call";
+/// `None`: no single operation does it.
+fn compose(first: Option<StatusOp>, second: Option<StatusOp>) -> Option<Option<StatusOp>> {
+    let target: Vec<_> = STATUSES.iter().map(|s| run(&[first, second], *s)).collect();
+    let same = |op: Option<StatusOp>| {
+        STATUSES
+            .iter()
+            .map(|s| run(&[op], *s))
+            .eq(target.iter().copied())
+    };
+    let mut candidates = vec![second, first, None];
+    for subscribe in [1, 0, -1, 3] {
+        for strategy in 0..=3 {
+            candidates.push(Some(StatusOp {
+                subscribe,
+                strategy,
+            }));
+        }
+    }
+    candidates.into_iter().find(|op| same(*op))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::providers::model::{apply_justclick, apply_smartlink, ContactState};
+    use proptest::prelude::*;
     use serde_json::json;
 
     fn obj(v: Value) -> Payload {
         v.as_object().unwrap().clone()
     }
 
+    fn group(provider: ProviderKind, payloads: &[Payload]) -> Group {
+        group_after(provider, None, payloads)
+    }
+
+    fn group_after(provider: ProviderKind, known: Option<i64>, payloads: &[Payload]) -> Group {
+        let changes: Vec<Change<'_>> = payloads
+            .iter()
+            .enumerate()
+            .map(|(i, p)| Change {
+                id: i as i64,
+                payload: p,
+                created_at_ms: 1000 + i as i64,
+            })
+            .collect();
+        take_group(provider, known, &changes)
+    }
+
     #[test]
-    fn later_scalars_override() {
-        let mut acc = obj(json!({"lead_name": "A", "lead_city": "X"}));
-        merge(
+    fn justclick_later_fields_win() {
+        let g = group(
             ProviderKind::Justclick,
-            &mut acc,
-            &obj(json!({"lead_name": "B"})),
+            &[
+                obj(json!({"lead_name": "A", "lead_city": "X"})),
+                obj(json!({"lead_name": "B"})),
+            ],
         );
+        assert_eq!(g.taken, 2);
         assert_eq!(
-            Value::Object(acc),
+            Value::Object(g.payload),
             json!({"lead_name": "B", "lead_city": "X"})
         );
     }
 
     #[test]
-    fn smartlink_attributes_merge_and_modify_ts_is_newest() {
-        let mut acc = obj(json!({"attributes": {"a": "1", "b": "1"}, "modify_ts": 200}));
-        merge(
+    fn an_unsubscribe_is_not_lost_to_a_later_strategy() {
+        // Regression: {"subscribe":0} then {"update_strategy":2,"tags":["x"]} kept the
+        // contact subscribed.
+        let g = group(
             ProviderKind::Smartlink,
-            &mut acc,
-            &obj(json!({"attributes": {"b": "2"}, "modify_ts": 100})),
+            &[
+                obj(json!({"subscribe": 0, "modify_ts": 1})),
+                obj(json!({"update_strategy": 2, "tags": ["x"], "modify_ts": 2})),
+            ],
         );
-        assert_eq!(
-            Value::Object(acc),
-            json!({"attributes": {"a": "1", "b": "2"}, "modify_ts": 200})
-        );
+        assert_eq!(g.taken, 2);
+        assert_eq!(g.payload["subscribe"], json!(0));
+        let mut c = ContactState {
+            subscribe: Some(1),
+            ..Default::default()
+        };
+        apply_smartlink(&mut c, &g.payload);
+        assert_eq!(c.subscribe, Some(0));
     }
 
     #[test]
-    fn later_subscribe_carries_its_own_strategy() {
-        let mut acc = obj(json!({"subscribe": 0, "update_strategy": 1}));
-        merge(
+    fn attributes_over_the_cap_split_the_group() {
+        // Regression: two valid changes of 30 attributes each merged into one call of 60.
+        let a: Map<String, Value> = (0..30).map(|i| (format!("a{i}"), json!(i))).collect();
+        let b: Map<String, Value> = (0..30).map(|i| (format!("b{i}"), json!(i))).collect();
+        let g = group(
             ProviderKind::Smartlink,
-            &mut acc,
-            &obj(json!({"subscribe": 1})),
+            &[
+                obj(json!({"attributes": a, "modify_ts": 1})),
+                obj(json!({"attributes": b, "modify_ts": 2})),
+            ],
         );
-        assert_eq!(Value::Object(acc), json!({"subscribe": 1}));
-        let mut acc = obj(json!({"subscribe": 0, "update_strategy": 1}));
-        merge(
+        assert_eq!(g.taken, 1);
+        assert_eq!(g.payload["attributes"].as_object().unwrap().len(), 30);
+    }
+
+    #[test]
+    fn stale_followers_ride_along_without_effect() {
+        let g = group(
             ProviderKind::Smartlink,
-            &mut acc,
-            &obj(json!({"tags": ["x"]})),
+            &[
+                obj(json!({"tags": ["new"], "modify_ts": 200})),
+                obj(json!({"tags": ["old"], "modify_ts": 100})),
+            ],
         );
+        assert_eq!(g.taken, 2);
         assert_eq!(
-            Value::Object(acc),
-            json!({"subscribe": 0, "update_strategy": 1, "tags": ["x"]})
+            Value::Object(g.payload),
+            json!({"tags": ["new"], "modify_ts": 200})
         );
+    }
+
+    // ---- the property: coalesced calls == one by one, against the reference model ----
+
+    fn smartlink_change() -> impl Strategy<Value = Payload> {
+        let status = prop_oneof![
+            Just(None),
+            (
+                prop_oneof![Just(1i64), Just(0), Just(-1), Just(3)],
+                proptest::option::of(0i64..=3)
+            )
+                .prop_map(Some),
+        ];
+        let strategy_alone = proptest::option::of(0i64..=3);
+        (
+            0i64..6, // modify_ts: small range so equal and decreasing values are frequent
+            status,
+            strategy_alone,
+            proptest::option::of(proptest::collection::vec("[ab]", 0..3)),
+            proptest::option::of(prop_oneof![Just(""), Just("004"), Just("250")]),
+            proptest::option::of(prop_oneof![Just(""), Just("en"), Just("pt-BR")]),
+            proptest::option::of(proptest::collection::btree_map(
+                "k[0-9]{1,2}",
+                0i64..3,
+                0..30,
+            )),
+            proptest::option::of(prop_oneof![Just("1"), Just("22")]),
+        )
+            .prop_map(
+                |(ts, status, lone_strategy, tags, location, language, attrs, openid)| {
+                    let mut p = Payload::new();
+                    p.insert("modify_ts".into(), json!(ts));
+                    match status {
+                        Some((s, strategy)) => {
+                            p.insert("subscribe".into(), json!(s));
+                            if let Some(st) = strategy {
+                                p.insert("update_strategy".into(), json!(st));
+                            }
+                        }
+                        None => {
+                            if let Some(st) = lone_strategy {
+                                p.insert("update_strategy".into(), json!(st));
+                            }
+                        }
+                    }
+                    if let Some(t) = tags {
+                        p.insert("tags".into(), json!(t));
+                    }
+                    if let Some(l) = location {
+                        p.insert("location".into(), json!(l));
+                    }
+                    if let Some(l) = language {
+                        p.insert("language".into(), json!(l));
+                    }
+                    if let Some(a) = attrs {
+                        p.insert("attributes".into(), json!(a));
+                    }
+                    if let Some(o) = openid {
+                        p.insert("openid".into(), json!(o));
+                    }
+                    p
+                },
+            )
+    }
+
+    fn justclick_change() -> impl Strategy<Value = Payload> {
+        proptest::collection::btree_map(
+            prop_oneof![
+                Just("lead_name"),
+                Just("lead_phone"),
+                Just("lead_city"),
+                Just("lead_tags")
+            ],
+            prop_oneof![Just(""), Just("x"), Just("y,z")],
+            0..4,
+        )
+        .prop_map(|m| {
+            m.into_iter()
+                .map(|(k, v)| (k.to_string(), json!(v)))
+                .collect()
+        })
+    }
+
+    fn initial_contact() -> impl Strategy<Value = ContactState> {
+        (
+            proptest::option::of(prop_oneof![Just(1i64), Just(0), Just(-1), Just(3)]),
+            0i64..6,
+        )
+            .prop_map(|(subscribe, modify_ts)| ContactState {
+                subscribe,
+                modify_ts,
+                ..Default::default()
+            })
+    }
+
+    fn jc_fields(p: &Payload) -> Vec<(String, String)> {
+        crate::providers::justclick::form_fields("a@b.co", p)
+            .unwrap()
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 3000, ..ProptestConfig::default() })]
+
+        #[test]
+        fn smartlink_coalescing_equals_one_by_one(start in initial_contact(),
+                                                  changes in proptest::collection::vec(smartlink_change(), 1..8)) {
+            let mut one_by_one = start.clone();
+            let mut emails_one = 0;
+            for c in &changes {
+                emails_one += u32::from(apply_smartlink(&mut one_by_one, c).confirmation);
+            }
+            let mut coalesced = start.clone();
+            let mut emails_co = 0;
+            let mut rest: &[Payload] = &changes;
+            while !rest.is_empty() {
+                let g = group_after(ProviderKind::Smartlink, Some(coalesced.modify_ts), rest);
+                prop_assert!(g.taken >= 1);
+                let n_attrs = g.payload.get("attributes").and_then(Value::as_object).map_or(0, Map::len);
+                prop_assert!(n_attrs <= SMARTLINK_MAX_ATTRIBUTES);
+                // the merged call is itself a valid body
+                prop_assert!(crate::providers::smartlink::body("a@b.co", &g.payload, 0).is_ok());
+                emails_co += u32::from(apply_smartlink(&mut coalesced, &g.payload).confirmation);
+                rest = &rest[g.taken..];
+            }
+            prop_assert_eq!(&coalesced, &one_by_one, "changes {:?}", changes);
+            prop_assert_eq!(emails_co, emails_one);
+        }
+
+        #[test]
+        fn justclick_coalescing_equals_one_by_one(changes in proptest::collection::vec(justclick_change(), 1..8)) {
+            let mut one_by_one = ContactState::default();
+            for c in &changes {
+                apply_justclick(&mut one_by_one, &jc_fields(c));
+            }
+            let mut coalesced = ContactState::default();
+            let mut rest: &[Payload] = &changes;
+            while !rest.is_empty() {
+                let g = group(ProviderKind::Justclick, rest);
+                apply_justclick(&mut coalesced, &jc_fields(&g.payload));
+                rest = &rest[g.taken..];
+            }
+            prop_assert_eq!(coalesced, one_by_one);
+        }
     }
 }

@@ -18,6 +18,8 @@ pub enum Fault {
     Stall { ms: u64 },
     /// A well-formed answer whose signature is wrong (JustClick `hash`; Smartlink `seq` echo).
     ForgeSignature,
+    /// A success answer without what proves it (JustClick: no `hash`; Smartlink: no `seq`).
+    Unverifiable,
     /// A signed answer with this provider code and text.
     ErrorCode { code: i64, text: String },
     /// A 200 answer that is not JSON.

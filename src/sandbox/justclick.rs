@@ -2,15 +2,14 @@
 //! recomputes `http_build_query` + `::login::secret`, and answers with a signed JSON body.
 
 use super::{php_json_string, Contact, Fault, SandboxState};
-use crate::providers::digest_eq;
 use crate::providers::justclick::sign::{
     php_build_query, php_urldecode, request_hash, response_hash,
 };
+use crate::providers::{digest_eq, model};
 use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
-use serde_json::Value;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -94,7 +93,7 @@ pub async fn update_subscriber(
     else {
         return answer(100, "E-mail is missing", &secret);
     };
-    if !email.contains('@') || email.len() > 254 {
+    if !crate::providers::address::is_valid_email(&email) {
         return answer(100, "E-mail is invalid", &secret);
     }
     let id = ("justclick".to_string(), login.clone(), email.to_lowercase());
@@ -111,15 +110,19 @@ pub async fn update_subscriber(
                 response_hash(0, OK_TEXT, "not-the-secret")
             ));
         }
+        Some(Fault::Unverifiable) => {
+            return json(format!(
+                r#"{{"error_code":0,"error_text":{}}}"#,
+                php_json_string(OK_TEXT)
+            ));
+        }
         Some(Fault::ErrorCode { code, text }) => return answer(code, &text, &secret),
         Some(Fault::Malformed) => return json("<html>Service Unavailable</html>".into()),
         Some(Fault::Stall { .. }) => {}
     }
     if let Ok(mut contacts) = state.contacts.lock() {
         let contact: &mut Contact = contacts.entry(id).or_default();
-        for (k, v) in pairs.iter().filter(|(k, _)| k != "lead_email") {
-            contact.fields.insert(k.clone(), Value::String(v.clone()));
-        }
+        contact.apply(|state| model::apply_justclick(state, &pairs));
         contact.updates += 1;
     }
     state.accepted.fetch_add(1, Ordering::Relaxed);

@@ -12,6 +12,7 @@ mod justclick;
 mod smartlink;
 
 use crate::config::{ProviderKind, Settings};
+use crate::providers::model;
 use crate::secret::Secret;
 use axum::extract::State;
 use axum::routing::{get, post};
@@ -86,6 +87,34 @@ pub struct Contact {
     pub pending_requests: u64,
     /// Confirmation emails actually sent.
     pub confirmation_emails: u64,
+}
+
+impl Contact {
+    /// Runs the reference model ([`crate::providers::model`]) on this contact's state.
+    pub(crate) fn apply(
+        &mut self,
+        f: impl FnOnce(&mut model::ContactState) -> model::Effect,
+    ) -> model::Effect {
+        let mut state = model::ContactState {
+            fields: std::mem::take(&mut self.fields),
+            subscribe: self.subscribe,
+            modify_ts: self.modify_ts,
+        };
+        let effect = f(&mut state);
+        self.fields = state.fields;
+        self.subscribe = state.subscribe;
+        self.modify_ts = state.modify_ts;
+        effect
+    }
+
+    /// The provider-visible part of this contact, as the reference model holds it.
+    pub fn state(&self) -> model::ContactState {
+        model::ContactState {
+            fields: self.fields.clone(),
+            subscribe: self.subscribe,
+            modify_ts: self.modify_ts,
+        }
+    }
 }
 
 /// (provider, account, lower-cased email)

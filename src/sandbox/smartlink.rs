@@ -4,8 +4,8 @@
 
 use super::justclick::json;
 use super::{Contact, Fault, SandboxState};
-use crate::providers::digest_eq;
 use crate::providers::smartlink::{sign, PATH};
+use crate::providers::{digest_eq, model};
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{StatusCode, Uri};
@@ -22,37 +22,6 @@ const TS_TOLERANCE_SECS: i64 = 600;
 
 fn answer(code: i64, msg: &str, seq: &str) -> Response {
     json(serde_json::json!({"code": code, "msg": msg, "seq": seq}).to_string())
-}
-
-/// Does `update_strategy` let `subscribe` overwrite the `current` status?
-pub fn overwrites(strategy: i64, current: Option<i64>) -> bool {
-    // columns: subscribed(1) / unsubscribed(0) / unknown(-1 or new) / pending(3)
-    let column = match current {
-        Some(1) => 0,
-        Some(0) => 1,
-        Some(3) => 3,
-        _ => 2,
-    };
-    const TABLE: [[bool; 4]; 4] = [
-        [true, true, true, false],
-        [true, true, true, true],
-        [false, false, true, false],
-        [false, true, true, true],
-    ];
-    usize::try_from(strategy)
-        .ok()
-        .and_then(|s| TABLE.get(s))
-        .is_some_and(|row| row[column])
-}
-
-/// The documented default strategy for a status.
-pub fn default_strategy(subscribe: i64) -> i64 {
-    match subscribe {
-        1 => 0,
-        0 => 1,
-        -1 => 2,
-        _ => 3,
-    }
 }
 
 /// The raw query string split into the signed params and the `sig` (which must come last).
@@ -117,13 +86,13 @@ pub async fn sync_user_by_email(
     let Some(email) = doc
         .get("email")
         .and_then(Value::as_str)
-        .filter(|e| e.contains('@'))
+        .filter(|e| crate::providers::address::is_valid_email(e))
     else {
         return answer(1005, "email missing or invalid", seq);
     };
-    let Some(modify_ts) = doc.get("modify_ts").and_then(Value::as_i64) else {
+    if doc.get("modify_ts").and_then(Value::as_i64).is_none() {
         return answer(1005, "modify_ts missing", seq);
-    };
+    }
     let subscribe = doc.get("subscribe").and_then(Value::as_i64);
     if subscribe.is_some_and(|s| ![-1, 0, 1, 3].contains(&s)) {
         return answer(1005, "subscribe invalid", seq);
@@ -145,6 +114,9 @@ pub async fn sync_user_by_email(
             return super::transport_fault(&f).unwrap_or_default();
         }
         Some(Fault::ForgeSignature) => return answer(0, "success", "forged_seq"),
+        Some(Fault::Unverifiable) => {
+            return json(serde_json::json!({"code": 0, "msg": "success"}).to_string())
+        }
         Some(Fault::ErrorCode { code, text }) => return answer(code, &text, seq),
         Some(Fault::Malformed) => return json("<html>Bad Gateway</html>".into()),
         Some(Fault::Stall { .. }) => {}
@@ -154,45 +126,16 @@ pub async fn sync_user_by_email(
         return (StatusCode::INTERNAL_SERVER_ERROR, "sandbox state poisoned").into_response();
     };
     let contact: &mut Contact = contacts.entry(id).or_default();
-    if modify_ts < contact.modify_ts {
+    if subscribe == Some(3) {
+        contact.pending_requests += 1;
+    }
+    let effect = contact.apply(|state| model::apply_smartlink(state, &doc));
+    if !effect.applied {
         contact.stale_updates += 1;
         state.accepted.fetch_add(1, Ordering::Relaxed);
         return answer(0, "success", seq);
     }
-    contact.modify_ts = modify_ts;
-    for key in ["tags", "openid", "location", "language", "preferences"] {
-        match doc.get(key) {
-            Some(Value::String(s)) if s.is_empty() && (key == "location" || key == "language") => {}
-            Some(v) => {
-                contact.fields.insert(key.to_string(), v.clone());
-            }
-            None => {}
-        }
-    }
-    if let Some(Value::Object(attrs)) = doc.get("attributes") {
-        let entry = contact
-            .fields
-            .entry("attributes")
-            .or_insert_with(|| Value::Object(Default::default()));
-        if let Value::Object(current) = entry {
-            for (k, v) in attrs {
-                current.insert(k.clone(), v.clone());
-            }
-        }
-    }
-    let mut send_email = false;
-    if let Some(status) = subscribe {
-        if status == 3 {
-            contact.pending_requests += 1;
-        }
-        if overwrites(
-            strategy.unwrap_or_else(|| default_strategy(status)),
-            contact.subscribe,
-        ) {
-            send_email = status == 3 && contact.subscribe != Some(3);
-            contact.subscribe = Some(status);
-        }
-    }
+    let send_email = effect.confirmation;
     contact.updates += 1;
     if send_email {
         let key = (game_id.to_string(), email.to_lowercase());
@@ -214,33 +157,6 @@ pub async fn sync_user_by_email(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn strategy_table() {
-        // 0 → yes / yes / yes / no
-        assert!(
-            overwrites(0, Some(1))
-                && overwrites(0, Some(0))
-                && overwrites(0, Some(-1))
-                && !overwrites(0, Some(3))
-        );
-        // 2 → no / no / yes / no
-        assert!(
-            !overwrites(2, Some(1))
-                && !overwrites(2, Some(0))
-                && overwrites(2, None)
-                && !overwrites(2, Some(3))
-        );
-        // 3 → no / yes / yes / yes
-        assert!(!overwrites(3, Some(1)) && overwrites(3, Some(0)) && overwrites(3, Some(3)));
-        assert_eq!(default_strategy(3), 3);
-        assert!(!overwrites(9, None));
-    }
-}
-
-#[cfg(test)]
 mod property {
     //! Any Unicode in any field survives the client's signing and the sandbox's verification.
     use super::*;
@@ -255,7 +171,7 @@ mod property {
         #[test]
         fn justclick_requests_verify(name in "\\PC{0,40}", city in "\\PC{0,40}", phone in "\\PC{0,20}",
                                      tags in proptest::collection::vec("[^,]{1,10}", 0..4),
-                                     local in "[a-zA-Z0-9.+_~*'!-]{1,20}", secret in "\\PC{1,30}") {
+                                     local in "[a-zA-Z0-9+_~*'!-]{1,20}", secret in "\\PC{1,30}") {
             let email = format!("{local}@example.com");
             let payload = json!({"lead_name": name, "lead_city": city, "lead_phone": phone, "lead_tags": tags});
             let fields = form_fields(&email, payload.as_object().unwrap()).unwrap();

@@ -1,147 +1,203 @@
 //! The single writer of outcomes: batches successes into one fenced statement, writes retries
-//! and dead jobs one by one, frees the slots, and wakes the producer. A database error while
-//! recording is not a job outcome: it is retried for a while, then logged, and the job is left
-//! to its lease (the rescuer returns it).
+//! and dead jobs one by one, frees the slots, and wakes the producer.
+//!
+//! A completion that cannot be written never blocks the others: a batch the database refuses
+//! is split and each outcome written alone; an outcome that still cannot be written is kept
+//! (its lease stays in the heartbeat, so no other worker calls the provider again) and written
+//! again on the next round, while new outcomes keep flowing. Only at shutdown is an unwritable
+//! outcome given up, to its lease (the rescuer returns the job).
 
 use super::executor::{Completion, Outcome};
 use super::Shared;
 use crate::metrics::{self as m, JobEvent};
 use crate::outbox::complete::{self, Success};
 use crate::outbox::JobState;
-use std::future::Future;
-use std::sync::Arc;
+use std::collections::HashSet;
 use std::time::Duration;
 use tokio::sync::mpsc;
 
 /// Most completions written by one statement.
 const MAX_BATCH: usize = 1024;
+/// Wait before writing kept outcomes again when nothing new arrives.
+const REWRITE_EVERY: Duration = Duration::from_millis(500);
 
-pub async fn run(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Completion>) {
-    let mut batch = Vec::with_capacity(MAX_BATCH);
-    while let Some(first) = rx.recv().await {
-        batch.push(first);
-        while batch.len() < MAX_BATCH {
+pub async fn run(shared: std::sync::Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Completion>) {
+    let mut kept: Vec<Completion> = Vec::new();
+    let mut open = true;
+    while open || !kept.is_empty() {
+        let mut batch = std::mem::take(&mut kept);
+        let first = if batch.is_empty() {
+            rx.recv().await
+        } else if open {
+            tokio::select! {
+                c = rx.recv() => c,
+                _ = tokio::time::sleep(REWRITE_EVERY) => None,
+            }
+        } else {
+            None
+        };
+        match first {
+            Some(c) => batch.push(c),
+            None if batch.is_empty() => break,
+            None => {}
+        }
+        while open && batch.len() < MAX_BATCH {
             match rx.try_recv() {
                 Ok(c) => batch.push(c),
-                Err(_) => break,
+                Err(mpsc::error::TryRecvError::Empty) => break,
+                Err(mpsc::error::TryRecvError::Disconnected) => open = false,
             }
         }
-        write(&shared, std::mem::take(&mut batch)).await;
+        if rx.is_closed() && rx.is_empty() {
+            open = false;
+        }
+        let (written, unwritten) = write(&shared, batch).await;
+        forget(&shared, &written);
+        drop(written); // frees the slots
         shared.wake.notify_one();
-    }
-}
-
-/// Retries a database write with backoff for up to half a lease.
-async fn with_retries<T, F, Fut>(shared: &Shared, what: &str, mut op: F) -> Result<T, sqlx::Error>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, sqlx::Error>>,
-{
-    let budget = shared.settings.worker.lease / 2;
-    let started = std::time::Instant::now();
-    let mut delay = Duration::from_millis(50);
-    loop {
-        match op().await {
-            Ok(v) => return Ok(v),
-            Err(e) if started.elapsed() + delay < budget => {
-                tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "could not record {what}; retrying");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(2));
-            }
-            Err(e) => return Err(e),
-        }
-    }
-}
-
-async fn write(shared: &Shared, batch: Vec<Completion>) {
-    let pool = &shared.pool;
-    let successes: Vec<Success> = batch
-        .iter()
-        .filter_map(|c| match &c.outcome {
-            Outcome::Success { doi, followers } => Some(Success {
-                lease: c.lease,
-                doi: doi.clone(),
-                followers: followers.clone(),
-            }),
-            _ => None,
-        })
-        .collect();
-    if !successes.is_empty() {
-        match with_retries(shared, "successes", || {
-            complete::succeed_many(pool, &successes)
-        })
-        .await
-        {
-            Ok(lost) => {
-                let lost: std::collections::HashSet<_> = lost.into_iter().collect();
-                for c in &batch {
-                    if let Outcome::Success { followers, .. } = &c.outcome {
-                        if lost.contains(&c.lease.id) {
-                            lease_lost(shared, c);
-                        } else {
-                            m::job_event(JobEvent::Succeeded, &c.provider, &c.account, 1);
-                            m::job_event(
-                                JobEvent::Coalesced,
-                                &c.provider,
-                                &c.account,
-                                followers.len() as u64,
-                            );
-                            shared.stats.add_succeeded(1, followers.len() as u64);
-                        }
-                    }
+        if !unwritten.is_empty() {
+            if open {
+                kept = unwritten;
+            } else {
+                // Left in the heartbeat's map: the shutdown tries to release them.
+                for c in &unwritten {
+                    tracing::error!(job_id = c.lease.id, "could not record the outcome before shutdown; the lease will expire and the job will be retried");
                 }
             }
-            Err(e) => {
-                tracing::error!(error = %e, jobs = successes.len(), "could not record delivered jobs; their leases will expire and they will be delivered again")
-            }
+        }
+        if !open && rx.is_empty() && kept.is_empty() {
+            break;
         }
     }
-    for c in &batch {
-        let written = match &c.outcome {
-            Outcome::Success { .. } => continue,
-            Outcome::Retry { delay, error } => {
-                with_retries(shared, "a retry", || complete::retry_or_kill(pool, c.lease, c.max_attempts, *delay, error))
-                    .await
-                    .map(|state| match state {
-                        Some(JobState::Dead) => {
-                            tracing::error!(job_id = c.lease.id, attempts = c.lease.attempt, error = %error.message, "attempts used up; job parked as dead");
-                            m::job_event(JobEvent::Dead, &c.provider, &c.account, 1);
-                            shared.stats.add_dead();
-                            true
-                        }
-                        Some(_) => {
-                            m::job_event(JobEvent::Retried, &c.provider, &c.account, 1);
-                            shared.stats.add_retried();
-                            true
-                        }
-                        None => false,
-                    })
-            }
-            Outcome::Dead { error } => with_retries(shared, "a dead job", || complete::kill(pool, c.lease, error))
-                .await
-                .inspect(|ok| {
-                    if *ok {
-                        m::job_event(JobEvent::Dead, &c.provider, &c.account, 1);
-                        shared.stats.add_dead();
-                    }
-                }),
-            Outcome::Release => complete::release(pool, &[c.lease], true).await.map(|n| n == 1),
-        };
-        match written {
-            Ok(true) => {}
-            Ok(false) => lease_lost(shared, c),
-            Err(e) => {
-                tracing::error!(job_id = c.lease.id, error = %e, "could not record the outcome; the lease will expire and the job will be retried")
-            }
-        }
-    }
+}
+
+/// Drops written (or given-up) leases from the heartbeat, matching the attempt: a newer attempt
+/// of the same job claimed meanwhile keeps its lease.
+fn forget(shared: &Shared, done: &[Completion]) {
     if let Ok(mut in_flight) = shared.in_flight.lock() {
-        for c in &batch {
-            in_flight.remove(&c.lease.id);
+        for c in done {
+            if in_flight.get(&c.lease.id) == Some(&c.lease.attempt) {
+                in_flight.remove(&c.lease.id);
+            }
         }
         m::in_flight(in_flight.len());
     }
-    drop(batch); // frees the slots
+}
+
+/// A database error about the data itself (it will fail the same way again), as opposed to a
+/// connection or pool problem.
+fn is_data_error(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(_))
+}
+
+/// Writes a batch; returns (written or lost, to keep for another round).
+async fn write(shared: &Shared, batch: Vec<Completion>) -> (Vec<Completion>, Vec<Completion>) {
+    let pool = &shared.pool;
+    let (successes, others): (Vec<Completion>, Vec<Completion>) = batch
+        .into_iter()
+        .partition(|c| matches!(c.outcome, Outcome::Success { .. }));
+    let mut written = Vec::with_capacity(successes.len() + others.len());
+    let mut unwritten = Vec::new();
+
+    // Successes: one statement; if the database refuses it, each alone.
+    let mut groups: Vec<Vec<Completion>> = vec![successes];
+    while let Some(group) = groups.pop() {
+        if group.is_empty() {
+            continue;
+        }
+        let items: Vec<Success> = group.iter().filter_map(success_of).collect();
+        match complete::succeed_many(pool, &items).await {
+            Ok(lost) => {
+                let lost: HashSet<_> = lost.into_iter().collect();
+                for c in &group {
+                    if lost.contains(&c.lease.id) {
+                        lease_lost(shared, c);
+                    } else if let Outcome::Success { followers, .. } = &c.outcome {
+                        m::job_event(JobEvent::Succeeded, &c.provider, &c.account, 1);
+                        m::job_event(
+                            JobEvent::Coalesced,
+                            &c.provider,
+                            &c.account,
+                            followers.len() as u64,
+                        );
+                        shared.stats.add_succeeded(1, followers.len() as u64);
+                    }
+                }
+                written.extend(group);
+            }
+            Err(e) if is_data_error(&e) && group.len() > 1 => {
+                tracing::warn!(error = %e, jobs = group.len(), "the database refused a batch of outcomes; writing them one by one");
+                groups.extend(group.into_iter().map(|c| vec![c]));
+            }
+            Err(e) => {
+                tracing::error!(error = %e, jobs = group.len(), "could not record delivered jobs; keeping their leases and trying again");
+                unwritten.extend(group);
+            }
+        }
+    }
+
+    for c in others {
+        let result = match &c.outcome {
+            Outcome::Success { .. } => continue,
+            Outcome::Retry {
+                delay,
+                error,
+                attempt,
+            } => complete::retry_or_kill(pool, c.lease, c.max_attempts, *delay, error, *attempt)
+                .await
+                .map(|state| match state {
+                    Some(JobState::Dead) => {
+                        tracing::error!(job_id = c.lease.id, attempts = c.lease.attempt, error = %error.message, "attempts used up; job parked as dead");
+                        m::job_event(JobEvent::Dead, &c.provider, &c.account, 1);
+                        shared.stats.add_dead();
+                        true
+                    }
+                    Some(_) => {
+                        m::job_event(JobEvent::Retried, &c.provider, &c.account, 1);
+                        shared.stats.add_retried();
+                        true
+                    }
+                    None => false,
+                }),
+            Outcome::Dead { error } => complete::kill(pool, c.lease, error).await.inspect(|ok| {
+                if *ok {
+                    m::job_event(JobEvent::Dead, &c.provider, &c.account, 1);
+                    shared.stats.add_dead();
+                }
+            }),
+            Outcome::Release => complete::release(pool, &[c.lease], true)
+                .await
+                .map(|n| n == 1),
+        };
+        match result {
+            Ok(true) => written.push(c),
+            Ok(false) => {
+                lease_lost(shared, &c);
+                written.push(c);
+            }
+            Err(e) => {
+                tracing::error!(job_id = c.lease.id, error = %e, "could not record the outcome; keeping the lease and trying again");
+                unwritten.push(c);
+            }
+        }
+    }
+    (written, unwritten)
+}
+
+fn success_of(c: &Completion) -> Option<Success> {
+    match &c.outcome {
+        Outcome::Success {
+            doi,
+            followers,
+            sets_status,
+        } => Some(Success {
+            lease: c.lease,
+            doi: doi.clone(),
+            followers: followers.clone(),
+            sets_status: *sets_status,
+        }),
+        _ => None,
+    }
 }
 
 fn lease_lost(shared: &Shared, c: &Completion) {

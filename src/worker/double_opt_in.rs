@@ -74,15 +74,20 @@ pub async fn decide(
     }
 }
 
-/// After a successful call: schedule the deferred re-send.
+/// After a successful call: restart the window from the answer's time (`Send`), or schedule
+/// the deferred re-send (`Defer`).
 pub async fn after_success(
     pool: &PgPool,
+    api_key_id: &str,
     decision: &Decision,
     job: (JobId, JobId),
     provider: &str,
     account: &str,
     email: &str,
 ) -> Result<(), sqlx::Error> {
+    if *decision == Decision::Send {
+        doi::confirm(pool, api_key_id, email, job.0).await?;
+    }
     if let Decision::Defer { until, status } = decision {
         doi::defer(
             pool,

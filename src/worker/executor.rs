@@ -6,9 +6,10 @@ use super::double_opt_in::{self, Decision};
 use super::retry::next_delay;
 use super::Shared;
 use crate::metrics::{self as m};
+use crate::outbox::complete::Attempt;
 use crate::outbox::doi;
 use crate::outbox::job::{AttemptError, ClaimedJob, JobId, Lease};
-use crate::providers::payload::{merge, Payload};
+use crate::providers::payload::{take_group, Change, Payload};
 use crate::providers::{Delivery, DeliveryError, RetryReason};
 use crate::telemetry::mask_email;
 use serde_json::Value;
@@ -23,10 +24,13 @@ pub enum Outcome {
     Success {
         doi: Option<String>,
         followers: Vec<JobId>,
+        /// The call set a status (supersedes queued confirmation re-sends).
+        sets_status: bool,
     },
     Retry {
         delay: Duration,
         error: AttemptError,
+        attempt: Attempt,
     },
     Dead {
         error: AttemptError,
@@ -107,6 +111,7 @@ fn database_retry(shared: &Shared, attempt: i32, err: &sqlx::Error) -> Outcome {
             code: None,
             message: format!("database error: {err}"),
         },
+        attempt: Attempt::Counts,
     }
 }
 
@@ -124,19 +129,42 @@ async fn deliver(shared: &Shared, job: &ClaimedJob) -> Outcome {
             ),
         );
     }
-    let Value::Object(head) = &job.payload else {
-        return dead("invalid_payload", "payload is not a JSON object".into());
-    };
-    let mut payload: Payload = head.clone();
-    for follower in &job.followers {
-        if let Value::Object(later) = &follower.payload {
-            merge(kind, &mut payload, later);
+    // A row that cannot be decoded is parked alone, with the reason; it never touches another.
+    let head = match job.decode() {
+        Ok(head) => head,
+        Err(why) => {
+            tracing::error!(error = %why, "job payload cannot be decoded; job parked as dead");
+            return dead("undecodable_payload", why);
         }
+    };
+    let followers = job.decode_followers();
+    let follower_payloads: Vec<Payload> = followers
+        .iter()
+        .map(|f| match &f.payload {
+            Value::Object(map) => map.clone(),
+            _ => Payload::new(),
+        })
+        .collect();
+    let mut changes = Vec::with_capacity(1 + followers.len());
+    changes.push(Change {
+        id: job.id,
+        payload: &head,
+        created_at_ms: job.created_at_ms,
+    });
+    for (f, payload) in followers.iter().zip(&follower_payloads) {
+        changes.push(Change {
+            id: f.id,
+            payload,
+            created_at_ms: f.created_at_ms,
+        });
     }
-    let followers: Vec<JobId> = job.followers.iter().map(|f| f.id).collect();
+    let group = take_group(kind, None, &changes);
+    let mut payload = group.payload;
+    let followers: Vec<JobId> = changes[1..group.taken].iter().map(|c| c.id).collect();
     if !followers.is_empty() {
         tracing::debug!(
             merged = followers.len(),
+            left = changes.len() - group.taken,
             "coalescing consecutive changes into one call"
         );
     }
@@ -159,6 +187,7 @@ async fn deliver(shared: &Shared, job: &ClaimedJob) -> Outcome {
         }
         None => Decision::NotApplicable,
     };
+    let sets_status = payload.contains_key("subscribe");
 
     let started = Instant::now();
     let result = provider
@@ -172,27 +201,51 @@ async fn deliver(shared: &Shared, job: &ClaimedJob) -> Outcome {
         .await;
     let took = started.elapsed();
 
+    // The provider certainly did not act: give the confirmation window back.
+    let not_acted = match &result {
+        Ok(_) => false,
+        Err(DeliveryError::Permanent { .. }) => true,
+        Err(DeliveryError::Retryable { reason, .. }) => matches!(
+            reason,
+            RetryReason::Connect
+                | RetryReason::ServerError
+                | RetryReason::RateLimited
+                | RetryReason::ProviderBusy
+        ),
+    };
+    if not_acted && decision == Decision::Send {
+        if let Some((key_id, _)) = provider.double_opt_in() {
+            if let Err(e) = doi::release(&shared.pool, key_id, &job.email, job.id).await {
+                tracing::warn!(error = %e, "could not release the confirmation window");
+            }
+        }
+    }
+
     match result {
         Ok(delivered) => {
             m::provider_request(&job.provider, &job.account, "success", took);
             tracing::debug!(took_ms = took.as_millis() as u64, answer = %delivered.detail, "delivered");
             let covers = followers.last().copied().unwrap_or(job.id);
-            if let Err(e) = double_opt_in::after_success(
-                &shared.pool,
-                &decision,
-                (job.id, covers),
-                &job.provider,
-                &job.account,
-                &job.email,
-            )
-            .await
-            {
-                tracing::warn!(error = %e, "could not schedule the confirmation re-send; the call will be repeated");
-                return database_retry(shared, job.attempts, &e);
+            if let Some((key_id, _)) = provider.double_opt_in() {
+                if let Err(e) = double_opt_in::after_success(
+                    &shared.pool,
+                    key_id,
+                    &decision,
+                    (job.id, covers),
+                    &job.provider,
+                    &job.account,
+                    &job.email,
+                )
+                .await
+                {
+                    tracing::warn!(error = %e, "could not record the confirmation window; the call will be repeated");
+                    return database_retry(shared, job.attempts, &e);
+                }
             }
             Outcome::Success {
                 doi: decision.record(),
                 followers,
+                sets_status,
             }
         }
         Err(DeliveryError::Retryable {
@@ -203,7 +256,8 @@ async fn deliver(shared: &Shared, job: &ClaimedJob) -> Outcome {
         }) => {
             m::provider_request(&job.provider, &job.account, "retryable", took);
             let w = &shared.settings.worker;
-            if reason == RetryReason::RateLimited {
+            let throttled = reason == RetryReason::RateLimited;
+            if throttled {
                 shared
                     .limits
                     .pause(&job.account, retry_after.unwrap_or(w.backoff_base));
@@ -215,7 +269,11 @@ async fn deliver(shared: &Shared, job: &ClaimedJob) -> Outcome {
                 retry_after,
                 &mut fastrand::Rng::new(),
             );
-            tracing::warn!(reason = %reason, code = code.as_deref().unwrap_or(""), retry_in_ms = delay.as_millis() as u64, error = %detail, "delivery failed; will retry");
+            if throttled {
+                tracing::warn!(code = code.as_deref().unwrap_or(""), retry_in_ms = delay.as_millis() as u64, error = %detail, "provider asked to slow down; account paused, attempt not counted");
+            } else {
+                tracing::warn!(reason = %reason, code = code.as_deref().unwrap_or(""), retry_in_ms = delay.as_millis() as u64, error = %detail, "delivery failed; will retry");
+            }
             Outcome::Retry {
                 delay,
                 error: AttemptError {
@@ -223,17 +281,15 @@ async fn deliver(shared: &Shared, job: &ClaimedJob) -> Outcome {
                     code,
                     message: detail,
                 },
+                attempt: if throttled {
+                    Attempt::Throttled
+                } else {
+                    Attempt::Counts
+                },
             }
         }
         Err(DeliveryError::Permanent { code, text }) => {
             m::provider_request(&job.provider, &job.account, "permanent", took);
-            if decision == Decision::Send {
-                if let Some((key_id, _)) = provider.double_opt_in() {
-                    if let Err(e) = doi::release(&shared.pool, key_id, &job.email, job.id).await {
-                        tracing::warn!(error = %e, "could not release the confirmation window");
-                    }
-                }
-            }
             tracing::error!(code = %code, error = %text, "provider refused the change; job parked as dead");
             Outcome::Dead {
                 error: AttemptError {

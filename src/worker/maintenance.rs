@@ -1,5 +1,6 @@
 //! Background upkeep of a running worker: the NOTIFY listener, the lease heartbeat (one
-//! statement for every job in flight), the rescuer, due double-opt-in re-sends and retention.
+//! statement for every job in flight, in a task of its own), and the bounded housekeeping: the
+//! rescuer, due double-opt-in re-sends and retention.
 
 use super::Shared;
 use crate::outbox::{claim, doi, prune, rescue, Lease};
@@ -53,31 +54,66 @@ pub async fn listen(shared: Arc<Shared>, stop: CancellationToken) {
     }
 }
 
+/// The lease heartbeat, alone in its task: it never waits behind housekeeping, and each beat is
+/// bounded by its interval (a slow database delays one beat, never the next).
+pub async fn heartbeat_loop(shared: Arc<Shared>, stop: CancellationToken) {
+    let every = (shared.settings.worker.lease / 3).max(Duration::from_millis(200));
+    let mut ticks = tokio::time::interval(every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticks.tick().await;
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => {}
+            _ = stop.cancelled() => return,
+        }
+        if tokio::time::timeout(every, heartbeat(&shared))
+            .await
+            .is_err()
+        {
+            tracing::warn!("lease heartbeat took longer than its interval; trying again");
+        }
+    }
+}
+
+/// Housekeeping: rescue of expired leases, due double-opt-in re-sends and retention, each
+/// bounded per tick (retention deletes one batch a tick and comes back soon while a backlog
+/// remains), so a large finished backlog never delays anything else.
 pub async fn run(shared: Arc<Shared>, stop: CancellationToken) {
     let w = &shared.settings.worker;
-    let heartbeat_every = (w.lease / 3).max(Duration::from_millis(200));
     let sweep_every = w
         .poll_interval
         .clamp(Duration::from_millis(100), Duration::from_secs(5));
     let prune_every = Duration::from_secs(60);
-    let mut next_heartbeat = Instant::now() + heartbeat_every;
+    let prune_backlog_every = Duration::from_millis(200);
     let mut next_sweep = Instant::now();
     let mut next_prune = Instant::now() + Duration::from_secs(5);
+    let mut pruned_in_run = 0u64;
     loop {
         let now = Instant::now();
-        if now >= next_heartbeat {
-            heartbeat(&shared).await;
-            next_heartbeat = now + heartbeat_every;
-        }
         if now >= next_sweep {
             sweep(&shared).await;
             next_sweep = now + sweep_every;
         }
         if now >= next_prune {
-            retention(&shared).await;
-            next_prune = now + prune_every;
+            match retention(&shared).await {
+                Some(n) if n >= PRUNE_BATCH as u64 => {
+                    pruned_in_run += n;
+                    next_prune = Instant::now() + prune_backlog_every;
+                }
+                done => {
+                    pruned_in_run += done.unwrap_or(0);
+                    if pruned_in_run > 0 {
+                        tracing::info!(
+                            pruned = pruned_in_run,
+                            "pruned finished jobs past retention.finished"
+                        );
+                    }
+                    pruned_in_run = 0;
+                    next_prune = Instant::now() + prune_every;
+                }
+            }
         }
-        let next = next_heartbeat.min(next_sweep).min(next_prune);
+        let next = next_sweep.min(next_prune);
         tokio::select! {
             _ = tokio::time::sleep_until(next.into()) => {}
             _ = stop.cancelled() => return,
@@ -129,27 +165,22 @@ async fn sweep(shared: &Shared) {
     }
 }
 
-async fn retention(shared: &Shared) {
-    const BATCH: i64 = 1000;
-    let mut total = 0;
-    loop {
-        match prune::prune_finished(&shared.pool, shared.settings.retention.finished, BATCH).await {
-            Ok(n) => {
-                total += n;
-                if n < BATCH as u64 {
-                    break;
-                }
-            }
-            Err(e) => {
-                tracing::debug!(error = %e, "retention pruning failed");
-                break;
-            }
+/// Finished rows deleted per housekeeping tick.
+const PRUNE_BATCH: i64 = 1000;
+
+/// One bounded retention batch; `None` if it failed.
+async fn retention(shared: &Shared) -> Option<u64> {
+    match prune::prune_finished(
+        &shared.pool,
+        shared.settings.retention.finished,
+        PRUNE_BATCH,
+    )
+    .await
+    {
+        Ok(n) => Some(n),
+        Err(e) => {
+            tracing::debug!(error = %e, "retention pruning failed");
+            None
         }
-    }
-    if total > 0 {
-        tracing::info!(
-            pruned = total,
-            "pruned finished jobs past retention.finished"
-        );
     }
 }

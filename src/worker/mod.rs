@@ -140,6 +140,12 @@ impl Worker {
         self.shared.stats.report()
     }
 
+    /// Jobs still `running` under this worker's name (after [`Worker::drain`] a clean drain
+    /// leaves none; `run --drain` fails otherwise).
+    pub async fn held_claims(&self) -> Result<i64, sqlx::Error> {
+        crate::outbox::claim::held_by(&self.shared.pool, &self.shared.worker_id).await
+    }
+
     /// Runs until `shutdown` fires: then stops claiming, lets in-flight calls finish within
     /// `worker.shutdown_timeout`, and puts unfinished claims back.
     pub async fn run(&self, shutdown: CancellationToken) -> Report {

@@ -30,6 +30,10 @@ pub async fn run(shared: Arc<Shared>, shutdown: CancellationToken, drain: bool) 
     let background = CancellationToken::new();
     let listener = tokio::spawn(maintenance::listen(shared.clone(), background.clone()));
     let upkeep = tokio::spawn(maintenance::run(shared.clone(), background.clone()));
+    let heartbeat = tokio::spawn(maintenance::heartbeat_loop(
+        shared.clone(),
+        background.clone(),
+    ));
     let mut tasks = JoinSet::new();
     let mut db_backoff = Duration::ZERO;
 
@@ -196,6 +200,7 @@ pub async fn run(shared: Arc<Shared>, shutdown: CancellationToken, drain: bool) 
     background.cancel();
     let _ = listener.await;
     let _ = upkeep.await;
+    let _ = heartbeat.await;
     m::in_flight(0);
     if drain {
         tracing::debug!(worker = %shared.worker_id, report = ?shared.stats.report(), "drained");
@@ -215,7 +220,9 @@ fn in_flight_is_empty(shared: &Shared) -> bool {
 fn forget(shared: &Shared, leases: &[Lease]) {
     if let Ok(mut f) = shared.in_flight.lock() {
         for l in leases {
-            f.remove(&l.id);
+            if f.get(&l.id) == Some(&l.attempt) {
+                f.remove(&l.id);
+            }
         }
     }
 }

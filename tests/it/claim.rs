@@ -138,14 +138,21 @@ async fn writes_after_a_lost_lease_change_nothing() {
             lease: old,
             doi: None,
             followers: vec![],
+            sets_status: false,
         }],
     )
     .await
     .unwrap();
     assert_eq!(lost, vec![id]);
-    assert!(!complete::retry(&env.pool, old, Duration::ZERO, &error)
-        .await
-        .unwrap());
+    assert!(!complete::retry(
+        &env.pool,
+        old,
+        Duration::ZERO,
+        &error,
+        complete::Attempt::Counts
+    )
+    .await
+    .unwrap());
     assert!(!complete::kill(&env.pool, old, &error).await.unwrap());
     assert_eq!(complete::release(&env.pool, &[old], true).await.unwrap(), 0);
     let row = env.job(id).await;
@@ -159,6 +166,7 @@ async fn writes_after_a_lost_lease_change_nothing() {
             lease: new,
             doi: None,
             followers: vec![],
+            sets_status: false,
         }],
     )
     .await

@@ -13,3 +13,4 @@ mod providers;
 mod reliability;
 mod retries;
 mod shutdown;
+mod trust;

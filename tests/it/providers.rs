@@ -58,11 +58,11 @@ async fn smartlink_modify_ts_is_the_change_time_not_the_send_time() {
 }
 
 async fn ledger_to_the_past(env: &TestEnv) {
-    sqlx::query("UPDATE contact_sync.doi_ledger SET sent_at = sent_at - interval '61 minutes'")
+    sqlx::query("UPDATE contact_sync.doi_ledger SET sent_at = sent_at - interval '63 minutes'")
         .execute(&env.pool)
         .await
         .unwrap();
-    sqlx::query("UPDATE contact_sync.doi_deferred SET due_at = due_at - interval '61 minutes'")
+    sqlx::query("UPDATE contact_sync.doi_deferred SET due_at = due_at - interval '63 minutes'")
         .execute(&env.pool)
         .await
         .unwrap();

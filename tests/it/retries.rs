@@ -35,7 +35,8 @@ async fn retryable_faults_then_success_for_both_providers() {
     for id in [a, b] {
         let row = env.job(id).await;
         assert_eq!(row.state, "succeeded", "{row:?}");
-        assert_eq!(row.attempts, 6);
+        // the 429 asked to slow down: recorded, but not counted as an attempt
+        assert_eq!(row.attempts, 5);
         let kinds: Vec<String> = row
             .errors
             .as_array()
@@ -43,12 +44,8 @@ async fn retryable_faults_then_success_for_both_providers() {
             .iter()
             .map(|e| e["kind"].as_str().unwrap().to_string())
             .collect();
-        // JustClick signs its answers; Smartlink's only check is the echoed seq
-        let last = if id == a {
-            "bad_response_signature"
-        } else {
-            "malformed_response"
-        };
+        // JustClick signs its answers; Smartlink's check is the echoed seq: both unverifiable
+        let last = "bad_response_signature";
         assert_eq!(
             kinds,
             [

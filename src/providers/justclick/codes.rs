@@ -1,6 +1,6 @@
 //! JustClick `error_code` → outcome (providers.md table).
 
-use crate::providers::DeliveryError;
+use crate::providers::{DeliveryError, RetryReason};
 use std::time::Duration;
 
 /// Code 8 (API request limit for this address exhausted) waits this long before the next try.
@@ -9,11 +9,13 @@ pub const LIMIT_EXHAUSTED_DELAY: Duration = Duration::from_secs(2 * 3600);
 pub fn classify(code: i64, text: &str, extra_retryable: &[i64]) -> Result<(), DeliveryError> {
     match code {
         0 => Ok(()),
-        8 => Err(DeliveryError::provider_busy(
-            code,
-            text,
-            Some(LIMIT_EXHAUSTED_DELAY),
-        )),
+        // "slow down", not a failure of the job: the account pauses, the attempt is not counted
+        8 => Err(DeliveryError::Retryable {
+            reason: RetryReason::RateLimited,
+            retry_after: Some(LIMIT_EXHAUSTED_DELAY),
+            code: Some("8".into()),
+            detail: format!("provider code 8: {text}"),
+        }),
         c if extra_retryable.contains(&c) => Err(DeliveryError::provider_busy(code, text, None)),
         // 1-7: client bug or configuration (alert); 100: invalid e-mail; 500: no such subscriber;
         // anything else: permanent by default, kept in the job's history.
@@ -24,7 +26,6 @@ pub fn classify(code: i64, text: &str, extra_retryable: &[i64]) -> Result<(), De
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::providers::RetryReason;
 
     #[test]
     fn documented_codes() {
@@ -41,7 +42,7 @@ mod tests {
                 retry_after,
                 ..
             }) => {
-                assert_eq!(reason, RetryReason::ProviderBusy);
+                assert_eq!(reason, RetryReason::RateLimited);
                 assert_eq!(retry_after, Some(LIMIT_EXHAUSTED_DELAY));
             }
             other => panic!("{other:?}"),

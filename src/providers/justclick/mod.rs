@@ -50,6 +50,12 @@ pub fn form_fields(
             format!("unknown justclick field {key:?}"),
         ));
     }
+    if !crate::providers::address::is_valid_email(email) {
+        return Err(DeliveryError::permanent(
+            "invalid_payload",
+            "justclick lead_email: not a valid address (at most 254 characters, no spaces or control characters)",
+        ));
+    }
     let mut fields = vec![("lead_email", email.to_string())];
     for name in FIELDS {
         match payload.get(name) {
@@ -121,6 +127,8 @@ pub fn read_answer(
             });
         }
     }
+    // Verified: from here on the text is only shown, so make it safe to show.
+    let text = outcome::printable(&text, outcome::MAX_TEXT);
     codes::classify(code, &text, extra_retryable)?;
     Ok(Delivered { detail: text })
 }

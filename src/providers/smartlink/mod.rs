@@ -148,14 +148,10 @@ pub fn body<'a>(
             format!("unknown smartlink field {key:?}"),
         ));
     }
-    if email.is_empty()
-        || email.chars().count() > 255
-        || !email.contains('@')
-        || email.chars().any(char::is_whitespace)
-    {
+    if !crate::providers::address::is_valid_email(email) {
         return Err(invalid(
             "email",
-            "must be an address of at most 255 characters",
+            "not a valid address (at most 254 characters, no spaces or control characters)",
         ));
     }
     let modify_ts = match payload.get("modify_ts") {
@@ -238,15 +234,26 @@ pub fn read_answer(
 ) -> Result<Delivered, DeliveryError> {
     let answer: Answer = parse_answer("smartlink", body)?;
     let code = answer.code.to_i64("smartlink", "code")?;
-    if let Some(echo) = answer.seq.as_deref() {
-        if echo != seq {
+    // The echo is what ties this answer to this request: without it the answer proves nothing.
+    match answer.seq.as_deref() {
+        Some(echo) if echo == seq => {}
+        Some(echo) => {
             return Err(DeliveryError::retryable(
-                RetryReason::MalformedResponse,
-                format!("smartlink answer echoes seq {echo:?}, not this request's {seq:?}"),
+                RetryReason::BadResponseSignature,
+                format!(
+                    "smartlink answer echoes seq {:?}, not this request's {seq:?}; not trusted",
+                    outcome::printable(echo, 64)
+                ),
+            ));
+        }
+        None => {
+            return Err(DeliveryError::retryable(
+                RetryReason::BadResponseSignature,
+                format!("smartlink answer carries no seq echo (code {code}); cannot be verified, not trusted"),
             ));
         }
     }
-    let msg = answer.msg.unwrap_or_default();
+    let msg = outcome::printable(&answer.msg.unwrap_or_default(), outcome::MAX_TEXT);
     codes::classify(code, &msg, extra_retryable)?;
     Ok(Delivered { detail: msg })
 }
@@ -377,6 +384,14 @@ mod tests {
             ),
             Err(DeliveryError::permanent("22010", "no permission"))
         );
+        // Regression: an answer without the seq echo cannot be verified: never a success.
+        assert!(matches!(
+            read_answer(br#"{"code":0,"msg":"ok"}"#, "s1", &[]),
+            Err(DeliveryError::Retryable {
+                reason: RetryReason::BadResponseSignature,
+                ..
+            })
+        ));
         assert!(matches!(
             read_answer(b"{", "s1", &[]),
             Err(DeliveryError::Retryable { .. })
