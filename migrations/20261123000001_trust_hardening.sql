@@ -10,6 +10,8 @@
 -- 3. run_at must be a finite time (no 'infinity' / '-infinity').
 -- 4. Deferred double-opt-in re-sends remember which change they follow (`resend_after`), so a
 --    status change committed later than the sweep still supersedes them.
+-- 5. The newest Smartlink modify_ts delivered per contact, so coalescing knows when the provider
+--    will discard the head of a group as stale.
 
 CREATE FUNCTION contact_sync.number_is_exact(n numeric) RETURNS boolean
 LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE AS $fn$
@@ -155,3 +157,13 @@ CREATE TRIGGER jobs_validate_update BEFORE UPDATE OF provider, email, payload, r
 -- A deferred confirmation re-send: dropped when a change of the contact newer than this id
 -- (and older than the re-send itself) sets a status.
 ALTER TABLE contact_sync.jobs ADD COLUMN resend_after bigint;
+
+-- The newest modify_ts delivered to Smartlink per contact (what the provider holds when
+-- contact-sync is the contact's only writer). Written with each successful call, read by the
+-- claim, pruned with finished jobs after retention.finished of silence.
+CREATE TABLE contact_sync.smartlink_watermarks (
+    contact_key text        PRIMARY KEY,
+    modify_ts   bigint      NOT NULL,
+    updated_at  timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX smartlink_watermarks_updated_idx ON contact_sync.smartlink_watermarks (updated_at);

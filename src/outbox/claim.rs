@@ -68,6 +68,9 @@ pub async fn claim(
         RETURNING j.id, j.provider, j.account, j.email, j.payload::text AS payload, j.attempts,
                   coalesce(j.max_attempts, $5) AS max_attempts,
                   floor(extract(epoch FROM j.created_at) * 1000)::bigint AS created_at_ms,
+                  CASE WHEN j.provider = 'smartlink' THEN
+                      (SELECT w.modify_ts FROM contact_sync.smartlink_watermarks w WHERE w.contact_key = j.contact_key)
+                  END AS known_modify_ts,
                   (SELECT coalesce(jsonb_agg(jsonb_build_object(
                               'id', f.id, 'payload', f.payload,
                               'created_at_ms', floor(extract(epoch FROM f.created_at) * 1000)::bigint) ORDER BY f.id), '[]')::text

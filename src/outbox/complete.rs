@@ -17,6 +17,8 @@ pub struct Success {
     /// The call set a Smartlink status: pending confirmation re-sends queued behind it for the
     /// contact are superseded (they end `cancelled`, `doi = superseded by job …`).
     pub sets_status: bool,
+    /// Smartlink: the `modify_ts` the call carried (kept per contact as the watermark).
+    pub modify_ts: Option<i64>,
 }
 
 /// Marks many jobs `succeeded` (and their followers `coalesced`) in one statement. Returns the
@@ -29,6 +31,7 @@ pub async fn succeed_many(pool: &PgPool, items: &[Success]) -> Result<Vec<JobId>
     let mut attempts = Vec::with_capacity(items.len());
     let mut dois = Vec::with_capacity(items.len());
     let mut sets_status = Vec::with_capacity(items.len());
+    let mut modify_ts = Vec::with_capacity(items.len());
     let mut follower_ids = Vec::new();
     let mut follower_heads = Vec::new();
     for item in items {
@@ -36,6 +39,7 @@ pub async fn succeed_many(pool: &PgPool, items: &[Success]) -> Result<Vec<JobId>
         attempts.push(item.lease.attempt);
         dois.push(item.doi.as_deref());
         sets_status.push(item.sets_status);
+        modify_ts.push(item.modify_ts);
         for f in &item.followers {
             follower_ids.push(*f);
             follower_heads.push(item.lease.id);
@@ -47,9 +51,15 @@ pub async fn succeed_many(pool: &PgPool, items: &[Success]) -> Result<Vec<JobId>
         WITH done AS (
             UPDATE contact_sync.jobs j
             SET state = 'succeeded', finished_at = now(), locked_until = NULL, doi = coalesce(t.doi, j.doi)
-            FROM unnest($1::bigint[], $2::int[], $3::text[], $6::bool[]) AS t(id, attempt, doi, sets_status)
+            FROM unnest($1::bigint[], $2::int[], $3::text[], $6::bool[], $7::bigint[]) AS t(id, attempt, doi, sets_status, modify_ts)
             WHERE j.id = t.id AND j.state = 'running' AND j.attempts = t.attempt
-            RETURNING j.id, j.contact_key, t.sets_status
+            RETURNING j.id, j.contact_key, t.sets_status, t.modify_ts
+        ), watermark AS (
+            -- one running job per contact: a contact appears at most once here
+            INSERT INTO contact_sync.smartlink_watermarks AS w (contact_key, modify_ts)
+            SELECT d.contact_key, d.modify_ts FROM done d WHERE d.modify_ts IS NOT NULL
+            ON CONFLICT (contact_key) DO UPDATE
+                SET modify_ts = greatest(w.modify_ts, EXCLUDED.modify_ts), updated_at = now()
         ), merged AS (
             -- a follower cancelled while its call was in flight was delivered all the same:
             -- say so instead of leaving it `cancelled`
@@ -78,6 +88,7 @@ pub async fn succeed_many(pool: &PgPool, items: &[Success]) -> Result<Vec<JobId>
     .bind(&follower_ids)
     .bind(&follower_heads)
     .bind(&sets_status)
+    .bind(&modify_ts)
     .fetch_all(pool)
     .await?;
     let done: std::collections::HashSet<JobId> = done.into_iter().collect();

@@ -118,6 +118,8 @@ pub struct ClaimedJob {
     pub attempts: i32,
     pub max_attempts: i32,
     pub created_at_ms: i64,
+    /// Smartlink: the newest `modify_ts` already delivered for this contact, if known.
+    pub known_modify_ts: Option<i64>,
     /// Consecutive due pending jobs of the same contact, as JSON text
     /// (`[{"id", "payload", "created_at_ms"}]`).
     pub followers: String,

@@ -1,5 +1,6 @@
 //! Retention: finished jobs (`succeeded`, `coalesced`, `cancelled`) older than
-//! `retention.finished` are deleted in small batches; `dead` jobs stay until retried or cancelled.
+//! `retention.finished` are deleted in small batches; `dead` jobs stay until retried or cancelled. Smartlink watermarks (the newest `modify_ts`
+//! delivered per contact) go after the same time without an update.
 
 use sqlx::PgPool;
 use std::time::Duration;
@@ -19,6 +20,31 @@ pub async fn prune_finished(
             WHERE state IN ('succeeded', 'coalesced', 'cancelled')
               AND finished_at < now() - make_interval(secs => $1::bigint / 1000.0)
             ORDER BY finished_at
+            LIMIT $2
+            FOR UPDATE SKIP LOCKED)
+        "#,
+    )
+    .bind(i64::try_from(older_than.as_millis()).unwrap_or(i64::MAX))
+    .bind(batch)
+    .execute(pool)
+    .await?;
+    Ok(result.rows_affected())
+}
+
+/// Deletes up to `batch` Smartlink watermarks not updated for `older_than`; returns how many.
+pub async fn prune_watermarks(
+    pool: &PgPool,
+    older_than: Duration,
+    batch: i64,
+) -> Result<u64, sqlx::Error> {
+    let result = sqlx::query(
+        // language=PostgreSQL
+        r#"
+        DELETE FROM contact_sync.smartlink_watermarks
+        WHERE contact_key IN (
+            SELECT contact_key FROM contact_sync.smartlink_watermarks
+            WHERE updated_at < now() - make_interval(secs => $1::bigint / 1000.0)
+            ORDER BY updated_at
             LIMIT $2
             FOR UPDATE SKIP LOCKED)
         "#,

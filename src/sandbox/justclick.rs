@@ -12,6 +12,7 @@ use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
 pub const OK_TEXT: &str = "Данные контакта обновлены";
 
@@ -97,7 +98,8 @@ pub async fn update_subscriber(
         return answer(100, "E-mail is invalid", &secret);
     }
     let id = ("justclick".to_string(), login.clone(), email.to_lowercase());
-    let _in_flight = state.enter(id.clone());
+    let in_flight = state.enter(id.clone());
+    let mut stall = None;
     match state.before_answer("justclick", &login, &email).await {
         None => {}
         Some(f @ (Fault::Status { .. } | Fault::RateLimit { .. } | Fault::Reset)) => {
@@ -118,7 +120,7 @@ pub async fn update_subscriber(
         }
         Some(Fault::ErrorCode { code, text }) => return answer(code, &text, &secret),
         Some(Fault::Malformed) => return json("<html>Service Unavailable</html>".into()),
-        Some(Fault::Stall { .. }) => {}
+        Some(Fault::Stall { ms }) => stall = Some(Duration::from_millis(ms)),
     }
     if let Ok(mut contacts) = state.contacts.lock() {
         let contact: &mut Contact = contacts.entry(id).or_default();
@@ -126,5 +128,11 @@ pub async fn update_subscriber(
         contact.updates += 1;
     }
     state.accepted.fetch_add(1, Ordering::Relaxed);
+    // a stalled answer: the change is applied, the answer comes late (or never, when the
+    // client gives up first)
+    drop(in_flight); // processed: only the answer is late
+    if let Some(delay) = stall {
+        tokio::time::sleep(delay).await;
+    }
     answer(0, OK_TEXT, &secret)
 }

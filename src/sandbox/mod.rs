@@ -172,7 +172,8 @@ impl SandboxState {
         InFlight { state: self, id }
     }
 
-    /// Applies the per-request delay and a matching fault; returns the fault to answer with.
+    /// Applies the per-request delay and a matching fault; returns the fault to answer with
+    /// (`Stall`: the handler applies the change, then waits before answering).
     pub(crate) async fn before_answer(
         &self,
         provider: &str,
@@ -186,10 +187,6 @@ impl SandboxState {
         let fault = self.faults.take(provider, account, email);
         if fault.is_some() {
             self.faults_injected.fetch_add(1, Ordering::Relaxed);
-        }
-        if let Some(Fault::Stall { ms }) = fault {
-            tokio::time::sleep(Duration::from_millis(ms)).await;
-            return None;
         }
         fault
     }

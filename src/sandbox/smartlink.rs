@@ -107,7 +107,8 @@ pub async fn sync_user_by_email(
         game_id.to_string(),
         email.to_lowercase(),
     );
-    let _in_flight = state.enter(id.clone());
+    let in_flight = state.enter(id.clone());
+    let mut stall = None;
     match state.before_answer("smartlink", game_id, email).await {
         None => {}
         Some(f @ (Fault::Status { .. } | Fault::RateLimit { .. } | Fault::Reset)) => {
@@ -119,9 +120,29 @@ pub async fn sync_user_by_email(
         }
         Some(Fault::ErrorCode { code, text }) => return answer(code, &text, seq),
         Some(Fault::Malformed) => return json("<html>Bad Gateway</html>".into()),
-        Some(Fault::Stall { .. }) => {}
+        Some(Fault::Stall { ms }) => stall = Some(Duration::from_millis(ms)),
     }
 
+    let response = apply(&state, id, &doc, subscribe, game_id, email, seq);
+    // a stalled answer: the change is applied, the answer comes late (or never, when the
+    // client gives up first)
+    drop(in_flight); // processed: only the answer is late
+    if let Some(delay) = stall {
+        tokio::time::sleep(delay).await;
+    }
+    response
+}
+
+/// Applies a verified request to the contact through the reference model.
+fn apply(
+    state: &SandboxState,
+    id: super::ContactId,
+    doc: &serde_json::Map<String, Value>,
+    subscribe: Option<i64>,
+    game_id: &str,
+    email: &str,
+    seq: &str,
+) -> Response {
     let Ok(mut contacts) = state.contacts.lock() else {
         return (StatusCode::INTERNAL_SERVER_ERROR, "sandbox state poisoned").into_response();
     };
@@ -129,15 +150,14 @@ pub async fn sync_user_by_email(
     if subscribe == Some(3) {
         contact.pending_requests += 1;
     }
-    let effect = contact.apply(|state| model::apply_smartlink(state, &doc));
+    let effect = contact.apply(|model_state| model::apply_smartlink(model_state, doc));
     if !effect.applied {
         contact.stale_updates += 1;
         state.accepted.fetch_add(1, Ordering::Relaxed);
         return answer(0, "success", seq);
     }
-    let send_email = effect.confirmation;
     contact.updates += 1;
-    if send_email {
+    if effect.confirmation {
         let key = (game_id.to_string(), email.to_lowercase());
         if let Ok(mut emails) = state.emails.lock() {
             let now = Instant::now();

@@ -190,11 +190,13 @@ fn success_of(c: &Completion) -> Option<Success> {
             doi,
             followers,
             sets_status,
+            modify_ts,
         } => Some(Success {
             lease: c.lease,
             doi: doi.clone(),
             followers: followers.clone(),
             sets_status: *sets_status,
+            modify_ts: *modify_ts,
         }),
         _ => None,
     }

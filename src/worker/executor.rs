@@ -5,6 +5,7 @@
 use super::double_opt_in::{self, Decision};
 use super::retry::next_delay;
 use super::Shared;
+use crate::config::ProviderKind;
 use crate::metrics::{self as m};
 use crate::outbox::complete::Attempt;
 use crate::outbox::doi;
@@ -26,6 +27,8 @@ pub enum Outcome {
         followers: Vec<JobId>,
         /// The call set a status (supersedes queued confirmation re-sends).
         sets_status: bool,
+        /// Smartlink: the `modify_ts` sent.
+        modify_ts: Option<i64>,
     },
     Retry {
         delay: Duration,
@@ -158,7 +161,7 @@ async fn deliver(shared: &Shared, job: &ClaimedJob) -> Outcome {
             created_at_ms: f.created_at_ms,
         });
     }
-    let group = take_group(kind, None, &changes);
+    let group = take_group(kind, job.known_modify_ts, &changes);
     let mut payload = group.payload;
     let followers: Vec<JobId> = changes[1..group.taken].iter().map(|c| c.id).collect();
     if !followers.is_empty() {
@@ -188,6 +191,15 @@ async fn deliver(shared: &Shared, job: &ClaimedJob) -> Outcome {
         None => Decision::NotApplicable,
     };
     let sets_status = payload.contains_key("subscribe");
+    let modify_ts = match kind {
+        ProviderKind::Smartlink => Some(
+            payload
+                .get("modify_ts")
+                .and_then(Value::as_i64)
+                .unwrap_or(job.created_at_ms),
+        ),
+        ProviderKind::Justclick => None,
+    };
 
     let started = Instant::now();
     let result = provider
@@ -246,6 +258,7 @@ async fn deliver(shared: &Shared, job: &ClaimedJob) -> Outcome {
                 doi: decision.record(),
                 followers,
                 sets_status,
+                modify_ts,
             }
         }
         Err(DeliveryError::Retryable {

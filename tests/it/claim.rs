@@ -139,6 +139,7 @@ async fn writes_after_a_lost_lease_change_nothing() {
             doi: None,
             followers: vec![],
             sets_status: false,
+            modify_ts: None,
         }],
     )
     .await
@@ -167,6 +168,7 @@ async fn writes_after_a_lost_lease_change_nothing() {
             doi: None,
             followers: vec![],
             sets_status: false,
+            modify_ts: None,
         }],
     )
     .await

@@ -8,6 +8,7 @@ mod admin;
 mod claim;
 mod cli;
 mod enqueue;
+mod model;
 mod ordering;
 mod providers;
 mod reliability;
