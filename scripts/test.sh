@@ -6,9 +6,15 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=scripts/pg-throwaway.sh
 source scripts/pg-throwaway.sh
-# The TLS test serves a self-signed certificate with the openssl command-line tool.
-if ! command -v openssl >/dev/null && [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null; then
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssl >/dev/null
+# The TLS test serves a self-signed certificate with the openssl command-line tool; the sandbox
+# test runs JustClick's own PHP example client (php with curl) against the sandbox.
+missing=()
+command -v openssl >/dev/null || missing+=(openssl)
+if ! command -v php >/dev/null || ! php -m 2>/dev/null | grep -qx curl; then
+    missing+=(php-cli php-curl)
+fi
+if [ ${#missing[@]} -gt 0 ] && [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 # The test cluster trades durability for speed; the benchmark runs with fsync on.
 PG_EXTRA_CONF=$'fsync = off\nsynchronous_commit = off\nfull_page_writes = off' pg_throwaway_start

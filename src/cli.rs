@@ -95,6 +95,14 @@ pub enum Command {
         /// Extra Smartlink account, GAMEID:SECRET (repeatable).
         #[arg(long = "smartlink", value_name = "GAMEID:SECRET")]
         smartlink: Vec<String>,
+        /// JustClick accounts create an unknown contact on its first update (the real service
+        /// answers 500 "subscriber not found", as the sandbox does without this flag).
+        #[arg(long)]
+        create_missing: bool,
+        /// Contacts that exist from the start: a JSON file with
+        /// {"provider": "justclick", "account": LOGIN, "emails": [...]} or a list of those.
+        #[arg(long, value_name = "FILE")]
+        seed: Option<std::path::PathBuf>,
     },
 }
 
@@ -296,7 +304,19 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             listen,
             justclick,
             smartlink,
+            create_missing,
+            seed,
         } => {
+            let seeds = match &seed {
+                Some(path) => {
+                    let text = std::fs::read_to_string(path)
+                        .with_context(|| format!("reading --seed {}", path.display()))?;
+                    serde_json::from_str::<crate::sandbox::SeedFile>(&text)
+                        .with_context(|| format!("--seed {}: expected {{\"provider\": \"justclick\", \"account\": LOGIN, \"emails\": [...]}} or a list of those", path.display()))?
+                        .into_vec()
+                }
+                None => Vec::new(),
+            };
             let mut accounts = SandboxAccounts::from_settings(&settings);
             if accounts.justclick.is_empty()
                 && accounts.smartlink.is_empty()
@@ -304,6 +324,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 && smartlink.is_empty()
             {
                 accounts = crate::demo::sandbox_accounts();
+                // strict like the real service unless --create-missing
+                accounts.create_missing.clear();
             }
             for pair in &justclick {
                 let (login, secret) = pair
@@ -317,11 +339,21 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     .context("--smartlink takes GAMEID:SECRET")?;
                 accounts = accounts.with_smartlink(game, secret);
             }
+            if create_missing {
+                accounts = accounts.create_missing_contacts();
+            }
             let logins: Vec<_> = accounts.justclick.keys().cloned().collect();
             let games: Vec<_> = accounts.smartlink.keys().cloned().collect();
             let sandbox = Sandbox::start(listen, accounts)
                 .await
                 .with_context(|| format!("binding {listen}"))?;
+            for s in &seeds {
+                let created = sandbox.seed(&s.provider, &s.account, &s.emails);
+                println!(
+                    "  seeded {created} {} contact(s) of {}",
+                    s.provider, s.account
+                );
+            }
             println!("sandbox listening on {}", sandbox.url());
             for login in logins {
                 println!(

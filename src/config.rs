@@ -204,6 +204,19 @@ pub enum DoubleOptIn {
     Drop,
 }
 
+/// What a JustClick account does when the provider does not have the contact (code 500
+/// "subscriber not found": `UpdateSubscriberData` updates existing contacts only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum MissingContact {
+    /// The job goes `dead` with the provider's code and text (an operator looks at it).
+    #[default]
+    Dead,
+    /// The job finishes `succeeded` with `outcome = not_found`: for applications that sync
+    /// every user to a provider that holds only its subscribers.
+    Skip,
+}
+
 /// One provider account. Which fields apply depends on `provider`; `validate` checks them.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -230,6 +243,9 @@ pub struct AccountSettings {
     /// Provider codes to treat as retryable on top of the built-in ones.
     #[serde(default)]
     pub retryable_codes: Vec<i64>,
+    /// JustClick only: `dead` (default) or `skip` for a contact the provider does not have.
+    #[serde(default)]
+    pub missing_contact: MissingContact,
 }
 
 impl AccountSettings {

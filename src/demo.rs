@@ -24,11 +24,13 @@ const SL_SECRET: &str = "demo-smartlink-secret";
 /// The demo's accounts; only their jobs are touched when the demo runs on your database.
 pub const ACCOUNTS: [&str; 2] = ["demo_jc", "demo_sl"];
 
-/// The demo's provider accounts (also the sandbox's default credentials).
+/// The demo's provider accounts (also the sandbox's default credentials); JustClick creates
+/// unknown contacts on their first update.
 pub fn sandbox_accounts() -> SandboxAccounts {
     SandboxAccounts::default()
         .with_justclick(JC_LOGIN, JC_SECRET)
         .with_smartlink(SL_GAME, SL_SECRET)
+        .create_missing_contacts()
 }
 
 /// What the demo ended with.
@@ -72,6 +74,7 @@ fn demo_settings(sandbox: &Sandbox) -> Settings {
                 allow_insecure_http: false,
                 double_opt_in: DoubleOptIn::Defer,
                 retryable_codes: vec![],
+                missing_contact: Default::default(),
             }
         };
     settings.accounts.insert(

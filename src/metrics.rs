@@ -12,6 +12,8 @@ pub enum JobEvent {
     Dead,
     Coalesced,
     LeaseLost,
+    /// Finished without a change: the provider does not have the contact (`missing_contact = "skip"`).
+    NotFound,
 }
 
 impl JobEvent {
@@ -23,6 +25,7 @@ impl JobEvent {
             JobEvent::Dead => "contact_sync_jobs_dead_total",
             JobEvent::Coalesced => "contact_sync_jobs_coalesced_total",
             JobEvent::LeaseLost => "contact_sync_jobs_lease_lost_total",
+            JobEvent::NotFound => "contact_sync_jobs_not_found_total",
         }
     }
 }

@@ -135,6 +135,8 @@ pub struct JobDetail {
     pub errors: Value,
     pub coalesced_into: Option<JobId>,
     pub doi: Option<String>,
+    /// `not_found`: finished without a change, the provider does not have the contact.
+    pub outcome: Option<String>,
 }
 
 pub async fn show(pool: &PgPool, id: JobId) -> Result<Option<JobDetail>, sqlx::Error> {
@@ -142,7 +144,7 @@ pub async fn show(pool: &PgPool, id: JobId) -> Result<Option<JobDetail>, sqlx::E
         // language=PostgreSQL
         r#"
         SELECT id, provider, account, email, payload, idempotency_key, state, attempts, max_attempts, run_at,
-               created_at, finished_at, locked_until, locked_by, last_error, errors, coalesced_into, doi
+               created_at, finished_at, locked_until, locked_by, last_error, errors, coalesced_into, doi, outcome
         FROM contact_sync.jobs WHERE id = $1
         "#,
     )

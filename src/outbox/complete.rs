@@ -19,6 +19,8 @@ pub struct Success {
     pub sets_status: bool,
     /// Smartlink: the `modify_ts` the call carried (kept per contact as the watermark).
     pub modify_ts: Option<i64>,
+    /// Set when the call changed nothing: `not_found` (the provider does not have the contact).
+    pub outcome: Option<String>,
 }
 
 /// Marks many jobs `succeeded` (and their followers `coalesced`) in one statement. Returns the
@@ -32,6 +34,7 @@ pub async fn succeed_many(pool: &PgPool, items: &[Success]) -> Result<Vec<JobId>
     let mut dois = Vec::with_capacity(items.len());
     let mut sets_status = Vec::with_capacity(items.len());
     let mut modify_ts = Vec::with_capacity(items.len());
+    let mut outcomes = Vec::with_capacity(items.len());
     let mut follower_ids = Vec::new();
     let mut follower_heads = Vec::new();
     for item in items {
@@ -40,6 +43,7 @@ pub async fn succeed_many(pool: &PgPool, items: &[Success]) -> Result<Vec<JobId>
         dois.push(item.doi.as_deref());
         sets_status.push(item.sets_status);
         modify_ts.push(item.modify_ts);
+        outcomes.push(item.outcome.as_deref());
         for f in &item.followers {
             follower_ids.push(*f);
             follower_heads.push(item.lease.id);
@@ -50,8 +54,10 @@ pub async fn succeed_many(pool: &PgPool, items: &[Success]) -> Result<Vec<JobId>
         r#"
         WITH done AS (
             UPDATE contact_sync.jobs j
-            SET state = 'succeeded', finished_at = now(), locked_until = NULL, doi = coalesce(t.doi, j.doi)
-            FROM unnest($1::bigint[], $2::int[], $3::text[], $6::bool[], $7::bigint[]) AS t(id, attempt, doi, sets_status, modify_ts)
+            SET state = 'succeeded', finished_at = now(), locked_until = NULL, doi = coalesce(t.doi, j.doi),
+                outcome = t.outcome
+            FROM unnest($1::bigint[], $2::int[], $3::text[], $6::bool[], $7::bigint[], $8::text[])
+                 AS t(id, attempt, doi, sets_status, modify_ts, outcome)
             WHERE j.id = t.id AND j.state = 'running' AND j.attempts = t.attempt
             RETURNING j.id, j.contact_key, t.sets_status, t.modify_ts
         ), watermark AS (
@@ -89,6 +95,7 @@ pub async fn succeed_many(pool: &PgPool, items: &[Success]) -> Result<Vec<JobId>
     .bind(&follower_heads)
     .bind(&sets_status)
     .bind(&modify_ts)
+    .bind(&outcomes)
     .fetch_all(pool)
     .await?;
     let done: std::collections::HashSet<JobId> = done.into_iter().collect();

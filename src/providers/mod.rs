@@ -36,6 +36,9 @@ pub struct Delivery<'a> {
 pub struct Delivered {
     /// The provider's own words (`error_text` / `msg`).
     pub detail: String,
+    /// The provider does not have the contact and the account skips such changes
+    /// (`missing_contact = "skip"`): finished, nothing changed at the provider.
+    pub not_found: bool,
 }
 
 /// A provider account's client.

@@ -20,7 +20,7 @@ use axum::{Json, Router};
 pub use faults::{Fault, FaultRule, Faults};
 use serde::Serialize;
 use serde_json::{Map, Value};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -35,6 +35,10 @@ pub struct SandboxAccounts {
     pub justclick: HashMap<String, Secret>,
     /// Smartlink game id → API key.
     pub smartlink: HashMap<String, Secret>,
+    /// JustClick logins that create an unknown contact on its first update. The real service
+    /// only updates existing contacts (500 "subscriber not found"), and so does the sandbox for
+    /// every other login: seed contacts with `POST /_sandbox/contacts` or `--seed FILE`.
+    pub create_missing: HashSet<String>,
 }
 
 impl SandboxAccounts {
@@ -69,6 +73,13 @@ impl SandboxAccounts {
         self.smartlink.insert(game_id.into(), Secret::new(secret));
         self
     }
+
+    /// Every JustClick login known so far creates unknown contacts on their first update
+    /// (what the demo and the benchmark use).
+    pub fn create_missing_contacts(mut self) -> Self {
+        self.create_missing.extend(self.justclick.keys().cloned());
+        self
+    }
 }
 
 /// One contact as a provider holds it.
@@ -87,6 +98,8 @@ pub struct Contact {
     pub pending_requests: u64,
     /// Confirmation emails actually sent.
     pub confirmation_emails: u64,
+    /// Confirmation emails asked for inside the hour of the previous one (not sent again).
+    pub confirmations_suppressed: u64,
 }
 
 impl Contact {
@@ -279,6 +292,12 @@ impl Sandbox {
         self.state.contacts.lock().ok()?.get(&id).cloned()
     }
 
+    /// Makes contacts exist (empty) so that JustClick updates them: `provider` `justclick` with
+    /// the login (or `smartlink` with the game id). Returns how many were new.
+    pub fn seed(&self, provider: &str, account: &str, emails: &[String]) -> usize {
+        seed_contacts(&self.state, provider, account, emails)
+    }
+
     pub fn contacts(&self) -> HashMap<ContactId, Contact> {
         self.state
             .contacts
@@ -341,7 +360,7 @@ fn router(state: Arc<SandboxState>) -> Router {
             "/_sandbox/stats",
             get(|State(s): State<Arc<SandboxState>>| async move { Json(stats(&s)) }),
         )
-        .route("/_sandbox/contacts", get(contacts_json))
+        .route("/_sandbox/contacts", get(contacts_json).post(post_contacts))
         .route("/_sandbox/faults", post(push_fault))
         .route("/_sandbox/delay", post(set_delay))
         .route("/_sandbox/reset", post(reset))
@@ -358,6 +377,76 @@ async fn contacts_json(State(s): State<Arc<SandboxState>>) -> Json<Vec<Value>> {
         .collect();
     list.sort_by_key(|v| v.to_string());
     Json(list)
+}
+
+/// Contacts to create: `{"provider": "justclick", "account": LOGIN, "emails": [...]}` (or a
+/// list of those).
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct SeedContacts {
+    pub provider: String,
+    pub account: String,
+    pub emails: Vec<String>,
+}
+
+/// A seed file or body: one [`SeedContacts`] or a list of them.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(untagged)]
+pub enum SeedFile {
+    One(SeedContacts),
+    Many(Vec<SeedContacts>),
+}
+
+impl SeedFile {
+    pub fn into_vec(self) -> Vec<SeedContacts> {
+        match self {
+            SeedFile::One(one) => vec![one],
+            SeedFile::Many(many) => many,
+        }
+    }
+}
+
+fn seed_contacts(s: &SandboxState, provider: &str, account: &str, emails: &[String]) -> usize {
+    let Ok(mut contacts) = s.contacts.lock() else {
+        return 0;
+    };
+    let mut created = 0;
+    for email in emails {
+        let id = (
+            provider.to_string(),
+            account.to_string(),
+            email.to_lowercase(),
+        );
+        if let std::collections::hash_map::Entry::Vacant(slot) = contacts.entry(id) {
+            slot.insert(Contact::default());
+            created += 1;
+        }
+    }
+    created
+}
+
+async fn post_contacts(
+    State(s): State<Arc<SandboxState>>,
+    Json(body): Json<SeedFile>,
+) -> Json<Value> {
+    let mut created = 0;
+    for seed in body.into_vec() {
+        created += seed_contacts(&s, &seed.provider, &seed.account, &seed.emails);
+    }
+    Json(serde_json::json!({"ok": true, "created": created}))
+}
+
+impl SandboxState {
+    /// Does the provider hold this contact (JustClick updates existing contacts only)?
+    pub(crate) fn justclick_contact_known(&self, login: &str, email: &str) -> bool {
+        self.accounts.create_missing.contains(login)
+            || self.contacts.lock().is_ok_and(|c| {
+                c.contains_key(&(
+                    "justclick".to_string(),
+                    login.to_string(),
+                    email.to_lowercase(),
+                ))
+            })
+    }
 }
 
 async fn push_fault(

@@ -164,6 +164,7 @@ fn apply(
             match emails.get(&key) {
                 Some(at) if now.duration_since(*at) < EMAIL_WINDOW => {
                     state.emails_suppressed.fetch_add(1, Ordering::Relaxed);
+                    contact.confirmations_suppressed += 1;
                 }
                 _ => {
                     emails.insert(key, now);
@@ -196,12 +197,12 @@ mod property {
             let payload = json!({"lead_name": name, "lead_city": city, "lead_phone": phone, "lead_tags": tags});
             let fields = form_fields(&email, payload.as_object().unwrap()).unwrap();
             let wire = signed_body(&fields, "login", &secret);
-            let decoded = crate::sandbox::justclick::verify_form(wire.as_bytes(), "login", &secret).unwrap();
+            let decoded = crate::sandbox::justclick::verify_form(wire.as_bytes(), true, "login", &secret).unwrap();
             let expected: Vec<(String, String)> = fields.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
             prop_assert_eq!(decoded, expected);
             // and a wrong secret never verifies
             let other = format!("{secret}x");
-            prop_assert_eq!(crate::sandbox::justclick::verify_form(wire.as_bytes(), "login", &other).unwrap_err().0, 4);
+            prop_assert_eq!(crate::sandbox::justclick::verify_form(wire.as_bytes(), true, "login", &other).unwrap_err().0, 4);
         }
 
         #[test]

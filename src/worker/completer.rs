@@ -112,7 +112,13 @@ async fn write(shared: &Shared, batch: Vec<Completion>) -> (Vec<Completion>, Vec
                 for c in &group {
                     if lost.contains(&c.lease.id) {
                         lease_lost(shared, c);
-                    } else if let Outcome::Success { followers, .. } = &c.outcome {
+                    } else if let Outcome::Success {
+                        followers, outcome, ..
+                    } = &c.outcome
+                    {
+                        if outcome.is_some() {
+                            m::job_event(JobEvent::NotFound, &c.provider, &c.account, 1);
+                        }
                         m::job_event(JobEvent::Succeeded, &c.provider, &c.account, 1);
                         m::job_event(
                             JobEvent::Coalesced,
@@ -191,12 +197,14 @@ fn success_of(c: &Completion) -> Option<Success> {
             followers,
             sets_status,
             modify_ts,
+            outcome,
         } => Some(Success {
             lease: c.lease,
             doi: doi.clone(),
             followers: followers.clone(),
             sets_status: *sets_status,
             modify_ts: *modify_ts,
+            outcome: outcome.map(str::to_string),
         }),
         _ => None,
     }

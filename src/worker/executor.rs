@@ -29,6 +29,8 @@ pub enum Outcome {
         sets_status: bool,
         /// Smartlink: the `modify_ts` sent.
         modify_ts: Option<i64>,
+        /// `not_found`: the provider does not have the contact and the account skips it.
+        outcome: Option<&'static str>,
     },
     Retry {
         delay: Duration,
@@ -259,6 +261,7 @@ async fn deliver(shared: &Shared, job: &ClaimedJob) -> Outcome {
                 followers,
                 sets_status,
                 modify_ts,
+                outcome: delivered.not_found.then_some("not_found"),
             }
         }
         Err(DeliveryError::Retryable {

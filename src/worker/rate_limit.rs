@@ -190,6 +190,7 @@ mod tests {
                     allow_insecure_http: false,
                     double_opt_in: Default::default(),
                     retryable_codes: vec![],
+                    missing_contact: Default::default(),
                 },
             );
         }

@@ -140,6 +140,7 @@ async fn writes_after_a_lost_lease_change_nothing() {
             followers: vec![],
             sets_status: false,
             modify_ts: None,
+            outcome: None,
         }],
     )
     .await
@@ -169,6 +170,7 @@ async fn writes_after_a_lost_lease_change_nothing() {
             followers: vec![],
             sets_status: false,
             modify_ts: None,
+            outcome: None,
         }],
     )
     .await

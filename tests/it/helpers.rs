@@ -101,7 +101,8 @@ impl TestEnv {
             SandboxAccounts::default()
                 .with_justclick(JC_LOGIN, JC_SECRET)
                 .with_justclick("other", "other-secret")
-                .with_smartlink(SL_GAME, SL_SECRET),
+                .with_smartlink(SL_GAME, SL_SECRET)
+                .create_missing_contacts(),
         )
         .await
         .unwrap();
@@ -269,6 +270,7 @@ pub fn justclick_account(sandbox: &Sandbox, login: &str, secret: &str) -> Accoun
         allow_insecure_http: false,
         double_opt_in: DoubleOptIn::Defer,
         retryable_codes: vec![],
+        missing_contact: Default::default(),
     }
 }
 
@@ -284,6 +286,7 @@ pub fn smartlink_account(sandbox: &Sandbox, game: &str, secret: &str) -> Account
         allow_insecure_http: false,
         double_opt_in: DoubleOptIn::Defer,
         retryable_codes: vec![],
+        missing_contact: Default::default(),
     }
 }
 

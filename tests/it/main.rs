@@ -13,5 +13,6 @@ mod ordering;
 mod providers;
 mod reliability;
 mod retries;
+mod sandbox;
 mod shutdown;
 mod trust;

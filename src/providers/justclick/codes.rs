@@ -3,6 +3,9 @@
 use crate::providers::{DeliveryError, RetryReason};
 use std::time::Duration;
 
+/// Code 500: the address is in none of the account's groups (the contact does not exist).
+pub const SUBSCRIBER_NOT_FOUND: i64 = 500;
+
 /// Code 8 (API request limit for this address exhausted) waits this long before the next try.
 pub const LIMIT_EXHAUSTED_DELAY: Duration = Duration::from_secs(2 * 3600);
 

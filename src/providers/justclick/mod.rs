@@ -4,7 +4,7 @@
 pub mod codes;
 pub mod sign;
 
-use crate::config::{AccountSettings, ProviderKind};
+use crate::config::{AccountSettings, MissingContact, ProviderKind};
 use crate::providers::outcome::{self, parse_answer, CodeValue};
 use crate::providers::{
     digest_eq, BoxFuture, Delivered, Delivery, DeliveryError, Provider, RetryReason,
@@ -25,6 +25,7 @@ pub struct JustClick {
     endpoint: String,
     client: reqwest::Client,
     extra_retryable: Vec<i64>,
+    missing_contact: MissingContact,
 }
 
 impl JustClick {
@@ -35,6 +36,7 @@ impl JustClick {
             endpoint: format!("{}{PATH}", base.as_str().trim_end_matches('/')),
             client,
             extra_retryable: account.retryable_codes.clone(),
+            missing_contact: account.missing_contact,
         }
     }
 }
@@ -105,6 +107,7 @@ pub fn read_answer(
     body: &[u8],
     secret: &str,
     extra_retryable: &[i64],
+    missing_contact: MissingContact,
 ) -> Result<Delivered, DeliveryError> {
     let answer: Answer = parse_answer("justclick", body)?;
     let code = answer.error_code.to_i64("justclick", "error_code")?;
@@ -129,8 +132,17 @@ pub fn read_answer(
     }
     // Verified: from here on the text is only shown, so make it safe to show.
     let text = outcome::printable(&text, outcome::MAX_TEXT);
+    if code == codes::SUBSCRIBER_NOT_FOUND && missing_contact == MissingContact::Skip {
+        return Ok(Delivered {
+            detail: text,
+            not_found: true,
+        });
+    }
     codes::classify(code, &text, extra_retryable)?;
-    Ok(Delivered { detail: text })
+    Ok(Delivered {
+        detail: text,
+        not_found: false,
+    })
 }
 
 impl Provider for JustClick {
@@ -162,7 +174,12 @@ impl Provider for JustClick {
             if !status.is_success() {
                 return Err(outcome::from_status(status, &headers, &bytes));
             }
-            read_answer(&bytes, self.secret.expose(), &self.extra_retryable)
+            read_answer(
+                &bytes,
+                self.secret.expose(),
+                &self.extra_retryable,
+                self.missing_contact,
+            )
         })
     }
 }
@@ -199,14 +216,19 @@ mod tests {
     #[test]
     fn answers_verify_or_are_not_trusted() {
         let ok = br#"{"error_code":0,"error_text":"OK","hash":"b6dbfded180416dee23ca6bfb4d96e3d"}"#;
-        assert_eq!(read_answer(ok, "s3cr3t", &[]).unwrap().detail, "OK");
+        assert_eq!(
+            read_answer(ok, "s3cr3t", &[], MissingContact::Dead)
+                .unwrap()
+                .detail,
+            "OK"
+        );
         // \u escapes are decoded before hashing
         let escaped = br#"{"error_code":"0","error_text":"\u0414\u0430\u043d\u043d\u044b\u0435 \u043a\u043e\u043d\u0442\u0430\u043a\u0442\u0430 \u043e\u0431\u043d\u043e\u0432\u043b\u0435\u043d\u044b","hash":"c6979ee97b510722694890d64b702eed"}"#;
-        assert!(read_answer(escaped, "s3cr3t", &[]).is_ok());
+        assert!(read_answer(escaped, "s3cr3t", &[], MissingContact::Dead).is_ok());
         let forged =
             br#"{"error_code":0,"error_text":"OK","hash":"00000000000000000000000000000000"}"#;
         assert!(matches!(
-            read_answer(forged, "s3cr3t", &[]),
+            read_answer(forged, "s3cr3t", &[], MissingContact::Dead),
             Err(DeliveryError::Retryable {
                 reason: RetryReason::BadResponseSignature,
                 ..
@@ -215,11 +237,22 @@ mod tests {
         let permanent =
             br#"{"error_code":401,"error_text":"Error","hash":"dec40809bfb20b91f07fc5104776c1e7"}"#;
         assert_eq!(
-            read_answer(permanent, "s3cr3t", &[]),
+            read_answer(permanent, "s3cr3t", &[], MissingContact::Dead),
             Err(DeliveryError::permanent("401", "Error"))
         );
+        // 500 "subscriber not found": dead by default, a finished no-op with `skip`
+        let missing = format!(
+            r#"{{"error_code":500,"error_text":"Subscriber not found","hash":"{}"}}"#,
+            sign::response_hash(500, "Subscriber not found", "s3cr3t")
+        );
         assert!(matches!(
-            read_answer(b"<html>", "s3cr3t", &[]),
+            read_answer(missing.as_bytes(), "s3cr3t", &[], MissingContact::Dead),
+            Err(DeliveryError::Permanent { .. })
+        ));
+        let skipped = read_answer(missing.as_bytes(), "s3cr3t", &[], MissingContact::Skip).unwrap();
+        assert!(skipped.not_found);
+        assert!(matches!(
+            read_answer(b"<html>", "s3cr3t", &[], MissingContact::Dead),
             Err(DeliveryError::Retryable {
                 reason: RetryReason::MalformedResponse,
                 ..

@@ -255,7 +255,10 @@ pub fn read_answer(
     }
     let msg = outcome::printable(&answer.msg.unwrap_or_default(), outcome::MAX_TEXT);
     codes::classify(code, &msg, extra_retryable)?;
-    Ok(Delivered { detail: msg })
+    Ok(Delivered {
+        detail: msg,
+        not_found: false,
+    })
 }
 
 /// `gameid=…&seq=…&ts=…` (the signed params).
