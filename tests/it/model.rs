@@ -1666,10 +1666,16 @@ fn check_jobs(plan: &Plan, ledger: &Ledger, rows: &[Row], v: &mut Violations) {
                 && row
                     .doi
                     .as_deref()
-                    .is_some_and(|d| d.starts_with("superseded"))))
+                    .is_some_and(|d| d.starts_with("superseded")))
+            // an injected permanent refusal aimed at the contact hits its re-sends too
+            || (row.state == "dead"
+                && row
+                    .last_error
+                    .as_deref()
+                    .is_some_and(|e| e.contains(PERMANENT_MARK))))
         {
             v.add(
-                "a: confirmation re-sends end delivered or superseded",
+                "a: confirmation re-sends end delivered, superseded, or refused by an injected fault",
                 &label,
                 row.summary(),
             );
