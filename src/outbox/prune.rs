@@ -1,6 +1,7 @@
 //! Retention: finished jobs (`succeeded`, `coalesced`, `cancelled`) older than
-//! `retention.finished` are deleted in small batches; `dead` jobs stay until retried or cancelled. Smartlink watermarks (the newest `modify_ts`
-//! delivered per contact) go after the same time without an update.
+//! `retention.finished` are deleted in small batches; `dead` jobs stay until retried or
+//! cancelled. Smartlink watermarks (the newest `modify_ts` delivered per contact) go after the
+//! same time without an update.
 
 use sqlx::PgPool;
 use std::time::Duration;
@@ -11,7 +12,8 @@ pub async fn prune_finished(
     older_than: Duration,
     batch: i64,
 ) -> Result<u64, sqlx::Error> {
-    let result = sqlx::query(
+    delete_batch(
+        pool,
         // language=PostgreSQL
         r#"
         DELETE FROM contact_sync.jobs
@@ -23,12 +25,10 @@ pub async fn prune_finished(
             LIMIT $2
             FOR UPDATE SKIP LOCKED)
         "#,
+        older_than,
+        batch,
     )
-    .bind(i64::try_from(older_than.as_millis()).unwrap_or(i64::MAX))
-    .bind(batch)
-    .execute(pool)
-    .await?;
-    Ok(result.rows_affected())
+    .await
 }
 
 /// Deletes up to `batch` Smartlink watermarks not updated for `older_than`; returns how many.
@@ -37,7 +37,8 @@ pub async fn prune_watermarks(
     older_than: Duration,
     batch: i64,
 ) -> Result<u64, sqlx::Error> {
-    let result = sqlx::query(
+    delete_batch(
+        pool,
         // language=PostgreSQL
         r#"
         DELETE FROM contact_sync.smartlink_watermarks
@@ -48,10 +49,23 @@ pub async fn prune_watermarks(
             LIMIT $2
             FOR UPDATE SKIP LOCKED)
         "#,
+        older_than,
+        batch,
     )
-    .bind(i64::try_from(older_than.as_millis()).unwrap_or(i64::MAX))
-    .bind(batch)
-    .execute(pool)
-    .await?;
+    .await
+}
+
+/// Runs a bounded `DELETE` taking `$1` (age in ms) and `$2` (batch size).
+async fn delete_batch(
+    pool: &PgPool,
+    sql: &'static str,
+    older_than: Duration,
+    batch: i64,
+) -> Result<u64, sqlx::Error> {
+    let result = sqlx::query(sql)
+        .bind(i64::try_from(older_than.as_millis()).unwrap_or(i64::MAX))
+        .bind(batch)
+        .execute(pool)
+        .await?;
     Ok(result.rows_affected())
 }
