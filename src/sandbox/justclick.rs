@@ -210,10 +210,11 @@ pub async fn update_subscriber(
     state.accepted.fetch_add(1, Ordering::Relaxed);
     // a stalled answer: the change is applied, the answer comes late (or never, when the
     // client gives up first)
-    drop(in_flight); // processed: only the answer is late
+    // (still in flight until answered, or until the client gives up and the call is dropped)
     if let Some(delay) = stall {
         tokio::time::sleep(delay).await;
     }
+    drop(in_flight);
     answer(0, OK_TEXT, &secret)
 }
 

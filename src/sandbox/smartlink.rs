@@ -126,10 +126,11 @@ pub async fn sync_user_by_email(
     let response = apply(&state, id, &doc, subscribe, game_id, email, seq);
     // a stalled answer: the change is applied, the answer comes late (or never, when the
     // client gives up first)
-    drop(in_flight); // processed: only the answer is late
+    // (still in flight until answered, or until the client gives up and the call is dropped)
     if let Some(delay) = stall {
         tokio::time::sleep(delay).await;
     }
+    drop(in_flight);
     response
 }
 

@@ -60,6 +60,13 @@ const BACKOFF_BASE: Duration = Duration::from_secs(2);
 const BACKOFF_CAP: Duration = Duration::from_secs(4);
 /// Stalls: longer than the request timeout, shorter than the backoff base and the lease.
 const STALL_MS: std::ops::RangeInclusive<u64> = 1300..=1800;
+/// In rounds with slow calls: stalls longer than the lease, answered before the request timeout.
+const SLOW_STALL_MS: std::ops::RangeInclusive<u64> = 3500..=4500;
+const SLOW_REQUEST_TIMEOUT: Duration = Duration::from_secs(6);
+/// Finished rows a day old that the workers prune during a slow round (retention 1 h).
+const HOUSEKEEPING_BACKLOG: i64 = 150_000;
+/// Their account (no worker serves it; the checks leave it out).
+const HOUSEKEEPING_ACCOUNT: &str = "housekeeping";
 
 const JC2_LOGIN: &str = "model_jc2";
 const JC2_SECRET: &str = "jc2-model-secret-5d1f0c93e2";
@@ -214,6 +221,10 @@ struct Plan {
     actions: Vec<(Duration, Action)>,
     workers: Vec<WorkerSpec>,
     postgres_restarts: bool,
+    /// Calls slower than the lease (stalls past it, with a request timeout longer still) and a
+    /// long housekeeping run (a large finished backlog past a 1 h retention): the heartbeat must
+    /// keep every lease of a live worker.
+    slow_calls: bool,
 }
 
 fn pick<'a, T>(rng: &mut Rng, items: &'a [T]) -> &'a T {
@@ -338,7 +349,8 @@ fn plan_round(seed: u64) -> Plan {
         }
     }
     let postgres_restarts = seed % 3 == 0;
-    let actions = plan_actions(&mut rng, &contacts, postgres_restarts);
+    let slow_calls = seed % 2 == 1;
+    let actions = plan_actions(&mut rng, &contacts, postgres_restarts, slow_calls);
     let workers = (0..rng.usize(2..=4))
         .map(|_| worker_spec(&mut rng))
         .collect();
@@ -350,6 +362,7 @@ fn plan_round(seed: u64) -> Plan {
         actions,
         workers,
         postgres_restarts,
+        slow_calls,
     }
 }
 
@@ -617,6 +630,7 @@ fn plan_actions(
     rng: &mut Rng,
     contacts: &[ContactPlan],
     restarts: bool,
+    slow_calls: bool,
 ) -> Vec<(Duration, Action)> {
     let mut actions = Vec::new();
     let mut at = Duration::from_millis(rng.u64(200..800));
@@ -625,7 +639,7 @@ fn plan_actions(
     while at + Duration::from_secs(1) < CHAOS {
         let roll = rng.u8(..100);
         let action = if roll < 60 {
-            Action::Fault(transient_fault(rng, contacts))
+            Action::Fault(transient_fault(rng, contacts, slow_calls))
         } else if roll < 70 && permanents < max_permanents {
             permanents += 1;
             let contact = rng.usize(..contacts.len());
@@ -644,7 +658,7 @@ fn plan_actions(
         } else if roll < 92 {
             Action::Delay(*pick(rng, &[0, 0, 5, 20, 40, 150]))
         } else {
-            Action::Fault(transient_fault(rng, contacts))
+            Action::Fault(transient_fault(rng, contacts, slow_calls))
         };
         actions.push((at, action));
         at += Duration::from_millis(rng.u64(150..900));
@@ -662,7 +676,7 @@ fn plan_actions(
     actions
 }
 
-fn transient_fault(rng: &mut Rng, contacts: &[ContactPlan]) -> FaultRule {
+fn transient_fault(rng: &mut Rng, contacts: &[ContactPlan], slow_calls: bool) -> FaultRule {
     let fault = match rng.u8(..8) {
         0 => Fault::Status {
             status: *pick(rng, &[500, 502, 503]),
@@ -671,7 +685,7 @@ fn transient_fault(rng: &mut Rng, contacts: &[ContactPlan]) -> FaultRule {
             retry_after_secs: 1,
         },
         2 => Fault::Stall {
-            ms: rng.u64(STALL_MS),
+            ms: rng.u64(if slow_calls { SLOW_STALL_MS } else { STALL_MS }),
         },
         3 => Fault::Reset,
         4 => Fault::ForgeSignature,
@@ -781,6 +795,8 @@ struct Workers<'a> {
     alive: Vec<(String, tokio::process::Child)>,
     next: usize,
     kills: usize,
+    /// Process ids of the workers killed with kill -9.
+    killed_pids: Vec<u32>,
 }
 
 impl Workers<'_> {
@@ -815,6 +831,7 @@ impl Workers<'_> {
             return false;
         }
         let (_, mut child) = self.alive.remove(pick % self.alive.len());
+        self.killed_pids.extend(child.id());
         sigkill(&child);
         child.wait().await.unwrap();
         self.kills += 1;
@@ -983,7 +1000,8 @@ fn record(
 }
 
 async fn count_rows(env: &TestEnv) -> i64 {
-    sqlx::query_scalar("SELECT count(*) FROM contact_sync.jobs")
+    sqlx::query_scalar("SELECT count(*) FROM contact_sync.jobs WHERE account <> $1")
+        .bind(HOUSEKEEPING_ACCOUNT)
         .fetch_one(&env.pool)
         .await
         .unwrap()
@@ -1213,7 +1231,7 @@ async fn run_round(seed: u64) {
         items: Vec::new(),
     };
     eprintln!(
-        "model round seed {seed}: {} contacts, {} changes ({} live), {} workers, {} actions{}; replay: {}",
+        "model round seed {seed}: {} contacts, {} changes ({} live), {} workers, {} actions{}{}; replay: {}",
         plan.contacts.len(),
         plan.contacts.iter().map(|c| c.changes.len()).sum::<usize>(),
         plan.live.len(),
@@ -1221,6 +1239,11 @@ async fn run_round(seed: u64) {
         plan.actions.len(),
         if plan.postgres_restarts {
             ", Postgres restarts (own cluster)"
+        } else {
+            ""
+        },
+        if plan.slow_calls {
+            ", calls slower than the lease and a long retention run"
         } else {
             ""
         },
@@ -1262,7 +1285,11 @@ async fn run_round(seed: u64) {
     settings.worker.backoff_base = BACKOFF_BASE;
     settings.worker.backoff_cap = BACKOFF_CAP;
     settings.worker.shutdown_timeout = Duration::from_secs(5);
-    settings.http.request_timeout = REQUEST_TIMEOUT;
+    settings.http.request_timeout = if plan.slow_calls {
+        SLOW_REQUEST_TIMEOUT
+    } else {
+        REQUEST_TIMEOUT
+    };
     let mut sl2 = smartlink_account(&sandbox, SL2_GAME, SL2_SECRET);
     sl2.double_opt_in = contact_sync::config::DoubleOptIn::Drop;
     settings.accounts.insert(
@@ -1285,10 +1312,27 @@ async fn run_round(seed: u64) {
     };
     let config = env.config_file(&format!(
         "[accounts.jc2]\nprovider = \"justclick\"\nlogin = \"{JC2_LOGIN}\"\nsecret = \"{JC2_SECRET}\"\nbase_url = \"{}\"\n\
-         [accounts.sl2]\nprovider = \"smartlink\"\ngame_id = \"{SL2_GAME}\"\nsecret = \"{SL2_SECRET}\"\nbase_url = \"{}\"\ndouble_opt_in = \"drop\"\n",
+         [accounts.sl2]\nprovider = \"smartlink\"\ngame_id = \"{SL2_GAME}\"\nsecret = \"{SL2_SECRET}\"\nbase_url = \"{}\"\ndouble_opt_in = \"drop\"\n{}",
         env.sandbox.justclick_base_url(JC2_LOGIN),
         env.sandbox.smartlink_base_url(),
+        if plan.slow_calls {
+            "[retention]\nfinished = \"1h\"\n"
+        } else {
+            ""
+        },
     ));
+    if plan.slow_calls {
+        sqlx::query(
+            "INSERT INTO contact_sync.jobs (provider, account, email, state, finished_at) \
+             SELECT 'justclick', $1, 'old' || g || '@example.com', 'succeeded', now() - interval '1 day' \
+             FROM generate_series(1, $2::bigint) g",
+        )
+        .bind(HOUSEKEEPING_ACCOUNT)
+        .bind(HOUSEKEEPING_BACKLOG)
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    }
 
     let mut ledger = Ledger {
         accepted: BTreeMap::new(),
@@ -1308,6 +1352,7 @@ async fn run_round(seed: u64) {
         alive: Vec::new(),
         next: 0,
         kills: 0,
+        killed_pids: Vec::new(),
     };
     for spec in &plan.workers {
         workers.spawn(*spec);
@@ -1433,12 +1478,16 @@ async fn run_round(seed: u64) {
 
     let rows: Vec<Row> = sqlx::query_as(
         "SELECT id, provider, account, email, state, payload, doi, coalesced_into, resend_after, \
-                last_error, errors, attempts FROM contact_sync.jobs ORDER BY id",
+                last_error, errors, attempts FROM contact_sync.jobs WHERE account <> $1 ORDER BY id",
     )
+    .bind(HOUSEKEEPING_ACCOUNT)
     .fetch_all(&env.pool)
     .await
     .unwrap();
     check_jobs(&plan, &ledger, &rows, &mut v);
+    if !plan.postgres_restarts {
+        check_leases(&plan, &workers.killed_pids, &rows, &mut v);
+    }
     check_contacts(&plan, &env.sandbox, &rows, &mut v);
     check_sandbox_stats(&env.sandbox, &mut v);
     let log_bytes = check_texts(&dir, &rows, &mut v);
@@ -1588,6 +1637,40 @@ fn contact_of(plan: &Plan, row: &Row) -> Option<usize> {
 }
 
 /// a: every accepted change ended delivered, or dead for an injected permanent error.
+/// a: a lease expires only under a worker that was killed (the heartbeat of a live worker keeps
+/// every lease, however slow its calls and however long its housekeeping). Not checked in
+/// rounds that restart Postgres: a database down for longer than a lease expires them.
+fn check_leases(plan: &Plan, killed: &[u32], rows: &[Row], v: &mut Violations) {
+    for row in rows {
+        let Some(errors) = row.errors.as_array() else {
+            continue;
+        };
+        for e in errors {
+            if e.get("kind").and_then(Value::as_str) != Some("lease_expired") {
+                continue;
+            }
+            let text = e.get("error").and_then(Value::as_str).unwrap_or_default();
+            // "lease expired: the worker HOST:PID:TAG stopped renewing it"
+            let pid = text
+                .split_whitespace()
+                .nth(4)
+                .and_then(|w| w.split(':').nth(1))
+                .and_then(|p| p.parse::<u32>().ok());
+            if !pid.is_some_and(|p| killed.contains(&p)) {
+                let label = contact_of(plan, row).map_or_else(
+                    || format!("{}/{}/{}", row.account, row.provider, row.email),
+                    |ci| plan.contacts[ci].label(),
+                );
+                v.add(
+                    "a: a live worker never loses a lease",
+                    &label,
+                    format!("{text} (killed: {killed:?}): {}", row.summary()),
+                );
+            }
+        }
+    }
+}
+
 fn check_jobs(plan: &Plan, ledger: &Ledger, rows: &[Row], v: &mut Violations) {
     let by_id: HashMap<i64, &Row> = rows.iter().map(|r| (r.id, r)).collect();
     let mut dead_per_contact: HashMap<usize, usize> = HashMap::new();
