@@ -78,6 +78,38 @@ async fn numbers_reach_the_provider_exactly_or_are_refused() {
         .contact("smartlink", SL_GAME, "n@example.com")
         .unwrap();
     assert_eq!(c.fields["attributes"], exact["attributes"]);
+
+    // Values as an application's numeric columns store them (plain notation, trailing zeros)
+    // and at the edges of the accepted range: each must arrive with the value Postgres holds.
+    // (Compared with Postgres's own correctly rounded float8, parsed by Rust's correctly
+    // rounded parser: a sloppy JSON parser in the worker would not cancel out here.)
+    let id: i64 = sqlx::query_scalar(
+        "SELECT contact_sync.enqueue('smartlink', 'sl', 'edge@example.com', jsonb_build_object('attributes', jsonb_build_object(
+            'price', 3817034.98274485::numeric(30,20), 'total', 8466569467991.35::numeric(34,20),
+            'r', 348359269.386637::numeric(30,20), 'a', 1e-307::numeric, 'b', 2.32762829599804e200::numeric,
+            'c', 6.492751806747e-278::numeric, 'd', 9.123196010941e205::numeric, 'e', 6.68902524318885e95::numeric)))",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    env.settle(&worker).await;
+    assert_eq!(env.job(id).await.state, "succeeded");
+    let held: Vec<(String, String)> = sqlx::query_as(
+        "SELECT key, (value::numeric)::float8::text FROM contact_sync.jobs, jsonb_each(payload -> 'attributes') WHERE id = $1",
+    )
+    .bind(id)
+    .fetch_all(&env.pool)
+    .await
+    .unwrap();
+    let c = env
+        .sandbox
+        .contact("smartlink", SL_GAME, "edge@example.com")
+        .unwrap();
+    for (key, pg) in held {
+        let expected: f64 = pg.parse().unwrap();
+        let sent = c.fields["attributes"][&key].as_f64().unwrap();
+        assert_eq!(sent, expected, "{key}: Postgres holds {pg}, the provider got {sent:e}");
+    }
 }
 
 #[tokio::test]
