@@ -93,15 +93,16 @@ $fn$;
 
 
 -- The one definition of a valid address (mirrored by providers::address::is_valid_email):
--- local@domain, at most 254 characters (local part at most 64), no whitespace, control, format
--- or bidi characters (Unicode included: U+00A0, U+2007, U+200B, U+FEFF, ...), none of
+-- local@domain, at most 254 characters (local part at most 64), no whitespace, control, format,
+-- bidi or other invisible (default-ignorable) characters (Unicode included: U+00A0, U+2007,
+-- U+200B, U+061C, U+FEFF, variation selectors, tags, ...), none of
 -- < > ( ) [ ] , ; : \ " ; no leading, trailing or doubled dot in the local part; a domain of at
 -- least two non-empty labels.
 CREATE FUNCTION contact_sync.email_is_valid(e text) RETURNS boolean
 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $fn$
 SELECT e IS NOT NULL AND length(e) <= 254
    AND e ~ '^[^@]{1,64}@[^@.]+(\.[^@.]+)+$'
-   AND e !~ '[\x01-\x20\x7f-\xa0\u00ad\u1680\u180e\u2000-\u200f\u2028-\u202f\u205f-\u206f\u3000\ufeff<>()\[\],;:\\"]'
+   AND e !~ '[\x01-\x20\x7f-\xa0\u00ad\u034f\u0600-\u0605\u061c\u06dd\u070f\u0890-\u0891\u08e2\u115f-\u1160\u1680\u17b4-\u17b5\u180b-\u180f\u2000-\u200f\u2028-\u202f\u205f-\u206f\u3000\u3164\ufe00-\ufe0f\ufeff\uffa0\ufff9-\ufffb\U000110bd\U000110cd\U00013430-\U0001343f\U0001bca0-\U0001bca3\U0001d173-\U0001d17a\U000e0000-\U000e0fff<>()\[\],;:\\"]'
    AND e !~ '^\.|\.@|\.\.[^@]*@'
 $fn$;
 
@@ -167,3 +168,10 @@ CREATE TABLE contact_sync.smartlink_watermarks (
     updated_at  timestamptz NOT NULL DEFAULT now()
 );
 CREATE INDEX smartlink_watermarks_updated_idx ON contact_sync.smartlink_watermarks (updated_at);
+
+-- Deferred re-sends by contact: a delivered status change removes those of its contact.
+CREATE INDEX doi_deferred_contact_idx ON contact_sync.doi_deferred ((provider || ':' || account || ':' || lower(email)));
+
+-- Parked jobs by contact: retention keeps a delivered job while an older parked job of its
+-- contact exists, so that `retry` can still tell it was overtaken.
+CREATE INDEX jobs_parked_contact_idx ON contact_sync.jobs (contact_key, id) WHERE state IN ('dead', 'cancelled');

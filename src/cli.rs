@@ -464,6 +464,11 @@ async fn run_worker(settings: Settings, drain: bool, migrate: bool) -> anyhow::R
 
 /// Builds a job from `--provider/--account/--email/--set/--payload`.
 pub fn job_from_args(args: &EnqueueArgs) -> anyhow::Result<NewJob> {
+    // --payload alone is stored as written (numbers exactly as typed); --set edits a JSON value
+    let exact = match (&args.payload, args.set.is_empty()) {
+        (Some(text), true) => Some(text.clone()),
+        _ => None,
+    };
     let mut payload = match &args.payload {
         Some(text) => match serde_json::from_str::<Value>(text).context("--payload is not JSON")? {
             Value::Object(map) => map,
@@ -484,6 +489,7 @@ pub fn job_from_args(args: &EnqueueArgs) -> anyhow::Result<NewJob> {
         Value::Object(payload),
     );
     job.idempotency_key = args.idempotency_key.clone();
+    job.payload_json = exact;
     Ok(job)
 }
 
@@ -519,6 +525,13 @@ fn set_field(payload: &mut Map<String, Value>, key: &str, value: &str) -> anyhow
     Ok(())
 }
 
+/// The payload of a bulk line as written.
+#[derive(serde::Deserialize)]
+struct RawPayload<'a> {
+    #[serde(borrow, default)]
+    payload: Option<&'a serde_json::value::RawValue>,
+}
+
 /// Lines per batch statement in bulk loads.
 const FILE_BATCH: usize = 1000;
 
@@ -541,8 +554,14 @@ async fn enqueue_file(pool: &PgPool, path: &Path) -> anyhow::Result<ExitCode> {
         let job = std::str::from_utf8(raw)
             .map_err(|_| "not valid UTF-8".to_string())
             .and_then(|text| {
-                serde_json::from_str::<NewJob>(text)
-                    .map_err(|e| format!("not a change object: {e}"))
+                let mut job = serde_json::from_str::<NewJob>(text)
+                    .map_err(|e| format!("not a change object: {e}"))?;
+                // keep the payload's text: the database stores and checks numbers as written
+                job.payload_json = serde_json::from_str::<RawPayload>(text)
+                    .ok()
+                    .and_then(|raw| raw.payload)
+                    .map(|p| p.get().to_string());
+                Ok(job)
             });
         match job {
             Ok(job) => batch.push((line_no, job)),

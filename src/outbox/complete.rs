@@ -78,12 +78,21 @@ pub async fn succeed_many(pool: &PgPool, items: &[Success]) -> Result<Vec<JobId>
             WHERE f.id = m.id AND f.state IN ('pending', 'cancelled') AND m.head IN (SELECT id FROM done)
             RETURNING f.id
         ), superseded AS (
+            -- a status delivered now comes after every confirmation re-send still waiting for
+            -- its contact (in delivery order, whatever the ids): those are superseded, queued
+            -- or not yet swept
             UPDATE contact_sync.jobs r
             SET state = 'cancelled', finished_at = now(), doi = 'superseded by job ' || d.id
             FROM done d
             WHERE d.sets_status AND r.contact_key = d.contact_key AND r.state = 'pending'
-              AND r.resend_after IS NOT NULL AND r.resend_after < d.id
+              AND r.resend_after IS NOT NULL
             RETURNING r.id
+        ), superseded_deferrals AS (
+            DELETE FROM contact_sync.doi_deferred f
+            USING done d
+            WHERE d.sets_status AND f.job_id <> d.id
+              AND (f.provider || ':' || f.account || ':' || lower(f.email)) = d.contact_key
+            RETURNING f.job_id
         )
         SELECT id FROM done
         "#,

@@ -140,19 +140,28 @@ pub async fn defer(pool: &PgPool, d: &Deferral<'_>) -> Result<(), sqlx::Error> {
     Ok(())
 }
 
-/// Turns due deferrals into jobs at the end of their contact's queue, unless a later job of the
-/// contact set a status of its own. A status change still uncommitted now is caught later: the
-/// re-send remembers the change it follows (`resend_after`), never rides along with other
-/// changes, and is superseded when a newer status change of its contact is delivered first
-/// ([`super::complete::succeed_many`]). Returns the new job ids.
+/// Turns due deferrals into jobs at the end of their contact's queue. Later status changes win,
+/// in delivery order (never by id: a change committed late has an older id): a status
+/// delivered after the deferring call removes the deferral, or cancels its queued re-send
+/// ([`super::complete::succeed_many`]); one still queued at the sweep drops it here; a contact
+/// with a call in flight waits for the next sweep. The re-send remembers the change it follows
+/// (`resend_after`) and never rides along with other changes. Returns the new job ids.
 pub async fn enqueue_due_resends(pool: &PgPool) -> Result<Vec<JobId>, sqlx::Error> {
     sqlx::query_scalar(
         // language=PostgreSQL
         r#"
         WITH due AS (
+            -- a contact with a call in flight waits for the next sweep: that call may be a
+            -- status change about to supersede the re-send
             DELETE FROM contact_sync.doi_deferred d
-            WHERE d.job_id IN (SELECT job_id FROM contact_sync.doi_deferred WHERE due_at <= now()
-                               ORDER BY due_at LIMIT 1000 FOR UPDATE SKIP LOCKED)
+            WHERE d.job_id IN (
+                SELECT f.job_id FROM contact_sync.doi_deferred f
+                WHERE f.due_at <= now()
+                  AND NOT EXISTS (
+                      SELECT 1 FROM contact_sync.jobs r
+                      WHERE r.contact_key = f.provider || ':' || f.account || ':' || lower(f.email)
+                        AND r.state = 'running')
+                ORDER BY f.due_at LIMIT 1000 FOR UPDATE SKIP LOCKED)
             RETURNING d.*
         )
         INSERT INTO contact_sync.jobs (provider, account, email, payload, resend_after)
@@ -160,11 +169,12 @@ pub async fn enqueue_due_resends(pool: &PgPool) -> Result<Vec<JobId>, sqlx::Erro
                due.payload || jsonb_build_object('modify_ts', floor(extract(epoch FROM clock_timestamp()) * 1000)::bigint),
                due.covers_id
         FROM due
+        -- a status change still queued comes later than the deferring call, whatever its id
+        -- (one delivered since already removed the deferral)
         WHERE NOT EXISTS (
             SELECT 1 FROM contact_sync.jobs n
             WHERE n.contact_key = due.provider || ':' || due.account || ':' || lower(due.email)
-              AND n.id > due.covers_id AND n.payload ? 'subscribe'
-              AND n.state IN ('pending', 'running', 'succeeded', 'coalesced'))
+              AND n.state = 'pending' AND n.payload ? 'subscribe')
         RETURNING id
         "#,
     )

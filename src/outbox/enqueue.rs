@@ -48,12 +48,12 @@ impl From<sqlx::Error> for EnqueueError {
 pub async fn enqueue(conn: &mut PgConnection, job: &NewJob) -> Result<JobId, EnqueueError> {
     let id: JobId = sqlx::query_scalar(
         // language=PostgreSQL
-        "SELECT contact_sync.enqueue($1, $2, $3, $4, $5, coalesce($6, now()))",
+        "SELECT contact_sync.enqueue($1, $2, $3, $4::text::jsonb, $5, coalesce($6, now()))",
     )
     .bind(&job.provider)
     .bind(&job.account)
     .bind(&job.email)
-    .bind(&job.payload)
+    .bind(job.payload_text())
     .bind(&job.idempotency_key)
     .bind(job.run_at)
     .fetch_one(conn)
@@ -80,7 +80,7 @@ pub async fn enqueue_batch(
         providers.push(job.provider.as_str());
         accounts.push(job.account.as_str());
         emails.push(job.email.as_str());
-        payloads.push(&job.payload);
+        payloads.push(job.payload_text());
         keys.push(job.idempotency_key.as_deref());
         run_ats.push(job.run_at);
     }
@@ -91,11 +91,11 @@ pub async fn enqueue_batch(
         r#"
         INSERT INTO contact_sync.jobs (provider, account, email, payload, idempotency_key, run_at)
         SELECT i.provider, i.account, i.email,
-               CASE WHEN i.provider = 'smartlink' AND jsonb_typeof(i.payload) = 'object' AND NOT i.payload ? 'modify_ts'
-                    THEN i.payload || jsonb_build_object('modify_ts', floor(extract(epoch FROM clock_timestamp()) * 1000)::bigint)
-                    ELSE i.payload END,
+               CASE WHEN i.provider = 'smartlink' AND jsonb_typeof(i.payload::jsonb) = 'object' AND NOT i.payload::jsonb ? 'modify_ts'
+                    THEN i.payload::jsonb || jsonb_build_object('modify_ts', floor(extract(epoch FROM clock_timestamp()) * 1000)::bigint)
+                    ELSE i.payload::jsonb END,
                i.key, coalesce(i.run_at, now())
-        FROM unnest($1::text[], $2::text[], $3::text[], $4::jsonb[], $5::text[], $6::timestamptz[])
+        FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::timestamptz[])
              WITH ORDINALITY AS i(provider, account, email, payload, key, run_at, ord)
         ORDER BY i.ord
         ON CONFLICT (account, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING

@@ -63,6 +63,11 @@ pub struct NewJob {
     pub idempotency_key: Option<String>,
     #[serde(default)]
     pub run_at: Option<DateTime<Utc>>,
+    /// The payload as exact JSON text, when the caller has it (a file, a command line): stored
+    /// as written instead of `payload`, so the database validates and keeps every number as
+    /// written (a JSON value holds numbers as 64-bit floats).
+    #[serde(skip)]
+    pub payload_json: Option<String>,
 }
 
 fn empty_object() -> Value {
@@ -83,12 +88,20 @@ impl NewJob {
             payload,
             idempotency_key: None,
             run_at: None,
+            payload_json: None,
         }
     }
 
     pub fn idempotency_key(mut self, key: impl Into<String>) -> Self {
         self.idempotency_key = Some(key.into());
         self
+    }
+
+    /// The JSON text the database stores and validates (see [`NewJob::payload_json`]).
+    pub fn payload_text(&self) -> String {
+        self.payload_json
+            .clone()
+            .unwrap_or_else(|| self.payload.to_string())
     }
 
     pub fn run_at(mut self, at: DateTime<Utc>) -> Self {

@@ -1,6 +1,7 @@
 //! Retention: finished jobs (`succeeded`, `coalesced`, `cancelled`) older than
 //! `retention.finished` are deleted in small batches; `dead` jobs stay until retried or
-//! cancelled. Smartlink watermarks (the newest `modify_ts` delivered per contact) go after the
+//! cancelled, and a delivered job stays as long as an older dead or cancelled job of its
+//! contact does (so that `retry` still sees it was overtaken). Smartlink watermarks (the newest `modify_ts` delivered per contact) go after the
 //! same time without an update.
 
 use sqlx::PgPool;
@@ -18,10 +19,16 @@ pub async fn prune_finished(
         r#"
         DELETE FROM contact_sync.jobs
         WHERE id IN (
-            SELECT id FROM contact_sync.jobs
-            WHERE state IN ('succeeded', 'coalesced', 'cancelled')
-              AND finished_at < now() - make_interval(secs => $1::bigint / 1000.0)
-            ORDER BY finished_at
+            SELECT j.id FROM contact_sync.jobs j
+            WHERE j.state IN ('succeeded', 'coalesced', 'cancelled')
+              AND j.finished_at < now() - make_interval(secs => $1::bigint / 1000.0)
+              -- kept while an older change of the contact may still be retried: `retry` must
+              -- see that a newer one was delivered
+              AND NOT EXISTS (
+                  SELECT 1 FROM contact_sync.jobs o
+                  WHERE o.contact_key = j.contact_key AND o.state IN ('dead', 'cancelled')
+                    AND o.id < j.id)
+            ORDER BY j.finished_at
             LIMIT $2
             FOR UPDATE SKIP LOCKED)
         "#,

@@ -7,13 +7,18 @@ pub const MAX_LEN: usize = 254;
 /// Longest local part (characters).
 pub const MAX_LOCAL_LEN: usize = 64;
 
-/// Whitespace, control, format and bidi characters an address may not contain (Unicode ones
-/// included), and the address specials.
+/// Whitespace, control, format, bidi and other invisible (default-ignorable) characters an
+/// address may not contain (Unicode ones included), and the address specials.
 pub fn is_forbidden(c: char) -> bool {
     matches!(c,
-        '\u{0}'..='\u{20}' | '\u{7f}'..='\u{a0}' | '\u{ad}' | '\u{1680}' | '\u{180e}'
-        | '\u{2000}'..='\u{200f}' | '\u{2028}'..='\u{202f}' | '\u{205f}'..='\u{206f}'
-        | '\u{3000}' | '\u{feff}'
+        '\u{0}'..='\u{20}' | '\u{7f}'..='\u{a0}' | '\u{ad}' | '\u{34f}'
+        | '\u{600}'..='\u{605}' | '\u{61c}' | '\u{6dd}' | '\u{70f}' | '\u{890}'..='\u{891}'
+        | '\u{8e2}' | '\u{115f}'..='\u{1160}' | '\u{1680}' | '\u{17b4}'..='\u{17b5}'
+        | '\u{180b}'..='\u{180f}' | '\u{2000}'..='\u{200f}' | '\u{2028}'..='\u{202f}'
+        | '\u{205f}'..='\u{206f}' | '\u{3000}' | '\u{3164}' | '\u{fe00}'..='\u{fe0f}'
+        | '\u{feff}' | '\u{ffa0}' | '\u{fff9}'..='\u{fffb}' | '\u{110bd}' | '\u{110cd}'
+        | '\u{13430}'..='\u{1343f}' | '\u{1bca0}'..='\u{1bca3}' | '\u{1d173}'..='\u{1d17a}'
+        | '\u{e0000}'..='\u{e0fff}'
         | '<' | '>' | '(' | ')' | '[' | ']' | ',' | ';' | ':' | '\\' | '"')
 }
 
@@ -60,6 +65,12 @@ mod tests {
             "user\u{a0}@example.com", // no-break space (regression)
             "user@exa\u{200b}mple.com",
             "\u{feff}user@example.com",
+            "a\u{61c}b@example.com", // found by the adversarial review
+            "a\u{fff9}b@example.com",
+            "a\u{e0001}b@example.com",
+            "a\u{1d173}b@example.com",
+            "a\u{34f}b@example.com",
+            "a\u{fe0f}b@example.com",
             "us er@example.com",
             "user@@example.com",
             "a@b@example.com",

@@ -90,6 +90,9 @@ pub async fn execute(
     .await
 }
 
+/// The shortest pause after a throttle answer.
+const MIN_THROTTLE_PAUSE: Duration = Duration::from_secs(1);
+
 fn dead(code: &str, message: String) -> Outcome {
     Outcome::Dead {
         error: AttemptError {
@@ -215,17 +218,16 @@ async fn deliver(shared: &Shared, job: &ClaimedJob) -> Outcome {
         .await;
     let took = started.elapsed();
 
-    // The provider certainly did not act: give the confirmation window back.
+    // The provider certainly did not act: give the confirmation window back. (Not after a
+    // 500/502/504 or a timeout: a gateway can fail after the service did its work.)
     let not_acted = match &result {
         Ok(_) => false,
         Err(DeliveryError::Permanent { .. }) => true,
-        Err(DeliveryError::Retryable { reason, .. }) => matches!(
-            reason,
-            RetryReason::Connect
-                | RetryReason::ServerError
-                | RetryReason::RateLimited
-                | RetryReason::ProviderBusy
-        ),
+        Err(DeliveryError::Retryable { reason, code, .. }) => match reason {
+            RetryReason::Connect | RetryReason::RateLimited | RetryReason::ProviderBusy => true,
+            RetryReason::ServerError => code.as_deref() == Some("503"),
+            _ => false,
+        },
     };
     if not_acted && decision == Decision::Send {
         if let Some((key_id, _)) = provider.double_opt_in() {
@@ -273,10 +275,19 @@ async fn deliver(shared: &Shared, job: &ClaimedJob) -> Outcome {
             m::provider_request(&job.provider, &job.account, "retryable", took);
             let w = &shared.settings.worker;
             let throttled = reason == RetryReason::RateLimited;
-            if throttled {
-                shared
-                    .limits
-                    .pause(&job.account, retry_after.unwrap_or(w.backoff_base));
+            // a throttle never retries sooner than a second, whatever the provider says: an
+            // attempt it does not count must not become a busy loop
+            let retry_after = if throttled {
+                Some(
+                    retry_after
+                        .unwrap_or(w.backoff_base)
+                        .max(MIN_THROTTLE_PAUSE),
+                )
+            } else {
+                retry_after
+            };
+            if let (true, Some(pause)) = (throttled, retry_after) {
+                shared.limits.pause(&job.account, pause);
             }
             let delay = next_delay(
                 job.attempts,

@@ -108,7 +108,10 @@ async fn numbers_reach_the_provider_exactly_or_are_refused() {
     for (key, pg) in held {
         let expected: f64 = pg.parse().unwrap();
         let sent = c.fields["attributes"][&key].as_f64().unwrap();
-        assert_eq!(sent, expected, "{key}: Postgres holds {pg}, the provider got {sent:e}");
+        assert_eq!(
+            sent, expected,
+            "{key}: Postgres holds {pg}, the provider got {sent:e}"
+        );
     }
 }
 
@@ -381,7 +384,7 @@ async fn one_definition_of_an_address_for_enqueue_and_the_worker() {
     assert!(message.contains("malformed email"), "{message}");
     // Hostile and random addresses: the database and the clients answer the same.
     let mut rng = fastrand::Rng::with_seed(9);
-    let alphabet: Vec<char> = "ab.@-_+ \u{a0}\u{2007}\u{200b}\u{feff}\u{85}\u{1}\"<>,;:\\()[]ü例é"
+    let alphabet: Vec<char> = "ab.@-_+ \u{a0}\u{2007}\u{200b}\u{feff}\u{85}\u{1}\"<>,;:\\()[]ü例é\u{61c}\u{fff9}\u{e0001}\u{1d173}\u{34f}\u{fe0f}\u{e0100}\u{1d17b}\u{ffa1}"
         .chars()
         .collect();
     let mut samples: Vec<String> = vec![
@@ -397,7 +400,7 @@ async fn one_definition_of_an_address_for_enqueue_and_the_worker() {
         format!("a@{}.co", "b".repeat(250)),
     ];
     for _ in 0..3000 {
-        let len = rng.usize(1..14);
+        let len = rng.usize(1..8);
         let mut s: String = (0..len)
             .map(|_| alphabet[rng.usize(..alphabet.len())])
             .collect();
@@ -417,7 +420,10 @@ async fn one_definition_of_an_address_for_enqueue_and_the_worker() {
         assert_eq!(db, is_valid_email(s), "{s:?}: database says {db}");
         accepted += usize::from(db);
     }
-    assert!(accepted > 50, "the sample must hold valid addresses too");
+    assert!(
+        accepted > 20,
+        "the sample must hold valid addresses too ({accepted})"
+    );
 }
 
 #[tokio::test]
@@ -526,6 +532,25 @@ async fn retry_keeps_per_contact_order_and_the_schedule() {
     assert_eq!(state, Some(newer.to_string()));
     let bulk = admin::retry_dead(&env.pool, None, false).await.unwrap();
     assert_eq!((bulk.retried, bulk.skipped_stale), (0, 1));
+    // retention does not take the newer job away while the old one may still be retried
+    sqlx::query(
+        "UPDATE contact_sync.jobs SET finished_at = now() - interval '30 days' WHERE id = $1",
+    )
+    .bind(newer)
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    let pruned =
+        contact_sync::outbox::prune::prune_finished(&env.pool, Duration::from_secs(86_400), 1000)
+            .await
+            .unwrap();
+    assert_eq!(pruned, 0);
+    let (result, _) = admin::retry(&env.pool, old, false).await.unwrap();
+    assert_eq!(
+        result,
+        admin::ActionResult::Stale,
+        "still refused after retention ran"
+    );
     env.settle(&worker).await;
     let c = env
         .sandbox
@@ -744,4 +769,119 @@ async fn drain_fails_while_its_own_claims_are_still_running() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("still `running`"), "{stderr}");
+}
+
+#[tokio::test]
+async fn a_status_change_committed_late_with_an_older_id_supersedes_the_resend() {
+    // Found by the adversarial review: supersession compared ids, and a change whose id was
+    // taken before the deferring call but committed after it lost to the re-send.
+    let env = TestEnv::new().await;
+    let worker = env.worker();
+    env.enqueue(sl("late@example.com", json!({"subscribe": 3})))
+        .await;
+    env.settle(&worker).await;
+    let mut tx = env.pool.begin().await.unwrap();
+    // (its modify_ts is the newest: an older one would rightly be discarded by the provider)
+    let newest = chrono::Utc::now().timestamp_millis() + 60_000;
+    let unsubscribe = outbox::enqueue(
+        &mut tx,
+        &sl(
+            "late@example.com",
+            json!({"subscribe": 0, "modify_ts": newest}),
+        ),
+    )
+    .await
+    .unwrap();
+    let deferred = env
+        .enqueue(sl(
+            "late@example.com",
+            json!({"subscribe": 3, "tags": ["x"]}),
+        ))
+        .await;
+    env.settle(&worker).await;
+    assert!(env
+        .job(deferred)
+        .await
+        .doi
+        .unwrap()
+        .starts_with("deferred_until"));
+    assert!(unsubscribe < deferred);
+    tx.commit().await.unwrap();
+    env.settle(&worker).await;
+    assert_eq!(env.job(unsubscribe).await.state, "succeeded");
+    // the hour passes: nothing is left to re-send
+    sqlx::query("UPDATE contact_sync.doi_ledger SET sent_at = now() - interval '2 hours'")
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE contact_sync.doi_deferred SET due_at = now()")
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    assert!(outbox::doi::enqueue_due_resends(&env.pool)
+        .await
+        .unwrap()
+        .is_empty());
+    env.settle(&worker).await;
+    let c = env
+        .sandbox
+        .contact("smartlink", SL_GAME, "late@example.com")
+        .unwrap();
+    assert_eq!(
+        c.subscribe,
+        Some(0),
+        "the re-send re-subscribed the contact"
+    );
+}
+
+#[tokio::test]
+async fn the_command_line_never_rounds_a_number() {
+    // Found by the adversarial review: `enqueue --file` and `--payload` parsed numbers as floats,
+    // so values the database refuses were silently rounded and queued.
+    let env = TestEnv::new().await;
+    let config = env.config_file("");
+    let file = std::env::temp_dir().join(format!("cs-numbers-{}.jsonl", fastrand::u64(..)));
+    std::fs::write(
+        &file,
+        concat!(
+            r#"{"provider":"smartlink","account":"sl","email":"f1@example.com","payload":{"attributes":{"x":0.1000000000000000055}}}"#,
+            "\n",
+            r#"{"provider":"smartlink","account":"sl","email":"f2@example.com","payload":{"attributes":{"x":3817034.98274485000000000000}}}"#,
+            "\n"
+        ),
+    )
+    .unwrap();
+    let (code, out, err) = env
+        .cli(&config, &["enqueue", "--file", file.to_str().unwrap()])
+        .await;
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(out.contains("queued 1, rejected 1"), "{out}");
+    assert!(
+        err.contains("line 1") && err.contains("cannot be sent exactly"),
+        "{err}"
+    );
+    let (code, _, err) = env
+        .cli(
+            &config,
+            &[
+                "enqueue",
+                "--provider",
+                "smartlink",
+                "--account",
+                "sl",
+                "--email",
+                "p@example.com",
+                "--payload",
+                r#"{"attributes":{"y":123456789012345678.5}}"#,
+            ],
+        )
+        .await;
+    assert_ne!(code, 0);
+    assert!(err.contains("cannot be sent exactly"), "{err}");
+    let stored: Vec<String> =
+        sqlx::query_scalar("SELECT payload -> 'attributes' ->> 'x' FROM contact_sync.jobs")
+            .fetch_all(&env.pool)
+            .await
+            .unwrap();
+    assert_eq!(stored, vec!["3817034.98274485000000000000".to_string()]);
 }
