@@ -91,12 +91,15 @@ pub async fn enqueue_batch(
         r#"
         INSERT INTO contact_sync.jobs (provider, account, email, payload, idempotency_key, run_at)
         SELECT i.provider, i.account, i.email,
-               CASE WHEN i.provider = 'smartlink' AND jsonb_typeof(i.payload::jsonb) = 'object' AND NOT i.payload::jsonb ? 'modify_ts'
-                    THEN i.payload::jsonb || jsonb_build_object('modify_ts', floor(extract(epoch FROM clock_timestamp()) * 1000)::bigint)
-                    ELSE i.payload::jsonb END,
+               CASE WHEN i.provider = 'smartlink' AND jsonb_typeof(i.payload) = 'object' AND NOT i.payload ? 'modify_ts'
+                    THEN i.payload || jsonb_build_object('modify_ts', floor(extract(epoch FROM clock_timestamp()) * 1000)::bigint)
+                    ELSE i.payload END,
                i.key, coalesce(i.run_at, now())
-        FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::timestamptz[])
-             WITH ORDINALITY AS i(provider, account, email, payload, key, run_at, ord)
+        -- payloads arrive as text (kept exactly as the caller wrote them), parsed once here
+        FROM (SELECT u.provider, u.account, u.email, u.payload::jsonb AS payload, u.key, u.run_at, u.ord
+              FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::timestamptz[])
+                   WITH ORDINALITY AS u(provider, account, email, payload, key, run_at, ord)
+              OFFSET 0) i
         ORDER BY i.ord
         ON CONFLICT (account, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
         RETURNING id, account, idempotency_key
