@@ -566,7 +566,16 @@ pub async fn run(args: BenchArgs, database_url: Option<String>) -> anyhow::Resul
         eprintln!("bench: blocked scenario: {} blocked jobs ...", stuck.len());
         load(&pool, &stuck).await?;
         let wave = args.sizes.len() + 1;
-        let r = measure_size(&pool, &args, &config, &url, args.blocked_jobs, wave, stuck.len()).await?;
+        let r = measure_size(
+            &pool,
+            &args,
+            &config,
+            &url,
+            args.blocked_jobs,
+            wave,
+            stuck.len(),
+        )
+        .await?;
         peak = peak.max(r.1);
         admin::purge_account(&pool, ACCOUNTS[1], None).await?;
         Some(r.0)
@@ -582,9 +591,7 @@ pub async fn run(args: BenchArgs, database_url: Option<String>) -> anyhow::Resul
         _ => None,
     };
     let blocked_over_unblocked = blocked.as_ref().and_then(|b| {
-        let nearest = sizes
-            .iter()
-            .min_by_key(|s| s.backlog.abs_diff(b.backlog))?;
+        let nearest = sizes.iter().min_by_key(|s| s.backlog.abs_diff(b.backlog))?;
         (nearest.e2e_jobs_per_s > 0.0)
             .then(|| (b.e2e_jobs_per_s / nearest.e2e_jobs_per_s * 100.0).round() / 100.0)
     });

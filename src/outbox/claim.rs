@@ -42,8 +42,11 @@ pub const CLAIM_SQL: &str = r#"
             UPDATE contact_sync.jobs j
             SET state = 'running', attempts = j.attempts + 1,
                 locked_until = now() + make_interval(secs => $3::bigint / 1000.0), locked_by = $4
-            -- = ANY(ARRAY(...)): primary-key probes, never a join the planner could hash
-            WHERE j.id = ANY(ARRAY(SELECT head_id FROM picked)) AND j.state = 'pending'
+            -- = ANY(ARRAY(...)): primary-key probes, never a join the planner could hash; the
+            -- state test is written so that no partial index can serve it (a plain
+            -- `state = 'pending'` let the planner AND the probes with a scan of the whole
+            -- pending index)
+            WHERE j.id = ANY(ARRAY(SELECT head_id FROM picked)) AND coalesce(j.state, '') = 'pending'
               AND NOT EXISTS (SELECT 1 FROM contact_sync.jobs r
                               WHERE r.contact_key = j.contact_key AND r.state = 'running')
             RETURNING j.id, j.provider, j.account, j.email, j.payload, j.attempts, j.max_attempts,
@@ -96,14 +99,14 @@ pub async fn claim(
     let limits: Vec<i32> = quotas.iter().map(|q| q.limit).collect();
     let max_followers = i64::try_from(max_followers.saturating_sub(1)).unwrap_or(0);
     sqlx::query_as::<_, ClaimedJob>(CLAIM_SQL)
-    .bind(&accounts)
-    .bind(&limits)
-    .bind(millis(lease))
-    .bind(worker_id)
-    .bind(default_max_attempts)
-    .bind(max_followers)
-    .fetch_all(pool)
-    .await
+        .bind(&accounts)
+        .bind(&limits)
+        .bind(millis(lease))
+        .bind(worker_id)
+        .bind(default_max_attempts)
+        .bind(max_followers)
+        .fetch_all(pool)
+        .await
 }
 
 /// Runs the claim statement for these quotas and rolls it back (the benchmark's and the plan

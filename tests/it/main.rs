@@ -10,6 +10,7 @@ mod cli;
 mod enqueue;
 mod model;
 mod ordering;
+mod plans;
 mod providers;
 mod reliability;
 mod retries;
