@@ -564,7 +564,12 @@ pub async fn run(args: BenchArgs, database_url: Option<String>) -> anyhow::Resul
     let blocked = if args.blocked_contacts > 0 && args.blocked_jobs > 0 {
         let stuck = blocked_jobs(args.blocked_contacts, args.blocked_depth);
         eprintln!("bench: blocked scenario: {} blocked jobs ...", stuck.len());
-        load(&pool, &stuck).await?;
+        // one producer: each contact's head is committed before the changes behind it
+        let mut conn = pool.acquire().await?;
+        for chunk in stuck.chunks(5000) {
+            enqueue_batch(&mut conn, chunk).await?;
+        }
+        drop(conn);
         let wave = args.sizes.len() + 1;
         let r = measure_size(
             &pool,

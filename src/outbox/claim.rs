@@ -133,6 +133,11 @@ pub async fn claim_rolled_back(
 }
 
 /// Extends the leases this worker still holds; returns the ids whose lease is still ours.
+///
+/// Rows another statement holds right now are skipped, never waited for: that is this worker's
+/// completer finishing them (a beat waiting for it, while it waits for the beat's rows in
+/// another order, was a deadlock), or a rescuer taking them. They still count as ours while the
+/// row says so.
 pub async fn extend_leases(
     pool: &PgPool,
     leases: &[Lease],
@@ -145,11 +150,22 @@ pub async fn extend_leases(
     sqlx::query_scalar(
         // language=PostgreSQL
         r#"
-        UPDATE contact_sync.jobs j
-        SET locked_until = now() + make_interval(secs => $3::bigint / 1000.0)
-        FROM unnest($1::bigint[], $2::int[]) AS t(id, attempt)
-        WHERE j.id = t.id AND j.state = 'running' AND j.attempts = t.attempt
-        RETURNING j.id
+        WITH mine AS (
+            SELECT j.id FROM contact_sync.jobs j
+            JOIN unnest($1::bigint[], $2::int[]) AS t(id, attempt) ON j.id = t.id AND j.attempts = t.attempt
+            -- primary-key probes
+            WHERE j.id = ANY($1) AND j.state = 'running'
+        ), locked AS (
+            SELECT j.id FROM contact_sync.jobs j
+            WHERE j.id = ANY(ARRAY(SELECT id FROM mine))
+            ORDER BY j.id
+            FOR NO KEY UPDATE SKIP LOCKED
+        ), extended AS (
+            UPDATE contact_sync.jobs j
+            SET locked_until = now() + make_interval(secs => $3::bigint / 1000.0)
+            WHERE j.id = ANY(ARRAY(SELECT id FROM locked)) AND j.state = 'running'
+        )
+        SELECT id FROM mine
         "#,
     )
     .bind(&ids)

@@ -137,10 +137,19 @@ async fn heartbeat(shared: &Shared) {
     }
     match claim::extend_leases(&shared.pool, &leases, shared.settings.worker.lease).await {
         Ok(held) if held.len() < leases.len() => {
-            tracing::warn!(
-                lost = leases.len() - held.len(),
-                "some leases were lost (rescued by another worker)"
-            );
+            // a job the completer finished since the beat began is not lost: only those still
+            // in flight here are
+            let held: std::collections::HashSet<_> = held.into_iter().collect();
+            let lost = match shared.in_flight.lock() {
+                Ok(f) => leases
+                    .iter()
+                    .filter(|l| !held.contains(&l.id) && f.get(&l.id) == Some(&l.attempt))
+                    .count(),
+                Err(_) => 0,
+            };
+            if lost > 0 {
+                tracing::warn!(lost, "some leases were lost (rescued by another worker)");
+            }
         }
         Ok(_) => {}
         Err(e) => tracing::warn!(error = %e, "lease heartbeat failed"),

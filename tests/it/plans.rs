@@ -1,5 +1,5 @@
-//! Claims cost what the batch costs, not what the table holds: the buffers the claim statement
-//! touches (EXPLAIN ANALYZE BUFFERS, rolled back) at 5,000 and 100,000 ready jobs, beside 51,000
+//! Claims cost what the batch costs, not what the table holds: the rows the claim statement
+//! reads (EXPLAIN ANALYZE, rolled back) at 5,000 and 100,000 ready jobs, beside 51,000
 //! jobs of blocked contacts, with statistics taken on an empty table and with fresh ones.
 
 use crate::helpers::TestDb;
@@ -195,4 +195,83 @@ async fn the_drain_probe_and_next_due_read_only_ready_contacts() {
     let (rows, ids, plan) = claim_plan(pool).await;
     assert!(ids.is_empty());
     assert!(rows < 10, "an empty claim read {rows} rows: {plan}");
+}
+
+/// The contacts queue follows every way a job changes, hand-written SQL included: the contact's
+/// next change becomes claimable when its head is cancelled, deleted, rescheduled or edited by
+/// hand, and a TRUNCATE empties the queue.
+#[tokio::test]
+async fn the_queue_follows_hand_written_changes() {
+    let db = TestDb::new().await;
+    let pool = &db.pool;
+    let ids: Vec<i64> = sqlx::query_scalar(
+        "INSERT INTO contact_sync.jobs (provider, account, email, payload)
+         SELECT 'justclick', $1, 'h@example.com', jsonb_build_object('lead_name', 'N' || g)
+         FROM generate_series(1, 4) g ORDER BY g RETURNING id",
+    )
+    .bind(ACCOUNT)
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    let head = |pool: &PgPool| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, Option<i64>>(
+                "SELECT head_id FROM contact_sync.contacts WHERE contact_key = 'justclick:plan_jc:h@example.com' AND NOT running",
+            )
+            .fetch_optional(&pool)
+            .await
+            .unwrap()
+            .flatten()
+        }
+    };
+    assert_eq!(head(pool).await, Some(ids[0]));
+    sqlx::query(
+        "UPDATE contact_sync.jobs SET state = 'cancelled', finished_at = now() WHERE id = $1",
+    )
+    .bind(ids[0])
+    .execute(pool)
+    .await
+    .unwrap();
+    assert_eq!(head(pool).await, Some(ids[1]));
+    sqlx::query("DELETE FROM contact_sync.jobs WHERE id = $1")
+        .bind(ids[1])
+        .execute(pool)
+        .await
+        .unwrap();
+    assert_eq!(head(pool).await, Some(ids[2]));
+    // rescheduled by hand: the contact waits for it
+    sqlx::query("UPDATE contact_sync.jobs SET run_at = now() + interval '1 hour' WHERE id = $1")
+        .bind(ids[2])
+        .execute(pool)
+        .await
+        .unwrap();
+    let (rows, claimed, _) = claim_plan(pool).await;
+    assert!(claimed.is_empty(), "{claimed:?}");
+    assert!(rows < 10);
+    // its address edited by hand: it leaves the contact, whose next change is ready
+    sqlx::query("UPDATE contact_sync.jobs SET email = 'moved@example.com' WHERE id = $1")
+        .bind(ids[2])
+        .execute(pool)
+        .await
+        .unwrap();
+    assert_eq!(head(pool).await, Some(ids[3]));
+    let (_, claimed, _) = claim_plan(pool).await;
+    assert_eq!(claimed, vec![ids[3]]);
+    // a cancelled job retried by hand goes back in front
+    sqlx::query("UPDATE contact_sync.jobs SET state = 'pending', finished_at = NULL WHERE id = $1")
+        .bind(ids[0])
+        .execute(pool)
+        .await
+        .unwrap();
+    assert_eq!(head(pool).await, Some(ids[0]));
+    sqlx::query("TRUNCATE contact_sync.jobs")
+        .execute(pool)
+        .await
+        .unwrap();
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM contact_sync.contacts")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    assert_eq!(left, 0);
 }
