@@ -39,29 +39,59 @@ CREATE INDEX contacts_reread_idx ON contact_sync.contacts (contact_key) WHERE he
 ALTER TABLE contact_sync.contacts SET (autovacuum_vacuum_scale_factor = 0.02, autovacuum_vacuum_threshold = 500,
                                        autovacuum_vacuum_cost_delay = 0);
 
+-- Contacts whose row another transaction held when a change of their jobs had to be reflected
+-- (an operator's or application's open transaction that updated a job): the sweep refreshes them
+-- later. Insert-only, no unique key, so recording one never waits.
+CREATE TABLE contact_sync.contacts_dirty (
+    contact_key text        NOT NULL,
+    noted_at    timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX contacts_dirty_key_idx ON contact_sync.contacts_dirty (contact_key);
+
 -- Brings the rows of these contacts in line with their jobs. Locks first, then reads (each
--- PL/pgSQL statement takes a fresh snapshot): rows no producer holds are locked FOR UPDATE and
--- may be deleted; rows a producer holds (FOR KEY SHARE) are locked FOR NO KEY UPDATE and, when
--- they look empty, are only marked to be read again.
+-- PL/pgSQL statement takes a fresh snapshot under READ COMMITTED): rows no one else holds are
+-- locked FOR UPDATE and may be deleted; rows a producer holds (FOR KEY SHARE) are locked FOR NO
+-- KEY UPDATE and, when they look empty, are only marked to be read again; rows another
+-- transaction has locked are never waited for: they are noted in contacts_dirty for the sweep.
+-- Under REPEATABLE READ or SERIALIZABLE the snapshot is the transaction's, older than the locks:
+-- then the rows are only marked to be read again (by the sweep, under READ COMMITTED).
 CREATE FUNCTION contact_sync.refresh_contacts(keys text[]) RETURNS void
 LANGUAGE plpgsql AS $fn$
 DECLARE
     strong text[];
+    weak text[];
 BEGIN
     IF keys IS NULL OR cardinality(keys) = 0 THEN
+        RETURN;
+    END IF;
+    IF current_setting('transaction_isolation') <> 'read committed' THEN
+        INSERT INTO contact_sync.contacts AS c (contact_key, account, head_id, run_at, running)
+        SELECT DISTINCT k, split_part(k, ':', 2), NULL::bigint, NULL::timestamptz, false FROM unnest(keys) k
+        ORDER BY 1
+        ON CONFLICT (contact_key) DO UPDATE SET head_id = NULL, run_at = NULL, running = false;
         RETURN;
     END IF;
     SELECT coalesce(array_agg(s.contact_key), '{}') INTO strong FROM (
         SELECT c.contact_key FROM contact_sync.contacts c
         WHERE c.contact_key = ANY(keys) ORDER BY c.contact_key FOR UPDATE SKIP LOCKED) s;
+    weak := '{}';
     IF cardinality(strong) < cardinality(keys) THEN
-        -- held by a producer (compatible) or by another worker (short): wait for the latter
-        PERFORM 1 FROM contact_sync.contacts c
-        WHERE c.contact_key = ANY(keys) AND c.contact_key NOT IN (SELECT unnest(strong))
-        ORDER BY c.contact_key FOR NO KEY UPDATE;
+        -- held by a producer (compatible), or locked by another transaction (skipped)
+        SELECT coalesce(array_agg(s.contact_key), '{}') INTO weak FROM (
+            SELECT c.contact_key FROM contact_sync.contacts c
+            WHERE c.contact_key = ANY(keys) AND c.contact_key NOT IN (SELECT unnest(strong))
+            ORDER BY c.contact_key FOR NO KEY UPDATE SKIP LOCKED) s;
+        -- rows that exist but could not be locked: for the sweep
+        INSERT INTO contact_sync.contacts_dirty (contact_key)
+        SELECT c.contact_key FROM contact_sync.contacts c
+        WHERE c.contact_key = ANY(keys)
+          AND c.contact_key NOT IN (SELECT unnest(strong) UNION ALL SELECT unnest(weak));
     END IF;
     WITH k AS (
+        -- the rows locked above, and contacts that have no row
         SELECT DISTINCT key FROM unnest(keys) AS key
+        WHERE key IN (SELECT unnest(strong) UNION ALL SELECT unnest(weak))
+           OR NOT EXISTS (SELECT 1 FROM contact_sync.contacts c WHERE c.contact_key = key)
     ), s AS (
         SELECT k.key, r.id AS running_id, r.account AS running_account,
                p.id AS pending_id, p.run_at, p.account AS pending_account
@@ -88,8 +118,20 @@ BEGIN
     )
     UPDATE contact_sync.contacts c
     SET head_id = NULL, run_at = NULL, running = false
-    WHERE c.contact_key = ANY(ARRAY(SELECT e.key FROM empty e WHERE e.key NOT IN (SELECT unnest(strong))))
+    WHERE c.contact_key = ANY(ARRAY(SELECT e.key FROM empty e WHERE e.key IN (SELECT unnest(weak))))
       AND (c.head_id IS NOT NULL OR c.running);
+END
+$fn$;
+
+-- After loading jobs with triggers off (pg_restore --disable-triggers, a replica role):
+-- SELECT contact_sync.rebuild_contacts(); rebuilds the queue from the open jobs.
+CREATE FUNCTION contact_sync.rebuild_contacts() RETURNS void
+LANGUAGE plpgsql AS $fn$
+BEGIN
+    PERFORM contact_sync.refresh_contacts(ARRAY(
+        SELECT DISTINCT contact_key FROM contact_sync.jobs WHERE state IN ('pending', 'running')
+        UNION
+        SELECT contact_key FROM contact_sync.contacts));
 END
 $fn$;
 
@@ -105,6 +147,15 @@ BEGIN
     PERFORM contact_sync.reject('contact_sync: run_at must be a finite time, got ' || n.run_at::text,
                                 'pass a timestamp (or omit run_at for now)', to_jsonb(n.id))
     FROM new_jobs n WHERE NOT isfinite(n.run_at);
+    IF current_setting('transaction_isolation') <> 'read committed' THEN
+        -- hold the rows that exist first: an INSERT that meets a row version this snapshot
+        -- cannot see would fail with a serialization error, a lock on it does not
+        PERFORM 1 FROM (
+            SELECT c.contact_key FROM contact_sync.contacts c
+            WHERE c.contact_key = ANY(ARRAY(SELECT DISTINCT n.contact_key FROM new_jobs n
+                                            WHERE n.state IN ('pending', 'running')))
+            ORDER BY c.contact_key FOR KEY SHARE) s;
+    END IF;
     -- first pass: every new contact in one set-based insert
     WITH first AS (
         SELECT DISTINCT ON (n.contact_key) n.contact_key, n.account, n.id, n.run_at, n.state
@@ -151,16 +202,18 @@ BEGIN
 END
 $fn$;
 
--- After each updating statement: refresh the contacts of the jobs it left in a state other than
--- `running`. A claim (pending -> running) keeps its contacts itself; lease renewals of running
--- jobs change nothing.
+-- After each updating statement: refresh the contacts of the jobs it left pending, or moved out
+-- of an open state. A claim (pending -> running) keeps its contacts itself; lease renewals and
+-- edits of finished jobs change nothing.
 CREATE FUNCTION contact_sync.jobs_after_update() RETURNS trigger
 LANGUAGE plpgsql AS $fn$
 BEGIN
     -- (no join of the two transition tables: they have no statistics and a nested loop over
     -- them is quadratic in the batch)
     PERFORM contact_sync.refresh_contacts(ARRAY(
-        SELECT n.contact_key FROM new_jobs n WHERE n.state <> 'running'
+        SELECT n.contact_key FROM new_jobs n
+        WHERE n.state = 'pending'
+           OR (n.state <> 'running' AND n.id IN (SELECT o.id FROM old_jobs o WHERE o.state IN ('pending', 'running')))
         UNION
         -- an open job that left its contact (its address edited by hand)
         SELECT o.contact_key FROM old_jobs o

@@ -38,6 +38,12 @@ pub const CLAIM_SQL: &str = r#"
                 LIMIT q.n
                 FOR NO KEY UPDATE SKIP LOCKED
             ) c
+        ), heads AS (
+            -- a head job another transaction holds is skipped, never waited for (its contact
+            -- stays as it is, for a later claim)
+            SELECT j.id FROM contact_sync.jobs j
+            WHERE j.id = ANY(ARRAY(SELECT head_id FROM picked))
+            FOR NO KEY UPDATE SKIP LOCKED
         ), claimed AS (
             UPDATE contact_sync.jobs j
             SET state = 'running', attempts = j.attempts + 1,
@@ -46,7 +52,7 @@ pub const CLAIM_SQL: &str = r#"
             -- state test is written so that no partial index can serve it (a plain
             -- `state = 'pending'` let the planner AND the probes with a scan of the whole
             -- pending index)
-            WHERE j.id = ANY(ARRAY(SELECT head_id FROM picked)) AND coalesce(j.state, '') = 'pending'
+            WHERE j.id = ANY(ARRAY(SELECT id FROM heads)) AND coalesce(j.state, '') = 'pending'
               AND NOT EXISTS (SELECT 1 FROM contact_sync.jobs r
                               WHERE r.contact_key = j.contact_key AND r.state = 'running')
             RETURNING j.id, j.provider, j.account, j.email, j.payload, j.attempts, j.max_attempts,
@@ -57,6 +63,7 @@ pub const CLAIM_SQL: &str = r#"
                 head_id = CASE WHEN c.head_id IN (SELECT id FROM claimed) THEN c.head_id END,
                 run_at = CASE WHEN c.head_id IN (SELECT id FROM claimed) THEN c.run_at END
             WHERE c.contact_key = ANY(ARRAY(SELECT contact_key FROM picked))
+              AND c.head_id IN (SELECT id FROM heads)
         )
         -- payload and followers as text: the worker decodes each job on its own, so one row it
         -- cannot read is parked alone instead of failing the whole batch
@@ -222,14 +229,24 @@ pub async fn next_due_in(
 }
 
 /// Reads again the contacts left to be re-read (a producer held the row while its last job
-/// finished), at most `limit`; returns how many were looked at.
+/// finished, or another transaction held it while a job changed), at most `limit` of each kind,
+/// in random order so that rows still held cannot starve the others; returns how many were
+/// looked at.
 pub async fn reread_contacts(pool: &PgPool, limit: i64) -> Result<i64, sqlx::Error> {
     sqlx::query_scalar(
         // language=PostgreSQL
         r#"
-        WITH k AS (
-            SELECT coalesce(array_agg(contact_key), '{}') AS keys FROM (
-                SELECT contact_key FROM contact_sync.contacts WHERE head_id IS NULL LIMIT $1) s
+        WITH noted AS (
+            DELETE FROM contact_sync.contacts_dirty d
+            WHERE d.ctid = ANY(ARRAY(SELECT ctid FROM contact_sync.contacts_dirty LIMIT $1))
+            RETURNING d.contact_key
+        ), k AS (
+            SELECT ARRAY(
+                SELECT contact_key FROM noted
+                UNION
+                SELECT contact_key FROM (
+                    SELECT contact_key FROM contact_sync.contacts WHERE head_id IS NULL
+                    ORDER BY random() LIMIT $1) r) AS keys
         )
         SELECT cardinality(keys)::bigint FROM k, LATERAL contact_sync.refresh_contacts(k.keys)
         "#,

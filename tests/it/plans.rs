@@ -275,3 +275,114 @@ async fn the_queue_follows_hand_written_changes() {
         .unwrap();
     assert_eq!(left, 0);
 }
+
+async fn one_contact(pool: &PgPool, email: &str, n: i64) -> Vec<i64> {
+    sqlx::query_scalar(
+        "INSERT INTO contact_sync.jobs (provider, account, email, payload)
+         SELECT 'justclick', $1, $2, jsonb_build_object('lead_name', 'N' || g)
+         FROM generate_series(1, $3::bigint) g ORDER BY g RETURNING id",
+    )
+    .bind(ACCOUNT)
+    .bind(email)
+    .bind(n)
+    .fetch_all(pool)
+    .await
+    .unwrap()
+}
+
+/// Found by the adversarial review: an operator's change under REPEATABLE READ computed the
+/// contact's next head from its old snapshot and deleted the row under a newer job.
+#[tokio::test]
+async fn a_change_under_repeatable_read_strands_nothing() {
+    let db = TestDb::new().await;
+    let pool = &db.pool;
+    let first = one_contact(pool, "rr@example.com", 1).await;
+    let mut op = pool.begin().await.unwrap();
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        .execute(&mut *op)
+        .await
+        .unwrap();
+    let _: i64 = sqlx::query_scalar("SELECT count(*) FROM contact_sync.jobs")
+        .fetch_one(&mut *op)
+        .await
+        .unwrap();
+    // committed after the operator's snapshot
+    let second = one_contact(pool, "rr@example.com", 1).await;
+    sqlx::query(
+        "UPDATE contact_sync.jobs SET state = 'cancelled', finished_at = now() WHERE id = $1",
+    )
+    .bind(first[0])
+    .execute(&mut *op)
+    .await
+    .unwrap();
+    op.commit().await.unwrap();
+    contact_sync::outbox::claim::reread_contacts(pool, 100)
+        .await
+        .unwrap();
+    let (_, claimed, _) = claim_plan(pool).await;
+    assert_eq!(claimed, second);
+}
+
+/// Found by the adversarial review: the claim waited for (and could deadlock with) a
+/// transaction holding a head job; a completion waited for an operator's open transaction.
+#[tokio::test]
+async fn workers_never_wait_for_an_open_transaction() {
+    let db = TestDb::new().await;
+    let pool = &db.pool;
+    let held = one_contact(pool, "held@example.com", 1).await;
+    let free = one_contact(pool, "free@example.com", 1).await;
+    let mut app = pool.begin().await.unwrap();
+    sqlx::query("SELECT id FROM contact_sync.jobs WHERE id = $1 FOR SHARE")
+        .bind(held[0])
+        .execute(&mut *app)
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let (_, claimed, _) = claim_plan(pool).await;
+    assert!(started.elapsed() < std::time::Duration::from_secs(2));
+    assert_eq!(claimed, free, "the held head is skipped, the other claimed");
+    app.rollback().await.unwrap();
+
+    // x: one job running, one pending; an operator's open transaction reschedules the pending
+    // one (and so holds x's queue row) while the running one finishes
+    let x = one_contact(pool, "x@example.com", 2).await;
+    sqlx::query("UPDATE contact_sync.jobs SET state = 'running', attempts = 1, locked_until = now() + interval '1 minute' WHERE id = $1")
+        .bind(x[0])
+        .execute(pool)
+        .await
+        .unwrap();
+    contact_sync::outbox::claim::reread_contacts(pool, 100)
+        .await
+        .unwrap();
+    let mut op = pool.begin().await.unwrap();
+    sqlx::query("UPDATE contact_sync.jobs SET run_at = now() WHERE id = $1")
+        .bind(x[1])
+        .execute(&mut *op)
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut worker = pool.begin().await.unwrap();
+    sqlx::query("SET LOCAL statement_timeout = '5s'")
+        .execute(&mut *worker)
+        .await
+        .unwrap();
+    sqlx::query(
+        "UPDATE contact_sync.jobs SET state = 'succeeded', finished_at = now() WHERE id = $1",
+    )
+    .bind(x[0])
+    .execute(&mut *worker)
+    .await
+    .unwrap();
+    worker.commit().await.unwrap();
+    assert!(started.elapsed() < std::time::Duration::from_secs(2));
+    op.commit().await.unwrap();
+    contact_sync::outbox::claim::reread_contacts(pool, 100)
+        .await
+        .unwrap();
+    let (_, claimed, _) = claim_plan(pool).await;
+    assert_eq!(
+        claimed,
+        vec![x[1]],
+        "the contact's next job is ready once the row is free"
+    );
+}
