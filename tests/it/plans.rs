@@ -380,9 +380,8 @@ async fn workers_never_wait_for_an_open_transaction() {
         .await
         .unwrap();
     let (_, claimed, _) = claim_plan(pool).await;
-    assert_eq!(
-        claimed,
-        vec![x[1]],
-        "the contact's next job is ready once the row is free"
+    assert!(
+        claimed.contains(&x[1]),
+        "the contact's next job is ready once the row is free: {claimed:?}"
     );
 }
