@@ -277,7 +277,18 @@ pub async fn cancel(
 ) -> Result<(ActionResult, Option<String>), sqlx::Error> {
     let done = sqlx::query(
         // language=PostgreSQL
-        "UPDATE contact_sync.jobs SET state = 'cancelled', finished_at = now() WHERE id = $1 AND state IN ('pending', 'dead')",
+        r#"
+        -- the contact's queue row first, then the job: the order a claim takes them in (a
+        -- claim holding the row while waiting for the job, and this the other way round, would
+        -- deadlock)
+        WITH held AS (
+            SELECT c.contact_key FROM contact_sync.contacts c
+            WHERE c.contact_key = (SELECT j.contact_key FROM contact_sync.jobs j WHERE j.id = $1)
+            FOR NO KEY UPDATE
+        )
+        UPDATE contact_sync.jobs SET state = 'cancelled', finished_at = now()
+        WHERE id = $1 AND state IN ('pending', 'dead') AND (SELECT count(*) FROM held) >= 0
+        "#,
     )
     .bind(id)
     .execute(pool)

@@ -24,7 +24,9 @@ fn millis(d: Duration) -> i64 {
 /// with the `FOR KEY SHARE` a producer holds), moves each head job to `running` and the contact
 /// to `running`, and reads each head's consecutive due followers (at most `$6`) from the
 /// contact's pending jobs. A head that is no longer `pending` (changed by hand) leaves its
-/// contact to be read again; the unique index on running contacts stays the last word.
+/// contact to be read again; the unique index on running contacts stays the last word. Head
+/// jobs are not locked on their own (that would cost a write per job): whoever changes a
+/// pending job takes its contact's row first, as the operator commands do.
 #[doc(hidden)]
 pub const CLAIM_SQL: &str = r#"
         WITH picked AS (
@@ -38,12 +40,6 @@ pub const CLAIM_SQL: &str = r#"
                 LIMIT q.n
                 FOR NO KEY UPDATE SKIP LOCKED
             ) c
-        ), heads AS (
-            -- a head job another transaction holds is skipped, never waited for (its contact
-            -- stays as it is, for a later claim)
-            SELECT j.id FROM contact_sync.jobs j
-            WHERE j.id = ANY(ARRAY(SELECT head_id FROM picked))
-            FOR NO KEY UPDATE SKIP LOCKED
         ), claimed AS (
             UPDATE contact_sync.jobs j
             SET state = 'running', attempts = j.attempts + 1,
@@ -52,7 +48,7 @@ pub const CLAIM_SQL: &str = r#"
             -- state test is written so that no partial index can serve it (a plain
             -- `state = 'pending'` let the planner AND the probes with a scan of the whole
             -- pending index)
-            WHERE j.id = ANY(ARRAY(SELECT id FROM heads)) AND coalesce(j.state, '') = 'pending'
+            WHERE j.id = ANY(ARRAY(SELECT head_id FROM picked)) AND coalesce(j.state, '') = 'pending'
               AND NOT EXISTS (SELECT 1 FROM contact_sync.jobs r
                               WHERE r.contact_key = j.contact_key AND r.state = 'running')
             RETURNING j.id, j.provider, j.account, j.email, j.payload, j.attempts, j.max_attempts,
@@ -63,7 +59,6 @@ pub const CLAIM_SQL: &str = r#"
                 head_id = CASE WHEN c.head_id IN (SELECT id FROM claimed) THEN c.head_id END,
                 run_at = CASE WHEN c.head_id IN (SELECT id FROM claimed) THEN c.run_at END
             WHERE c.contact_key = ANY(ARRAY(SELECT contact_key FROM picked))
-              AND c.head_id IN (SELECT id FROM heads)
         )
         -- payload and followers as text: the worker decodes each job on its own, so one row it
         -- cannot read is parked alone instead of failing the whole batch

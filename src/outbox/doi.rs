@@ -151,18 +151,19 @@ pub async fn enqueue_due_resends(pool: &PgPool) -> Result<Vec<JobId>, sqlx::Erro
     // still open (the first change of that contact, not committed yet), and the worker never
     // waits for an application's transaction. All at once under a short lock timeout; if one
     // contact is held, one by one, leaving the held ones for a later sweep.
-    match resends_with_timeout(pool, None).await {
+    // (at most 20 × 50 ms one by one: the sweep also rescues expired leases)
+    match resends_with_timeout(pool, None, 200).await {
         Err(e) if is_lock_timeout(&e) => {}
         other => return other,
     }
     let due: Vec<JobId> = sqlx::query_scalar(
-        "SELECT job_id FROM contact_sync.doi_deferred WHERE due_at <= now() ORDER BY due_at LIMIT 50",
+        "SELECT job_id FROM contact_sync.doi_deferred WHERE due_at <= now() ORDER BY due_at LIMIT 20",
     )
     .fetch_all(pool)
     .await?;
     let mut ids = Vec::new();
     for job_id in due {
-        match resends_with_timeout(pool, Some(job_id)).await {
+        match resends_with_timeout(pool, Some(job_id), 50).await {
             Ok(mut new) => ids.append(&mut new),
             Err(e) if is_lock_timeout(&e) => {}
             Err(e) => return Err(e),
@@ -178,9 +179,11 @@ fn is_lock_timeout(e: &sqlx::Error) -> bool {
 async fn resends_with_timeout(
     pool: &PgPool,
     only: Option<JobId>,
+    lock_timeout_ms: u32,
 ) -> Result<Vec<JobId>, sqlx::Error> {
     let mut tx = pool.begin().await?;
-    sqlx::query("SET LOCAL lock_timeout = '200ms'")
+    sqlx::query("SELECT set_config('lock_timeout', $1, true)")
+        .bind(format!("{lock_timeout_ms}ms"))
         .execute(&mut *tx)
         .await?;
     let ids = sqlx::query_scalar(

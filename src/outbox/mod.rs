@@ -1,4 +1,5 @@
-//! The outbox: the only module with SQL on `contact_sync.jobs` (and the double-opt-in tables).
+//! The outbox: the only module with SQL on `contact_sync.jobs`, the queue of contacts
+//! (`contact_sync.contacts`, kept by triggers) and the double-opt-in tables.
 //!
 //! Who moves each state, and when:
 //! ```text
