@@ -156,29 +156,10 @@ BEGIN
                                             WHERE n.state IN ('pending', 'running')))
             ORDER BY c.contact_key FOR KEY SHARE) s;
     END IF;
-    -- first pass: every new contact in one set-based insert
-    WITH first AS (
-        SELECT DISTINCT ON (n.contact_key) n.contact_key, n.account, n.id, n.run_at, n.state
-        FROM new_jobs n
-        WHERE n.state IN ('pending', 'running')
-        ORDER BY n.contact_key, (n.state = 'running') DESC, n.id
-    ), ins AS (
-        INSERT INTO contact_sync.contacts (contact_key, account, head_id, run_at, running)
-        SELECT f.contact_key, f.account, f.id, CASE WHEN f.state = 'pending' THEN f.run_at END, f.state = 'running'
-        FROM first f ORDER BY f.contact_key
-        ON CONFLICT (contact_key) DO NOTHING
-        RETURNING contact_key
-    )
-    SELECT ARRAY(SELECT DISTINCT n.contact_key FROM new_jobs n WHERE n.state IN ('pending', 'running')
-                 EXCEPT SELECT contact_key FROM ins) INTO todo;
+    todo := ARRAY(SELECT DISTINCT n.contact_key FROM new_jobs n WHERE n.state IN ('pending', 'running'));
     FOR pass IN 1..10 LOOP
         EXIT WHEN cardinality(todo) = 0;
-        -- contacts that already have a row: hold it until commit
-        SELECT ARRAY(SELECT unnest(todo) EXCEPT SELECT s.contact_key FROM (
-            SELECT c.contact_key FROM contact_sync.contacts c
-            WHERE c.contact_key = ANY(todo) ORDER BY c.contact_key FOR KEY SHARE) s) INTO todo;
-        EXIT WHEN cardinality(todo) = 0;
-        -- deleted meanwhile: insert again
+        -- a new contact: its row, head = its first new job (one set-based insert)
         WITH first AS (
             SELECT DISTINCT ON (n.contact_key) n.contact_key, n.account, n.id, n.run_at, n.state
             FROM new_jobs n
@@ -192,6 +173,11 @@ BEGIN
             RETURNING contact_key
         )
         SELECT ARRAY(SELECT unnest(todo) EXCEPT SELECT contact_key FROM ins) INTO todo;
+        EXIT WHEN cardinality(todo) = 0;
+        -- a contact that already has a row: hold it until commit (deleted meanwhile: next pass)
+        SELECT ARRAY(SELECT unnest(todo) EXCEPT SELECT s.contact_key FROM (
+            SELECT c.contact_key FROM contact_sync.contacts c
+            WHERE c.contact_key = ANY(todo) ORDER BY c.contact_key FOR KEY SHARE) s) INTO todo;
     END LOOP;
     IF cardinality(todo) > 0 THEN
         -- only after ten deletes of one row in a row: read those contacts again

@@ -79,6 +79,33 @@ async fn analyze(pool: &PgPool) {
     }
 }
 
+/// `contacts` contacts, each with a head scheduled an hour later and `depth` changes behind it.
+async fn blocked_contacts(pool: &PgPool, prefix: &str, contacts: i64, depth: i64) {
+    sqlx::query(
+        "INSERT INTO contact_sync.jobs (provider, account, email, payload, run_at)
+         SELECT 'justclick', $1, $2 || c || '@example.com', '{}', now() + interval '1 hour'
+         FROM generate_series(1, $3::bigint) c",
+    )
+    .bind(ACCOUNT)
+    .bind(prefix)
+    .bind(contacts)
+    .execute(pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO contact_sync.jobs (provider, account, email, payload)
+         SELECT 'justclick', $1, $2 || c || '@example.com', jsonb_build_object('lead_name', 'B' || d)
+         FROM generate_series(1, $3::bigint) c, generate_series(1, $4::bigint) d",
+    )
+    .bind(ACCOUNT)
+    .bind(prefix)
+    .bind(contacts)
+    .bind(depth)
+    .execute(pool)
+    .await
+    .unwrap();
+}
+
 async fn ready(pool: &PgPool, from: i64, to: i64) {
     sqlx::query(
         "INSERT INTO contact_sync.jobs (provider, account, email, payload)
@@ -108,24 +135,7 @@ async fn a_claim_costs_the_batch_not_the_backlog() {
     assert_eq!(ids.len(), 256);
 
     // 1,000 contacts behind a head scheduled an hour later, 50 changes each
-    sqlx::query(
-        "INSERT INTO contact_sync.jobs (provider, account, email, payload, run_at)
-         SELECT 'justclick', $1, 'blocked' || c || '@example.com', '{}', now() + interval '1 hour'
-         FROM generate_series(1, 1000) c",
-    )
-    .bind(ACCOUNT)
-    .execute(pool)
-    .await
-    .unwrap();
-    sqlx::query(
-        "INSERT INTO contact_sync.jobs (provider, account, email, payload)
-         SELECT 'justclick', $1, 'blocked' || c || '@example.com', jsonb_build_object('lead_name', 'B' || d)
-         FROM generate_series(1, 1000) c, generate_series(1, 50) d",
-    )
-    .bind(ACCOUNT)
-    .execute(pool)
-    .await
-    .unwrap();
+    blocked_contacts(pool, "blocked", 1000, 50).await;
     let (blocked, ids) = claim_rows(pool).await;
     assert_eq!(ids.len(), 256);
     let from_blocked: i64 = sqlx::query_scalar(
@@ -163,24 +173,7 @@ async fn the_drain_probe_and_next_due_read_only_ready_contacts() {
     let db = TestDb::new().await;
     let pool = &db.pool;
     // only blocked contacts: nothing is runnable, and finding that out is cheap
-    sqlx::query(
-        "INSERT INTO contact_sync.jobs (provider, account, email, payload, run_at)
-         SELECT 'justclick', $1, 'b' || c || '@example.com', '{}', now() + interval '1 hour'
-         FROM generate_series(1, 2000) c",
-    )
-    .bind(ACCOUNT)
-    .execute(pool)
-    .await
-    .unwrap();
-    sqlx::query(
-        "INSERT INTO contact_sync.jobs (provider, account, email, payload)
-         SELECT 'justclick', $1, 'b' || c || '@example.com', '{}'
-         FROM generate_series(1, 2000) c, generate_series(1, 20) d",
-    )
-    .bind(ACCOUNT)
-    .execute(pool)
-    .await
-    .unwrap();
+    blocked_contacts(pool, "b", 2000, 20).await;
     let accounts = vec![ACCOUNT.to_string()];
     assert!(
         !contact_sync::outbox::claim::runnable_exists(pool, &accounts)
