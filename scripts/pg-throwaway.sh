@@ -45,8 +45,22 @@ max_connections = ${PG_MAX_CONNECTIONS:-400}
 shared_buffers = 256MB
 ${PG_EXTRA_CONF:-}
 CONF
-    "${PG_RUN[@]}" "$PG_BIN/pg_ctl" -D "$PG_TMP/data" -l "$PG_TMP/server.log" -w -t 60 start >/dev/null \
-        || { cat "$PG_TMP/server.log" >&2; return 1; }
+    # A port found free can be taken before the server binds it (a cluster that was just
+    # stopping, another run): then try the next free one.
+    local attempt
+    for attempt in 1 2 3 4 5; do
+        "${PG_RUN[@]}" "$PG_BIN/pg_ctl" -D "$PG_TMP/data" -l "$PG_TMP/server.log" -w -t 60 start >/dev/null && break
+        if [ "$attempt" = 5 ] || ! grep -q "could not bind\|could not create any TCP/IP sockets" "$PG_TMP/server.log"; then
+            cat "$PG_TMP/server.log" >&2
+            return 1
+        fi
+        for port in $(seq $((PG_PORT + 1)) 55632); do
+            (echo >"/dev/tcp/127.0.0.1/$port") 2>/dev/null || break
+        done
+        PG_PORT=$port
+        echo "port = $PG_PORT" >>"$PG_TMP/data/postgresql.conf"
+        : >"$PG_TMP/server.log"
+    done
     export DATABASE_URL="postgres://postgres@127.0.0.1:$PG_PORT/postgres"
     export CONTACT_SYNC_TEST_PGBIN="$PG_BIN" CONTACT_SYNC_TEST_PGDATA="$PG_TMP/data"
     if [ "$(id -u)" = "0" ]; then export CONTACT_SYNC_TEST_PGUSER=postgres; fi
