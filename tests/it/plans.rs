@@ -197,15 +197,7 @@ async fn the_drain_probe_and_next_due_read_only_ready_contacts() {
 async fn the_queue_follows_hand_written_changes() {
     let db = TestDb::new().await;
     let pool = &db.pool;
-    let ids: Vec<i64> = sqlx::query_scalar(
-        "INSERT INTO contact_sync.jobs (provider, account, email, payload)
-         SELECT 'justclick', $1, 'h@example.com', jsonb_build_object('lead_name', 'N' || g)
-         FROM generate_series(1, 4) g ORDER BY g RETURNING id",
-    )
-    .bind(ACCOUNT)
-    .fetch_all(pool)
-    .await
-    .unwrap();
+    let ids = one_contact(pool, "h@example.com", 4).await;
     let head = |pool: &PgPool| {
         let pool = pool.clone();
         async move {
@@ -219,44 +211,42 @@ async fn the_queue_follows_hand_written_changes() {
         }
     };
     assert_eq!(head(pool).await, Some(ids[0]));
-    sqlx::query(
+    on_job(
+        pool,
         "UPDATE contact_sync.jobs SET state = 'cancelled', finished_at = now() WHERE id = $1",
+        ids[0],
     )
-    .bind(ids[0])
-    .execute(pool)
-    .await
-    .unwrap();
+    .await;
     assert_eq!(head(pool).await, Some(ids[1]));
-    sqlx::query("DELETE FROM contact_sync.jobs WHERE id = $1")
-        .bind(ids[1])
-        .execute(pool)
-        .await
-        .unwrap();
+    on_job(pool, "DELETE FROM contact_sync.jobs WHERE id = $1", ids[1]).await;
     assert_eq!(head(pool).await, Some(ids[2]));
     // rescheduled by hand: the contact waits for it
-    sqlx::query("UPDATE contact_sync.jobs SET run_at = now() + interval '1 hour' WHERE id = $1")
-        .bind(ids[2])
-        .execute(pool)
-        .await
-        .unwrap();
+    on_job(
+        pool,
+        "UPDATE contact_sync.jobs SET run_at = now() + interval '1 hour' WHERE id = $1",
+        ids[2],
+    )
+    .await;
     let (rows, claimed, _) = claim_plan(pool).await;
     assert!(claimed.is_empty(), "{claimed:?}");
     assert!(rows < 10);
     // its address edited by hand: it leaves the contact, whose next change is ready
-    sqlx::query("UPDATE contact_sync.jobs SET email = 'moved@example.com' WHERE id = $1")
-        .bind(ids[2])
-        .execute(pool)
-        .await
-        .unwrap();
+    on_job(
+        pool,
+        "UPDATE contact_sync.jobs SET email = 'moved@example.com' WHERE id = $1",
+        ids[2],
+    )
+    .await;
     assert_eq!(head(pool).await, Some(ids[3]));
     let (_, claimed, _) = claim_plan(pool).await;
     assert_eq!(claimed, vec![ids[3]]);
     // a cancelled job retried by hand goes back in front
-    sqlx::query("UPDATE contact_sync.jobs SET state = 'pending', finished_at = NULL WHERE id = $1")
-        .bind(ids[0])
-        .execute(pool)
-        .await
-        .unwrap();
+    on_job(
+        pool,
+        "UPDATE contact_sync.jobs SET state = 'pending', finished_at = NULL WHERE id = $1",
+        ids[0],
+    )
+    .await;
     assert_eq!(head(pool).await, Some(ids[0]));
     sqlx::query("TRUNCATE contact_sync.jobs")
         .execute(pool)
@@ -267,6 +257,11 @@ async fn the_queue_follows_hand_written_changes() {
         .await
         .unwrap();
     assert_eq!(left, 0);
+}
+
+/// Runs one hand-written statement on one job (`$1`).
+async fn on_job(pool: &PgPool, sql: &str, id: i64) {
+    sqlx::query(sql).bind(id).execute(pool).await.unwrap();
 }
 
 async fn one_contact(pool: &PgPool, email: &str, n: i64) -> Vec<i64> {
