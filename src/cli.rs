@@ -154,6 +154,11 @@ pub struct EnqueueArgs {
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    // A daemon handles SIGTERM from its first moment: before the configuration is read.
+    let signals = match cli.command {
+        Command::Run { .. } | Command::Sandbox { .. } => Some(shutdown::Shutdown::on_signals()),
+        _ => None,
+    };
     let settings = Settings::load(cli.config.as_deref()).context("loading configuration")?;
     match cli.command {
         Command::Demo => {
@@ -286,7 +291,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Command::Run { drain, migrate } => run_worker(settings, drain, migrate).await,
+        Command::Run { drain, migrate } => {
+            run_worker(settings, signals.unwrap_or_default(), drain, migrate).await
+        }
         Command::Enqueue(args) => {
             let pool = connect(&settings).await?;
             match &args.file {
@@ -367,8 +374,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     sandbox.smartlink_base_url()
                 );
             }
-            let stop = shutdown::on_signals();
-            stop.cancelled().await;
+            signals.unwrap_or_default().graceful.cancelled().await;
             sandbox.stop().await;
             Ok(ExitCode::SUCCESS)
         }
@@ -391,14 +397,19 @@ fn redact_db_error(e: &sqlx::Error) -> String {
     crate::providers::outcome::error_chain(e)
 }
 
-async fn run_worker(settings: Settings, drain: bool, migrate: bool) -> anyhow::Result<ExitCode> {
+async fn run_worker(
+    settings: Settings,
+    signals: shutdown::Shutdown,
+    drain: bool,
+    migrate: bool,
+) -> anyhow::Result<ExitCode> {
     let registry = Registry::from_settings(&settings)?;
     if registry.is_empty() {
         tracing::warn!(
             "no [accounts] configured: jobs will wait until configuration names their account"
         );
     }
-    let stop = shutdown::on_signals();
+    let stop = signals.graceful.clone();
     // Wait for the database at start (a daemon may start before Postgres).
     let url = settings.database_url()?.clone();
     let options = PgPoolOptions::new()
@@ -433,9 +444,9 @@ async fn run_worker(settings: Settings, drain: bool, migrate: bool) -> anyhow::R
     let admin = crate::admin::spawn(&settings, pool.clone(), stop.clone()).await?;
     let worker = Worker::new(pool.clone(), settings, registry);
     let report = if drain {
-        worker.drain_until(stop.clone()).await
+        worker.drain_until(signals.clone()).await
     } else {
-        worker.run(stop.clone()).await
+        worker.run(signals.clone()).await
     };
     // A drain succeeds only if none of its own claims is left `running`.
     let held = if drain {

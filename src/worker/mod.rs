@@ -23,12 +23,12 @@ use crate::config::Settings;
 use crate::outbox::JobId;
 use crate::providers::Registry;
 use rate_limit::RateLimits;
+pub use shutdown::Shutdown;
 use sqlx::PgPool;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::sync::Notify;
-use tokio_util::sync::CancellationToken;
 
 /// State shared by the worker's tasks.
 pub(crate) struct Shared {
@@ -148,21 +148,23 @@ impl Worker {
 
     /// Runs until `shutdown` fires: then stops claiming, lets in-flight calls finish within
     /// `worker.shutdown_timeout`, and puts unfinished claims back.
-    pub async fn run(&self, shutdown: CancellationToken) -> Report {
-        producer::run(self.shared.clone(), shutdown, false).await;
+    /// A [`Shutdown`] also carries a second stage: when its `force` fires, in-flight calls are
+    /// abandoned at once and their claims put back.
+    pub async fn run(&self, shutdown: impl Into<Shutdown>) -> Report {
+        producer::run(self.shared.clone(), shutdown.into(), false).await;
         self.report()
     }
 
     /// Runs until no job of this worker's accounts is runnable now and none is in flight
     /// (`contact-sync run --drain`; what tests use instead of sleeping).
     pub async fn drain(&self) -> Report {
-        producer::run(self.shared.clone(), CancellationToken::new(), true).await;
+        producer::run(self.shared.clone(), Shutdown::new(), true).await;
         self.report()
     }
 
     /// [`Worker::drain`] that also stops when `shutdown` fires.
-    pub async fn drain_until(&self, shutdown: CancellationToken) -> Report {
-        producer::run(self.shared.clone(), shutdown, true).await;
+    pub async fn drain_until(&self, shutdown: impl Into<Shutdown>) -> Report {
+        producer::run(self.shared.clone(), shutdown.into(), true).await;
         self.report()
     }
 }

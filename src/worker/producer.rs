@@ -3,6 +3,7 @@
 //! jittered poll interval. Shutdown and drain end it here.
 
 use super::executor::{self, Completion};
+use super::shutdown::Shutdown;
 use super::{completer, maintenance, Shared};
 use crate::metrics::{self as m, JobEvent};
 use crate::outbox::{claim, complete, doi, Lease};
@@ -18,11 +19,29 @@ fn jittered(d: Duration) -> Duration {
     d.mul_f64(factor)
 }
 
+/// Runs `work` to the end, or, once the shutdown is forced, for at most [`FORCED_WAIT`] more.
+async fn bounded_if_forced<T>(
+    stop: &Shutdown,
+    work: impl std::future::Future<Output = T>,
+) -> Option<T> {
+    tokio::pin!(work);
+    tokio::select! {
+        done = &mut work => return Some(done),
+        _ = stop.force.cancelled() => {}
+    }
+    tokio::time::timeout(FORCED_WAIT, work).await.ok()
+}
+
 fn is_unique_violation(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(db) if db.code().as_deref() == Some("23505"))
 }
 
-pub async fn run(shared: Arc<Shared>, shutdown: CancellationToken, drain: bool) {
+/// How long a forced shutdown waits for the completer and the release before giving up (the
+/// leases then expire and the jobs come back on their own).
+const FORCED_WAIT: Duration = Duration::from_secs(3);
+
+pub async fn run(shared: Arc<Shared>, stop: Shutdown, drain: bool) {
+    let shutdown = stop.graceful.clone();
     let w = shared.settings.worker.clone();
     let slots = Arc::new(Semaphore::new(w.concurrency));
     let (tx, rx) = mpsc::unbounded_channel::<Completion>();
@@ -162,7 +181,8 @@ pub async fn run(shared: Arc<Shared>, shutdown: CancellationToken, drain: bool) 
         }
     }
 
-    // Shutdown: finish in-flight calls within the timeout, then release what is left.
+    // Shutdown: finish in-flight calls within the timeout (or until a second signal), then
+    // release what is left.
     let deadline = tokio::time::sleep(w.shutdown_timeout);
     tokio::pin!(deadline);
     loop {
@@ -174,11 +194,22 @@ pub async fn run(shared: Arc<Shared>, shutdown: CancellationToken, drain: bool) 
                 while tasks.join_next().await.is_some() {}
                 break;
             }
+            _ = stop.force.cancelled() => {
+                tracing::warn!(abandoned = tasks.len(), "forced shutdown: abandoning in-flight calls");
+                tasks.abort_all();
+                while tasks.join_next().await.is_some() {}
+                break;
+            }
         }
     }
     drop(tx);
-    if let Err(e) = completer.await {
-        tracing::error!(error = %e, "completer task failed");
+    let completer_done = async {
+        if let Err(e) = completer.await {
+            tracing::error!(error = %e, "completer task failed");
+        }
+    };
+    if bounded_if_forced(&stop, completer_done).await.is_none() {
+        tracing::warn!("forced shutdown: outcomes not yet recorded are left to the lease");
     }
     let leftover: Vec<Lease> = shared
         .in_flight
@@ -190,11 +221,15 @@ pub async fn run(shared: Arc<Shared>, shutdown: CancellationToken, drain: bool) 
         })
         .unwrap_or_default();
     if !leftover.is_empty() {
-        match complete::release(&shared.pool, &leftover, false).await {
-            Ok(n) => tracing::info!(released = n, "unfinished claims put back"),
-            Err(e) => {
+        let released = complete::release(&shared.pool, &leftover, false);
+        match bounded_if_forced(&stop, released).await {
+            Some(Ok(n)) => tracing::info!(released = n, "unfinished claims put back"),
+            Some(Err(e)) => {
                 tracing::warn!(error = %e, "could not release claims; their leases will expire")
             }
+            None => tracing::warn!(
+                "forced shutdown: could not release claims in time; their leases will expire"
+            ),
         }
     }
     background.cancel();

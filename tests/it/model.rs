@@ -840,6 +840,18 @@ impl Workers<'_> {
 
     /// SIGTERM to every worker; returns those that did not exit 0 in time.
     async fn stop(&mut self) -> Vec<String> {
+        // A process signalled before its first instruction dies of the signal, as any program
+        // does; the worker installs its handlers before it reads its configuration, and logs
+        // only after that: wait for its first line.
+        for (name, _) in &self.alive {
+            let log = self.dir.join(format!("{name}.stderr"));
+            let until = Instant::now() + Duration::from_secs(10);
+            while std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0) == 0
+                && Instant::now() < until
+            {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
         for (_, child) in &self.alive {
             sigterm(child);
         }

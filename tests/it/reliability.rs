@@ -313,6 +313,42 @@ async fn sigterm_with_a_thousand_calls_in_flight() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_sigterm_abandons_calls_and_puts_their_claims_back() {
+    let mut env = TestEnv::new().await;
+    env.settings.worker.shutdown_timeout = Duration::from_secs(60);
+    let config = env.config_file("");
+    env.sandbox.faults().set_delay(Duration::from_secs(30));
+    let jobs: Vec<NewJob> = (0..12)
+        .map(|i| jc(&format!("f{i}@example.com"), json!({})))
+        .collect();
+    env.enqueue_many(&jobs).await;
+    let mut worker = env.spawn_quiet(&config, &["run"]);
+    wait_until(Duration::from_secs(30), || async {
+        count_where(&env, "state = 'running'").await == 8
+    })
+    .await;
+    sigterm(&worker);
+    // The first signal waits for the calls (up to the 60 s shutdown timeout).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        worker.try_wait().unwrap().is_none(),
+        "exited on the first signal while calls were in flight"
+    );
+    assert_eq!(count_where(&env, "state = 'running'").await, 8);
+    let started = Instant::now();
+    sigterm(&worker);
+    let status = worker.wait().await.unwrap();
+    let took = started.elapsed();
+    assert!(status.success(), "{status:?}");
+    assert!(took < Duration::from_secs(4), "forced exit took {took:?}");
+    assert_eq!(
+        count_where(&env, "state = 'pending' AND locked_until IS NULL").await,
+        12,
+        "every abandoned call is back in the queue"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_is_refused_or_parked_and_never_blocks_others() {
     let env = TestEnv::new().await;
     let config = env.config_file("");
