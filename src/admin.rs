@@ -107,6 +107,24 @@ async fn metrics_page(State(state): State<AdminState>) -> impl IntoResponse {
         }
         Err(e) => tracing::warn!(error = %e, "queue gauges unavailable"),
     }
+    match crate::outbox::accounts::list(&state.pool).await {
+        Ok(rows) => {
+            let now = chrono::Utc::now();
+            for row in rows {
+                let account = row.account.clone();
+                metrics::gauge!("contact_sync_account_paused_by_operator", "account" => account.clone())
+                    .set(if row.paused_at.is_some() { 1.0 } else { 0.0 });
+                let throttled = row
+                    .throttled_until
+                    .map_or(0.0, |u| (u - now).num_milliseconds().max(0) as f64 / 1000.0);
+                metrics::gauge!("contact_sync_account_throttled_seconds_left", "account" => account.clone())
+                    .set(throttled);
+                metrics::gauge!("contact_sync_account_calls_in_flight", "account" => account)
+                    .set(row.in_flight as f64);
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "account gauges unavailable"),
+    }
     match &state.handle {
         Some(handle) => (
             StatusCode::OK,

@@ -59,6 +59,14 @@ pub enum Command {
     /// List or inspect jobs.
     #[command(subcommand)]
     Jobs(JobsCommand),
+    /// Provider accounts: limits, calls in flight, pauses (fleet-wide, stored in Postgres).
+    #[command(subcommand)]
+    Accounts(AccountsCommand),
+    /// Live worker replicas: id, host, accounts, start, last heartbeat.
+    Workers {
+        #[arg(long)]
+        json: bool,
+    },
     /// Put a dead or cancelled job back to pending (or every dead job with --dead).
     Retry {
         #[arg(required_unless_present = "dead", conflicts_with = "dead")]
@@ -103,6 +111,34 @@ pub enum Command {
         /// {"provider": "justclick", "account": LOGIN, "emails": [...]} or a list of those.
         #[arg(long, value_name = "FILE")]
         seed: Option<std::path::PathBuf>,
+        /// Limit an account as its provider would: beyond RATE requests per second (bucket of
+        /// BURST, default one second's worth) it answers 429 with Retry-After, or JustClick's
+        /// code 8 with `:code8` (repeatable). E.g. justclick:shop=50/10.
+        #[arg(long = "rate-limit", value_name = "PROVIDER:ACCOUNT=RATE[/BURST][:code8]", value_parser = crate::sandbox::RateLimitRule::parse)]
+        rate_limit: Vec<crate::sandbox::RateLimitRule>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AccountsCommand {
+    /// Every known account with its limits, calls in flight, pause and live workers.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop every worker from claiming the account's jobs until `accounts resume` (jobs wait;
+    /// calls already under way finish).
+    Pause {
+        /// The account, as named in the configuration.
+        name: String,
+        /// Shown in `status`, `accounts list` and the logs.
+        #[arg(long, default_value = "paused by an operator")]
+        reason: String,
+    },
+    /// End an operator's pause, or a provider's throttle pause early.
+    Resume {
+        /// The account, as named in the configuration.
+        name: String,
     },
 }
 
@@ -193,6 +229,49 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     to_json(&status)?
                 } else {
                     render_status(&status)
+                }
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Accounts(AccountsCommand::List { json }) => {
+            let pool = connect(&settings).await?;
+            let rows = outbox::accounts::list(&pool).await?;
+            print!(
+                "{}",
+                if json {
+                    to_json(&rows)?
+                } else {
+                    render_accounts(&rows)
+                }
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Accounts(AccountsCommand::Pause { name, reason }) => {
+            known_account(&settings, &name)?;
+            let pool = connect(&settings).await?;
+            outbox::accounts::pause(&pool, &name, &reason).await?;
+            println!("{name}: paused for every worker (jobs wait; `contact-sync accounts resume {name}` ends it)");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Accounts(AccountsCommand::Resume { name }) => {
+            known_account(&settings, &name)?;
+            let pool = connect(&settings).await?;
+            if outbox::accounts::resume(&pool, &name).await? {
+                println!("{name}: resumed");
+            } else {
+                println!("{name}: was not paused");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Workers { json } => {
+            let pool = connect(&settings).await?;
+            let rows = outbox::accounts::live_replicas(&pool).await?;
+            print!(
+                "{}",
+                if json {
+                    to_json(&rows)?
+                } else {
+                    render_workers(&rows)
                 }
             );
             Ok(ExitCode::SUCCESS)
@@ -313,6 +392,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             smartlink,
             create_missing,
             seed,
+            rate_limit,
         } => {
             let seeds = match &seed {
                 Some(path) => {
@@ -354,6 +434,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let sandbox = Sandbox::start(listen, accounts)
                 .await
                 .with_context(|| format!("binding {listen}"))?;
+            for rule in rate_limit {
+                println!(
+                    "  {} {}: at most {}/s (burst {}), then {:?}",
+                    rule.provider,
+                    rule.account,
+                    rule.rate,
+                    rule.burst.unwrap_or_else(|| rule.rate.ceil().max(1.0)),
+                    rule.answer
+                );
+                sandbox.rate_limit(rule);
+            }
             for s in &seeds {
                 let created = sandbox.seed(&s.provider, &s.account, &s.emails);
                 println!(
@@ -726,8 +817,110 @@ pub fn render_status(status: &Status) -> String {
             &rows,
         ));
     }
+    if !status.accounts.is_empty() {
+        out.push('\n');
+        out.push_str(&render_accounts(&status.accounts));
+    }
     out.push_str(&format!("\ndead jobs: {}\n", status.dead));
     out
+}
+
+/// Refuses an account name the configuration does not have, listing those it has.
+fn known_account(settings: &Settings, name: &str) -> anyhow::Result<()> {
+    if settings.accounts.contains_key(name) {
+        return Ok(());
+    }
+    let known: Vec<&str> = settings.accounts.keys().map(String::as_str).collect();
+    if known.is_empty() {
+        bail!("unknown account {name:?}: the configuration has no [accounts] (pass --config)");
+    }
+    bail!(
+        "unknown account {name:?}: the configuration has {}",
+        known.join(", ")
+    )
+}
+
+/// `accounts list` (and the accounts part of `status`) as a table.
+pub fn render_accounts(rows: &[outbox::accounts::AccountRow]) -> String {
+    let rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|a| {
+            let rate = match (a.rate_per_second, a.burst) {
+                (Some(r), Some(b)) => format!("{r}/s burst {b}"),
+                (Some(r), None) => format!("{r}/s"),
+                _ => "-".into(),
+            };
+            let state = if let Some(at) = &a.paused_at {
+                format!(
+                    "paused since {} ({})",
+                    ts(at),
+                    a.pause_reason.as_deref().unwrap_or("")
+                )
+            } else if let Some(until) = &a.throttled_until {
+                format!(
+                    "throttled until {} ({})",
+                    ts(until),
+                    a.throttle_reason.as_deref().unwrap_or("")
+                )
+            } else if a.workers == 0 {
+                "no live worker serves it".into()
+            } else {
+                "active".into()
+            };
+            vec![
+                a.account.clone(),
+                a.provider.clone().unwrap_or_else(|| "-".into()),
+                rate,
+                a.max_in_flight
+                    .map_or_else(|| "-".into(), |m| m.to_string()),
+                a.in_flight.to_string(),
+                a.workers.to_string(),
+                state,
+            ]
+        })
+        .collect();
+    table::render(
+        &[
+            "ACCOUNT",
+            "PROVIDER",
+            "RATE",
+            "MAX IN FLIGHT",
+            "IN FLIGHT",
+            "WORKERS",
+            "STATE",
+        ],
+        &rows,
+    )
+}
+
+/// `workers` as a table.
+pub fn render_workers(rows: &[outbox::accounts::ReplicaRow]) -> String {
+    let rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|w| {
+            vec![
+                w.id.clone(),
+                w.host.clone(),
+                w.pid.to_string(),
+                w.accounts.join(","),
+                w.concurrency.to_string(),
+                ts(&w.started_at),
+                ts(&w.heartbeat_at),
+            ]
+        })
+        .collect();
+    table::render(
+        &[
+            "ID",
+            "HOST",
+            "PID",
+            "ACCOUNTS",
+            "CONCURRENCY",
+            "STARTED",
+            "LAST HEARTBEAT",
+        ],
+        &rows,
+    )
 }
 
 /// `jobs list` as a table.

@@ -230,10 +230,13 @@ pub struct AccountSettings {
     pub secret: Secret,
     /// Defaults to the provider's public endpoint.
     pub base_url: Option<String>,
-    /// Calls per second this process makes for the account (unset: unlimited).
+    /// Calls per second for the account across every worker sharing the database (unset:
+    /// unlimited).
     pub rate_limit_per_second: Option<f64>,
-    /// Token-bucket burst (default: one second's worth, at least 1).
+    /// Token-bucket burst, fleet-wide (default: one second's worth, at least 1).
     pub burst: Option<u32>,
+    /// Calls in flight at once for the account across every worker (unset: unlimited).
+    pub max_in_flight: Option<u32>,
     /// Allow an `http://` base URL that is not loopback.
     #[serde(default)]
     pub allow_insecure_http: bool,
@@ -460,6 +463,15 @@ impl Settings {
             }
             if account.burst == Some(0) {
                 return Err(invalid(key("burst"), "must be at least 1"));
+            }
+            if account.burst.is_some() && account.rate_limit_per_second.is_none() {
+                return Err(invalid(
+                    key("burst"),
+                    "applies with rate_limit_per_second only",
+                ));
+            }
+            if account.max_in_flight == Some(0) || account.max_in_flight > Some(i32::MAX as u32) {
+                return Err(invalid(key("max_in_flight"), "must be at least 1"));
             }
             crate::providers::http::check_base_url(
                 &account.effective_base_url(),

@@ -71,6 +71,7 @@ fn demo_settings(sandbox: &Sandbox) -> Settings {
                 base_url: Some(base),
                 rate_limit_per_second: None,
                 burst: None,
+                max_in_flight: None,
                 allow_insecure_http: false,
                 double_opt_in: DoubleOptIn::Defer,
                 retryable_codes: vec![],

@@ -50,3 +50,9 @@ pub fn provider_request(provider: &str, account: &str, outcome: &'static str, to
 pub fn in_flight(n: usize) {
     metrics::gauge!("contact_sync_in_flight").set(n as f64);
 }
+
+/// A throttle answer that paused an account fleet-wide (counted by the worker that saw it).
+pub fn account_throttled(account: &str) {
+    metrics::counter!("contact_sync_account_throttle_pauses_total", "account" => account.to_string())
+        .increment(1);
+}

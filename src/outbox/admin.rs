@@ -33,6 +33,8 @@ pub struct Status {
     pub counts: Vec<StateCount>,
     pub backlog: Vec<Backlog>,
     pub dead: i64,
+    /// Known accounts: limits, calls in flight, pauses, live workers serving them.
+    pub accounts: Vec<super::accounts::AccountRow>,
 }
 
 pub async fn status(pool: &PgPool) -> Result<Status, sqlx::Error> {
@@ -48,10 +50,12 @@ pub async fn status(pool: &PgPool) -> Result<Status, sqlx::Error> {
         .filter(|c| c.state == "dead")
         .map(|c| c.count)
         .sum();
+    let accounts = super::accounts::list(pool).await?;
     Ok(Status {
         counts,
         backlog,
         dead,
+        accounts,
     })
 }
 

@@ -4,6 +4,7 @@
 //! heartbeat and the "is anything runnable" probe used by `--drain`.
 
 use super::job::{ClaimedJob, JobId, Lease};
+use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 use std::time::Duration;
 
@@ -32,6 +33,12 @@ pub const CLAIM_SQL: &str = r#"
         WITH picked AS (
             SELECT c.contact_key, c.head_id
             FROM unnest($1::text[], $2::int[]) AS q(account, n)
+            -- a paused account (its provider's throttle answer, or an operator) gives nothing
+            CROSS JOIN LATERAL (
+                SELECT 1 WHERE NOT EXISTS (
+                    SELECT 1 FROM contact_sync.accounts a
+                    WHERE a.account = q.account AND (a.paused_at IS NOT NULL OR a.throttled_until > now()))
+            ) open
             CROSS JOIN LATERAL (
                 SELECT c.contact_key, c.head_id FROM contact_sync.contacts c
                 WHERE c.account = q.account AND c.head_id IS NOT NULL AND NOT c.running
@@ -109,6 +116,201 @@ pub async fn claim(
         .bind(max_followers)
         .fetch_all(pool)
         .await
+}
+
+/// What held an account back in [`claim_within_limits`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Held {
+    /// Paused (throttle answer or operator) for this long (`Duration::MAX`: until resumed).
+    Paused(Duration),
+    /// The bucket is short of tokens: worth asking again after this long.
+    Tokens(Duration),
+    /// `max_in_flight` calls are in flight fleet-wide.
+    InFlight,
+}
+
+/// A claim of limited accounts: the jobs, and what held each account back.
+#[derive(Debug, Default)]
+pub struct LimitedClaim {
+    pub jobs: Vec<ClaimedJob>,
+    pub held: Vec<(String, Held)>,
+}
+
+/// Tokens are spent when a job is claimed, and the provider sees the call a little later: a few
+/// milliseconds, more on a loaded machine or when a connection must be opened first. So that
+/// this delay, varying from call to call, cannot push more than `burst + rate × window` calls
+/// into a window at the provider, the bucket holds `rate ×` this margin less than its burst (at
+/// least one token).
+pub const CALL_JITTER_MARGIN: Duration = Duration::from_millis(50);
+
+/// The part of an account's budget worth waking for: about a tenth of a second's worth of
+/// tokens (at least one, at most the burst), so a slow account is claimed in small batches, not
+/// one job per statement.
+fn wake_tokens(rate: f64, burst: f64) -> f64 {
+    (rate * 0.1).clamp(1.0, burst.max(1.0))
+}
+
+/// Claims for accounts with fleet-wide limits (`rate_per_second`/`burst`, `max_in_flight` in
+/// `contact_sync.accounts`), in one transaction:
+/// 1. the accounts' rows are locked (`FOR UPDATE`, in name order): claims of one limited
+///    account are serialized across every worker;
+/// 2. its running jobs are counted in the next statement, which under READ COMMITTED sees every
+///    claim and completion committed before the lock was granted;
+/// 3. each quota is cut to the whole tokens in the bucket and the free in-flight slots;
+/// 4. the claim statement takes at most that; the bucket keeps what was not used.
+///
+/// No two workers can spend the same token or slot. An account without a row, or without
+/// limits in it, is claimed as asked.
+pub async fn claim_within_limits(
+    pool: &PgPool,
+    quotas: &[AccountQuota],
+    lease: Duration,
+    worker_id: &str,
+    default_max_attempts: i32,
+    max_followers: usize,
+) -> Result<LimitedClaim, sqlx::Error> {
+    let mut out = LimitedClaim::default();
+    if quotas.is_empty() {
+        return Ok(out);
+    }
+    let mut names: Vec<&str> = quotas.iter().map(|q| q.account.as_str()).collect();
+    names.sort_unstable();
+    let mut tx = pool.begin().await?;
+    // 1. the lock (waits for another worker's claim of the same account to commit)
+    sqlx::query(
+        // language=PostgreSQL
+        "SELECT 1 FROM contact_sync.accounts WHERE account = ANY($1) ORDER BY account FOR UPDATE",
+    )
+    .bind(&names)
+    .execute(&mut *tx)
+    .await?;
+    // 2. a fresh snapshot: the bucket as of one instant `t`, and the calls in flight
+    type BucketRow = (
+        String,
+        Option<f64>,
+        Option<f64>,
+        Option<i32>,
+        Option<f64>,
+        Option<i64>,
+        bool,
+        DateTime<Utc>,
+        i64,
+    );
+    let buckets: Vec<BucketRow> = sqlx::query_as(
+        // language=PostgreSQL
+        r#"
+        SELECT a.account, a.rate_per_second, a.burst, a.max_in_flight,
+               -- refilled since refilled_at, never above the burst less the jitter margin
+               CASE WHEN a.rate_per_second IS NOT NULL THEN
+                   least(greatest(1, coalesce(a.burst, 1) - a.rate_per_second * $2),
+                         a.tokens + a.rate_per_second *
+                         greatest(0, extract(epoch FROM c.t - a.refilled_at)))
+               END AS tokens,
+               CASE WHEN a.paused_at IS NULL AND a.throttled_until > c.t
+                    THEN ceil(extract(epoch FROM a.throttled_until - c.t) * 1000)::bigint
+               END AS throttled_ms,
+               a.paused_at IS NOT NULL AS paused,
+               c.t,
+               CASE WHEN a.max_in_flight IS NOT NULL THEN
+                   (SELECT count(*) FROM contact_sync.jobs j WHERE j.state = 'running' AND j.account = a.account)
+               ELSE 0 END AS running
+        FROM contact_sync.accounts a CROSS JOIN (SELECT clock_timestamp() AS t) c
+        WHERE a.account = ANY($1)
+        "#,
+    )
+    .bind(&names)
+    .bind(CALL_JITTER_MARGIN.as_secs_f64())
+    .fetch_all(&mut *tx)
+    .await?;
+    let mut granted = Vec::with_capacity(quotas.len());
+    for q in quotas {
+        let Some(b) = buckets.iter().find(|b| b.0 == q.account) else {
+            granted.push(q.clone());
+            continue;
+        };
+        let (_, rate, burst, max_in_flight, tokens, throttled_ms, paused, _, busy) = b;
+        if *paused {
+            out.held
+                .push((q.account.clone(), Held::Paused(Duration::MAX)));
+            continue;
+        }
+        if let Some(ms) = throttled_ms {
+            let left = Duration::from_millis(u64::try_from(*ms).unwrap_or(0));
+            out.held.push((q.account.clone(), Held::Paused(left)));
+            continue;
+        }
+        let mut limit = i64::from(q.limit);
+        if let Some(cap) = max_in_flight {
+            let free = i64::from(*cap) - busy;
+            if free <= limit {
+                limit = free.max(0);
+                if limit == 0 {
+                    out.held.push((q.account.clone(), Held::InFlight));
+                }
+            }
+        }
+        if let (Some(rate), Some(tokens)) = (rate, tokens) {
+            let whole = tokens.floor() as i64;
+            if whole < limit {
+                limit = whole.max(0);
+                if limit == 0 {
+                    let want = wake_tokens(*rate, burst.unwrap_or(1.0));
+                    let wait = ((want - tokens) / rate).max(0.001);
+                    out.held.push((
+                        q.account.clone(),
+                        Held::Tokens(Duration::from_secs_f64(wait)),
+                    ));
+                }
+            }
+        }
+        if limit > 0 {
+            granted.push(AccountQuota {
+                account: q.account.clone(),
+                limit: i32::try_from(limit).unwrap_or(i32::MAX),
+            });
+        }
+    }
+    if !granted.is_empty() {
+        let accounts: Vec<&str> = granted.iter().map(|q| q.account.as_str()).collect();
+        let limits: Vec<i32> = granted.iter().map(|q| q.limit).collect();
+        let max_followers = i64::try_from(max_followers.saturating_sub(1)).unwrap_or(0);
+        out.jobs = sqlx::query_as::<_, ClaimedJob>(CLAIM_SQL)
+            .bind(&accounts)
+            .bind(&limits)
+            .bind(millis(lease))
+            .bind(worker_id)
+            .bind(default_max_attempts)
+            .bind(max_followers)
+            .fetch_all(&mut *tx)
+            .await?;
+    }
+    // spend the tokens of what was claimed (one per call: followers ride along)
+    let mut spent: (Vec<String>, Vec<f64>, Vec<DateTime<Utc>>) = Default::default();
+    for b in &buckets {
+        if let Some(tokens) = b.4 {
+            let n = out.jobs.iter().filter(|j| j.account == b.0).count() as f64;
+            spent.0.push(b.0.clone());
+            spent.1.push(tokens - n);
+            spent.2.push(b.7);
+        }
+    }
+    if !spent.0.is_empty() {
+        sqlx::query(
+            // language=PostgreSQL
+            r#"
+            UPDATE contact_sync.accounts a SET tokens = t.tokens, refilled_at = t.at
+            FROM unnest($1::text[], $2::float8[], $3::timestamptz[]) AS t(account, tokens, at)
+            WHERE a.account = t.account
+            "#,
+        )
+        .bind(&spent.0)
+        .bind(&spent.1)
+        .bind(&spent.2)
+        .execute(&mut *tx)
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(out)
 }
 
 /// Runs the claim statement for these quotas and rolls it back (the benchmark's and the plan

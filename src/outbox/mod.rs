@@ -15,6 +15,7 @@
 //! ```
 //! Time is always the database's `now()`.
 
+pub mod accounts;
 pub mod admin;
 pub mod claim;
 pub mod complete;

@@ -10,6 +10,7 @@
 pub mod faults;
 mod justclick;
 mod smartlink;
+pub mod throttle;
 
 use crate::config::{ProviderKind, Settings};
 use crate::providers::model;
@@ -25,6 +26,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+pub use throttle::{AccountLog, RateLimitRule, ThrottleAnswer};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -154,6 +156,7 @@ pub(crate) struct SandboxState {
     /// (game id, email) → when the last confirmation email went out.
     emails: Mutex<HashMap<(String, String), Instant>>,
     faults: Faults,
+    throttles: throttle::Throttles,
     requests: AtomicU64,
     accepted: AtomicU64,
     bad_signatures: AtomicU64,
@@ -171,7 +174,10 @@ pub(crate) struct InFlight<'a> {
 }
 
 impl SandboxState {
+    /// A signed request for a contact arrives: counted (per contact and per account) until the
+    /// returned guard drops.
     pub(crate) fn enter(&self, id: ContactId) -> InFlight<'_> {
+        self.throttles.arrived(&id.0, &id.1);
         if let Ok(observer) = self.observer.lock() {
             if let Some(tx) = observer.as_ref() {
                 let _ = tx.send((id.2.clone(), Instant::now()));
@@ -193,6 +199,20 @@ impl SandboxState {
         account: &str,
         email: &str,
     ) -> Option<Fault> {
+        // beyond the account's own limit: a throttle answer, as the service gives
+        if let Some((answer, wait)) = self.throttles.take(provider, account) {
+            self.throttles.throttled(provider, account);
+            let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
+            return Some(match (answer, provider) {
+                (throttle::ThrottleAnswer::Code8, "justclick") => Fault::ErrorCode {
+                    code: 8,
+                    text: "API request limit exhausted".into(),
+                },
+                _ => Fault::RateLimit {
+                    retry_after_secs: secs,
+                },
+            });
+        }
         let delay = self.faults.delay();
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
@@ -201,12 +221,16 @@ impl SandboxState {
         if fault.is_some() {
             self.faults_injected.fetch_add(1, Ordering::Relaxed);
         }
+        if matches!(fault, Some(Fault::RateLimit { .. })) {
+            self.throttles.throttled(provider, account);
+        }
         fault
     }
 }
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
+        self.state.throttles.left(&self.id.0, &self.id.1);
         if let Ok(mut f) = self.state.in_flight.lock() {
             if let Some(n) = f.get_mut(&self.id) {
                 *n -= 1;
@@ -280,6 +304,17 @@ impl Sandbox {
 
     pub fn faults(&self) -> &Faults {
         &self.state.faults
+    }
+
+    /// Limits an account as its provider would (see [`RateLimitRule`]); replaces an earlier
+    /// rule for the same account.
+    pub fn rate_limit(&self, rule: RateLimitRule) {
+        self.state.throttles.set(rule);
+    }
+
+    /// What an account saw: call arrivals, throttle answers, most calls in flight at once.
+    pub fn account_log(&self, provider: &str, account: &str) -> AccountLog {
+        self.state.throttles.log(provider, account)
     }
 
     /// A contact's state: provider `justclick` with the login, or `smartlink` with the game id.
@@ -363,6 +398,7 @@ fn router(state: Arc<SandboxState>) -> Router {
         .route("/_sandbox/contacts", get(contacts_json).post(post_contacts))
         .route("/_sandbox/faults", post(push_fault))
         .route("/_sandbox/delay", post(set_delay))
+        .route("/_sandbox/rate_limit", post(set_rate_limit))
         .route("/_sandbox/reset", post(reset))
         .with_state(state)
 }
@@ -464,6 +500,14 @@ struct DelayBody {
 
 async fn set_delay(State(s): State<Arc<SandboxState>>, Json(body): Json<DelayBody>) -> Json<Value> {
     s.faults.set_delay(Duration::from_millis(body.ms));
+    Json(serde_json::json!({"ok": true}))
+}
+
+async fn set_rate_limit(
+    State(s): State<Arc<SandboxState>>,
+    Json(rule): Json<RateLimitRule>,
+) -> Json<Value> {
+    s.throttles.set(rule);
     Json(serde_json::json!({"ok": true}))
 }
 

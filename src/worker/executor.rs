@@ -7,6 +7,7 @@ use super::retry::next_delay;
 use super::Shared;
 use crate::config::ProviderKind;
 use crate::metrics::{self as m};
+use crate::outbox::accounts::{self, Throttle};
 use crate::outbox::complete::Attempt;
 use crate::outbox::doi;
 use crate::outbox::job::{AttemptError, ClaimedJob, JobId, Lease};
@@ -127,6 +128,15 @@ async fn deliver(shared: &Shared, job: &ClaimedJob) -> Outcome {
     let Some(provider) = shared.registry.get(&job.account) else {
         return Outcome::Release;
     };
+    // A pause recorded after this job was claimed (another worker's throttle answer, an
+    // operator): the call waits with the account, its attempt given back.
+    if let Some(left) = shared.limits.paused_for(&job.account) {
+        tracing::debug!(
+            paused_for_ms = left.as_millis() as u64,
+            "account paused since the claim; job put back"
+        );
+        return Outcome::Release;
+    }
     let kind = provider.kind();
     if kind.as_str() != job.provider {
         return dead(
@@ -288,6 +298,20 @@ async fn deliver(shared: &Shared, job: &ClaimedJob) -> Outcome {
             };
             if let (true, Some(pause)) = (throttled, retry_after) {
                 shared.limits.pause(&job.account, pause);
+                // the pause is the account's: every worker stops calling it
+                let why = format!("{}: {detail}", code.as_deref().unwrap_or("throttled"));
+                match accounts::throttle(&shared.pool, &job.account, &job.provider, pause, &why)
+                    .await
+                {
+                    Ok(Throttle::Started) => {
+                        m::account_throttled(&job.account);
+                        tracing::warn!(account = %job.account, pause_ms = pause.as_millis() as u64, code = code.as_deref().unwrap_or(""), error = %detail, "provider asked to slow down: account paused for every worker");
+                    }
+                    Ok(Throttle::Extended) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, pause_ms = pause.as_millis() as u64, "provider asked to slow down; could not record the pause for other workers (this one holds back)")
+                    }
+                }
             }
             let delay = next_delay(
                 job.attempts,
@@ -297,7 +321,7 @@ async fn deliver(shared: &Shared, job: &ClaimedJob) -> Outcome {
                 &mut fastrand::Rng::new(),
             );
             if throttled {
-                tracing::warn!(code = code.as_deref().unwrap_or(""), retry_in_ms = delay.as_millis() as u64, error = %detail, "provider asked to slow down; account paused, attempt not counted");
+                tracing::debug!(code = code.as_deref().unwrap_or(""), retry_in_ms = delay.as_millis() as u64, error = %detail, "throttled; attempt not counted");
             } else {
                 tracing::warn!(reason = %reason, code = code.as_deref().unwrap_or(""), retry_in_ms = delay.as_millis() as u64, error = %detail, "delivery failed; will retry");
             }

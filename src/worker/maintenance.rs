@@ -3,7 +3,7 @@
 //! rescuer, due double-opt-in re-sends and retention.
 
 use super::Shared;
-use crate::outbox::{claim, doi, prune, rescue, Lease};
+use crate::outbox::{accounts, claim, doi, prune, rescue, Lease};
 use sqlx::postgres::PgListener;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -12,13 +12,40 @@ use tokio_util::sync::CancellationToken;
 /// The channel `contact_sync.notify_jobs()` signals on every insert.
 pub const CHANNEL: &str = "contact_sync_jobs";
 
-/// Forwards NOTIFY to the producer; reconnects with backoff after losing the database.
+/// Registers this replica and its accounts' limits (a warning names each account whose limits
+/// another replica had set differently: they are the account's, the last registration wins).
+pub async fn register(shared: &Shared) -> Result<(), sqlx::Error> {
+    let changed = accounts::register(
+        &shared.pool,
+        &shared.replica,
+        &shared.account_limits,
+        shared.settings.worker.lease,
+    )
+    .await?;
+    for c in changed {
+        tracing::warn!(account = %c.account, before = ?c.before, "this worker's limits for the account differ from those registered before; they apply to every worker now (configure replicas alike)");
+    }
+    shared.limits.set_registered();
+    refresh_pauses(shared).await;
+    Ok(())
+}
+
+/// Reads the pauses of this worker's accounts from the database.
+async fn refresh_pauses(shared: &Shared) {
+    match accounts::pauses(&shared.pool, &shared.accounts).await {
+        Ok(paused) => shared.limits.set_pauses(&shared.accounts, &paused),
+        Err(e) => tracing::debug!(error = %e, "could not read account pauses"),
+    }
+}
+
+/// Forwards NOTIFY to the producer (new jobs) and to the account holds (pauses, resumes);
+/// reconnects with backoff after losing the database.
 pub async fn listen(shared: Arc<Shared>, stop: CancellationToken) {
     let mut backoff = Duration::from_millis(100);
     loop {
         let connected = async {
             let mut listener = PgListener::connect_with(&shared.pool).await?;
-            listener.listen(CHANNEL).await?;
+            listener.listen_all([CHANNEL, accounts::CHANNEL]).await?;
             Ok::<_, sqlx::Error>(listener)
         };
         let result = tokio::select! {
@@ -28,10 +55,18 @@ pub async fn listen(shared: Arc<Shared>, stop: CancellationToken) {
         match result {
             Ok(mut listener) => {
                 backoff = Duration::from_millis(100);
-                shared.wake.notify_one(); // catch up on what arrived while not listening
+                // catch up on what arrived while not listening
+                refresh_pauses(&shared).await;
+                shared.wake.notify_one();
                 loop {
                     tokio::select! {
                         n = listener.recv() => match n {
+                            Ok(n) if n.channel() == accounts::CHANNEL => {
+                                if shared.accounts.iter().any(|a| a == n.payload()) {
+                                    refresh_pauses(&shared).await;
+                                    shared.wake.notify_one();
+                                }
+                            }
                             Ok(_) => shared.wake.notify_one(),
                             Err(e) => {
                                 tracing::warn!(error = %e, "LISTEN connection lost; polling until it is back");
@@ -55,8 +90,10 @@ pub async fn listen(shared: Arc<Shared>, stop: CancellationToken) {
 }
 
 /// The lease heartbeat, alone in its task: it never waits behind housekeeping, and each beat is
-/// bounded by its interval (a slow database delays one beat, never the next).
-pub async fn heartbeat_loop(shared: Arc<Shared>, stop: CancellationToken) {
+/// bounded by its interval (a slow database delays one beat, never the next). It also keeps
+/// this replica in `contact_sync.workers` (registering it, if start-up could not).
+pub async fn heartbeat_loop(shared: Arc<Shared>, stop: CancellationToken, registered: bool) {
+    let mut registered = registered;
     let every = (shared.settings.worker.lease / 3).max(Duration::from_millis(200));
     let mut ticks = tokio::time::interval(every);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -71,6 +108,19 @@ pub async fn heartbeat_loop(shared: Arc<Shared>, stop: CancellationToken) {
             .is_err()
         {
             tracing::warn!("lease heartbeat took longer than its interval; trying again");
+        }
+        let beat = async {
+            if registered {
+                accounts::heartbeat(&shared.pool, &shared.replica, shared.settings.worker.lease)
+                    .await
+            } else {
+                register(&shared).await
+            }
+        };
+        match tokio::time::timeout(every, beat).await {
+            Ok(Ok(())) => registered = true,
+            Ok(Err(e)) => tracing::debug!(error = %e, "replica heartbeat failed"),
+            Err(_) => tracing::debug!("replica heartbeat took longer than its interval"),
         }
     }
 }
@@ -157,6 +207,8 @@ async fn heartbeat(shared: &Shared) {
 }
 
 async fn sweep(shared: &Shared) {
+    // a pause or resume whose NOTIFY was missed (the listener reconnecting)
+    refresh_pauses(shared).await;
     match rescue::rescue_expired(&shared.pool, shared.settings.worker.max_attempts).await {
         Ok((0, 0)) => {}
         Ok((rescued, dead)) => {

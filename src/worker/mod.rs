@@ -13,16 +13,17 @@
 mod completer;
 pub mod double_opt_in;
 mod executor;
+pub mod limits;
 mod maintenance;
 mod producer;
-pub mod rate_limit;
 pub mod retry;
 pub mod shutdown;
 
 use crate::config::Settings;
+use crate::outbox::accounts::{AccountLimits, Replica};
 use crate::outbox::JobId;
 use crate::providers::Registry;
-use rate_limit::RateLimits;
+use limits::Limits;
 pub use shutdown::Shutdown;
 use sqlx::PgPool;
 use std::collections::HashMap;
@@ -39,7 +40,11 @@ pub(crate) struct Shared {
     pub accounts: Vec<String>,
     /// Written into `locked_by`: host, pid and a random tag.
     pub worker_id: String,
-    pub limits: RateLimits,
+    pub limits: Limits,
+    /// This replica as `contact_sync.workers` shows it.
+    pub replica: Replica,
+    /// The accounts' provider and fleet-wide limits, registered at start.
+    pub account_limits: Vec<AccountLimits>,
     /// Leases held right now (job id → attempt), for the heartbeat and shutdown.
     pub in_flight: Mutex<HashMap<JobId, i32>>,
     /// Wakes the producer (NOTIFY, completions).
@@ -108,7 +113,7 @@ pub struct Worker {
 impl Worker {
     pub fn new(pool: PgPool, settings: Settings, registry: Registry) -> Worker {
         let accounts = registry.account_names();
-        let limits = RateLimits::from_settings(&settings);
+        let limits = Limits::from_settings(&settings);
         let host = std::env::var("HOSTNAME")
             .ok()
             .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
@@ -116,6 +121,28 @@ impl Worker {
             .filter(|h| !h.is_empty())
             .unwrap_or_else(|| "host".into());
         let worker_id = format!("{host}:{}:{:04x}", std::process::id(), fastrand::u16(..));
+        let account_limits = accounts
+            .iter()
+            .filter_map(|name| {
+                let a = settings.accounts.get(name)?;
+                let rate = a.rate_limit_per_second;
+                Some(AccountLimits {
+                    account: name.clone(),
+                    provider: a.provider.as_str().to_string(),
+                    rate_per_second: rate,
+                    // default burst: one second's worth, at least 1
+                    burst: rate.map(|r| a.burst.map_or(r.ceil().max(1.0), f64::from)),
+                    max_in_flight: a.max_in_flight.and_then(|m| i32::try_from(m).ok()),
+                })
+            })
+            .collect();
+        let replica = Replica {
+            id: worker_id.clone(),
+            host,
+            pid: i32::try_from(std::process::id()).unwrap_or(0),
+            accounts: accounts.clone(),
+            concurrency: i32::try_from(settings.worker.concurrency).unwrap_or(i32::MAX),
+        };
         Worker {
             shared: Arc::new(Shared {
                 pool,
@@ -124,6 +151,8 @@ impl Worker {
                 accounts,
                 worker_id,
                 limits,
+                replica,
+                account_limits,
                 in_flight: Mutex::new(HashMap::new()),
                 wake: Notify::new(),
                 stats: Stats::default(),

@@ -3,6 +3,7 @@
 //! jittered poll interval. Shutdown and drain end it here.
 
 use super::executor::{self, Completion};
+use super::limits::Plan;
 use super::shutdown::Shutdown;
 use super::{completer, maintenance, Shared};
 use crate::metrics::{self as m, JobEvent};
@@ -17,6 +18,54 @@ use tokio_util::sync::CancellationToken;
 fn jittered(d: Duration) -> Duration {
     let factor = 0.9 + fastrand::f64() * 0.2;
     d.mul_f64(factor)
+}
+
+/// Claims what the plan allows: accounts without fleet-wide limits in one statement, limited
+/// ones within their shared budget (whose holds this worker then remembers). The jobs claimed
+/// are returned even when the other half failed.
+async fn claim_planned(
+    shared: &Shared,
+    plan: &Plan,
+) -> (Vec<crate::outbox::ClaimedJob>, Option<sqlx::Error>) {
+    let w = &shared.settings.worker;
+    let mut jobs = Vec::new();
+    let mut failed = None;
+    if !plan.open.is_empty() {
+        match claim::claim(
+            &shared.pool,
+            &plan.open,
+            w.lease,
+            &shared.worker_id,
+            w.max_attempts,
+            w.max_coalesce,
+        )
+        .await
+        {
+            Ok(got) => jobs = got,
+            Err(e) => failed = Some(e),
+        }
+    }
+    if !plan.limited.is_empty() {
+        match claim::claim_within_limits(
+            &shared.pool,
+            &plan.limited,
+            w.lease,
+            &shared.worker_id,
+            w.max_attempts,
+            w.max_coalesce,
+        )
+        .await
+        {
+            Ok(limited) => {
+                for (account, held) in limited.held {
+                    shared.limits.held(&account, held);
+                }
+                jobs.extend(limited.jobs);
+            }
+            Err(e) => failed = failed.or(Some(e)),
+        }
+    }
+    (jobs, failed)
 }
 
 /// Runs `work` to the end, or, once the shutdown is forced, for at most [`FORCED_WAIT`] more.
@@ -49,9 +98,17 @@ pub async fn run(shared: Arc<Shared>, stop: Shutdown, drain: bool) {
     let background = CancellationToken::new();
     let listener = tokio::spawn(maintenance::listen(shared.clone(), background.clone()));
     let upkeep = tokio::spawn(maintenance::run(shared.clone(), background.clone()));
+    let registered = match maintenance::register(&shared).await {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not register this worker and its accounts' limits; retrying with the heartbeat");
+            false
+        }
+    };
     let heartbeat = tokio::spawn(maintenance::heartbeat_loop(
         shared.clone(),
         background.clone(),
+        registered,
     ));
     let mut tasks = JoinSet::new();
     let mut db_backoff = Duration::ZERO;
@@ -80,72 +137,45 @@ pub async fn run(shared: Arc<Shared>, stop: Shutdown, drain: bool) {
                 wake_in = wake_in.min(d);
                 held_back = true;
             }
-            if !plan.quotas.is_empty() {
-                let claimed = claim::claim(
-                    &shared.pool,
-                    &plan.quotas,
-                    w.lease,
-                    &shared.worker_id,
-                    w.max_attempts,
-                    w.max_coalesce,
-                )
-                .await;
-                match claimed {
-                    Ok(jobs) => {
-                        db_backoff = Duration::ZERO;
-                        for q in &plan.quotas {
-                            let got = jobs.iter().filter(|j| j.account == q.account).count();
-                            let asked = usize::try_from(q.limit).unwrap_or(0);
-                            shared.limits.refund(&q.account, asked.saturating_sub(got));
-                            more_waiting |= got == asked;
-                        }
-                        if !jobs.is_empty() {
-                            shared.stats.add_claimed(jobs.len() as u64);
-                            if let Ok(mut in_flight) = shared.in_flight.lock() {
-                                for job in &jobs {
-                                    in_flight.insert(job.id, job.attempts);
-                                }
-                                m::in_flight(in_flight.len());
-                            }
-                        }
-                        for job in jobs {
-                            m::job_event(JobEvent::Claimed, &job.provider, &job.account, 1);
-                            match slots.clone().try_acquire_owned() {
-                                Ok(permit) => {
-                                    tasks.spawn(executor::execute(
-                                        shared.clone(),
-                                        job,
-                                        permit,
-                                        tx.clone(),
-                                    ));
-                                }
-                                Err(_) => {
-                                    // Unreachable while only this loop takes slots; never lose the claim.
-                                    let lease = job.lease();
-                                    forget(&shared, &[lease]);
-                                    if let Err(e) =
-                                        complete::release(&shared.pool, &[lease], true).await
-                                    {
-                                        tracing::warn!(error = %e, job_id = lease.id, "could not release; the lease will expire");
-                                    }
-                                }
-                            }
-                        }
+            if !plan.is_empty() {
+                let (jobs, failed) = claim_planned(&shared, &plan).await;
+                for q in plan.open.iter().chain(&plan.limited) {
+                    let got = jobs.iter().filter(|j| j.account == q.account).count();
+                    more_waiting |= got == usize::try_from(q.limit).unwrap_or(0);
+                }
+                match failed {
+                    None => db_backoff = Duration::ZERO,
+                    // lost a race for a contact to a concurrent claim: try again now
+                    Some(e) if is_unique_violation(&e) => more_waiting = true,
+                    Some(e) => {
+                        db_backoff = (db_backoff * 2)
+                            .clamp(Duration::from_millis(100), Duration::from_secs(5));
+                        tracing::warn!(error = %e, retry_in_ms = db_backoff.as_millis() as u64, "claim failed; retrying");
+                        wake_in = db_backoff;
                     }
-                    Err(e) => {
-                        for q in &plan.quotas {
-                            shared
-                                .limits
-                                .refund(&q.account, usize::try_from(q.limit).unwrap_or(0));
+                }
+                if !jobs.is_empty() {
+                    shared.stats.add_claimed(jobs.len() as u64);
+                    if let Ok(mut in_flight) = shared.in_flight.lock() {
+                        for job in &jobs {
+                            in_flight.insert(job.id, job.attempts);
                         }
-                        if is_unique_violation(&e) {
-                            // Lost a race for a contact to a concurrent claim: try again now.
-                            more_waiting = true;
-                        } else {
-                            db_backoff = (db_backoff * 2)
-                                .clamp(Duration::from_millis(100), Duration::from_secs(5));
-                            tracing::warn!(error = %e, retry_in_ms = db_backoff.as_millis() as u64, "claim failed; retrying");
-                            wake_in = db_backoff;
+                        m::in_flight(in_flight.len());
+                    }
+                }
+                for job in jobs {
+                    m::job_event(JobEvent::Claimed, &job.provider, &job.account, 1);
+                    match slots.clone().try_acquire_owned() {
+                        Ok(permit) => {
+                            tasks.spawn(executor::execute(shared.clone(), job, permit, tx.clone()));
+                        }
+                        Err(_) => {
+                            // Unreachable while only this loop takes slots; never lose the claim.
+                            let lease = job.lease();
+                            forget(&shared, &[lease]);
+                            if let Err(e) = complete::release(&shared.pool, &[lease], true).await {
+                                tracing::warn!(error = %e, job_id = lease.id, "could not release; the lease will expire");
+                            }
                         }
                     }
                 }
@@ -161,7 +191,9 @@ pub async fn run(shared: Arc<Shared>, stop: Shutdown, drain: bool) {
             if let Err(e) = doi::enqueue_due_resends(&shared.pool).await {
                 tracing::warn!(error = %e, "could not enqueue due confirmation re-sends");
             }
-            match claim::runnable_exists(&shared.pool, &shared.accounts).await {
+            // an account an operator paused is not waited for
+            let active = shared.limits.not_paused_by_operator(&shared.accounts);
+            match claim::runnable_exists(&shared.pool, &active).await {
                 Ok(false) => break,
                 Ok(true) if held_back => {} // rate limit or pause: wake when it allows
                 Ok(true) => wake_in = wake_in.min(Duration::from_millis(10)),
@@ -236,6 +268,10 @@ pub async fn run(shared: Arc<Shared>, stop: Shutdown, drain: bool) {
     let _ = listener.await;
     let _ = upkeep.await;
     let _ = heartbeat.await;
+    let left = crate::outbox::accounts::deregister(&shared.pool, &shared.worker_id);
+    if let Some(Err(e)) = bounded_if_forced(&stop, left).await {
+        tracing::debug!(error = %e, "could not deregister; the replica drops out when its heartbeat expires");
+    }
     m::in_flight(0);
     if drain {
         tracing::debug!(worker = %shared.worker_id, report = ?shared.stats.report(), "drained");

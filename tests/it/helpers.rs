@@ -174,6 +174,11 @@ impl TestEnv {
 
     /// A TOML configuration equal to `self.settings` (for the real binary).
     pub fn config_file(&self, extra: &str) -> std::path::PathBuf {
+        self.config_file_with("", extra)
+    }
+
+    /// [`TestEnv::config_file`] with `jc_extra` lines in the `jc` account's table.
+    pub fn config_file_with(&self, jc_extra: &str, extra: &str) -> std::path::PathBuf {
         let w = &self.settings.worker;
         let mut toml = format!(
             "[worker]\nconcurrency = {}\nbatch_size = {}\nlease = \"{}\"\npoll_interval = \"{}\"\nbackoff_base = \"{}\"\nbackoff_cap = \"{}\"\nshutdown_timeout = \"{}\"\nmax_attempts = {}\n[admin]\nlisten = \"\"\n[http]\nrequest_timeout = \"{}\"\n",
@@ -188,7 +193,7 @@ impl TestEnv {
             contact_sync::duration::format(self.settings.http.request_timeout),
         );
         toml.push_str(&format!(
-            "[accounts.jc]\nprovider = \"justclick\"\nlogin = \"{JC_LOGIN}\"\nsecret = \"{JC_SECRET}\"\nbase_url = \"{}\"\n",
+            "[accounts.jc]\nprovider = \"justclick\"\nlogin = \"{JC_LOGIN}\"\nsecret = \"{JC_SECRET}\"\nbase_url = \"{}\"\n{jc_extra}\n",
             self.sandbox.justclick_base_url(JC_LOGIN)
         ));
         toml.push_str(&format!(
@@ -267,6 +272,7 @@ pub fn justclick_account(sandbox: &Sandbox, login: &str, secret: &str) -> Accoun
         base_url: Some(sandbox.justclick_base_url(login)),
         rate_limit_per_second: None,
         burst: None,
+        max_in_flight: None,
         allow_insecure_http: false,
         double_opt_in: DoubleOptIn::Defer,
         retryable_codes: vec![],
@@ -283,6 +289,7 @@ pub fn smartlink_account(sandbox: &Sandbox, game: &str, secret: &str) -> Account
         base_url: Some(sandbox.smartlink_base_url()),
         rate_limit_per_second: None,
         burst: None,
+        max_in_flight: None,
         allow_insecure_http: false,
         double_opt_in: DoubleOptIn::Defer,
         retryable_codes: vec![],

@@ -8,6 +8,7 @@ mod admin;
 mod claim;
 mod cli;
 mod enqueue;
+mod limits;
 mod model;
 mod ordering;
 mod plans;

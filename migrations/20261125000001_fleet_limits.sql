@@ -1,0 +1,52 @@
+-- Limits that hold across replicas, with Postgres as the only coordinator.
+--
+-- contact_sync.accounts: one row per provider account, shared by every worker of the database.
+-- * Workers register the accounts they serve at start-up (provider and configured limits).
+-- * The token bucket (rate_per_second, burst, tokens, refilled_at) and max_in_flight are taken
+--   in the claim transaction of a limited account, under this row's lock: claims of one limited
+--   account are serialized fleet-wide, the count of its running jobs is read after the lock
+--   (a fresh snapshot), so no two workers can spend the same token or slot.
+-- * throttled_until: a provider's throttle answer (HTTP 429 Retry-After, JustClick code 8)
+--   pauses the account for every worker. paused_at: an operator's pause, until resumed.
+--   No claim takes a job of a paused account.
+CREATE TABLE contact_sync.accounts (
+    account         text             PRIMARY KEY,
+    -- as the workers that serve it configure it (NULL until one has registered)
+    provider        text,
+    rate_per_second double precision CHECK (rate_per_second > 0),
+    burst           double precision CHECK (burst >= 1),
+    max_in_flight   integer          CHECK (max_in_flight >= 1),
+    tokens          double precision NOT NULL DEFAULT 0,
+    refilled_at     timestamptz      NOT NULL DEFAULT now(),
+    throttled_until timestamptz,
+    throttle_reason text,
+    paused_at       timestamptz,
+    pause_reason    text,
+    registered_at   timestamptz      NOT NULL DEFAULT now(),
+    updated_at      timestamptz      NOT NULL DEFAULT now()
+);
+
+COMMENT ON TABLE contact_sync.accounts IS 'contact-sync: provider accounts, their fleet-wide limits and pauses';
+
+-- Live replicas: each worker's id, where it runs, what it serves, and its heartbeat.
+CREATE TABLE contact_sync.workers (
+    id           text        PRIMARY KEY,
+    host         text        NOT NULL,
+    pid          integer     NOT NULL,
+    accounts     text[]      NOT NULL,
+    concurrency  integer     NOT NULL,
+    started_at   timestamptz NOT NULL DEFAULT now(),
+    heartbeat_at timestamptz NOT NULL DEFAULT now(),
+    -- past this, the replica is gone (killed, partitioned): it drops out of the registry
+    expires_at   timestamptz NOT NULL
+);
+
+COMMENT ON TABLE contact_sync.workers IS 'contact-sync: live worker replicas (heartbeat registry)';
+
+-- Calls in flight per account, read by the claim of an account with max_in_flight.
+CREATE INDEX jobs_running_account_idx ON contact_sync.jobs (account) WHERE state = 'running';
+
+-- Accounts that already have jobs get their row now (no limits until a worker registers them).
+INSERT INTO contact_sync.accounts (account, provider)
+SELECT DISTINCT ON (account) account, provider FROM contact_sync.jobs ORDER BY account, id DESC
+ON CONFLICT DO NOTHING;

@@ -1,0 +1,358 @@
+//! Provider accounts and worker replicas as the fleet shares them (`contact_sync.accounts`,
+//! `contact_sync.workers`): registration at start-up, the replica heartbeat, throttle pauses a
+//! provider asked for, operator pauses, and what `status`, `accounts list` and `workers` show.
+//! The token bucket and the in-flight cap are taken in [`super::claim::claim_within_limits`].
+
+use chrono::{DateTime, Utc};
+use sqlx::PgPool;
+use std::time::Duration;
+
+/// The NOTIFY channel a pause or resume is announced on (payload: the account).
+pub const CHANNEL: &str = "contact_sync_accounts";
+
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// One account as a worker registers it: its provider and its fleet-wide limits.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AccountLimits {
+    pub account: String,
+    pub provider: String,
+    pub rate_per_second: Option<f64>,
+    pub burst: Option<f64>,
+    pub max_in_flight: Option<i32>,
+}
+
+impl AccountLimits {
+    /// Whether claims of this account go through the shared bucket.
+    pub fn is_limited(&self) -> bool {
+        self.rate_per_second.is_some() || self.max_in_flight.is_some()
+    }
+}
+
+/// A worker replica as it registers itself.
+#[derive(Debug, Clone)]
+pub struct Replica {
+    pub id: String,
+    pub host: String,
+    pub pid: i32,
+    pub accounts: Vec<String>,
+    pub concurrency: i32,
+}
+
+/// An account's row where another replica's limits differ from this one's (they are the
+/// account's, so the last registration wins).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LimitsChanged {
+    pub account: String,
+    pub before: AccountLimits,
+}
+
+/// Records this replica and its accounts. Limits are the account's, shared by every replica:
+/// this registration sets them, and returns the accounts whose limits were different before.
+pub async fn register(
+    pool: &PgPool,
+    replica: &Replica,
+    accounts: &[AccountLimits],
+    lease: Duration,
+) -> Result<Vec<LimitsChanged>, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    sqlx::query(
+        // language=PostgreSQL
+        r#"
+        INSERT INTO contact_sync.workers (id, host, pid, accounts, concurrency, expires_at)
+        VALUES ($1, $2, $3, $4, $5, now() + make_interval(secs => $6::bigint / 1000.0))
+        ON CONFLICT (id) DO UPDATE SET heartbeat_at = now(), expires_at = EXCLUDED.expires_at
+        "#,
+    )
+    .bind(&replica.id)
+    .bind(&replica.host)
+    .bind(replica.pid)
+    .bind(&replica.accounts)
+    .bind(replica.concurrency)
+    .bind(millis(lease))
+    .execute(&mut *tx)
+    .await?;
+    let mut changed = Vec::new();
+    for a in accounts {
+        // the old values, locked, then the new ones; a new bucket starts full
+        type Registered = (Option<String>, Option<f64>, Option<f64>, Option<i32>);
+        let before: Option<Registered> = sqlx::query_as(
+            // language=PostgreSQL
+            "SELECT provider, rate_per_second, burst, max_in_flight FROM contact_sync.accounts WHERE account = $1 FOR UPDATE",
+        )
+        .bind(&a.account)
+        .fetch_optional(&mut *tx)
+        .await?;
+        sqlx::query(
+            // language=PostgreSQL
+            r#"
+            INSERT INTO contact_sync.accounts AS t (account, provider, rate_per_second, burst, max_in_flight, tokens)
+            VALUES ($1, $2, $3, $4, $5, coalesce($4, 0))
+            ON CONFLICT (account) DO UPDATE
+            SET provider = EXCLUDED.provider, rate_per_second = EXCLUDED.rate_per_second,
+                burst = EXCLUDED.burst, max_in_flight = EXCLUDED.max_in_flight,
+                tokens = CASE WHEN t.rate_per_second IS NULL OR t.burst IS DISTINCT FROM EXCLUDED.burst
+                              THEN coalesce(EXCLUDED.burst, 0)
+                              ELSE least(t.tokens, EXCLUDED.burst) END,
+                updated_at = now()
+            "#,
+        )
+        .bind(&a.account)
+        .bind(&a.provider)
+        .bind(a.rate_per_second)
+        .bind(a.burst)
+        .bind(a.max_in_flight)
+        .execute(&mut *tx)
+        .await?;
+        if let Some((Some(provider), rate, burst, max_in_flight)) = before {
+            let before = AccountLimits {
+                account: a.account.clone(),
+                provider,
+                rate_per_second: rate,
+                burst,
+                max_in_flight,
+            };
+            if &before != a {
+                changed.push(LimitsChanged {
+                    account: a.account.clone(),
+                    before,
+                });
+            }
+        }
+    }
+    tx.commit().await?;
+    Ok(changed)
+}
+
+/// The replica's heartbeat: pushes its expiry one lease on (and registers it again if a sweep
+/// had dropped it while it could not reach the database). Drops expired replicas.
+pub async fn heartbeat(
+    pool: &PgPool,
+    replica: &Replica,
+    lease: Duration,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        // language=PostgreSQL
+        r#"
+        WITH gone AS (
+            DELETE FROM contact_sync.workers WHERE expires_at < now() AND id <> $1
+        )
+        INSERT INTO contact_sync.workers (id, host, pid, accounts, concurrency, expires_at)
+        VALUES ($1, $2, $3, $4, $5, now() + make_interval(secs => $6::bigint / 1000.0))
+        ON CONFLICT (id) DO UPDATE SET heartbeat_at = now(), expires_at = EXCLUDED.expires_at
+        "#,
+    )
+    .bind(&replica.id)
+    .bind(&replica.host)
+    .bind(replica.pid)
+    .bind(&replica.accounts)
+    .bind(replica.concurrency)
+    .bind(millis(lease))
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// A replica leaving cleanly.
+pub async fn deregister(pool: &PgPool, id: &str) -> Result<(), sqlx::Error> {
+    sqlx::query("DELETE FROM contact_sync.workers WHERE id = $1")
+        .bind(id)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+/// A live replica, for `contact-sync workers`.
+#[derive(Debug, Clone, sqlx::FromRow, serde::Serialize)]
+pub struct ReplicaRow {
+    pub id: String,
+    pub host: String,
+    pub pid: i32,
+    pub accounts: Vec<String>,
+    pub concurrency: i32,
+    pub started_at: DateTime<Utc>,
+    pub heartbeat_at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+}
+
+/// Replicas whose heartbeat has not expired.
+pub async fn live_replicas(pool: &PgPool) -> Result<Vec<ReplicaRow>, sqlx::Error> {
+    sqlx::query_as(
+        // language=PostgreSQL
+        "SELECT id, host, pid, accounts, concurrency, started_at, heartbeat_at, expires_at \
+         FROM contact_sync.workers WHERE expires_at >= now() ORDER BY started_at, id",
+    )
+    .fetch_all(pool)
+    .await
+}
+
+/// What a throttle answer did to the account's fleet-wide pause.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Throttle {
+    /// The account was not paused: this answer paused it.
+    Started,
+    /// Already paused: the pause now ends later (or stays as it was).
+    Extended,
+}
+
+/// Pauses `account` for every worker until `until` from now (a provider's throttle answer);
+/// a longer pause already in place stays. Announced on [`CHANNEL`].
+pub async fn throttle(
+    pool: &PgPool,
+    account: &str,
+    provider: &str,
+    for_: Duration,
+    reason: &str,
+) -> Result<Throttle, sqlx::Error> {
+    let was_paused: bool = sqlx::query_scalar(
+        // language=PostgreSQL
+        r#"
+        WITH before AS (
+            SELECT throttled_until FROM contact_sync.accounts WHERE account = $1
+        ), upsert AS (
+            INSERT INTO contact_sync.accounts AS t (account, provider, throttled_until, throttle_reason)
+            VALUES ($1, $2, now() + make_interval(secs => $3::bigint / 1000.0), $4)
+            ON CONFLICT (account) DO UPDATE
+            SET throttled_until = greatest(t.throttled_until, EXCLUDED.throttled_until),
+                throttle_reason = CASE WHEN t.throttled_until >= EXCLUDED.throttled_until
+                                       THEN t.throttle_reason ELSE EXCLUDED.throttle_reason END,
+                updated_at = now()
+        ), announced AS (
+            SELECT pg_notify('contact_sync_accounts', $1)
+        )
+        SELECT coalesce((SELECT throttled_until > now() FROM before), false) FROM announced
+        "#,
+    )
+    .bind(account)
+    .bind(provider)
+    .bind(millis(for_))
+    .bind(reason)
+    .fetch_one(pool)
+    .await?;
+    Ok(if was_paused {
+        Throttle::Extended
+    } else {
+        Throttle::Started
+    })
+}
+
+/// An operator's pause: no worker claims the account's jobs until [`resume`].
+pub async fn pause(pool: &PgPool, account: &str, reason: &str) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        // language=PostgreSQL
+        r#"
+        WITH paused AS (
+            INSERT INTO contact_sync.accounts AS t (account, paused_at, pause_reason)
+            VALUES ($1, now(), $2)
+            ON CONFLICT (account) DO UPDATE
+            SET paused_at = coalesce(t.paused_at, now()), pause_reason = $2, updated_at = now()
+            RETURNING account
+        )
+        SELECT pg_notify('contact_sync_accounts', account) FROM paused
+        "#,
+    )
+    .bind(account)
+    .bind(reason)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// Ends an operator's pause and any throttle pause. Returns false if it was not paused.
+pub async fn resume(pool: &PgPool, account: &str) -> Result<bool, sqlx::Error> {
+    let n = sqlx::query(
+        // language=PostgreSQL
+        r#"
+        WITH resumed AS (
+            UPDATE contact_sync.accounts
+            SET paused_at = NULL, pause_reason = NULL, throttled_until = NULL,
+                throttle_reason = NULL, updated_at = now()
+            WHERE account = $1 AND (paused_at IS NOT NULL OR throttled_until > now())
+            RETURNING account
+        )
+        SELECT pg_notify('contact_sync_accounts', account) FROM resumed
+        "#,
+    )
+    .bind(account)
+    .execute(pool)
+    .await?
+    .rows_affected();
+    Ok(n > 0)
+}
+
+/// An account as `status`, `accounts list` and `/metrics` show it.
+#[derive(Debug, Clone, sqlx::FromRow, serde::Serialize)]
+pub struct AccountRow {
+    pub account: String,
+    pub provider: Option<String>,
+    pub rate_per_second: Option<f64>,
+    pub burst: Option<f64>,
+    pub max_in_flight: Option<i32>,
+    /// Jobs `running` now.
+    pub in_flight: i64,
+    /// Set while an operator's pause holds.
+    pub paused_at: Option<DateTime<Utc>>,
+    pub pause_reason: Option<String>,
+    /// Set while a provider's throttle pause holds (in the future).
+    pub throttled_until: Option<DateTime<Utc>>,
+    pub throttle_reason: Option<String>,
+    /// Live replicas that serve it.
+    pub workers: i64,
+}
+
+impl AccountRow {
+    pub fn is_paused(&self) -> bool {
+        self.paused_at.is_some() || self.throttled_until.is_some()
+    }
+}
+
+/// Every known account, with what holds it back now.
+pub async fn list(pool: &PgPool) -> Result<Vec<AccountRow>, sqlx::Error> {
+    sqlx::query_as(
+        // language=PostgreSQL
+        r#"
+        SELECT a.account, a.provider, a.rate_per_second, a.burst, a.max_in_flight,
+               (SELECT count(*) FROM contact_sync.jobs j WHERE j.account = a.account AND j.state = 'running') AS in_flight,
+               a.paused_at, a.pause_reason,
+               CASE WHEN a.throttled_until > now() THEN a.throttled_until END AS throttled_until,
+               CASE WHEN a.throttled_until > now() THEN a.throttle_reason END AS throttle_reason,
+               (SELECT count(*) FROM contact_sync.workers w
+                WHERE a.account = ANY(w.accounts) AND w.expires_at >= now()) AS workers
+        FROM contact_sync.accounts a ORDER BY a.account
+        "#,
+    )
+    .fetch_all(pool)
+    .await
+}
+
+/// How long each of these accounts stays paused from now (`Duration::MAX` for an operator's
+/// pause); accounts not paused are left out.
+pub async fn pauses(
+    pool: &PgPool,
+    accounts: &[String],
+) -> Result<Vec<(String, Duration)>, sqlx::Error> {
+    let rows: Vec<(String, Option<i64>)> = sqlx::query_as(
+        // language=PostgreSQL
+        r#"
+        SELECT account,
+               CASE WHEN paused_at IS NULL
+                    THEN ceil(extract(epoch FROM throttled_until - now()) * 1000)::bigint END
+        FROM contact_sync.accounts
+        WHERE account = ANY($1) AND (paused_at IS NOT NULL OR throttled_until > now())
+        "#,
+    )
+    .bind(accounts)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(account, ms)| {
+            let left = ms.map_or(Duration::MAX, |ms| {
+                Duration::from_millis(u64::try_from(ms).unwrap_or(0))
+            });
+            (account, left)
+        })
+        .collect())
+}
