@@ -70,6 +70,16 @@ pub struct BenchArgs {
     /// Worker processes for the e2e runs (all on one database).
     #[arg(long, default_value_t = 1)]
     pub workers: usize,
+    /// Rate scenario: one JustClick account limited to RATE calls/s (fleet-wide), drained by
+    /// --workers processes; reports the rate the sandbox saw against this one.
+    #[arg(long, value_name = "RATE")]
+    pub rate: Option<f64>,
+    /// Rate scenario: the account's burst (default: one second's worth).
+    #[arg(long, requires = "rate")]
+    pub burst: Option<u32>,
+    /// Rate scenario: seconds of traffic at the configured rate.
+    #[arg(long, default_value_t = 10, requires = "rate")]
+    pub rate_seconds: u64,
     /// Also print a readable table.
     #[arg(long)]
     pub pretty: bool,
@@ -97,6 +107,20 @@ pub struct SizeResult {
     pub cpu_us_per_job: CpuPerJob,
 }
 
+/// The rate scenario: what the provider saw against what was configured.
+#[derive(Debug, Clone, Serialize)]
+pub struct RateResult {
+    pub workers: usize,
+    pub configured_per_s: f64,
+    pub burst: f64,
+    pub calls: usize,
+    /// Calls over the time from the first to the last call.
+    pub achieved_per_s: f64,
+    /// Most calls the sandbox saw in any 1-second window (the bound is rate + burst).
+    pub worst_1s_window: usize,
+    pub seconds: f64,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchResult {
     pub provider: BenchProvider,
@@ -111,6 +135,7 @@ pub struct BenchResult {
     pub blocked_over_unblocked: Option<f64>,
     pub latency_ms_p50: Option<f64>,
     pub latency_ms_p99: Option<f64>,
+    pub rate: Option<RateResult>,
     pub peak_rss_mb: f64,
     pub cores: usize,
     pub seconds: f64,
@@ -149,13 +174,16 @@ fn jobs(args: &BenchArgs, size: usize, wave: usize) -> Vec<NewJob> {
         .collect()
 }
 
+/// The rate scenario's account (the sandbox's `demo` login, limited).
+const RATE_ACCOUNT: &str = "bench_rate";
+
 fn config_file(
     args: &BenchArgs,
     justclick_base: &str,
     smartlink_base: &str,
     dir: &Path,
 ) -> anyhow::Result<PathBuf> {
-    let toml = format!(
+    let mut toml = format!(
         r#"[database]
 max_connections = 8
 [worker]
@@ -184,6 +212,14 @@ allow_insecure_http = true
         jc = ACCOUNTS[0],
         sl = ACCOUNTS[1],
     );
+    if let Some(rate) = args.rate {
+        toml.push_str(&format!(
+            "[accounts.{RATE_ACCOUNT}]\nprovider = \"justclick\"\nlogin = \"demo\"\nsecret = \"demo-justclick-secret\"\nbase_url = \"{justclick_base}\"\nallow_insecure_http = true\nrate_limit_per_second = {rate}\n"
+        ));
+        if let Some(burst) = args.burst {
+            toml.push_str(&format!("burst = {burst}\n"));
+        }
+    }
     let path = dir.join(format!("contact-sync-bench-{}.toml", std::process::id()));
     std::fs::write(&path, toml)?;
     Ok(path)
@@ -587,6 +623,11 @@ pub async fn run(args: BenchArgs, database_url: Option<String>) -> anyhow::Resul
     } else {
         None
     };
+    let rate = match (args.rate, &sandbox) {
+        (Some(r), Some(s)) => Some(measure_rate(&pool, &args, r, s, &config, &url).await?),
+        (Some(_), None) => bail!("--rate needs the in-process sandbox (not --sandbox-url)"),
+        (None, _) => None,
+    };
     let rates: Vec<f64> = sizes.iter().map(|s| s.e2e_jobs_per_s).collect();
     let e2e_min_over_max = match (
         rates.iter().copied().reduce(f64::min),
@@ -602,7 +643,7 @@ pub async fn run(args: BenchArgs, database_url: Option<String>) -> anyhow::Resul
     });
 
     if _pg.is_none() {
-        for account in ACCOUNTS.iter().chain(&["bench_old"]) {
+        for account in ACCOUNTS.iter().chain(&["bench_old", RATE_ACCOUNT]) {
             admin::purge_account(&pool, account, None).await?;
         }
     }
@@ -622,11 +663,84 @@ pub async fn run(args: BenchArgs, database_url: Option<String>) -> anyhow::Resul
         blocked_over_unblocked,
         latency_ms_p50: latency_ms_p50.map(|v| (v * 100.0).round() / 100.0),
         latency_ms_p99: latency_ms_p99.map(|v| (v * 100.0).round() / 100.0),
+        rate,
         peak_rss_mb: (peak * 10.0).round() / 10.0,
         cores: std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(1),
         seconds: (started.elapsed().as_secs_f64() * 10.0).round() / 10.0,
+    })
+}
+
+/// The rate scenario: `rate × rate_seconds` jobs of one limited account, drained by
+/// `--workers` processes; the sandbox's arrival times are the measure.
+async fn measure_rate(
+    pool: &PgPool,
+    args: &BenchArgs,
+    rate: f64,
+    sandbox: &Sandbox,
+    config: &Path,
+    url: &str,
+) -> anyhow::Result<RateResult> {
+    let n = ((rate * args.rate_seconds as f64).ceil() as usize).max(20);
+    eprintln!(
+        "bench: rate scenario: {n} jobs at {rate}/s over {} worker(s) ...",
+        args.workers
+    );
+    admin::purge_account(pool, RATE_ACCOUNT, None).await?;
+    let batch: Vec<NewJob> = (0..n)
+        .map(|i| {
+            NewJob::new(
+                "justclick",
+                RATE_ACCOUNT,
+                format!("rate{i}@bench.example.com"),
+                json!({"lead_name": format!("User {i}")}),
+            )
+        })
+        .collect();
+    load(pool, &batch).await?;
+    let before = sandbox.account_log("justclick", "demo").arrivals.len();
+    let started = Instant::now();
+    let procs: Vec<WorkerProcess> = (0..args.workers)
+        .map(|_| WorkerProcess::spawn(config, url, true))
+        .collect::<Result<_, _>>()?;
+    for p in procs {
+        let (code, _) = p.wait().await?;
+        if code != 0 {
+            bail!("worker exited with {code}");
+        }
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let arrivals: Vec<Instant> = sandbox
+        .account_log("justclick", "demo")
+        .arrivals
+        .split_off(before);
+    let span = match (arrivals.first(), arrivals.last()) {
+        (Some(a), Some(b)) if b > a => (*b - *a).as_secs_f64(),
+        _ => 0.0,
+    };
+    let mut worst = 0;
+    let mut end = 0;
+    for (i, start) in arrivals.iter().enumerate() {
+        while end < arrivals.len() && arrivals[end] < *start + Duration::from_secs(1) {
+            end += 1;
+        }
+        worst = worst.max(end - i);
+    }
+    admin::purge_account(pool, RATE_ACCOUNT, None).await?;
+    Ok(RateResult {
+        workers: args.workers,
+        configured_per_s: rate,
+        burst: args.burst.map_or(rate.ceil().max(1.0), f64::from),
+        calls: arrivals.len(),
+        // n calls span n - 1 intervals
+        achieved_per_s: if span > 0.0 {
+            ((arrivals.len().saturating_sub(1)) as f64 / span * 10.0).round() / 10.0
+        } else {
+            0.0
+        },
+        worst_1s_window: worst,
+        seconds: (seconds * 10.0).round() / 10.0,
     })
 }
 
@@ -706,5 +820,17 @@ pub fn render(r: &BenchResult) -> String {
         opt(r.latency_ms_p99),
         r.peak_rss_mb
     ));
+    if let Some(rate) = &r.rate {
+        out.push_str(&format!(
+            "rate: {} worker(s), configured {}/s burst {}: achieved {}/s over {} calls, worst 1-s window {} (bound {})\n",
+            rate.workers,
+            rate.configured_per_s,
+            rate.burst,
+            rate.achieved_per_s,
+            rate.calls,
+            rate.worst_1s_window,
+            rate.configured_per_s + rate.burst
+        ));
+    }
     out
 }
