@@ -13,12 +13,13 @@ CREATE TABLE contact_sync.accounts (
     account         text             PRIMARY KEY,
     -- as the workers that serve it configure it (NULL until one has registered)
     provider        text,
-    rate_per_second double precision CHECK (rate_per_second > 0),
-    burst           double precision CHECK (burst >= 1),
+    rate_per_second double precision CHECK (rate_per_second > 0 AND rate_per_second < 'Infinity'),
+    burst           double precision CHECK (burst >= 1 AND burst < 'Infinity'),
     max_in_flight   integer          CHECK (max_in_flight >= 1),
     tokens          double precision NOT NULL DEFAULT 0,
     refilled_at     timestamptz      NOT NULL DEFAULT now(),
-    throttled_until timestamptz,
+    -- finite: an endless pause is an operator's (paused_at), ended by `accounts resume`
+    throttled_until timestamptz      CHECK (isfinite(throttled_until)),
     throttle_reason text,
     paused_at       timestamptz,
     pause_reason    text,

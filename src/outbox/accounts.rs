@@ -7,7 +7,8 @@ use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 use std::time::Duration;
 
-/// The NOTIFY channel a pause or resume is announced on (payload: the account).
+/// The NOTIFY channel a pause or resume is announced on (payload: the account, followed by a
+/// space and the pause in milliseconds for a throttle pause).
 pub const CHANNEL: &str = "contact_sync_accounts";
 
 fn millis(d: Duration) -> i64 {
@@ -75,6 +76,9 @@ pub async fn register(
     .execute(&mut *tx)
     .await?;
     let mut changed = Vec::new();
+    // in name order, as claims lock them: two registrations or a claim never deadlock
+    let mut accounts: Vec<&AccountLimits> = accounts.iter().collect();
+    accounts.sort_by(|a, b| a.account.cmp(&b.account));
     for a in accounts {
         // the old values, locked, then the new ones; a new bucket starts full
         type Registered = (Option<String>, Option<f64>, Option<f64>, Option<i32>);
@@ -114,7 +118,7 @@ pub async fn register(
                 burst,
                 max_in_flight,
             };
-            if &before != a {
+            if before != *a {
                 changed.push(LimitsChanged {
                     account: a.account.clone(),
                     before,
@@ -188,6 +192,14 @@ pub async fn live_replicas(pool: &PgPool) -> Result<Vec<ReplicaRow>, sqlx::Error
     .await
 }
 
+/// Reads a [`CHANNEL`] payload: the account, and for a throttle pause how long it holds.
+pub fn parse_announcement(payload: &str) -> (&str, Option<Duration>) {
+    match payload.split_once(' ') {
+        Some((account, ms)) => (account, ms.parse::<u64>().ok().map(Duration::from_millis)),
+        None => (payload, None),
+    }
+}
+
 /// What a throttle answer did to the account's fleet-wide pause.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Throttle {
@@ -220,7 +232,8 @@ pub async fn throttle(
                                        THEN t.throttle_reason ELSE EXCLUDED.throttle_reason END,
                 updated_at = now()
         ), announced AS (
-            SELECT pg_notify('contact_sync_accounts', $1)
+            -- "account ms": the listeners hold the account back at once, without a query
+            SELECT pg_notify('contact_sync_accounts', $1 || ' ' || $3::text)
         )
         SELECT coalesce((SELECT throttled_until > now() FROM before), false) FROM announced
         "#,
@@ -355,4 +368,19 @@ pub async fn pauses(
             (account, left)
         })
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn announcements_carry_the_account_and_a_throttle_pause() {
+        assert_eq!(
+            parse_announcement("jc_main 1500"),
+            ("jc_main", Some(Duration::from_millis(1500)))
+        );
+        assert_eq!(parse_announcement("jc_main"), ("jc_main", None));
+        assert_eq!(parse_announcement("jc_main soon"), ("jc_main", None));
+    }
 }

@@ -255,11 +255,10 @@ pub async fn claim_within_limits(
                 limit = whole.max(0);
                 if limit == 0 {
                     let want = wake_tokens(*rate, burst.unwrap_or(1.0));
-                    let wait = ((want - tokens) / rate).max(0.001);
-                    out.held.push((
-                        q.account.clone(),
-                        Held::Tokens(Duration::from_secs_f64(wait)),
-                    ));
+                    // a rate so small that the wait overflows: ask again in an hour
+                    let wait = Duration::try_from_secs_f64(((want - tokens) / rate).max(0.001))
+                        .unwrap_or(Duration::from_secs(3600));
+                    out.held.push((q.account.clone(), Held::Tokens(wait)));
                 }
             }
         }

@@ -16,6 +16,10 @@ use std::time::{Duration, Instant};
 /// (another worker's completion is not announced; this worker's own wakes it sooner).
 const IN_FLIGHT_RECHECK: Duration = Duration::from_millis(50);
 
+/// The longest this worker holds an account back on its own before asking the database again
+/// (a pause recorded for longer is still the database's).
+const LONGEST_HOLD: Duration = Duration::from_secs(86_400);
+
 /// How soon to look again while the limits could not be registered yet.
 const UNREGISTERED_RECHECK: Duration = Duration::from_millis(500);
 
@@ -152,25 +156,28 @@ impl Limits {
     /// Takes in what a claim of limited accounts said held them back.
     pub fn held(&self, account: &str, held: Held) {
         let now = Instant::now();
+        let later = |d: Duration| now + d.min(LONGEST_HOLD);
         let Ok(mut holds) = self.holds.lock() else {
             return;
         };
         let hold = holds.entry(account.to_string()).or_default();
         match held {
             Held::Paused(d) if d == Duration::MAX => hold.indefinite = true,
-            Held::Paused(d) => hold.paused_until = Some(now + d),
-            // ±10% so replicas waiting for the same bucket do not all ask at once
+            Held::Paused(d) => hold.paused_until = Some(later(d)),
+            // ±5% so replicas waiting for the same bucket do not all ask at once
             Held::Tokens(d) => {
-                hold.not_before = Some(now + d.mul_f64(0.95 + fastrand::f64() * 0.1))
+                hold.not_before = Some(later(
+                    d.min(LONGEST_HOLD).mul_f64(0.95 + fastrand::f64() * 0.1),
+                ))
             }
-            Held::InFlight => hold.not_before = Some(now + IN_FLIGHT_RECHECK),
+            Held::InFlight => hold.not_before = Some(later(IN_FLIGHT_RECHECK)),
         }
     }
 
     /// Holds the account back for `delay` (a throttle answer this worker saw; the fleet learns
     /// it from `contact_sync.accounts`).
     pub fn pause(&self, account: &str, delay: Duration) {
-        let until = Instant::now() + delay;
+        let until = Instant::now() + delay.min(LONGEST_HOLD);
         if let Ok(mut holds) = self.holds.lock() {
             let hold = holds.entry(account.to_string()).or_default();
             hold.paused_until = Some(hold.paused_until.map_or(until, |u| u.max(until)));
@@ -194,7 +201,7 @@ impl Limits {
                 }
                 Some((_, left)) => {
                     hold.indefinite = false;
-                    hold.paused_until = Some(now + *left);
+                    hold.paused_until = Some(now + (*left).min(LONGEST_HOLD));
                 }
                 None => {
                     hold.indefinite = false;

@@ -62,9 +62,16 @@ pub async fn listen(shared: Arc<Shared>, stop: CancellationToken) {
                     tokio::select! {
                         n = listener.recv() => match n {
                             Ok(n) if n.channel() == accounts::CHANNEL => {
-                                if shared.accounts.iter().any(|a| a == n.payload()) {
-                                    refresh_pauses(&shared).await;
-                                    shared.wake.notify_one();
+                                let (account, throttled_for) = accounts::parse_announcement(n.payload());
+                                if shared.accounts.iter().any(|a| a == account) {
+                                    match throttled_for {
+                                        // a throttle pause: hold back now, no query first
+                                        Some(d) => shared.limits.pause(account, d),
+                                        None => {
+                                            refresh_pauses(&shared).await;
+                                            shared.wake.notify_one();
+                                        }
+                                    }
                                 }
                             }
                             Ok(_) => shared.wake.notify_one(),
