@@ -15,6 +15,24 @@ fn millis(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
+/// A transaction that waits at most `ms` for a row lock (an account row a stopped claimer or
+/// an operator's open transaction holds): it fails instead, and the caller tries again later.
+async fn bounded_tx(
+    pool: &PgPool,
+    ms: u32,
+) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    sqlx::query(&format!("SET LOCAL lock_timeout = '{ms}ms'"))
+        .execute(&mut *tx)
+        .await?;
+    Ok(tx)
+}
+
+/// An operator's reason as stored and shown: printable, at most 200 characters.
+fn clean_reason(reason: &str) -> String {
+    crate::providers::outcome::printable(reason.trim(), 200)
+}
+
 /// One account as a worker registers it: its provider and its fleet-wide limits.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AccountLimits {
@@ -58,7 +76,7 @@ pub async fn register(
     accounts: &[AccountLimits],
     lease: Duration,
 ) -> Result<Vec<LimitsChanged>, sqlx::Error> {
-    let mut tx = pool.begin().await?;
+    let mut tx = bounded_tx(pool, 2000).await?;
     sqlx::query(
         // language=PostgreSQL
         r#"
@@ -97,9 +115,10 @@ pub async fn register(
             ON CONFLICT (account) DO UPDATE
             SET provider = EXCLUDED.provider, rate_per_second = EXCLUDED.rate_per_second,
                 burst = EXCLUDED.burst, max_in_flight = EXCLUDED.max_in_flight,
-                tokens = CASE WHEN t.rate_per_second IS NULL OR t.burst IS DISTINCT FROM EXCLUDED.burst
-                              THEN coalesce(EXCLUDED.burst, 0)
-                              ELSE least(t.tokens, EXCLUDED.burst) END,
+                -- a new bucket starts full; a changed one keeps what is left (a replica
+                -- restarting with another burst must not refill it)
+                tokens = CASE WHEN t.rate_per_second IS NULL THEN coalesce(EXCLUDED.burst, 0)
+                              ELSE least(t.tokens, coalesce(EXCLUDED.burst, t.tokens)) END,
                 updated_at = now()
             "#,
         )
@@ -218,6 +237,7 @@ pub async fn throttle(
     for_: Duration,
     reason: &str,
 ) -> Result<Throttle, sqlx::Error> {
+    let mut tx = bounded_tx(pool, 2000).await?;
     let was_paused: bool = sqlx::query_scalar(
         // language=PostgreSQL
         r#"
@@ -242,8 +262,9 @@ pub async fn throttle(
     .bind(provider)
     .bind(millis(for_))
     .bind(reason)
-    .fetch_one(pool)
+    .fetch_one(&mut *tx)
     .await?;
+    tx.commit().await?;
     Ok(if was_paused {
         Throttle::Extended
     } else {
@@ -253,6 +274,7 @@ pub async fn throttle(
 
 /// An operator's pause: no worker claims the account's jobs until [`resume`].
 pub async fn pause(pool: &PgPool, account: &str, reason: &str) -> Result<(), sqlx::Error> {
+    let mut tx = bounded_tx(pool, 5000).await?;
     sqlx::query(
         // language=PostgreSQL
         r#"
@@ -267,14 +289,16 @@ pub async fn pause(pool: &PgPool, account: &str, reason: &str) -> Result<(), sql
         "#,
     )
     .bind(account)
-    .bind(reason)
-    .execute(pool)
+    .bind(clean_reason(reason))
+    .execute(&mut *tx)
     .await?;
-    Ok(())
+    tx.commit().await
 }
 
-/// Ends an operator's pause and any throttle pause. Returns false if it was not paused.
+/// Ends an operator's pause and any throttle pause, and brings the jobs a throttle answer
+/// scheduled for the pause's end back to now. Returns false if it was not paused.
 pub async fn resume(pool: &PgPool, account: &str) -> Result<bool, sqlx::Error> {
+    let mut tx = bounded_tx(pool, 5000).await?;
     let n = sqlx::query(
         // language=PostgreSQL
         r#"
@@ -289,9 +313,27 @@ pub async fn resume(pool: &PgPool, account: &str) -> Result<bool, sqlx::Error> {
         "#,
     )
     .bind(account)
-    .execute(pool)
+    .execute(&mut *tx)
     .await?
     .rows_affected();
+    // the heads waiting out a throttle answer (contact row first, as every writer does)
+    sqlx::query(
+        // language=PostgreSQL
+        r#"
+        WITH waiting AS (
+            SELECT c.head_id FROM contact_sync.contacts c
+            WHERE c.account = $1 AND c.head_id IS NOT NULL AND NOT c.running AND c.run_at > now()
+            FOR NO KEY UPDATE OF c
+        )
+        UPDATE contact_sync.jobs j SET run_at = now()
+        FROM waiting w
+        WHERE j.id = w.head_id AND j.state = 'pending' AND j.errors -> -1 ->> 'kind' = 'rate_limited'
+        "#,
+    )
+    .bind(account)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
     Ok(n > 0)
 }
 
@@ -340,20 +382,28 @@ pub async fn list(pool: &PgPool) -> Result<Vec<AccountRow>, sqlx::Error> {
     .await
 }
 
-/// How long each of these accounts stays paused from now (`Duration::MAX` for an operator's
-/// pause); accounts not paused are left out.
-pub async fn pauses(
-    pool: &PgPool,
-    accounts: &[String],
-) -> Result<Vec<(String, Duration)>, sqlx::Error> {
-    let rows: Vec<(String, Option<i64>)> = sqlx::query_as(
+/// What holds an account back, as the database says.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AccountHold {
+    pub account: String,
+    /// Paused for this long from now (`Duration::MAX`: an operator's pause, until resumed).
+    pub paused_for: Option<Duration>,
+    /// The row carries fleet-wide limits: claims go through the shared budget, whatever this
+    /// worker's own configuration says.
+    pub limited: bool,
+}
+
+/// The pauses and limits of these accounts (accounts without a row are left out).
+pub async fn holds(pool: &PgPool, accounts: &[String]) -> Result<Vec<AccountHold>, sqlx::Error> {
+    let rows: Vec<(String, bool, Option<i64>, bool)> = sqlx::query_as(
         // language=PostgreSQL
         r#"
-        SELECT account,
-               CASE WHEN paused_at IS NULL
-                    THEN ceil(extract(epoch FROM throttled_until - now()) * 1000)::bigint END
+        SELECT account, paused_at IS NOT NULL,
+               CASE WHEN throttled_until > now()
+                    THEN ceil(extract(epoch FROM throttled_until - now()) * 1000)::bigint END,
+               rate_per_second IS NOT NULL OR max_in_flight IS NOT NULL
         FROM contact_sync.accounts
-        WHERE account = ANY($1) AND (paused_at IS NOT NULL OR throttled_until > now())
+        WHERE account = ANY($1)
         "#,
     )
     .bind(accounts)
@@ -361,11 +411,14 @@ pub async fn pauses(
     .await?;
     Ok(rows
         .into_iter()
-        .map(|(account, ms)| {
-            let left = ms.map_or(Duration::MAX, |ms| {
-                Duration::from_millis(u64::try_from(ms).unwrap_or(0))
-            });
-            (account, left)
+        .map(|(account, paused, throttled_ms, limited)| AccountHold {
+            account,
+            paused_for: if paused {
+                Some(Duration::MAX)
+            } else {
+                throttled_ms.map(|ms| Duration::from_millis(u64::try_from(ms).unwrap_or(0)))
+            },
+            limited,
         })
         .collect())
 }

@@ -33,11 +33,14 @@ pub const CLAIM_SQL: &str = r#"
         WITH picked AS (
             SELECT c.contact_key, c.head_id
             FROM unnest($1::text[], $2::int[]) AS q(account, n)
-            -- a paused account (its provider's throttle answer, or an operator) gives nothing
+            -- a paused account (its provider's throttle answer, or an operator) gives nothing,
+            -- and an account with fleet-wide limits only within them ($7: claim_within_limits)
             CROSS JOIN LATERAL (
                 SELECT 1 WHERE NOT EXISTS (
                     SELECT 1 FROM contact_sync.accounts a
-                    WHERE a.account = q.account AND (a.paused_at IS NOT NULL OR a.throttled_until > now()))
+                    WHERE a.account = q.account
+                      AND (a.paused_at IS NOT NULL OR a.throttled_until > now()
+                           OR (NOT $7 AND (a.rate_per_second IS NOT NULL OR a.max_in_flight IS NOT NULL))))
             ) open
             CROSS JOIN LATERAL (
                 SELECT c.contact_key, c.head_id FROM contact_sync.contacts c
@@ -114,6 +117,7 @@ pub async fn claim(
         .bind(worker_id)
         .bind(default_max_attempts)
         .bind(max_followers)
+        .bind(false)
         .fetch_all(pool)
         .await
 }
@@ -127,6 +131,8 @@ pub enum Held {
     Tokens(Duration),
     /// `max_in_flight` calls are in flight fleet-wide.
     InFlight,
+    /// Another worker is claiming for the account right now.
+    Busy,
 }
 
 /// A claim of limited accounts: the jobs, and what held each account back.
@@ -140,7 +146,7 @@ pub struct LimitedClaim {
 /// milliseconds, more on a loaded machine or when a connection must be opened first. So that
 /// this delay, varying from call to call, cannot push more than `burst + rate × window` calls
 /// into a window at the provider, the bucket holds `rate ×` this margin less than its burst (at
-/// least one token).
+/// most half the burst, at least one token).
 pub const CALL_JITTER_MARGIN: Duration = Duration::from_millis(50);
 
 /// The part of an account's budget worth waking for: about a tenth of a second's worth of
@@ -152,8 +158,9 @@ fn wake_tokens(rate: f64, burst: f64) -> f64 {
 
 /// Claims for accounts with fleet-wide limits (`rate_per_second`/`burst`, `max_in_flight` in
 /// `contact_sync.accounts`), in one transaction:
-/// 1. the accounts' rows are locked (`FOR UPDATE`, in name order): claims of one limited
-///    account are serialized across every worker;
+/// 1. the accounts' rows are locked (`FOR UPDATE SKIP LOCKED`, in name order): claims of one
+///    limited account are serialized across every worker, and a row another claim holds is
+///    reported as [`Held::Busy`], never waited for;
 /// 2. its running jobs are counted in the next statement, which under READ COMMITTED sees every
 ///    claim and completion committed before the lock was granted;
 /// 3. each quota is cut to the whole tokens in the bucket and the free in-flight slots;
@@ -176,13 +183,19 @@ pub async fn claim_within_limits(
     let mut names: Vec<&str> = quotas.iter().map(|q| q.account.as_str()).collect();
     names.sort_unstable();
     let mut tx = pool.begin().await?;
-    // 1. the lock (waits for another worker's claim of the same account to commit)
-    sqlx::query(
+    // A stopped or cut-off worker must not hold an account's row for long: its session ends
+    // after this much idle time in the transaction, and the lock with it.
+    sqlx::query("SET LOCAL idle_in_transaction_session_timeout = '5s'")
+        .execute(&mut *tx)
+        .await?;
+    // 1. the lock, never waited for: an account another claim holds right now is skipped
+    //    (asked again shortly), so nothing queues behind a slow or stopped claimer
+    let locked: Vec<String> = sqlx::query_scalar(
         // language=PostgreSQL
-        "SELECT 1 FROM contact_sync.accounts WHERE account = ANY($1) ORDER BY account FOR UPDATE",
+        "SELECT account FROM contact_sync.accounts WHERE account = ANY($1) ORDER BY account FOR UPDATE SKIP LOCKED",
     )
     .bind(&names)
-    .execute(&mut *tx)
+    .fetch_all(&mut *tx)
     .await?;
     // 2. a fresh snapshot: the bucket as of one instant `t`, and the calls in flight
     type BucketRow = (
@@ -200,9 +213,10 @@ pub async fn claim_within_limits(
         // language=PostgreSQL
         r#"
         SELECT a.account, a.rate_per_second, a.burst, a.max_in_flight,
-               -- refilled since refilled_at, never above the burst less the jitter margin
+               -- refilled since refilled_at, never above the burst less the jitter margin (at
+               -- most half the burst, at least one token)
                CASE WHEN a.rate_per_second IS NOT NULL THEN
-                   least(greatest(1, coalesce(a.burst, 1) - a.rate_per_second * $2),
+                   least(greatest(1, coalesce(a.burst, 1) - least(a.rate_per_second * $2, coalesce(a.burst, 1) / 2)),
                          a.tokens + a.rate_per_second *
                          greatest(0, extract(epoch FROM c.t - a.refilled_at)))
                END AS tokens,
@@ -228,6 +242,10 @@ pub async fn claim_within_limits(
             granted.push(q.clone());
             continue;
         };
+        if !locked.contains(&q.account) {
+            out.held.push((q.account.clone(), Held::Busy));
+            continue;
+        }
         let (_, rate, burst, max_in_flight, tokens, throttled_ms, paused, _, busy) = b;
         if *paused {
             out.held
@@ -280,12 +298,13 @@ pub async fn claim_within_limits(
             .bind(worker_id)
             .bind(default_max_attempts)
             .bind(max_followers)
+            .bind(true)
             .fetch_all(&mut *tx)
             .await?;
     }
     // spend the tokens of what was claimed (one per call: followers ride along)
     let mut spent: (Vec<String>, Vec<f64>, Vec<DateTime<Utc>>) = Default::default();
-    for b in &buckets {
+    for b in buckets.iter().filter(|b| locked.contains(&b.0)) {
         if let Some(tokens) = b.4 {
             let n = out.jobs.iter().filter(|j| j.account == b.0).count() as f64;
             spent.0.push(b.0.clone());
@@ -329,6 +348,7 @@ pub async fn claim_rolled_back(
         .bind("probe")
         .bind(5i32)
         .bind(max_followers)
+        .bind(false)
         .fetch_all(&mut *tx)
         .await?;
     tx.rollback().await?;

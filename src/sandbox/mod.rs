@@ -506,9 +506,18 @@ async fn set_delay(State(s): State<Arc<SandboxState>>, Json(body): Json<DelayBod
 async fn set_rate_limit(
     State(s): State<Arc<SandboxState>>,
     Json(rule): Json<RateLimitRule>,
-) -> Json<Value> {
+) -> axum::response::Response {
+    use axum::http::StatusCode;
+    use axum::response::IntoResponse;
+    if let Err(e) = rule.check() {
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(serde_json::json!({"ok": false, "error": e})),
+        )
+            .into_response();
+    }
     s.throttles.set(rule);
-    Json(serde_json::json!({"ok": true}))
+    Json(serde_json::json!({"ok": true})).into_response()
 }
 
 async fn reset(State(s): State<Arc<SandboxState>>) -> Json<Value> {

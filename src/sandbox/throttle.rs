@@ -54,20 +54,43 @@ impl RateLimitRule {
         let number = |s: &str| s.parse::<f64>().ok().filter(|v| v.is_finite() && *v > 0.0);
         let rate = number(rate)
             .ok_or_else(|| format!("{text:?}: the rate must be a positive number; {expected}"))?;
-        let burst =
-            match burst {
-                Some(b) => Some(number(b).filter(|b| *b >= 1.0).ok_or_else(|| {
-                    format!("{text:?}: the burst must be at least 1; {expected}")
-                })?),
-                None => None,
-            };
-        Ok(Self {
+        let burst = match burst {
+            Some(b) => Some(
+                number(b)
+                    .ok_or_else(|| format!("{text:?}: the burst must be at least 1; {expected}"))?,
+            ),
+            None => None,
+        };
+        let rule = Self {
             provider: provider.into(),
             account: account.into(),
             rate,
             burst,
             answer,
-        })
+        };
+        rule.check()
+            .map_err(|e| format!("{text:?}: {e}; {expected}"))?;
+        Ok(rule)
+    }
+
+    /// The bounds a rule must keep, however it arrives (command line or `POST`): a rate of at
+    /// least one request per 1,000 seconds and a burst of at least one request.
+    pub fn check(&self) -> Result<(), String> {
+        if !(self.rate.is_finite() && self.rate >= 0.001) {
+            return Err(format!(
+                "the rate must be a number of at least 0.001 per second, got {}",
+                self.rate
+            ));
+        }
+        if let Some(b) = self.burst {
+            if !(b.is_finite() && b >= 1.0) {
+                return Err(format!("the burst must be at least 1, got {b}"));
+            }
+        }
+        if !matches!(self.provider.as_str(), "justclick" | "smartlink") || self.account.is_empty() {
+            return Err("the provider must be justclick or smartlink, with an account".into());
+        }
+        Ok(())
     }
 }
 
@@ -127,7 +150,8 @@ impl Throttles {
             return None;
         }
         let wait = ((1.0 - b.tokens) / b.rule.rate).max(0.0);
-        Some((b.rule.answer, Duration::from_secs_f64(wait)))
+        let wait = Duration::try_from_secs_f64(wait).unwrap_or(Duration::from_secs(1000));
+        Some((b.rule.answer, wait))
     }
 
     pub(crate) fn arrived(&self, provider: &str, account: &str) {
@@ -189,6 +213,8 @@ mod tests {
             "justclick:x=0",
             "justclick:x=5/0",
             "justclick:x=fast",
+            "justclick:x=1e-300",
+            "justclick:x=5/0.5",
         ] {
             let e = RateLimitRule::parse(bad).unwrap_err();
             assert!(e.contains("PROVIDER:ACCOUNT=RATE"), "{e}");

@@ -6,6 +6,7 @@
 //! when the answer is known to be "nothing".
 
 use crate::config::Settings;
+use crate::outbox::accounts::AccountHold;
 use crate::outbox::claim::{AccountQuota, Held};
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -19,6 +20,9 @@ const IN_FLIGHT_RECHECK: Duration = Duration::from_millis(50);
 /// The longest this worker holds an account back on its own before asking the database again
 /// (a pause recorded for longer is still the database's).
 const LONGEST_HOLD: Duration = Duration::from_secs(86_400);
+
+/// How soon to ask again for an account another worker was claiming for.
+const BUSY_RECHECK: Duration = Duration::from_millis(10);
 
 /// How soon to look again while the limits could not be registered yet.
 const UNREGISTERED_RECHECK: Duration = Duration::from_millis(500);
@@ -51,8 +55,10 @@ impl Plan {
 
 #[derive(Debug)]
 pub struct Limits {
-    /// Accounts whose claims go through the shared budget.
-    limited: HashSet<String>,
+    /// Accounts whose claims go through the shared budget: configured so here, or so in the
+    /// database (another replica's limits are the account's too).
+    configured: HashSet<String>,
+    limited: Mutex<HashSet<String>>,
     holds: Mutex<HashMap<String, Hold>>,
     /// Rotates which accounts get the odd slots when slots are scarce.
     rotation: Mutex<usize>,
@@ -63,14 +69,15 @@ pub struct Limits {
 
 impl Limits {
     pub fn from_settings(settings: &Settings) -> Self {
-        let limited = settings
+        let limited: HashSet<String> = settings
             .accounts
             .iter()
             .filter(|(_, a)| a.rate_limit_per_second.is_some() || a.max_in_flight.is_some())
             .map(|(name, _)| name.clone())
             .collect();
         Self {
-            limited,
+            configured: limited.clone(),
+            limited: Mutex::new(limited),
             holds: Mutex::new(HashMap::new()),
             rotation: Mutex::new(0),
             registered: AtomicBool::new(false),
@@ -88,12 +95,13 @@ impl Limits {
         let mut plan = Plan::default();
         let mut ready: Vec<&String> = Vec::new();
         let registered = self.registered.load(Ordering::Relaxed);
+        let limited = self.limited.lock().map(|l| l.clone()).unwrap_or_default();
         {
             let Ok(mut holds) = self.holds.lock() else {
                 return plan;
             };
             for account in accounts {
-                if !registered && self.limited.contains(account) {
+                if !registered && limited.contains(account) {
                     plan.wake_in = min_opt(plan.wake_in, UNREGISTERED_RECHECK);
                     continue;
                 }
@@ -144,7 +152,7 @@ impl Limits {
                 account: account.clone(),
                 limit: i32::try_from(limit).unwrap_or(i32::MAX),
             };
-            if self.limited.contains(account) {
+            if limited.contains(account) {
                 plan.limited.push(quota);
             } else {
                 plan.open.push(quota);
@@ -171,6 +179,7 @@ impl Limits {
                 ))
             }
             Held::InFlight => hold.not_before = Some(later(IN_FLIGHT_RECHECK)),
+            Held::Busy => hold.not_before = Some(later(BUSY_RECHECK)),
         }
     }
 
@@ -184,22 +193,36 @@ impl Limits {
         }
     }
 
-    /// Replaces what this worker knows of pauses with the database's: `paused` lists each
-    /// paused account with the time left (`Duration::MAX`: until resumed); the other
-    /// `accounts` are not paused.
-    pub fn set_pauses(&self, accounts: &[String], paused: &[(String, Duration)]) {
+    /// Replaces what this worker knows of pauses and limits with the database's (`rows`, for
+    /// some of `accounts`; the others are neither paused nor limited beyond this worker's
+    /// configuration).
+    pub fn set_from_database(&self, accounts: &[String], rows: &[AccountHold]) {
         let now = Instant::now();
+        if let Ok(mut limited) = self.limited.lock() {
+            for account in accounts {
+                let in_db = rows.iter().any(|r| &r.account == account && r.limited);
+                if in_db || self.configured.contains(account) {
+                    limited.insert(account.clone());
+                } else {
+                    limited.remove(account);
+                }
+            }
+        }
         let Ok(mut holds) = self.holds.lock() else {
             return;
         };
         for account in accounts {
             let hold = holds.entry(account.clone()).or_default();
-            match paused.iter().find(|(a, _)| a == account) {
-                Some((_, left)) if *left == Duration::MAX => {
+            let paused = rows
+                .iter()
+                .find(|r| &r.account == account)
+                .and_then(|r| r.paused_for);
+            match paused.as_ref() {
+                Some(left) if *left == Duration::MAX => {
                     hold.indefinite = true;
                     hold.paused_until = None;
                 }
-                Some((_, left)) => {
+                Some(left) => {
                     hold.indefinite = false;
                     hold.paused_until = Some(now + (*left).min(LONGEST_HOLD));
                 }
@@ -321,11 +344,18 @@ mod tests {
         assert!(plan.wake_in.unwrap() > Duration::from_secs(50));
         assert!(limits.paused_for("a").is_some());
         // resumed elsewhere: the database says nothing is paused
-        limits.set_pauses(&names(), &[]);
+        limits.set_from_database(&names(), &[]);
         assert_eq!(limits.paused_for("a"), None);
         assert_eq!(limits.plan(&names(), 32, 100).open.len(), 2);
         // an operator's pause: until resumed, and a drain does not wait for it
-        limits.set_pauses(&names(), &[("b".into(), Duration::MAX)]);
+        limits.set_from_database(
+            &names(),
+            &[AccountHold {
+                account: "b".into(),
+                paused_for: Some(Duration::MAX),
+                limited: false,
+            }],
+        );
         assert_eq!(limits.paused_for("b"), Some(Duration::MAX));
         assert_eq!(
             limits.not_paused_by_operator(&names()),
@@ -334,5 +364,17 @@ mod tests {
         let plan = limits.plan(&names(), 32, 100);
         assert_eq!(plan.open.len(), 1);
         assert_eq!(plan.wake_in, None);
+        // limits another replica registered apply here too
+        limits.set_from_database(
+            &names(),
+            &[AccountHold {
+                account: "a".into(),
+                paused_for: None,
+                limited: true,
+            }],
+        );
+        let plan = limits.plan(&names(), 32, 100);
+        assert_eq!(plan.limited.len(), 1);
+        assert_eq!(plan.limited[0].account, "a");
     }
 }

@@ -30,11 +30,11 @@ pub async fn register(shared: &Shared) -> Result<(), sqlx::Error> {
     Ok(())
 }
 
-/// Reads the pauses of this worker's accounts from the database.
+/// Reads the pauses and limits of this worker's accounts from the database.
 async fn refresh_pauses(shared: &Shared) {
-    match accounts::pauses(&shared.pool, &shared.accounts).await {
-        Ok(paused) => shared.limits.set_pauses(&shared.accounts, &paused),
-        Err(e) => tracing::debug!(error = %e, "could not read account pauses"),
+    match accounts::holds(&shared.pool, &shared.accounts).await {
+        Ok(rows) => shared.limits.set_from_database(&shared.accounts, &rows),
+        Err(e) => tracing::debug!(error = %e, "could not read account pauses and limits"),
     }
 }
 

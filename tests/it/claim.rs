@@ -236,3 +236,26 @@ async fn migrations_are_idempotent_and_safe_concurrently() {
             .unwrap();
     assert_eq!(public, None);
 }
+
+/// An account whose row carries fleet-wide limits is claimed only through the shared budget:
+/// a claimer that does not know of them (started before another replica registered them)
+/// gets nothing until it does.
+#[tokio::test]
+async fn the_plain_claim_leaves_an_account_with_fleet_limits_alone() {
+    let env = TestEnv::new().await;
+    env.enqueue(jc("a@example.com", json!({}))).await;
+    let q = quota("jc", 10);
+    let plain = || claim(&env.pool, &q, Duration::from_secs(30), "w", 20, 1);
+    sqlx::query(
+        "INSERT INTO contact_sync.accounts (account, provider, max_in_flight) VALUES ('jc', 'justclick', 1)",
+    )
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    assert!(plain().await.unwrap().is_empty());
+    sqlx::query("UPDATE contact_sync.accounts SET max_in_flight = NULL WHERE account = 'jc'")
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(plain().await.unwrap().len(), 1);
+}

@@ -394,5 +394,68 @@ async fn the_sandboxs_own_limit_and_code_8_pause_the_account_for_two_hours() {
         .await,
         0
     );
+    // The operator raises the plan and resumes: the jobs the code 8 put two hours away go now.
+    env.sandbox
+        .rate_limit(RateLimitRule::parse(&format!("justclick:{JC_LOGIN}=1000/1000")).unwrap());
+    let waiting = scalar(
+        &env,
+        "SELECT count(*) FROM contact_sync.jobs WHERE state = 'pending' AND run_at > now() + interval '1 hour'",
+    )
+    .await;
+    assert!(waiting >= 1, "the throttled job waits out the pause");
+    let (code, out, err) = env.cli(&config, &["accounts", "resume", "jc"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("jc: resumed"), "{out}");
+    let resumed = Instant::now();
+    while env.count("succeeded").await < 10 {
+        assert!(
+            resumed.elapsed() < Duration::from_secs(10),
+            "throttled jobs still wait after resume: {}",
+            env.count("pending").await
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     stop_all(vec![worker]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_configured_without_limits_obeys_the_ones_another_registered() {
+    let env = TestEnv::new().await;
+    let plain = env.config_file("");
+    let limited = env.config_file_with("max_in_flight = 2\n", "");
+    env.sandbox.faults().set_delay(Duration::from_millis(100));
+    // the replica without limits starts first and registers the account without any
+    let early = env.spawn_quiet(&plain, &["run"]);
+    let started = Instant::now();
+    while scalar(&env, "SELECT count(*) FROM contact_sync.workers").await < 1 {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "no registration"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let late = env.spawn_quiet(&limited, &["run"]);
+    while scalar(
+        &env,
+        "SELECT count(*) FROM contact_sync.accounts WHERE account = 'jc' AND max_in_flight = 2",
+    )
+    .await
+        < 1
+    {
+        assert!(started.elapsed() < Duration::from_secs(10), "no limits");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    env.enqueue_many(&jobs(40, "u")).await;
+    while env.count("succeeded").await < 40 {
+        assert!(started.elapsed() < Duration::from_secs(60), "not drained");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop_all(vec![early, late]).await;
+    let log = env.sandbox.account_log("justclick", JC_LOGIN);
+    assert_eq!(log.arrivals.len(), 40);
+    assert!(
+        log.max_in_flight <= 2,
+        "{} calls in flight at once with max_in_flight = 2 in the database",
+        log.max_in_flight
+    );
 }

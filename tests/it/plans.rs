@@ -26,6 +26,7 @@ async fn claim_plan(pool: &PgPool) -> (i64, Vec<i64>, String) {
         .bind("plan-test")
         .bind(5i32)
         .bind(16i64)
+        .bind(false)
         .fetch_one(&mut *tx)
         .await
         .unwrap();
@@ -38,6 +39,7 @@ async fn claim_plan(pool: &PgPool) -> (i64, Vec<i64>, String) {
         .bind("plan-test")
         .bind(5i32)
         .bind(16i64)
+        .bind(false)
         .fetch_all(&mut *tx)
         .await
         .unwrap()
