@@ -23,6 +23,9 @@ CREATE TABLE contact_sync.accounts (
     throttle_reason text,
     paused_at       timestamptz,
     pause_reason    text,
+    -- who paused it: an operator (`accounts pause`), or a worker whose credentials the provider
+    -- refused (ended by the next worker start, which may bring a corrected configuration)
+    paused_by       text             CHECK (paused_by IN ('operator', 'credentials')),
     registered_at   timestamptz      NOT NULL DEFAULT now(),
     updated_at      timestamptz      NOT NULL DEFAULT now()
 );
@@ -51,3 +54,23 @@ CREATE INDEX jobs_running_account_idx ON contact_sync.jobs (account) WHERE state
 INSERT INTO contact_sync.accounts (account, provider)
 SELECT DISTINCT ON (account) account, provider FROM contact_sync.jobs ORDER BY account, id DESC
 ON CONFLICT DO NOTHING;
+
+-- A job for a known account must name the account's provider: `enqueue('justclick', 'sl_main',
+-- ...)` is refused at once instead of going dead later. Fires before the queue's own insert
+-- trigger (triggers fire in name order).
+CREATE FUNCTION contact_sync.jobs_check_account_provider() RETURNS trigger
+LANGUAGE plpgsql AS $fn$
+BEGIN
+    PERFORM contact_sync.reject(
+        format('contact_sync: account %s is a %s account, not %s', quote_literal(n.account), a.provider, n.provider),
+        format('enqueue it with provider %s, or name one of the %s accounts', quote_literal(a.provider), n.provider),
+        to_jsonb(n.id))
+    FROM new_jobs n JOIN contact_sync.accounts a ON a.account = n.account
+    WHERE a.provider IS NOT NULL AND a.provider <> n.provider;
+    RETURN NULL;
+END
+$fn$;
+
+CREATE TRIGGER jobs_account_check AFTER INSERT ON contact_sync.jobs
+    REFERENCING NEW TABLE AS new_jobs
+    FOR EACH STATEMENT EXECUTE FUNCTION contact_sync.jobs_check_account_provider();

@@ -46,14 +46,11 @@
 //! - [`sandbox`]: local JustClick and Smartlink simulators that verify signatures like the real
 //!   services and inject faults.
 //! - [`admin`]: `/metrics`, `/healthz`, `/readyz`; [`metrics`]: what is counted.
-//! - [`cli`]: the `contact-sync` command line; [`demo`] and [`mod@bench`] behind it.
+//! - [`pg`]: a throwaway local PostgreSQL (the demo's and the tests').
 //! - [`telemetry`], [`duration`], [`secret`]: logging, durations, redacted secrets.
 
 pub mod admin;
-pub mod bench;
-pub mod cli;
 pub mod config;
-pub mod demo;
 pub mod duration;
 pub mod metrics;
 pub mod migrate;
@@ -62,7 +59,6 @@ pub mod pg;
 pub mod providers;
 pub mod sandbox;
 pub mod secret;
-pub mod table;
 pub mod telemetry;
 pub mod worker;
 

@@ -1,13 +1,15 @@
 //! `contact-sync`: parse the command line, set up logging, hand over to the library.
 
+mod cli;
+
 use clap::Parser;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    let cli = contact_sync::cli::Cli::parse();
+    let cli = cli::Cli::parse();
     // The demo and the benchmark narrate on stdout; their logs default to warnings.
     let default_level = match cli.command {
-        contact_sync::cli::Command::Demo | contact_sync::cli::Command::Bench(_) => "warn",
+        cli::Command::Demo | cli::Command::Bench(_) => "warn",
         _ => "info",
     };
     contact_sync::telemetry::init(cli.log_format, default_level);
@@ -21,7 +23,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(contact_sync::cli::run(cli)) {
+    match runtime.block_on(cli::run(cli)) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");

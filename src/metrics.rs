@@ -52,6 +52,12 @@ pub fn in_flight(n: usize) {
 }
 
 /// A throttle answer that paused an account fleet-wide (counted by the worker that saw it).
+/// An account the provider refused (credentials): paused by this worker.
+pub fn account_refused(account: &str) {
+    metrics::counter!("contact_sync_account_refused_pauses_total", "account" => account.to_string())
+        .increment(1);
+}
+
 pub fn account_throttled(account: &str) {
     metrics::counter!("contact_sync_account_throttle_pauses_total", "account" => account.to_string())
         .increment(1);

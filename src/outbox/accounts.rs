@@ -99,10 +99,10 @@ pub async fn register(
     accounts.sort_by(|a, b| a.account.cmp(&b.account));
     for a in accounts {
         // the old values, locked, then the new ones; a new bucket starts full
-        type Registered = (Option<String>, Option<f64>, Option<f64>, Option<i32>);
+        type Registered = (Option<String>, Option<f64>, Option<f64>, Option<i32>, bool);
         let before: Option<Registered> = sqlx::query_as(
             // language=PostgreSQL
-            "SELECT provider, rate_per_second, burst, max_in_flight FROM contact_sync.accounts WHERE account = $1 FOR UPDATE",
+            "SELECT provider, rate_per_second, burst, max_in_flight, paused_by IS NOT DISTINCT FROM 'credentials' FROM contact_sync.accounts WHERE account = $1 FOR UPDATE",
         )
         .bind(&a.account)
         .fetch_optional(&mut *tx)
@@ -119,6 +119,10 @@ pub async fn register(
                 -- restarting with another burst must not refill it)
                 tokens = CASE WHEN t.rate_per_second IS NULL THEN coalesce(EXCLUDED.burst, 0)
                               ELSE least(t.tokens, coalesce(EXCLUDED.burst, t.tokens)) END,
+                -- a start may bring corrected credentials: a pause for refused ones ends
+                paused_at = CASE WHEN t.paused_by = 'credentials' THEN NULL ELSE t.paused_at END,
+                pause_reason = CASE WHEN t.paused_by = 'credentials' THEN NULL ELSE t.pause_reason END,
+                paused_by = CASE WHEN t.paused_by = 'credentials' THEN NULL ELSE t.paused_by END,
                 updated_at = now()
             "#,
         )
@@ -129,7 +133,14 @@ pub async fn register(
         .bind(a.max_in_flight)
         .execute(&mut *tx)
         .await?;
-        if let Some((Some(provider), rate, burst, max_in_flight)) = before {
+        if let Some((_, _, _, _, true)) = before {
+            // the other workers take the account up again at once
+            sqlx::query("SELECT pg_notify('contact_sync_accounts', $1)")
+                .bind(&a.account)
+                .execute(&mut *tx)
+                .await?;
+        }
+        if let Some((Some(provider), rate, burst, max_in_flight, _)) = before {
             let before = AccountLimits {
                 account: a.account.clone(),
                 provider,
@@ -279,10 +290,11 @@ pub async fn pause(pool: &PgPool, account: &str, reason: &str) -> Result<(), sql
         // language=PostgreSQL
         r#"
         WITH paused AS (
-            INSERT INTO contact_sync.accounts AS t (account, paused_at, pause_reason)
-            VALUES ($1, now(), $2)
+            INSERT INTO contact_sync.accounts AS t (account, paused_at, pause_reason, paused_by)
+            VALUES ($1, now(), $2, 'operator')
             ON CONFLICT (account) DO UPDATE
-            SET paused_at = coalesce(t.paused_at, now()), pause_reason = $2, updated_at = now()
+            SET paused_at = coalesce(t.paused_at, now()), pause_reason = $2, paused_by = 'operator',
+                updated_at = now()
             RETURNING account
         )
         SELECT pg_notify('contact_sync_accounts', account) FROM paused
@@ -295,6 +307,41 @@ pub async fn pause(pool: &PgPool, account: &str, reason: &str) -> Result<(), sql
     tx.commit().await
 }
 
+/// Pauses `account` for every worker because the provider refused its credentials (an
+/// operator's pause already in place stays as it is). Returns true if this call paused it.
+/// Ended by [`resume`], or by the next worker start ([`register`]), which may bring a
+/// corrected configuration.
+pub async fn pause_refused(
+    pool: &PgPool,
+    account: &str,
+    provider: &str,
+    reason: &str,
+) -> Result<bool, sqlx::Error> {
+    let mut tx = bounded_tx(pool, 2000).await?;
+    let paused: Option<String> = sqlx::query_scalar(
+        // language=PostgreSQL
+        r#"
+        WITH paused AS (
+            INSERT INTO contact_sync.accounts AS t (account, provider, paused_at, pause_reason, paused_by)
+            VALUES ($1, $2, now(), $3, 'credentials')
+            ON CONFLICT (account) DO UPDATE
+            SET paused_at = now(), pause_reason = EXCLUDED.pause_reason, paused_by = 'credentials',
+                updated_at = now()
+            WHERE t.paused_at IS NULL
+            RETURNING account
+        )
+        SELECT p.account FROM paused p, LATERAL (SELECT pg_notify('contact_sync_accounts', p.account)) n
+        "#,
+    )
+    .bind(account)
+    .bind(provider)
+    .bind(clean_reason(reason))
+    .fetch_optional(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(paused.is_some())
+}
+
 /// Ends an operator's pause and any throttle pause, and brings the jobs a throttle answer
 /// scheduled for the pause's end back to now. Returns false if it was not paused.
 pub async fn resume(pool: &PgPool, account: &str) -> Result<bool, sqlx::Error> {
@@ -304,7 +351,7 @@ pub async fn resume(pool: &PgPool, account: &str) -> Result<bool, sqlx::Error> {
         r#"
         WITH resumed AS (
             UPDATE contact_sync.accounts
-            SET paused_at = NULL, pause_reason = NULL, throttled_until = NULL,
+            SET paused_at = NULL, pause_reason = NULL, paused_by = NULL, throttled_until = NULL,
                 throttle_reason = NULL, updated_at = now()
             WHERE account = $1 AND (paused_at IS NOT NULL OR throttled_until > now())
             RETURNING account
@@ -327,7 +374,8 @@ pub async fn resume(pool: &PgPool, account: &str) -> Result<bool, sqlx::Error> {
         )
         UPDATE contact_sync.jobs j SET run_at = now()
         FROM waiting w
-        WHERE j.id = w.head_id AND j.state = 'pending' AND j.errors -> -1 ->> 'kind' = 'rate_limited'
+        WHERE j.id = w.head_id AND j.state = 'pending'
+          AND j.errors -> -1 ->> 'kind' IN ('rate_limited', 'account_refused')
         "#,
     )
     .bind(account)
@@ -347,9 +395,11 @@ pub struct AccountRow {
     pub max_in_flight: Option<i32>,
     /// Jobs `running` now.
     pub in_flight: i64,
-    /// Set while an operator's pause holds.
+    /// Set while an operator's pause, or a pause for refused credentials, holds.
     pub paused_at: Option<DateTime<Utc>>,
     pub pause_reason: Option<String>,
+    /// `operator` or `credentials` (the provider refused the account).
+    pub paused_by: Option<String>,
     /// Set while a provider's throttle pause holds (in the future).
     pub throttled_until: Option<DateTime<Utc>>,
     pub throttle_reason: Option<String>,
@@ -370,7 +420,7 @@ pub async fn list(pool: &PgPool) -> Result<Vec<AccountRow>, sqlx::Error> {
         r#"
         SELECT a.account, a.provider, a.rate_per_second, a.burst, a.max_in_flight,
                (SELECT count(*) FROM contact_sync.jobs j WHERE j.account = a.account AND j.state = 'running') AS in_flight,
-               a.paused_at, a.pause_reason,
+               a.paused_at, a.pause_reason, a.paused_by,
                CASE WHEN a.throttled_until > now() THEN a.throttled_until END AS throttled_until,
                CASE WHEN a.throttled_until > now() THEN a.throttle_reason END AS throttle_reason,
                (SELECT count(*) FROM contact_sync.workers w
@@ -436,4 +486,31 @@ mod tests {
         assert_eq!(parse_announcement("jc_main"), ("jc_main", None));
         assert_eq!(parse_announcement("jc_main soon"), ("jc_main", None));
     }
+}
+
+/// Accounts with jobs waiting (pending, due or scheduled) that no live worker serves: a typo in
+/// an account name, or a configuration that lacks it. One index probe per account with work
+/// (a loose scan of the claim index), at most 100 accounts.
+pub async fn unserved(pool: &PgPool) -> Result<Vec<String>, sqlx::Error> {
+    sqlx::query_scalar(
+        // language=PostgreSQL
+        r#"
+        WITH RECURSIVE waiting(account) AS (
+            (SELECT c.account FROM contact_sync.contacts c
+             WHERE c.head_id IS NOT NULL AND NOT c.running ORDER BY c.account LIMIT 1)
+            UNION ALL
+            SELECT (SELECT c.account FROM contact_sync.contacts c
+                    WHERE c.head_id IS NOT NULL AND NOT c.running AND c.account > w.account
+                    ORDER BY c.account LIMIT 1)
+            FROM waiting w WHERE w.account IS NOT NULL
+        )
+        SELECT w.account FROM waiting w
+        WHERE w.account IS NOT NULL
+          AND NOT EXISTS (SELECT 1 FROM contact_sync.workers r
+                          WHERE w.account = ANY(r.accounts) AND r.expires_at >= now())
+        LIMIT 100
+        "#,
+    )
+    .fetch_all(pool)
+    .await
 }

@@ -35,6 +35,8 @@ pub struct Status {
     pub dead: i64,
     /// Known accounts: limits, calls in flight, pauses, live workers serving them.
     pub accounts: Vec<super::accounts::AccountRow>,
+    /// Accounts with jobs waiting that no live worker serves.
+    pub unserved: Vec<String>,
 }
 
 pub async fn status(pool: &PgPool) -> Result<Status, sqlx::Error> {
@@ -51,11 +53,13 @@ pub async fn status(pool: &PgPool) -> Result<Status, sqlx::Error> {
         .map(|c| c.count)
         .sum();
     let accounts = super::accounts::list(pool).await?;
+    let unserved = super::accounts::unserved(pool).await?;
     Ok(Status {
         counts,
         backlog,
         dead,
         accounts,
+        unserved,
     })
 }
 

@@ -62,6 +62,46 @@ pub enum DeliveryError {
     /// The provider refused the change itself (or it can never be sent): the job goes `dead`.
     #[error("permanent error {code}: {text}")]
     Permanent { code: String, text: String },
+    /// The provider refused the account, not the change: wrong secret, unknown login or game
+    /// id, a clock it does not accept. Every job of the account would fail alike, so the account
+    /// is paused for every worker (jobs wait, attempts not counted) until the configuration is
+    /// fixed and a worker restarts, or an operator resumes it.
+    #[error("provider refused the account's credentials (code {code}: {text}); check {}", .check.describe("<account>"))]
+    AccountRefused {
+        code: String,
+        text: String,
+        check: AccountCheck,
+    },
+}
+
+/// What to check when a provider refuses an account: named in the pause's reason and the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AccountCheck {
+    /// `accounts.NAME.secret` (JustClick's secret key or Smartlink's API secret).
+    Secret,
+    /// `accounts.NAME.login` (JustClick).
+    Login,
+    /// `accounts.NAME.game_id` (Smartlink).
+    GameId,
+    /// The provider's IP allow-list for this machine's address.
+    AllowedAddress,
+    /// This machine's clock (Smartlink refuses a `ts` too far from its own).
+    Clock,
+}
+
+impl AccountCheck {
+    /// What to check, for the account `account`.
+    pub fn describe(self, account: &str) -> String {
+        match self {
+            AccountCheck::Secret => format!("accounts.{account}.secret"),
+            AccountCheck::Login => format!("accounts.{account}.login"),
+            AccountCheck::GameId => format!("accounts.{account}.game_id"),
+            AccountCheck::AllowedAddress => {
+                "the account's allowed IP addresses at the provider (this machine's address was refused)".into()
+            }
+            AccountCheck::Clock => "this machine's clock (the provider refused the request time)".into(),
+        }
+    }
 }
 
 impl DeliveryError {
@@ -92,18 +132,30 @@ impl DeliveryError {
         }
     }
 
+    /// The account itself was refused (see [`DeliveryError::AccountRefused`]).
+    pub fn account_refused(code: i64, text: &str, check: AccountCheck) -> Self {
+        DeliveryError::AccountRefused {
+            code: code.to_string(),
+            text: printable(text, MAX_TEXT),
+            check,
+        }
+    }
+
     /// Short machine-readable kind for the error history and metrics.
     pub fn kind(&self) -> &'static str {
         match self {
             DeliveryError::Retryable { reason, .. } => reason.as_str(),
             DeliveryError::Permanent { .. } => "permanent",
+            DeliveryError::AccountRefused { .. } => "account_refused",
         }
     }
 
     pub fn code(&self) -> Option<&str> {
         match self {
             DeliveryError::Retryable { code, .. } => code.as_deref(),
-            DeliveryError::Permanent { code, .. } => Some(code),
+            DeliveryError::Permanent { code, .. } | DeliveryError::AccountRefused { code, .. } => {
+                Some(code)
+            }
         }
     }
 }

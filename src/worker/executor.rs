@@ -91,6 +91,11 @@ pub async fn execute(
     .await
 }
 
+/// When a job whose account the provider refused is due again: the pause holds it back
+/// until the account is resumed, so this only keeps a job from being retried in a busy loop
+/// if the pause could not be recorded.
+const ACCOUNT_REFUSED_RETRY: Duration = Duration::from_secs(5);
+
 /// The shortest pause after a throttle answer.
 const MIN_THROTTLE_PAUSE: Duration = Duration::from_secs(1);
 
@@ -232,7 +237,7 @@ async fn deliver(shared: &Shared, job: &ClaimedJob) -> Outcome {
     // 500/502/504 or a timeout: a gateway can fail after the service did its work.)
     let not_acted = match &result {
         Ok(_) => false,
-        Err(DeliveryError::Permanent { .. }) => true,
+        Err(DeliveryError::Permanent { .. } | DeliveryError::AccountRefused { .. }) => true,
         Err(DeliveryError::Retryable { reason, code, .. }) => match reason {
             RetryReason::Connect | RetryReason::RateLimited | RetryReason::ProviderBusy => true,
             RetryReason::ServerError => code.as_deref() == Some("503"),
@@ -337,6 +342,33 @@ async fn deliver(shared: &Shared, job: &ClaimedJob) -> Outcome {
                 } else {
                     Attempt::Counts
                 },
+            }
+        }
+        Err(DeliveryError::AccountRefused { code, text, check }) => {
+            m::provider_request(&job.provider, &job.account, "account_refused", took);
+            let check = check.describe(&job.account);
+            let reason =
+                format!("the provider refused the account (code {code}: {text}); check {check}");
+            match accounts::pause_refused(&shared.pool, &job.account, &job.provider, &reason).await
+            {
+                Ok(true) => {
+                    m::account_refused(&job.account);
+                    tracing::error!(account = %job.account, code = %code, error = %text, check = %check, "provider refused the account: paused for every worker until a worker starts with a corrected configuration, or `contact-sync accounts resume {}`", job.account);
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::error!(account = %job.account, code = %code, check = %check, error = %e, "provider refused the account; could not record the pause (jobs go on failing without counting their attempts)")
+                }
+            }
+            // the job is not at fault: it waits with the account, its attempt not counted
+            Outcome::Retry {
+                delay: ACCOUNT_REFUSED_RETRY,
+                error: AttemptError {
+                    kind: "account_refused".into(),
+                    code: Some(code),
+                    message: reason,
+                },
+                attempt: Attempt::Throttled,
             }
         }
         Err(DeliveryError::Permanent { code, text }) => {

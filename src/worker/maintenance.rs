@@ -5,6 +5,7 @@
 use super::Shared;
 use crate::outbox::{accounts, claim, doi, prune, rescue, Lease};
 use sqlx::postgres::PgListener;
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
@@ -144,12 +145,18 @@ pub async fn run(shared: Arc<Shared>, stop: CancellationToken) {
     let prune_backlog_every = Duration::from_millis(200);
     let mut next_sweep = Instant::now();
     let mut next_prune = Instant::now() + Duration::from_secs(5);
+    let mut next_unserved = Instant::now() + UNSERVED_FIRST_CHECK;
+    let mut warned: HashMap<String, Instant> = HashMap::new();
     let mut pruned_in_run = 0u64;
     loop {
         let now = Instant::now();
         if now >= next_sweep {
             sweep(&shared).await;
             next_sweep = now + sweep_every;
+        }
+        if now >= next_unserved {
+            warn_unserved(&shared, &mut warned).await;
+            next_unserved = now + UNSERVED_CHECK_EVERY;
         }
         if now >= next_prune {
             match retention(&shared).await {
@@ -170,7 +177,7 @@ pub async fn run(shared: Arc<Shared>, stop: CancellationToken) {
                 }
             }
         }
-        let next = next_sweep.min(next_prune);
+        let next = next_sweep.min(next_prune).min(next_unserved);
         tokio::select! {
             _ = tokio::time::sleep_until(next.into()) => {}
             _ = stop.cancelled() => return,
@@ -238,6 +245,35 @@ async fn sweep(shared: &Shared) {
         }
         Ok(_) => {}
         Err(e) => tracing::debug!(error = %e, "re-send sweep failed"),
+    }
+}
+
+/// When a worker first looks for jobs that no live worker serves (after the other replicas of
+/// a rolling start have had time to register), and how often after that.
+const UNSERVED_FIRST_CHECK: Duration = Duration::from_secs(10);
+const UNSERVED_CHECK_EVERY: Duration = Duration::from_secs(60);
+/// One warning per unserved account per this long, per worker.
+const UNSERVED_WARN_EVERY: Duration = Duration::from_secs(3600);
+
+/// Warns, once an hour per account, of jobs that wait for an account no live worker serves:
+/// otherwise they only look like a runnable backlog that grows.
+async fn warn_unserved(shared: &Shared, warned: &mut HashMap<String, Instant>) {
+    let accounts = match accounts::unserved(&shared.pool).await {
+        Ok(a) => a,
+        Err(e) => return tracing::debug!(error = %e, "unserved-account check failed"),
+    };
+    let now = Instant::now();
+    warned.retain(|_, at| now.duration_since(*at) < UNSERVED_WARN_EVERY);
+    for account in accounts {
+        if warned.contains_key(&account) {
+            continue;
+        }
+        tracing::warn!(
+            account = %account,
+            served_here = %shared.accounts.join(","),
+            "jobs wait for an account that no live worker serves: add [accounts.{account}] to a worker's configuration (or fix the account name the jobs were recorded with)"
+        );
+        warned.insert(account, now);
     }
 }
 

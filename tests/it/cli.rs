@@ -99,18 +99,30 @@ async fn enqueue_run_and_operator_commands() {
         )
         .await;
     let dead_id: i64 = dead_id.trim().parse().unwrap();
-    env.cli(
-        &config,
-        &[
-            "enqueue",
-            "--provider",
-            "justclick",
-            "--account",
-            "ghost",
-            "--email",
-            "g@example.com",
-        ],
-    )
+    // the command line refuses an account nobody knows; other paths accept it (its worker may
+    // come later), and `status` shows its jobs waiting
+    let (code, _, err) = env
+        .cli(
+            &config,
+            &[
+                "enqueue",
+                "--provider",
+                "justclick",
+                "--account",
+                "ghost",
+                "--email",
+                "g@example.com",
+            ],
+        )
+        .await;
+    assert_eq!(code, 1);
+    assert!(err.contains("unknown account \"ghost\""), "{err}");
+    env.enqueue(contact_sync::outbox::NewJob::new(
+        "justclick",
+        "ghost",
+        "g@example.com",
+        json!({}),
+    ))
     .await;
 
     let (code, _, err) = env.cli(&config, &["run", "--drain"]).await;
@@ -134,6 +146,10 @@ async fn enqueue_run_and_operator_commands() {
         ["ghost", "1", "0", "0", "0", "0", "0"]
     );
     assert!(out.contains("dead jobs: 1"), "{out}");
+    assert!(
+        out.contains("ghost: 1 job(s) wait for an account no live worker serves"),
+        "{out}"
+    );
     let (_, out, _) = env.cli(&config, &["status", "--json"]).await;
     let status: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(status["dead"], 1);

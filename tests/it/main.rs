@@ -10,6 +10,7 @@ mod cli;
 mod enqueue;
 mod limits;
 mod model;
+mod operator;
 mod ordering;
 mod plans;
 mod providers;

@@ -1,7 +1,14 @@
 //! JustClick `error_code` → outcome (providers.md table).
 
+use crate::providers::outcome::AccountCheck;
 use crate::providers::{DeliveryError, RetryReason};
 use std::time::Duration;
+
+/// Code 4: the request's hash was refused.
+pub const INCORRECT_HASH: i64 = 4;
+
+/// Code 5: the login is unknown (its answer is signed with an empty key).
+pub const UNKNOWN_LOGIN: i64 = 5;
 
 /// Code 500: the address is in none of the account's groups (the contact does not exist).
 pub const SUBSCRIBER_NOT_FOUND: i64 = 500;
@@ -20,6 +27,17 @@ pub fn classify(code: i64, text: &str, extra_retryable: &[i64]) -> Result<(), De
             detail: format!("provider code 8: {text}"),
         }),
         c if extra_retryable.contains(&c) => Err(DeliveryError::provider_busy(code, text, None)),
+        // the account, not the change: every job would fail alike
+        UNKNOWN_LOGIN => Err(DeliveryError::account_refused(
+            code,
+            text,
+            AccountCheck::Login,
+        )),
+        6 => Err(DeliveryError::account_refused(
+            code,
+            text,
+            AccountCheck::AllowedAddress,
+        )),
         // 1-7: client bug or configuration (alert); 100: invalid e-mail; 500: no such subscriber;
         // anything else: permanent by default, kept in the job's history.
         c => Err(DeliveryError::permanent(c.to_string(), text)),
@@ -33,7 +51,8 @@ mod tests {
     #[test]
     fn documented_codes() {
         assert!(classify(0, "OK", &[]).is_ok());
-        for c in [1, 2, 3, 4, 5, 6, 7, 100, 500, 401] {
+        // a verified code 4 means the secret is right and one request's encoding was refused
+        for c in [1, 2, 3, 4, 7, 100, 500, 401] {
             assert!(
                 matches!(classify(c, "x", &[]), Err(DeliveryError::Permanent { .. })),
                 "{c}"
@@ -49,6 +68,15 @@ mod tests {
                 assert_eq!(retry_after, Some(LIMIT_EXHAUSTED_DELAY));
             }
             other => panic!("{other:?}"),
+        }
+        for c in [5, 6] {
+            assert!(
+                matches!(
+                    classify(c, "x", &[]),
+                    Err(DeliveryError::AccountRefused { .. })
+                ),
+                "{c}"
+            );
         }
         assert!(matches!(
             classify(401, "x", &[401]),

@@ -5,7 +5,7 @@ pub mod codes;
 pub mod sign;
 
 use crate::config::{AccountSettings, MissingContact, ProviderKind};
-use crate::providers::outcome::{self, parse_answer, CodeValue};
+use crate::providers::outcome::{self, parse_answer, AccountCheck, CodeValue};
 use crate::providers::{
     digest_eq, BoxFuture, Delivered, Delivery, DeliveryError, Provider, RetryReason,
 };
@@ -115,6 +115,22 @@ pub fn read_answer(
     let expected = sign::response_hash(code, &text, secret);
     match answer.hash {
         Some(hash) if digest_eq(&hash, &expected) => {}
+        // The service refused our hash, or the login, and signed its answer with a key that
+        // is not ours: the secret (or login) is wrong, not the answer forged.
+        _ if code == codes::INCORRECT_HASH => {
+            return Err(DeliveryError::account_refused(
+                code,
+                "incorrect hash, and the answer is signed with another key",
+                AccountCheck::Secret,
+            ))
+        }
+        _ if code == codes::UNKNOWN_LOGIN => {
+            return Err(DeliveryError::account_refused(
+                code,
+                "unknown login",
+                AccountCheck::Login,
+            ))
+        }
         _ => {
             tracing::warn!(
                 error_code = code,

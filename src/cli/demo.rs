@@ -3,15 +3,15 @@
 //! fail and retry, one permanent failure, a double-opt-in dedupe), the worker until drained with
 //! a live progress line, a summary table, and clean-up.
 
-use crate::config::{AccountSettings, DoubleOptIn, ProviderKind, Settings};
-use crate::outbox::admin::{self, StateCount};
-use crate::outbox::{claim, enqueue_batch, NewJob};
-use crate::providers::smartlink::api_key_id;
-use crate::providers::Registry;
-use crate::sandbox::{Fault, FaultRule, Sandbox, SandboxAccounts};
-use crate::secret::Secret;
-use crate::table;
-use crate::worker::Worker;
+use super::table;
+use contact_sync::config::{AccountSettings, DoubleOptIn, ProviderKind, Settings};
+use contact_sync::outbox::admin::{self, StateCount};
+use contact_sync::outbox::{claim, enqueue_batch, NewJob};
+use contact_sync::providers::smartlink::api_key_id;
+use contact_sync::providers::Registry;
+use contact_sync::sandbox::{Fault, FaultRule, Sandbox, SandboxAccounts};
+use contact_sync::secret::Secret;
+use contact_sync::worker::Worker;
 use serde::Serialize;
 use serde_json::json;
 use std::io::IsTerminal;
@@ -42,16 +42,6 @@ pub struct DemoSummary {
     pub doi: Vec<(String, i64)>,
     pub dead: Vec<(i64, String, String)>,
     pub seconds: f64,
-}
-
-impl DemoSummary {
-    pub fn count(&self, state: &str) -> i64 {
-        self.counts
-            .iter()
-            .filter(|c| c.state == state)
-            .map(|c| c.count)
-            .sum()
-    }
 }
 
 fn demo_settings(sandbox: &Sandbox) -> Settings {
@@ -187,7 +177,7 @@ pub async fn run(database_url: Option<String>) -> anyhow::Result<DemoSummary> {
         }
         None => println!("No DATABASE_URL: starting a throwaway PostgreSQL ..."),
     }
-    let (_pg, pool, url) = crate::pg::open(database_url, "", 12).await?;
+    let (_pg, pool, url) = contact_sync::pg::open(database_url, "", 12).await?;
     if let Some(pg) = &_pg {
         println!(
             "  PostgreSQL on {} (data in {}, removed at the end)",

@@ -17,11 +17,11 @@
 //! `--blocked-jobs` backlog draining beside it, and the idle latency: single jobs enqueued one at a
 //! time into an idle worker, from the enqueue statement to the provider receiving the call.
 
-use crate::demo;
-use crate::outbox::{admin, claim, enqueue, enqueue_batch, NewJob};
-use crate::sandbox::Sandbox;
-use crate::table;
+use super::demo;
+use super::table;
 use anyhow::{bail, Context};
+use contact_sync::outbox::{admin, claim, enqueue, enqueue_batch, NewJob};
+use contact_sync::sandbox::Sandbox;
 use serde::Serialize;
 use serde_json::json;
 use sqlx::PgPool;
@@ -553,7 +553,7 @@ pub async fn run(args: BenchArgs, database_url: Option<String>) -> anyhow::Resul
             "bench: starting a throwaway PostgreSQL (fsync on, default synchronous_commit) ..."
         );
     }
-    let (_pg, pool, url) = crate::pg::open(
+    let (_pg, pool, url) = contact_sync::pg::open(
         database_url,
         "max_wal_size = 4GB\ncheckpoint_timeout = 15min",
         4,

@@ -1,0 +1,179 @@
+//! The command line's arguments (clap derive): every subcommand, its options and their help.
+
+use clap::{Args, Parser, Subcommand};
+use contact_sync::telemetry::LogFormat;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "contact-sync",
+    version,
+    about = "Keeps email-marketing providers in step with your contacts, through a Postgres outbox"
+)]
+pub struct Cli {
+    /// TOML configuration file.
+    #[arg(long, global = true, env = "CONTACT_SYNC_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Log line format (RUST_LOG sets the level).
+    #[arg(long, global = true, value_enum, default_value = "pretty")]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Apply the embedded migrations (idempotent, safe to run concurrently).
+    Migrate,
+    /// Run the worker daemon.
+    Run {
+        /// Exit 0 once no job is runnable now.
+        #[arg(long)]
+        drain: bool,
+        /// Apply migrations before starting.
+        #[arg(long)]
+        migrate: bool,
+    },
+    /// Record a change (or, with --file, many).
+    Enqueue(EnqueueArgs),
+    /// Counts per state and account, backlog, oldest runnable job, dead jobs.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// List or inspect jobs.
+    #[command(subcommand)]
+    Jobs(JobsCommand),
+    /// Provider accounts: limits, calls in flight, pauses (fleet-wide, stored in Postgres).
+    #[command(subcommand)]
+    Accounts(AccountsCommand),
+    /// Live worker replicas: id, host, accounts, start, last heartbeat.
+    Workers {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Put a dead or cancelled job back to pending (or every dead job with --dead).
+    Retry {
+        #[arg(required_unless_present = "dead", conflicts_with = "dead")]
+        id: Option<i64>,
+        #[arg(long)]
+        dead: bool,
+        /// With --dead: only this account's.
+        #[arg(long, requires = "dead")]
+        account: Option<String>,
+        /// Retry even when a newer change of the same contact was already delivered (the old
+        /// change then overwrites the newer one at the provider).
+        #[arg(long)]
+        force: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Cancel a pending or dead job.
+    Cancel {
+        id: i64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The zero-setup demo: throwaway Postgres (unless DATABASE_URL), sandbox, sample changes.
+    Demo,
+    /// End-to-end benchmark; prints one JSON line.
+    Bench(super::bench::BenchArgs),
+    /// Serve the JustClick and Smartlink simulators.
+    Sandbox(SandboxArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AccountsCommand {
+    /// Every known account with its limits, calls in flight, pause and live workers.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop every worker from claiming the account's jobs until `accounts resume` (jobs wait;
+    /// calls already under way finish).
+    Pause {
+        /// The account, as named in the configuration.
+        name: String,
+        /// Shown in `status`, `accounts list` and the logs.
+        #[arg(long, default_value = "paused by an operator")]
+        reason: String,
+    },
+    /// End an operator's pause, or a provider's throttle pause early.
+    Resume {
+        /// The account, as named in the configuration.
+        name: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum JobsCommand {
+    /// Newest first.
+    List {
+        #[arg(long)]
+        state: Option<String>,
+        #[arg(long)]
+        account: Option<String>,
+        #[arg(long)]
+        email: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: i64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// One job with its error history.
+    Show {
+        id: i64,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct EnqueueArgs {
+    #[arg(long, required_unless_present = "file")]
+    pub provider: Option<String>,
+    #[arg(long, required_unless_present = "file")]
+    pub account: Option<String>,
+    #[arg(long, required_unless_present = "file")]
+    pub email: Option<String>,
+    /// A payload field, KEY=VALUE (repeatable). Integers for subscribe, update_strategy and
+    /// modify_ts; comma-separated lists for tags and preferences; attributes.NAME=VALUE for a
+    /// Smartlink attribute; text otherwise.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+    /// The payload as a JSON object (merged under --set).
+    #[arg(long)]
+    pub payload: Option<String>,
+    #[arg(long)]
+    pub idempotency_key: Option<String>,
+    /// JSON Lines file, one change per line (fields: provider, account, email, payload,
+    /// idempotency_key, run_at). Bad lines are reported and skipped; good ones are queued.
+    #[arg(long, conflicts_with_all = ["provider", "account", "email", "set", "payload", "idempotency_key"])]
+    pub file: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct SandboxArgs {
+    #[arg(long, default_value = "127.0.0.1:8089")]
+    pub listen: SocketAddr,
+    /// Extra JustClick account, LOGIN:SECRET (repeatable).
+    #[arg(long = "justclick", value_name = "LOGIN:SECRET")]
+    pub justclick: Vec<String>,
+    /// Extra Smartlink account, GAMEID:SECRET (repeatable).
+    #[arg(long = "smartlink", value_name = "GAMEID:SECRET")]
+    pub smartlink: Vec<String>,
+    /// JustClick accounts create an unknown contact on its first update (the real service
+    /// answers 500 "subscriber not found", as the sandbox does without this flag).
+    #[arg(long)]
+    pub create_missing: bool,
+    /// Contacts that exist from the start: a JSON file with
+    /// {"provider": "justclick", "account": LOGIN, "emails": [...]} or a list of those.
+    #[arg(long, value_name = "FILE")]
+    pub seed: Option<std::path::PathBuf>,
+    /// Limit an account as its provider would: beyond RATE requests per second (bucket of
+    /// BURST, default one second's worth) it answers 429 with Retry-After, or JustClick's
+    /// code 8 with `:code8` (repeatable). E.g. justclick:shop=50/10.
+    #[arg(long = "rate-limit", value_name = "PROVIDER:ACCOUNT=RATE[/BURST][:code8]", value_parser = contact_sync::sandbox::RateLimitRule::parse)]
+    pub rate_limit: Vec<contact_sync::sandbox::RateLimitRule>,
+}

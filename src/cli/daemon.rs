@@ -1,0 +1,181 @@
+//! `run` (the worker daemon) and `sandbox` (the provider simulators as a server): the two
+//! long-running commands, which handle SIGTERM/SIGINT from their first moment.
+
+use super::args::SandboxArgs;
+use anyhow::{bail, Context};
+use contact_sync::config::Settings;
+use contact_sync::providers::Registry;
+use contact_sync::sandbox::{Sandbox, SandboxAccounts};
+use contact_sync::worker::{shutdown, Worker};
+use sqlx::postgres::PgPoolOptions;
+use std::process::ExitCode;
+use std::time::Duration;
+
+pub async fn run_worker(
+    settings: Settings,
+    signals: shutdown::Shutdown,
+    drain: bool,
+    migrate: bool,
+) -> anyhow::Result<ExitCode> {
+    let registry = Registry::from_settings(&settings)?;
+    if registry.is_empty() {
+        tracing::warn!(
+            "no [accounts] configured: jobs will wait until configuration names their account"
+        );
+    }
+    let stop = signals.graceful.clone();
+    // Wait for the database at start (a daemon may start before Postgres).
+    let url = settings.database_url()?.clone();
+    let options = PgPoolOptions::new()
+        .max_connections(settings.database.max_connections)
+        .acquire_timeout(Duration::from_secs(10));
+    let pool = options
+        .connect_lazy(url.expose())
+        .map_err(|e| anyhow::anyhow!("bad database URL: {}", super::redact_db_error(&e)))?;
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        let ready = async {
+            if migrate {
+                contact_sync::migrate(&pool)
+                    .await
+                    .map_err(anyhow::Error::from)?;
+            }
+            contact_sync::migrate::is_current(&pool)
+                .await
+                .map_err(anyhow::Error::from)
+        };
+        match ready.await {
+            Ok(true) => break,
+            Ok(false) => bail!("the database schema is not current: run `contact-sync migrate` (or `run --migrate`)"),
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "database not ready");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = stop.cancelled() => return Ok(ExitCode::SUCCESS),
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+    let admin = contact_sync::admin::spawn(&settings, pool.clone(), stop.clone()).await?;
+    let worker = Worker::new(pool.clone(), settings, registry);
+    let report = if drain {
+        worker.drain_until(signals.clone()).await
+    } else {
+        worker.run(signals.clone()).await
+    };
+    // A drain succeeds only if none of its own claims is left `running`.
+    let held = if drain {
+        Some(worker.held_claims().await)
+    } else {
+        None
+    };
+    stop.cancel();
+    if let Some(admin) = admin {
+        let _ = admin.await;
+    }
+    pool.close().await;
+    tracing::info!(?report, "exiting");
+    match held {
+        Some(Ok(0)) | None => Ok(ExitCode::SUCCESS),
+        Some(Ok(n)) => {
+            eprintln!("error: {n} job(s) claimed by this worker are still `running` (their outcome could not be recorded); they return to the queue when their lease expires");
+            Ok(ExitCode::from(1))
+        }
+        Some(Err(e)) => {
+            eprintln!("error: cannot check that this worker's claims were all recorded: {e}");
+            Ok(ExitCode::from(1))
+        }
+    }
+}
+
+/// `sandbox`: serves the simulators until a signal.
+pub async fn serve_sandbox(
+    args: SandboxArgs,
+    settings: &Settings,
+    signals: shutdown::Shutdown,
+) -> anyhow::Result<ExitCode> {
+    let SandboxArgs {
+        listen,
+        justclick,
+        smartlink,
+        create_missing,
+        seed,
+        rate_limit,
+    } = args;
+
+    let seeds = match &seed {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading --seed {}", path.display()))?;
+            serde_json::from_str::<contact_sync::sandbox::SeedFile>(&text)
+                .with_context(|| format!("--seed {}: expected {{\"provider\": \"justclick\", \"account\": LOGIN, \"emails\": [...]}} or a list of those", path.display()))?
+                .into_vec()
+        }
+        None => Vec::new(),
+    };
+    let mut accounts = SandboxAccounts::from_settings(settings);
+    if accounts.justclick.is_empty()
+        && accounts.smartlink.is_empty()
+        && justclick.is_empty()
+        && smartlink.is_empty()
+    {
+        accounts = super::demo::sandbox_accounts();
+        // strict like the real service unless --create-missing
+        accounts.create_missing.clear();
+    }
+    for pair in &justclick {
+        let (login, secret) = pair
+            .split_once(':')
+            .context("--justclick takes LOGIN:SECRET")?;
+        accounts = accounts.with_justclick(login, secret);
+    }
+    for pair in &smartlink {
+        let (game, secret) = pair
+            .split_once(':')
+            .context("--smartlink takes GAMEID:SECRET")?;
+        accounts = accounts.with_smartlink(game, secret);
+    }
+    if create_missing {
+        accounts = accounts.create_missing_contacts();
+    }
+    let logins: Vec<_> = accounts.justclick.keys().cloned().collect();
+    let games: Vec<_> = accounts.smartlink.keys().cloned().collect();
+    let sandbox = Sandbox::start(listen, accounts)
+        .await
+        .with_context(|| format!("binding {listen}"))?;
+    for rule in rate_limit {
+        println!(
+            "  {} {}: at most {}/s (burst {}), then {:?}",
+            rule.provider,
+            rule.account,
+            rule.rate,
+            rule.burst.unwrap_or_else(|| rule.rate.ceil().max(1.0)),
+            rule.answer
+        );
+        sandbox.rate_limit(rule);
+    }
+    for s in &seeds {
+        let created = sandbox.seed(&s.provider, &s.account, &s.emails);
+        println!(
+            "  seeded {created} {} contact(s) of {}",
+            s.provider, s.account
+        );
+    }
+    println!("sandbox listening on {}", sandbox.url());
+    for login in logins {
+        println!(
+            "  justclick {login}: base_url = \"{}\"",
+            sandbox.justclick_base_url(&login)
+        );
+    }
+    for game in games {
+        println!(
+            "  smartlink {game}: base_url = \"{}\"",
+            sandbox.smartlink_base_url()
+        );
+    }
+    signals.graceful.cancelled().await;
+    sandbox.stop().await;
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,196 @@
+//! The `contact-sync` command line: the binary's own code, not the library's surface. Each
+//! subcommand calls library functions; no SQL and no HTTP here.
+//!
+//! - [`args`]: every subcommand and option (clap derive);
+//! - [`daemon`]: `run` and `sandbox`, the long-running commands;
+//! - [`enqueue`], [`jobs`], [`accounts`]: the operator commands by group;
+//! - [`render`] and [`table`]: how they print;
+//! - [`demo`] and [`bench`]: the zero-setup demo and the benchmark.
+
+pub mod accounts;
+pub mod args;
+pub mod bench;
+pub mod daemon;
+pub mod demo;
+pub mod enqueue;
+pub mod jobs;
+pub mod render;
+pub mod table;
+
+pub use args::{Cli, Command};
+
+use anyhow::{anyhow, bail, Context};
+use contact_sync::config::Settings;
+use contact_sync::outbox::admin;
+use contact_sync::worker::shutdown;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::PgPool;
+use std::process::ExitCode;
+use std::time::Duration;
+
+pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    // A daemon handles SIGTERM from its first moment: before the configuration is read.
+    let signals = match cli.command {
+        Command::Run { .. } | Command::Sandbox(_) => Some(shutdown::Shutdown::on_signals()),
+        _ => None,
+    };
+    let settings = Settings::load(cli.config.as_deref()).context("loading configuration")?;
+    match cli.command {
+        Command::Demo => {
+            demo::run(database_url(&settings)).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench(args) => {
+            let pretty = args.pretty;
+            let result = bench::run(args, database_url(&settings)).await?;
+            println!("{}", serde_json::to_string(&result)?);
+            if pretty {
+                print!("{}", bench::render(&result));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Status { json } => {
+            let pool = connect(&settings).await?;
+            let status = admin::status(&pool).await?;
+            print!(
+                "{}",
+                if json {
+                    render::to_json(&status)?
+                } else {
+                    render::render_status(&status)
+                }
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Accounts(command) => accounts::run(command, &settings).await,
+        Command::Workers { json } => accounts::workers(&settings, json).await,
+        Command::Jobs(command) => jobs::run(command, &settings).await,
+        Command::Retry {
+            id,
+            dead,
+            account,
+            force,
+            json,
+        } => jobs::retry(&settings, id, dead, account, force, json).await,
+        Command::Cancel { id, json } => jobs::cancel(&settings, id, json).await,
+        Command::Migrate => {
+            let (pool, _) = connect_to(&settings).await?;
+            contact_sync::migrate(&pool).await?;
+            println!(
+                "migrations applied ({} known)",
+                contact_sync::MIGRATOR.iter().count()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Run { drain, migrate } => {
+            daemon::run_worker(settings, signals.unwrap_or_default(), drain, migrate).await
+        }
+        Command::Enqueue(args) => enqueue::run(args, &settings).await,
+        Command::Sandbox(args) => {
+            daemon::serve_sandbox(args, &settings, signals.unwrap_or_default()).await
+        }
+    }
+}
+
+fn database_url(settings: &Settings) -> Option<String> {
+    settings
+        .database
+        .url
+        .as_ref()
+        .map(|u| u.expose().to_string())
+}
+
+/// How long a command waits for the database before saying why it cannot reach it.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A pool for an operator command, on a database whose schema is current: otherwise an error
+/// that names the database (host:port/name, never the password), the cause, and what to do.
+pub async fn connect(settings: &Settings) -> anyhow::Result<PgPool> {
+    let (pool, target) = connect_to(settings).await?;
+    match contact_sync::migrate::is_current(&pool).await {
+        Ok(true) => Ok(pool),
+        Ok(false) => bail!(
+            "the database {target} has no contact-sync schema, or an older one: run `contact-sync migrate`"
+        ),
+        Err(e) => bail!("cannot read the schema version of {target}: {}", redact_db_error(&e)),
+    }
+}
+
+/// A pool, after one direct connection has shown the database answers: its error says why
+/// (refused, authentication, no such database), where a pool would only time out.
+pub async fn connect_to(settings: &Settings) -> anyhow::Result<(PgPool, String)> {
+    use sqlx::Connection;
+    let url = settings.database_url()?;
+    let options: PgConnectOptions = url.expose().parse().map_err(|e: sqlx::Error| {
+        anyhow!(
+            "DATABASE_URL is not a PostgreSQL URL ({}); expected postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE",
+            redact_db_error(&e)
+        )
+    })?;
+    let target = format!(
+        "{}:{}/{}",
+        options.get_host(),
+        options.get_port(),
+        options.get_database().unwrap_or(options.get_username())
+    );
+    match tokio::time::timeout(CONNECT_TIMEOUT, sqlx::PgConnection::connect_with(&options)).await
+    {
+        Err(_) => bail!(
+            "cannot connect to the database at {target}: no answer within {} s (is the host reachable, and is the port right?)",
+            CONNECT_TIMEOUT.as_secs()
+        ),
+        Ok(Err(e)) => bail!(
+            "cannot connect to the database at {target}: {}",
+            connect_cause(&e, &options)
+        ),
+        Ok(Ok(conn)) => {
+            let _ = conn.close().await;
+        }
+    }
+    let pool = PgPoolOptions::new()
+        .max_connections(settings.database.max_connections)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect_lazy_with(options);
+    Ok((pool, target))
+}
+
+/// Why a connection failed, in an operator's words.
+fn connect_cause(e: &sqlx::Error, options: &PgConnectOptions) -> String {
+    if let sqlx::Error::Io(io) = e {
+        return match io.kind() {
+            std::io::ErrorKind::ConnectionRefused => {
+                "connection refused (is PostgreSQL running and listening there?)".into()
+            }
+            std::io::ErrorKind::NotFound => {
+                "no such socket or host (is PostgreSQL running, and the host right?)".into()
+            }
+            _ => redact_db_error(e),
+        };
+    }
+    if let sqlx::Error::Database(db) = e {
+        match db.code().as_deref() {
+            Some("28P01") | Some("28000") => {
+                return format!(
+                "authentication failed for user {:?} (check the user and password in DATABASE_URL)",
+                options.get_username()
+            )
+            }
+            Some("3D000") => {
+                return format!(
+                    "database {:?} does not exist (create it, or fix the name in DATABASE_URL)",
+                    options.get_database().unwrap_or(options.get_username())
+                )
+            }
+            _ => {}
+        }
+    }
+    if let sqlx::Error::Configuration(_) = e {
+        return format!("{} (check DATABASE_URL)", redact_db_error(e));
+    }
+    redact_db_error(e)
+}
+
+/// sqlx errors do not carry the URL, but be explicit: only the error's own text.
+pub fn redact_db_error(e: &sqlx::Error) -> String {
+    contact_sync::providers::outcome::error_chain(e)
+}

@@ -1,0 +1,316 @@
+//! What a new operator trips over, driven through the binary: refused credentials pause the
+//! account instead of burning attempts, accounts and providers checked at enqueue, database
+//! errors that name the database and the cause.
+
+use crate::helpers::*;
+use serde_json::json;
+use std::time::{Duration, Instant};
+
+async fn scalar(env: &TestEnv, sql: &str) -> i64 {
+    sqlx::query_scalar(sql).fetch_one(&env.pool).await.unwrap()
+}
+
+async fn stop(mut worker: tokio::process::Child) {
+    let pid = worker.id().expect("running") as i32;
+    // SAFETY: signalling our own child.
+    unsafe {
+        libc::kill(pid, libc::SIGTERM);
+    }
+    let status = tokio::time::timeout(Duration::from_secs(20), worker.wait())
+        .await
+        .expect("worker exits after SIGTERM")
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_secrets_pause_the_account_until_a_corrected_worker_starts() {
+    let env = TestEnv::new().await;
+    let good = env.config_file("");
+    let text = std::fs::read_to_string(&good).unwrap();
+    let wrong_text = text
+        .replace(JC_SECRET, "a-wrong-justclick-secret")
+        .replace(SL_SECRET, "a-wrong-smartlink-secret");
+    assert_ne!(text, wrong_text);
+    let wrong = std::env::temp_dir().join(format!("contact-sync-it-{}.toml", fastrand::u64(..)));
+    std::fs::write(&wrong, wrong_text).unwrap();
+    let mut jobs: Vec<_> = (0..30)
+        .map(|i| jc(&format!("w{i}@example.com"), json!({"lead_name": "W"})))
+        .collect();
+    jobs.extend((0..30).map(|i| sl(&format!("w{i}@example.com"), json!({"subscribe": 1}))));
+    env.enqueue_many(&jobs).await;
+    let worker = env.spawn_quiet(&wrong, &["run"]);
+    let started = Instant::now();
+    let status = loop {
+        let (_, status, _) = env.cli(&good, &["status"]).await;
+        if status.matches("refused by the provider").count() == 2 {
+            break status;
+        }
+        assert!(started.elapsed() < Duration::from_secs(20), "{status}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        status.contains("check accounts.jc.secret") && status.contains("check accounts.sl.secret"),
+        "{status}"
+    );
+    // the calls stop: a few in flight when the first refusal came, not one per job per retry
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let refused = env.sandbox.stats().bad_signatures;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(env.sandbox.stats().bad_signatures, refused, "calls go on");
+    assert!(refused < 30, "{refused} refused calls for 60 jobs");
+    // no job is dead or lost an attempt
+    assert_eq!(env.count("pending").await, 60);
+    assert_eq!(
+        scalar(
+            &env,
+            "SELECT count(*) FROM contact_sync.jobs WHERE attempts > 0"
+        )
+        .await,
+        0
+    );
+    assert!(
+        scalar(
+            &env,
+            "SELECT count(*) FROM contact_sync.jobs WHERE errors::text LIKE '%account_refused%'"
+        )
+        .await
+            >= 2
+    );
+    let (_, list, _) = env.cli(&good, &["accounts", "list", "--json"]).await;
+    let rows: serde_json::Value = serde_json::from_str(&list).unwrap();
+    for row in rows.as_array().unwrap() {
+        assert_eq!(row["paused_by"], "credentials", "{row}");
+    }
+    stop(worker).await;
+    // a worker with the corrected configuration ends the pause and delivers everything
+    let worker = env.spawn_quiet(&good, &["run"]);
+    let started = Instant::now();
+    while env.count("succeeded").await < 60 {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "not delivered after the fix: {} pending",
+            env.count("pending").await
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop(worker).await;
+    assert_eq!(
+        scalar(
+            &env,
+            "SELECT count(*) FROM contact_sync.jobs WHERE attempts <> 1"
+        )
+        .await,
+        0
+    );
+    let (_, status, _) = env.cli(&good, &["status"]).await;
+    assert!(!status.contains("refused by the provider"), "{status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accounts_and_providers_are_checked_at_enqueue() {
+    let env = TestEnv::new().await;
+    let config = env.config_file("");
+    // the command line knows the configuration's accounts
+    let (code, _, err) = env
+        .cli(
+            &config,
+            &[
+                "enqueue",
+                "--provider",
+                "smartlink",
+                "--account",
+                "jc",
+                "--email",
+                "a@example.com",
+            ],
+        )
+        .await;
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("account \"jc\" is a justclick account, not smartlink")
+            && err.contains("--provider justclick")
+            && err.contains("(sl)"),
+        "{err}"
+    );
+    let (code, _, err) = env
+        .cli(
+            &config,
+            &[
+                "enqueue",
+                "--provider",
+                "justclick",
+                "--account",
+                "jc_main",
+                "--email",
+                "a@example.com",
+            ],
+        )
+        .await;
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("unknown account \"jc_main\"")
+            && err.contains("jc (justclick), sl (smartlink)"),
+        "{err}"
+    );
+    // a bulk file: the bad lines are named and skipped, the good one queued
+    let file = std::env::temp_dir().join(format!("contact-sync-it-{}.jsonl", fastrand::u64(..)));
+    std::fs::write(
+        &file,
+        concat!(
+            r#"{"provider":"justclick","account":"jc","email":"ok@example.com","payload":{}}"#,
+            "\n",
+            r#"{"provider":"justclick","account":"sl","email":"b@example.com","payload":{}}"#,
+            "\n",
+            r#"{"provider":"justclick","account":"nobody","email":"c@example.com","payload":{}}"#,
+            "\n"
+        ),
+    )
+    .unwrap();
+    let (code, out, err) = env
+        .cli(&config, &["enqueue", "--file", file.to_str().unwrap()])
+        .await;
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(out.contains("queued 1, rejected 2"), "{out}");
+    assert!(
+        err.contains("line 2: account \"sl\" is a smartlink account")
+            && err.contains("line 3: unknown account \"nobody\""),
+        "{err}"
+    );
+    // every other path: once a worker has registered the accounts, the database refuses a
+    // provider that is not the account's
+    let worker = env.spawn_quiet(&config, &["run"]);
+    let started = Instant::now();
+    while scalar(
+        &env,
+        "SELECT count(*) FROM contact_sync.accounts WHERE provider IS NOT NULL",
+    )
+    .await
+        < 2
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "no registration"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let err =
+        sqlx::query("SELECT contact_sync.enqueue('justclick', 'sl', 'x@example.com', '{}'::jsonb)")
+            .execute(&env.pool)
+            .await
+            .unwrap_err();
+    let db = err.as_database_error().unwrap();
+    assert_eq!(db.code().as_deref(), Some("22023"));
+    assert!(
+        db.message()
+            .contains("account 'sl' is a smartlink account, not justclick"),
+        "{}",
+        db.message()
+    );
+    // the right provider still goes through, unknown accounts too (a worker may come for them)
+    sqlx::query("SELECT contact_sync.enqueue('smartlink', 'sl', 'x@example.com', '{}'::jsonb)")
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    sqlx::query("SELECT contact_sync.enqueue('justclick', 'later', 'x@example.com', '{}'::jsonb)")
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    stop(worker).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn database_errors_name_the_database_and_the_cause() {
+    let env = TestEnv::new().await;
+    let config = env.config_file("");
+    let mut url = url::Url::parse(&env.db.url).unwrap();
+    let cli_at = |url: String| {
+        let config = config.clone();
+        let env = &env;
+        async move {
+            let started = Instant::now();
+            let out = env
+                .binary(&config)
+                .env("DATABASE_URL", url)
+                .args(["status"])
+                .output()
+                .await
+                .unwrap();
+            (
+                out.status.code(),
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+                started.elapsed(),
+            )
+        }
+    };
+    // nothing listens on this port
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let mut refused = url.clone();
+    refused.set_port(Some(port)).unwrap();
+    refused.set_password(Some("never-shown")).unwrap();
+    let (code, err, took) = cli_at(refused.to_string()).await;
+    assert_eq!(code, Some(1));
+    assert!(
+        err.contains(&format!("127.0.0.1:{port}")) && err.contains("connection refused"),
+        "{err}"
+    );
+    assert!(!err.contains("never-shown"), "{err}");
+    assert!(took < Duration::from_secs(3), "{took:?}");
+    // a database that does not exist
+    url.set_path("/no_such_database_here");
+    let (code, err, _) = cli_at(url.to_string()).await;
+    assert_eq!(code, Some(1));
+    assert!(
+        err.contains("database \"no_such_database_here\" does not exist"),
+        "{err}"
+    );
+    // a database without the schema
+    let name = format!("contact_sync_empty_{}", fastrand::u32(..));
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    url.set_path(&format!("/{name}"));
+    let (code, err, _) = cli_at(url.to_string()).await;
+    assert_eq!(code, Some(1));
+    assert!(err.contains("run `contact-sync migrate`"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_worker_warns_of_jobs_that_no_live_worker_serves() {
+    use tokio::io::AsyncBufReadExt;
+    let env = TestEnv::new().await;
+    let config = env.config_file("");
+    env.enqueue(contact_sync::outbox::NewJob::new(
+        "justclick",
+        "jc_typo",
+        "t@example.com",
+        json!({}),
+    ))
+    .await;
+    let mut worker = env
+        .binary(&config)
+        .args(["run", "--log-format", "json"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(worker.stderr.take().unwrap()).lines();
+    let warning = tokio::time::timeout(Duration::from_secs(20), async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if line.contains("no live worker serves") {
+                return line;
+            }
+        }
+        panic!("the worker exited without the warning");
+    })
+    .await
+    .expect("a warning within 20 s");
+    let v: serde_json::Value = serde_json::from_str(&warning).unwrap();
+    assert_eq!(v["level"], "WARN", "{warning}");
+    assert_eq!(v["fields"]["account"], "jc_typo", "{warning}");
+    assert!(warning.contains("[accounts.jc_typo]"), "{warning}");
+    stop(worker).await;
+}
