@@ -473,21 +473,6 @@ pub async fn holds(pool: &PgPool, accounts: &[String]) -> Result<Vec<AccountHold
         .collect())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn announcements_carry_the_account_and_a_throttle_pause() {
-        assert_eq!(
-            parse_announcement("jc_main 1500"),
-            ("jc_main", Some(Duration::from_millis(1500)))
-        );
-        assert_eq!(parse_announcement("jc_main"), ("jc_main", None));
-        assert_eq!(parse_announcement("jc_main soon"), ("jc_main", None));
-    }
-}
-
 /// Accounts with jobs waiting (pending, due or scheduled) that no live worker serves: a typo in
 /// an account name, or a configuration that lacks it. One index probe per account with work
 /// (a loose scan of the claim index), at most 100 accounts.
@@ -513,4 +498,19 @@ pub async fn unserved(pool: &PgPool) -> Result<Vec<String>, sqlx::Error> {
     )
     .fetch_all(pool)
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn announcements_carry_the_account_and_a_throttle_pause() {
+        assert_eq!(
+            parse_announcement("jc_main 1500"),
+            ("jc_main", Some(Duration::from_millis(1500)))
+        );
+        assert_eq!(parse_announcement("jc_main"), ("jc_main", None));
+        assert_eq!(parse_announcement("jc_main soon"), ("jc_main", None));
+    }
 }
