@@ -12,7 +12,8 @@ use axum::routing::get;
 use axum::Router;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use sqlx::PgPool;
-use std::sync::OnceLock;
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex, OnceLock};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -34,6 +35,7 @@ pub fn recorder() -> Option<PrometheusHandle> {
                 .build_recorder();
             let handle = recorder.handle();
             metrics::set_global_recorder(recorder).ok()?;
+            crate::metrics::describe();
             Some(handle)
         })
         .clone()
@@ -43,13 +45,22 @@ pub fn recorder() -> Option<PrometheusHandle> {
 struct AdminState {
     pool: PgPool,
     handle: Option<PrometheusHandle>,
+    /// Every account a gauge was ever set for: one missing from the next read goes to zero
+    /// instead of keeping its last value.
+    seen: Arc<Mutex<BTreeSet<String>>>,
 }
 
 /// The admin routes, for [`serve`] and for tests.
 pub fn router(pool: PgPool) -> Router {
+    router_for(pool, &[])
+}
+
+/// [`router`] with the gauges of `accounts` present (at zero) from the first scrape.
+pub fn router_for(pool: PgPool, accounts: &[String]) -> Router {
     let state = AdminState {
         pool,
         handle: recorder(),
+        seen: Arc::new(Mutex::new(accounts.iter().cloned().collect())),
     };
     Router::new()
         .route("/metrics", get(metrics_page))
@@ -64,7 +75,15 @@ pub async fn serve(
     pool: PgPool,
     stop: CancellationToken,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(pool))
+    serve_router(listener, router(pool), stop).await
+}
+
+async fn serve_router(
+    listener: TcpListener,
+    router: Router,
+    stop: CancellationToken,
+) -> std::io::Result<()> {
+    axum::serve(listener, router)
         .with_graceful_shutdown(stop.cancelled_owned())
         .await
 }
@@ -86,45 +105,45 @@ pub async fn spawn(
         tracing::warn!(%addr, "the admin endpoint listens beyond loopback");
     }
     tracing::info!(%addr, "admin endpoint: /metrics /healthz /readyz");
+    let accounts: Vec<String> = settings.accounts.keys().cloned().collect();
+    let router = router_for(pool, &accounts);
     Ok(Some(tokio::spawn(async move {
-        if let Err(e) = serve(listener, pool, stop).await {
+        if let Err(e) = serve_router(listener, router, stop).await {
             tracing::error!(error = %e, "admin endpoint failed");
         }
     })))
 }
 
 async fn metrics_page(State(state): State<AdminState>) -> impl IntoResponse {
-    match backlog(&state.pool).await {
-        Ok(rows) => {
-            for row in rows {
-                metrics::gauge!("contact_sync_queue_runnable", "account" => row.account.clone())
-                    .set(row.runnable as f64);
-                metrics::gauge!("contact_sync_queue_scheduled", "account" => row.account.clone())
-                    .set(row.scheduled as f64);
-                metrics::gauge!("contact_sync_queue_oldest_runnable_age_seconds", "account" => row.account)
-                    .set(row.oldest_runnable_age_s.unwrap_or(0.0));
-            }
-        }
-        Err(e) => tracing::warn!(error = %e, "queue gauges unavailable"),
+    let gauges = read_gauges(&state.pool).await;
+    let mut seen = match state.seen.lock() {
+        Ok(s) => s,
+        Err(poisoned) => poisoned.into_inner(),
+    };
+    if let Some(rows) = &gauges {
+        seen.extend(rows.iter().map(|r| r.account.clone()));
     }
-    match crate::outbox::accounts::list(&state.pool).await {
-        Ok(rows) => {
-            let now = chrono::Utc::now();
-            for row in rows {
-                let account = row.account.clone();
-                metrics::gauge!("contact_sync_account_paused_by_operator", "account" => account.clone())
-                    .set(if row.paused_at.is_some() { 1.0 } else { 0.0 });
-                let throttled = row
-                    .throttled_until
-                    .map_or(0.0, |u| (u - now).num_milliseconds().max(0) as f64 / 1000.0);
-                metrics::gauge!("contact_sync_account_throttled_seconds_left", "account" => account.clone())
-                    .set(throttled);
-                metrics::gauge!("contact_sync_account_calls_in_flight", "account" => account)
-                    .set(row.in_flight as f64);
-            }
-        }
-        Err(e) => tracing::warn!(error = %e, "account gauges unavailable"),
+    for account in seen.iter() {
+        // an account without a row now is idle: its gauges read zero, not their last value
+        let row = gauges
+            .as_ref()
+            .and_then(|rows| rows.iter().find(|r| &r.account == account))
+            .cloned()
+            .unwrap_or_default();
+        let label = || account.clone();
+        metrics::gauge!("contact_sync_queue_runnable", "account" => label()).set(row.runnable);
+        metrics::gauge!("contact_sync_queue_scheduled", "account" => label()).set(row.scheduled);
+        metrics::gauge!("contact_sync_queue_oldest_runnable_age_seconds", "account" => label())
+            .set(row.oldest_runnable_age_s);
+        metrics::gauge!("contact_sync_jobs_dead", "account" => label()).set(row.dead);
+        metrics::gauge!("contact_sync_account_paused_by_operator", "account" => label())
+            .set(row.paused);
+        metrics::gauge!("contact_sync_account_throttled_seconds_left", "account" => label())
+            .set(row.throttled_s);
+        metrics::gauge!("contact_sync_account_calls_in_flight", "account" => label())
+            .set(row.in_flight);
     }
+    drop(seen);
     match &state.handle {
         Some(handle) => (
             StatusCode::OK,
@@ -138,6 +157,65 @@ async fn metrics_page(State(state): State<AdminState>) -> impl IntoResponse {
         )
             .into_response(),
     }
+}
+
+/// The gauges of one account at scrape time.
+#[derive(Debug, Clone, Default)]
+struct AccountGauges {
+    account: String,
+    runnable: f64,
+    scheduled: f64,
+    oldest_runnable_age_s: f64,
+    dead: f64,
+    paused: f64,
+    throttled_s: f64,
+    in_flight: f64,
+}
+
+/// Every account's gauges, or `None` if the database could not be read (the gauges then keep
+/// their values: a scrape during an outage is not a drop to zero).
+async fn read_gauges(pool: &PgPool) -> Option<Vec<AccountGauges>> {
+    let backlog = backlog(pool).await;
+    let dead = crate::outbox::admin::dead_per_account(pool).await;
+    let accounts = crate::outbox::accounts::list(pool).await;
+    let (backlog, dead, accounts) = match (backlog, dead, accounts) {
+        (Ok(b), Ok(d), Ok(a)) => (b, d, a),
+        (b, d, a) => {
+            let e = [b.err(), d.err(), a.err()].into_iter().flatten().next();
+            tracing::warn!(error = ?e.map(|e| e.to_string()), "queue and account gauges unavailable");
+            return None;
+        }
+    };
+    let mut out: std::collections::BTreeMap<String, AccountGauges> = Default::default();
+    fn entry<'a>(
+        out: &'a mut std::collections::BTreeMap<String, AccountGauges>,
+        account: &str,
+    ) -> &'a mut AccountGauges {
+        out.entry(account.to_string())
+            .or_insert_with(|| AccountGauges {
+                account: account.to_string(),
+                ..Default::default()
+            })
+    }
+    for b in backlog {
+        let g = entry(&mut out, &b.account);
+        g.runnable = b.runnable as f64;
+        g.scheduled = b.scheduled as f64;
+        g.oldest_runnable_age_s = b.oldest_runnable_age_s.unwrap_or(0.0);
+    }
+    for (account, n) in dead {
+        entry(&mut out, &account).dead = n as f64;
+    }
+    let now = chrono::Utc::now();
+    for a in accounts {
+        let g = entry(&mut out, &a.account);
+        g.paused = if a.paused_at.is_some() { 1.0 } else { 0.0 };
+        g.throttled_s = a
+            .throttled_until
+            .map_or(0.0, |u| (u - now).num_milliseconds().max(0) as f64 / 1000.0);
+        g.in_flight = a.in_flight as f64;
+    }
+    Some(out.into_values().collect())
 }
 
 async fn ready(State(state): State<AdminState>) -> impl IntoResponse {

@@ -3,6 +3,8 @@
 //! `DATABASE_URL` honoured, and validated once at start with errors that name the key.
 //! Secrets are [`Secret`]s: `Debug` of the settings prints `[redacted]`.
 
+mod explain;
+
 use crate::secret::Secret;
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -273,9 +275,15 @@ impl AccountSettings {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("configuration: {0}")]
-    Load(#[from] config::ConfigError),
+    Load(String),
     #[error("configuration key {key}: {reason}")]
     Invalid { key: String, reason: String },
+}
+
+impl From<config::ConfigError> for ConfigError {
+    fn from(e: config::ConfigError) -> Self {
+        explain::explain(e, &[])
+    }
 }
 
 fn invalid(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
@@ -353,6 +361,16 @@ impl Settings {
             .separator("__")
             // Strings verbatim: a secret "007" stays "007"; typed settings parse the text.
             .try_parsing(false);
+        // the keys the environment sets, to name the variable in an error
+        let env_names: Vec<String> = match &vars {
+            Some(v) => v.iter().map(|(k, _)| k.clone()).collect(),
+            None => std::env::vars().map(|(k, _)| k).collect(),
+        };
+        let env_keys: Vec<String> = env_names
+            .iter()
+            .filter_map(|k| k.strip_prefix("CONTACT_SYNC__"))
+            .map(|k| k.to_lowercase().replace("__", "."))
+            .collect();
         if let Some(vars) = vars {
             env = env.source(Some(vars.into_iter().collect()));
         }
@@ -363,7 +381,10 @@ impl Settings {
                 builder = builder.set_override("database.url", url)?;
             }
         }
-        let settings: Settings = builder.build()?.try_deserialize()?;
+        let settings: Settings = builder
+            .build()
+            .and_then(|c| c.try_deserialize())
+            .map_err(|e| explain::explain(e, &env_keys))?;
         settings.validate()?;
         Ok(settings)
     }
@@ -549,6 +570,33 @@ game_id = "12345"
 secret = "sl-secret-value"
 double_opt_in = "drop"
 "#;
+
+    #[test]
+    fn errors_name_the_key_once_without_rust_names() {
+        let err = |toml: &str, env: &[(&str, &str)]| load_toml(toml, env).unwrap_err().to_string();
+        assert_eq!(
+            err("[accounts.x]\nprovider = \"smartlnk\"\nsecret = \"s\"\n", &[]),
+            "configuration key accounts.x.provider: unknown provider \"smartlnk\" (expected justclick or smartlink)"
+        );
+        assert_eq!(
+            err("[worker]\nconcurency = 5\n", &[]),
+            "configuration key worker.concurency: unknown setting (did you mean `concurrency`?)"
+        );
+        assert_eq!(
+            err("", &[("CONTACT_SYNC__WORKER__CONCURENCY", "5")]),
+            "configuration key CONTACT_SYNC__WORKER__CONCURENCY (environment): unknown setting (did you mean CONTACT_SYNC__WORKER__CONCURRENCY?)"
+        );
+        let e = err("", &[("CONTACT_SYNC__WORKER__CONCURRENCY", "many")]);
+        assert!(
+            e.starts_with("configuration key CONTACT_SYNC__WORKER__CONCURRENCY (environment): expected an integer"),
+            "{e}"
+        );
+        let e = err("worker = 5\n", &[]);
+        assert!(e.ends_with("expected a table"), "{e}");
+        for e in [e, err("[accounts.x]\nprovider = \"smartlnk\"\n", &[])] {
+            assert!(!e.contains("Settings") && !e.contains("Kind"), "{e}");
+        }
+    }
 
     #[test]
     fn env_strings_are_taken_verbatim() {

@@ -94,6 +94,11 @@ impl KnownAccounts {
     /// Refuses an account nobody knows, or a provider that is not the account's; the error
     /// says which accounts there are.
     pub fn check(&self, provider: &str, account: &str) -> Result<(), String> {
+        if !contact_sync::config::valid_account_name(account) {
+            return Err(format!(
+                "invalid account name {account:?}: account names use only a-z, 0-9 and _ (at most 64 characters)"
+            ));
+        }
         match self.providers.get(account) {
             Some(p) if p == provider => Ok(()),
             Some(p) => Err(format!(

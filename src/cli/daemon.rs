@@ -24,14 +24,21 @@ pub async fn run_worker(
         );
     }
     let stop = signals.graceful.clone();
-    // Wait for the database at start (a daemon may start before Postgres).
-    let url = settings.database_url()?.clone();
-    let options = PgPoolOptions::new()
+    let (options, target) = super::connect_options(&settings)?;
+    let pool = PgPoolOptions::new()
         .max_connections(settings.database.max_connections)
-        .acquire_timeout(Duration::from_secs(10));
-    let pool = options
-        .connect_lazy(url.expose())
-        .map_err(|e| anyhow::anyhow!("bad database URL: {}", super::redact_db_error(&e)))?;
+        .acquire_timeout(Duration::from_secs(10))
+        .connect_lazy_with(options);
+    // Every series from the start, and liveness while the database is still down.
+    let accounts: Vec<(&str, &str)> = settings
+        .accounts
+        .iter()
+        .map(|(name, a)| (a.provider.as_str(), name.as_str()))
+        .collect();
+    let admin = contact_sync::admin::spawn(&settings, pool.clone(), stop.clone()).await?;
+    // (after the admin endpoint installed the recorder)
+    contact_sync::metrics::register_accounts(&accounts);
+    // Wait for the database at start (a daemon may start before Postgres).
     let mut backoff = Duration::from_millis(200);
     loop {
         let ready = async {
@@ -46,9 +53,12 @@ pub async fn run_worker(
         };
         match ready.await {
             Ok(true) => break,
-            Ok(false) => bail!("the database schema is not current: run `contact-sync migrate` (or `run --migrate`)"),
+            Ok(false) => {
+                stop.cancel();
+                bail!("the database {target} has no contact-sync schema, or an older one: run `contact-sync migrate` (or `run --migrate`)")
+            }
             Err(e) => {
-                tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "database not ready");
+                tracing::warn!(database = %target, error = %e, retry_in_ms = backoff.as_millis() as u64, "database not ready; waiting for it");
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
                     _ = stop.cancelled() => return Ok(ExitCode::SUCCESS),
@@ -57,7 +67,6 @@ pub async fn run_worker(
             }
         }
     }
-    let admin = contact_sync::admin::spawn(&settings, pool.clone(), stop.clone()).await?;
     let worker = Worker::new(pool.clone(), settings, registry);
     let report = if drain {
         worker.drain_until(signals.clone()).await
@@ -75,7 +84,15 @@ pub async fn run_worker(
         let _ = admin.await;
     }
     pool.close().await;
-    tracing::info!(?report, "exiting");
+    tracing::info!(
+        claimed = report.claimed,
+        succeeded = report.succeeded,
+        coalesced = report.coalesced,
+        retried = report.retried,
+        dead = report.dead,
+        lease_lost = report.lease_lost,
+        "exiting"
+    );
     match held {
         Some(Ok(0)) | None => Ok(ExitCode::SUCCESS),
         Some(Ok(n)) => {

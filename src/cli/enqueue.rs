@@ -19,7 +19,7 @@ pub async fn run(args: EnqueueArgs, settings: &Settings) -> anyhow::Result<ExitC
             let job = job_from_args(&args)?;
             if !matches!(job.provider.as_str(), "justclick" | "smartlink") {
                 bail!(
-                    "--provider {:?}: expected justclick or smartlink",
+                    "--provider {:?}: unknown provider (expected justclick or smartlink)",
                     job.provider
                 );
             }

@@ -19,7 +19,7 @@ pub mod table;
 
 pub use args::{Cli, Command};
 
-use anyhow::{anyhow, bail, Context};
+use anyhow::{anyhow, bail};
 use contact_sync::config::Settings;
 use contact_sync::outbox::admin;
 use contact_sync::worker::shutdown;
@@ -34,7 +34,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Run { .. } | Command::Sandbox(_) => Some(shutdown::Shutdown::on_signals()),
         _ => None,
     };
-    let settings = Settings::load(cli.config.as_deref()).context("loading configuration")?;
+    let settings = Settings::load(cli.config.as_deref())?;
     match cli.command {
         Command::Demo => {
             demo::run(database_url(&settings)).await?;
@@ -120,19 +120,7 @@ pub async fn connect(settings: &Settings) -> anyhow::Result<PgPool> {
 /// (refused, authentication, no such database), where a pool would only time out.
 pub async fn connect_to(settings: &Settings) -> anyhow::Result<(PgPool, String)> {
     use sqlx::Connection;
-    let url = settings.database_url()?;
-    let options: PgConnectOptions = url.expose().parse().map_err(|e: sqlx::Error| {
-        anyhow!(
-            "DATABASE_URL is not a PostgreSQL URL ({}); expected postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE",
-            redact_db_error(&e)
-        )
-    })?;
-    let target = format!(
-        "{}:{}/{}",
-        options.get_host(),
-        options.get_port(),
-        options.get_database().unwrap_or(options.get_username())
-    );
+    let (options, target) = connect_options(settings)?;
     match tokio::time::timeout(CONNECT_TIMEOUT, sqlx::PgConnection::connect_with(&options)).await
     {
         Err(_) => bail!(
@@ -152,6 +140,25 @@ pub async fn connect_to(settings: &Settings) -> anyhow::Result<(PgPool, String)>
         .acquire_timeout(Duration::from_secs(10))
         .connect_lazy_with(options);
     Ok((pool, target))
+}
+
+/// The database's connection options, and how errors name it: `host:port/name` (never the
+/// password).
+pub fn connect_options(settings: &Settings) -> anyhow::Result<(PgConnectOptions, String)> {
+    let url = settings.database_url()?;
+    let options: PgConnectOptions = url.expose().parse().map_err(|e: sqlx::Error| {
+        anyhow!(
+            "DATABASE_URL is not a PostgreSQL URL ({}); expected postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE",
+            redact_db_error(&e)
+        )
+    })?;
+    let target = format!(
+        "{}:{}/{}",
+        options.get_host(),
+        options.get_port(),
+        options.get_database().unwrap_or(options.get_username())
+    );
+    Ok((options, target))
 }
 
 /// Why a connection failed, in an operator's words.

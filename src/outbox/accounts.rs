@@ -70,11 +70,14 @@ pub struct LimitsChanged {
 
 /// Records this replica and its accounts. Limits are the account's, shared by every replica:
 /// this registration sets them, and returns the accounts whose limits were different before.
+/// `end_refused`: a worker's start, which may bring corrected credentials, ends the accounts'
+/// pauses for refused credentials ([`pause_refused`]).
 pub async fn register(
     pool: &PgPool,
     replica: &Replica,
     accounts: &[AccountLimits],
     lease: Duration,
+    end_refused: bool,
 ) -> Result<Vec<LimitsChanged>, sqlx::Error> {
     let mut tx = bounded_tx(pool, 2000).await?;
     sqlx::query(
@@ -120,9 +123,9 @@ pub async fn register(
                 tokens = CASE WHEN t.rate_per_second IS NULL THEN coalesce(EXCLUDED.burst, 0)
                               ELSE least(t.tokens, coalesce(EXCLUDED.burst, t.tokens)) END,
                 -- a start may bring corrected credentials: a pause for refused ones ends
-                paused_at = CASE WHEN t.paused_by = 'credentials' THEN NULL ELSE t.paused_at END,
-                pause_reason = CASE WHEN t.paused_by = 'credentials' THEN NULL ELSE t.pause_reason END,
-                paused_by = CASE WHEN t.paused_by = 'credentials' THEN NULL ELSE t.paused_by END,
+                paused_at = CASE WHEN $6 AND t.paused_by = 'credentials' THEN NULL ELSE t.paused_at END,
+                pause_reason = CASE WHEN $6 AND t.paused_by = 'credentials' THEN NULL ELSE t.pause_reason END,
+                paused_by = CASE WHEN $6 AND t.paused_by = 'credentials' THEN NULL ELSE t.paused_by END,
                 updated_at = now()
             "#,
         )
@@ -131,9 +134,10 @@ pub async fn register(
         .bind(a.rate_per_second)
         .bind(a.burst)
         .bind(a.max_in_flight)
+        .bind(end_refused)
         .execute(&mut *tx)
         .await?;
-        if let Some((_, _, _, _, true)) = before {
+        if let (true, Some((_, _, _, _, true))) = (end_refused, &before) {
             // the other workers take the account up again at once
             sqlx::query("SELECT pg_notify('contact_sync_accounts', $1)")
                 .bind(&a.account)

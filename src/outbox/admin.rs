@@ -80,6 +80,16 @@ pub async fn backlog(pool: &PgPool) -> Result<Vec<Backlog>, sqlx::Error> {
     .await
 }
 
+/// Jobs dead now, per account (the dead-jobs partial index only).
+pub async fn dead_per_account(pool: &PgPool) -> Result<Vec<(String, i64)>, sqlx::Error> {
+    sqlx::query_as(
+        // language=PostgreSQL
+        "SELECT account, count(*) FROM contact_sync.jobs WHERE state = 'dead' GROUP BY account ORDER BY account",
+    )
+    .fetch_all(pool)
+    .await
+}
+
 /// One line of `jobs list`.
 #[derive(Debug, Clone, Serialize, sqlx::FromRow)]
 pub struct JobSummary {

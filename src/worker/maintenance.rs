@@ -16,13 +16,20 @@ pub const CHANNEL: &str = "contact_sync_jobs";
 /// Registers this replica and its accounts' limits (a warning names each account whose limits
 /// another replica had set differently: they are the account's, the last registration wins).
 pub async fn register(shared: &Shared) -> Result<(), sqlx::Error> {
+    let first = !shared
+        .registered_once
+        .load(std::sync::atomic::Ordering::Relaxed);
     let changed = accounts::register(
         &shared.pool,
         &shared.replica,
         &shared.account_limits,
         shared.settings.worker.lease,
+        first,
     )
     .await?;
+    shared
+        .registered_once
+        .store(true, std::sync::atomic::Ordering::Relaxed);
     for c in changed {
         tracing::warn!(account = %c.account, before = ?c.before, "this worker's limits for the account differ from those registered before; they apply to every worker now (configure replicas alike)");
     }

@@ -50,6 +50,9 @@ pub(crate) struct Shared {
     /// Wakes the producer (NOTIFY, completions).
     pub wake: Notify,
     pub stats: Stats,
+    /// Set by this worker's first registration: only a start (which may bring a corrected
+    /// configuration) ends a pause for refused credentials, not every `drain`.
+    pub registered_once: std::sync::atomic::AtomicBool,
 }
 
 /// Counters of one worker's life, for `--drain` summaries, tests and the demo.
@@ -156,6 +159,7 @@ impl Worker {
                 in_flight: Mutex::new(HashMap::new()),
                 wake: Notify::new(),
                 stats: Stats::default(),
+                registered_once: std::sync::atomic::AtomicBool::new(false),
             }),
         }
     }

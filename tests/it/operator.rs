@@ -314,3 +314,64 @@ async fn the_worker_warns_of_jobs_that_no_live_worker_serves() {
     assert!(warning.contains("[accounts.jc_typo]"), "{warning}");
     stop(worker).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn liveness_and_every_series_before_the_database_answers() {
+    let env = TestEnv::new().await;
+    let admin = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let admin_addr = admin.local_addr().unwrap();
+    drop(admin);
+    let config = env.config_file("");
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        "[admin]\nlisten = \"\"\n",
+        &format!("[admin]\nlisten = \"{admin_addr}\"\n"),
+    );
+    std::fs::write(&config, text).unwrap();
+    // a database that is not there (yet)
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let mut url = url::Url::parse(&env.db.url).unwrap();
+    url.set_port(Some(port)).unwrap();
+    let worker = env
+        .binary(&config)
+        .env("DATABASE_URL", url.as_str())
+        .arg("run")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let get = |path: &'static str| async move {
+        let r = reqwest::get(format!("http://{admin_addr}{path}"))
+            .await
+            .ok()?;
+        Some((r.status().as_u16(), r.text().await.unwrap_or_default()))
+    };
+    let started = Instant::now();
+    while get("/healthz").await.map(|r| r.0) != Some(200) {
+        assert!(started.elapsed() < Duration::from_secs(10), "no /healthz");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (status, body) = get("/readyz").await.unwrap();
+    assert_eq!(status, 503, "{body}");
+    let (status, page) = get("/metrics").await.unwrap();
+    assert_eq!(status, 200);
+    for help in [
+        "# HELP contact_sync_jobs_claimed_total",
+        "# HELP contact_sync_jobs_dead_total",
+        "# HELP contact_sync_in_flight",
+    ] {
+        assert!(page.contains(help), "{help} missing:\n{page}");
+    }
+    for account in ["jc", "sl"] {
+        let series = page
+            .lines()
+            .find(|l| {
+                l.starts_with("contact_sync_jobs_succeeded_total{")
+                    && l.contains(&format!("account=\"{account}\""))
+            })
+            .unwrap_or_else(|| panic!("no succeeded series for {account}:\n{page}"));
+        assert!(series.ends_with(" 0"), "{series}");
+    }
+    stop(worker).await;
+}

@@ -208,15 +208,48 @@ async fn a_wrong_secret_never_succeeds() {
         "jc".into(),
         justclick_account(&env.sandbox, JC_LOGIN, "wrong-secret"),
     );
-    let id = env.enqueue(jc("a@example.com", json!({}))).await;
+    let ids = env
+        .enqueue_many(&[
+            jc("a@example.com", json!({})),
+            jc("b@example.com", json!({})),
+            jc("c@example.com", json!({})),
+        ])
+        .await;
     let worker = env.worker_with(&settings, env.pool.clone());
-    env.settle(&worker).await;
-    let row = env.job(id).await;
+    for _ in 0..5 {
+        worker.drain().await;
+    }
     // the sandbox answers "4 incorrect hash", signed with the real secret: the answer's own hash
-    // does not verify with ours, so it is not trusted either way and never a success
-    assert_eq!(row.state, "dead");
-    assert_eq!(row.errors[0]["kind"], "bad_response_signature");
-    assert_eq!(env.sandbox.stats().bad_signatures, row.attempts as u64);
+    // does not verify with ours, so it is never a success; and since the service refused our
+    // hash, the secret is wrong: the account pauses, the jobs wait without losing attempts
+    for id in ids {
+        let row = env.job(id).await;
+        assert_eq!(row.state, "pending");
+        assert_eq!(row.attempts, 0);
+        if let Some(e) = row.errors.as_array().and_then(|e| e.first()) {
+            assert_eq!(e["kind"], "account_refused");
+            assert!(
+                e["error"]
+                    .as_str()
+                    .unwrap()
+                    .contains("check accounts.jc.secret"),
+                "{e}"
+            );
+        }
+    }
+    let (paused_by, reason): (Option<String>, Option<String>) = sqlx::query_as(
+        "SELECT paused_by, pause_reason FROM contact_sync.accounts WHERE account = 'jc'",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(paused_by.as_deref(), Some("credentials"));
+    assert!(reason.unwrap().contains("accounts.jc.secret"));
+    // one refused call per job in flight at most, then no more
+    let refused = env.sandbox.stats().bad_signatures;
+    assert!((1..=3).contains(&refused), "{refused}");
+    worker.drain().await;
+    assert_eq!(env.sandbox.stats().bad_signatures, refused);
 }
 
 #[tokio::test]
