@@ -6,7 +6,19 @@ use clap::Parser;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    let cli = cli::Cli::parse();
+    let cli = match cli::Cli::try_parse() {
+        Ok(cli) => cli,
+        // --help and --version print and exit 0; a usage error exits 64 (EX_USAGE), apart
+        // from the codes the commands use (2: no such job, 3: wrong state)
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(64)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
     // The demo and the benchmark narrate on stdout; their logs default to warnings.
     let default_level = match cli.command {
         cli::Command::Demo | cli::Command::Bench(_) => "warn",

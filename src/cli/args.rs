@@ -131,26 +131,48 @@ pub enum JobsCommand {
 
 #[derive(Debug, Args)]
 pub struct EnqueueArgs {
-    #[arg(long, required_unless_present = "file")]
+    /// The provider: justclick or smartlink.
+    #[arg(long, required_unless_present = "file", value_parser = ["justclick", "smartlink"])]
     pub provider: Option<String>,
+    /// The account, as named in the workers' configuration ([accounts.NAME]).
     #[arg(long, required_unless_present = "file")]
     pub account: Option<String>,
+    /// The contact's e-mail address.
     #[arg(long, required_unless_present = "file")]
     pub email: Option<String>,
     /// A payload field, KEY=VALUE (repeatable). Integers for subscribe, update_strategy and
     /// modify_ts; comma-separated lists for tags and preferences; attributes.NAME=VALUE for a
-    /// Smartlink attribute; text otherwise.
+    /// Smartlink attribute (a number when VALUE is one, e.g. attributes.level=7; true/false;
+    /// text otherwise, or a JSON string such as '"7"' to keep digits as text); text otherwise.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub set: Vec<String>,
     /// The payload as a JSON object (merged under --set).
-    #[arg(long)]
+    #[arg(long, value_name = "JSON")]
     pub payload: Option<String>,
-    #[arg(long)]
+    /// A repeated key for the same account records nothing new (the existing job's id is
+    /// printed).
+    #[arg(long, value_name = "KEY")]
     pub idempotency_key: Option<String>,
-    /// JSON Lines file, one change per line (fields: provider, account, email, payload,
-    /// idempotency_key, run_at). Bad lines are reported and skipped; good ones are queued.
-    #[arg(long, conflicts_with_all = ["provider", "account", "email", "set", "payload", "idempotency_key"])]
+    /// Not before this time: RFC 3339, e.g. 2026-11-23T18:00:00Z (default: now).
+    #[arg(long, value_name = "TIME", value_parser = parse_time)]
+    pub run_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// Attempts before the job goes dead (default: the worker's worker.max_attempts).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(i32).range(1..))]
+    pub max_attempts: Option<i32>,
+    /// JSON Lines file (`-`: standard input), one change object per line with the fields
+    /// provider, account, email, payload, idempotency_key, run_at, max_attempts. Bad lines are
+    /// reported and skipped; good ones are queued.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["provider", "account", "email", "set", "payload", "idempotency_key", "run_at", "max_attempts"])]
     pub file: Option<PathBuf>,
+}
+
+/// An RFC 3339 time, for `--run-at`.
+pub fn parse_time(text: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
+    chrono::DateTime::parse_from_rfc3339(text.trim())
+        .map(|t| t.with_timezone(&chrono::Utc))
+        .map_err(|_| {
+            format!("expected an RFC 3339 time such as 2026-11-23T18:00:00Z, got {text:?}")
+        })
 }
 
 #[derive(Debug, Args)]

@@ -17,12 +17,6 @@ pub async fn run(args: EnqueueArgs, settings: &Settings) -> anyhow::Result<ExitC
         Some(path) => enqueue_file(&pool, &known, path).await,
         None => {
             let job = job_from_args(&args)?;
-            if !matches!(job.provider.as_str(), "justclick" | "smartlink") {
-                bail!(
-                    "--provider {:?}: unknown provider (expected justclick or smartlink)",
-                    job.provider
-                );
-            }
             known
                 .check(&job.provider, &job.account)
                 .map_err(anyhow::Error::msg)?;
@@ -34,7 +28,7 @@ pub async fn run(args: EnqueueArgs, settings: &Settings) -> anyhow::Result<ExitC
     }
 }
 
-/// Builds a job from `--provider/--account/--email/--set/--payload`.
+/// Builds a job from `--provider/--account/--email/--set/--payload/--run-at/--max-attempts`.
 pub fn job_from_args(args: &EnqueueArgs) -> anyhow::Result<NewJob> {
     // --payload alone is stored as written (numbers exactly as typed); --set edits a JSON value
     let exact = match (&args.payload, args.set.is_empty()) {
@@ -61,19 +55,22 @@ pub fn job_from_args(args: &EnqueueArgs) -> anyhow::Result<NewJob> {
         Value::Object(payload),
     );
     job.idempotency_key = args.idempotency_key.clone();
+    job.run_at = args.run_at;
+    job.max_attempts = args.max_attempts;
     job.payload_json = exact;
     Ok(job)
 }
 
 fn set_field(payload: &mut Map<String, Value>, key: &str, value: &str) -> anyhow::Result<()> {
     if let Some(name) = key.strip_prefix("attributes.") {
+        let typed = attribute_value(name, value)?;
         let attrs = payload
             .entry("attributes")
             .or_insert_with(|| Value::Object(Map::new()));
         let Value::Object(attrs) = attrs else {
             bail!("attributes is not an object")
         };
-        attrs.insert(name.to_string(), Value::String(value.to_string()));
+        attrs.insert(name.to_string(), typed);
         return Ok(());
     }
     let typed = match key {
@@ -97,6 +94,125 @@ fn set_field(payload: &mut Map<String, Value>, key: &str, value: &str) -> anyhow
     Ok(())
 }
 
+/// A Smartlink attribute as the SQL path would store it: a JSON number, `true`/`false` or a
+/// JSON string (`"7"`) as written; anything else is text. A number with more significant
+/// digits than the command line can carry exactly is refused (use --payload).
+fn attribute_value(name: &str, value: &str) -> anyhow::Result<Value> {
+    match serde_json::from_str::<Value>(value) {
+        Ok(Value::Number(n)) => {
+            if n.is_i64() || n.is_u64() {
+                return Ok(Value::Number(n));
+            }
+            let digits = value
+                .split(['e', 'E'])
+                .next()
+                .unwrap_or("")
+                .chars()
+                .filter(char::is_ascii_digit)
+                .collect::<String>();
+            if digits.trim_start_matches('0').trim_end_matches('0').len() > 15 {
+                bail!("--set attributes.{name}: {value} has more significant digits than --set carries exactly; pass it in --payload");
+            }
+            Ok(Value::Number(n))
+        }
+        Ok(v @ (Value::Bool(_) | Value::String(_))) => Ok(v),
+        _ => Ok(Value::String(value.to_string())),
+    }
+}
+
+/// The fields of a bulk line.
+const LINE_FIELDS: &str =
+    "provider, account, email, payload, idempotency_key, run_at, max_attempts";
+
+/// What a JSON value is, in an error.
+fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "true/false",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a text",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// One bulk line: every field checked, the error naming the field and the expected form.
+fn parse_line(text: &str) -> Result<NewJob, String> {
+    let value: Value = serde_json::from_str(text).map_err(|e| format!("not JSON: {e}"))?;
+    let Value::Object(map) = &value else {
+        return Err(format!(
+            "expected a JSON object (one change per line, fields {LINE_FIELDS}), got {}",
+            kind(&value)
+        ));
+    };
+    if let Some(unknown) = map
+        .keys()
+        .find(|k| !LINE_FIELDS.split(", ").any(|f| f == k.as_str()))
+    {
+        return Err(format!(
+            "unknown field {unknown:?} (the fields are {LINE_FIELDS})"
+        ));
+    }
+    let text_field = |name: &str, required: bool| -> Result<Option<String>, String> {
+        match map.get(name) {
+            Some(Value::String(s)) => Ok(Some(s.clone())),
+            None | Some(Value::Null) if required => Err(format!("{name}: missing (a text)")),
+            None | Some(Value::Null) => Ok(None),
+            Some(other) => Err(format!("{name}: expected a text, got {}", kind(other))),
+        }
+    };
+    let provider = text_field("provider", true)?.unwrap_or_default();
+    if !matches!(provider.as_str(), "justclick" | "smartlink") {
+        return Err(format!(
+            "provider: unknown provider {provider:?} (expected justclick or smartlink)"
+        ));
+    }
+    let account = text_field("account", true)?.unwrap_or_default();
+    let email = text_field("email", true)?.unwrap_or_default();
+    let payload = match map.get("payload") {
+        None | Some(Value::Null) => Value::Object(Map::new()),
+        Some(p @ Value::Object(_)) => p.clone(),
+        Some(other) => {
+            return Err(format!(
+                "payload: expected a JSON object, got {}",
+                kind(other)
+            ))
+        }
+    };
+    let mut job = NewJob::new(provider, account, email, payload);
+    job.idempotency_key = text_field("idempotency_key", false)?;
+    job.run_at = match map.get("run_at") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(t)) => {
+            Some(super::args::parse_time(t).map_err(|e| format!("run_at: {e}"))?)
+        }
+        Some(other) => {
+            return Err(format!(
+                "run_at: expected an RFC 3339 time such as 2026-11-23T18:00:00Z, got {}",
+                kind(other)
+            ))
+        }
+    };
+    job.max_attempts = match map.get("max_attempts") {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(
+            v.as_i64()
+                .filter(|n| *n >= 1)
+                .and_then(|n| i32::try_from(n).ok())
+                .ok_or_else(|| {
+                    format!("max_attempts: expected a whole number of at least 1, got {v}")
+                })?,
+        ),
+    };
+    // keep the payload's text: the database stores and checks numbers as written
+    job.payload_json = serde_json::from_str::<RawPayload>(text)
+        .ok()
+        .and_then(|raw| raw.payload)
+        .filter(|p| p.get() != "null")
+        .map(|p| p.get().to_string());
+    Ok(job)
+}
+
 /// The payload of a bulk line as written.
 #[derive(serde::Deserialize)]
 struct RawPayload<'a> {
@@ -107,21 +223,48 @@ struct RawPayload<'a> {
 /// Lines per batch statement in bulk loads.
 const FILE_BATCH: usize = 1000;
 
-/// Bulk load from JSON Lines: bad lines are reported on stderr and skipped, good ones queued.
-/// Exit code 0 when every line was queued, 1 when some were rejected.
+/// What a bulk load did.
+#[derive(Debug, Default)]
+struct Loaded {
+    queued: usize,
+    duplicates: usize,
+    rejected: usize,
+}
+
+/// Bulk load from JSON Lines (`-`: standard input): bad lines are reported on stderr and
+/// skipped, good ones queued. Exit code 0 when no line was rejected, 1 otherwise.
 async fn enqueue_file(
     pool: &PgPool,
     known: &KnownAccounts,
     path: &Path,
 ) -> anyhow::Result<ExitCode> {
-    let bytes = tokio::fs::read(path)
-        .await
-        .with_context(|| format!("reading {}", path.display()))?;
-    let mut rejected = 0usize;
-    let mut queued = 0usize;
+    let (bytes, name) = if path == Path::new("-") {
+        let bytes = tokio::task::spawn_blocking(|| {
+            use std::io::Read;
+            let mut bytes = Vec::new();
+            std::io::stdin().read_to_end(&mut bytes).map(|_| bytes)
+        })
+        .await?
+        .context("reading standard input")?;
+        (bytes, "standard input".to_string())
+    } else {
+        let bytes = tokio::fs::read(path)
+            .await
+            .with_context(|| format!("reading {}", path.display()))?;
+        (bytes, path.display().to_string())
+    };
+    // a JSON array of changes is a common slip: say so once, not once per line
+    let start = bytes.iter().position(|b| !b.is_ascii_whitespace());
+    if start.is_some_and(|i| bytes[i] == b'[')
+        && serde_json::from_slice::<Vec<Value>>(&bytes).is_ok()
+    {
+        bail!(
+            "{name} holds a JSON array; expected JSON Lines, one change object per line (convert it with: jq -c '.[]')"
+        );
+    }
+    let mut total = Loaded::default();
     let mut batch: Vec<(usize, NewJob)> = Vec::with_capacity(FILE_BATCH);
-    let lines = bytes.split(|b| *b == b'\n');
-    for (index, raw) in lines.enumerate() {
+    for (index, raw) in bytes.split(|b| *b == b'\n').enumerate() {
         let line_no = index + 1;
         let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
         if raw.iter().all(u8::is_ascii_whitespace) {
@@ -129,35 +272,25 @@ async fn enqueue_file(
         }
         let job = std::str::from_utf8(raw)
             .map_err(|_| "not valid UTF-8".to_string())
-            .and_then(|text| {
-                let mut job = serde_json::from_str::<NewJob>(text)
-                    .map_err(|e| format!("not a change object: {e}"))?;
-                // keep the payload's text: the database stores and checks numbers as written
-                job.payload_json = serde_json::from_str::<RawPayload>(text)
-                    .ok()
-                    .and_then(|raw| raw.payload)
-                    .map(|p| p.get().to_string());
-                known.check(&job.provider, &job.account)?;
-                Ok(job)
-            });
+            .and_then(parse_line)
+            .and_then(|job| known.check(&job.provider, &job.account).map(|()| job));
         match job {
             Ok(job) => batch.push((line_no, job)),
             Err(e) => {
-                rejected += 1;
+                total.rejected += 1;
                 eprintln!("line {line_no}: {e}");
             }
         }
         if batch.len() >= FILE_BATCH {
-            let (q, r) = load_batch(pool, std::mem::take(&mut batch)).await?;
-            queued += q;
-            rejected += r;
+            load_batch(pool, std::mem::take(&mut batch), &mut total).await?;
         }
     }
-    let (q, r) = load_batch(pool, batch).await?;
-    queued += q;
-    rejected += r;
-    println!("queued {queued}, rejected {rejected}");
-    Ok(if rejected == 0 {
+    load_batch(pool, batch, &mut total).await?;
+    println!(
+        "queued {}, duplicates {}, rejected {}",
+        total.queued, total.duplicates, total.rejected
+    );
+    Ok(if total.rejected == 0 {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)
@@ -165,28 +298,96 @@ async fn enqueue_file(
 }
 
 /// One statement for the whole batch; if the database rejects one line, each line goes on its
-/// own so the good ones still land. Returns (queued, rejected).
-async fn load_batch(pool: &PgPool, batch: Vec<(usize, NewJob)>) -> anyhow::Result<(usize, usize)> {
+/// own so the good ones still land.
+async fn load_batch(
+    pool: &PgPool,
+    batch: Vec<(usize, NewJob)>,
+    total: &mut Loaded,
+) -> anyhow::Result<()> {
     if batch.is_empty() {
-        return Ok((0, 0));
+        return Ok(());
     }
     let jobs: Vec<NewJob> = batch.iter().map(|(_, j)| j.clone()).collect();
     let mut conn = pool.acquire().await?;
-    match outbox::enqueue_batch(&mut conn, &jobs).await {
-        Ok(ids) => return Ok((ids.len(), 0)),
+    match outbox::enqueue_batch_counted(&mut conn, &jobs).await {
+        Ok(done) => {
+            total.queued += done.ids.len() - done.duplicates;
+            total.duplicates += done.duplicates;
+            return Ok(());
+        }
         Err(e) if e.is_invalid() => {}
         Err(e) => return Err(e.into()),
     }
-    let (mut queued, mut rejected) = (0, 0);
-    for (line_no, job) in &batch {
-        match outbox::enqueue(&mut conn, job).await {
-            Ok(_) => queued += 1,
+    for (line_no, job) in batch {
+        match outbox::enqueue_batch_counted(&mut conn, std::slice::from_ref(&job)).await {
+            Ok(done) => {
+                total.queued += done.ids.len() - done.duplicates;
+                total.duplicates += done.duplicates;
+            }
             Err(e) if e.is_invalid() => {
-                rejected += 1;
+                total.rejected += 1;
                 eprintln!("line {line_no}: {e}");
             }
             Err(e) => return Err(e.into()),
         }
     }
-    Ok((queued, rejected))
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attributes_keep_numbers_and_flags() {
+        assert_eq!(attribute_value("a", "7").unwrap(), serde_json::json!(7));
+        assert_eq!(attribute_value("a", "7.5").unwrap(), serde_json::json!(7.5));
+        assert_eq!(
+            attribute_value("a", "true").unwrap(),
+            serde_json::json!(true)
+        );
+        assert_eq!(
+            attribute_value("a", "\"7\"").unwrap(),
+            serde_json::json!("7")
+        );
+        assert_eq!(
+            attribute_value("a", "007").unwrap(),
+            serde_json::json!("007")
+        );
+        assert_eq!(
+            attribute_value("a", "gold").unwrap(),
+            serde_json::json!("gold")
+        );
+        assert!(attribute_value("a", "0.1000000000000000055").is_err());
+    }
+
+    #[test]
+    fn bulk_lines_name_the_field_and_the_form() {
+        let err = |line: &str| parse_line(line).unwrap_err();
+        assert!(err(
+            r#"{"provider":"justclick","account":"jc","email":"a@example.com","run_at":"tomorrow"}"#
+        )
+        .starts_with("run_at: expected an RFC 3339 time"));
+        assert!(err(r#"{"provider":"justclick","account":"jc"}"#).starts_with("email: missing"));
+        assert!(err(
+            r#"{"provider":"justclick","account":"jc","email":"a@example.com","colour":1}"#
+        )
+        .starts_with("unknown field \"colour\""));
+        assert!(err(
+            r#"{"provider":"justclick","account":"jc","email":"a@example.com","payload":[1]}"#
+        )
+        .starts_with("payload: expected a JSON object, got an array"));
+        assert!(err(
+            r#"{"provider":"justclick","account":"jc","email":"a@example.com","max_attempts":0}"#
+        )
+        .starts_with("max_attempts: expected a whole number"));
+        assert!(err("[1, 2]").starts_with("expected a JSON object"));
+        let job = parse_line(r#"{"provider":"smartlink","account":"sl","email":"a@example.com","payload":{"x":1.50},"run_at":"2030-01-01T00:00:00+01:00","max_attempts":3}"#).unwrap();
+        assert_eq!(job.payload_json.as_deref(), Some(r#"{"x":1.50}"#));
+        assert_eq!(job.max_attempts, Some(3));
+        assert_eq!(
+            job.run_at.unwrap().to_rfc3339(),
+            "2029-12-31T23:00:00+00:00"
+        );
+    }
 }

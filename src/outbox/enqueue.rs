@@ -48,7 +48,7 @@ impl From<sqlx::Error> for EnqueueError {
 pub async fn enqueue(conn: &mut PgConnection, job: &NewJob) -> Result<JobId, EnqueueError> {
     let id: JobId = sqlx::query_scalar(
         // language=PostgreSQL
-        "SELECT contact_sync.enqueue($1, $2, $3, $4::text::jsonb, $5, coalesce($6, now()))",
+        "SELECT contact_sync.enqueue($1, $2, $3, $4::text::jsonb, $5, coalesce($6, now()), $7)",
     )
     .bind(&job.provider)
     .bind(&job.account)
@@ -56,6 +56,7 @@ pub async fn enqueue(conn: &mut PgConnection, job: &NewJob) -> Result<JobId, Enq
     .bind(job.payload_text())
     .bind(&job.idempotency_key)
     .bind(job.run_at)
+    .bind(job.max_attempts)
     .fetch_one(conn)
     .await?;
     Ok(id)
@@ -67,8 +68,26 @@ pub async fn enqueue_batch(
     conn: &mut PgConnection,
     jobs: &[NewJob],
 ) -> Result<Vec<JobId>, EnqueueError> {
+    Ok(enqueue_batch_counted(conn, jobs).await?.ids)
+}
+
+/// What [`enqueue_batch_counted`] recorded.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Enqueued {
+    /// One id per input change, in input order.
+    pub ids: Vec<JobId>,
+    /// Changes whose idempotency key was already recorded (earlier, or on an earlier line of
+    /// the same batch): their id is the existing job's, and nothing new was queued.
+    pub duplicates: usize,
+}
+
+/// [`enqueue_batch`], also counting the idempotent duplicates.
+pub async fn enqueue_batch_counted(
+    conn: &mut PgConnection,
+    jobs: &[NewJob],
+) -> Result<Enqueued, EnqueueError> {
     if jobs.is_empty() {
-        return Ok(Vec::new());
+        return Ok(Enqueued::default());
     }
     let mut providers = Vec::with_capacity(jobs.len());
     let mut accounts = Vec::with_capacity(jobs.len());
@@ -76,6 +95,7 @@ pub async fn enqueue_batch(
     let mut payloads = Vec::with_capacity(jobs.len());
     let mut keys = Vec::with_capacity(jobs.len());
     let mut run_ats = Vec::with_capacity(jobs.len());
+    let mut max_attempts = Vec::with_capacity(jobs.len());
     for job in jobs {
         providers.push(job.provider.as_str());
         accounts.push(job.account.as_str());
@@ -83,22 +103,23 @@ pub async fn enqueue_batch(
         payloads.push(job.payload_text());
         keys.push(job.idempotency_key.as_deref());
         run_ats.push(job.run_at);
+        max_attempts.push(job.max_attempts);
     }
     // Identity values are taken in insertion order, so the new keyless ids, sorted, line up
     // with the keyless inputs; keyed rows are matched by (account, key).
     let inserted: Vec<(JobId, String, Option<String>)> = sqlx::query_as(
         // language=PostgreSQL
         r#"
-        INSERT INTO contact_sync.jobs (provider, account, email, payload, idempotency_key, run_at)
+        INSERT INTO contact_sync.jobs (provider, account, email, payload, idempotency_key, run_at, max_attempts)
         SELECT i.provider, i.account, i.email,
                CASE WHEN i.provider = 'smartlink' AND jsonb_typeof(i.payload) = 'object' AND NOT i.payload ? 'modify_ts'
                     THEN i.payload || jsonb_build_object('modify_ts', floor(extract(epoch FROM clock_timestamp()) * 1000)::bigint)
                     ELSE i.payload END,
-               i.key, coalesce(i.run_at, now())
+               i.key, coalesce(i.run_at, now()), i.max_attempts
         -- payloads arrive as text (kept exactly as the caller wrote them), parsed once here
-        FROM (SELECT u.provider, u.account, u.email, u.payload::jsonb AS payload, u.key, u.run_at, u.ord
-              FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::timestamptz[])
-                   WITH ORDINALITY AS u(provider, account, email, payload, key, run_at, ord)
+        FROM (SELECT u.provider, u.account, u.email, u.payload::jsonb AS payload, u.key, u.run_at, u.max_attempts, u.ord
+              FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::timestamptz[], $7::int[])
+                   WITH ORDINALITY AS u(provider, account, email, payload, key, run_at, max_attempts, ord)
               OFFSET 0) i
         ORDER BY i.ord
         ON CONFLICT (account, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
@@ -111,6 +132,7 @@ pub async fn enqueue_batch(
     .bind(&payloads)
     .bind(&keys)
     .bind(&run_ats)
+    .bind(&max_attempts)
     .fetch_all(&mut *conn)
     .await?;
     let mut keyless: Vec<JobId> = Vec::with_capacity(inserted.len());
@@ -124,6 +146,8 @@ pub async fn enqueue_batch(
         }
     }
     keyless.sort_unstable();
+    // keys this statement inserted: the first line with each is new, any other a duplicate
+    let mut fresh: std::collections::HashSet<(String, String)> = by_key.keys().cloned().collect();
     let missing: Vec<(&str, &str)> = jobs
         .iter()
         .filter_map(|j| {
@@ -153,10 +177,17 @@ pub async fn enqueue_batch(
     }
     let mut next_keyless = keyless.into_iter();
     let mut ids = Vec::with_capacity(jobs.len());
+    let mut duplicates = 0;
     for job in jobs {
         let id = match &job.idempotency_key {
             None => next_keyless.next(),
-            Some(key) => by_key.get(&(job.account.clone(), key.clone())).copied(),
+            Some(key) => {
+                let k = (job.account.clone(), key.clone());
+                if !fresh.remove(&k) {
+                    duplicates += 1;
+                }
+                by_key.get(&k).copied()
+            }
         };
         match id {
             Some(id) => ids.push(id),
@@ -165,5 +196,5 @@ pub async fn enqueue_batch(
             None => ids.push(enqueue(conn, job).await?),
         }
     }
-    Ok(ids)
+    Ok(Enqueued { ids, duplicates })
 }

@@ -63,6 +63,9 @@ pub struct NewJob {
     pub idempotency_key: Option<String>,
     #[serde(default)]
     pub run_at: Option<DateTime<Utc>>,
+    /// Attempts before the job goes `dead` (`None`: the worker's `worker.max_attempts`).
+    #[serde(default)]
+    pub max_attempts: Option<i32>,
     /// The payload as exact JSON text, when the caller has it (a file, a command line): stored
     /// as written instead of `payload`, so the database validates and keeps every number as
     /// written (a JSON value holds numbers as 64-bit floats).
@@ -88,6 +91,7 @@ impl NewJob {
             payload,
             idempotency_key: None,
             run_at: None,
+            max_attempts: None,
             payload_json: None,
         }
     }
@@ -106,6 +110,12 @@ impl NewJob {
 
     pub fn run_at(mut self, at: DateTime<Utc>) -> Self {
         self.run_at = Some(at);
+        self
+    }
+
+    /// Attempts before the job goes `dead`, instead of the worker's `worker.max_attempts`.
+    pub fn max_attempts(mut self, attempts: i32) -> Self {
+        self.max_attempts = Some(attempts);
         self
     }
 }

@@ -25,5 +25,5 @@ pub mod job;
 pub mod prune;
 pub mod rescue;
 
-pub use enqueue::{enqueue, enqueue_batch, EnqueueError};
+pub use enqueue::{enqueue, enqueue_batch, enqueue_batch_counted, EnqueueError, Enqueued};
 pub use job::{ClaimedJob, JobId, JobState, Lease, NewJob};

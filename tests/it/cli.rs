@@ -36,7 +36,10 @@ async fn enqueue_run_and_operator_commands() {
     let payload = env.job(id).await.payload;
     assert_eq!(payload["subscribe"], 1);
     assert_eq!(payload["tags"], json!(["a", "b"]));
-    assert_eq!(payload["attributes"]["level"], "7");
+    assert_eq!(
+        payload["attributes"]["level"], 7,
+        "a number, as the SQL path keeps it"
+    );
     assert_eq!(payload["openid"], "123");
     // a validation error is reported with the database's words and a non-zero exit
     let (code, _, err) = env
@@ -255,19 +258,22 @@ async fn bulk_file_rejects_bad_lines_and_keeps_good_ones() {
         .cli(&config, &["enqueue", "--file", path.to_str().unwrap()])
         .await;
     assert_eq!(code, 1, "{out}{err}");
-    assert!(out.contains("queued 2, rejected 5"), "{out}\n{err}");
+    assert!(
+        out.contains("queued 2, duplicates 0, rejected 5"),
+        "{out}\n{err}"
+    );
     assert!(
         err.contains("line 2: ") && err.contains("malformed email"),
         "{err}"
     );
-    assert!(err.contains("line 3: not a change object"), "{err}");
+    assert!(err.contains("line 3: not JSON"), "{err}");
     assert!(
         err.contains("line 4: ") && err.contains("subscribe"),
         "{err}"
     );
     assert!(err.contains("line 5: not valid UTF-8"), "{err}");
     assert!(
-        err.contains("line 8: not a change object") && err.contains("unexpected"),
+        err.contains("line 8: unknown field \"unexpected\" (the fields are provider, account"),
         "{err}"
     );
     let emails: Vec<String> = sqlx::query_scalar("SELECT email FROM contact_sync.jobs ORDER BY id")
@@ -275,6 +281,117 @@ async fn bulk_file_rejects_bad_lines_and_keeps_good_ones() {
         .await
         .unwrap();
     assert_eq!(emails, ["one@example.com", "three@example.com"]);
+    // the same file again, from standard input: the keyed line is a duplicate
+    let mut child = env
+        .binary(&config)
+        .args(["enqueue", "--file", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use tokio::io::AsyncWriteExt;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(&file).await.unwrap();
+    }
+    let out = child.wait_with_output().await.unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("queued 1, duplicates 1, rejected 5"),
+        "{stdout}"
+    );
+    // a JSON array is named as such, once
+    std::fs::write(
+        &path,
+        r#"[{"provider":"justclick","account":"jc","email":"a@example.com"}]"#,
+    )
+    .unwrap();
+    let (code, _, err) = env
+        .cli(&config, &["enqueue", "--file", path.to_str().unwrap()])
+        .await;
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("holds a JSON array; expected JSON Lines") && err.lines().count() == 1,
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn enqueue_takes_a_time_an_attempt_budget_and_typed_attributes() {
+    let env = TestEnv::new().await;
+    let config = env.config_file("");
+    let (code, out, err) = env
+        .cli(
+            &config,
+            &[
+                "enqueue",
+                "--provider",
+                "smartlink",
+                "--account",
+                "sl",
+                "--email",
+                "t@example.com",
+                "--set",
+                "attributes.level=7",
+                "--set",
+                "attributes.code=\"7\"",
+                "--set",
+                "attributes.vip=true",
+                "--run-at",
+                "2030-01-01T12:00:00+02:00",
+                "--max-attempts",
+                "3",
+            ],
+        )
+        .await;
+    assert_eq!(code, 0, "{err}");
+    let id: i64 = out.trim().parse().unwrap();
+    let (payload, run_at, max_attempts): (Value, String, Option<i32>) = sqlx::query_as(
+        "SELECT payload, to_char(run_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI'), max_attempts FROM contact_sync.jobs WHERE id = $1",
+    )
+    .bind(id)
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(payload["attributes"]["level"], json!(7));
+    assert_eq!(payload["attributes"]["code"], json!("7"));
+    assert_eq!(payload["attributes"]["vip"], json!(true));
+    assert_eq!(run_at, "2030-01-01 10:00");
+    assert_eq!(max_attempts, Some(3));
+    for (args, expected) in [
+        (vec!["--run-at", "tomorrow"], "expected an RFC 3339 time"),
+        (vec!["--max-attempts", "0"], "--max-attempts"),
+    ] {
+        let mut full = vec![
+            "enqueue",
+            "--provider",
+            "smartlink",
+            "--account",
+            "sl",
+            "--email",
+            "t@example.com",
+        ];
+        full.extend(args);
+        let (code, _, err) = env.cli(&config, &full).await;
+        assert_eq!(code, 64, "{err}");
+        assert!(err.contains(expected), "{err}");
+    }
+    // the SQL function takes the budget too
+    let id: i64 = sqlx::query_scalar(
+        "SELECT contact_sync.enqueue('justclick', 'jc', 'u@example.com', '{}', NULL, now(), 2)",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(env.job(id).await.state, "pending");
+    let m: Option<i32> =
+        sqlx::query_scalar("SELECT max_attempts FROM contact_sync.jobs WHERE id = $1")
+            .bind(id)
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+    assert_eq!(m, Some(2));
 }
 
 #[tokio::test]

@@ -171,7 +171,7 @@ async fn accounts_and_providers_are_checked_at_enqueue() {
         .cli(&config, &["enqueue", "--file", file.to_str().unwrap()])
         .await;
     assert_eq!(code, 1, "{out}{err}");
-    assert!(out.contains("queued 1, rejected 2"), "{out}");
+    assert!(out.contains("queued 1, duplicates 0, rejected 2"), "{out}");
     assert!(
         err.contains("line 2: account \"sl\" is a smartlink account")
             && err.contains("line 3: unknown account \"nobody\""),

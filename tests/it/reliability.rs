@@ -362,7 +362,7 @@ async fn bad_input_is_refused_or_parked_and_never_blocks_others() {
                 "--email",
                 "a@example.com",
             ],
-            "unknown provider",
+            "[possible values: justclick, smartlink]",
         ),
         (
             vec![

@@ -874,7 +874,7 @@ async fn the_command_line_never_rounds_a_number() {
         .cli(&config, &["enqueue", "--file", file.to_str().unwrap()])
         .await;
     assert_eq!(code, 1, "{out}{err}");
-    assert!(out.contains("queued 1, rejected 1"), "{out}");
+    assert!(out.contains("queued 1, duplicates 0, rejected 1"), "{out}");
     assert!(
         err.contains("line 1") && err.contains("cannot be sent exactly"),
         "{err}"
