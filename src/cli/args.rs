@@ -39,6 +39,7 @@ pub enum Command {
     Enqueue(EnqueueArgs),
     /// Counts per state and account, backlog, oldest runnable job, dead jobs.
     Status {
+        /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
@@ -50,31 +51,18 @@ pub enum Command {
     Accounts(AccountsCommand),
     /// Live worker replicas: id, host, accounts, start, last heartbeat.
     Workers {
+        /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
-    /// Put a dead or cancelled job back to pending (or every dead job with --dead).
-    Retry {
-        #[arg(required_unless_present = "dead", conflicts_with = "dead")]
-        id: Option<i64>,
-        #[arg(long)]
-        dead: bool,
-        /// With --dead: only this account's.
-        #[arg(long, requires = "dead")]
-        account: Option<String>,
-        /// Retry even when a newer change of the same contact was already delivered (the old
-        /// change then overwrites the newer one at the provider).
-        #[arg(long)]
-        force: bool,
-        #[arg(long)]
-        json: bool,
-    },
-    /// Cancel a pending or dead job.
-    Cancel {
-        id: i64,
-        #[arg(long)]
-        json: bool,
-    },
+    /// Put dead or cancelled jobs back to pending: one by ID, or every job a filter matches
+    /// (--dead, or --state with --account/--email/--error-like).
+    Retry(RetryArgs),
+    /// Cancel pending or dead jobs: one by ID, or every job a filter matches.
+    Cancel(CancelArgs),
+    /// Delete finished jobs (succeeded, coalesced, cancelled) older than an age, as retention
+    /// does (a delivered job stays while an older dead or cancelled job of its contact does).
+    Purge(PurgeArgs),
     /// The zero-setup demo: throwaway Postgres (unless DATABASE_URL), sandbox, sample changes.
     Demo,
     /// End-to-end benchmark; prints one JSON line.
@@ -87,6 +75,7 @@ pub enum Command {
 pub enum AccountsCommand {
     /// Every known account with its limits, calls in flight, pause and live workers.
     List {
+        /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
@@ -108,22 +97,35 @@ pub enum AccountsCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum JobsCommand {
-    /// Newest first.
+    /// Jobs, newest first (page on with --after the last id shown).
     List {
-        #[arg(long)]
+        /// Only jobs in this state.
+        #[arg(long, value_parser = ["pending", "running", "succeeded", "coalesced", "dead", "cancelled"])]
         state: Option<String>,
-        #[arg(long)]
+        /// Only this account's jobs.
+        #[arg(long, value_name = "NAME")]
         account: Option<String>,
-        #[arg(long)]
+        /// Only this address's jobs (any case).
+        #[arg(long, value_name = "ADDRESS")]
         email: Option<String>,
-        #[arg(long, default_value_t = 50)]
+        /// Only jobs created at or after this time (RFC 3339).
+        #[arg(long, value_name = "TIME", value_parser = parse_time)]
+        since: Option<chrono::DateTime<chrono::Utc>>,
+        /// Only jobs with a smaller id (the next page after a list that ended at ID).
+        #[arg(long, value_name = "ID")]
+        after: Option<i64>,
+        /// At most this many (0 to 10000).
+        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(i64).range(0..=10_000))]
         limit: i64,
+        /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
     /// One job with its error history.
     Show {
+        /// The job's id.
         id: i64,
+        /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
@@ -166,6 +168,78 @@ pub struct EnqueueArgs {
     pub file: Option<PathBuf>,
 }
 
+/// Which jobs a bulk `retry` or `cancel` acts on.
+#[derive(Debug, Args)]
+pub struct FilterArgs {
+    /// Only this account's jobs.
+    #[arg(long, value_name = "NAME")]
+    pub account: Option<String>,
+    /// Only this address's jobs (any case).
+    #[arg(long, value_name = "ADDRESS")]
+    pub email: Option<String>,
+    /// Only jobs whose last error contains TEXT (any case), e.g. --error-like "code 100".
+    #[arg(long, value_name = "TEXT")]
+    pub error_like: Option<String>,
+    /// Only count what would be done.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Do not ask for confirmation (it is asked only on a terminal).
+    #[arg(long, short = 'y')]
+    pub yes: bool,
+}
+
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("which").required(true).args(["id", "dead", "state"])))]
+pub struct RetryArgs {
+    /// The job to retry.
+    #[arg(conflicts_with_all = ["dead", "state", "account", "email", "error_like", "dry_run"])]
+    pub id: Option<i64>,
+    /// Every dead job (the same as --state dead).
+    #[arg(long, conflicts_with = "state")]
+    pub dead: bool,
+    /// Every job in this state.
+    #[arg(long, value_parser = ["dead", "cancelled"])]
+    pub state: Option<String>,
+    #[command(flatten)]
+    pub filter: FilterArgs,
+    /// Retry even when a newer change of the same contact was already delivered (the old
+    /// change then overwrites the newer one at the provider).
+    #[arg(long)]
+    pub force: bool,
+    /// Print the result as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("which").required(true).args(["id", "state"])))]
+pub struct CancelArgs {
+    /// The job to cancel.
+    #[arg(conflicts_with_all = ["state", "account", "email", "error_like", "dry_run"])]
+    pub id: Option<i64>,
+    /// Every job in this state.
+    #[arg(long, value_parser = ["pending", "dead"])]
+    pub state: Option<String>,
+    #[command(flatten)]
+    pub filter: FilterArgs,
+    /// Print the result as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct PurgeArgs {
+    /// Finished longer ago than this: 30d, 12h, 90m…
+    #[arg(long, value_name = "AGE", value_parser = contact_sync::duration::parse)]
+    pub older_than: std::time::Duration,
+    /// Only count what would be deleted.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Do not ask for confirmation (it is asked only on a terminal).
+    #[arg(long, short = 'y')]
+    pub yes: bool,
+}
+
 /// An RFC 3339 time, for `--run-at`.
 pub fn parse_time(text: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
     chrono::DateTime::parse_from_rfc3339(text.trim())
@@ -177,6 +251,7 @@ pub fn parse_time(text: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
 
 #[derive(Debug, Args)]
 pub struct SandboxArgs {
+    /// Where to listen.
     #[arg(long, default_value = "127.0.0.1:8089")]
     pub listen: SocketAddr,
     /// Extra JustClick account, LOGIN:SECRET (repeatable).
@@ -198,4 +273,36 @@ pub struct SandboxArgs {
     /// code 8 with `:code8` (repeatable). E.g. justclick:shop=50/10.
     #[arg(long = "rate-limit", value_name = "PROVIDER:ACCOUNT=RATE[/BURST][:code8]", value_parser = contact_sync::sandbox::RateLimitRule::parse)]
     pub rate_limit: Vec<contact_sync::sandbox::RateLimitRule>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Cli;
+    use clap::CommandFactory;
+
+    /// Every option and argument of every command says what it is for.
+    #[test]
+    fn every_option_has_help() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for arg in cmd.get_arguments() {
+                let id = arg.get_id().as_str();
+                if matches!(id, "help" | "version") || arg.is_hide_set() {
+                    continue;
+                }
+                if arg.get_help().is_none() && arg.get_long_help().is_none() {
+                    missing.push(format!("{path} {id}"));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                if sub.get_about().is_none() && sub.get_name() != "help" {
+                    missing.push(format!("{path} {} (about)", sub.get_name()));
+                }
+                walk(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&Cli::command(), "contact-sync", &mut missing);
+        assert!(missing.is_empty(), "without help: {missing:?}");
+        Cli::command().debug_assert();
+    }
 }

@@ -50,6 +50,7 @@ pub struct BenchArgs {
     /// Number of distinct contacts per backlog (fewer than its size forces coalescing).
     #[arg(long)]
     pub contacts: Option<usize>,
+    /// Which provider's calls the jobs make.
     #[arg(long, value_enum, default_value = "both")]
     pub provider: BenchProvider,
     /// Use a running sandbox (`contact-sync sandbox`, demo credentials) instead of one in-process.

@@ -1,8 +1,8 @@
 //! `jobs list|show`, `retry` and `cancel`: the operator's view of single jobs and their fixes.
 
-use super::args::JobsCommand;
+use super::args::{CancelArgs, FilterArgs, JobsCommand, PurgeArgs, RetryArgs};
 use super::render::{render_job, render_jobs, to_json};
-use anyhow::{bail, Context};
+use anyhow::Context;
 use contact_sync::config::Settings;
 use contact_sync::outbox::admin::{self, ActionResult};
 use std::process::ExitCode;
@@ -13,14 +13,11 @@ pub async fn run(command: JobsCommand, settings: &Settings) -> anyhow::Result<Ex
             state,
             account,
             email,
+            since,
+            after,
             limit,
             json,
         } => {
-            if let Some(s) = &state {
-                if contact_sync::outbox::JobState::parse(s).is_none() {
-                    bail!("--state {s:?}: expected one of pending, running, succeeded, dead, cancelled, coalesced");
-                }
-            }
             let pool = super::connect(settings).await?;
             let jobs = admin::list(
                 &pool,
@@ -28,6 +25,8 @@ pub async fn run(command: JobsCommand, settings: &Settings) -> anyhow::Result<Ex
                     state,
                     account,
                     email,
+                    since,
+                    after,
                     limit,
                 },
             )
@@ -65,41 +64,153 @@ pub async fn run(command: JobsCommand, settings: &Settings) -> anyhow::Result<Ex
     }
 }
 
-/// `retry ID` or `retry --dead [--account]`.
-pub async fn retry(
-    settings: &Settings,
-    id: Option<i64>,
-    dead: bool,
-    account: Option<String>,
-    force: bool,
-    json: bool,
-) -> anyhow::Result<ExitCode> {
+/// `retry ID`, or `retry --dead|--state S [filters]`.
+pub async fn retry(settings: &Settings, args: RetryArgs) -> anyhow::Result<ExitCode> {
     let pool = super::connect(settings).await?;
-    if dead {
-        let done = admin::retry_dead(&pool, account.as_deref(), force).await?;
-        if json {
-            print!("{}", to_json(&done)?);
-        } else {
-            println!("{} dead job(s) back to pending", done.retried);
-            if done.skipped_stale > 0 {
-                println!(
-                    "{} left dead: a newer change of the same contact was already delivered (use --force to re-send them anyway)",
-                    done.skipped_stale
-                );
-            }
-        }
+    let Some(state) = args.state.clone().or(args.dead.then(|| "dead".to_string())) else {
+        let id = args.id.context("a job id, --dead or --state is required")?;
+        let result = admin::retry(&pool, id, args.force).await?;
+        return report_action(id, "retry", result, args.json);
+    };
+    let filter = job_filter(state, &args.filter);
+    let would = admin::retry_matching(&pool, &filter, args.force, true).await?;
+    let done = if args.filter.dry_run {
+        would
+    } else if would.retried > 0
+        && !confirmed(
+            &args.filter,
+            &format!("retry {} {} job(s)", would.retried, filter.state),
+        )?
+    {
+        println!("nothing done");
         return Ok(ExitCode::SUCCESS);
+    } else {
+        admin::retry_matching(&pool, &filter, args.force, false).await?
+    };
+    if args.json {
+        print!(
+            "{}",
+            to_json(&serde_json::json!({
+                "dry_run": args.filter.dry_run,
+                "retried": done.retried,
+                "skipped_stale": done.skipped_stale,
+            }))?
+        );
+    } else {
+        let verb = if args.filter.dry_run {
+            "would go back to pending"
+        } else {
+            "back to pending"
+        };
+        println!("{} {} job(s) {verb}", done.retried, filter.state);
+        if done.skipped_stale > 0 {
+            println!(
+                "{} left {}: a newer change of the same contact was already delivered (use --force to re-send them anyway)",
+                done.skipped_stale, filter.state
+            );
+        }
     }
-    let id = id.context("a job id or --dead is required")?;
-    let result = admin::retry(&pool, id, force).await?;
-    report_action(id, "retry", result, json)
+    Ok(ExitCode::SUCCESS)
 }
 
-/// `cancel ID`.
-pub async fn cancel(settings: &Settings, id: i64, json: bool) -> anyhow::Result<ExitCode> {
+/// `cancel ID`, or `cancel --state S [filters]`.
+pub async fn cancel(settings: &Settings, args: CancelArgs) -> anyhow::Result<ExitCode> {
     let pool = super::connect(settings).await?;
-    let result = admin::cancel(&pool, id).await?;
-    report_action(id, "cancel", result, json)
+    let Some(state) = args.state.clone() else {
+        let id = args.id.context("a job id or --state is required")?;
+        let result = admin::cancel(&pool, id).await?;
+        return report_action(id, "cancel", result, args.json);
+    };
+    let filter = job_filter(state, &args.filter);
+    let would = admin::cancel_matching(&pool, &filter, true).await?;
+    let n = if args.filter.dry_run {
+        would
+    } else if would > 0
+        && !confirmed(
+            &args.filter,
+            &format!("cancel {would} {} job(s)", filter.state),
+        )?
+    {
+        println!("nothing done");
+        return Ok(ExitCode::SUCCESS);
+    } else {
+        admin::cancel_matching(&pool, &filter, false).await?
+    };
+    if args.json {
+        print!(
+            "{}",
+            to_json(&serde_json::json!({"dry_run": args.filter.dry_run, "cancelled": n}))?
+        );
+    } else if args.filter.dry_run {
+        println!("{n} {} job(s) would be cancelled", filter.state);
+    } else {
+        println!("{n} {} job(s) cancelled", filter.state);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `purge --older-than AGE`: finished jobs, in batches, as retention deletes them.
+pub async fn purge(settings: &Settings, args: PurgeArgs) -> anyhow::Result<ExitCode> {
+    let pool = super::connect(settings).await?;
+    let age = contact_sync::duration::format(args.older_than);
+    let would = contact_sync::outbox::prune::count_prunable(&pool, args.older_than).await?;
+    if args.dry_run {
+        println!("{would} finished job(s) older than {age} would be deleted");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let ask = FilterArgs {
+        account: None,
+        email: None,
+        error_like: None,
+        dry_run: false,
+        yes: args.yes,
+    };
+    if would > 0
+        && !confirmed(
+            &ask,
+            &format!("delete {would} finished job(s) older than {age}"),
+        )?
+    {
+        println!("nothing done");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut deleted = 0u64;
+    loop {
+        let n = contact_sync::outbox::prune::prune_finished(&pool, args.older_than, PURGE_BATCH)
+            .await?;
+        deleted += n;
+        if n < PURGE_BATCH as u64 {
+            break;
+        }
+    }
+    println!("{deleted} finished job(s) older than {age} deleted");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Rows per `purge` statement: short transactions beside the workers.
+const PURGE_BATCH: i64 = 5000;
+
+fn job_filter(state: String, f: &FilterArgs) -> admin::JobFilter {
+    admin::JobFilter {
+        state,
+        account: f.account.clone(),
+        email: f.email.clone(),
+        error_like: f.error_like.clone(),
+    }
+}
+
+/// On a terminal, without --yes: asks on stderr and reads the answer (only "y"/"yes" goes on).
+/// Elsewhere (a script, CI) the command goes on: --dry-run is how a script counts first.
+fn confirmed(f: &FilterArgs, what: &str) -> anyhow::Result<bool> {
+    use std::io::{BufRead, IsTerminal, Write};
+    if f.yes || !std::io::stdin().is_terminal() {
+        return Ok(true);
+    }
+    eprint!("{what}? [y/N] ");
+    std::io::stderr().flush()?;
+    let mut answer = String::new();
+    std::io::stdin().lock().read_line(&mut answer)?;
+    Ok(matches!(answer.trim().to_lowercase().as_str(), "y" | "yes"))
 }
 
 fn report_action(

@@ -65,14 +65,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Accounts(command) => accounts::run(command, &settings).await,
         Command::Workers { json } => accounts::workers(&settings, json).await,
         Command::Jobs(command) => jobs::run(command, &settings).await,
-        Command::Retry {
-            id,
-            dead,
-            account,
-            force,
-            json,
-        } => jobs::retry(&settings, id, dead, account, force, json).await,
-        Command::Cancel { id, json } => jobs::cancel(&settings, id, json).await,
+        Command::Retry(args) => jobs::retry(&settings, args).await,
+        Command::Cancel(args) => jobs::cancel(&settings, args).await,
+        Command::Purge(args) => jobs::purge(&settings, args).await,
         Command::Migrate => {
             let (pool, _) = connect_to(&settings).await?;
             contact_sync::migrate(&pool).await?;

@@ -11,7 +11,7 @@ pub fn to_json<T: serde::Serialize>(value: &T) -> anyhow::Result<String> {
 }
 
 pub fn ts(t: &chrono::DateTime<chrono::Utc>) -> String {
-    t.format("%Y-%m-%d %H:%M:%S").to_string()
+    t.format("%Y-%m-%d %H:%M:%S UTC").to_string()
 }
 
 /// `status` as tables.
@@ -182,6 +182,25 @@ pub fn render_workers(rows: &[outbox::accounts::ReplicaRow]) -> String {
     )
 }
 
+/// `text` cut to `max` characters, ending with "…" when cut.
+pub fn cut(text: &str, max: usize) -> String {
+    if text.chars().count() <= max {
+        return text.to_string();
+    }
+    let mut out: String = text.chars().take(max.saturating_sub(1)).collect();
+    out.push('…');
+    out
+}
+
+/// The LAST ERROR cell: a job that ended well shows an earlier attempt's error as such.
+fn last_error_cell(state: &str, error: Option<&str>) -> String {
+    match (state, error) {
+        (_, None) => String::new(),
+        ("succeeded" | "coalesced", Some(e)) => cut(&format!("(earlier attempt) {e}"), 60),
+        (_, Some(e)) => cut(e, 60),
+    }
+}
+
 /// `jobs list` as a table.
 pub fn render_jobs(jobs: &[JobSummary]) -> String {
     let rows: Vec<Vec<String>> = jobs
@@ -195,10 +214,7 @@ pub fn render_jobs(jobs: &[JobSummary]) -> String {
                 j.state.clone(),
                 j.attempts.to_string(),
                 ts(&j.run_at),
-                j.last_error
-                    .as_deref()
-                    .map(|e| e.chars().take(60).collect())
-                    .unwrap_or_default(),
+                last_error_cell(&j.state, j.last_error.as_deref()),
             ]
         })
         .collect();
@@ -252,7 +268,13 @@ pub fn render_job(j: &JobDetail) -> String {
         ],
         vec!["double opt-in".into(), opt(&j.doi)],
         vec!["payload".into(), j.payload.to_string()],
-        vec!["last error".into(), opt(&j.last_error)],
+        vec![
+            match j.state.as_str() {
+                "succeeded" | "coalesced" => "last error (an earlier attempt's)".into(),
+                _ => "last error".into(),
+            },
+            opt(&j.last_error),
+        ],
     ];
     let mut out = table::render(&["FIELD", "VALUE"], &rows);
     let history: Vec<Vec<String>> = j
@@ -290,4 +312,21 @@ pub fn render_job(j: &JobDetail) -> String {
         ));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cut_texts_say_so() {
+        assert_eq!(cut("short", 10), "short");
+        assert_eq!(cut("abcdefghijkl", 5), "abcd…");
+        assert_eq!(cut("ääääää", 3), "ää…");
+        assert_eq!(
+            last_error_cell("succeeded", Some("timeout")),
+            "(earlier attempt) timeout"
+        );
+        assert_eq!(last_error_cell("dead", Some("code 100")), "code 100");
+    }
 }

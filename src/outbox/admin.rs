@@ -109,10 +109,18 @@ pub struct ListFilter {
     pub state: Option<String>,
     pub account: Option<String>,
     pub email: Option<String>,
+    /// Created at or after.
+    pub since: Option<DateTime<Utc>>,
+    /// Ids below this one (the next page of a newest-first list).
+    pub after: Option<JobId>,
+    /// At most this many (0: none).
     pub limit: i64,
 }
 
 pub async fn list(pool: &PgPool, filter: &ListFilter) -> Result<Vec<JobSummary>, sqlx::Error> {
+    if filter.limit <= 0 {
+        return Ok(Vec::new());
+    }
     let mut q = QueryBuilder::new(
         "SELECT id, provider, account, email, state, attempts, run_at, created_at, last_error FROM contact_sync.jobs WHERE true",
     );
@@ -126,6 +134,12 @@ pub async fn list(pool: &PgPool, filter: &ListFilter) -> Result<Vec<JobSummary>,
         q.push(" AND lower(email) = lower(")
             .push_bind(email)
             .push(")");
+    }
+    if let Some(since) = &filter.since {
+        q.push(" AND created_at >= ").push_bind(since);
+    }
+    if let Some(after) = filter.after {
+        q.push(" AND id < ").push_bind(after);
     }
     q.push(" ORDER BY id DESC LIMIT ")
         .push_bind(filter.limit.clamp(1, 10_000));
@@ -258,34 +272,110 @@ pub async fn retry_dead(
     account: Option<&str>,
     force: bool,
 ) -> Result<BulkRetry, sqlx::Error> {
+    let filter = JobFilter {
+        state: "dead".into(),
+        account: account.map(String::from),
+        ..JobFilter::default()
+    };
+    retry_matching(pool, &filter, force, false).await
+}
+
+/// Which jobs a bulk `retry` or `cancel` acts on: one state, and optionally an account, an
+/// address (any case) and a text the last error contains (any case).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct JobFilter {
+    pub state: String,
+    pub account: Option<String>,
+    pub email: Option<String>,
+    pub error_like: Option<String>,
+}
+
+/// The filter as SQL over `contact_sync.jobs j`, binding $1..$4.
+const FILTER_SQL: &str = r#"
+    j.state = $1 AND ($2::text IS NULL OR j.account = $2)
+    AND ($3::text IS NULL OR lower(j.email) = lower($3))
+    AND ($4::text IS NULL OR strpos(lower(coalesce(j.last_error, '')), lower($4)) > 0)"#;
+
+/// Every `dead` or `cancelled` job matching `filter` back to `pending` (see [`retry`]), except
+/// those a newer delivered change of the same contact made stale (unless `force`). With
+/// `dry_run`, only counts what it would do.
+pub async fn retry_matching(
+    pool: &PgPool,
+    filter: &JobFilter,
+    force: bool,
+    dry_run: bool,
+) -> Result<BulkRetry, sqlx::Error> {
     let (retried, skipped): (i64, i64) = sqlx::query_as(&format!(
         r#"
         WITH candidates AS (
             SELECT j.id, ({NEWER_DELIVERED}) IS NOT NULL AS stale
             FROM contact_sync.jobs j
-            WHERE j.state = 'dead' AND ($1::text IS NULL OR j.account = $1)
+            WHERE j.state IN ('dead', 'cancelled') AND {FILTER_SQL}
         ), done AS (
             UPDATE contact_sync.jobs j
             SET state = 'pending', attempts = 0, run_at = greatest(j.run_at, now()), finished_at = NULL,
                 locked_until = NULL, locked_by = NULL
             FROM candidates c
-            WHERE j.id = c.id AND j.state = 'dead' AND ($2 OR NOT c.stale)
+            WHERE j.id = c.id AND j.state = $1 AND ($5 OR NOT c.stale) AND NOT $6
             RETURNING j.id
         )
-        SELECT (SELECT count(*) FROM done), (SELECT count(*) FROM candidates WHERE stale AND NOT $2)
+        SELECT CASE WHEN $6 THEN (SELECT count(*) FROM candidates WHERE $5 OR NOT stale)
+                    ELSE (SELECT count(*) FROM done) END,
+               (SELECT count(*) FROM candidates WHERE stale AND NOT $5)
         "#
     ))
-    .bind(account)
+    .bind(&filter.state)
+    .bind(&filter.account)
+    .bind(&filter.email)
+    .bind(&filter.error_like)
     .bind(force)
+    .bind(dry_run)
     .fetch_one(pool)
     .await?;
-    if retried > 0 {
+    if retried > 0 && !dry_run {
         notify(pool).await?;
     }
     Ok(BulkRetry {
         retried: u64::try_from(retried).unwrap_or(0),
         skipped_stale: u64::try_from(skipped).unwrap_or(0),
     })
+}
+
+/// Every `pending` or `dead` job matching `filter` to `cancelled`; returns how many (with
+/// `dry_run`, how many it would). Contacts' queue rows are taken first, in key order, as a
+/// claim takes them.
+pub async fn cancel_matching(
+    pool: &PgPool,
+    filter: &JobFilter,
+    dry_run: bool,
+) -> Result<u64, sqlx::Error> {
+    let n: i64 = sqlx::query_scalar(&format!(
+        r#"
+        WITH targets AS (
+            SELECT j.id, j.contact_key FROM contact_sync.jobs j
+            WHERE j.state IN ('pending', 'dead') AND {FILTER_SQL}
+        ), held AS (
+            SELECT c.contact_key FROM contact_sync.contacts c
+            WHERE c.contact_key IN (SELECT contact_key FROM targets) AND NOT $5
+            ORDER BY c.contact_key
+            FOR NO KEY UPDATE
+        ), done AS (
+            UPDATE contact_sync.jobs j SET state = 'cancelled', finished_at = now()
+            FROM targets t
+            WHERE j.id = t.id AND j.state = $1 AND NOT $5 AND (SELECT count(*) FROM held) >= 0
+            RETURNING j.id
+        )
+        SELECT CASE WHEN $5 THEN (SELECT count(*) FROM targets) ELSE (SELECT count(*) FROM done) END
+        "#
+    ))
+    .bind(&filter.state)
+    .bind(&filter.account)
+    .bind(&filter.email)
+    .bind(&filter.error_like)
+    .bind(dry_run)
+    .fetch_one(pool)
+    .await?;
+    Ok(u64::try_from(n).unwrap_or(0))
 }
 
 /// A `pending` or `dead` job to `cancelled` (a `running` one must finish or be released first).

@@ -38,6 +38,25 @@ pub async fn prune_finished(
     .await
 }
 
+/// How many finished jobs [`prune_finished`] would delete at `older_than` (for a dry run).
+pub async fn count_prunable(pool: &PgPool, older_than: Duration) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(
+        // language=PostgreSQL
+        r#"
+        SELECT count(*) FROM contact_sync.jobs j
+        WHERE j.state IN ('succeeded', 'coalesced', 'cancelled')
+          AND j.finished_at < now() - make_interval(secs => $1::bigint / 1000.0)
+          AND NOT EXISTS (
+              SELECT 1 FROM contact_sync.jobs o
+              WHERE o.contact_key = j.contact_key AND o.state IN ('dead', 'cancelled')
+                AND o.id < j.id)
+        "#,
+    )
+    .bind(i64::try_from(older_than.as_millis()).unwrap_or(i64::MAX))
+    .fetch_one(pool)
+    .await
+}
+
 /// Deletes up to `batch` Smartlink watermarks not updated for `older_than`; returns how many.
 pub async fn prune_watermarks(
     pool: &PgPool,
