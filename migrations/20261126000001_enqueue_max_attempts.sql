@@ -1,6 +1,13 @@
 -- contact_sync.enqueue() takes the job's own attempt budget: max_attempts (NULL: the worker's
 -- worker.max_attempts). Callers that pass the first six arguments, by position or by name, are
 -- unaffected: the function is replaced by one with a seventh, defaulted argument.
+--
+-- Idempotency keys are 1 to 200 characters on every path: an empty key (an unset shell
+-- variable) would make every later change of the account with an empty key a "duplicate" of
+-- the first, silently dropped. Existing rows are left as they are (NOT VALID).
+ALTER TABLE contact_sync.jobs ADD CONSTRAINT jobs_idempotency_key_1_to_200_characters
+    CHECK (idempotency_key IS NULL OR length(idempotency_key) BETWEEN 1 AND 200) NOT VALID;
+
 DROP FUNCTION contact_sync.enqueue(text, text, text, jsonb, text, timestamptz);
 
 CREATE FUNCTION contact_sync.enqueue(
@@ -22,6 +29,11 @@ BEGIN
         RAISE EXCEPTION USING ERRCODE = '22023',
             MESSAGE = format('contact_sync: invalid account name %s', coalesce(quote_literal(enqueue.account), 'NULL')),
             HINT = 'account names use only a-z, 0-9 and _ (at most 64 characters)';
+    END IF;
+    IF enqueue.idempotency_key IS NOT NULL AND length(enqueue.idempotency_key) NOT BETWEEN 1 AND 200 THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = format('contact_sync: idempotency_key must be 1 to 200 characters, got %s', length(enqueue.idempotency_key)),
+            HINT = 'pass NULL for a change without one';
     END IF;
     IF enqueue.max_attempts IS NOT NULL AND enqueue.max_attempts < 1 THEN
         RAISE EXCEPTION USING ERRCODE = '22023',

@@ -14,6 +14,7 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use sqlx::PgPool;
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -175,14 +176,24 @@ struct AccountGauges {
 /// Every account's gauges, or `None` if the database could not be read (the gauges then keep
 /// their values: a scrape during an outage is not a drop to zero).
 async fn read_gauges(pool: &PgPool) -> Option<Vec<AccountGauges>> {
-    let backlog = backlog(pool).await;
-    let dead = crate::outbox::admin::dead_per_account(pool).await;
-    let accounts = crate::outbox::accounts::list(pool).await;
-    let (backlog, dead, accounts) = match (backlog, dead, accounts) {
-        (Ok(b), Ok(d), Ok(a)) => (b, d, a),
-        (b, d, a) => {
-            let e = [b.err(), d.err(), a.err()].into_iter().flatten().next();
-            tracing::warn!(error = ?e.map(|e| e.to_string()), "queue and account gauges unavailable");
+    let read = async {
+        Ok::<_, sqlx::Error>((
+            backlog(pool).await?,
+            crate::outbox::admin::dead_per_account(pool).await?,
+            crate::outbox::accounts::list(pool).await?,
+        ))
+    };
+    let (backlog, dead, accounts) = match tokio::time::timeout(DATABASE_WAIT, read).await {
+        Ok(Ok(rows)) => rows,
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "queue and account gauges unavailable");
+            return None;
+        }
+        Err(_) => {
+            tracing::warn!(
+                wait_s = DATABASE_WAIT.as_secs(),
+                "queue and account gauges unavailable: the database did not answer in time"
+            );
             return None;
         }
     };
@@ -218,16 +229,27 @@ async fn read_gauges(pool: &PgPool) -> Option<Vec<AccountGauges>> {
     Some(out.into_values().collect())
 }
 
+/// How long `/readyz` and the scrape-time gauges wait for the database: an answer within a
+/// scraper's timeout, even while the database is down.
+const DATABASE_WAIT: Duration = Duration::from_secs(2);
+
 async fn ready(State(state): State<AdminState>) -> impl IntoResponse {
-    match crate::migrate::is_current(&state.pool).await {
-        Ok(true) => (StatusCode::OK, "ready\n".to_string()),
-        Ok(false) => (
+    match tokio::time::timeout(DATABASE_WAIT, crate::migrate::is_current(&state.pool)).await {
+        Ok(Ok(true)) => (StatusCode::OK, "ready\n".to_string()),
+        Ok(Ok(false)) => (
             StatusCode::SERVICE_UNAVAILABLE,
             "migrations not current\n".to_string(),
         ),
-        Err(e) => (
+        Ok(Err(e)) => (
             StatusCode::SERVICE_UNAVAILABLE,
             format!("database unreachable: {e}\n"),
+        ),
+        Err(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "database unreachable: no answer within {} s\n",
+                DATABASE_WAIT.as_secs()
+            ),
         ),
     }
 }

@@ -22,7 +22,10 @@ fn main() -> ExitCode {
     // The demo and the benchmark narrate on stdout; their logs default to warnings.
     let default_level = match cli.command {
         cli::Command::Demo | cli::Command::Bench(_) => "warn",
-        _ => "info",
+        cli::Command::Run { .. } | cli::Command::Sandbox(_) => "info",
+        // an operator command speaks through its output and errors; sqlx's slow-statement
+        // notes (the SQL, many lines) are not for the operator's terminal
+        _ => "warn,sqlx=error",
     };
     contact_sync::telemetry::init(cli.log_format, default_level);
     let runtime = match tokio::runtime::Builder::new_multi_thread()

@@ -230,7 +230,7 @@ pub struct CancelArgs {
 #[derive(Debug, Args)]
 pub struct PurgeArgs {
     /// Finished longer ago than this: 30d, 12h, 90m…
-    #[arg(long, value_name = "AGE", value_parser = contact_sync::duration::parse)]
+    #[arg(long, value_name = "AGE", value_parser = parse_age)]
     pub older_than: std::time::Duration,
     /// Only count what would be deleted.
     #[arg(long)]
@@ -238,6 +238,15 @@ pub struct PurgeArgs {
     /// Do not ask for confirmation (it is asked only on a terminal).
     #[arg(long, short = 'y')]
     pub yes: bool,
+}
+
+/// An age for `purge`: a duration of at most 100 years.
+fn parse_age(text: &str) -> Result<std::time::Duration, String> {
+    let age = contact_sync::duration::parse(text)?;
+    if age > std::time::Duration::from_secs(100 * 365 * 86_400) {
+        return Err(format!("{text:?} is more than 100 years"));
+    }
+    Ok(age)
 }
 
 /// An RFC 3339 time, for `--run-at`.

@@ -28,7 +28,7 @@ pub async fn run_worker(
     let pool = PgPoolOptions::new()
         .max_connections(settings.database.max_connections)
         .acquire_timeout(Duration::from_secs(10))
-        .connect_lazy_with(options);
+        .connect_lazy_with(options.clone());
     // Every series from the start, and liveness while the database is still down.
     let accounts: Vec<(&str, &str)> = settings
         .accounts
@@ -58,7 +58,11 @@ pub async fn run_worker(
                 bail!("the database {target} has no contact-sync schema, or an older one: run `contact-sync migrate` (or `run --migrate`)")
             }
             Err(e) => {
-                tracing::warn!(database = %target, error = %e, retry_in_ms = backoff.as_millis() as u64, "database not ready; waiting for it");
+                // the pool only says it timed out: one direct connection says why
+                let cause = super::probe(&options)
+                    .await
+                    .unwrap_or_else(|| e.to_string());
+                tracing::warn!(database = %target, error = %cause, retry_in_ms = backoff.as_millis() as u64, "database not ready; waiting for it");
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
                     _ = stop.cancelled() => return Ok(ExitCode::SUCCESS),

@@ -55,6 +55,9 @@ pub fn job_from_args(args: &EnqueueArgs) -> anyhow::Result<NewJob> {
         Value::Object(payload),
     );
     job.idempotency_key = args.idempotency_key.clone();
+    if let Some(key) = &job.idempotency_key {
+        check_key(key).map_err(|e| anyhow::anyhow!("--idempotency-key: {e}"))?;
+    }
     job.run_at = args.run_at;
     job.max_attempts = args.max_attempts;
     job.payload_json = exact;
@@ -120,6 +123,19 @@ fn attribute_value(name: &str, value: &str) -> anyhow::Result<Value> {
     }
 }
 
+/// An idempotency key is 1 to 200 characters (the database's rule, said before the round
+/// trip): an empty one, from an unset variable, would make later changes "duplicates".
+fn check_key(key: &str) -> Result<(), String> {
+    let n = key.chars().count();
+    if (1..=200).contains(&n) {
+        Ok(())
+    } else {
+        Err(format!(
+            "must be 1 to 200 characters, got {n} (omit it for a change without one)"
+        ))
+    }
+}
+
 /// The fields of a bulk line.
 const LINE_FIELDS: &str =
     "provider, account, email, payload, idempotency_key, run_at, max_attempts";
@@ -181,6 +197,9 @@ fn parse_line(text: &str) -> Result<NewJob, String> {
     };
     let mut job = NewJob::new(provider, account, email, payload);
     job.idempotency_key = text_field("idempotency_key", false)?;
+    if let Some(key) = &job.idempotency_key {
+        check_key(key).map_err(|e| format!("idempotency_key: {e}"))?;
+    }
     job.run_at = match map.get("run_at") {
         None | Some(Value::Null) => None,
         Some(Value::String(t)) => {
@@ -252,6 +271,11 @@ async fn enqueue_file(
             .await
             .with_context(|| format!("reading {}", path.display()))?;
         (bytes, path.display().to_string())
+    };
+    // a byte-order mark (some editors write one) is not part of the first line
+    let bytes = match bytes.strip_prefix(b"\xef\xbb\xbf") {
+        Some(rest) => rest.to_vec(),
+        None => bytes,
     };
     // a JSON array of changes is a common slip: say so once, not once per line
     let start = bytes.iter().position(|b| !b.is_ascii_whitespace());
@@ -382,6 +406,8 @@ mod tests {
         )
         .starts_with("max_attempts: expected a whole number"));
         assert!(err("[1, 2]").starts_with("expected a JSON object"));
+        assert!(err(r#"{"provider":"justclick","account":"jc","email":"a@example.com","idempotency_key":""}"#)
+            .starts_with("idempotency_key: must be 1 to 200 characters, got 0"));
         let job = parse_line(r#"{"provider":"smartlink","account":"sl","email":"a@example.com","payload":{"x":1.50},"run_at":"2030-01-01T00:00:00+01:00","max_attempts":3}"#).unwrap();
         assert_eq!(job.payload_json.as_deref(), Some(r#"{"x":1.50}"#));
         assert_eq!(job.max_attempts, Some(3));

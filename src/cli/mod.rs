@@ -114,21 +114,9 @@ pub async fn connect(settings: &Settings) -> anyhow::Result<PgPool> {
 /// A pool, after one direct connection has shown the database answers: its error says why
 /// (refused, authentication, no such database), where a pool would only time out.
 pub async fn connect_to(settings: &Settings) -> anyhow::Result<(PgPool, String)> {
-    use sqlx::Connection;
     let (options, target) = connect_options(settings)?;
-    match tokio::time::timeout(CONNECT_TIMEOUT, sqlx::PgConnection::connect_with(&options)).await
-    {
-        Err(_) => bail!(
-            "cannot connect to the database at {target}: no answer within {} s (is the host reachable, and is the port right?)",
-            CONNECT_TIMEOUT.as_secs()
-        ),
-        Ok(Err(e)) => bail!(
-            "cannot connect to the database at {target}: {}",
-            connect_cause(&e, &options)
-        ),
-        Ok(Ok(conn)) => {
-            let _ = conn.close().await;
-        }
+    if let Some(cause) = probe(&options).await {
+        bail!("cannot connect to the database at {target}: {cause}");
     }
     let pool = PgPoolOptions::new()
         .max_connections(settings.database.max_connections)
@@ -141,6 +129,11 @@ pub async fn connect_to(settings: &Settings) -> anyhow::Result<(PgPool, String)>
 /// password).
 pub fn connect_options(settings: &Settings) -> anyhow::Result<(PgConnectOptions, String)> {
     let url = settings.database_url()?;
+    // (checked first: a mistyped URL could otherwise be read as a host or database name that
+    // holds the password, and be shown)
+    if !(url.expose().starts_with("postgres://") || url.expose().starts_with("postgresql://")) {
+        bail!("DATABASE_URL must start with postgres:// or postgresql:// (e.g. postgres://USER:PASSWORD@HOST:5432/DATABASE)");
+    }
     let options: PgConnectOptions = url.expose().parse().map_err(|e: sqlx::Error| {
         anyhow!(
             "DATABASE_URL is not a PostgreSQL URL ({}); expected postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE",
@@ -154,6 +147,23 @@ pub fn connect_options(settings: &Settings) -> anyhow::Result<(PgConnectOptions,
         options.get_database().unwrap_or(options.get_username())
     );
     Ok((options, target))
+}
+
+/// One direct connection: `None` if the database answers, else why not, in an operator's
+/// words (a pool only says it timed out).
+pub async fn probe(options: &PgConnectOptions) -> Option<String> {
+    use sqlx::Connection;
+    match tokio::time::timeout(CONNECT_TIMEOUT, sqlx::PgConnection::connect_with(options)).await {
+        Err(_) => Some(format!(
+            "no answer within {} s (is the host reachable, and is the port right?)",
+            CONNECT_TIMEOUT.as_secs()
+        )),
+        Ok(Err(e)) => Some(connect_cause(&e, options)),
+        Ok(Ok(conn)) => {
+            let _ = conn.close().await;
+            None
+        }
+    }
 }
 
 /// Why a connection failed, in an operator's words.

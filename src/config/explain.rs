@@ -96,8 +96,9 @@ pub fn explain(err: config::ConfigError, env_keys: &[String]) -> ConfigError {
             }
         }
         config::ConfigError::FileParse { uri, cause } => ConfigError::Load(format!(
-            "{} is not valid TOML: {cause}",
-            uri.unwrap_or_else(|| "the configuration file".into())
+            "{} is not valid TOML: {}",
+            uri.unwrap_or_else(|| "the configuration file".into()),
+            without_snippet(&cause.to_string())
         )),
         config::ConfigError::NotFound(what) => {
             ConfigError::Load(format!("{what} not found (check the --config path)"))
@@ -116,6 +117,22 @@ pub fn explain(err: config::ConfigError, env_keys: &[String]) -> ConfigError {
             }
         }
     }
+}
+
+/// A TOML parse error without the quoted source line: that line may hold a secret or a
+/// database password. Keeps "at line L, column C" and the reason.
+fn without_snippet(text: &str) -> String {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .filter(|l| {
+            let gutter = l
+                .trim_start_matches(|c: char| c.is_ascii_digit())
+                .trim_start();
+            !gutter.starts_with('|')
+        })
+        .collect::<Vec<_>>()
+        .join(": ")
 }
 
 /// serde's "expected struct WorkerSettings" and the like, without the Rust names.
@@ -238,6 +255,10 @@ mod tests {
             Some(("ProviderKind", "smartlnk"))
         );
         assert_eq!(variable("worker.lease"), "CONTACT_SYNC__WORKER__LEASE");
+        assert_eq!(
+            without_snippet("TOML parse error at line 2, column 30\n  |\n2 | url = \"postgres://u:secretpw@h/db\" junk\n  |                              ^\nexpected newline, `#`\n"),
+            "TOML parse error at line 2, column 30: expected newline, `#`"
+        );
         assert_eq!(
             without_type_names("invalid type: integer `5`, expected struct WorkerSettings"),
             "invalid type: integer `5`, expected a table"

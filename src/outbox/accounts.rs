@@ -68,6 +68,27 @@ pub struct LimitsChanged {
     pub before: AccountLimits,
 }
 
+/// An account this replica may not serve: its configuration gives it another provider than
+/// the one its open jobs, or the live replicas that serve it, were registered with.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProviderConflict {
+    pub account: String,
+    /// The provider the database knows the account by.
+    pub registered: String,
+    /// This replica's.
+    pub configured: String,
+    /// Why the registered provider stands: open jobs of it, or live replicas serving it.
+    pub because: String,
+}
+
+/// What a registration did.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Registration {
+    pub changed: Vec<LimitsChanged>,
+    /// Not registered, not to be served by this replica.
+    pub refused: Vec<ProviderConflict>,
+}
+
 /// Records this replica and its accounts. Limits are the account's, shared by every replica:
 /// this registration sets them, and returns the accounts whose limits were different before.
 /// `end_refused`: a worker's start, which may bring corrected credentials, ends the accounts'
@@ -78,7 +99,7 @@ pub async fn register(
     accounts: &[AccountLimits],
     lease: Duration,
     end_refused: bool,
-) -> Result<Vec<LimitsChanged>, sqlx::Error> {
+) -> Result<Registration, sqlx::Error> {
     let mut tx = bounded_tx(pool, 2000).await?;
     sqlx::query(
         // language=PostgreSQL
@@ -97,6 +118,7 @@ pub async fn register(
     .execute(&mut *tx)
     .await?;
     let mut changed = Vec::new();
+    let mut refused = Vec::new();
     // in name order, as claims lock them: two registrations or a claim never deadlock
     let mut accounts: Vec<&AccountLimits> = accounts.iter().collect();
     accounts.sort_by(|a, b| a.account.cmp(&b.account));
@@ -110,6 +132,41 @@ pub async fn register(
         .bind(&a.account)
         .fetch_optional(&mut *tx)
         .await?;
+        // Another provider's name on the row: this replica's configuration may be the wrong
+        // one. It stands down (and serves nothing of the account) while the account has open
+        // jobs of the registered provider, or live replicas that serve it; otherwise the
+        // account was reconfigured and takes this provider.
+        if let Some((Some(registered), ..)) = &before {
+            if registered != &a.provider {
+                let because: Option<String> = sqlx::query_scalar(
+                    // language=PostgreSQL
+                    r#"
+                    SELECT CASE
+                        WHEN EXISTS (SELECT 1 FROM contact_sync.workers w
+                                     WHERE $1 = ANY(w.accounts) AND w.expires_at >= now() AND w.id <> $3)
+                            THEN 'live workers serve it'
+                        WHEN EXISTS (SELECT 1 FROM contact_sync.contacts c
+                                     WHERE c.account = $1 AND left(c.contact_key, length($2) + 1) = $2 || ':')
+                            THEN 'it has open ' || $2 || ' jobs'
+                        END
+                    "#,
+                )
+                .bind(&a.account)
+                .bind(registered)
+                .bind(&replica.id)
+                .fetch_one(&mut *tx)
+                .await?;
+                if let Some(because) = because {
+                    refused.push(ProviderConflict {
+                        account: a.account.clone(),
+                        registered: registered.clone(),
+                        configured: a.provider.clone(),
+                        because,
+                    });
+                    continue;
+                }
+            }
+        }
         sqlx::query(
             // language=PostgreSQL
             r#"
@@ -161,7 +218,7 @@ pub async fn register(
         }
     }
     tx.commit().await?;
-    Ok(changed)
+    Ok(Registration { changed, refused })
 }
 
 /// The replica's heartbeat: pushes its expiry one lease on (and registers it again if a sweep

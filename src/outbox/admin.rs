@@ -307,10 +307,19 @@ pub async fn retry_matching(
 ) -> Result<BulkRetry, sqlx::Error> {
     let (retried, skipped): (i64, i64) = sqlx::query_as(&format!(
         r#"
-        WITH candidates AS (
-            SELECT j.id, ({NEWER_DELIVERED}) IS NOT NULL AS stale
-            FROM contact_sync.jobs j
+        WITH matched AS (
+            SELECT j.id, j.contact_key FROM contact_sync.jobs j
             WHERE j.state IN ('dead', 'cancelled') AND {FILTER_SQL}
+        ), newest AS (
+            -- the newest delivered or running change of each matched contact, in one pass
+            -- (not a probe per job: finished rows have no index by contact)
+            SELECT n.contact_key, max(n.id) AS id FROM contact_sync.jobs n
+            WHERE n.state IN ('succeeded', 'coalesced', 'running')
+              AND n.contact_key IN (SELECT contact_key FROM matched)
+            GROUP BY n.contact_key
+        ), candidates AS (
+            SELECT m.id, coalesce(w.id > m.id, false) AS stale
+            FROM matched m LEFT JOIN newest w ON w.contact_key = m.contact_key
         ), done AS (
             UPDATE contact_sync.jobs j
             SET state = 'pending', attempts = 0, run_at = greatest(j.run_at, now()), finished_at = NULL,

@@ -65,6 +65,9 @@ pub struct Limits {
     /// Whether this worker's limits are in `contact_sync.accounts` (until then its limited
     /// accounts are not claimed: their rows might not carry the limits yet).
     registered: AtomicBool,
+    /// Accounts this worker must not serve (its configuration gives them another provider
+    /// than the fleet's).
+    excluded: Mutex<HashSet<String>>,
 }
 
 impl Limits {
@@ -81,6 +84,14 @@ impl Limits {
             holds: Mutex::new(HashMap::new()),
             rotation: Mutex::new(0),
             registered: AtomicBool::new(false),
+            excluded: Mutex::new(HashSet::new()),
+        }
+    }
+
+    /// This worker never claims `account` again.
+    pub fn exclude(&self, account: &str) {
+        if let Ok(mut e) = self.excluded.lock() {
+            e.insert(account.to_string());
         }
     }
 
@@ -96,11 +107,15 @@ impl Limits {
         let mut ready: Vec<&String> = Vec::new();
         let registered = self.registered.load(Ordering::Relaxed);
         let limited = self.limited.lock().map(|l| l.clone()).unwrap_or_default();
+        let excluded = self.excluded.lock().map(|e| e.clone()).unwrap_or_default();
         {
             let Ok(mut holds) = self.holds.lock() else {
                 return plan;
             };
             for account in accounts {
+                if excluded.contains(account) {
+                    continue;
+                }
                 if !registered && limited.contains(account) {
                     plan.wake_in = min_opt(plan.wake_in, UNREGISTERED_RECHECK);
                     continue;
@@ -251,9 +266,12 @@ impl Limits {
         let Ok(holds) = self.holds.lock() else {
             return accounts.to_vec();
         };
+        let excluded = self.excluded.lock().map(|e| e.clone()).unwrap_or_default();
         accounts
             .iter()
             .filter(|a| !holds.get(*a).is_some_and(|h| h.indefinite))
+            // nor one this worker does not serve (a provider conflict)
+            .filter(|a| !excluded.contains(*a))
             .cloned()
             .collect()
     }

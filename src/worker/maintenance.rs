@@ -30,8 +30,27 @@ pub async fn register(shared: &Shared) -> Result<(), sqlx::Error> {
     shared
         .registered_once
         .store(true, std::sync::atomic::Ordering::Relaxed);
-    for c in changed {
-        tracing::warn!(account = %c.account, before = ?c.before, "this worker's limits for the account differ from those registered before; they apply to every worker now (configure replicas alike)");
+    for c in changed.changed {
+        let b = &c.before;
+        let show = |v: Option<String>| v.unwrap_or_else(|| "none".into());
+        tracing::warn!(
+            account = %c.account,
+            before_provider = %b.provider,
+            before_rate_limit_per_second = %show(b.rate_per_second.map(|r| r.to_string())),
+            before_burst = %show(b.burst.map(|r| r.to_string())),
+            before_max_in_flight = %show(b.max_in_flight.map(|r| r.to_string())),
+            "this worker's limits for the account differ from those registered before; they apply to every worker now (configure replicas alike)"
+        );
+    }
+    for r in changed.refused {
+        shared.limits.exclude(&r.account);
+        tracing::error!(
+            account = %r.account,
+            registered_provider = %r.registered,
+            configured_provider = %r.configured,
+            "this worker's configuration says accounts.{}.provider = {:?}, but the account is a {} account ({}): this worker does not serve it; fix accounts.{}.provider (or use another account name)",
+            r.account, r.configured, r.registered, r.because, r.account
+        );
     }
     shared.limits.set_registered();
     refresh_pauses(shared).await;

@@ -207,6 +207,27 @@ async fn accounts_and_providers_are_checked_at_enqueue() {
         "{}",
         db.message()
     );
+    // an empty idempotency key (an unset variable) is refused on every path
+    let err = sqlx::query(
+        "SELECT contact_sync.enqueue('smartlink', 'sl', 'k@example.com', '{}'::jsonb, '')",
+    )
+    .execute(&env.pool)
+    .await
+    .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("idempotency_key must be 1 to 200 characters"),
+        "{err}"
+    );
+    let mut conn = env.pool.acquire().await.unwrap();
+    let err = contact_sync::outbox::enqueue_batch(
+        &mut conn,
+        &[sl("k@example.com", json!({})).idempotency_key("")],
+    )
+    .await
+    .unwrap_err();
+    assert!(err.is_invalid(), "{err}");
+    drop(conn);
     // the right provider still goes through, unknown accounts too (a worker may come for them)
     sqlx::query("SELECT contact_sync.enqueue('smartlink', 'sl', 'x@example.com', '{}'::jsonb)")
         .execute(&env.pool)
@@ -258,6 +279,13 @@ async fn database_errors_name_the_database_and_the_cause() {
     );
     assert!(!err.contains("never-shown"), "{err}");
     assert!(took < Duration::from_secs(3), "{took:?}");
+    // a mistyped URL never shows what might be its password
+    let (code, err, _) = cli_at("postgres:/postgres:secretpw@127.0.0.1:1/cs".into()).await;
+    assert_eq!(code, Some(1));
+    assert!(
+        err.contains("must start with postgres:// or postgresql://") && !err.contains("secretpw"),
+        "{err}"
+    );
     // a database that does not exist
     url.set_path("/no_such_database_here");
     let (code, err, _) = cli_at(url.to_string()).await;
@@ -352,9 +380,21 @@ async fn liveness_and_every_series_before_the_database_answers() {
         assert!(started.elapsed() < Duration::from_secs(10), "no /healthz");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    let asked = Instant::now();
     let (status, body) = get("/readyz").await.unwrap();
     assert_eq!(status, 503, "{body}");
+    assert!(
+        asked.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        asked.elapsed()
+    );
+    let asked = Instant::now();
     let (status, page) = get("/metrics").await.unwrap();
+    assert!(
+        asked.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        asked.elapsed()
+    );
     assert_eq!(status, 200);
     for help in [
         "# HELP contact_sync_jobs_claimed_total",
@@ -374,4 +414,60 @@ async fn liveness_and_every_series_before_the_database_answers() {
         assert!(series.ends_with(" 0"), "{series}");
     }
     stop(worker).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_names_an_account_with_another_provider_stands_down() {
+    let env = TestEnv::new().await;
+    let good = env.config_file("");
+    // the fleet knows jc as a JustClick account, with work waiting
+    sqlx::query("INSERT INTO contact_sync.accounts (account, provider) VALUES ('jc', 'justclick')")
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    env.enqueue_many(
+        &(0..20)
+            .map(|i| jc(&format!("p{i}@example.com"), json!({})))
+            .collect::<Vec<_>>(),
+    )
+    .await;
+    let text = std::fs::read_to_string(&good).unwrap();
+    let wrong_text = text.replace(
+        &format!("[accounts.jc]\nprovider = \"justclick\"\nlogin = \"{JC_LOGIN}\""),
+        "[accounts.jc]\nprovider = \"smartlink\"\ngame_id = \"999\"",
+    );
+    assert_ne!(text, wrong_text);
+    let wrong = std::env::temp_dir().join(format!("contact-sync-it-{}.toml", fastrand::u64(..)));
+    std::fs::write(&wrong, wrong_text).unwrap();
+    let (code, _, err) = env.cli(&wrong, &["run", "--drain"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains("this worker does not serve it; fix accounts.jc.provider")
+            && err.contains("it has open justclick jobs"),
+        "{err}"
+    );
+    // nothing of jc was touched, and the fleet still knows it as JustClick
+    assert_eq!(env.count("pending").await, 20);
+    assert_eq!(
+        scalar(
+            &env,
+            "SELECT count(*) FROM contact_sync.jobs WHERE attempts > 0"
+        )
+        .await,
+        0
+    );
+    let provider: String =
+        sqlx::query_scalar("SELECT provider FROM contact_sync.accounts WHERE account = 'jc'")
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+    assert_eq!(provider, "justclick");
+    sqlx::query("SELECT contact_sync.enqueue('justclick', 'jc', 'late@example.com', '{}'::jsonb)")
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    // the right configuration delivers it all
+    let (code, _, err) = env.cli(&good, &["run", "--drain"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(env.count("succeeded").await, 21);
 }
