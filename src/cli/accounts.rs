@@ -2,7 +2,7 @@
 //! replicas, as stored in Postgres.
 
 use super::args::AccountsCommand;
-use super::render::{render_accounts, render_workers, to_json};
+use super::render::{print_as, render_accounts, render_workers};
 use anyhow::bail;
 use contact_sync::config::Settings;
 use contact_sync::outbox;
@@ -13,14 +13,7 @@ pub async fn run(command: AccountsCommand, settings: &Settings) -> anyhow::Resul
         AccountsCommand::List { json } => {
             let pool = super::connect(settings).await?;
             let rows = outbox::accounts::list(&pool).await?;
-            print!(
-                "{}",
-                if json {
-                    to_json(&rows)?
-                } else {
-                    render_accounts(&rows)
-                }
-            );
+            print_as(&rows, json, |v| render_accounts(v))?;
         }
         AccountsCommand::Pause { name, reason } => {
             known_account(settings, &name)?;
@@ -45,14 +38,7 @@ pub async fn run(command: AccountsCommand, settings: &Settings) -> anyhow::Resul
 pub async fn workers(settings: &Settings, json: bool) -> anyhow::Result<ExitCode> {
     let pool = super::connect(settings).await?;
     let rows = outbox::accounts::live_replicas(&pool).await?;
-    print!(
-        "{}",
-        if json {
-            to_json(&rows)?
-        } else {
-            render_workers(&rows)
-        }
-    );
+    print_as(&rows, json, |v| render_workers(v))?;
     Ok(ExitCode::SUCCESS)
 }
 

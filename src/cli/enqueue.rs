@@ -66,6 +66,9 @@ pub fn job_from_args(args: &EnqueueArgs) -> anyhow::Result<NewJob> {
 
 fn set_field(payload: &mut Map<String, Value>, key: &str, value: &str) -> anyhow::Result<()> {
     if let Some(name) = key.strip_prefix("attributes.") {
+        if name.trim().is_empty() {
+            bail!("--set {key}={value}: the attribute name is empty (attributes.NAME=VALUE)");
+        }
         let typed = attribute_value(name, value)?;
         let attrs = payload
             .entry("attributes")

@@ -1,7 +1,7 @@
 //! `jobs list|show`, `retry` and `cancel`: the operator's view of single jobs and their fixes.
 
 use super::args::{CancelArgs, FilterArgs, JobsCommand, PurgeArgs, RetryArgs};
-use super::render::{render_job, render_jobs, to_json};
+use super::render::{print_as, render_job, render_jobs, to_json};
 use anyhow::Context;
 use contact_sync::config::Settings;
 use contact_sync::outbox::admin::{self, ActionResult};
@@ -31,28 +31,14 @@ pub async fn run(command: JobsCommand, settings: &Settings) -> anyhow::Result<Ex
                 },
             )
             .await?;
-            print!(
-                "{}",
-                if json {
-                    to_json(&jobs)?
-                } else {
-                    render_jobs(&jobs)
-                }
-            );
+            print_as(&jobs, json, |v| render_jobs(v))?;
             Ok(ExitCode::SUCCESS)
         }
         JobsCommand::Show { id, json } => {
             let pool = super::connect(settings).await?;
             match admin::show(&pool, id).await? {
                 Some(job) => {
-                    print!(
-                        "{}",
-                        if json {
-                            to_json(&job)?
-                        } else {
-                            render_job(&job)
-                        }
-                    );
+                    print_as(&job, json, render_job)?;
                     Ok(ExitCode::SUCCESS)
                 }
                 None => {

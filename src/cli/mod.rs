@@ -52,14 +52,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Status { json } => {
             let pool = connect(&settings).await?;
             let status = admin::status(&pool).await?;
-            print!(
-                "{}",
-                if json {
-                    render::to_json(&status)?
-                } else {
-                    render::render_status(&status)
-                }
-            );
+            render::print_as(&status, json, render::render_status)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Accounts(command) => accounts::run(command, &settings).await,

@@ -6,6 +6,17 @@ use contact_sync::outbox::{
     admin::{JobDetail, JobSummary, Status},
 };
 
+/// Prints `value` as JSON with `--json`, else as `table` renders it.
+pub fn print_as<T: serde::Serialize>(
+    value: &T,
+    json: bool,
+    table: impl FnOnce(&T) -> String,
+) -> anyhow::Result<()> {
+    let text = if json { to_json(value)? } else { table(value) };
+    print!("{text}");
+    Ok(())
+}
+
 pub fn to_json<T: serde::Serialize>(value: &T) -> anyhow::Result<String> {
     Ok(format!("{}\n", serde_json::to_string_pretty(value)?))
 }

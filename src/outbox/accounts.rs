@@ -101,22 +101,7 @@ pub async fn register(
     end_refused: bool,
 ) -> Result<Registration, sqlx::Error> {
     let mut tx = bounded_tx(pool, 2000).await?;
-    sqlx::query(
-        // language=PostgreSQL
-        r#"
-        INSERT INTO contact_sync.workers (id, host, pid, accounts, concurrency, expires_at)
-        VALUES ($1, $2, $3, $4, $5, now() + make_interval(secs => $6::bigint / 1000.0))
-        ON CONFLICT (id) DO UPDATE SET heartbeat_at = now(), expires_at = EXCLUDED.expires_at
-        "#,
-    )
-    .bind(&replica.id)
-    .bind(&replica.host)
-    .bind(replica.pid)
-    .bind(&replica.accounts)
-    .bind(replica.concurrency)
-    .bind(millis(lease))
-    .execute(&mut *tx)
-    .await?;
+    upsert_replica(&mut tx, replica, lease).await?;
     let mut changed = Vec::new();
     let mut refused = Vec::new();
     // in name order, as claims lock them: two registrations or a claim never deadlock
@@ -228,6 +213,17 @@ pub async fn heartbeat(
     replica: &Replica,
     lease: Duration,
 ) -> Result<(), sqlx::Error> {
+    let mut conn = pool.acquire().await?;
+    upsert_replica(&mut conn, replica, lease).await
+}
+
+/// Records the replica (or pushes its expiry one lease on) and drops expired replicas: the
+/// registration's first step and the heartbeat.
+async fn upsert_replica(
+    conn: &mut sqlx::PgConnection,
+    replica: &Replica,
+    lease: Duration,
+) -> Result<(), sqlx::Error> {
     sqlx::query(
         // language=PostgreSQL
         r#"
@@ -245,7 +241,7 @@ pub async fn heartbeat(
     .bind(&replica.accounts)
     .bind(replica.concurrency)
     .bind(millis(lease))
-    .execute(pool)
+    .execute(conn)
     .await?;
     Ok(())
 }
