@@ -385,7 +385,16 @@ impl Settings {
             .build()
             .and_then(|c| c.try_deserialize())
             .map_err(|e| explain::explain(e, &env_keys))?;
-        settings.validate()?;
+        // a value the environment set is named by its variable
+        settings.validate().map_err(|e| match e {
+            ConfigError::Invalid { key, reason } if env_keys.contains(&key) => {
+                ConfigError::Invalid {
+                    key: format!("{} (environment)", explain::variable(&key)),
+                    reason,
+                }
+            }
+            other => other,
+        })?;
         Ok(settings)
     }
 
@@ -591,6 +600,10 @@ double_opt_in = "drop"
             e.starts_with("configuration key CONTACT_SYNC__WORKER__CONCURRENCY (environment): expected an integer"),
             "{e}"
         );
+        assert_eq!(
+            err(SAMPLE, &[("CONTACT_SYNC__ACCOUNTS__JC_MAIN__SECRET", "")]),
+            "configuration key CONTACT_SYNC__ACCOUNTS__JC_MAIN__SECRET (environment): is required"
+        );
         let e = err("worker = 5\n", &[]);
         assert!(e.ends_with("expected a table"), "{e}");
         for e in [e, err("[accounts.x]\nprovider = \"smartlnk\"\n", &[])] {
@@ -660,8 +673,13 @@ double_opt_in = "drop"
 
     #[test]
     fn errors_name_the_key() {
+        // a value the environment set is named by its variable
         let err = load_toml(SAMPLE, &[("CONTACT_SYNC__WORKER__CONCURRENCY", "0")]).unwrap_err();
-        assert!(err.to_string().contains("worker.concurrency"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("CONTACT_SYNC__WORKER__CONCURRENCY (environment): must be between"),
+            "{err}"
+        );
         let err = load_toml("[worker]\nlease = \"30\"\n", &[]).unwrap_err();
         assert!(err.to_string().contains("no unit"), "{err}");
         let err = load_toml("[worker]\nconcurency = 3\n", &[]).unwrap_err();
