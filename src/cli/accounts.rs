@@ -3,7 +3,6 @@
 
 use super::args::AccountsCommand;
 use super::render::{print_as, render_accounts, render_workers};
-use anyhow::bail;
 use contact_sync::config::Settings;
 use contact_sync::outbox;
 use std::process::ExitCode;
@@ -16,14 +15,20 @@ pub async fn run(command: AccountsCommand, settings: &Settings) -> anyhow::Resul
             print_as(&rows, json, |v| render_accounts(v))?;
         }
         AccountsCommand::Pause { name, reason } => {
-            known_account(settings, &name)?;
             let pool = super::connect(settings).await?;
+            KnownAccounts::load(settings, &pool)
+                .await?
+                .check_name(&name)
+                .map_err(anyhow::Error::msg)?;
             outbox::accounts::pause(&pool, &name, &reason).await?;
             println!("{name}: paused for every worker (jobs wait; `contact-sync accounts resume {name}` ends it)");
         }
         AccountsCommand::Resume { name } => {
-            known_account(settings, &name)?;
             let pool = super::connect(settings).await?;
+            KnownAccounts::load(settings, &pool)
+                .await?
+                .check_name(&name)
+                .map_err(anyhow::Error::msg)?;
             if outbox::accounts::resume(&pool, &name).await? {
                 println!("{name}: resumed");
             } else {
@@ -40,21 +45,6 @@ pub async fn workers(settings: &Settings, json: bool) -> anyhow::Result<ExitCode
     let rows = outbox::accounts::live_replicas(&pool).await?;
     print_as(&rows, json, |v| render_workers(v))?;
     Ok(ExitCode::SUCCESS)
-}
-
-/// Refuses an account name the configuration does not have, listing those it has.
-pub fn known_account(settings: &Settings, name: &str) -> anyhow::Result<()> {
-    if settings.accounts.contains_key(name) {
-        return Ok(());
-    }
-    let known: Vec<&str> = settings.accounts.keys().map(String::as_str).collect();
-    if known.is_empty() {
-        bail!("unknown account {name:?}: the configuration has no [accounts] (pass --config)");
-    }
-    bail!(
-        "unknown account {name:?}: the configuration has {}",
-        known.join(", ")
-    )
 }
 
 /// The accounts a command may name: those of this configuration, and those a worker has
@@ -77,24 +67,38 @@ impl KnownAccounts {
         Ok(Self { providers })
     }
 
+    /// Refuses an account nobody knows; the error says which accounts there are.
+    pub fn check_name(&self, account: &str) -> Result<(), String> {
+        match self.providers.get(account) {
+            Some(_) => Ok(()),
+            None => self.unknown(account),
+        }
+    }
+
     /// Refuses an account nobody knows, or a provider that is not the account's; the error
     /// says which accounts there are.
     pub fn check(&self, provider: &str, account: &str) -> Result<(), String> {
-        if !contact_sync::config::valid_account_name(account) {
-            return Err(format!(
-                "invalid account name {account:?}: account names use only a-z, 0-9 and _ (at most 64 characters)"
-            ));
-        }
         match self.providers.get(account) {
             Some(p) if p == provider => Ok(()),
             Some(p) => Err(format!(
                 "account {account:?} is a {p} account, not {provider}: use --provider {p}, or one of the {provider} accounts ({})",
                 self.of(provider)
             )),
-            None if self.providers.is_empty() => Err(format!(
+            None => self.unknown(account),
+        }
+    }
+
+    fn unknown(&self, account: &str) -> Result<(), String> {
+        if !contact_sync::config::valid_account_name(account) {
+            return Err(format!(
+                "invalid account name {account:?}: account names use only a-z, 0-9 and _ (at most 64 characters)"
+            ));
+        }
+        match self.providers.len() {
+            0 => Err(format!(
                 "unknown account {account:?}: no account is known (the configuration has no [accounts], and no worker has registered one in the database; pass --config)"
             )),
-            None => Err(format!(
+            _ => Err(format!(
                 "unknown account {account:?}: known accounts are {} (add [accounts.{account}] to the configuration of the workers)",
                 self.providers
                     .iter()
