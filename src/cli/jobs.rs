@@ -64,7 +64,7 @@ pub async fn retry(settings: &Settings, args: RetryArgs) -> anyhow::Result<ExitC
         would
     } else if would.retried > 0
         && !confirmed(
-            &args.filter,
+            args.filter.yes,
             &format!("retry {} {} job(s)", would.retried, filter.state),
         )?
     {
@@ -113,7 +113,7 @@ pub async fn cancel(settings: &Settings, args: CancelArgs) -> anyhow::Result<Exi
         would
     } else if would > 0
         && !confirmed(
-            &args.filter,
+            args.filter.yes,
             &format!("cancel {would} {} job(s)", filter.state),
         )?
     {
@@ -144,16 +144,9 @@ pub async fn purge(settings: &Settings, args: PurgeArgs) -> anyhow::Result<ExitC
         println!("{would} finished job(s) older than {age} would be deleted");
         return Ok(ExitCode::SUCCESS);
     }
-    let ask = FilterArgs {
-        account: None,
-        email: None,
-        error_like: None,
-        dry_run: false,
-        yes: args.yes,
-    };
     if would > 0
         && !confirmed(
-            &ask,
+            args.yes,
             &format!("delete {would} finished job(s) older than {age}"),
         )?
     {
@@ -187,9 +180,9 @@ fn job_filter(state: String, f: &FilterArgs) -> admin::JobFilter {
 
 /// On a terminal, without --yes: asks on stderr and reads the answer (only "y"/"yes" goes on).
 /// Elsewhere (a script, CI) the command goes on: --dry-run is how a script counts first.
-fn confirmed(f: &FilterArgs, what: &str) -> anyhow::Result<bool> {
+fn confirmed(yes: bool, what: &str) -> anyhow::Result<bool> {
     use std::io::{BufRead, IsTerminal, Write};
-    if f.yes || !std::io::stdin().is_terminal() {
+    if yes || !std::io::stdin().is_terminal() {
         return Ok(true);
     }
     eprint!("{what}? [y/N] ");

@@ -107,18 +107,44 @@ pub async fn claim(
     if quotas.is_empty() {
         return Ok(Vec::new());
     }
+    let mut conn = pool.acquire().await?;
+    let claim = Claim {
+        lease,
+        worker_id,
+        default_max_attempts,
+        max_followers,
+    };
+    run_claim(&mut conn, quotas, &claim, false).await
+}
+
+/// What every claim statement takes besides the quotas.
+struct Claim<'a> {
+    lease: Duration,
+    worker_id: &'a str,
+    default_max_attempts: i32,
+    max_followers: usize,
+}
+
+/// Runs [`CLAIM_SQL`] for `quotas`; `within_limits`: the caller holds the accounts' rows and
+/// has cut the quotas to their budgets (otherwise accounts with limits are left alone).
+async fn run_claim(
+    conn: &mut sqlx::PgConnection,
+    quotas: &[AccountQuota],
+    claim: &Claim<'_>,
+    within_limits: bool,
+) -> Result<Vec<ClaimedJob>, sqlx::Error> {
     let accounts: Vec<&str> = quotas.iter().map(|q| q.account.as_str()).collect();
     let limits: Vec<i32> = quotas.iter().map(|q| q.limit).collect();
-    let max_followers = i64::try_from(max_followers.saturating_sub(1)).unwrap_or(0);
+    let max_followers = i64::try_from(claim.max_followers.saturating_sub(1)).unwrap_or(0);
     sqlx::query_as::<_, ClaimedJob>(CLAIM_SQL)
         .bind(&accounts)
         .bind(&limits)
-        .bind(millis(lease))
-        .bind(worker_id)
-        .bind(default_max_attempts)
+        .bind(millis(claim.lease))
+        .bind(claim.worker_id)
+        .bind(claim.default_max_attempts)
         .bind(max_followers)
-        .bind(false)
-        .fetch_all(pool)
+        .bind(within_limits)
+        .fetch_all(conn)
         .await
 }
 
@@ -288,19 +314,13 @@ pub async fn claim_within_limits(
         }
     }
     if !granted.is_empty() {
-        let accounts: Vec<&str> = granted.iter().map(|q| q.account.as_str()).collect();
-        let limits: Vec<i32> = granted.iter().map(|q| q.limit).collect();
-        let max_followers = i64::try_from(max_followers.saturating_sub(1)).unwrap_or(0);
-        out.jobs = sqlx::query_as::<_, ClaimedJob>(CLAIM_SQL)
-            .bind(&accounts)
-            .bind(&limits)
-            .bind(millis(lease))
-            .bind(worker_id)
-            .bind(default_max_attempts)
-            .bind(max_followers)
-            .bind(true)
-            .fetch_all(&mut *tx)
-            .await?;
+        let claim = Claim {
+            lease,
+            worker_id,
+            default_max_attempts,
+            max_followers,
+        };
+        out.jobs = run_claim(&mut tx, &granted, &claim, true).await?;
     }
     // spend the tokens of what was claimed (one per call: followers ride along)
     let mut spent: (Vec<String>, Vec<f64>, Vec<DateTime<Utc>>) = Default::default();
