@@ -298,6 +298,10 @@ pub enum Throttle {
 
 /// Pauses `account` for every worker until `until` from now (a provider's throttle answer);
 /// a longer pause already in place stays. Announced on [`CHANNEL`].
+///
+/// One statement, one round trip: the pause's way to the other workers is on the critical
+/// path (calls keep going out until it arrives). A claimer holding the account's row ends its
+/// transaction within `idle_in_transaction_session_timeout` (5 s) at worst.
 pub async fn throttle(
     pool: &PgPool,
     account: &str,
@@ -305,7 +309,6 @@ pub async fn throttle(
     for_: Duration,
     reason: &str,
 ) -> Result<Throttle, sqlx::Error> {
-    let mut tx = bounded_tx(pool, 2000).await?;
     let was_paused: bool = sqlx::query_scalar(
         // language=PostgreSQL
         r#"
@@ -330,9 +333,8 @@ pub async fn throttle(
     .bind(provider)
     .bind(millis(for_))
     .bind(reason)
-    .fetch_one(&mut *tx)
+    .fetch_one(pool)
     .await?;
-    tx.commit().await?;
     Ok(if was_paused {
         Throttle::Extended
     } else {
