@@ -282,7 +282,7 @@ pub enum ConfigError {
 
 impl From<config::ConfigError> for ConfigError {
     fn from(e: config::ConfigError) -> Self {
-        explain::explain(e, &[])
+        explain::explain(e, &[], None)
     }
 }
 
@@ -354,7 +354,22 @@ impl Settings {
     ) -> Result<Settings, ConfigError> {
         let mut builder = config::Config::builder();
         if let Some(path) = path {
-            builder = builder.add_source(config::File::from(path).format(config::FileFormat::Toml));
+            // read here, not by the config crate: it calls anything but a regular file (a
+            // pipe, /dev/null) "not found", and says nothing of a permission problem
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                ConfigError::Load(match e.kind() {
+                    std::io::ErrorKind::NotFound => format!(
+                        "configuration file {} not found (check --config or CONTACT_SYNC_CONFIG)",
+                        path.display()
+                    ),
+                    std::io::ErrorKind::InvalidData => {
+                        format!("configuration file {} is not UTF-8 text", path.display())
+                    }
+                    _ => format!("cannot read configuration file {}: {e}", path.display()),
+                })
+            })?;
+            builder = builder
+                .add_source(config::File::from_str(&text, config::FileFormat::Toml).required(true));
         }
         let mut env = config::Environment::with_prefix("CONTACT_SYNC")
             .prefix_separator("__")
@@ -381,12 +396,13 @@ impl Settings {
                 builder = builder.set_override("database.url", url)?;
             }
         }
-        let settings: Settings = builder
-            .build()
-            .and_then(|c| c.try_deserialize())
-            .map_err(|e| explain::explain(e, &env_keys))?;
+        let file_name = path.map(|p| p.display().to_string());
+        let explain = |e| explain::explain(e, &env_keys, file_name.as_deref());
+        let built = builder.build().map_err(explain)?;
+        let settings: Settings = built.clone().try_deserialize().map_err(explain)?;
         // a value the environment set is named by its variable
-        settings.validate().map_err(|e| match e {
+        let checked = provider_only_fields(&built, &settings).and_then(|()| settings.validate());
+        checked.map_err(|e| match e {
             ConfigError::Invalid { key, reason } if env_keys.contains(&key) => {
                 ConfigError::Invalid {
                     key: format!("{} (environment)", explain::variable(&key)),
@@ -523,6 +539,26 @@ impl Settings {
     }
 }
 
+/// Refuses a setting given to an account of the other provider (`double_opt_in` on a JustClick
+/// account, `missing_contact` on a Smartlink one): the typed settings cannot tell a default
+/// from a value written, the raw configuration can.
+fn provider_only_fields(raw: &config::Config, settings: &Settings) -> Result<(), ConfigError> {
+    for (name, account) in &settings.accounts {
+        let (field, applies_to) = match account.provider {
+            ProviderKind::Justclick => ("double_opt_in", "smartlink"),
+            ProviderKind::Smartlink => ("missing_contact", "justclick"),
+        };
+        let key = format!("accounts.{name}.{field}");
+        if raw.get::<config::Value>(&key).is_ok() {
+            return Err(invalid(
+                key,
+                format!("applies to {applies_to} accounts only (remove it)"),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// `[a-z0-9_]{1,64}`: the same rule as the jobs table's CHECK.
 pub fn valid_account_name(name: &str) -> bool {
     !name.is_empty()
@@ -609,6 +645,60 @@ double_opt_in = "drop"
         for e in [e, err("[accounts.x]\nprovider = \"smartlnk\"\n", &[])] {
             assert!(!e.contains("Settings") && !e.contains("Kind"), "{e}");
         }
+    }
+
+    #[test]
+    fn a_setting_of_the_other_provider_is_refused() {
+        let err = |toml: &str, env: &[(&str, &str)]| load_toml(toml, env).unwrap_err().to_string();
+        let jc = "[accounts.jc]\nprovider = \"justclick\"\nlogin = \"u\"\nsecret = \"s\"\n";
+        let sl = "[accounts.sl]\nprovider = \"smartlink\"\ngame_id = \"1\"\nsecret = \"s\"\n";
+        assert_eq!(
+            err(&format!("{jc}double_opt_in = \"drop\"\n"), &[]),
+            "configuration key accounts.jc.double_opt_in: applies to smartlink accounts only (remove it)"
+        );
+        assert_eq!(
+            err(&format!("{sl}missing_contact = \"skip\"\n"), &[]),
+            "configuration key accounts.sl.missing_contact: applies to justclick accounts only (remove it)"
+        );
+        assert_eq!(
+            err(jc, &[("CONTACT_SYNC__ACCOUNTS__JC__DOUBLE_OPT_IN", "drop")]),
+            "configuration key CONTACT_SYNC__ACCOUNTS__JC__DOUBLE_OPT_IN (environment): applies to smartlink accounts only (remove it)"
+        );
+        assert!(load_toml(
+            &format!("{jc}missing_contact = \"skip\"\n{sl}double_opt_in = \"drop\"\n"),
+            &[]
+        )
+        .is_ok());
+    }
+
+    #[test]
+    fn a_file_that_is_not_a_regular_file_is_read_and_a_missing_one_named() {
+        let s = Settings::load_from(Some(Path::new("/dev/null")), |_| None, Some(vec![])).unwrap();
+        assert!(s.accounts.is_empty());
+        let e = Settings::load_from(
+            Some(Path::new("/nonexistent/c.toml")),
+            |_| None,
+            Some(vec![]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert_eq!(e, "configuration: configuration file /nonexistent/c.toml not found (check --config or CONTACT_SYNC_CONFIG)");
+        let e = Settings::load_from(Some(Path::new("/")), |_| None, Some(vec![]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("configuration: cannot read configuration file /: "),
+            "{e}"
+        );
+        let mut file = tempfile_in_target();
+        file.1.write_all(b"[worker]\nconcurrency = \n").unwrap();
+        let e = Settings::load_from(Some(&file.0), |_| None, Some(vec![]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(&format!("{} is not valid TOML", file.0.display())),
+            "{e}"
+        );
     }
 
     #[test]

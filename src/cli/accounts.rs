@@ -56,10 +56,9 @@ pub struct KnownAccounts {
 impl KnownAccounts {
     pub async fn load(settings: &Settings, pool: &sqlx::PgPool) -> anyhow::Result<Self> {
         let mut providers: std::collections::BTreeMap<String, String> =
-            outbox::accounts::list(pool)
+            outbox::accounts::providers(pool)
                 .await?
                 .into_iter()
-                .filter_map(|a| a.provider.map(|p| (a.account, p)))
                 .collect();
         for (name, account) in &settings.accounts {
             providers.insert(name.clone(), account.provider.as_str().to_string());

@@ -132,6 +132,9 @@ pub enum JobsCommand {
 }
 
 #[derive(Debug, Args)]
+#[command(
+    override_usage = "contact-sync enqueue [--config <FILE>] --provider <PROVIDER> --account <ACCOUNT> --email <EMAIL> [--set <KEY=VALUE>]... [--payload <JSON>] [--idempotency-key <KEY>] [--run-at <TIME>] [--max-attempts <N>]\n       contact-sync enqueue [--config <FILE>] --file <FILE|->"
+)]
 pub struct EnqueueArgs {
     /// The provider: justclick or smartlink.
     #[arg(long, required_unless_present = "file", value_parser = ["justclick", "smartlink"])]

@@ -37,7 +37,10 @@ pub fn job_from_args(args: &EnqueueArgs) -> anyhow::Result<NewJob> {
     };
     let mut payload = match &args.payload {
         Some(text) => match serde_json::from_str::<Value>(text).context("--payload is not JSON")? {
-            Value::Object(map) => map,
+            Value::Object(map) => {
+                no_duplicate_keys(text).map_err(|e| anyhow::anyhow!("--payload: {e}"))?;
+                map
+            }
             _ => bail!("--payload must be a JSON object"),
         },
         None => Map::new(),
@@ -155,9 +158,86 @@ fn kind(v: &Value) -> &'static str {
     }
 }
 
+/// Refuses a JSON text in which an object has a key twice (`{"email":"a@x","email":"b@x"}`):
+/// JSON parsers and Postgres's jsonb keep the last one silently, which is rarely what the writer
+/// meant. The error names the key and where it sits.
+fn no_duplicate_keys(text: &str) -> Result<(), String> {
+    use serde::de::{Deserializer, MapAccess, SeqAccess, Visitor};
+    use std::fmt;
+
+    struct Unique(String);
+    impl<'de> serde::de::DeserializeSeed<'de> for Unique {
+        type Value = ();
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+            d.deserialize_any(self)
+        }
+    }
+    impl<'de> Visitor<'de> for Unique {
+        type Value = ();
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a JSON value")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+            let mut seen = std::collections::HashSet::new();
+            while let Some(key) = map.next_key::<String>()? {
+                let path = if self.0.is_empty() {
+                    key.clone()
+                } else {
+                    format!("{}.{key}", self.0)
+                };
+                if !seen.insert(key) {
+                    return Err(serde::de::Error::custom(format!(
+                        "{path}: given twice (a key may appear once per object)"
+                    )));
+                }
+                map.next_value_seed(Unique(path))?;
+            }
+            Ok(())
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+            let mut i = 0;
+            while seq
+                .next_element_seed(Unique(format!("{}[{i}]", self.0)))?
+                .is_some()
+            {
+                i += 1;
+            }
+            Ok(())
+        }
+        fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_str<E>(self, _: &str) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_unit<E>(self) -> Result<(), E> {
+            Ok(())
+        }
+    }
+    let mut d = serde_json::Deserializer::from_str(text);
+    serde::de::DeserializeSeed::deserialize(Unique(String::new()), &mut d).map_err(|e| {
+        // serde_json appends " at line L column C"; one line needs no position
+        let text = e.to_string();
+        match text.rfind(" at line ") {
+            Some(at) => text[..at].to_string(),
+            None => text,
+        }
+    })
+}
+
 /// One bulk line: every field checked, the error naming the field and the expected form.
 fn parse_line(text: &str) -> Result<NewJob, String> {
     let value: Value = serde_json::from_str(text).map_err(|e| format!("not JSON: {e}"))?;
+    no_duplicate_keys(text)?;
     let Value::Object(map) = &value else {
         return Err(format!(
             "expected a JSON object (one change per line, fields {LINE_FIELDS}), got {}",
@@ -386,6 +466,27 @@ mod tests {
             serde_json::json!("gold")
         );
         assert!(attribute_value("a", "0.1000000000000000055").is_err());
+    }
+
+    #[test]
+    fn a_key_given_twice_is_refused_with_its_place() {
+        assert_eq!(
+            parse_line(
+                r#"{"provider":"smartlink","account":"sl","email":"a@x.io","email":"b@x.io"}"#
+            )
+            .unwrap_err(),
+            "email: given twice (a key may appear once per object)"
+        );
+        assert_eq!(
+            parse_line(r#"{"provider":"smartlink","account":"sl","email":"a@x.io","payload":{"attributes":{"level":1,"level":2}}}"#)
+                .unwrap_err(),
+            "payload.attributes.level: given twice (a key may appear once per object)"
+        );
+        assert!(no_duplicate_keys(r#"{"a":[{"b":1},{"b":2}],"c":{"b":3}}"#).is_ok());
+        assert_eq!(
+            no_duplicate_keys(r#"{"a":[{"b":1,"b":2}]}"#).unwrap_err(),
+            "a[0].b: given twice (a key may appear once per object)"
+        );
     }
 
     #[test]

@@ -18,7 +18,7 @@ pub fn variable(key: &str) -> String {
 
 /// Turns the loader's error into one line naming the key (or variable) and the fix.
 /// `env_keys` are the keys the environment set (lower-case, dotted).
-pub fn explain(err: config::ConfigError, env_keys: &[String]) -> ConfigError {
+pub fn explain(err: config::ConfigError, env_keys: &[String], file: Option<&str>) -> ConfigError {
     let (key, origin, inner) = unwrap_at(err);
     let from_env = origin.as_deref().is_some_and(|o| o.contains("environment"));
     let name = |key: &str| {
@@ -97,7 +97,8 @@ pub fn explain(err: config::ConfigError, env_keys: &[String]) -> ConfigError {
         }
         config::ConfigError::FileParse { uri, cause } => ConfigError::Load(format!(
             "{} is not valid TOML: {}",
-            uri.unwrap_or_else(|| "the configuration file".into()),
+            uri.or_else(|| file.map(str::to_string))
+                .unwrap_or_else(|| "the configuration file".into()),
             without_snippet(&cause.to_string())
         )),
         config::ConfigError::NotFound(what) => {

@@ -202,6 +202,19 @@ pub async fn register(
             }
         }
     }
+    if !refused.is_empty() {
+        // the replica does not serve what it stands down from: `workers` and the next
+        // registration's "live workers serve it" must not count it
+        let names: Vec<&str> = refused.iter().map(|r| r.account.as_str()).collect();
+        sqlx::query(
+            // language=PostgreSQL
+            "UPDATE contact_sync.workers SET accounts = array(SELECT a FROM unnest(accounts) a WHERE a <> ALL($2)) WHERE id = $1",
+        )
+        .bind(&replica.id)
+        .bind(&names)
+        .execute(&mut *tx)
+        .await?;
+    }
     tx.commit().await?;
     Ok(Registration { changed, refused })
 }
@@ -486,6 +499,16 @@ pub async fn list(pool: &PgPool) -> Result<Vec<AccountRow>, sqlx::Error> {
                 WHERE a.account = ANY(w.accounts) AND w.expires_at >= now()) AS workers
         FROM contact_sync.accounts a ORDER BY a.account
         "#,
+    )
+    .fetch_all(pool)
+    .await
+}
+
+/// Every registered account with its provider (what the command line checks names against).
+pub async fn providers(pool: &PgPool) -> Result<Vec<(String, String)>, sqlx::Error> {
+    sqlx::query_as(
+        // language=PostgreSQL
+        "SELECT account, provider FROM contact_sync.accounts WHERE provider IS NOT NULL",
     )
     .fetch_all(pool)
     .await

@@ -95,6 +95,11 @@ impl Limits {
         }
     }
 
+    /// Whether this worker stands down from `account`.
+    pub fn is_excluded(&self, account: &str) -> bool {
+        self.excluded.lock().is_ok_and(|e| e.contains(account))
+    }
+
     /// This worker's limits are registered: its limited accounts may be claimed.
     pub fn set_registered(&self) {
         self.registered.store(true, Ordering::Relaxed);

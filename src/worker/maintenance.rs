@@ -145,8 +145,10 @@ pub async fn heartbeat_loop(shared: Arc<Shared>, stop: CancellationToken, regist
         }
         let beat = async {
             if registered {
-                accounts::heartbeat(&shared.pool, &shared.replica, shared.settings.worker.lease)
-                    .await
+                // the accounts it serves: not one it stands down from
+                let mut replica = shared.replica.clone();
+                replica.accounts.retain(|a| !shared.limits.is_excluded(a));
+                accounts::heartbeat(&shared.pool, &replica, shared.settings.worker.lease).await
             } else {
                 register(&shared).await
             }

@@ -252,6 +252,7 @@ async fn bulk_file_rejects_bad_lines_and_keeps_good_ones() {
     file.extend_from_slice(b"\n");
     file.extend_from_slice(b"{\"provider\":\"smartlink\",\"account\":\"sl\",\"email\":\"three@example.com\",\"payload\":{\"tags\":[\"x\"]},\"idempotency_key\":\"t3\"}\r\n");
     file.extend_from_slice(b"{\"provider\":\"justclick\",\"account\":\"jc\",\"email\":\"four@example.com\",\"unexpected\":1}\n");
+    file.extend_from_slice(b"{\"provider\":\"justclick\",\"account\":\"jc\",\"email\":\"five@example.com\",\"email\":\"six@example.com\"}\n");
     let path = std::env::temp_dir().join(format!("changes-{}.jsonl", fastrand::u64(..)));
     std::fs::write(&path, &file).unwrap();
     let (code, out, err) = env
@@ -259,7 +260,7 @@ async fn bulk_file_rejects_bad_lines_and_keeps_good_ones() {
         .await;
     assert_eq!(code, 1, "{out}{err}");
     assert!(
-        out.contains("queued 2, duplicates 0, rejected 5"),
+        out.contains("queued 2, duplicates 0, rejected 6"),
         "{out}\n{err}"
     );
     assert!(
@@ -274,6 +275,10 @@ async fn bulk_file_rejects_bad_lines_and_keeps_good_ones() {
     assert!(err.contains("line 5: not valid UTF-8"), "{err}");
     assert!(
         err.contains("line 8: unknown field \"unexpected\" (the fields are provider, account"),
+        "{err}"
+    );
+    assert!(
+        err.contains("line 9: email: given twice (a key may appear once per object)"),
         "{err}"
     );
     let emails: Vec<String> = sqlx::query_scalar("SELECT email FROM contact_sync.jobs ORDER BY id")
@@ -298,7 +303,7 @@ async fn bulk_file_rejects_bad_lines_and_keeps_good_ones() {
     let out = child.wait_with_output().await.unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
-        stdout.contains("queued 1, duplicates 1, rejected 5"),
+        stdout.contains("queued 1, duplicates 1, rejected 6"),
         "{stdout}"
     );
     // a JSON array is named as such, once

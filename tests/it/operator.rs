@@ -462,6 +462,33 @@ async fn a_replica_that_names_an_account_with_another_provider_stands_down() {
             .await
             .unwrap();
     assert_eq!(provider, "justclick");
+    // a running replica with that configuration does not list jc among the accounts it serves
+    let running = env.spawn_quiet(&wrong, &["run"]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let served = loop {
+        let rows: Vec<Vec<String>> =
+            sqlx::query_scalar("SELECT accounts FROM contact_sync.workers")
+                .fetch_all(&env.pool)
+                .await
+                .unwrap();
+        if let [accounts] = rows.as_slice() {
+            if !accounts.iter().any(|a| a == "jc") || std::time::Instant::now() > deadline {
+                break accounts.clone();
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the replica never registered"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert!(
+        !served.iter().any(|a| a == "jc") && served.iter().any(|a| a == "sl"),
+        "{served:?}"
+    );
+    let (_, listed, _) = env.cli(&good, &["workers", "--json"]).await;
+    assert!(!listed.contains("\"jc\""), "{listed}");
+    stop(running).await;
     sqlx::query("SELECT contact_sync.enqueue('justclick', 'jc', 'late@example.com', '{}'::jsonb)")
         .execute(&env.pool)
         .await
@@ -470,4 +497,75 @@ async fn a_replica_that_names_an_account_with_another_provider_stands_down() {
     let (code, _, err) = env.cli(&good, &["run", "--drain"]).await;
     assert_eq!(code, 0, "{err}");
     assert_eq!(env.count("succeeded").await, 21);
+}
+
+#[tokio::test]
+async fn configuration_errors_say_once_what_to_fix() {
+    let env = TestEnv::new().await;
+    let write = |text: String| {
+        let path = std::env::temp_dir().join(format!("contact-sync-it-{}.toml", fastrand::u64(..)));
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let base = std::fs::read_to_string(env.config_file("")).unwrap();
+    let cases = [
+        (
+            base.replace("[worker]\n", "[worker]\nconcurency = 5\n"),
+            "configuration key worker.concurency: unknown setting (did you mean `concurrency`?)",
+        ),
+        (
+            base.replace("provider = \"smartlink\"", "provider = \"smartlnk\""),
+            "configuration key accounts.sl.provider: unknown provider \"smartlnk\" (expected justclick or smartlink)",
+        ),
+        (
+            base.replace(
+                "provider = \"justclick\"\n",
+                "provider = \"justclick\"\ndouble_opt_in = \"drop\"\n",
+            ),
+            "configuration key accounts.jc.double_opt_in: applies to smartlink accounts only (remove it)",
+        ),
+    ];
+    for (text, expected) in cases {
+        let path = write(text);
+        let (code, out, err) = env.cli(&path, &["status"]).await;
+        assert_eq!(code, 1, "{out}{err}");
+        assert_eq!(err.trim(), format!("error: {expected}"), "{err}");
+    }
+    // a misspelled variable is named as the variable
+    let (code, _, err) = {
+        let out = env
+            .binary(&env.config_file(""))
+            .env("CONTACT_SYNC__WORKER__CONCURENCY", "5")
+            .arg("status")
+            .output()
+            .await
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::new(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("CONTACT_SYNC__WORKER__CONCURENCY (environment): unknown setting (did you mean CONTACT_SYNC__WORKER__CONCURRENCY?)")
+            && err.lines().count() == 1,
+        "{err}"
+    );
+    // an empty configuration (/dev/null) is a configuration, not a missing file
+    let (code, out, err) = env
+        .cli(std::path::Path::new("/dev/null"), &["status"])
+        .await;
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, _, err) = env
+        .cli(
+            std::path::Path::new("/nonexistent/contact-sync.toml"),
+            &["status"],
+        )
+        .await;
+    assert_eq!(code, 1);
+    assert_eq!(
+        err.trim(),
+        "error: configuration: configuration file /nonexistent/contact-sync.toml not found (check --config or CONTACT_SYNC_CONFIG)"
+    );
 }
