@@ -78,6 +78,11 @@ pub const CLAIM_SQL: &str = r#"
                CASE WHEN j.provider = 'smartlink' THEN
                    (SELECT w.modify_ts FROM contact_sync.smartlink_watermarks w WHERE w.contact_key = j.contact_key)
                END AS known_modify_ts,
+               -- most heads have no follower: one index probe says so, without the
+               -- aggregate's set-up for every claimed job
+               CASE WHEN NOT EXISTS (SELECT 1 FROM contact_sync.jobs f
+                                     WHERE f.contact_key = j.contact_key AND f.state = 'pending' AND f.id > j.id)
+                    THEN '[]' ELSE
                (SELECT coalesce(jsonb_agg(jsonb_build_object(
                            'id', f.id, 'payload', f.payload,
                            'created_at_ms', floor(extract(epoch FROM f.created_at) * 1000)::bigint) ORDER BY f.id), '[]')::text
@@ -88,7 +93,7 @@ pub const CLAIM_SQL: &str = r#"
                             FROM contact_sync.jobs f
                             WHERE f.contact_key = j.contact_key AND f.state = 'pending' AND f.id > j.id
                             ORDER BY f.id LIMIT $6) f) f
-                WHERE f.consecutive) AS followers
+                WHERE f.consecutive) END AS followers
         FROM claimed j
         "#;
 
