@@ -5,12 +5,6 @@ mod cli;
 use clap::Parser;
 use std::process::ExitCode;
 
-/// mimalloc instead of the system allocator: the worker allocates and frees small buffers for
-/// every call (request, headers, answer, JSON), and glibc's malloc took about a fifth of its CPU
-/// time under load (measured with perf during `contact-sync bench`).
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> ExitCode {
     let cli = match cli::Cli::try_parse() {
         Ok(cli) => cli,
