@@ -361,3 +361,92 @@ async fn workers_never_wait_for_an_open_transaction() {
         "the contact's next job is ready once the row is free: {claimed:?}"
     );
 }
+
+/// `psql` of the installed server (the test command installs PostgreSQL), or the one on PATH.
+fn psql() -> std::path::PathBuf {
+    let mut found: Vec<std::path::PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path().join("bin/psql"))
+        .filter(|p| p.is_file())
+        .collect();
+    found.sort();
+    found.pop().unwrap_or_else(|| "psql".into())
+}
+
+/// Regression: completing a batch compared every finished contact with every locked one (a
+/// semi-join the planner ran as a nested loop inside `refresh_contacts`): 368 completions
+/// compared 67,528 pairs. Every plan the completion runs, the trigger's nested statements
+/// included (auto_explain, sent to this session as notices), now compares rows in proportion
+/// to the batch.
+#[tokio::test]
+async fn completing_a_batch_compares_rows_in_proportion_to_it() {
+    let db = TestDb::new().await;
+    // completions of PER_STATEMENT jobs, STATEMENTS times in one session: PL/pgSQL switches to
+    // a generic plan after five runs, and that is the plan a worker's session keeps
+    const PER_STATEMENT: i64 = 200;
+    const STATEMENTS: i64 = 8;
+    ready(&db.pool, 1, PER_STATEMENT * STATEMENTS).await;
+    let claimed: Vec<i64> = sqlx::query(CLAIM_SQL)
+        .bind(vec![ACCOUNT])
+        .bind(vec![(PER_STATEMENT * STATEMENTS) as i32])
+        .bind(30_000i64)
+        .bind("plan-test")
+        .bind(5i32)
+        .bind(16i64)
+        .bind(false)
+        .fetch_all(&db.pool)
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get::<i64, _>("id"))
+        .collect();
+    assert_eq!(claimed.len(), (PER_STATEMENT * STATEMENTS) as usize);
+    let mut script = String::from(
+        "LOAD 'auto_explain';
+         SET auto_explain.log_min_duration = 0;
+         SET auto_explain.log_analyze = on;
+         SET auto_explain.log_timing = off;
+         SET auto_explain.log_nested_statements = on;
+         SET auto_explain.log_level = notice;\n",
+    );
+    for chunk in claimed.chunks(PER_STATEMENT as usize) {
+        let ids: Vec<String> = chunk.iter().map(i64::to_string).collect();
+        script.push_str(&format!(
+            "UPDATE contact_sync.jobs SET state = 'succeeded', finished_at = now(), locked_until = NULL
+             WHERE id IN ({}) AND state = 'running';\n",
+            ids.join(",")
+        ));
+    }
+    let file = std::env::temp_dir().join(format!("contact-sync-plans-{}.sql", fastrand::u64(..)));
+    std::fs::write(&file, script).unwrap();
+    let out = tokio::process::Command::new(psql())
+        .arg(&db.url)
+        .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-f"])
+        .arg(&file)
+        .output()
+        .await
+        .unwrap();
+    let _ = std::fs::remove_file(&file);
+    let notices = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{notices}");
+    assert!(
+        notices.contains("refresh_contacts"),
+        "no nested plans: {notices}"
+    );
+    let compared: Vec<i64> = notices
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("Rows Removed by Join Filter: "))
+        .map(|n| n.trim().parse().unwrap())
+        .collect();
+    assert!(
+        compared.iter().all(|&n| n <= 2 * PER_STATEMENT),
+        "a join compared {compared:?} rows for {PER_STATEMENT} completions:\n{notices}"
+    );
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM contact_sync.contacts")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(left, 0, "every finished contact leaves the queue");
+}
