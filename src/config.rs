@@ -356,14 +356,14 @@ impl Settings {
         if let Some(path) = path {
             // read here, not by the config crate: it calls anything but a regular file (a
             // pipe, /dev/null) "not found", and says nothing of a permission problem
-            let text = std::fs::read_to_string(path).map_err(|e| {
+            let text = read_config_file(path).map_err(|e| {
                 ConfigError::Load(match e.kind() {
                     std::io::ErrorKind::NotFound => format!(
                         "configuration file {} not found (check --config or CONTACT_SYNC_CONFIG)",
                         path.display()
                     ),
-                    std::io::ErrorKind::InvalidData => {
-                        format!("configuration file {} is not UTF-8 text", path.display())
+                    std::io::ErrorKind::InvalidData | std::io::ErrorKind::FileTooLarge => {
+                        format!("configuration file {} {e}", path.display())
                     }
                     _ => format!("cannot read configuration file {}: {e}", path.display()),
                 })
@@ -539,6 +539,28 @@ impl Settings {
     }
 }
 
+/// The most a configuration file may hold: a real one is a few kilobytes, and `/dev/zero` or a
+/// log file given by mistake must not be read into memory without end.
+const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
+/// Reads a configuration file of any kind (a regular file, `/dev/null`, a pipe such as the
+/// shell's `<(…)`), at most [`MAX_CONFIG_BYTES`], as UTF-8.
+fn read_config_file(path: &Path) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)?
+        .take(MAX_CONFIG_BYTES + 1)
+        .read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > MAX_CONFIG_BYTES {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::FileTooLarge,
+            "is larger than 1 MiB (is it the right file?)",
+        ));
+    }
+    String::from_utf8(bytes)
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidData, "is not UTF-8 text"))
+}
+
 /// Refuses a setting given to an account of the other provider (`double_opt_in` on a JustClick
 /// account, `missing_contact` on a Smartlink one): the typed settings cannot tell a default
 /// from a value written, the raw configuration can.
@@ -683,6 +705,13 @@ double_opt_in = "drop"
         .unwrap_err()
         .to_string();
         assert_eq!(e, "configuration: configuration file /nonexistent/c.toml not found (check --config or CONTACT_SYNC_CONFIG)");
+        let e = Settings::load_from(Some(Path::new("/dev/zero")), |_| None, Some(vec![]))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "configuration: configuration file /dev/zero is larger than 1 MiB (is it the right file?)"
+        );
         let e = Settings::load_from(Some(Path::new("/")), |_| None, Some(vec![]))
             .unwrap_err()
             .to_string();
