@@ -94,3 +94,95 @@ BEGIN
       AND (c.head_id IS NOT NULL OR c.running);
 END
 $fn$;
+
+-- 3. Type checks that let nested arrays through (found by the adversarial review). In lax mode a
+--    JSON path filter unwraps arrays, so `$[*] ? (@.type() != "string")` accepted [["a"]] as an
+--    array of strings and `$.* ? (...)` accepted an attribute [1, "x"] as scalars: enqueue took
+--    changes no provider call can carry. The same checks in strict mode see the nested array.
+CREATE OR REPLACE FUNCTION contact_sync.validate_justclick(p jsonb) RETURNS boolean
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $fn$
+SELECT CASE
+    WHEN (p - ARRAY['lead_name', 'lead_phone', 'lead_city', 'lead_tags']) <> '{}'::jsonb THEN
+        contact_sync.reject_unknown_key('justclick', p - ARRAY['lead_name', 'lead_phone', 'lead_city', 'lead_tags'],
+                                        'lead_name, lead_phone, lead_city, lead_tags')
+    WHEN p ? 'lead_name' AND jsonb_typeof(p -> 'lead_name') <> 'string' THEN
+        contact_sync.reject('contact_sync: justclick field lead_name must be a string, got ' || jsonb_typeof(p -> 'lead_name'), NULL, p)
+    WHEN p ? 'lead_name' AND length(p ->> 'lead_name') > 255 THEN
+        contact_sync.reject('contact_sync: justclick field lead_name is longer than 255 characters', NULL, p)
+    WHEN p ? 'lead_city' AND jsonb_typeof(p -> 'lead_city') <> 'string' THEN
+        contact_sync.reject('contact_sync: justclick field lead_city must be a string, got ' || jsonb_typeof(p -> 'lead_city'), NULL, p)
+    WHEN p ? 'lead_city' AND length(p ->> 'lead_city') > 255 THEN
+        contact_sync.reject('contact_sync: justclick field lead_city is longer than 255 characters', NULL, p)
+    WHEN p ? 'lead_phone' AND jsonb_typeof(p -> 'lead_phone') <> 'string' THEN
+        contact_sync.reject('contact_sync: justclick field lead_phone must be a string, got ' || jsonb_typeof(p -> 'lead_phone'), NULL, p)
+    WHEN p ? 'lead_phone' AND length(p ->> 'lead_phone') > 64 THEN
+        contact_sync.reject('contact_sync: justclick field lead_phone is longer than 64 characters', NULL, p)
+    WHEN NOT p ? 'lead_tags' THEN true
+    WHEN jsonb_typeof(p -> 'lead_tags') = 'string' THEN
+        CASE WHEN length(p ->> 'lead_tags') > 1000 THEN
+            contact_sync.reject('contact_sync: justclick field lead_tags is longer than 1000 characters', NULL, p)
+        ELSE true END
+    WHEN jsonb_typeof(p -> 'lead_tags') <> 'array' OR jsonb_path_exists(p -> 'lead_tags', 'strict $[*] ? (@.type() != "string")') THEN
+        contact_sync.reject('contact_sync: justclick field lead_tags must be a string or an array of strings', NULL, p)
+    WHEN jsonb_path_exists(p -> 'lead_tags', '$[*] ? (@ == "" || @ like_regex ",")') THEN
+        contact_sync.reject('contact_sync: justclick field lead_tags: a tag in an array must be non-empty and contain no comma', NULL, p)
+    WHEN length((p -> 'lead_tags')::text) > 1000 AND contact_sync.joined_length(p -> 'lead_tags') > 1000 THEN
+        contact_sync.reject('contact_sync: justclick field lead_tags is longer than 1000 characters', NULL, p)
+    ELSE true
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION contact_sync.validate_smartlink_list(field text, v jsonb, p jsonb) RETURNS boolean
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $fn$
+SELECT CASE
+    WHEN v IS NULL THEN true
+    WHEN jsonb_typeof(v) <> 'array' OR jsonb_path_exists(v, 'strict $[*] ? (@.type() != "string")') THEN
+        contact_sync.reject('contact_sync: smartlink field ' || field || ' must be an array of strings', NULL, p)
+    WHEN jsonb_array_length(v) > 100 THEN
+        contact_sync.reject('contact_sync: smartlink field ' || field || ' has more than 100 entries', NULL, p)
+    WHEN length(v::text) > 255 AND jsonb_path_exists(v, '$[*] ? (@ like_regex "^.{255}." flag "s")') THEN
+        contact_sync.reject('contact_sync: smartlink field ' || field || ' has an entry longer than 255 characters', NULL, p)
+    ELSE true
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION contact_sync.validate_smartlink(p jsonb) RETURNS boolean
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $fn$
+SELECT CASE
+    WHEN (p - ARRAY['modify_ts', 'tags', 'openid', 'subscribe', 'location', 'language', 'attributes', 'preferences', 'update_strategy']) <> '{}'::jsonb THEN
+        contact_sync.reject_unknown_key('smartlink',
+            p - ARRAY['modify_ts', 'tags', 'openid', 'subscribe', 'location', 'language', 'attributes', 'preferences', 'update_strategy'],
+            'modify_ts, tags, openid, subscribe, location, language, attributes, preferences, update_strategy')
+    WHEN p ? 'modify_ts' AND (jsonb_typeof(p -> 'modify_ts') <> 'number' OR (p ->> 'modify_ts') !~ '^[0-9]{1,16}$') THEN
+        contact_sync.reject('contact_sync: smartlink field modify_ts must be a non-negative integer (milliseconds)', NULL, p)
+    WHEN NOT contact_sync.validate_smartlink_list('tags', p -> 'tags', p) THEN false
+    WHEN NOT contact_sync.validate_smartlink_list('preferences', p -> 'preferences', p) THEN false
+    WHEN p ? 'openid' AND (jsonb_typeof(p -> 'openid') <> 'string' OR (p ->> 'openid') !~ '^[0-9]{1,20}$') THEN
+        contact_sync.reject('contact_sync: smartlink field openid must be a string of at most 20 digits', NULL, p)
+    WHEN p ? 'subscribe' AND (jsonb_typeof(p -> 'subscribe') <> 'number' OR (p ->> 'subscribe') NOT IN ('-1', '0', '1', '3')) THEN
+        contact_sync.reject('contact_sync: smartlink field subscribe must be one of -1, 0, 1, 3', NULL, p)
+    WHEN p ? 'update_strategy' AND (jsonb_typeof(p -> 'update_strategy') <> 'number' OR (p ->> 'update_strategy') NOT IN ('0', '1', '2', '3')) THEN
+        contact_sync.reject('contact_sync: smartlink field update_strategy must be one of 0, 1, 2, 3', NULL, p)
+    WHEN p ? 'location' AND (jsonb_typeof(p -> 'location') <> 'string' OR (p ->> 'location') !~ '^([0-9]{3})?$') THEN
+        contact_sync.reject('contact_sync: smartlink field location must be a 3-digit ISO 3166 numeric code like "004"', NULL, p)
+    WHEN p ? 'language' AND (jsonb_typeof(p -> 'language') <> 'string' OR (p ->> 'language') !~ '^([A-Za-z]{2,3}([-_][A-Za-z0-9]{2,8})*)?$') THEN
+        contact_sync.reject('contact_sync: smartlink field language must be a language code like "en" or "pt-BR"', NULL, p)
+    WHEN NOT p ? 'attributes' THEN true
+    WHEN jsonb_typeof(p -> 'attributes') <> 'object' THEN
+        contact_sync.reject('contact_sync: smartlink field attributes must be an object', NULL, p)
+    -- (the cheap text-length tests skip the costlier checks for values too short to fail them)
+    WHEN length((p -> 'attributes')::text) > 250 AND jsonb_array_length(jsonb_path_query_array(p -> 'attributes', '$.keyvalue()')) > 50 THEN
+        contact_sync.reject('contact_sync: smartlink field attributes has more than 50 entries', NULL, p)
+    WHEN jsonb_path_exists(p -> 'attributes', 'strict $.* ? (@.type() != "string" && @.type() != "number" && @.type() != "boolean")') THEN
+        contact_sync.reject('contact_sync: smartlink attributes values must be strings, numbers or booleans', NULL, p)
+    WHEN length((p -> 'attributes')::text) > 255
+      AND (jsonb_path_exists(p -> 'attributes', '$.* ? (@.type() == "string" && @ like_regex "^(.{250}){4}." flag "s")')
+           OR jsonb_path_exists(p -> 'attributes', '$.keyvalue() ? (@.key like_regex "^.{255}." flag "s")')) THEN
+        contact_sync.reject('contact_sync: smartlink attribute longer than 1000 characters (or a name longer than 255)', NULL, p)
+    -- numbers must reach the provider with the value enqueued (see number_is_exact)
+    WHEN jsonb_path_exists(p -> 'attributes', '$.* ? (@.type() == "number")')
+         AND NOT contact_sync.attribute_numbers_exact(p -> 'attributes') THEN
+        contact_sync.reject_inexact_number(p -> 'attributes')
+    ELSE true
+END
+$fn$;

@@ -362,7 +362,9 @@ impl Settings {
                         "configuration file {} not found (check --config or CONTACT_SYNC_CONFIG)",
                         path.display()
                     ),
-                    std::io::ErrorKind::InvalidData | std::io::ErrorKind::FileTooLarge => {
+                    std::io::ErrorKind::InvalidData
+                    | std::io::ErrorKind::InvalidInput
+                    | std::io::ErrorKind::FileTooLarge => {
                         format!("configuration file {} {e}", path.display())
                     }
                     _ => format!("cannot read configuration file {}: {e}", path.display()),
@@ -543,10 +545,20 @@ impl Settings {
 /// log file given by mistake must not be read into memory without end.
 const MAX_CONFIG_BYTES: u64 = 1 << 20;
 
-/// Reads a configuration file of any kind (a regular file, `/dev/null`, a pipe such as the
-/// shell's `<(…)`), at most [`MAX_CONFIG_BYTES`], as UTF-8.
+/// Reads a configuration file (a regular file, or a device such as `/dev/null`), at most
+/// [`MAX_CONFIG_BYTES`], as UTF-8.
 fn read_config_file(path: &Path) -> std::io::Result<String> {
     use std::io::Read;
+    use std::os::unix::fs::FileTypeExt;
+    // a named pipe with no writer would block the open, and a socket cannot be read: say so
+    // instead of waiting for ever
+    let kind = std::fs::metadata(path)?.file_type();
+    if kind.is_fifo() || kind.is_socket() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "is a pipe or a socket, not a file",
+        ));
+    }
     let mut bytes = Vec::new();
     std::fs::File::open(path)?
         .take(MAX_CONFIG_BYTES + 1)
@@ -711,6 +723,23 @@ double_opt_in = "drop"
         assert_eq!(
             e,
             "configuration: configuration file /dev/zero is larger than 1 MiB (is it the right file?)"
+        );
+        let fifo = std::env::temp_dir().join(format!("contact-sync-fifo-{}", fastrand::u64(..)));
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        let e = Settings::load_from(Some(&fifo), |_| None, Some(vec![]))
+            .unwrap_err()
+            .to_string();
+        let _ = std::fs::remove_file(&fifo);
+        assert_eq!(
+            e,
+            format!(
+                "configuration: configuration file {} is a pipe or a socket, not a file",
+                fifo.display()
+            )
         );
         let e = Settings::load_from(Some(Path::new("/")), |_| None, Some(vec![]))
             .unwrap_err()

@@ -25,6 +25,12 @@ async fn sql_function_validates_with_clear_messages() {
         ("SELECT contact_sync.enqueue('smartlink', 'sl', 'a@b.co', '{\"location\": \"US\"}')", "location"),
         ("SELECT contact_sync.enqueue('smartlink', 'sl', 'a@b.co', '{\"lead_name\": \"x\"}')", "unknown smartlink payload key"),
         ("SELECT contact_sync.enqueue('justclick', 'JC-Main', 'a@b.co')", "invalid account name"),
+        // nested arrays (a lax JSON path unwrapped them)
+        ("SELECT contact_sync.enqueue('justclick', 'jc', 'a@b.co', '{\"lead_tags\": [[\"a\"]]}')", "lead_tags must be a string or an array of strings"),
+        ("SELECT contact_sync.enqueue('smartlink', 'sl', 'a@b.co', '{\"tags\": [[\"a\"]]}')", "tags must be an array of strings"),
+        ("SELECT contact_sync.enqueue('smartlink', 'sl', 'a@b.co', '{\"preferences\": [\"a\", [\"b\"]]}')", "preferences must be an array of strings"),
+        ("SELECT contact_sync.enqueue('smartlink', 'sl', 'a@b.co', '{\"attributes\": {\"k\": [1, \"x\", true]}}')", "values must be strings, numbers or booleans"),
+        ("SELECT contact_sync.enqueue('smartlink', 'sl', 'a@b.co', '{\"attributes\": {\"k\": []}}')", "values must be strings, numbers or booleans"),
     ];
     for (sql, expected) in cases {
         let (code, message) = sql_error(&env, sql).await;
