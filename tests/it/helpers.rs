@@ -201,9 +201,7 @@ impl TestEnv {
             self.sandbox.smartlink_base_url()
         ));
         toml.push_str(extra);
-        let path = std::env::temp_dir().join(format!("contact-sync-it-{}.toml", fastrand::u64(..)));
-        std::fs::write(&path, toml).unwrap();
-        path
+        write_config(&toml)
     }
 
     /// The real binary with this test's database and configuration.
@@ -295,6 +293,13 @@ pub fn smartlink_account(sandbox: &Sandbox, game: &str, secret: &str) -> Account
         retryable_codes: vec![],
         missing_contact: Default::default(),
     }
+}
+
+/// Writes `toml` to a configuration file of its own and returns its path.
+pub fn write_config(toml: &str) -> std::path::PathBuf {
+    let path = std::env::temp_dir().join(format!("contact-sync-it-{}.toml", fastrand::u64(..)));
+    std::fs::write(&path, toml).unwrap();
+    path
 }
 
 pub fn jc(email: &str, payload: Value) -> NewJob {

@@ -32,8 +32,7 @@ async fn wrong_secrets_pause_the_account_until_a_corrected_worker_starts() {
         .replace(JC_SECRET, "a-wrong-justclick-secret")
         .replace(SL_SECRET, "a-wrong-smartlink-secret");
     assert_ne!(text, wrong_text);
-    let wrong = std::env::temp_dir().join(format!("contact-sync-it-{}.toml", fastrand::u64(..)));
-    std::fs::write(&wrong, wrong_text).unwrap();
+    let wrong = write_config(&wrong_text);
     let mut jobs: Vec<_> = (0..30)
         .map(|i| jc(&format!("w{i}@example.com"), json!({"lead_name": "W"})))
         .collect();
@@ -437,8 +436,7 @@ async fn a_replica_that_names_an_account_with_another_provider_stands_down() {
         "[accounts.jc]\nprovider = \"smartlink\"\ngame_id = \"999\"",
     );
     assert_ne!(text, wrong_text);
-    let wrong = std::env::temp_dir().join(format!("contact-sync-it-{}.toml", fastrand::u64(..)));
-    std::fs::write(&wrong, wrong_text).unwrap();
+    let wrong = write_config(&wrong_text);
     let (code, _, err) = env.cli(&wrong, &["run", "--drain"]).await;
     assert_eq!(code, 0, "{err}");
     assert!(
@@ -502,11 +500,6 @@ async fn a_replica_that_names_an_account_with_another_provider_stands_down() {
 #[tokio::test]
 async fn configuration_errors_say_once_what_to_fix() {
     let env = TestEnv::new().await;
-    let write = |text: String| {
-        let path = std::env::temp_dir().join(format!("contact-sync-it-{}.toml", fastrand::u64(..)));
-        std::fs::write(&path, text).unwrap();
-        path
-    };
     let base = std::fs::read_to_string(env.config_file("")).unwrap();
     let cases = [
         (
@@ -526,7 +519,7 @@ async fn configuration_errors_say_once_what_to_fix() {
         ),
     ];
     for (text, expected) in cases {
-        let path = write(text);
+        let path = write_config(&text);
         let (code, out, err) = env.cli(&path, &["status"]).await;
         assert_eq!(code, 1, "{out}{err}");
         assert_eq!(err.trim(), format!("error: {expected}"), "{err}");
