@@ -354,8 +354,8 @@ impl Settings {
     ) -> Result<Settings, ConfigError> {
         let mut builder = config::Config::builder();
         if let Some(path) = path {
-            // read here, not by the config crate: it calls anything but a regular file (a
-            // pipe, /dev/null) "not found", and says nothing of a permission problem
+            // read here, not by the config crate: it calls anything but a regular file
+            // (/dev/null) "not found", and says nothing of a permission problem
             let text = read_config_file(path).map_err(|e| {
                 ConfigError::Load(match e.kind() {
                     std::io::ErrorKind::NotFound => format!(

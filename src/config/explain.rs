@@ -101,14 +101,9 @@ pub fn explain(err: config::ConfigError, env_keys: &[String], file: Option<&str>
                 .unwrap_or_else(|| "the configuration file".into()),
             without_snippet(&cause.to_string())
         )),
-        config::ConfigError::NotFound(what) => {
-            ConfigError::Load(format!("{what} not found (check the --config path)"))
-        }
+        // (a missing or unreadable file never reaches here: `Settings::load_from` reads it)
         other => {
-            let mut text = without_type_names(&other.to_string());
-            if text.contains("not found") {
-                text.push_str(" (check --config or CONTACT_SYNC_CONFIG)");
-            }
+            let text = without_type_names(&other.to_string());
             match key {
                 Some(key) => ConfigError::Invalid {
                     key: name(&key),
