@@ -25,6 +25,12 @@ pub struct ThrowawayPostgres {
     port: u16,
 }
 
+/// The directory of the installed PostgreSQL server's programs (`initdb`, `pg_ctl`, `psql`),
+/// the newest under `/usr/lib/postgresql`, else the first on `PATH`.
+pub fn bin_dir() -> Option<PathBuf> {
+    find_bin()
+}
+
 fn find_bin() -> Option<PathBuf> {
     let mut found: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
         .into_iter()

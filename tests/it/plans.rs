@@ -362,17 +362,9 @@ async fn workers_never_wait_for_an_open_transaction() {
     );
 }
 
-/// `psql` of the installed server (the test command installs PostgreSQL), or the one on PATH.
+/// `psql` of the installed server (the one the throwaway clusters run), or the one on PATH.
 fn psql() -> std::path::PathBuf {
-    let mut found: Vec<std::path::PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|e| e.path().join("bin/psql"))
-        .filter(|p| p.is_file())
-        .collect();
-    found.sort();
-    found.pop().unwrap_or_else(|| "psql".into())
+    contact_sync::pg::bin_dir().map_or_else(|| "psql".into(), |dir| dir.join("psql"))
 }
 
 /// Regression: completing a batch compared every finished contact with every locked one (a
