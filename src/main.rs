@@ -21,7 +21,7 @@ fn main() -> ExitCode {
     };
     // The demo and the benchmark narrate on stdout; their logs default to warnings.
     let default_level = match cli.command {
-        cli::Command::Demo | cli::Command::Bench(_) => "warn",
+        cli::Command::Demo | cli::Command::Bench(_) | cli::Command::BenchCalls { .. } => "warn",
         cli::Command::Run { .. } | cli::Command::Sandbox(_) => "info",
         // an operator command speaks through its output and errors; sqlx's slow-statement
         // notes (the SQL, many lines) are not for the operator's terminal

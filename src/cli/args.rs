@@ -69,6 +69,13 @@ pub enum Command {
     Bench(super::bench::BenchArgs),
     /// Serve the JustClick and Smartlink simulators.
     Sandbox(SandboxArgs),
+    /// The benchmark's calls-only process: COUNT signed calls through the configured accounts
+    /// `bench_jc` and `bench_sl`, no database (`contact-sync bench` starts it).
+    #[command(hide = true)]
+    BenchCalls {
+        #[arg(long)]
+        count: usize,
+    },
 }
 
 #[derive(Debug, Subcommand)]

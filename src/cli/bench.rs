@@ -16,16 +16,24 @@
 //! its head scheduled an hour later and `--blocked-depth` changes behind it) with the
 //! `--blocked-jobs` backlog draining beside it, and the idle latency: single jobs enqueued one at a
 //! time into an idle worker, from the enqueue statement to the provider receiving the call.
+//!
+//! Last, the calls-only scenario (`--floor-calls`): the same signed calls, made by a process of
+//! this binary through the worker's provider clients at the worker's concurrency, with no
+//! database. Its CPU per call is the least a worker needs per job; the sandbox's CPU per call is
+//! the sandbox's share of every job.
 
 use super::demo;
 use super::table;
 use anyhow::{bail, Context};
+use contact_sync::config::Settings;
 use contact_sync::outbox::{admin, claim, enqueue, enqueue_batch, NewJob};
+use contact_sync::providers::{Delivery, Registry};
 use contact_sync::sandbox::Sandbox;
 use serde::Serialize;
-use serde_json::json;
+use serde_json::{json, Value};
 use sqlx::PgPool;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
@@ -81,6 +89,10 @@ pub struct BenchArgs {
     /// Rate scenario: seconds of traffic at the configured rate.
     #[arg(long, default_value_t = 10, requires = "rate")]
     pub rate_seconds: u64,
+    /// Calls-only scenario: this many signed calls from a worker-like process without a
+    /// database, the least the worker needs per call (0 skips it).
+    #[arg(long, default_value_t = 50_000)]
+    pub floor_calls: usize,
     /// Also print a readable table.
     #[arg(long)]
     pub pretty: bool,
@@ -106,6 +118,18 @@ pub struct SizeResult {
     pub e2e_jobs_per_s: f64,
     pub coalesced: i64,
     pub cpu_us_per_job: CpuPerJob,
+}
+
+/// The calls-only scenario: the same signed calls as the e2e runs, made by the provider clients
+/// at the worker's concurrency with no queue around them.
+#[derive(Debug, Clone, Serialize)]
+pub struct FloorResult {
+    pub calls: usize,
+    pub calls_per_s: f64,
+    /// CPU time of the calling process per call: the least a worker needs per job.
+    pub worker_us_per_call: f64,
+    /// CPU time of the sandbox per call.
+    pub sandbox_us_per_call: f64,
 }
 
 /// The rate scenario: what the provider saw against what was configured.
@@ -137,6 +161,7 @@ pub struct BenchResult {
     pub latency_ms_p50: Option<f64>,
     pub latency_ms_p99: Option<f64>,
     pub rate: Option<RateResult>,
+    pub floor: Option<FloorResult>,
     pub peak_rss_mb: f64,
     pub cores: usize,
     pub seconds: f64,
@@ -147,32 +172,105 @@ const ACCOUNTS: [&str; 2] = ["bench_jc", "bench_sl"];
 fn jobs(args: &BenchArgs, size: usize, wave: usize) -> Vec<NewJob> {
     let contacts = args.contacts.unwrap_or(size).clamp(1, size.max(1));
     (0..size)
-        .map(|i| {
-            let c = i % contacts;
-            let provider = match args.provider {
-                BenchProvider::Justclick => "justclick",
-                BenchProvider::Smartlink => "smartlink",
-                BenchProvider::Both if c % 2 == 0 => "justclick",
-                BenchProvider::Both => "smartlink",
-            };
-            let email = format!("user{c}.w{wave}@bench.example.com");
-            if provider == "justclick" {
-                NewJob::new(
-                    provider,
-                    ACCOUNTS[0],
-                    email,
-                    json!({"lead_name": format!("User {i}"), "lead_city": "Москва"}),
-                )
-            } else {
-                NewJob::new(
-                    provider,
-                    ACCOUNTS[1],
-                    email,
-                    json!({"tags": ["bench"], "attributes": {"n": format!("{i}")}}),
-                )
-            }
-        })
+        .map(|i| change(args.provider, i, i % contacts, &format!("w{wave}")))
         .collect()
+}
+
+/// Change `i` of the benchmark, for contact `c` (`tag` keeps runs apart): half JustClick, half
+/// Smartlink with `both`.
+fn change(provider: BenchProvider, i: usize, c: usize, tag: &str) -> NewJob {
+    let provider = match provider {
+        BenchProvider::Justclick => "justclick",
+        BenchProvider::Smartlink => "smartlink",
+        BenchProvider::Both if c % 2 == 0 => "justclick",
+        BenchProvider::Both => "smartlink",
+    };
+    let email = format!("user{c}.{tag}@bench.example.com");
+    if provider == "justclick" {
+        NewJob::new(
+            provider,
+            ACCOUNTS[0],
+            email,
+            json!({"lead_name": format!("User {i}"), "lead_city": "Москва"}),
+        )
+    } else {
+        NewJob::new(
+            provider,
+            ACCOUNTS[1],
+            email,
+            json!({"tags": ["bench"], "attributes": {"n": format!("{i}")}}),
+        )
+    }
+}
+
+/// The calls-only process (`contact-sync bench-calls`): `count` changes as the e2e runs make
+/// them, each one signed call through the configured account's provider client (the worker's
+/// own), at most `worker.concurrency` in flight. Fails on the first call that does not succeed.
+pub async fn calls_only(settings: &Settings, count: usize) -> anyhow::Result<()> {
+    let registry = Registry::from_settings(settings)?;
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(
+        settings.worker.concurrency.max(1),
+    ));
+    let tag = format!("floor{}", std::process::id());
+    let mut calls = tokio::task::JoinSet::new();
+    for i in 0..count {
+        let permit = in_flight.clone().acquire_owned().await?;
+        let job = change(BenchProvider::Both, i, i, &tag);
+        let Some(provider) = registry.get(&job.account).cloned() else {
+            bail!("no account {} in the configuration", job.account);
+        };
+        let Value::Object(payload) = job.payload else {
+            bail!("a benchmark payload is not an object");
+        };
+        calls.spawn(async move {
+            let delivery = Delivery {
+                job_id: i64::try_from(i).unwrap_or(i64::MAX),
+                attempt: 1,
+                email: &job.email,
+                payload: &payload,
+                created_at_ms: chrono::Utc::now().timestamp_millis(),
+            };
+            let result = provider.deliver(delivery).await.map(|_| ());
+            drop(permit);
+            result
+        });
+        while let Some(done) = calls.try_join_next() {
+            done?.map_err(|e| anyhow::anyhow!("call failed: {e}"))?;
+        }
+    }
+    while let Some(done) = calls.join_next().await {
+        done?.map_err(|e| anyhow::anyhow!("call failed: {e}"))?;
+    }
+    Ok(())
+}
+
+/// Runs the calls-only process against the sandbox: its CPU per call is the floor of the
+/// worker's, and this process's (the sandbox's) CPU per call is the sandbox's share of a job.
+async fn measure_floor(config: &Path, calls: usize) -> anyhow::Result<FloorResult> {
+    let exe = std::env::current_exe().context("locating the contact-sync binary")?;
+    let before = cpu_sample();
+    let started = Instant::now();
+    let status = tokio::process::Command::new(exe)
+        .arg("bench-calls")
+        .arg("--count")
+        .arg(calls.to_string())
+        .env("CONTACT_SYNC_CONFIG", config)
+        .env("RUST_LOG", "warn")
+        .stdin(std::process::Stdio::null())
+        .status()
+        .await
+        .context("starting the calls-only process")?;
+    let took = started.elapsed().as_secs_f64();
+    if !status.success() {
+        bail!("the calls-only process failed ({status})");
+    }
+    let cpu = per_job_us(before, cpu_sample(), calls);
+    Ok(FloorResult {
+        calls,
+        calls_per_s: (calls as f64 / took).round(),
+        worker_us_per_call: cpu.worker,
+        sandbox_us_per_call: cpu.sandbox,
+    })
 }
 
 /// The rate scenario's account (the sandbox's `demo` login, limited).
@@ -629,6 +727,13 @@ pub async fn run(args: BenchArgs, database_url: Option<String>) -> anyhow::Resul
         (Some(_), None) => bail!("--rate needs the in-process sandbox (not --sandbox-url)"),
         (None, _) => None,
     };
+    let floor = match args.floor_calls {
+        0 => None,
+        n => {
+            eprintln!("bench: calls only, {n} calls without a database ...");
+            Some(measure_floor(&config, n).await?)
+        }
+    };
     let rates: Vec<f64> = sizes.iter().map(|s| s.e2e_jobs_per_s).collect();
     let e2e_min_over_max = match (
         rates.iter().copied().reduce(f64::min),
@@ -665,6 +770,7 @@ pub async fn run(args: BenchArgs, database_url: Option<String>) -> anyhow::Resul
         latency_ms_p50: latency_ms_p50.map(|v| (v * 100.0).round() / 100.0),
         latency_ms_p99: latency_ms_p99.map(|v| (v * 100.0).round() / 100.0),
         rate,
+        floor,
         peak_rss_mb: (peak * 10.0).round() / 10.0,
         cores: std::thread::available_parallelism()
             .map(|n| n.get())
@@ -831,6 +937,12 @@ pub fn render(r: &BenchResult) -> String {
             rate.calls,
             rate.worst_1s_window,
             rate.configured_per_s + rate.burst
+        ));
+    }
+    if let Some(f) = &r.floor {
+        out.push_str(&format!(
+            "calls only (no database): {} calls, {}/s; caller {} µs/call, sandbox {} µs/call\n",
+            f.calls, f.calls_per_s, f.worker_us_per_call, f.sandbox_us_per_call
         ));
     }
     out

@@ -49,6 +49,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::BenchCalls { count } => {
+            bench::calls_only(&settings, count).await?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Status { json } => {
             let pool = connect(&settings).await?;
             let status = admin::status(&pool).await?;

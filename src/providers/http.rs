@@ -44,6 +44,15 @@ pub fn check_base_url(url: &str, allow_insecure_http: bool) -> Result<reqwest::U
     }
 }
 
+/// A provider's endpoint: `base` with `path` appended to its path (trailing `/` of the base
+/// not doubled). Built once per account, so no call parses a URL.
+pub fn endpoint(base: &reqwest::Url, path: &str) -> reqwest::Url {
+    let mut url = base.clone();
+    let joined = format!("{}{path}", base.path().trim_end_matches('/'));
+    url.set_path(&joined);
+    url
+}
+
 fn is_loopback(url: &reqwest::Url) -> bool {
     match url.host() {
         Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
@@ -73,6 +82,28 @@ pub fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn endpoints_append_the_path_once() {
+        let at = |base: &str| {
+            let base = check_base_url(base, true).unwrap();
+            endpoint(&base, "/api/x").to_string()
+        };
+        assert_eq!(at("https://h.example"), "https://h.example/api/x");
+        assert_eq!(at("https://h.example/"), "https://h.example/api/x");
+        assert_eq!(
+            at("http://127.0.0.1:8080/jc/demo"),
+            "http://127.0.0.1:8080/jc/demo/api/x"
+        );
+        assert_eq!(
+            at("http://127.0.0.1:8080/jc/demo//"),
+            "http://127.0.0.1:8080/jc/demo/api/x"
+        );
+        assert_eq!(
+            at("https://h.example/a%20b/"),
+            "https://h.example/a%20b/api/x"
+        );
+    }
 
     #[test]
     fn url_policy() {

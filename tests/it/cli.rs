@@ -618,3 +618,62 @@ async fn bulk_retry_cancel_purge_and_paged_lists() {
     assert_eq!(code, 64);
     assert!(err.contains("possible values: pending, running"), "{err}");
 }
+
+/// `contact-sync bench` on tiny sizes: every scenario runs against the test's database and
+/// reports figures that add up (the jobs it drained, CPU for each process, the calls-only run).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_reports_every_scenario() {
+    let env = TestEnv::new().await;
+    let config = env.config_file("");
+    let (code, out, err) = env
+        .cli(
+            &config,
+            &[
+                "bench",
+                "--sizes",
+                "300,600",
+                "--blocked-contacts",
+                "20",
+                "--blocked-depth",
+                "3",
+                "--blocked-jobs",
+                "200",
+                "--latency-samples",
+                "3",
+                "--floor-calls",
+                "400",
+                "--pretty",
+            ],
+        )
+        .await;
+    assert_eq!(code, 0, "{err}");
+    let line = out.lines().next().unwrap();
+    let r: Value = serde_json::from_str(line).unwrap();
+    let sizes = r["sizes"].as_array().unwrap();
+    assert_eq!(
+        sizes
+            .iter()
+            .map(|s| s["backlog"].as_u64().unwrap())
+            .collect::<Vec<_>>(),
+        [300, 600]
+    );
+    for s in sizes.iter().chain([&r["blocked"]]) {
+        assert!(s["e2e_jobs_per_s"].as_f64().unwrap() > 0.0, "{s}");
+        assert!(s["claim_ms_p99"].as_f64().unwrap() > 0.0, "{s}");
+        let cpu = &s["cpu_us_per_job"];
+        for part in ["worker", "postgres", "sandbox"] {
+            assert!(cpu[part].as_f64().unwrap() > 0.0, "{part}: {s}");
+        }
+    }
+    // 20 blocked heads, 3 changes behind each
+    assert_eq!(r["blocked"]["blocked"], 80, "{line}");
+    assert_eq!(r["blocked"]["backlog"], 200, "{line}");
+    let floor = &r["floor"];
+    assert_eq!(floor["calls"], 400, "{line}");
+    for part in ["calls_per_s", "worker_us_per_call", "sandbox_us_per_call"] {
+        assert!(floor[part].as_f64().unwrap() > 0.0, "{part}: {line}");
+    }
+    assert!(out.contains("calls only (no database): 400 calls"), "{out}");
+    // the backlogs were drained: nothing is left open
+    assert_eq!(env.count("pending").await + env.count("running").await, 0);
+}

@@ -22,7 +22,8 @@ pub const FIELDS: [&str; 4] = ["lead_name", "lead_phone", "lead_city", "lead_tag
 pub struct JustClick {
     login: String,
     secret: Secret,
-    endpoint: String,
+    /// Parsed once: a URL given as text would be parsed again on every call.
+    endpoint: reqwest::Url,
     client: reqwest::Client,
     extra_retryable: Vec<i64>,
     missing_contact: MissingContact,
@@ -33,7 +34,7 @@ impl JustClick {
         Self {
             login: account.login.clone().unwrap_or_default(),
             secret: account.secret.clone(),
-            endpoint: format!("{}{PATH}", base.as_str().trim_end_matches('/')),
+            endpoint: super::http::endpoint(&base, PATH),
             client,
             extra_retryable: account.retryable_codes.clone(),
             missing_contact: account.missing_contact,
@@ -175,7 +176,7 @@ impl Provider for JustClick {
             let body = signed_body(&fields, &self.login, self.secret.expose());
             let response = self
                 .client
-                .post(&self.endpoint)
+                .post(self.endpoint.clone())
                 .header(
                     reqwest::header::CONTENT_TYPE,
                     "application/x-www-form-urlencoded",
@@ -185,11 +186,12 @@ impl Provider for JustClick {
                 .await
                 .map_err(outcome::from_transport)?;
             let status = response.status();
-            let headers = response.headers().clone();
-            let bytes = response.bytes().await.map_err(outcome::from_transport)?;
             if !status.is_success() {
+                let headers = response.headers().clone();
+                let bytes = response.bytes().await.map_err(outcome::from_transport)?;
                 return Err(outcome::from_status(status, &headers, &bytes));
             }
+            let bytes = response.bytes().await.map_err(outcome::from_transport)?;
             read_answer(
                 &bytes,
                 self.secret.expose(),

@@ -22,7 +22,8 @@ pub struct Smartlink {
     secret: Secret,
     /// md5 of the API key: names the double-opt-in window without exposing the key.
     api_key_id: String,
-    endpoint: String,
+    /// Parsed once: a URL given as text would be parsed again on every call.
+    endpoint: reqwest::Url,
     client: reqwest::Client,
     extra_retryable: Vec<i64>,
     double_opt_in: DoubleOptIn,
@@ -34,7 +35,7 @@ impl Smartlink {
             game_id: account.game_id.clone().unwrap_or_default(),
             api_key_id: api_key_id(&account.secret),
             secret: account.secret.clone(),
-            endpoint: format!("{}{PATH}", base.as_str().trim_end_matches('/')),
+            endpoint: super::http::endpoint(&base, PATH),
             client,
             extra_retryable: account.retryable_codes.clone(),
             double_opt_in: account.double_opt_in,
@@ -294,7 +295,8 @@ impl Provider for Smartlink {
             let ts = chrono::Utc::now().timestamp();
             let params = params(&self.game_id, &seq, ts);
             let sig = sign::sig(PATH, &params, &bytes, self.secret.expose());
-            let url = format!("{}?{params}&sig={sig}", self.endpoint);
+            let mut url = self.endpoint.clone();
+            url.set_query(Some(&format!("{params}&sig={sig}")));
             let response = self
                 .client
                 .post(url)
@@ -304,11 +306,12 @@ impl Provider for Smartlink {
                 .await
                 .map_err(outcome::from_transport)?;
             let status = response.status();
-            let headers = response.headers().clone();
-            let answer = response.bytes().await.map_err(outcome::from_transport)?;
             if !status.is_success() {
+                let headers = response.headers().clone();
+                let answer = response.bytes().await.map_err(outcome::from_transport)?;
                 return Err(outcome::from_status(status, &headers, &answer));
             }
+            let answer = response.bytes().await.map_err(outcome::from_transport)?;
             read_answer(&answer, &seq, &self.extra_retryable)
         })
     }
