@@ -73,6 +73,7 @@ pub enum Command {
     /// `bench_jc` and `bench_sl`, no database (`contact-sync bench` starts it).
     #[command(hide = true)]
     BenchCalls {
+        /// How many calls to make.
         #[arg(long)]
         count: usize,
     },
