@@ -76,6 +76,9 @@ pub enum Command {
         /// How many calls to make.
         #[arg(long)]
         count: usize,
+        /// Which provider's calls to make.
+        #[arg(long, value_enum, default_value = "both")]
+        provider: super::bench::BenchProvider,
     },
 }
 

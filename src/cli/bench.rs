@@ -44,6 +44,17 @@ pub enum BenchProvider {
     Smartlink,
 }
 
+impl BenchProvider {
+    /// As written on the command line.
+    fn name(self) -> &'static str {
+        match self {
+            BenchProvider::Both => "both",
+            BenchProvider::Justclick => "justclick",
+            BenchProvider::Smartlink => "smartlink",
+        }
+    }
+}
+
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchArgs {
     /// Backlog sizes, each enqueued then drained end to end (comma-separated).
@@ -103,7 +114,8 @@ pub struct BenchArgs {
 pub struct CpuPerJob {
     pub worker: f64,
     pub postgres: Option<f64>,
-    pub sandbox: f64,
+    /// None with `--sandbox-url`: the sandbox is another process then.
+    pub sandbox: Option<f64>,
 }
 
 /// One backlog size, enqueued and drained.
@@ -128,8 +140,8 @@ pub struct FloorResult {
     pub calls_per_s: f64,
     /// CPU time of the calling process per call: the least a worker needs per job.
     pub worker_us_per_call: f64,
-    /// CPU time of the sandbox per call.
-    pub sandbox_us_per_call: f64,
+    /// CPU time of the sandbox per call (None with `--sandbox-url`: another process).
+    pub sandbox_us_per_call: Option<f64>,
 }
 
 /// The rate scenario: what the provider saw against what was configured.
@@ -206,7 +218,11 @@ fn change(provider: BenchProvider, i: usize, c: usize, tag: &str) -> NewJob {
 /// The calls-only process (`contact-sync bench-calls`): `count` changes as the e2e runs make
 /// them, each one signed call through the configured account's provider client (the worker's
 /// own), at most `worker.concurrency` in flight. Fails on the first call that does not succeed.
-pub async fn calls_only(settings: &Settings, count: usize) -> anyhow::Result<()> {
+pub async fn calls_only(
+    settings: &Settings,
+    count: usize,
+    provider: BenchProvider,
+) -> anyhow::Result<()> {
     let registry = Registry::from_settings(settings)?;
     let in_flight = Arc::new(tokio::sync::Semaphore::new(
         settings.worker.concurrency.max(1),
@@ -215,7 +231,7 @@ pub async fn calls_only(settings: &Settings, count: usize) -> anyhow::Result<()>
     let mut calls = tokio::task::JoinSet::new();
     for i in 0..count {
         let permit = in_flight.clone().acquire_owned().await?;
-        let job = change(BenchProvider::Both, i, i, &tag);
+        let job = change(provider, i, i, &tag);
         let Some(provider) = registry.get(&job.account).cloned() else {
             bail!("no account {} in the configuration", job.account);
         };
@@ -246,7 +262,12 @@ pub async fn calls_only(settings: &Settings, count: usize) -> anyhow::Result<()>
 
 /// Runs the calls-only process against the sandbox: its CPU per call is the floor of the
 /// worker's, and this process's (the sandbox's) CPU per call is the sandbox's share of a job.
-async fn measure_floor(config: &Path, calls: usize) -> anyhow::Result<FloorResult> {
+async fn measure_floor(
+    config: &Path,
+    calls: usize,
+    provider: BenchProvider,
+    own_sandbox: bool,
+) -> anyhow::Result<FloorResult> {
     let exe = std::env::current_exe().context("locating the contact-sync binary")?;
     let before = cpu_sample();
     let started = Instant::now();
@@ -254,6 +275,8 @@ async fn measure_floor(config: &Path, calls: usize) -> anyhow::Result<FloorResul
         .arg("bench-calls")
         .arg("--count")
         .arg(calls.to_string())
+        .arg("--provider")
+        .arg(provider.name())
         .env("CONTACT_SYNC_CONFIG", config)
         .env("RUST_LOG", "warn")
         .stdin(std::process::Stdio::null())
@@ -269,7 +292,7 @@ async fn measure_floor(config: &Path, calls: usize) -> anyhow::Result<FloorResul
         calls,
         calls_per_s: (calls as f64 / took).round(),
         worker_us_per_call: cpu.worker,
-        sandbox_us_per_call: cpu.sandbox,
+        sandbox_us_per_call: cpu.sandbox.filter(|_| own_sandbox),
     })
 }
 
@@ -322,6 +345,16 @@ allow_insecure_http = true
     let path = dir.join(format!("contact-sync-bench-{}.toml", std::process::id()));
     std::fs::write(&path, toml)?;
     Ok(path)
+}
+
+/// The bench's configuration file (it holds the sandbox's demo secrets): removed however the
+/// bench ends.
+struct RemovedOnDrop(PathBuf);
+
+impl Drop for RemovedOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 /// A worker process; `wait` returns its exit status and peak RSS in KiB.
@@ -500,7 +533,7 @@ fn per_job_us(before: CpuSample, after: CpuSample, jobs: usize) -> CpuPerJob {
             (Some(b), Some(a)) => Some(round(us(a.saturating_sub(b)))),
             _ => None,
         },
-        sandbox: round(us(after.own.saturating_sub(before.own))),
+        sandbox: Some(round(us(after.own.saturating_sub(before.own)))),
     }
 }
 
@@ -671,19 +704,20 @@ pub async fn run(args: BenchArgs, database_url: Option<String>) -> anyhow::Resul
         (None, None) => bail!("no sandbox"),
     };
     let dir = std::env::temp_dir();
-    let config = config_file(
+    let config = RemovedOnDrop(config_file(
         &args,
         &format!("{base}/justclick/demo"),
         &format!("{base}/smartlink"),
         &dir,
-    )?;
+    )?);
+    let config = config.0.as_path();
 
     // first, on a quiet database: an idle worker
     let mut peak: f64 = 0.0;
     let (latency_ms_p50, latency_ms_p99) = match (&sandbox, args.latency_samples) {
         (Some(s), n) if n > 0 => {
             eprintln!("bench: idle latency, {n} single jobs ...");
-            let (samples, rss) = latency(&pool, s, &config, &url, n).await?;
+            let (samples, rss) = latency(&pool, s, config, &url, n).await?;
             peak = peak.max(rss);
             (percentile(&samples, 50.0), percentile(&samples, 99.0))
         }
@@ -692,7 +726,7 @@ pub async fn run(args: BenchArgs, database_url: Option<String>) -> anyhow::Resul
 
     let mut sizes = Vec::new();
     for (wave, &size) in args.sizes.iter().enumerate() {
-        let r = measure_size(&pool, &args, &config, &url, size, wave, 0).await?;
+        let r = measure_size(&pool, &args, config, &url, size, wave, 0).await?;
         peak = peak.max(r.1);
         sizes.push(r.0);
     }
@@ -709,7 +743,7 @@ pub async fn run(args: BenchArgs, database_url: Option<String>) -> anyhow::Resul
         let r = measure_size(
             &pool,
             &args,
-            &config,
+            config,
             &url,
             args.blocked_jobs,
             wave,
@@ -723,7 +757,7 @@ pub async fn run(args: BenchArgs, database_url: Option<String>) -> anyhow::Resul
         None
     };
     let rate = match (args.rate, &sandbox) {
-        (Some(r), Some(s)) => Some(measure_rate(&pool, &args, r, s, &config, &url).await?),
+        (Some(r), Some(s)) => Some(measure_rate(&pool, &args, r, s, config, &url).await?),
         (Some(_), None) => bail!("--rate needs the in-process sandbox (not --sandbox-url)"),
         (None, _) => None,
     };
@@ -731,7 +765,7 @@ pub async fn run(args: BenchArgs, database_url: Option<String>) -> anyhow::Resul
         0 => None,
         n => {
             eprintln!("bench: calls only, {n} calls without a database ...");
-            Some(measure_floor(&config, n).await?)
+            Some(measure_floor(config, n, args.provider, sandbox.is_some()).await?)
         }
     };
     let rates: Vec<f64> = sizes.iter().map(|s| s.e2e_jobs_per_s).collect();
@@ -753,7 +787,6 @@ pub async fn run(args: BenchArgs, database_url: Option<String>) -> anyhow::Resul
             admin::purge_account(&pool, account, None).await?;
         }
     }
-    let _ = std::fs::remove_file(&config);
     pool.close().await;
     if let Some(s) = sandbox {
         s.stop().await;
@@ -869,7 +902,11 @@ async fn measure_size(
     let claims = claim_latency(pool, 30).await?;
     eprintln!("bench: backlog of {size}: e2e run ...");
     quiesce(pool).await;
-    let (rate, rss, coalesced, cpu) = e2e(pool, config, url, args.workers, size).await?;
+    let (rate, rss, coalesced, mut cpu) = e2e(pool, config, url, args.workers, size).await?;
+    if args.sandbox_url.is_some() {
+        // the sandbox is another process: this one's CPU says nothing about it
+        cpu.sandbox = None;
+    }
     let ms = |v: Option<f64>| v.map(|v| (v * 100.0).round() / 100.0);
     Ok((
         SizeResult {
@@ -903,7 +940,7 @@ pub fn render(r: &BenchResult) -> String {
             opt(s.claim_ms_p99),
             format!("{}", s.cpu_us_per_job.worker),
             opt(s.cpu_us_per_job.postgres),
-            format!("{}", s.cpu_us_per_job.sandbox),
+            opt(s.cpu_us_per_job.sandbox),
         ]);
     }
     let mut out = table::render(
@@ -942,7 +979,10 @@ pub fn render(r: &BenchResult) -> String {
     if let Some(f) = &r.floor {
         out.push_str(&format!(
             "calls only (no database): {} calls, {}/s; caller {} µs/call, sandbox {} µs/call\n",
-            f.calls, f.calls_per_s, f.worker_us_per_call, f.sandbox_us_per_call
+            f.calls,
+            f.calls_per_s,
+            f.worker_us_per_call,
+            opt(f.sandbox_us_per_call)
         ));
     }
     out

@@ -49,8 +49,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::BenchCalls { count } => {
-            bench::calls_only(&settings, count).await?;
+        Command::BenchCalls { count, provider } => {
+            bench::calls_only(&settings, count, provider).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Status { json } => {

@@ -1896,15 +1896,16 @@ fn check_contacts(plan: &Plan, sandbox: &Sandbox, rows: &[Row], v: &mut Violatio
             )
             .map(|c| c.state())
             .unwrap_or_default();
-        // each change that may have reached the provider: not applied, applied, or (one that
-        // asks for a status) applied without its status
-        let carries_status = |id: &i64| {
-            jobs.iter().any(|j| {
-                j.id == *id
-                    && j.payload.as_object().is_some_and(|p| {
-                        p.contains_key("subscribe") || p.contains_key("update_strategy")
-                    })
-            })
+        // each change that may have reached the provider: not applied, applied, or applied
+        // without its status where the worker could have taken it out: the call asked for the
+        // pending status (the change itself, or a later one merged into its call) while another
+        // change of the contact (one asking for it, or a re-send) could hold the window
+        let asks_pending = |j: &Row| j.payload.get("subscribe").and_then(Value::as_i64) == Some(3);
+        let may_be_stripped = |id: &i64| {
+            jobs.iter().any(|j| j.id >= *id && asks_pending(j))
+                && jobs
+                    .iter()
+                    .any(|j| j.id != *id && (asks_pending(j) || j.resend_after.is_some()))
         };
         let mut candidates = Vec::new();
         for choice in 0..3u32.pow(maybe.len() as u32) {
@@ -1917,7 +1918,7 @@ fn check_contacts(plan: &Plan, sandbox: &Sandbox, rows: &[Row], v: &mut Violatio
                     1 => {
                         include.insert(*id);
                     }
-                    _ if carries_status(id) => {
+                    _ if may_be_stripped(id) => {
                         include.insert(*id);
                         stripped.insert(*id);
                     }
