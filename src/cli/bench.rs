@@ -1,14 +1,20 @@
 //! `contact-sync bench`: the end-to-end benchmark. It uses `DATABASE_URL` or a throwaway
 //! Postgres (fsync on, default `synchronous_commit`), the sandbox in-process (or
-//! `--sandbox-url`), and real worker processes (`contact-sync run --drain`), and prints one JSON
-//! line. For each backlog size of `--sizes` (5k, 20k, 100k and 1M by default), one after the
-//! other on the same database (finished rows accumulate, as in production):
+//! `--sandbox-url`), and real worker processes (`contact-sync run`), and prints one JSON line.
+//!
+//! The workers are started once (`worker_start_ms`: until every one is registered), serve the
+//! idle-latency samples, drain an unmeasured warm-up backlog (`--warmup`), and are then kept as a
+//! deployment keeps them: stopped (`SIGSTOP`) while each backlog is enqueued and its claims
+//! probed, continued (`SIGCONT`) for its drain. For each backlog size of `--sizes` (5k, 20k, 100k
+//! and 1M by default), one after the other on the same database (finished rows accumulate, as in
+//! production):
 //!
 //! - `enqueue_jobs_per_s`: the backlog enqueued through the Rust batch API (two producers);
 //! - `claim_ms_p50` / `claim_ms_p99`: the claim statement of a 256-job batch against that backlog
 //!   (run and rolled back, so the backlog stays);
-//! - `e2e_jobs_per_s`: worker start until the backlog is finished, each job a signed HTTP call to
-//!   the sandbox, both providers, distinct contacts unless `--contacts`;
+//! - `e2e_jobs_per_s`: from continuing the workers until the last job's `finished_at` (on the
+//!   database's clock), each job a signed HTTP call to the sandbox, both providers, distinct
+//!   contacts unless `--contacts`;
 //! - `cpu_us_per_job`: CPU time per delivered job of the worker processes, of Postgres (every
 //!   local `postgres` process, exited backends included) and of this process (the sandbox).
 //!
@@ -26,7 +32,7 @@ use super::demo;
 use super::table;
 use anyhow::{bail, Context};
 use contact_sync::config::Settings;
-use contact_sync::outbox::{admin, claim, enqueue, enqueue_batch, NewJob};
+use contact_sync::outbox::{accounts, admin, claim, enqueue, enqueue_batch, NewJob};
 use contact_sync::providers::{Delivery, Registry};
 use contact_sync::sandbox::Sandbox;
 use serde::Serialize;
@@ -87,6 +93,10 @@ pub struct BenchArgs {
     /// Single-job latency samples.
     #[arg(long, default_value_t = 200)]
     pub latency_samples: usize,
+    /// Jobs drained before the measured runs, not measured: the workers' connections to
+    /// Postgres and to the providers opened, as in a running deployment (0 skips it).
+    #[arg(long, default_value_t = 2_048)]
+    pub warmup: usize,
     /// Worker processes for the e2e runs (all on one database).
     #[arg(long, default_value_t = 1)]
     pub workers: usize,
@@ -174,6 +184,8 @@ pub struct BenchResult {
     pub latency_ms_p99: Option<f64>,
     pub rate: Option<RateResult>,
     pub floor: Option<FloorResult>,
+    /// From spawning the worker processes until every one was registered (ready to claim).
+    pub worker_start_ms: f64,
     pub peak_rss_mb: f64,
     pub cores: usize,
     pub seconds: f64,
@@ -269,7 +281,7 @@ async fn measure_floor(
     own_sandbox: bool,
 ) -> anyhow::Result<FloorResult> {
     let exe = std::env::current_exe().context("locating the contact-sync binary")?;
-    let before = cpu_sample();
+    let before = cpu_sample(0);
     let started = Instant::now();
     let status = tokio::process::Command::new(exe)
         .arg("bench-calls")
@@ -287,7 +299,7 @@ async fn measure_floor(
     if !status.success() {
         bail!("the calls-only process failed ({status})");
     }
-    let cpu = per_job_us(before, cpu_sample(), calls);
+    let cpu = per_job_us(before, cpu_sample(0), calls);
     Ok(FloorResult {
         calls,
         calls_per_s: (calls as f64 / took).round(),
@@ -357,9 +369,20 @@ impl Drop for RemovedOnDrop {
     }
 }
 
-/// A worker process; `wait` returns its exit status and peak RSS in KiB.
+/// A worker process; `wait` returns its exit status and peak RSS in KiB. Killed if dropped
+/// while it runs (a bench that fails leaves no worker behind).
 struct WorkerProcess {
     child: std::process::Child,
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            self.signal(libc::SIGCONT);
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
 }
 
 impl WorkerProcess {
@@ -380,19 +403,33 @@ impl WorkerProcess {
         Ok(WorkerProcess { child })
     }
 
-    fn terminate(&self) {
+    fn signal(&self, signal: libc::c_int) {
         if let Ok(pid) = libc::pid_t::try_from(self.child.id()) {
             // SAFETY: sending a signal to our own child process.
             unsafe {
-                libc::kill(pid, libc::SIGTERM);
+                libc::kill(pid, signal);
             }
         }
+    }
+
+    fn terminate(&self) {
+        // a stopped process acts on SIGTERM once continued
+        self.signal(libc::SIGTERM);
+        self.signal(libc::SIGCONT);
+    }
+
+    /// CPU clock ticks the process has used so far (user and system).
+    fn ticks(&self) -> u64 {
+        std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))
+            .ok()
+            .and_then(|s| proc_ticks(&s))
+            .map_or(0, |(_, own, _, _)| own)
     }
 
     /// Waits for the process; returns its exit code and its peak RSS in MiB. The peak is
     /// read from `/proc/PID/status` (VmHWM, reset at exec) while it runs: `wait4`'s maxrss would
     /// also count the parent's image the child was forked from.
-    async fn wait(mut self) -> anyhow::Result<(i32, f64)> {
+    async fn wait(&mut self) -> anyhow::Result<(i32, f64)> {
         let status_path = format!("/proc/{}/status", self.child.id());
         let mut peak_kib: u64 = 0;
         loop {
@@ -469,6 +506,8 @@ async fn load(pool: &PgPool, jobs: &[NewJob]) -> anyhow::Result<f64> {
 struct CpuSample {
     own: u64,
     children: u64,
+    /// The live worker processes' own ticks.
+    workers: u64,
     postgres: Option<u64>,
 }
 
@@ -486,7 +525,7 @@ fn proc_ticks(stat: &str) -> Option<(String, u64, u64, i64)> {
     Some((comm, own, children, ppid))
 }
 
-fn cpu_sample() -> CpuSample {
+fn cpu_sample(workers: u64) -> CpuSample {
     let (own, children) = std::fs::read_to_string("/proc/self/stat")
         .ok()
         .and_then(|s| proc_ticks(&s))
@@ -518,6 +557,7 @@ fn cpu_sample() -> CpuSample {
     CpuSample {
         own,
         children,
+        workers,
         postgres,
     }
 }
@@ -528,7 +568,8 @@ fn per_job_us(before: CpuSample, after: CpuSample, jobs: usize) -> CpuPerJob {
     let us = |ticks: u64| ticks as f64 / hz * 1e6 / jobs.max(1) as f64;
     let round = |v: f64| (v * 10.0).round() / 10.0;
     CpuPerJob {
-        worker: round(us(after.children.saturating_sub(before.children))),
+        worker: round(us(after.children.saturating_sub(before.children)
+            + after.workers.saturating_sub(before.workers))),
         postgres: match (before.postgres, after.postgres) {
             (Some(b), Some(a)) => Some(round(us(a.saturating_sub(b)))),
             _ => None,
@@ -537,31 +578,124 @@ fn per_job_us(before: CpuSample, after: CpuSample, jobs: usize) -> CpuPerJob {
     }
 }
 
-/// Starts `workers` draining processes, waits for them; returns (jobs/s, peak RSS MiB,
-/// coalesced, CPU per job).
+/// The worker processes of the e2e runs (`contact-sync run`, not draining), as a deployment
+/// runs them: started once, warmed up, and kept. Each run stops them (`SIGSTOP`) while its
+/// backlog is enqueued and its claims are probed, and continues them (`SIGCONT`) for the drain,
+/// so the figures measure the queue and not the start of a process (reported on its own).
+struct Fleet {
+    procs: Vec<WorkerProcess>,
+    /// From spawning the processes until the last of them was registered.
+    start_ms: f64,
+}
+
+impl Fleet {
+    async fn start(
+        pool: &PgPool,
+        config: &Path,
+        url: &str,
+        workers: usize,
+    ) -> anyhow::Result<Fleet> {
+        let started = Instant::now();
+        let mut procs: Vec<WorkerProcess> = (0..workers.max(1))
+            .map(|_| WorkerProcess::spawn(config, url, false))
+            .collect::<Result<_, _>>()?;
+        let pids: Vec<i32> = procs
+            .iter()
+            .filter_map(|p| i32::try_from(p.child.id()).ok())
+            .collect();
+        loop {
+            let live = accounts::live_replicas(pool).await?;
+            if pids.iter().all(|pid| live.iter().any(|r| r.pid == *pid)) {
+                break;
+            }
+            for p in &mut procs {
+                if let Some(status) = p.child.try_wait()? {
+                    bail!("the worker exited at start ({status})");
+                }
+            }
+            if started.elapsed() > Duration::from_secs(60) {
+                bail!("the workers did not register within 60 s");
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        Ok(Fleet {
+            procs,
+            start_ms: (started.elapsed().as_secs_f64() * 1000.0 * 10.0).round() / 10.0,
+        })
+    }
+
+    fn signal(&self, signal: libc::c_int) {
+        for p in &self.procs {
+            p.signal(signal);
+        }
+    }
+
+    fn ticks(&self) -> u64 {
+        self.procs.iter().map(WorkerProcess::ticks).sum()
+    }
+
+    /// Stops the workers; returns the largest peak RSS (MiB).
+    async fn finish(mut self) -> anyhow::Result<f64> {
+        for p in &self.procs {
+            p.terminate();
+        }
+        let mut peak: f64 = 0.0;
+        for p in &mut self.procs {
+            let (code, rss) = p.wait().await?;
+            if code != 0 {
+                bail!("worker exited with {code}");
+            }
+            peak = peak.max(rss);
+        }
+        Ok(peak)
+    }
+}
+
+/// Waits until every job of the benchmark's accounts is finished and `expected` more have
+/// finished than `before` (polled every 50 ms: a cheap probe, but one that reads the ready
+/// contacts' index, whose cost would show in Postgres's share if it ran more often).
+async fn drained(pool: &PgPool, before: i64, expected: usize) -> anyhow::Result<()> {
+    let accounts = ACCOUNTS.map(String::from);
+    let deadline = Instant::now() + Duration::from_secs(1800);
+    loop {
+        if !claim::runnable_exists(pool, &accounts).await?
+            && !claim::in_flight_exists(pool, &accounts).await?
+        {
+            let (after, _) = finished(pool).await?;
+            if usize::try_from(after - before).unwrap_or(0) >= expected {
+                return Ok(());
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("the backlog was not drained within 30 minutes");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Continues the (stopped) fleet and waits for the backlog to drain; returns (jobs/s,
+/// coalesced, CPU per job). The drain is timed on the database's clock, from just before the
+/// workers are continued to the last job's `finished_at` (when its completion was written; the
+/// commit follows within the completion statement's few milliseconds).
 async fn e2e(
     pool: &PgPool,
-    config: &Path,
-    url: &str,
-    workers: usize,
+    fleet: &Fleet,
     expected: usize,
-) -> anyhow::Result<(f64, f64, i64, CpuPerJob)> {
+) -> anyhow::Result<(f64, i64, CpuPerJob)> {
     let (before, coalesced_before) = finished(pool).await?;
-    let cpu_before = cpu_sample();
-    let started = Instant::now();
-    let procs: Vec<WorkerProcess> = (0..workers)
-        .map(|_| WorkerProcess::spawn(config, url, true))
-        .collect::<Result<_, _>>()?;
-    let mut peak: f64 = 0.0;
-    for p in procs {
-        let (code, rss) = p.wait().await?;
-        if code != 0 {
-            bail!("worker exited with {code}");
-        }
-        peak = peak.max(rss);
+    let cpu_before = cpu_sample(fleet.ticks());
+    let started = admin::clock(pool).await?;
+    fleet.signal(libc::SIGCONT);
+    drained(pool, before, expected).await?;
+    let cpu = per_job_us(cpu_before, cpu_sample(fleet.ticks()), expected);
+    fleet.signal(libc::SIGSTOP);
+    let Some(last) = admin::last_finished_at(pool, &ACCOUNTS.map(String::from)).await? else {
+        bail!("no job finished");
+    };
+    let took = (last - started).num_microseconds().unwrap_or(i64::MAX) as f64 / 1e6;
+    if took <= 0.0 {
+        bail!("the last job finished before the drain started");
     }
-    let took = started.elapsed().as_secs_f64();
-    let cpu = per_job_us(cpu_before, cpu_sample(), expected);
     let (after, coalesced_after) = finished(pool).await?;
     let done = usize::try_from(after - before).unwrap_or(0);
     if done != expected {
@@ -569,7 +703,6 @@ async fn e2e(
     }
     Ok((
         expected as f64 / took,
-        peak,
         coalesced_after - coalesced_before,
         cpu,
     ))
@@ -583,15 +716,10 @@ fn percentile(sorted: &[f64], p: f64) -> Option<f64> {
     sorted.get(rank.clamp(1, sorted.len()) - 1).copied()
 }
 
-async fn latency(
-    pool: &PgPool,
-    sandbox: &Sandbox,
-    config: &Path,
-    url: &str,
-    samples: usize,
-) -> anyhow::Result<(Vec<f64>, f64)> {
+/// Single jobs enqueued one at a time into the idle fleet: from the enqueue statement to the
+/// provider receiving the call. Milliseconds, sorted.
+async fn latency(pool: &PgPool, sandbox: &Sandbox, samples: usize) -> anyhow::Result<Vec<f64>> {
     let mut arrivals = sandbox.observe();
-    let worker = WorkerProcess::spawn(config, url, false)?;
     let mut conn = pool.acquire().await?;
     let mut measured = Vec::with_capacity(samples);
     // the first call warms the worker's connections up
@@ -619,10 +747,8 @@ async fn latency(
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    worker.terminate();
-    let (_, rss) = worker.wait().await?;
     measured.sort_by(|a, b| a.total_cmp(b));
-    Ok((measured, rss))
+    Ok(measured)
 }
 
 /// The blocked scenario's jobs: per contact, a head scheduled an hour later and `depth` changes
@@ -712,23 +838,32 @@ pub async fn run(args: BenchArgs, database_url: Option<String>) -> anyhow::Resul
     )?);
     let config = config.0.as_path();
 
+    eprintln!(
+        "bench: starting {} worker process(es) ...",
+        args.workers.max(1)
+    );
+    let fleet = Fleet::start(&pool, config, &url, args.workers).await?;
+    let worker_start_ms = fleet.start_ms;
     // first, on a quiet database: an idle worker
-    let mut peak: f64 = 0.0;
     let (latency_ms_p50, latency_ms_p99) = match (&sandbox, args.latency_samples) {
         (Some(s), n) if n > 0 => {
             eprintln!("bench: idle latency, {n} single jobs ...");
-            let (samples, rss) = latency(&pool, s, config, &url, n).await?;
-            peak = peak.max(rss);
+            let samples = latency(&pool, s, n).await?;
             (percentile(&samples, 50.0), percentile(&samples, 99.0))
         }
         _ => (None, None),
     };
+    if args.warmup > 0 {
+        eprintln!("bench: warm-up, {} jobs (not measured) ...", args.warmup);
+        let (before, _) = finished(&pool).await?;
+        load(&pool, &jobs(&args, args.warmup, args.sizes.len() + 2)).await?;
+        drained(&pool, before, args.warmup).await?;
+    }
+    fleet.signal(libc::SIGSTOP);
 
     let mut sizes = Vec::new();
     for (wave, &size) in args.sizes.iter().enumerate() {
-        let r = measure_size(&pool, &args, config, &url, size, wave, 0).await?;
-        peak = peak.max(r.1);
-        sizes.push(r.0);
+        sizes.push(measure_size(&pool, &args, &fleet, size, wave, 0).await?);
     }
     let blocked = if args.blocked_contacts > 0 && args.blocked_jobs > 0 {
         let stuck = blocked_jobs(args.blocked_contacts, args.blocked_depth);
@@ -740,22 +875,13 @@ pub async fn run(args: BenchArgs, database_url: Option<String>) -> anyhow::Resul
         }
         drop(conn);
         let wave = args.sizes.len() + 1;
-        let r = measure_size(
-            &pool,
-            &args,
-            config,
-            &url,
-            args.blocked_jobs,
-            wave,
-            stuck.len(),
-        )
-        .await?;
-        peak = peak.max(r.1);
+        let r = measure_size(&pool, &args, &fleet, args.blocked_jobs, wave, stuck.len()).await?;
         admin::purge_account(&pool, ACCOUNTS[1], None).await?;
-        Some(r.0)
+        Some(r)
     } else {
         None
     };
+    let peak = fleet.finish().await?;
     let rate = match (args.rate, &sandbox) {
         (Some(r), Some(s)) => Some(measure_rate(&pool, &args, r, s, config, &url).await?),
         (Some(_), None) => bail!("--rate needs the in-process sandbox (not --sandbox-url)"),
@@ -804,6 +930,7 @@ pub async fn run(args: BenchArgs, database_url: Option<String>) -> anyhow::Resul
         latency_ms_p99: latency_ms_p99.map(|v| (v * 100.0).round() / 100.0),
         rate,
         floor,
+        worker_start_ms,
         peak_rss_mb: (peak * 10.0).round() / 10.0,
         cores: std::thread::available_parallelism()
             .map(|n| n.get())
@@ -844,7 +971,7 @@ async fn measure_rate(
     let procs: Vec<WorkerProcess> = (0..args.workers)
         .map(|_| WorkerProcess::spawn(config, url, true))
         .collect::<Result<_, _>>()?;
-    for p in procs {
+    for mut p in procs {
         let (code, _) = p.wait().await?;
         if code != 0 {
             bail!("worker exited with {code}");
@@ -884,16 +1011,15 @@ async fn measure_rate(
     })
 }
 
-/// Enqueues one backlog, measures its claims, drains it; returns the result and peak RSS.
+/// Enqueues one backlog while the (stopped) fleet waits, measures its claims, drains it.
 async fn measure_size(
     pool: &PgPool,
     args: &BenchArgs,
-    config: &Path,
-    url: &str,
+    fleet: &Fleet,
     size: usize,
     wave: usize,
     blocked: usize,
-) -> anyhow::Result<(SizeResult, f64)> {
+) -> anyhow::Result<SizeResult> {
     eprintln!("bench: backlog of {size}: enqueueing ...");
     let batch = jobs(args, size, wave);
     let enqueue_jobs_per_s = load(pool, &batch).await?;
@@ -902,25 +1028,22 @@ async fn measure_size(
     let claims = claim_latency(pool, 30).await?;
     eprintln!("bench: backlog of {size}: e2e run ...");
     quiesce(pool).await;
-    let (rate, rss, coalesced, mut cpu) = e2e(pool, config, url, args.workers, size).await?;
+    let (rate, coalesced, mut cpu) = e2e(pool, fleet, size).await?;
     if args.sandbox_url.is_some() {
         // the sandbox is another process: this one's CPU says nothing about it
         cpu.sandbox = None;
     }
     let ms = |v: Option<f64>| v.map(|v| (v * 100.0).round() / 100.0);
-    Ok((
-        SizeResult {
-            backlog: size,
-            blocked,
-            enqueue_jobs_per_s: enqueue_jobs_per_s.round(),
-            claim_ms_p50: ms(percentile(&claims, 50.0)),
-            claim_ms_p99: ms(percentile(&claims, 99.0)),
-            e2e_jobs_per_s: rate.round(),
-            coalesced,
-            cpu_us_per_job: cpu,
-        },
-        rss,
-    ))
+    Ok(SizeResult {
+        backlog: size,
+        blocked,
+        enqueue_jobs_per_s: enqueue_jobs_per_s.round(),
+        claim_ms_p50: ms(percentile(&claims, 50.0)),
+        claim_ms_p99: ms(percentile(&claims, 99.0)),
+        e2e_jobs_per_s: rate.round(),
+        coalesced,
+        cpu_us_per_job: cpu,
+    })
 }
 
 pub fn render(r: &BenchResult) -> String {
@@ -957,11 +1080,12 @@ pub fn render(r: &BenchResult) -> String {
         &rows,
     );
     out.push_str(&format!(
-        "e2e slowest/fastest {} · blocked/unblocked {} · idle latency p50 {} ms, p99 {} ms · worker peak RSS {} MB\n",
+        "e2e slowest/fastest {} · blocked/unblocked {} · idle latency p50 {} ms, p99 {} ms · worker start {} ms · worker peak RSS {} MB\n",
         opt(r.e2e_min_over_max),
         opt(r.blocked_over_unblocked),
         opt(r.latency_ms_p50),
         opt(r.latency_ms_p99),
+        r.worker_start_ms,
         r.peak_rss_mb
     ));
     if let Some(rate) = &r.rate {

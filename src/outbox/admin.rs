@@ -43,7 +43,7 @@ pub async fn status(pool: &PgPool) -> Result<Status, sqlx::Error> {
     let counts = sqlx::query_as::<_, StateCount>(
         // language=PostgreSQL
         "SELECT account, state, count(*) AS count FROM contact_sync.jobs GROUP BY account, state ORDER BY account, state",
-    )
+    ).persistent(false)
     .fetch_all(pool)
     .await?;
     let backlog = backlog(pool).await?;
@@ -75,7 +75,7 @@ pub async fn backlog(pool: &PgPool) -> Result<Vec<Backlog>, sqlx::Error> {
         FROM contact_sync.jobs WHERE state = 'pending'
         GROUP BY account ORDER BY account
         "#,
-    )
+    ).persistent(false)
     .fetch_all(pool)
     .await
 }
@@ -85,7 +85,7 @@ pub async fn dead_per_account(pool: &PgPool) -> Result<Vec<(String, i64)>, sqlx:
     sqlx::query_as(
         // language=PostgreSQL
         "SELECT account, count(*) FROM contact_sync.jobs WHERE state = 'dead' GROUP BY account ORDER BY account",
-    )
+    ).persistent(false)
     .fetch_all(pool)
     .await
 }
@@ -179,7 +179,7 @@ pub async fn show(pool: &PgPool, id: JobId) -> Result<Option<JobDetail>, sqlx::E
                created_at, finished_at, locked_until, locked_by, last_error, errors, coalesced_into, doi, outcome
         FROM contact_sync.jobs WHERE id = $1
         "#,
-    )
+    ).persistent(false)
     .bind(id)
     .fetch_optional(pool)
     .await
@@ -201,6 +201,7 @@ pub enum ActionResult {
 /// The job's current state, if it exists.
 async fn state_of(pool: &PgPool, id: JobId) -> Result<Option<String>, sqlx::Error> {
     sqlx::query_scalar("SELECT state FROM contact_sync.jobs WHERE id = $1")
+        .persistent(false)
         .bind(id)
         .fetch_optional(pool)
         .await
@@ -226,7 +227,7 @@ pub async fn retry(
     if !force {
         let newer: Option<JobId> = sqlx::query_scalar(&format!(
             "SELECT ({NEWER_DELIVERED}) FROM contact_sync.jobs j WHERE j.id = $1 AND j.state IN ('dead', 'cancelled')"
-        ))
+        )).persistent(false)
         .bind(id)
         .fetch_optional(pool)
         .await?
@@ -244,6 +245,7 @@ pub async fn retry(
         WHERE id = $1 AND state IN ('dead', 'cancelled')
         "#,
     )
+    .persistent(false)
     .bind(id)
     .execute(pool)
     .await?;
@@ -332,7 +334,7 @@ pub async fn retry_matching(
                     ELSE (SELECT count(*) FROM done) END,
                (SELECT count(*) FROM candidates WHERE stale AND NOT $5)
         "#
-    ))
+    )).persistent(false)
     .bind(&filter.state)
     .bind(&filter.account)
     .bind(&filter.email)
@@ -377,6 +379,7 @@ pub async fn cancel_matching(
         SELECT CASE WHEN $5 THEN (SELECT count(*) FROM targets) ELSE (SELECT count(*) FROM done) END
         "#
     ))
+    .persistent(false)
     .bind(&filter.state)
     .bind(&filter.account)
     .bind(&filter.email)
@@ -407,6 +410,7 @@ pub async fn cancel(
         WHERE id = $1 AND state IN ('pending', 'dead') AND (SELECT count(*) FROM held) >= 0
         "#,
     )
+    .persistent(false)
     .bind(id)
     .execute(pool)
     .await?;
@@ -421,6 +425,7 @@ pub async fn cancel(
 
 async fn notify(pool: &PgPool) -> Result<(), sqlx::Error> {
     sqlx::query("SELECT pg_notify('contact_sync_jobs', '')")
+        .persistent(false)
         .execute(pool)
         .await
         .map(|_| ())
@@ -434,16 +439,19 @@ pub async fn purge_account(
     api_key_id: Option<&str>,
 ) -> Result<u64, sqlx::Error> {
     let n = sqlx::query("DELETE FROM contact_sync.jobs WHERE account = $1")
+        .persistent(false)
         .bind(account)
         .execute(pool)
         .await?
         .rows_affected();
     sqlx::query("DELETE FROM contact_sync.doi_deferred WHERE account = $1")
+        .persistent(false)
         .bind(account)
         .execute(pool)
         .await?;
     if let Some(key) = api_key_id {
         sqlx::query("DELETE FROM contact_sync.doi_ledger WHERE api_key_id = $1")
+            .persistent(false)
             .bind(key)
             .execute(pool)
             .await?;
@@ -459,9 +467,37 @@ pub async fn counts_for(
     sqlx::query_as::<_, StateCount>(
         // language=PostgreSQL
         "SELECT account, state, count(*) AS count FROM contact_sync.jobs WHERE account = ANY($1) GROUP BY account, state ORDER BY account, state",
-    )
+    ).persistent(false)
     .bind(accounts)
     .fetch_all(pool)
+    .await
+}
+
+/// The database's clock, and the latest `finished_at` of these accounts' jobs (when the last
+/// completion was written): the benchmark times a drain between the two.
+pub async fn clock(pool: &PgPool) -> Result<DateTime<Utc>, sqlx::Error> {
+    sqlx::query_scalar("SELECT clock_timestamp()")
+        .persistent(false)
+        .fetch_one(pool)
+        .await
+}
+
+/// See [`clock`]. Each branch can read `jobs_finished_idx` or `jobs_dead_idx` from its end.
+pub async fn last_finished_at(
+    pool: &PgPool,
+    accounts: &[String],
+) -> Result<Option<DateTime<Utc>>, sqlx::Error> {
+    sqlx::query_scalar(
+        // language=PostgreSQL
+        r#"
+        SELECT greatest(
+            (SELECT max(finished_at) FROM contact_sync.jobs
+             WHERE state IN ('succeeded', 'coalesced', 'cancelled') AND account = ANY($1)),
+            (SELECT max(finished_at) FROM contact_sync.jobs WHERE state = 'dead' AND account = ANY($1)))
+        "#,
+    ).persistent(false)
+    .bind(accounts)
+    .fetch_one(pool)
     .await
 }
 
@@ -469,7 +505,7 @@ pub async fn counts_for(
 pub async fn failed_attempts(pool: &PgPool, accounts: &[String]) -> Result<i64, sqlx::Error> {
     sqlx::query_scalar(
         "SELECT coalesce(sum(jsonb_array_length(errors)), 0)::bigint FROM contact_sync.jobs WHERE account = ANY($1)",
-    )
+    ).persistent(false)
     .bind(accounts)
     .fetch_one(pool)
     .await

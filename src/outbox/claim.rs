@@ -142,6 +142,7 @@ async fn run_claim(
     let limits: Vec<i32> = quotas.iter().map(|q| q.limit).collect();
     let max_followers = i64::try_from(claim.max_followers.saturating_sub(1)).unwrap_or(0);
     sqlx::query_as::<_, ClaimedJob>(CLAIM_SQL)
+        .persistent(false)
         .bind(&accounts)
         .bind(&limits)
         .bind(millis(claim.lease))
@@ -217,6 +218,7 @@ pub async fn claim_within_limits(
     // A stopped or cut-off worker must not hold an account's row for long: its session ends
     // after this much idle time in the transaction, and the lock with it.
     sqlx::query("SET LOCAL idle_in_transaction_session_timeout = '5s'")
+        .persistent(false)
         .execute(&mut *tx)
         .await?;
     // 1. the lock, never waited for: an account another claim holds right now is skipped
@@ -224,7 +226,7 @@ pub async fn claim_within_limits(
     let locked: Vec<String> = sqlx::query_scalar(
         // language=PostgreSQL
         "SELECT account FROM contact_sync.accounts WHERE account = ANY($1) ORDER BY account FOR UPDATE SKIP LOCKED",
-    )
+    ).persistent(false)
     .bind(&names)
     .fetch_all(&mut *tx)
     .await?;
@@ -262,7 +264,7 @@ pub async fn claim_within_limits(
         FROM contact_sync.accounts a CROSS JOIN (SELECT clock_timestamp() AS t) c
         WHERE a.account = ANY($1)
         "#,
-    )
+    ).persistent(false)
     .bind(&names)
     .bind(CALL_JITTER_MARGIN.as_secs_f64())
     .fetch_all(&mut *tx)
@@ -346,6 +348,7 @@ pub async fn claim_within_limits(
             WHERE a.account = t.account
             "#,
         )
+        .persistent(false)
         .bind(&spent.0)
         .bind(&spent.1)
         .bind(&spent.2)
@@ -367,6 +370,7 @@ pub async fn claim_rolled_back(
     let limits: Vec<i32> = quotas.iter().map(|q| q.limit).collect();
     let mut tx = pool.begin().await?;
     let rows = sqlx::query(CLAIM_SQL)
+        .persistent(false)
         .bind(&accounts)
         .bind(&limits)
         .bind(30_000i64)
@@ -415,7 +419,7 @@ pub async fn extend_leases(
         )
         SELECT id FROM mine
         "#,
-    )
+    ).persistent(false)
     .bind(&ids)
     .bind(&attempts)
     .bind(millis(lease))
@@ -442,6 +446,18 @@ pub async fn runnable_exists(pool: &PgPool, accounts: &[String]) -> Result<bool,
                                      WHERE j.contact_key = c.contact_key AND j.state = 'pending'))
         "#,
     )
+    .persistent(false)
+    .bind(accounts)
+    .fetch_one(pool)
+    .await
+}
+
+/// Is a call of these accounts in flight (a `running` job)?
+pub async fn in_flight_exists(pool: &PgPool, accounts: &[String]) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar(
+        // language=PostgreSQL
+        "SELECT EXISTS (SELECT 1 FROM contact_sync.jobs WHERE state = 'running' AND account = ANY($1))",
+    ).persistent(false)
     .bind(accounts)
     .fetch_one(pool)
     .await
@@ -463,6 +479,7 @@ pub async fn next_due_in(
             ORDER BY c.run_at LIMIT 1) n
         "#,
     )
+    .persistent(false)
     .bind(accounts)
     .fetch_one(pool)
     .await?;
@@ -492,6 +509,7 @@ pub async fn reread_contacts(pool: &PgPool, limit: i64) -> Result<i64, sqlx::Err
         SELECT cardinality(keys)::bigint FROM k, LATERAL contact_sync.refresh_contacts(k.keys)
         "#,
     )
+    .persistent(false)
     .bind(limit)
     .fetch_one(pool)
     .await
@@ -503,6 +521,7 @@ pub async fn held_by(pool: &PgPool, worker_id: &str) -> Result<i64, sqlx::Error>
         // language=PostgreSQL
         "SELECT count(*) FROM contact_sync.jobs WHERE state = 'running' AND locked_by = $1",
     )
+    .persistent(false)
     .bind(worker_id)
     .fetch_one(pool)
     .await

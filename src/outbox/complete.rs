@@ -96,7 +96,7 @@ pub async fn succeed_many(pool: &PgPool, items: &[Success]) -> Result<Vec<JobId>
         )
         SELECT id FROM done
         "#,
-    )
+    ).persistent(false)
     .bind(&ids)
     .bind(&attempts)
     .bind(&dois)
@@ -148,7 +148,7 @@ pub async fn retry(
                 'attempt', attempts, 'at', now(), 'kind', $4::text, 'code', $6::text, 'error', $5::text))
         WHERE id = $1 AND attempts = $2 AND state = 'running'
         "#,
-    )
+    ).persistent(false)
     .bind(lease.id)
     .bind(lease.attempt)
     .bind(millis(delay))
@@ -194,7 +194,7 @@ pub async fn kill(pool: &PgPool, lease: Lease, error: &AttemptError) -> Result<b
                 'attempt', attempts, 'at', now(), 'kind', $3::text, 'code', $5::text, 'error', $4::text))
         WHERE id = $1 AND attempts = $2 AND state = 'running'
         "#,
-    )
+    ).persistent(false)
     .bind(lease.id)
     .bind(lease.attempt)
     .bind(&error.kind)
@@ -226,6 +226,7 @@ pub async fn release(
         WHERE j.id = t.id AND j.state = 'running' AND j.attempts = t.attempt
         "#,
     )
+    .persistent(false)
     .bind(&ids)
     .bind(&attempts)
     .bind(undo_attempt)

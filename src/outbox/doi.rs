@@ -45,6 +45,7 @@ pub async fn reserve(
     // window): then try again.
     for _ in 0..3 {
         let granted: Option<bool> = sqlx::query_scalar(&insert)
+            .persistent(false)
             .bind(api_key_id)
             .bind(email)
             .bind(job_id)
@@ -54,6 +55,7 @@ pub async fn reserve(
             return Ok(Reservation::Granted);
         }
         let until: Option<DateTime<Utc>> = sqlx::query_scalar(&holder)
+            .persistent(false)
             .bind(api_key_id)
             .bind(email)
             .fetch_optional(pool)
@@ -64,6 +66,7 @@ pub async fn reserve(
     }
     // Still contended: treat the window as busy for a minute of database time.
     let until: DateTime<Utc> = sqlx::query_scalar("SELECT now() + interval '1 minute'")
+        .persistent(false)
         .fetch_one(pool)
         .await?;
     Ok(Reservation::Busy { until })
@@ -77,7 +80,7 @@ pub async fn confirm(
     email: &str,
     job_id: JobId,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query("UPDATE contact_sync.doi_ledger SET sent_at = now() WHERE api_key_id = $1 AND email = lower($2) AND job_id = $3")
+    sqlx::query("UPDATE contact_sync.doi_ledger SET sent_at = now() WHERE api_key_id = $1 AND email = lower($2) AND job_id = $3").persistent(false)
         .bind(api_key_id)
         .bind(email)
         .bind(job_id)
@@ -94,7 +97,7 @@ pub async fn release(
     email: &str,
     job_id: JobId,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query("DELETE FROM contact_sync.doi_ledger WHERE api_key_id = $1 AND email = lower($2) AND job_id = $3")
+    sqlx::query("DELETE FROM contact_sync.doi_ledger WHERE api_key_id = $1 AND email = lower($2) AND job_id = $3").persistent(false)
         .bind(api_key_id)
         .bind(email)
         .bind(job_id)
@@ -127,7 +130,7 @@ pub async fn defer(pool: &PgPool, d: &Deferral<'_>) -> Result<(), sqlx::Error> {
         ON CONFLICT (job_id) DO UPDATE SET due_at = EXCLUDED.due_at, payload = EXCLUDED.payload,
                                            covers_id = EXCLUDED.covers_id
         "#,
-    )
+    ).persistent(false)
     .bind(d.job_id)
     .bind(d.covers_id)
     .bind(d.provider)
@@ -158,7 +161,7 @@ pub async fn enqueue_due_resends(pool: &PgPool) -> Result<Vec<JobId>, sqlx::Erro
     }
     let due: Vec<JobId> = sqlx::query_scalar(
         "SELECT job_id FROM contact_sync.doi_deferred WHERE due_at <= now() ORDER BY due_at LIMIT 20",
-    )
+    ).persistent(false)
     .fetch_all(pool)
     .await?;
     let mut ids = Vec::new();
@@ -183,6 +186,7 @@ async fn resends_with_timeout(
 ) -> Result<Vec<JobId>, sqlx::Error> {
     let mut tx = pool.begin().await?;
     sqlx::query("SELECT set_config('lock_timeout', $1, true)")
+        .persistent(false)
         .bind(format!("{lock_timeout_ms}ms"))
         .execute(&mut *tx)
         .await?;
@@ -216,7 +220,7 @@ async fn resends_with_timeout(
               AND n.state = 'pending' AND n.payload ? 'subscribe')
         RETURNING id
         "#,
-    )
+    ).persistent(false)
     .bind(only)
     .fetch_all(&mut *tx)
     .await?;

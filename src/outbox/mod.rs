@@ -14,6 +14,14 @@
 //!   cancelled ◀── operator (`cancel`); dead/cancelled ──retry──▶ pending
 //! ```
 //! Time is always the database's `now()`.
+//!
+//! The statements a worker repeats (claims, completions, the sweeps, the `/metrics` gauges) are
+//! sent unprepared (`.persistent(false)`), so Postgres plans each for the tables as they are at
+//! that moment. A prepared statement may switch to a generic plan after five runs and keep it:
+//! one made while the queue was empty (a one-page `contact_sync.contacts`) reads the table with
+//! a sequential scan, and kept doing so once a backlog of a million arrived. The triggers'
+//! functions get the same from `plan_cache_mode = force_custom_plan` (migration
+//! `20261128000001`). `plans::plans_made_on_an_empty_queue_hold_for_a_full_one` pins it.
 
 pub mod accounts;
 pub mod admin;

@@ -52,6 +52,7 @@ pub async fn count_prunable(pool: &PgPool, older_than: Duration) -> Result<i64, 
                 AND o.id < j.id)
         "#,
     )
+    .persistent(false)
     .bind(i64::try_from(older_than.as_millis()).unwrap_or(i64::MAX))
     .fetch_one(pool)
     .await
@@ -89,6 +90,7 @@ async fn delete_batch(
     batch: i64,
 ) -> Result<u64, sqlx::Error> {
     let result = sqlx::query(sql)
+        .persistent(false)
         .bind(i64::try_from(older_than.as_millis()).unwrap_or(i64::MAX))
         .bind(batch)
         .execute(pool)

@@ -24,7 +24,7 @@ pub async fn rescue_expired(
         WHERE state = 'running' AND (locked_until IS NULL OR locked_until < now())
         RETURNING state
         "#,
-    )
+    ).persistent(false)
     .bind(default_max_attempts)
     .fetch_all(pool)
     .await?;

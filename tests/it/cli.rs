@@ -642,6 +642,8 @@ async fn bench_reports_every_scenario() {
                 "3",
                 "--floor-calls",
                 "400",
+                "--warmup",
+                "100",
                 "--pretty",
             ],
         )
@@ -674,6 +676,9 @@ async fn bench_reports_every_scenario() {
         assert!(floor[part].as_f64().unwrap() > 0.0, "{part}: {line}");
     }
     assert!(out.contains("calls only (no database): 400 calls"), "{out}");
+    // the workers were started once, before every measured run
+    assert!(r["worker_start_ms"].as_f64().unwrap() > 0.0, "{line}");
+    assert!(out.contains("worker start "), "{out}");
     // the backlogs were drained: nothing is left open
     assert_eq!(env.count("pending").await + env.count("running").await, 0);
 }

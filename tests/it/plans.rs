@@ -442,3 +442,131 @@ async fn completing_a_batch_compares_rows_in_proportion_to_it() {
         .unwrap();
     assert_eq!(left, 0, "every finished contact leaves the queue");
 }
+
+/// Rows read by sequential scans of the queue's tables so far (`pg_stat_user_tables`), after
+/// the given sessions' statistics were flushed.
+async fn seq_rows_read(reader: &PgPool, sessions: &[&PgPool]) -> (i64, i64) {
+    for session in sessions {
+        // flushed when that session next goes idle (PostgreSQL 15 and later)
+        sqlx::query("SELECT pg_stat_force_next_flush()")
+            .execute(*session)
+            .await
+            .unwrap();
+        sqlx::query("SELECT 1").execute(*session).await.unwrap();
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let read = |table: &'static str| async move {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT coalesce(sum(seq_tup_read), 0)::bigint FROM pg_stat_user_tables
+             WHERE schemaname = 'contact_sync' AND relname = $1",
+        )
+        .bind(table)
+        .fetch_one(reader)
+        .await
+        .unwrap()
+    };
+    (read("jobs").await, read("contacts").await)
+}
+
+/// One claim of up to 256 jobs through the library, each completed as delivered; returns how
+/// many.
+async fn deliver(pool: &PgPool) -> usize {
+    use contact_sync::outbox::claim::{claim, AccountQuota};
+    use contact_sync::outbox::complete::{succeed_many, Success};
+    let quotas = [AccountQuota {
+        account: ACCOUNT.into(),
+        limit: 256,
+    }];
+    let lease = std::time::Duration::from_secs(30);
+    let jobs = claim(pool, &quotas, lease, "plan-test", 5, 16)
+        .await
+        .unwrap();
+    let done: Vec<Success> = jobs
+        .iter()
+        .map(|j| Success {
+            lease: j.lease(),
+            doi: None,
+            followers: Vec::new(),
+            sets_status: false,
+            modify_ts: None,
+            outcome: None,
+        })
+        .collect();
+    let lost = succeed_many(pool, &done).await.unwrap();
+    assert!(lost.is_empty(), "{lost:?}");
+    jobs.len()
+}
+
+/// Regression: a worker that had run on an empty queue kept the plans it made then. Postgres
+/// may switch a statement to a generic plan after five runs and keep it for the session; with
+/// `contact_sync.contacts` one page long, that plan scans the table, and it went on scanning it
+/// whole, completion after completion, once 20,000 contacts were queued (statistics unchanged:
+/// autovacuum off here, as it is between two of its runs). The same for a producer's insert
+/// trigger. Now the worker's statements, and the triggers' functions, are planned for the
+/// tables as they are: a claim and completion of 256 jobs, and a producer's changes, read no
+/// table through a sequential scan.
+#[tokio::test]
+async fn plans_made_on_an_empty_queue_hold_for_a_full_one() {
+    use contact_sync::outbox::{enqueue_batch, NewJob};
+    use sqlx::postgres::PgPoolOptions;
+
+    let db = TestDb::new().await;
+    for table in ["contact_sync.jobs", "contact_sync.contacts"] {
+        sqlx::query(&format!(
+            "ALTER TABLE {table} SET (autovacuum_enabled = off)"
+        ))
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    }
+    analyze(&db.pool).await;
+    // one connection each: every statement of a role runs in the same session
+    let session = || {
+        PgPoolOptions::new()
+            .max_connections(1)
+            .connect_lazy_with(db.options.clone())
+    };
+    let worker = session();
+    let producer = session();
+    let change = |email: String| {
+        NewJob::new(
+            "justclick",
+            ACCOUNT,
+            email,
+            serde_json::json!({"lead_name": "P"}),
+        )
+    };
+    // the queue is empty between changes: ten rounds of one change, claimed and completed
+    for round in 0..10 {
+        let mut conn = producer.acquire().await.unwrap();
+        enqueue_batch(&mut conn, &[change(format!("early{round}@example.com"))])
+            .await
+            .unwrap();
+        drop(conn);
+        assert_eq!(deliver(&worker).await, 1);
+    }
+    // then a backlog arrives (from another session), and the statistics stay as they were
+    let other = session();
+    ready(&other, 1, 20_000).await;
+    let before = seq_rows_read(&db.pool, &[&worker, &producer, &other]).await;
+    assert_eq!(deliver(&worker).await, 256);
+    let mut conn = producer.acquire().await.unwrap();
+    let more: Vec<NewJob> = (0..10)
+        .map(|i| change(format!("ready{}@example.com", 1_000 + i)))
+        .collect();
+    enqueue_batch(&mut conn, &more).await.unwrap();
+    drop(conn);
+    let after = seq_rows_read(&db.pool, &[&worker, &producer]).await;
+    let (jobs, contacts) = (after.0 - before.0, after.1 - before.1);
+    // (before the fix: 10,285,140 rows of jobs and 60,000 of contacts)
+    assert!(
+        jobs < 1_000,
+        "a claim and completion of 256 jobs and 10 changes read {jobs} rows of contact_sync.jobs through sequential scans, 20,000 queued"
+    );
+    // at this size a single pass over the queue's table can be the cheaper plan for a batch
+    // (it is, at 20,000); more than one is the plan of an empty table
+    assert!(
+        contacts < 2 * 20_000,
+        "a claim and completion of 256 jobs and 10 changes read {contacts} rows of contact_sync.contacts through sequential scans, 20,000 queued"
+    );
+}
