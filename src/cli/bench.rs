@@ -634,6 +634,20 @@ impl Fleet {
         self.procs.iter().map(WorkerProcess::ticks).sum()
     }
 
+    /// Stops the workers, never inside one of their transactions (a periodic sweep could have
+    /// one open): that would hold back vacuum, or a lock, while the next backlog is enqueued.
+    async fn pause(&self, pool: &PgPool) -> anyhow::Result<()> {
+        for _ in 0..100 {
+            self.signal(libc::SIGSTOP);
+            if admin::idle_in_transaction(pool).await? == 0 {
+                return Ok(());
+            }
+            self.signal(libc::SIGCONT);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        bail!("a session of this database stayed inside a transaction for 2 s (a worker's, or another client's): the bench stops its workers only outside one")
+    }
+
     /// Stops the workers; returns the largest peak RSS (MiB).
     async fn finish(mut self) -> anyhow::Result<f64> {
         for p in &self.procs {
@@ -688,7 +702,7 @@ async fn e2e(
     fleet.signal(libc::SIGCONT);
     drained(pool, before, expected).await?;
     let cpu = per_job_us(cpu_before, cpu_sample(fleet.ticks()), expected);
-    fleet.signal(libc::SIGSTOP);
+    fleet.pause(pool).await?;
     let Some(last) = admin::last_finished_at(pool, &ACCOUNTS.map(String::from)).await? else {
         bail!("no job finished");
     };
@@ -859,7 +873,7 @@ pub async fn run(args: BenchArgs, database_url: Option<String>) -> anyhow::Resul
         load(&pool, &jobs(&args, args.warmup, args.sizes.len() + 2)).await?;
         drained(&pool, before, args.warmup).await?;
     }
-    fleet.signal(libc::SIGSTOP);
+    fleet.pause(&pool).await?;
 
     let mut sizes = Vec::new();
     for (wave, &size) in args.sizes.iter().enumerate() {

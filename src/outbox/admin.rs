@@ -501,6 +501,17 @@ pub async fn last_finished_at(
     .await
 }
 
+/// Sessions of this database, other than the caller's, inside a transaction and waiting for
+/// their client (the benchmark stops its workers only outside one).
+pub async fn idle_in_transaction(pool: &PgPool) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid() AND state LIKE 'idle in transaction%'",
+    )
+    .persistent(false)
+    .fetch_one(pool)
+    .await
+}
+
 /// Failed attempts recorded for some accounts (the sum of their error histories).
 pub async fn failed_attempts(pool: &PgPool, accounts: &[String]) -> Result<i64, sqlx::Error> {
     sqlx::query_scalar(
