@@ -28,6 +28,7 @@
 //! database. Its CPU per call is the least a worker needs per job; the sandbox's CPU per call is
 //! the sandbox's share of every job.
 
+use super::daemon;
 use super::demo;
 use super::table;
 use anyhow::{bail, Context};
@@ -355,7 +356,16 @@ allow_insecure_http = true
         }
     }
     let path = dir.join(format!("contact-sync-bench-{}.toml", std::process::id()));
-    std::fs::write(&path, toml)?;
+    // readable by this user only: it holds the sandbox's (demo) secrets
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&path)?
+        .write_all(toml.as_bytes())?;
     Ok(path)
 }
 
@@ -387,14 +397,27 @@ impl Drop for WorkerProcess {
 
 impl WorkerProcess {
     fn spawn(config: &Path, url: &str, drain: bool) -> anyhow::Result<WorkerProcess> {
+        use std::os::unix::process::CommandExt;
         let exe = std::env::current_exe().context("locating the contact-sync binary")?;
         let mut cmd = std::process::Command::new(exe);
+        // (a statement that straddles a stop between two runs would be logged as slow)
         cmd.arg("run")
             .env("CONTACT_SYNC_CONFIG", config)
             .env("DATABASE_URL", url)
-            .env("RUST_LOG", "warn");
+            .env("RUST_LOG", "warn,sqlx::query=error");
         if drain {
             cmd.arg("--drain");
+        }
+        // SAFETY: prctl is async-signal-safe; it only asks the kernel to kill this child when the
+        // thread that started it ends (a runtime worker thread, which lives as long as the
+        // bench), so a bench that is killed leaves no stopped worker behind.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
         }
         let child = cmd
             .stdin(std::process::Stdio::null())
@@ -636,16 +659,34 @@ impl Fleet {
 
     /// Stops the workers, never inside one of their transactions (a periodic sweep could have
     /// one open): that would hold back vacuum, or a lock, while the next backlog is enqueued.
+    /// A statement already sent finishes without its client: after 50 ms, a session of theirs
+    /// still inside a transaction is waiting for them, and they are continued for a moment.
     async fn pause(&self, pool: &PgPool) -> anyhow::Result<()> {
-        for _ in 0..100 {
+        let names: Vec<String> = self
+            .procs
+            .iter()
+            .map(|p| daemon::worker_application_name(p.child.id()))
+            .collect();
+        for _ in 0..40 {
             self.signal(libc::SIGSTOP);
-            if admin::idle_in_transaction(pool).await? == 0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            if admin::sessions_in_transaction(pool, &names).await? == 0 {
                 return Ok(());
             }
             self.signal(libc::SIGCONT);
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        bail!("a session of this database stayed inside a transaction for 2 s (a worker's, or another client's): the bench stops its workers only outside one")
+        bail!("a worker's session stayed inside a transaction for 3 s")
+    }
+
+    /// Fails if a worker process has exited.
+    fn check_alive(&mut self) -> anyhow::Result<()> {
+        for p in &mut self.procs {
+            if let Some(status) = p.child.try_wait()? {
+                bail!("a worker process exited during the run ({status})");
+            }
+        }
+        Ok(())
     }
 
     /// Stops the workers; returns the largest peak RSS (MiB).
@@ -668,7 +709,12 @@ impl Fleet {
 /// Waits until every job of the benchmark's accounts is finished and `expected` more have
 /// finished than `before` (polled every 50 ms: a cheap probe, but one that reads the ready
 /// contacts' index, whose cost would show in Postgres's share if it ran more often).
-async fn drained(pool: &PgPool, before: i64, expected: usize) -> anyhow::Result<()> {
+async fn drained(
+    pool: &PgPool,
+    fleet: &mut Fleet,
+    before: i64,
+    expected: usize,
+) -> anyhow::Result<()> {
     let accounts = ACCOUNTS.map(String::from);
     let deadline = Instant::now() + Duration::from_secs(1800);
     loop {
@@ -680,6 +726,7 @@ async fn drained(pool: &PgPool, before: i64, expected: usize) -> anyhow::Result<
                 return Ok(());
             }
         }
+        fleet.check_alive()?;
         if Instant::now() > deadline {
             bail!("the backlog was not drained within 30 minutes");
         }
@@ -693,14 +740,14 @@ async fn drained(pool: &PgPool, before: i64, expected: usize) -> anyhow::Result<
 /// commit follows within the completion statement's few milliseconds).
 async fn e2e(
     pool: &PgPool,
-    fleet: &Fleet,
+    fleet: &mut Fleet,
     expected: usize,
 ) -> anyhow::Result<(f64, i64, CpuPerJob)> {
     let (before, coalesced_before) = finished(pool).await?;
     let cpu_before = cpu_sample(fleet.ticks());
     let started = admin::clock(pool).await?;
     fleet.signal(libc::SIGCONT);
-    drained(pool, before, expected).await?;
+    drained(pool, fleet, before, expected).await?;
     let cpu = per_job_us(cpu_before, cpu_sample(fleet.ticks()), expected);
     fleet.pause(pool).await?;
     let Some(last) = admin::last_finished_at(pool, &ACCOUNTS.map(String::from)).await? else {
@@ -856,7 +903,7 @@ pub async fn run(args: BenchArgs, database_url: Option<String>) -> anyhow::Resul
         "bench: starting {} worker process(es) ...",
         args.workers.max(1)
     );
-    let fleet = Fleet::start(&pool, config, &url, args.workers).await?;
+    let mut fleet = Fleet::start(&pool, config, &url, args.workers).await?;
     let worker_start_ms = fleet.start_ms;
     // first, on a quiet database: an idle worker
     let (latency_ms_p50, latency_ms_p99) = match (&sandbox, args.latency_samples) {
@@ -871,13 +918,13 @@ pub async fn run(args: BenchArgs, database_url: Option<String>) -> anyhow::Resul
         eprintln!("bench: warm-up, {} jobs (not measured) ...", args.warmup);
         let (before, _) = finished(&pool).await?;
         load(&pool, &jobs(&args, args.warmup, args.sizes.len() + 2)).await?;
-        drained(&pool, before, args.warmup).await?;
+        drained(&pool, &mut fleet, before, args.warmup).await?;
     }
     fleet.pause(&pool).await?;
 
     let mut sizes = Vec::new();
     for (wave, &size) in args.sizes.iter().enumerate() {
-        sizes.push(measure_size(&pool, &args, &fleet, size, wave, 0).await?);
+        sizes.push(measure_size(&pool, &args, &mut fleet, size, wave, 0).await?);
     }
     let blocked = if args.blocked_contacts > 0 && args.blocked_jobs > 0 {
         let stuck = blocked_jobs(args.blocked_contacts, args.blocked_depth);
@@ -889,7 +936,15 @@ pub async fn run(args: BenchArgs, database_url: Option<String>) -> anyhow::Resul
         }
         drop(conn);
         let wave = args.sizes.len() + 1;
-        let r = measure_size(&pool, &args, &fleet, args.blocked_jobs, wave, stuck.len()).await?;
+        let r = measure_size(
+            &pool,
+            &args,
+            &mut fleet,
+            args.blocked_jobs,
+            wave,
+            stuck.len(),
+        )
+        .await?;
         admin::purge_account(&pool, ACCOUNTS[1], None).await?;
         Some(r)
     } else {
@@ -1029,7 +1084,7 @@ async fn measure_rate(
 async fn measure_size(
     pool: &PgPool,
     args: &BenchArgs,
-    fleet: &Fleet,
+    fleet: &mut Fleet,
     size: usize,
     wave: usize,
     blocked: usize,

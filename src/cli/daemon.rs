@@ -25,6 +25,8 @@ pub async fn run_worker(
     }
     let stop = signals.graceful.clone();
     let (options, target) = super::connect_options(&settings)?;
+    // which worker a session is, in pg_stat_activity
+    let options = options.application_name(&worker_application_name(std::process::id()));
     let pool = PgPoolOptions::new()
         .max_connections(settings.database.max_connections)
         .acquire_timeout(Duration::from_secs(10))
@@ -108,6 +110,11 @@ pub async fn run_worker(
             Ok(ExitCode::from(1))
         }
     }
+}
+
+/// The `application_name` of a worker process's sessions (`pg_stat_activity`).
+pub fn worker_application_name(pid: u32) -> String {
+    format!("contact-sync worker {pid}")
 }
 
 /// `sandbox`: serves the simulators until a signal.

@@ -29,9 +29,12 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    // A daemon handles SIGTERM from its first moment: before the configuration is read.
+    // A daemon handles SIGTERM from its first moment: before the configuration is read. So does
+    // the bench, whose worker processes are stopped (SIGSTOP) between its runs: it ends them.
     let signals = match cli.command {
-        Command::Run { .. } | Command::Sandbox(_) => Some(shutdown::Shutdown::on_signals()),
+        Command::Run { .. } | Command::Sandbox(_) | Command::Bench(_) => {
+            Some(shutdown::Shutdown::on_signals())
+        }
         _ => None,
     };
     let settings = Settings::load(cli.config.as_deref())?;
@@ -42,7 +45,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Bench(args) => {
             let pretty = args.pretty;
-            let result = bench::run(args, database_url(&settings)).await?;
+            let interrupted = signals.map(|s| s.graceful).unwrap_or_default();
+            // dropping the run ends its worker processes, its throwaway Postgres and its
+            // configuration file
+            let result = tokio::select! {
+                result = bench::run(args, database_url(&settings)) => result?,
+                () = interrupted.cancelled() => bail!("interrupted: the bench's worker processes were ended"),
+            };
             println!("{}", serde_json::to_string(&result)?);
             if pretty {
                 print!("{}", bench::render(&result));

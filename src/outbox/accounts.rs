@@ -23,6 +23,7 @@ async fn bounded_tx(
 ) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, sqlx::Error> {
     let mut tx = pool.begin().await?;
     sqlx::query(&format!("SET LOCAL lock_timeout = '{ms}ms'"))
+        .persistent(false)
         .execute(&mut *tx)
         .await?;
     Ok(tx)
@@ -113,7 +114,7 @@ pub async fn register(
         let before: Option<Registered> = sqlx::query_as(
             // language=PostgreSQL
             "SELECT provider, rate_per_second, burst, max_in_flight, paused_by IS NOT DISTINCT FROM 'credentials' FROM contact_sync.accounts WHERE account = $1 FOR UPDATE",
-        )
+        ).persistent(false)
         .bind(&a.account)
         .fetch_optional(&mut *tx)
         .await?;
@@ -135,7 +136,7 @@ pub async fn register(
                             THEN 'it has open ' || $2 || ' jobs'
                         END
                     "#,
-                )
+                ).persistent(false)
                 .bind(&a.account)
                 .bind(registered)
                 .bind(&replica.id)
@@ -170,7 +171,7 @@ pub async fn register(
                 paused_by = CASE WHEN $6 AND t.paused_by = 'credentials' THEN NULL ELSE t.paused_by END,
                 updated_at = now()
             "#,
-        )
+        ).persistent(false)
         .bind(&a.account)
         .bind(&a.provider)
         .bind(a.rate_per_second)
@@ -182,6 +183,7 @@ pub async fn register(
         if let (true, Some((_, _, _, _, true))) = (end_refused, &before) {
             // the other workers take the account up again at once
             sqlx::query("SELECT pg_notify('contact_sync_accounts', $1)")
+                .persistent(false)
                 .bind(&a.account)
                 .execute(&mut *tx)
                 .await?;
@@ -209,7 +211,7 @@ pub async fn register(
         sqlx::query(
             // language=PostgreSQL
             "UPDATE contact_sync.workers SET accounts = array(SELECT a FROM unnest(accounts) a WHERE a <> ALL($2)) WHERE id = $1",
-        )
+        ).persistent(false)
         .bind(&replica.id)
         .bind(&names)
         .execute(&mut *tx)
@@ -248,6 +250,7 @@ async fn upsert_replica(
         ON CONFLICT (id) DO UPDATE SET heartbeat_at = now(), expires_at = EXCLUDED.expires_at
         "#,
     )
+    .persistent(false)
     .bind(&replica.id)
     .bind(&replica.host)
     .bind(replica.pid)
@@ -262,6 +265,7 @@ async fn upsert_replica(
 /// A replica leaving cleanly.
 pub async fn deregister(pool: &PgPool, id: &str) -> Result<(), sqlx::Error> {
     sqlx::query("DELETE FROM contact_sync.workers WHERE id = $1")
+        .persistent(false)
         .bind(id)
         .execute(pool)
         .await?;
@@ -288,6 +292,7 @@ pub async fn live_replicas(pool: &PgPool) -> Result<Vec<ReplicaRow>, sqlx::Error
         "SELECT id, host, pid, accounts, concurrency, started_at, heartbeat_at, expires_at \
          FROM contact_sync.workers WHERE expires_at >= now() ORDER BY started_at, id",
     )
+    .persistent(false)
     .fetch_all(pool)
     .await
 }
@@ -341,7 +346,7 @@ pub async fn throttle(
         )
         SELECT coalesce((SELECT throttled_until > now() FROM before), false) FROM announced
         "#,
-    )
+    ).persistent(false)
     .bind(account)
     .bind(provider)
     .bind(millis(for_))
@@ -372,6 +377,7 @@ pub async fn pause(pool: &PgPool, account: &str, reason: &str) -> Result<(), sql
         SELECT pg_notify('contact_sync_accounts', account) FROM paused
         "#,
     )
+    .persistent(false)
     .bind(account)
     .bind(clean_reason(reason))
     .execute(&mut *tx)
@@ -404,7 +410,7 @@ pub async fn pause_refused(
         )
         SELECT p.account FROM paused p, LATERAL (SELECT pg_notify('contact_sync_accounts', p.account)) n
         "#,
-    )
+    ).persistent(false)
     .bind(account)
     .bind(provider)
     .bind(clean_reason(reason))
@@ -431,6 +437,7 @@ pub async fn resume(pool: &PgPool, account: &str) -> Result<bool, sqlx::Error> {
         SELECT pg_notify('contact_sync_accounts', account) FROM resumed
         "#,
     )
+    .persistent(false)
     .bind(account)
     .execute(&mut *tx)
     .await?
@@ -450,6 +457,7 @@ pub async fn resume(pool: &PgPool, account: &str) -> Result<bool, sqlx::Error> {
           AND j.errors -> -1 ->> 'kind' IN ('rate_limited', 'account_refused')
         "#,
     )
+    .persistent(false)
     .bind(account)
     .execute(&mut *tx)
     .await?;
@@ -499,7 +507,7 @@ pub async fn list(pool: &PgPool) -> Result<Vec<AccountRow>, sqlx::Error> {
                 WHERE a.account = ANY(w.accounts) AND w.expires_at >= now()) AS workers
         FROM contact_sync.accounts a ORDER BY a.account
         "#,
-    )
+    ).persistent(false)
     .fetch_all(pool)
     .await
 }
@@ -510,6 +518,7 @@ pub async fn providers(pool: &PgPool) -> Result<Vec<(String, String)>, sqlx::Err
         // language=PostgreSQL
         "SELECT account, provider FROM contact_sync.accounts WHERE provider IS NOT NULL",
     )
+    .persistent(false)
     .fetch_all(pool)
     .await
 }
@@ -538,6 +547,7 @@ pub async fn holds(pool: &PgPool, accounts: &[String]) -> Result<Vec<AccountHold
         WHERE account = ANY($1)
         "#,
     )
+    .persistent(false)
     .bind(accounts)
     .fetch_all(pool)
     .await?;
@@ -578,6 +588,7 @@ pub async fn unserved(pool: &PgPool) -> Result<Vec<String>, sqlx::Error> {
         LIMIT 100
         "#,
     )
+    .persistent(false)
     .fetch_all(pool)
     .await
 }

@@ -501,13 +501,17 @@ pub async fn last_finished_at(
     .await
 }
 
-/// Sessions of this database, other than the caller's, inside a transaction and waiting for
-/// their client (the benchmark stops its workers only outside one).
-pub async fn idle_in_transaction(pool: &PgPool) -> Result<i64, sqlx::Error> {
+/// Sessions with one of these `application_name`s that are inside a transaction (running a
+/// statement, or waiting for their client within one).
+pub async fn sessions_in_transaction(
+    pool: &PgPool,
+    application_names: &[String],
+) -> Result<i64, sqlx::Error> {
     sqlx::query_scalar(
-        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid() AND state LIKE 'idle in transaction%'",
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = ANY($1) AND xact_start IS NOT NULL",
     )
     .persistent(false)
+    .bind(application_names)
     .fetch_one(pool)
     .await
 }

@@ -167,6 +167,8 @@ pub async fn enqueue_batch_counted(
             WHERE j.idempotency_key IS NOT NULL
             "#,
         )
+        // planned for the table as it is (see the module `outbox`)
+        .persistent(false)
         .bind(&accounts)
         .bind(&keys)
         .fetch_all(&mut *conn)

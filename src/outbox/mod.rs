@@ -15,9 +15,11 @@
 //! ```
 //! Time is always the database's `now()`.
 //!
-//! The statements a worker repeats (claims, completions, the sweeps, the `/metrics` gauges) are
-//! sent unprepared (`.persistent(false)`), so Postgres plans each for the tables as they are at
-//! that moment. A prepared statement may switch to a generic plan after five runs and keep it:
+//! The statements a worker repeats (claims, completions, the sweeps, the account checks, the
+//! `/metrics` gauges) and the producers' look-up of idempotency keys already used are sent
+//! unprepared (`.persistent(false)`), so Postgres plans each for the tables as they are at that
+//! moment. (`enqueue_batch`'s insert stays prepared: it reads no table but through its unique
+//! index.) A prepared statement may switch to a generic plan after five runs and keep it:
 //! one made while the queue was empty (a one-page `contact_sync.contacts`) reads the table with
 //! a sequential scan, and kept doing so once a backlog of a million arrived. The triggers'
 //! functions get the same from `plan_cache_mode = force_custom_plan` (migration
