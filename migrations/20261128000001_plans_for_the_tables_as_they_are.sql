@@ -12,7 +12,8 @@
 -- With `plan_cache_mode = force_custom_plan` on these functions, each statement is planned for
 -- the table's current size on every call: about 0.1–0.5 ms of planning per statement, paid
 -- once per statement (a batch), not per row. The worker's own statements get the same by being
--- sent unprepared (`src/outbox/`).
+-- sent unprepared (`src/outbox/`). A later `CREATE OR REPLACE` of one of these functions must
+-- repeat `SET plan_cache_mode = force_custom_plan`: replacing a function resets its settings.
 ALTER FUNCTION contact_sync.rebuild_contacts() SET plan_cache_mode = force_custom_plan;
 ALTER FUNCTION contact_sync.jobs_after_update() SET plan_cache_mode = force_custom_plan;
 ALTER FUNCTION contact_sync.jobs_after_delete() SET plan_cache_mode = force_custom_plan;
@@ -25,7 +26,9 @@ ALTER FUNCTION contact_sync.enqueue(text, text, text, jsonb, text, timestamptz, 
 -- whatever `plan_cache_mode` says. The insert trigger's lock of existing contact rows under
 -- REPEATABLE READ and SERIALIZABLE was such a statement (found by the adversarial review: a
 -- producer under REPEATABLE READ read 50,000 contact rows per insert); it now names its keys
--- through the variable `todo`. Otherwise unchanged.
+-- through the variable `todo`. Its look-ups of existing contact rows read the keys as
+-- refresh_contacts' do (below: the planner does not see how many), so a batch touching a few
+-- hundred queued contacts probes them instead of reading the table. Otherwise unchanged.
 
 CREATE OR REPLACE FUNCTION contact_sync.jobs_after_insert() RETURNS trigger
 LANGUAGE plpgsql SET plan_cache_mode = force_custom_plan AS $fn$
@@ -43,7 +46,7 @@ BEGIN
         -- (the keys as a variable: a statement without one keeps its first plan, see above)
         PERFORM 1 FROM (
             SELECT c.contact_key FROM contact_sync.contacts c
-            WHERE c.contact_key = ANY(todo)
+            WHERE c.contact_key = ANY(ARRAY(SELECT unnest(todo)))
             ORDER BY c.contact_key FOR KEY SHARE) s;
     END IF;
     FOR pass IN 1..10 LOOP
@@ -66,7 +69,7 @@ BEGIN
         -- a contact that already has a row: hold it until commit (deleted meanwhile: next pass)
         SELECT ARRAY(SELECT unnest(todo) EXCEPT SELECT s.contact_key FROM (
             SELECT c.contact_key FROM contact_sync.contacts c
-            WHERE c.contact_key = ANY(todo) ORDER BY c.contact_key FOR KEY SHARE) s) INTO todo;
+            WHERE c.contact_key = ANY(ARRAY(SELECT unnest(todo))) ORDER BY c.contact_key FOR KEY SHARE) s) INTO todo;
     END LOOP;
     IF cardinality(todo) > 0 THEN
         -- only after ten deletes of one row in a row: read those contacts again
@@ -83,7 +86,8 @@ $fn$;
 -- 20,000, 50,000 and 100,000): a completion would then read the whole queue. Its look-ups of
 -- contact rows now read the keys through `ARRAY(SELECT unnest(keys))`, whose size the planner
 -- does not see, and its "has no row" test carries `OFFSET 0`, which keeps Postgres from turning
--- it into a hashed pass over the table: each key is one primary-key probe at any size.
+-- it into a hashed pass over the table: each key is one primary-key probe once the table is
+-- more than a few pages long.
 -- Otherwise as in 20261127000001_cheaper_hot_path.
 
 CREATE OR REPLACE FUNCTION contact_sync.refresh_contacts(keys text[]) RETURNS void
