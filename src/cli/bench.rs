@@ -15,8 +15,9 @@
 //! - `e2e_jobs_per_s`: from continuing the workers until the last job's `finished_at` (on the
 //!   database's clock), each job a signed HTTP call to the sandbox, both providers, distinct
 //!   contacts unless `--contacts`;
-//! - `cpu_us_per_job`: CPU time per delivered job of the worker processes, of Postgres (every
-//!   local `postgres` process, exited backends included) and of this process (the sandbox).
+//! - `cpu_us_per_job`: CPU time per delivered job of the worker processes, of Postgres (the
+//!   processes of the database's cluster when it runs on this machine: its postmaster, exited
+//!   backends included, and its children) and of this process (the sandbox).
 //!
 //! Then the blocked scenario (`--blocked-contacts` contacts of the Smartlink account, each with
 //! its head scheduled an hour later and `--blocked-depth` changes behind it) with the
@@ -523,8 +524,9 @@ async fn load(pool: &PgPool, jobs: &[NewJob]) -> anyhow::Result<f64> {
     Ok(jobs.len() as f64 / loaded.elapsed().as_secs_f64())
 }
 
-/// CPU clock ticks of this process, of its reaped children, and of every local `postgres`
-/// process (the postmaster's reaped children included). Linux `/proc` only; `None` elsewhere.
+/// CPU clock ticks of this process, of its reaped children, of the live worker processes, and
+/// of the bench's Postgres cluster (its postmaster's reaped children included). Linux `/proc`
+/// only; `postgres` is `None` elsewhere, or when the database is not on this machine.
 #[derive(Debug, Clone, Copy)]
 struct CpuSample {
     own: u64,
@@ -548,6 +550,19 @@ fn proc_ticks(stat: &str) -> Option<(String, u64, u64, i64)> {
     Some((comm, own, children, ppid))
 }
 
+/// The local postmaster of the bench's database (`None`: not on this machine, or not found).
+static POSTMASTER: std::sync::OnceLock<Option<i64>> = std::sync::OnceLock::new();
+
+/// Finds the postmaster of the bench's database: the parent of this session's backend.
+async fn find_postmaster(pool: &PgPool) -> anyhow::Result<Option<i64>> {
+    let backend = admin::backend_pid(pool).await?;
+    Ok(std::fs::read_to_string(format!("/proc/{backend}/stat"))
+        .ok()
+        .and_then(|s| proc_ticks(&s))
+        .filter(|(comm, ..)| comm == "postgres")
+        .map(|(_, _, _, ppid)| ppid))
+}
+
 fn cpu_sample(workers: u64) -> CpuSample {
     let (own, children) = std::fs::read_to_string("/proc/self/stat")
         .ok()
@@ -555,27 +570,31 @@ fn cpu_sample(workers: u64) -> CpuSample {
         .map(|(_, o, c, _)| (o, c))
         .unwrap_or((0, 0));
     let mut postgres: Option<u64> = None;
-    let mut procs = Vec::new();
-    if let Ok(dir) = std::fs::read_dir("/proc") {
-        for entry in dir.flatten() {
-            let Ok(pid) = entry.file_name().to_string_lossy().parse::<i64>() else {
-                continue;
-            };
-            if let Some(t) = std::fs::read_to_string(entry.path().join("stat"))
-                .ok()
-                .and_then(|s| proc_ticks(&s))
-            {
-                if t.0 == "postgres" {
-                    procs.push((pid, t));
+    // the bench's own cluster only: its postmaster (with the backends it has reaped) and its
+    // children; another cluster starting or stopping meanwhile is not counted
+    if let Some(postmaster) = POSTMASTER.get().copied().flatten() {
+        if let Ok(dir) = std::fs::read_dir("/proc") {
+            for entry in dir.flatten() {
+                let Ok(pid) = entry.file_name().to_string_lossy().parse::<i64>() else {
+                    continue;
+                };
+                let Some((comm, own, children, ppid)) =
+                    std::fs::read_to_string(entry.path().join("stat"))
+                        .ok()
+                        .and_then(|s| proc_ticks(&s))
+                else {
+                    continue;
+                };
+                if comm != "postgres" {
+                    continue;
+                }
+                if pid == postmaster {
+                    postgres = Some(postgres.unwrap_or(0) + own + children);
+                } else if ppid == postmaster {
+                    postgres = Some(postgres.unwrap_or(0) + own);
                 }
             }
         }
-    }
-    let pids: std::collections::HashSet<i64> = procs.iter().map(|(pid, _)| *pid).collect();
-    for (_, (_, own, children, ppid)) in &procs {
-        // a postmaster (its parent is not postgres) also carries its exited backends
-        let total = own + if pids.contains(ppid) { 0 } else { *children };
-        postgres = Some(postgres.unwrap_or(0) + total);
     }
     CpuSample {
         own,
@@ -881,6 +900,7 @@ pub async fn run(args: BenchArgs, database_url: Option<String>) -> anyhow::Resul
     for account in ACCOUNTS.iter().chain(&["bench_old"]) {
         admin::purge_account(&pool, account, None).await?;
     }
+    let _ = POSTMASTER.set(find_postmaster(&pool).await?);
     let sandbox = match &args.sandbox_url {
         Some(_) => None,
         None => Some(Sandbox::start("127.0.0.1:0".parse()?, demo::sandbox_accounts()).await?),

@@ -501,6 +501,14 @@ pub async fn last_finished_at(
     .await
 }
 
+/// The process id of the session's backend (the benchmark finds its cluster's processes by it).
+pub async fn backend_pid(pool: &PgPool) -> Result<i32, sqlx::Error> {
+    sqlx::query_scalar("SELECT pg_backend_pid()")
+        .persistent(false)
+        .fetch_one(pool)
+        .await
+}
+
 /// Sessions with one of these `application_name`s that are inside a transaction (running a
 /// statement, or waiting for their client within one).
 pub async fn sessions_in_transaction(
