@@ -17,7 +17,10 @@
 //!   contacts unless `--contacts`;
 //! - `cpu_us_per_job`: CPU time per delivered job of the worker processes, of Postgres (the
 //!   processes of the database's cluster when it runs on this machine: its postmaster, exited
-//!   backends included, and its children) and of this process (the sandbox).
+//!   backends included, and its children) and of this process (the sandbox);
+//! - `wal_bytes_per_job` / `wal_fpi_per_job`: the cluster's write-ahead log during the drain,
+//!   per job (bytes, full-page images); `blocks_read_per_job`: blocks the database read from
+//!   outside its shared buffers.
 //!
 //! Then the blocked scenario (`--blocked-contacts` contacts of the Smartlink account, each with
 //! its head scheduled an hour later and `--blocked-depth` changes behind it) with the
@@ -142,6 +145,13 @@ pub struct SizeResult {
     pub e2e_jobs_per_s: f64,
     pub coalesced: i64,
     pub cpu_us_per_job: CpuPerJob,
+    /// Write-ahead log the cluster wrote during the drain, per delivered job: bytes, and
+    /// full-page images (a checkpoint during the drain makes every page's next change log the
+    /// whole page). None before PostgreSQL 14.
+    pub wal_bytes_per_job: Option<f64>,
+    pub wal_fpi_per_job: Option<f64>,
+    /// Blocks the database read from outside its shared buffers during the drain, per job.
+    pub blocks_read_per_job: Option<f64>,
 }
 
 /// The calls-only scenario: the same signed calls as the e2e runs, made by the provider clients
@@ -757,18 +767,27 @@ async fn drained(
 /// coalesced, CPU per job). The drain is timed on the database's clock, from just before the
 /// workers are continued to the last job's `finished_at` (when its completion was written; the
 /// commit follows within the completion statement's few milliseconds).
-async fn e2e(
-    pool: &PgPool,
-    fleet: &mut Fleet,
-    expected: usize,
-) -> anyhow::Result<(f64, i64, CpuPerJob)> {
+async fn e2e(pool: &PgPool, fleet: &mut Fleet, expected: usize) -> anyhow::Result<Drain> {
     let (before, coalesced_before) = finished(pool).await?;
+    let io_before = admin::io_counters(pool).await?;
     let cpu_before = cpu_sample(fleet.ticks());
     let started = admin::clock(pool).await?;
     fleet.signal(libc::SIGCONT);
     drained(pool, fleet, before, expected).await?;
     let cpu = per_job_us(cpu_before, cpu_sample(fleet.ticks()), expected);
     fleet.pause(pool).await?;
+    let per_job = |v: f64, digits: i32| {
+        let scale = 10f64.powi(digits);
+        (v / expected.max(1) as f64 * scale).round() / scale
+    };
+    let io = match (io_before, admin::io_counters(pool).await?) {
+        (Some(a), Some(b)) => Some(Io {
+            wal_bytes: per_job(b.wal_bytes - a.wal_bytes, 0),
+            wal_fpi: per_job((b.wal_fpi - a.wal_fpi) as f64, 2),
+            blocks_read: per_job((b.blocks_read - a.blocks_read) as f64, 2),
+        }),
+        _ => None,
+    };
     let Some(last) = admin::last_finished_at(pool, &ACCOUNTS.map(String::from)).await? else {
         bail!("no job finished");
     };
@@ -781,11 +800,27 @@ async fn e2e(
     if done != expected {
         bail!("{done} of {expected} jobs finished");
     }
-    Ok((
-        expected as f64 / took,
-        coalesced_after - coalesced_before,
+    Ok(Drain {
+        jobs_per_s: expected as f64 / took,
+        coalesced: coalesced_after - coalesced_before,
         cpu,
-    ))
+        io,
+    })
+}
+
+/// What one drain measured (see [`e2e`]).
+struct Drain {
+    jobs_per_s: f64,
+    coalesced: i64,
+    cpu: CpuPerJob,
+    io: Option<Io>,
+}
+
+/// The cluster's input and output per delivered job (see [`admin::IoCounters`]).
+struct Io {
+    wal_bytes: f64,
+    wal_fpi: f64,
+    blocks_read: f64,
 }
 
 fn percentile(sorted: &[f64], p: f64) -> Option<f64> {
@@ -1117,10 +1152,10 @@ async fn measure_size(
     let claims = claim_latency(pool, 30).await?;
     eprintln!("bench: backlog of {size}: e2e run ...");
     quiesce(pool).await;
-    let (rate, coalesced, mut cpu) = e2e(pool, fleet, size).await?;
+    let mut drain = e2e(pool, fleet, size).await?;
     if args.sandbox_url.is_some() {
         // the sandbox is another process: this one's CPU says nothing about it
-        cpu.sandbox = None;
+        drain.cpu.sandbox = None;
     }
     let ms = |v: Option<f64>| v.map(|v| (v * 100.0).round() / 100.0);
     Ok(SizeResult {
@@ -1129,9 +1164,12 @@ async fn measure_size(
         enqueue_jobs_per_s: enqueue_jobs_per_s.round(),
         claim_ms_p50: ms(percentile(&claims, 50.0)),
         claim_ms_p99: ms(percentile(&claims, 99.0)),
-        e2e_jobs_per_s: rate.round(),
-        coalesced,
-        cpu_us_per_job: cpu,
+        e2e_jobs_per_s: drain.jobs_per_s.round(),
+        coalesced: drain.coalesced,
+        cpu_us_per_job: drain.cpu,
+        wal_bytes_per_job: drain.io.as_ref().map(|io| io.wal_bytes),
+        wal_fpi_per_job: drain.io.as_ref().map(|io| io.wal_fpi),
+        blocks_read_per_job: drain.io.as_ref().map(|io| io.blocks_read),
     })
 }
 
@@ -1153,6 +1191,9 @@ pub fn render(r: &BenchResult) -> String {
             format!("{}", s.cpu_us_per_job.worker),
             opt(s.cpu_us_per_job.postgres),
             opt(s.cpu_us_per_job.sandbox),
+            opt(s.wal_bytes_per_job),
+            opt(s.wal_fpi_per_job),
+            opt(s.blocks_read_per_job),
         ]);
     }
     let mut out = table::render(
@@ -1165,6 +1206,9 @@ pub fn render(r: &BenchResult) -> String {
             "WORKER µS/JOB",
             "PG µS/JOB",
             "SANDBOX µS/JOB",
+            "WAL B/JOB",
+            "WAL FPI/JOB",
+            "READS/JOB",
         ],
         &rows,
     );

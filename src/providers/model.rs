@@ -78,6 +78,10 @@ pub fn overwrites(strategy: i64, current: Option<i64>) -> bool {
         .is_some_and(|row| row[column])
 }
 
+/// Smartlink's pending status (`subscribe = 3`): importing a contact as pending asks for a
+/// confirmation email (double opt-in).
+pub const PENDING: i64 = 3;
+
 /// The status part of one change: `subscribe` with its effective strategy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StatusOp {
@@ -103,7 +107,7 @@ impl StatusOp {
     /// New status and whether a confirmation email is asked for.
     pub fn apply(self, current: Option<i64>) -> (Option<i64>, bool) {
         if overwrites(self.strategy, current) {
-            (Some(self.subscribe), self.subscribe == 3)
+            (Some(self.subscribe), self.subscribe == PENDING)
         } else {
             (current, false)
         }

@@ -109,6 +109,16 @@ fn merge_smartlink(acc: &Payload, later: &Payload) -> Option<Payload> {
     if ts(later) < ts(acc) {
         return Some(acc.clone());
     }
+    // The double-opt-in rule may take the pending status out of a call (another call holds
+    // the confirmation window, DESIGN.md rule 5), and any status merged with it would go too:
+    // an unsubscribe followed by a re-subscription asking for confirmation became one call
+    // asking for confirmation, and with that taken out the unsubscribe was lost. A change that
+    // asks for the pending status shares its call with no other status.
+    if let (Some(a), Some(b)) = (StatusOp::of(acc), StatusOp::of(later)) {
+        if a.subscribe == model::PENDING || b.subscribe == model::PENDING {
+            return None;
+        }
+    }
     let mut out = acc.clone();
     out.insert("modify_ts".into(), Value::from(ts(later)));
     for key in ["tags", "openid", "preferences"] {
@@ -250,6 +260,40 @@ mod tests {
         };
         apply_smartlink(&mut c, &g.payload);
         assert_eq!(c.subscribe, Some(0));
+    }
+
+    #[test]
+    fn an_unsubscribe_is_not_merged_into_a_call_asking_for_confirmation() {
+        // Regression (the model test, seed 927240252511): {"subscribe":0} then
+        // {"subscribe":3,"update_strategy":1} became one call asking for the pending status;
+        // inside another call's confirmation window the worker took that status out, and the
+        // unsubscribe went with it.
+        let changes = [
+            obj(json!({"subscribe": 0, "update_strategy": 3, "modify_ts": 1})),
+            obj(json!({"subscribe": 3, "update_strategy": 1, "modify_ts": 2})),
+        ];
+        let g = group(ProviderKind::Smartlink, &changes);
+        assert_eq!(g.taken, 1);
+        assert_eq!(g.payload["subscribe"], json!(0));
+        // and the other way round: the confirmation request keeps its own call
+        let g = group(
+            ProviderKind::Smartlink,
+            &[
+                obj(json!({"subscribe": 3, "modify_ts": 1})),
+                obj(json!({"subscribe": 1, "modify_ts": 2})),
+            ],
+        );
+        assert_eq!(g.taken, 1);
+        // a change without a status still rides along with either
+        let g = group(
+            ProviderKind::Smartlink,
+            &[
+                changes[1].clone(),
+                obj(json!({"tags": ["x"], "modify_ts": 3})),
+            ],
+        );
+        assert_eq!(g.taken, 2);
+        assert_eq!(g.payload["subscribe"], json!(3));
     }
 
     #[test]
@@ -411,6 +455,37 @@ mod tests {
             }
             prop_assert_eq!(&coalesced, &one_by_one, "changes {:?}", changes);
             prop_assert_eq!(emails_co, emails_one);
+        }
+
+        #[test]
+        fn smartlink_coalescing_loses_no_status_when_confirmation_is_taken_out(
+            start in initial_contact(),
+            changes in proptest::collection::vec(smartlink_change(), 1..8)) {
+            // Another call holds the confirmation window: the worker takes the pending status
+            // out of every call asking for it (DESIGN.md rule 5). Only those statuses may be
+            // lost, never one merged into the same call (an unsubscribe followed by a
+            // re-subscription asking for confirmation kept the contact pending).
+            let asks_pending = |p: &Payload| p.get("subscribe").and_then(Value::as_i64) == Some(model::PENDING);
+            let taken_out = |p: &Payload| {
+                let mut p = p.clone();
+                if asks_pending(&p) {
+                    p.remove("subscribe");
+                    p.remove("update_strategy");
+                }
+                p
+            };
+            let mut one_by_one = start.clone();
+            for c in &changes {
+                apply_smartlink(&mut one_by_one, &taken_out(c));
+            }
+            let mut coalesced = start.clone();
+            let mut rest: &[Payload] = &changes;
+            while !rest.is_empty() {
+                let g = group_after(ProviderKind::Smartlink, Some(coalesced.modify_ts), rest);
+                apply_smartlink(&mut coalesced, &taken_out(&g.payload));
+                rest = &rest[g.taken..];
+            }
+            prop_assert_eq!(&coalesced, &one_by_one, "changes {:?}", changes);
         }
 
         #[test]

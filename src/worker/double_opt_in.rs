@@ -11,8 +11,7 @@ use chrono::{DateTime, Utc};
 use serde_json::Value;
 use sqlx::PgPool;
 
-/// The status that asks for confirmation.
-pub const PENDING: i64 = 3;
+use crate::providers::model::PENDING;
 
 /// What was decided for one call.
 #[derive(Debug, Clone, PartialEq)]

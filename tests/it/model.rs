@@ -1847,11 +1847,16 @@ fn check_contacts(plan: &Plan, sandbox: &Sandbox, rows: &[Row], v: &mut Violatio
                         );
                         continue;
                     };
-                    if stripped_heads.contains(&job.id)
-                        || maybe_stripped.contains(&job.id)
-                        || job
-                            .coalesced_into
-                            .is_some_and(|h| stripped_heads.contains(&h))
+                    // the double-opt-in rule takes out the pending status only: any other
+                    // status of a change merged into that call must still apply
+                    let asks_pending =
+                        payload.get("subscribe").and_then(Value::as_i64) == Some(model::PENDING);
+                    if asks_pending
+                        && (stripped_heads.contains(&job.id)
+                            || maybe_stripped.contains(&job.id)
+                            || job
+                                .coalesced_into
+                                .is_some_and(|h| stripped_heads.contains(&h)))
                     {
                         payload.remove("subscribe");
                         payload.remove("update_strategy");
@@ -1897,12 +1902,14 @@ fn check_contacts(plan: &Plan, sandbox: &Sandbox, rows: &[Row], v: &mut Violatio
             .map(|c| c.state())
             .unwrap_or_default();
         // each change that may have reached the provider: not applied, applied, or applied
-        // without its status where the worker could have taken it out: the call asked for the
-        // pending status (the change itself, or a later one merged into its call) while another
-        // change of the contact (one asking for it, or a re-send) could hold the window
-        let asks_pending = |j: &Row| j.payload.get("subscribe").and_then(Value::as_i64) == Some(3);
+        // without its status where the worker could have taken it out: the change asked for
+        // the pending status (a change asking for it never shares its call with another
+        // status) while another change of the contact (one asking for it, or a re-send) could
+        // hold the window
+        let asks_pending =
+            |j: &Row| j.payload.get("subscribe").and_then(Value::as_i64) == Some(model::PENDING);
         let may_be_stripped = |id: &i64| {
-            jobs.iter().any(|j| j.id >= *id && asks_pending(j))
+            jobs.iter().any(|j| j.id == *id && asks_pending(j))
                 && jobs
                     .iter()
                     .any(|j| j.id != *id && (asks_pending(j) || j.resend_after.is_some()))

@@ -211,6 +211,50 @@ async fn coalescing_keeps_an_unsubscribe_and_splits_at_provider_limits() {
 }
 
 #[tokio::test]
+async fn an_unsubscribe_survives_a_confirmation_request_taken_out_of_its_call() {
+    let mut env = TestEnv::new().await;
+    env.settings.accounts.get_mut("sl").unwrap().double_opt_in =
+        contact_sync::config::DoubleOptIn::Drop;
+    // a confirmation request holds the contact's window for the hour
+    let first = env
+        .enqueue(sl("p@example.com", json!({"subscribe": 3})))
+        .await;
+    let worker = env.worker();
+    env.settle(&worker).await;
+    assert_eq!(env.job(first).await.doi.as_deref(), Some("sent"));
+    // Regression (the model test, seed 927240252511): these two were merged into one call
+    // asking for the pending status; inside the window the worker took that status out, and
+    // the unsubscribe went with it: the contact stayed pending.
+    let unsubscribe = env
+        .enqueue(sl(
+            "p@example.com",
+            json!({"subscribe": 0, "update_strategy": 3}),
+        ))
+        .await;
+    let again = env
+        .enqueue(sl(
+            "p@example.com",
+            json!({"subscribe": 3, "update_strategy": 1}),
+        ))
+        .await;
+    env.settle(&worker).await;
+    let c = env
+        .sandbox
+        .contact("smartlink", SL_GAME, "p@example.com")
+        .unwrap();
+    assert_eq!(c.subscribe, Some(0), "the unsubscribe was lost");
+    assert_eq!(c.confirmation_emails, 1);
+    let unsubscribe = env.job(unsubscribe).await;
+    let again = env.job(again).await;
+    assert_eq!(unsubscribe.state, "succeeded", "{unsubscribe:?}");
+    assert_eq!(
+        again.state, "succeeded",
+        "its own call, not merged: {again:?}"
+    );
+    assert_eq!(again.doi.as_deref(), Some("suppressed"));
+}
+
+#[tokio::test]
 async fn an_unverifiable_answer_is_never_a_success() {
     let env = TestEnv::new().await;
     for provider in ["justclick", "smartlink"] {
