@@ -18,9 +18,7 @@
 //! - `cpu_us_per_job`: CPU time per delivered job of the worker processes, of Postgres (the
 //!   processes of the database's cluster when it runs on this machine: its postmaster, exited
 //!   backends included, and its children) and of this process (the sandbox);
-//! - `wal_bytes_per_job` / `wal_fpi_per_job`: the cluster's write-ahead log during the drain,
-//!   per job (bytes, full-page images); `blocks_read_per_job`: blocks the database read from
-//!   outside its shared buffers.
+//! - `wal_bytes_per_job`: the write-ahead log the cluster wrote during the drain, per job.
 //!
 //! Then the blocked scenario (`--blocked-contacts` contacts of the Smartlink account, each with
 //! its head scheduled an hour later and `--blocked-depth` changes behind it) with the
@@ -145,13 +143,9 @@ pub struct SizeResult {
     pub e2e_jobs_per_s: f64,
     pub coalesced: i64,
     pub cpu_us_per_job: CpuPerJob,
-    /// Write-ahead log the cluster wrote during the drain, per delivered job: bytes, and
-    /// full-page images (a checkpoint during the drain makes every page's next change log the
-    /// whole page). None before PostgreSQL 14.
+    /// Bytes of write-ahead log the cluster wrote during the drain, per delivered job (None
+    /// when the server cannot say, e.g. a standby).
     pub wal_bytes_per_job: Option<f64>,
-    pub wal_fpi_per_job: Option<f64>,
-    /// Blocks the database read from outside its shared buffers during the drain, per job.
-    pub blocks_read_per_job: Option<f64>,
 }
 
 /// The calls-only scenario: the same signed calls as the e2e runs, made by the provider clients
@@ -769,24 +763,19 @@ async fn drained(
 /// commit follows within the completion statement's few milliseconds).
 async fn e2e(pool: &PgPool, fleet: &mut Fleet, expected: usize) -> anyhow::Result<Drain> {
     let (before, coalesced_before) = finished(pool).await?;
-    let io_before = admin::io_counters(pool).await?;
+    let wal_before = admin::wal_position(pool).await.ok();
     let cpu_before = cpu_sample(fleet.ticks());
     let started = admin::clock(pool).await?;
     fleet.signal(libc::SIGCONT);
     drained(pool, fleet, before, expected).await?;
     let cpu = per_job_us(cpu_before, cpu_sample(fleet.ticks()), expected);
     fleet.pause(pool).await?;
-    let per_job = |v: f64, digits: i32| {
-        let scale = 10f64.powi(digits);
-        (v / expected.max(1) as f64 * scale).round() / scale
-    };
-    let io = match (io_before, admin::io_counters(pool).await?) {
-        (Some(a), Some(b)) => Some(Io {
-            wal_bytes: per_job(b.wal_bytes - a.wal_bytes, 0),
-            wal_fpi: per_job((b.wal_fpi - a.wal_fpi) as f64, 2),
-            blocks_read: per_job((b.blocks_read - a.blocks_read) as f64, 2),
-        }),
-        _ => None,
+    let wal_bytes_per_job = match &wal_before {
+        Some(position) => admin::wal_bytes_since(pool, position)
+            .await
+            .ok()
+            .map(|bytes| (bytes / expected.max(1) as f64).round()),
+        None => None,
     };
     let Some(last) = admin::last_finished_at(pool, &ACCOUNTS.map(String::from)).await? else {
         bail!("no job finished");
@@ -804,7 +793,7 @@ async fn e2e(pool: &PgPool, fleet: &mut Fleet, expected: usize) -> anyhow::Resul
         jobs_per_s: expected as f64 / took,
         coalesced: coalesced_after - coalesced_before,
         cpu,
-        io,
+        wal_bytes_per_job,
     })
 }
 
@@ -813,14 +802,7 @@ struct Drain {
     jobs_per_s: f64,
     coalesced: i64,
     cpu: CpuPerJob,
-    io: Option<Io>,
-}
-
-/// The cluster's input and output per delivered job (see [`admin::IoCounters`]).
-struct Io {
-    wal_bytes: f64,
-    wal_fpi: f64,
-    blocks_read: f64,
+    wal_bytes_per_job: Option<f64>,
 }
 
 fn percentile(sorted: &[f64], p: f64) -> Option<f64> {
@@ -1167,9 +1149,7 @@ async fn measure_size(
         e2e_jobs_per_s: drain.jobs_per_s.round(),
         coalesced: drain.coalesced,
         cpu_us_per_job: drain.cpu,
-        wal_bytes_per_job: drain.io.as_ref().map(|io| io.wal_bytes),
-        wal_fpi_per_job: drain.io.as_ref().map(|io| io.wal_fpi),
-        blocks_read_per_job: drain.io.as_ref().map(|io| io.blocks_read),
+        wal_bytes_per_job: drain.wal_bytes_per_job,
     })
 }
 
@@ -1192,8 +1172,6 @@ pub fn render(r: &BenchResult) -> String {
             opt(s.cpu_us_per_job.postgres),
             opt(s.cpu_us_per_job.sandbox),
             opt(s.wal_bytes_per_job),
-            opt(s.wal_fpi_per_job),
-            opt(s.blocks_read_per_job),
         ]);
     }
     let mut out = table::render(
@@ -1206,9 +1184,7 @@ pub fn render(r: &BenchResult) -> String {
             "WORKER µS/JOB",
             "PG µS/JOB",
             "SANDBOX µS/JOB",
-            "WAL B/JOB",
-            "WAL FPI/JOB",
-            "READS/JOB",
+            "WAL BYTES/JOB",
         ],
         &rows,
     );

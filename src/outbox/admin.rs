@@ -501,37 +501,23 @@ pub async fn last_finished_at(
     .await
 }
 
-/// Counters of the cluster's input and output so far (the benchmark reports their growth per
-/// job). `None` before PostgreSQL 14, which has no `pg_stat_wal`.
-#[derive(Debug, Clone, Copy, sqlx::FromRow)]
-pub struct IoCounters {
-    /// Write-ahead log written, in bytes.
-    pub wal_bytes: f64,
-    /// Full-page images in it: after a checkpoint, the next change of each page logs the page.
-    pub wal_fpi: i64,
-    /// Blocks this database read from outside Postgres's shared buffers.
-    pub blocks_read: i64,
+/// The cluster's current write-ahead log position (the benchmark measures the log a drain
+/// writes from it, with [`wal_bytes_since`]).
+pub async fn wal_position(pool: &PgPool) -> Result<String, sqlx::Error> {
+    sqlx::query_scalar("SELECT pg_current_wal_lsn()::text")
+        .persistent(false)
+        .fetch_one(pool)
+        .await
 }
 
-/// See [`IoCounters`].
-pub async fn io_counters(pool: &PgPool) -> Result<Option<IoCounters>, sqlx::Error> {
-    let stats = sqlx::query_as::<_, IoCounters>(
-        // language=PostgreSQL
-        r#"
-        SELECT w.wal_bytes::float8 AS wal_bytes, w.wal_fpi,
-               (SELECT d.blks_read FROM pg_stat_database d WHERE d.datname = current_database()) AS blocks_read
-        FROM pg_stat_wal w
-        "#,
-    )
-    .persistent(false)
-    .fetch_optional(pool)
-    .await;
-    match stats {
-        Ok(row) => Ok(row),
-        // 42P01: no such view (PostgreSQL 13 and earlier)
-        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P01") => Ok(None),
-        Err(e) => Err(e),
-    }
+/// Bytes of write-ahead log the cluster wrote since `position` (every database's: the log is
+/// the cluster's). Exact at once, unlike the statistics views, which lag by up to a second.
+pub async fn wal_bytes_since(pool: &PgPool, position: &str) -> Result<f64, sqlx::Error> {
+    sqlx::query_scalar("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), $1::pg_lsn)::float8")
+        .persistent(false)
+        .bind(position)
+        .fetch_one(pool)
+        .await
 }
 
 /// The process id of the session's backend (the benchmark finds its cluster's processes by it).

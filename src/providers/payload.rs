@@ -31,6 +31,11 @@ pub struct Group {
     pub payload: Payload,
     /// How many of the changes (from the first) the call covers; at least 1.
     pub taken: usize,
+    /// Smartlink: the change (index) whose status the call carries last, if any. When the call
+    /// asks for the pending status it is the one change that does (no other status shares
+    /// its call), and the confirmation window is held in that change's name: a retry of it,
+    /// alone or merged into a later call, is the same request.
+    pub status_from: Option<usize>,
 }
 
 /// Takes the longest prefix of `changes` (non-empty, head first) that one call can carry
@@ -48,6 +53,7 @@ pub fn take_group(
         return Group {
             payload: Payload::new(),
             taken: 0,
+            status_from: None,
         };
     };
     let head = normalized(provider, head);
@@ -60,6 +66,8 @@ pub fn take_group(
         }
         _ => head,
     };
+    let smartlink = provider == ProviderKind::Smartlink;
+    let mut status_from = (smartlink && StatusOp::of(&acc).is_some()).then_some(0);
     let mut taken = 1;
     for change in &changes[1..] {
         let later = normalized(provider, change);
@@ -69,6 +77,10 @@ pub fn take_group(
         };
         match merged {
             Some(m) => {
+                // a stale change rides along without effect
+                if smartlink && ts(&later) >= ts(&acc) && StatusOp::of(&later).is_some() {
+                    status_from = Some(taken);
+                }
                 acc = m;
                 taken += 1;
             }
@@ -78,6 +90,7 @@ pub fn take_group(
     Group {
         payload: acc,
         taken,
+        status_from,
     }
 }
 
@@ -482,6 +495,11 @@ mod tests {
             let mut rest: &[Payload] = &changes;
             while !rest.is_empty() {
                 let g = group_after(ProviderKind::Smartlink, Some(coalesced.modify_ts), rest);
+                if asks_pending(&g.payload) {
+                    // the window is held in the name of the one change asking for it
+                    let from = g.status_from.expect("a call with a status names its change");
+                    prop_assert!(from < g.taken && asks_pending(&rest[from]), "{:?}", g);
+                }
                 apply_smartlink(&mut coalesced, &taken_out(&g.payload));
                 rest = &rest[g.taken..];
             }

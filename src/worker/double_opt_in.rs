@@ -45,18 +45,20 @@ impl Decision {
 }
 
 /// Decides, and strips `subscribe`/`update_strategy` from `payload` when the window is taken.
+/// `window_holder`: the job whose change asks for the pending status (the window is reserved in
+/// its name, so its own retry finds the window its earlier attempt took).
 pub async fn decide(
     pool: &PgPool,
     api_key_id: &str,
     policy: DoubleOptIn,
     email: &str,
-    job_id: JobId,
+    window_holder: JobId,
     payload: &mut Payload,
 ) -> Result<Decision, sqlx::Error> {
     if payload.get("subscribe").and_then(Value::as_i64) != Some(PENDING) {
         return Ok(Decision::NotApplicable);
     }
-    match doi::reserve(pool, api_key_id, email, job_id).await? {
+    match doi::reserve(pool, api_key_id, email, window_holder).await? {
         Reservation::Granted => Ok(Decision::Send),
         Reservation::Busy { until } => {
             let mut status = Payload::new();
@@ -73,26 +75,37 @@ pub async fn decide(
     }
 }
 
+/// The jobs one call carried, as the ledger and the deferrals name them.
+#[derive(Debug, Clone, Copy)]
+pub struct Carried {
+    /// The claimed job.
+    pub head: JobId,
+    /// The last job the call covers (the head, or its last follower).
+    pub covers: JobId,
+    /// The job whose change asks for the pending status (see [`decide`]).
+    pub window_holder: JobId,
+}
+
 /// After a successful call: restart the window from the answer's time (`Send`), or schedule
 /// the deferred re-send (`Defer`).
 pub async fn after_success(
     pool: &PgPool,
     api_key_id: &str,
     decision: &Decision,
-    job: (JobId, JobId),
+    jobs: Carried,
     provider: &str,
     account: &str,
     email: &str,
 ) -> Result<(), sqlx::Error> {
     if *decision == Decision::Send {
-        doi::confirm(pool, api_key_id, email, job.0).await?;
+        doi::confirm(pool, api_key_id, email, jobs.window_holder).await?;
     }
     if let Decision::Defer { until, status } = decision {
         doi::defer(
             pool,
             &Deferral {
-                job_id: job.0,
-                covers_id: job.1,
+                job_id: jobs.head,
+                covers_id: jobs.covers,
                 provider,
                 account,
                 email,

@@ -184,6 +184,9 @@ async fn deliver(shared: &Shared, job: &ClaimedJob) -> Outcome {
     let group = take_group(kind, job.known_modify_ts, &changes);
     let mut payload = group.payload;
     let followers: Vec<JobId> = changes[1..group.taken].iter().map(|c| c.id).collect();
+    // The confirmation window is held in the name of the change that asks for it: its retry,
+    // alone or merged into a later call, is the same request (not one inside another's hour).
+    let window_holder = group.status_from.map_or(job.id, |i| changes[i].id);
     if !followers.is_empty() {
         tracing::debug!(
             merged = followers.len(),
@@ -199,7 +202,7 @@ async fn deliver(shared: &Shared, job: &ClaimedJob) -> Outcome {
                 key_id,
                 policy,
                 &job.email,
-                job.id,
+                window_holder,
                 &mut payload,
             )
             .await
@@ -246,7 +249,7 @@ async fn deliver(shared: &Shared, job: &ClaimedJob) -> Outcome {
     };
     if not_acted && decision == Decision::Send {
         if let Some((key_id, _)) = provider.double_opt_in() {
-            if let Err(e) = doi::release(&shared.pool, key_id, &job.email, job.id).await {
+            if let Err(e) = doi::release(&shared.pool, key_id, &job.email, window_holder).await {
                 tracing::warn!(error = %e, "could not release the confirmation window");
             }
         }
@@ -262,7 +265,11 @@ async fn deliver(shared: &Shared, job: &ClaimedJob) -> Outcome {
                     &shared.pool,
                     key_id,
                     &decision,
-                    (job.id, covers),
+                    double_opt_in::Carried {
+                        head: job.id,
+                        covers,
+                        window_holder,
+                    },
                     &job.provider,
                     &job.account,
                     &job.email,

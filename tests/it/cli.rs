@@ -668,8 +668,6 @@ async fn bench_reports_every_scenario() {
         }
         // every delivered job writes its row and its contact's to the log
         assert!(s["wal_bytes_per_job"].as_f64().unwrap() > 100.0, "{s}");
-        assert!(s["wal_fpi_per_job"].as_f64().unwrap() >= 0.0, "{s}");
-        assert!(s["blocks_read_per_job"].as_f64().unwrap() >= 0.0, "{s}");
     }
     // 20 blocked heads, 3 changes behind each
     assert_eq!(r["blocked"]["blocked"], 80, "{line}");

@@ -8,14 +8,16 @@
 //!   refused it permanently (an injected error code, named in `last_error`); nothing is left
 //!   `pending`/`running`; a refused change never became a row.
 //! - **b** each contact the sandbox holds equals the reference model (`providers::model`) applied
-//!   to the changes the outbox says were delivered, in id order (with the double-opt-in status
-//!   taken out where the `doi` column says so). A change whose answer was lost and that never
+//!   to the changes the outbox says were delivered, in id order (with the pending status taken
+//!   out of the changes asking for it where the `doi` column says so; any other status of the
+//!   same call still applies). A change whose answer was lost and that never
 //!   succeeded may or may not have reached the provider, with or without its status (the
 //!   worker may have taken it out and a job that never succeeded records no `doi`): the contact
 //!   must equal the model under one of those histories, and the confirmation emails sent must
 //!   lie within what the histories that explain it ask for.
 //! - **c** never two calls in flight for one contact; never a second confirmation email, and no
-//!   second confirmation request inside the hour except a retry of a call whose answer was lost.
+//!   second confirmation request inside the hour except a retry of a call whose answer was lost;
+//!   a pending status taken out only when another call to the address asked for it.
 //! - **d** no secret, `sig=`, `hash=`, ESC or NUL in any worker's output or the stored errors.
 //! - **e** every refusal is SQLSTATE 22023 naming the field; idempotency keys and all-or-nothing
 //!   batches hold; the sandbox verified every request; workers exit 0 on SIGTERM.
@@ -1822,6 +1824,33 @@ fn check_contacts(plan: &Plan, sandbox: &Sandbox, rows: &[Row], v: &mut Violatio
             .filter(|j| j.delivered() && status_stripped(j.doi.as_deref()))
             .map(|j| j.id)
             .collect();
+        // c: the worker takes a pending status out of a call only inside another call's
+        // confirmation window: another change to the address (under any Smartlink account: a
+        // window belongs to an API key and an address) asked for the pending status, or is a
+        // re-send, and its call was made. Without this, a worker that took every status out
+        // would pass: the model above takes out what the `doi` column says was taken out.
+        for head in jobs.iter().filter(|j| stripped_heads.contains(&j.id)) {
+            let email = head.email.to_lowercase();
+            let held = rows.iter().any(|k| {
+                k.id != head.id
+                    && k.coalesced_into != Some(head.id)
+                    && k.provider == "smartlink"
+                    && k.email.to_lowercase() == email
+                    && (k.payload.get("subscribe").and_then(Value::as_i64) == Some(model::PENDING)
+                        || k.resend_after.is_some())
+                    && (k.attempts > 0 || k.coalesced_into.is_some())
+            });
+            if !held {
+                v.add(
+                    "c: a pending status is taken out only inside another call's window",
+                    &contact.label(),
+                    format!(
+                        "no other call to the address asked for confirmation: {}",
+                        head.summary()
+                    ),
+                );
+            }
+        }
         // The model over the delivered changes, plus those of `maybe` (changes whose attempt may
         // have reached the provider although it was never recorded as delivered), those of
         // `maybe_stripped` without their status: the worker may have taken it out of the call

@@ -255,6 +255,48 @@ async fn an_unsubscribe_survives_a_confirmation_request_taken_out_of_its_call() 
 }
 
 #[tokio::test]
+async fn a_retried_confirmation_request_finds_its_own_window_in_another_call() {
+    let mut env = TestEnv::new().await;
+    env.settings.accounts.get_mut("sl").unwrap().double_opt_in =
+        contact_sync::config::DoubleOptIn::Drop;
+    // retries wait until the test brings them forward
+    env.settings.worker.backoff_base = Duration::from_secs(600);
+    env.settings.worker.backoff_cap = Duration::from_secs(600);
+    // the first call's answer cannot be verified: retried, the window kept (the email may
+    // have gone)
+    env.sandbox.faults().push(
+        FaultRule::new(Fault::Unverifiable, 1)
+            .provider("smartlink")
+            .email("h@example.com"),
+    );
+    let head = env
+        .enqueue(sl("h@example.com", json!({"tags": ["a"]})))
+        .await;
+    let pending = env
+        .enqueue(sl("h@example.com", json!({"subscribe": 3})))
+        .await;
+    let worker = env.worker();
+    worker.drain().await;
+    assert_eq!(env.job(head).await.attempts, 1);
+    assert_eq!(env.job(pending).await.state, "pending", "it rode along");
+    // the retry groups the changes differently: the head is gone, the request goes alone
+    let (done, _) = admin::cancel(&env.pool, head).await.unwrap();
+    assert_eq!(done, admin::ActionResult::Done);
+    env.settle(&worker).await;
+    // Regression (the model test, seed 813226260054): the window was held in the name of the
+    // call's head, so the request's own retry found it taken and its status was taken out.
+    let row = env.job(pending).await;
+    assert_eq!(row.state, "succeeded", "{row:?}");
+    assert_eq!(row.doi.as_deref(), Some("sent"), "{row:?}");
+    let c = env
+        .sandbox
+        .contact("smartlink", SL_GAME, "h@example.com")
+        .unwrap();
+    assert_eq!(c.subscribe, Some(3));
+    assert_eq!(c.confirmation_emails, 1);
+}
+
+#[tokio::test]
 async fn an_unverifiable_answer_is_never_a_success() {
     let env = TestEnv::new().await;
     for provider in ["justclick", "smartlink"] {
