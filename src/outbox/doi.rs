@@ -10,8 +10,10 @@ use sqlx::PgPool;
 /// May this job trigger a confirmation email now?
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reservation {
-    /// Yes: the ledger now records it (taken over by the job on its retries).
-    Granted,
+    /// Yes: the ledger now records it (taken over by the job on its retries). `repeat`: this
+    /// job already held a live window: an earlier attempt's email may have gone, so a failed
+    /// call must not give the window back.
+    Granted { repeat: bool },
     /// No: one was triggered within the hour; the window ends at `until`.
     Busy { until: DateTime<Utc> },
 }
@@ -30,12 +32,16 @@ pub async fn reserve(
 ) -> Result<Reservation, sqlx::Error> {
     let insert = format!(
         r#"
+        WITH prior AS (
+            SELECT p.job_id = $3 AND p.sent_at > now() - {WINDOW_SQL} AS repeat
+            FROM contact_sync.doi_ledger p WHERE p.api_key_id = $1 AND p.email = lower($2)
+        )
         INSERT INTO contact_sync.doi_ledger AS l (api_key_id, email, sent_at, job_id)
         VALUES ($1, lower($2), now(), $3)
         ON CONFLICT (api_key_id, email) DO UPDATE
             SET sent_at = now(), job_id = EXCLUDED.job_id
             WHERE l.sent_at <= now() - {WINDOW_SQL} OR l.job_id = EXCLUDED.job_id
-        RETURNING true
+        RETURNING coalesce((SELECT repeat FROM prior), false)
         "#
     );
     let holder = format!(
@@ -51,8 +57,8 @@ pub async fn reserve(
             .bind(job_id)
             .fetch_optional(pool)
             .await?;
-        if granted.is_some() {
-            return Ok(Reservation::Granted);
+        if let Some(repeat) = granted {
+            return Ok(Reservation::Granted { repeat });
         }
         let until: Option<DateTime<Utc>> = sqlx::query_scalar(&holder)
             .persistent(false)

@@ -18,8 +18,10 @@ use crate::providers::model::PENDING;
 pub enum Decision {
     /// The call does not set the pending status.
     NotApplicable,
-    /// This call holds the window and triggers the email.
-    Send,
+    /// This call holds the window and triggers the email. `repeat`: the change's earlier
+    /// attempt held it already (its answer was lost; the email may have gone): the window is
+    /// never given back for this call.
+    Send { repeat: bool },
     /// The status was taken out of the call; re-send at `until`.
     Defer {
         until: DateTime<Utc>,
@@ -34,7 +36,7 @@ impl Decision {
     pub fn record(&self) -> Option<String> {
         match self {
             Decision::NotApplicable => None,
-            Decision::Send => Some("sent".into()),
+            Decision::Send { .. } => Some("sent".into()),
             Decision::Defer { until, .. } => Some(format!(
                 "deferred_until {}",
                 until.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
@@ -59,7 +61,7 @@ pub async fn decide(
         return Ok(Decision::NotApplicable);
     }
     match doi::reserve(pool, api_key_id, email, window_holder).await? {
-        Reservation::Granted => Ok(Decision::Send),
+        Reservation::Granted { repeat } => Ok(Decision::Send { repeat }),
         Reservation::Busy { until } => {
             let mut status = Payload::new();
             for key in ["subscribe", "update_strategy"] {
@@ -97,7 +99,7 @@ pub async fn after_success(
     account: &str,
     email: &str,
 ) -> Result<(), sqlx::Error> {
-    if *decision == Decision::Send {
+    if matches!(decision, Decision::Send { .. }) {
         doi::confirm(pool, api_key_id, email, jobs.window_holder).await?;
     }
     if let Decision::Defer { until, status } = decision {

@@ -247,7 +247,9 @@ async fn deliver(shared: &Shared, job: &ClaimedJob) -> Outcome {
             _ => false,
         },
     };
-    if not_acted && decision == Decision::Send {
+    // (Not when an earlier attempt of the same change held the window: its email may have
+    // gone, and the provider counts its hour from it.)
+    if not_acted && decision == (Decision::Send { repeat: false }) {
         if let Some((key_id, _)) = provider.double_opt_in() {
             if let Err(e) = doi::release(&shared.pool, key_id, &job.email, window_holder).await {
                 tracing::warn!(error = %e, "could not release the confirmation window");

@@ -1496,7 +1496,9 @@ async fn run_round(seed: u64) {
 
     let rows: Vec<Row> = sqlx::query_as(
         "SELECT id, provider, account, email, state, payload, doi, coalesced_into, resend_after, \
-                last_error, errors, attempts FROM contact_sync.jobs WHERE account <> $1 ORDER BY id",
+                last_error, errors, attempts, \
+                (extract(epoch FROM finished_at) * 1000)::float8 AS finished_ms \
+         FROM contact_sync.jobs WHERE account <> $1 ORDER BY id",
     )
     .bind(HOUSEKEEPING_ACCOUNT)
     .fetch_all(&env.pool)
@@ -1569,6 +1571,8 @@ struct Row {
     last_error: Option<String>,
     errors: Value,
     attempts: i32,
+    /// `finished_at` in ms (database time).
+    finished_ms: Option<f64>,
 }
 
 impl Row {
@@ -1825,20 +1829,23 @@ fn check_contacts(plan: &Plan, sandbox: &Sandbox, rows: &[Row], v: &mut Violatio
             .map(|j| j.id)
             .collect();
         // c: the worker takes a pending status out of a call only inside another call's
-        // confirmation window: another change to the address (under any Smartlink account: a
-        // window belongs to an API key and an address) asked for the pending status, or is a
-        // re-send, and its call was made. Without this, a worker that took every status out
-        // would pass: the model above takes out what the `doi` column says was taken out.
+        // confirmation window: another change of the contact (each account here has its own
+        // API key, and a window belongs to a key and an address) asked for the pending status,
+        // or is a re-send, and its call was made before: delivered before this call was, or
+        // never delivered (an attempt whose answer was lost). Without this, a worker that took
+        // every status out would pass: the model above takes out what the `doi` column says.
         for head in jobs.iter().filter(|j| stripped_heads.contains(&j.id)) {
-            let email = head.email.to_lowercase();
-            let held = rows.iter().any(|k| {
+            let held = jobs.iter().any(|k| {
                 k.id != head.id
                     && k.coalesced_into != Some(head.id)
-                    && k.provider == "smartlink"
-                    && k.email.to_lowercase() == email
                     && (k.payload.get("subscribe").and_then(Value::as_i64) == Some(model::PENDING)
                         || k.resend_after.is_some())
                     && (k.attempts > 0 || k.coalesced_into.is_some())
+                    && match (k.delivered(), k.finished_ms, head.finished_ms) {
+                        (true, Some(k_done), Some(head_done)) => k_done < head_done,
+                        (true, _, _) => false,
+                        (false, _, _) => true,
+                    }
             });
             if !held {
                 v.add(

@@ -297,6 +297,53 @@ async fn a_retried_confirmation_request_finds_its_own_window_in_another_call() {
 }
 
 #[tokio::test]
+async fn a_refused_retry_keeps_the_window_its_earlier_attempt_may_have_used() {
+    let mut env = TestEnv::new().await;
+    env.settings.worker.backoff_base = Duration::from_secs(600);
+    env.settings.worker.backoff_cap = Duration::from_secs(600);
+    env.sandbox.faults().push(
+        FaultRule::new(Fault::Unverifiable, 1)
+            .provider("smartlink")
+            .email("r@example.com"),
+    );
+    let job = env
+        .enqueue(sl("r@example.com", json!({"subscribe": 3})))
+        .await;
+    let worker = env.worker();
+    worker.drain().await;
+    let ledger = || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM contact_sync.doi_ledger WHERE email = 'r@example.com'",
+        )
+        .fetch_one(&env.pool)
+        .await
+        .unwrap()
+    };
+    // the answer was lost: the email may have gone, the window is kept
+    assert_eq!(ledger().await, 1);
+    // the retry is refused before the provider acts
+    env.sandbox.faults().push(
+        FaultRule::new(Fault::Status { status: 503 }, 1)
+            .provider("smartlink")
+            .email("r@example.com"),
+    );
+    sqlx::query("UPDATE contact_sync.jobs SET run_at = now() WHERE id = $1")
+        .bind(job)
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    worker.drain().await;
+    assert_eq!(env.job(job).await.attempts, 2);
+    // Regression (the review of the window holder): the refused retry gave the window back,
+    // though the first attempt's email may have gone within the hour.
+    assert_eq!(ledger().await, 1, "the window was given back");
+    env.settle(&worker).await;
+    let row = env.job(job).await;
+    assert_eq!(row.state, "succeeded");
+    assert_eq!(row.doi.as_deref(), Some("sent"));
+}
+
+#[tokio::test]
 async fn an_unverifiable_answer_is_never_a_success() {
     let env = TestEnv::new().await;
     for provider in ["justclick", "smartlink"] {
