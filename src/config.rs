@@ -153,6 +153,16 @@ pub struct HttpSettings {
         with = "crate::duration::serde_text"
     )]
     pub request_timeout: Duration,
+    /// How long a provider may go on acting on a request after contact-sync stopped waiting
+    /// for it (a timeout, a connection reset after the request was sent, a 504 from its
+    /// gateway, a worker killed or cut off mid-call): nothing more is sent for that contact,
+    /// and the account's in-flight slot stays taken, until it has passed. `0s`: the provider
+    /// never acts on a request whose client went away (the behaviour before this setting).
+    #[serde(
+        default = "defaults::abandoned_call_bound",
+        with = "crate::duration::serde_text"
+    )]
+    pub abandoned_call_bound: Duration,
 }
 
 impl Default for HttpSettings {
@@ -160,6 +170,7 @@ impl Default for HttpSettings {
         Self {
             connect_timeout: defaults::connect_timeout(),
             request_timeout: defaults::request_timeout(),
+            abandoned_call_bound: defaults::abandoned_call_bound(),
         }
     }
 }
@@ -337,6 +348,73 @@ mod defaults {
     pub fn request_timeout() -> Duration {
         Duration::from_secs(30)
     }
+    /// Well past the usual gateway and PHP limits (nginx's 60 s read timeout, PHP's 30 s
+    /// execution limit): a request the client gave up on is over by then.
+    pub fn abandoned_call_bound() -> Duration {
+        Duration::from_secs(300)
+    }
+}
+
+/// The range of every numeric setting: what the code computes with, with room to spare (a rate
+/// times the seconds since the bucket's last refill in `float8`, `integer` columns, Postgres
+/// intervals added to `now()`, tokio timers), and more than a deployment could want. A value
+/// outside is refused at start, naming the key and the range.
+pub mod bounds {
+    use std::time::Duration;
+
+    const DAY: u64 = 86_400;
+    pub const MAX_CONNECTIONS: (u32, u32) = (2, 1_000);
+    pub const CONCURRENCY: (usize, usize) = (1, 10_000);
+    pub const BATCH_SIZE: (usize, usize) = (1, 10_000);
+    pub const MAX_ATTEMPTS: (i32, i32) = (1, 1_000);
+    pub const MAX_COALESCE: (usize, usize) = (1, 1_000);
+    pub const LEASE: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(DAY));
+    pub const POLL_INTERVAL: (Duration, Duration) =
+        (Duration::from_millis(10), Duration::from_secs(3_600));
+    /// `backoff_base` and `backoff_cap` (a retry's `run_at = now() + delay`).
+    pub const BACKOFF: (Duration, Duration) =
+        (Duration::from_millis(1), Duration::from_secs(30 * DAY));
+    pub const SHUTDOWN_TIMEOUT: (Duration, Duration) = (Duration::ZERO, Duration::from_secs(3_600));
+    /// `retention.finished`: 100 years (`now() - interval`).
+    pub const RETENTION: (Duration, Duration) = (Duration::ZERO, Duration::from_secs(36_500 * DAY));
+    /// `http.connect_timeout` and `http.request_timeout`.
+    pub const HTTP_TIMEOUT: (Duration, Duration) =
+        (Duration::from_millis(10), Duration::from_secs(3_600));
+    /// Calls per second: from one call in about 11.6 days to a million a second.
+    pub const RATE_PER_SECOND: (f64, f64) = (0.000_001, 1_000_000.0);
+    pub const BURST: (u32, u32) = (1, 1_000_000);
+    pub const MAX_IN_FLIGHT: (u32, u32) = (1, 1_000_000);
+}
+
+/// `value` within `(min, max)`, or an error naming the key and the range.
+fn number_within<T: PartialOrd + std::fmt::Display>(
+    key: &str,
+    value: T,
+    (min, max): (T, T),
+) -> Result<(), ConfigError> {
+    if value < min || value > max {
+        return Err(invalid(key, format!("must be between {min} and {max}")));
+    }
+    Ok(())
+}
+
+/// [`number_within`] for durations, the range written as the configuration writes it.
+fn duration_within(
+    key: &str,
+    value: Duration,
+    (min, max): (Duration, Duration),
+) -> Result<(), ConfigError> {
+    if value < min || value > max {
+        return Err(invalid(
+            key,
+            format!(
+                "must be between {} and {}",
+                crate::duration::format(min),
+                crate::duration::format(max)
+            ),
+        ));
+    }
+    Ok(())
 }
 
 impl Settings {
@@ -419,36 +497,55 @@ impl Settings {
     /// Checks every value once, at start; the error names the key.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let w = &self.worker;
-        if w.concurrency == 0 || w.concurrency > 10_000 {
-            return Err(invalid("worker.concurrency", "must be between 1 and 10000"));
+        number_within("worker.concurrency", w.concurrency, bounds::CONCURRENCY)?;
+        number_within("worker.batch_size", w.batch_size, bounds::BATCH_SIZE)?;
+        duration_within("worker.lease", w.lease, bounds::LEASE)?;
+        if self.http.abandoned_call_bound > Duration::from_secs(86_400) {
+            return Err(invalid(
+                "http.abandoned_call_bound",
+                "must be at most 1d (0s: the provider never acts on a request it was left with)",
+            ));
         }
-        if w.batch_size == 0 || w.batch_size > 10_000 {
-            return Err(invalid("worker.batch_size", "must be between 1 and 10000"));
-        }
-        if w.lease < Duration::from_secs(1) {
-            return Err(invalid("worker.lease", "must be at least 1s"));
-        }
-        if w.poll_interval < Duration::from_millis(10) {
-            return Err(invalid("worker.poll_interval", "must be at least 10ms"));
-        }
-        if w.max_attempts < 1 {
-            return Err(invalid("worker.max_attempts", "must be at least 1"));
-        }
-        if w.backoff_base.is_zero() {
-            return Err(invalid("worker.backoff_base", "must be greater than 0"));
-        }
+        duration_within(
+            "worker.poll_interval",
+            w.poll_interval,
+            bounds::POLL_INTERVAL,
+        )?;
+        number_within("worker.max_attempts", w.max_attempts, bounds::MAX_ATTEMPTS)?;
+        duration_within("worker.backoff_base", w.backoff_base, bounds::BACKOFF)?;
+        duration_within("worker.backoff_cap", w.backoff_cap, bounds::BACKOFF)?;
         if w.backoff_cap < w.backoff_base {
             return Err(invalid(
                 "worker.backoff_cap",
                 "must not be smaller than worker.backoff_base",
             ));
         }
-        if w.max_coalesce == 0 {
-            return Err(invalid("worker.max_coalesce", "must be at least 1"));
-        }
-        if self.database.max_connections < 2 {
-            return Err(invalid("database.max_connections", "must be at least 2"));
-        }
+        duration_within(
+            "worker.shutdown_timeout",
+            w.shutdown_timeout,
+            bounds::SHUTDOWN_TIMEOUT,
+        )?;
+        number_within("worker.max_coalesce", w.max_coalesce, bounds::MAX_COALESCE)?;
+        duration_within(
+            "retention.finished",
+            self.retention.finished,
+            bounds::RETENTION,
+        )?;
+        duration_within(
+            "http.connect_timeout",
+            self.http.connect_timeout,
+            bounds::HTTP_TIMEOUT,
+        )?;
+        duration_within(
+            "http.request_timeout",
+            self.http.request_timeout,
+            bounds::HTTP_TIMEOUT,
+        )?;
+        number_within(
+            "database.max_connections",
+            self.database.max_connections,
+            bounds::MAX_CONNECTIONS,
+        )?;
         if !self.admin.listen.is_empty()
             && self.admin.listen.parse::<std::net::SocketAddr>().is_err()
         {
@@ -502,15 +599,17 @@ impl Settings {
                 }
             }
             if let Some(rate) = account.rate_limit_per_second {
-                if !(rate > 0.0 && rate.is_finite()) {
+                let (min, max) = bounds::RATE_PER_SECOND;
+                // (written so that NaN fails too)
+                if !(rate >= min && rate <= max) {
                     return Err(invalid(
                         key("rate_limit_per_second"),
-                        "must be a positive number",
+                        format!("must be a number from {min} to {max} (calls per second)"),
                     ));
                 }
             }
-            if account.burst == Some(0) {
-                return Err(invalid(key("burst"), "must be at least 1"));
+            if let Some(burst) = account.burst {
+                number_within(&key("burst"), burst, bounds::BURST)?;
             }
             if account.burst.is_some() && account.rate_limit_per_second.is_none() {
                 return Err(invalid(
@@ -518,8 +617,8 @@ impl Settings {
                     "applies with rate_limit_per_second only",
                 ));
             }
-            if account.max_in_flight == Some(0) || account.max_in_flight > Some(i32::MAX as u32) {
-                return Err(invalid(key("max_in_flight"), "must be at least 1"));
+            if let Some(cap) = account.max_in_flight {
+                number_within(&key("max_in_flight"), cap, bounds::MAX_IN_FLIGHT)?;
             }
             crate::providers::http::check_base_url(
                 &account.effective_base_url(),
@@ -864,6 +963,182 @@ double_opt_in = "drop"
             &[],
         );
         assert!(loopback.is_ok());
+    }
+
+    /// Regression (issue 22, finding 7): `rate_limit_per_second = 1e307` passed, overflowed the
+    /// token bucket in Postgres, and every claim of the worker's limited accounts failed.
+    #[test]
+    fn every_numeric_setting_is_bounded_with_the_key_and_the_range() {
+        let jc = "[accounts.jc]\nprovider = \"justclick\"\nlogin = \"u\"\nsecret = \"s\"\n";
+        let err = |toml: &str| match load_toml(toml, &[]) {
+            Ok(_) => panic!("accepted: {toml}"),
+            Err(e) => e.to_string(),
+        };
+        let rate = "configuration key accounts.jc.rate_limit_per_second: must be a number from 0.000001 to 1000000 (calls per second)";
+        for bad in [
+            "1e307",
+            "1e308",
+            "1.7976931348623157e308",
+            "nan",
+            "+nan",
+            "-nan",
+            "inf",
+            "+inf",
+            "-inf",
+            "-1",
+            "-1e307",
+            "0",
+            "0.0",
+            "-0.0",
+            "1e-7",
+            "5e-324",
+            "1000000.5",
+            "1e7",
+        ] {
+            let toml = format!("{jc}rate_limit_per_second = {bad}\n");
+            assert_eq!(err(&toml), rate, "{bad}");
+        }
+        for (setting, bad, expected) in [
+            ("burst", "0", "must be between 1 and 1000000"),
+            ("burst", "1000001", "must be between 1 and 1000000"),
+            ("burst", "4294967295", "must be between 1 and 1000000"),
+            ("max_in_flight", "0", "must be between 1 and 1000000"),
+            ("max_in_flight", "1000001", "must be between 1 and 1000000"),
+            // was "must be at least 1"
+            (
+                "max_in_flight",
+                "4294967295",
+                "must be between 1 and 1000000",
+            ),
+        ] {
+            let toml = format!("{jc}rate_limit_per_second = 5\n{setting} = {bad}\n");
+            assert_eq!(
+                err(&toml),
+                format!("configuration key accounts.jc.{setting}: {expected}"),
+                "{setting} = {bad}"
+            );
+        }
+        // values no unsigned or whole-number setting can hold are named too
+        for (setting, bad) in [
+            ("burst", "-1"),
+            ("burst", "1e307"),
+            ("burst", "nan"),
+            ("max_in_flight", "-1"),
+            ("max_in_flight", "inf"),
+            ("max_in_flight", "4294967296"),
+        ] {
+            let e = err(&format!(
+                "{jc}rate_limit_per_second = 5\n{setting} = {bad}\n"
+            ));
+            assert!(
+                e.starts_with(&format!("configuration key accounts.jc.{setting}: ")),
+                "{setting} = {bad}: {e}"
+            );
+        }
+        for (section, setting, bad, range) in [
+            ("database", "max_connections", "1", "between 2 and 1000"),
+            ("database", "max_connections", "1001", "between 2 and 1000"),
+            ("worker", "concurrency", "0", "between 1 and 10000"),
+            ("worker", "concurrency", "10001", "between 1 and 10000"),
+            ("worker", "batch_size", "0", "between 1 and 10000"),
+            ("worker", "batch_size", "10001", "between 1 and 10000"),
+            ("worker", "max_attempts", "0", "between 1 and 1000"),
+            ("worker", "max_attempts", "-5", "between 1 and 1000"),
+            (
+                "worker",
+                "max_attempts",
+                "-2147483648",
+                "between 1 and 1000",
+            ),
+            ("worker", "max_attempts", "1001", "between 1 and 1000"),
+            ("worker", "max_attempts", "2147483647", "between 1 and 1000"),
+            ("worker", "max_coalesce", "0", "between 1 and 1000"),
+            ("worker", "max_coalesce", "1001", "between 1 and 1000"),
+            ("worker", "lease", "\"999ms\"", "between 1s and 1d"),
+            ("worker", "lease", "\"25h\"", "between 1s and 1d"),
+            ("worker", "lease", "\"106751991167d\"", "between 1s and 1d"),
+            ("worker", "poll_interval", "\"9ms\"", "between 10ms and 1h"),
+            ("worker", "poll_interval", "\"61m\"", "between 10ms and 1h"),
+            ("worker", "backoff_base", "\"0s\"", "between 1ms and 30d"),
+            ("worker", "backoff_base", "\"31d\"", "between 1ms and 30d"),
+            ("worker", "backoff_cap", "\"31d\"", "between 1ms and 30d"),
+            (
+                "worker",
+                "shutdown_timeout",
+                "\"61m\"",
+                "between 0ms and 1h",
+            ),
+            (
+                "retention",
+                "finished",
+                "\"36501d\"",
+                "between 0ms and 36500d",
+            ),
+            (
+                "retention",
+                "finished",
+                "\"99999999d\"",
+                "between 0ms and 36500d",
+            ),
+            ("http", "connect_timeout", "\"0s\"", "between 10ms and 1h"),
+            ("http", "connect_timeout", "\"2h\"", "between 10ms and 1h"),
+            ("http", "request_timeout", "\"9ms\"", "between 10ms and 1h"),
+            ("http", "request_timeout", "\"2h\"", "between 10ms and 1h"),
+        ] {
+            let toml = format!("[{section}]\n{setting} = {bad}\n");
+            assert_eq!(
+                err(&toml),
+                format!("configuration key {section}.{setting}: must be {range}"),
+                "{setting} = {bad}"
+            );
+        }
+        // negative or non-whole values of unsigned settings and durations: named, never taken
+        for (section, setting, bad) in [
+            ("worker", "concurrency", "-1"),
+            ("worker", "batch_size", "1e307"),
+            ("worker", "max_coalesce", "nan"),
+            ("database", "max_connections", "-2"),
+            ("worker", "lease", "\"-5s\""),
+            ("worker", "max_attempts", "1e307"),
+            ("retention", "finished", "\"-1d\""),
+            ("http", "request_timeout", "\"inf\""),
+        ] {
+            let e = err(&format!("[{section}]\n{setting} = {bad}\n"));
+            assert!(
+                e.starts_with(&format!("configuration key {section}.{setting}: ")),
+                "{setting} = {bad}: {e}"
+            );
+        }
+        // from the environment: named by the variable
+        for bad in ["1e307", "NaN", "inf", "-3"] {
+            let e = load_toml(
+                SAMPLE,
+                &[(
+                    "CONTACT_SYNC__ACCOUNTS__JC_MAIN__RATE_LIMIT_PER_SECOND",
+                    bad,
+                )],
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(
+                e.starts_with("configuration key CONTACT_SYNC__ACCOUNTS__JC_MAIN__RATE_LIMIT_PER_SECOND (environment): must be a number from 0.000001 to 1000000"),
+                "{bad}: {e}"
+            );
+        }
+        // every bound itself is accepted
+        let edges = format!(
+            "[database]\nmax_connections = 1000\n[worker]\nconcurrency = 10000\nbatch_size = 10000\nmax_attempts = 1000\nmax_coalesce = 1000\nlease = \"1d\"\npoll_interval = \"1h\"\nbackoff_base = \"30d\"\nbackoff_cap = \"30d\"\nshutdown_timeout = \"1h\"\n[retention]\nfinished = \"36500d\"\n[http]\nconnect_timeout = \"1h\"\nrequest_timeout = \"1h\"\n{jc}rate_limit_per_second = 1000000\nburst = 1000000\nmax_in_flight = 1000000\n[accounts.jc2]\nprovider = \"justclick\"\nlogin = \"v\"\nsecret = \"s\"\nrate_limit_per_second = 0.000001\nburst = 1\nmax_in_flight = 1\n"
+        );
+        let s = load_toml(&edges, &[]).unwrap();
+        assert_eq!(s.accounts["jc"].rate_limit_per_second, Some(1e6));
+        let low = "[database]\nmax_connections = 2\n[worker]\nconcurrency = 1\nbatch_size = 1\nmax_attempts = 1\nmax_coalesce = 1\nlease = \"1s\"\npoll_interval = \"10ms\"\nbackoff_base = \"1ms\"\nbackoff_cap = \"1ms\"\nshutdown_timeout = \"0s\"\n[retention]\nfinished = \"0s\"\n[http]\nconnect_timeout = \"10ms\"\nrequest_timeout = \"10ms\"\n";
+        assert!(load_toml(low, &[]).is_ok());
+        // the bucket's arithmetic at the largest rate stays finite for any time Postgres holds
+        let (_, max_rate) = bounds::RATE_PER_SECOND;
+        let longest_idle_seconds = 300_000.0 * 365.25 * 86_400.0;
+        assert!((max_rate * longest_idle_seconds).is_finite());
+        let (_, max_burst) = bounds::BURST;
+        assert!(f64::from(max_burst) * 2.0 < f64::from(i32::MAX));
     }
 
     #[test]

@@ -225,6 +225,25 @@ impl Drop for ThrowawayPostgres {
     }
 }
 
+/// Closes `pool` and waits until its last connection is closed: call it before a throwaway
+/// cluster stops, or each connection the server ends is reported as a warning ("error occurred
+/// while testing the connection on-release … terminating connection due to administrator
+/// command") when sqlx tests it on its way back to the pool. `Pool::close` alone may return
+/// early (sqlx 0.8: closing an idle connection gives back a permit it had already returned, so
+/// the wait for every permit can end while a connection is still on its way back), and one
+/// arriving afterwards lands in the closed pool's idle queue: close again until none is left
+/// (at most 5 s).
+pub async fn close_pool(pool: &sqlx::PgPool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        pool.close().await;
+        if pool.size() == 0 || std::time::Instant::now() >= deadline {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
 /// A migrated pool on `database_url`, or on a throwaway cluster (with `extra_conf`) started for
 /// the occasion and kept alive by the returned guard. Used by `demo` and `bench`.
 pub async fn open(

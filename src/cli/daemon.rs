@@ -27,6 +27,9 @@ pub async fn run_worker(
     let (options, target) = super::connect_options(&settings)?;
     // which worker a session is, in pg_stat_activity
     let options = options.application_name(&worker_application_name(std::process::id()));
+    // No worker statement waits without bound for a lock an outsider holds (an operator's open
+    // transaction): the statements that meet such rows skip them; this is the backstop.
+    let options = options.options([("lock_timeout", WORKER_LOCK_TIMEOUT)]);
     let pool = PgPoolOptions::new()
         .max_connections(settings.database.max_connections)
         .acquire_timeout(Duration::from_secs(10))
@@ -85,6 +88,12 @@ pub async fn run_worker(
     } else {
         None
     };
+    // ... and no job of its accounts is out of the queue's reach.
+    let orphans = if drain {
+        Some(worker.orphans().await)
+    } else {
+        None
+    };
     stop.cancel();
     if let Some(admin) = admin {
         let _ = admin.await;
@@ -99,6 +108,22 @@ pub async fn run_worker(
         lease_lost = report.lease_lost,
         "exiting"
     );
+    match orphans {
+        Some(Ok(o)) if o.jobs > 0 => {
+            eprintln!(
+                "error: {} pending job(s) of {} contact(s) are not in the queue (inserted with triggers off: pg_restore --disable-triggers, session_replication_role = replica), so no worker claims them; run: {}",
+                o.jobs,
+                o.contacts,
+                contact_sync::outbox::orphans::REPAIR
+            );
+            return Ok(ExitCode::from(1));
+        }
+        Some(Err(e)) => {
+            eprintln!("error: cannot check for pending jobs out of the queue's reach: {e}");
+            return Ok(ExitCode::from(1));
+        }
+        _ => {}
+    }
     match held {
         Some(Ok(0)) | None => Ok(ExitCode::SUCCESS),
         Some(Ok(n)) => {
@@ -113,6 +138,9 @@ pub async fn run_worker(
 }
 
 /// The `application_name` of a worker process's sessions (`pg_stat_activity`).
+/// The longest a worker's statement waits for a row lock before it fails (and is tried again).
+pub const WORKER_LOCK_TIMEOUT: &str = "5s";
+
 pub fn worker_application_name(pid: u32) -> String {
     format!("contact-sync worker {pid}")
 }

@@ -51,6 +51,8 @@ fn demo_settings(sandbox: &Sandbox) -> Settings {
     settings.worker.backoff_base = Duration::from_millis(200);
     settings.worker.backoff_cap = Duration::from_secs(1);
     settings.http.request_timeout = Duration::from_secs(2);
+    // the sandbox finishes every request (also one whose client gave up) within 2.5 s
+    settings.http.abandoned_call_bound = Duration::from_secs(3);
     let account =
         |provider, login: Option<&str>, game: Option<&str>, secret: &str, base: String| {
             AccountSettings {
@@ -177,17 +179,33 @@ pub async fn run(database_url: Option<String>) -> anyhow::Result<DemoSummary> {
         }
         None => println!("No DATABASE_URL: starting a throwaway PostgreSQL ..."),
     }
-    let (_pg, pool, url) = contact_sync::pg::open(database_url, "", 12).await?;
-    if let Some(pg) = &_pg {
+    let (pg, pool, url) = contact_sync::pg::open(database_url, "", 12).await?;
+    if let Some(pg) = &pg {
         println!(
             "  PostgreSQL on {} (data in {}, removed at the end)",
             url.trim_start_matches("postgres://postgres@"),
             pg.data_dir().display()
         );
     }
+    let result = run_on(&pool, pg.is_some(), started).await;
+    // Every connection is gone before the throwaway Postgres stops, on every path: one it
+    // ended would be reported as a warning when sqlx tests it on its way back to the pool.
+    contact_sync::pg::close_pool(&pool).await;
+    drop(pg);
+    let summary = result?;
+    println!("Done in {:.1}s; cleaned up.", summary.seconds);
+    Ok(summary)
+}
+
+/// The demo on a migrated database (`throwaway`: one started for it, whose data goes anyway).
+async fn run_on(
+    pool: &sqlx::PgPool,
+    throwaway: bool,
+    started: Instant,
+) -> anyhow::Result<DemoSummary> {
     let sl_key = api_key_id(&Secret::new(SL_SECRET));
     for account in ACCOUNTS {
-        admin::purge_account(&pool, account, Some(&sl_key)).await?;
+        admin::purge_account(pool, account, Some(&sl_key)).await?;
     }
     let sandbox = Sandbox::start("127.0.0.1:0".parse()?, sandbox_accounts()).await?;
     println!(
@@ -232,24 +250,27 @@ pub async fn run(database_url: Option<String>) -> anyhow::Result<DemoSummary> {
         let ids = enqueue_batch(&mut conn, &wave).await?;
         drop(conn);
         eprintln!("\rwave {}: enqueued {} changes", i + 1, ids.len());
-        settle(&pool, &worker, &accounts).await?;
+        settle(pool, &worker, &accounts).await?;
     }
     progress.abort();
+    // (its connection back in the pool before the pool closes)
+    let _ = progress.await;
+    drop(worker);
     eprintln!();
 
-    let counts = admin::counts_for(&pool, &accounts).await?;
-    let failed_attempts = admin::failed_attempts(&pool, &accounts).await?;
+    let counts = admin::counts_for(pool, &accounts).await?;
+    let failed_attempts = admin::failed_attempts(pool, &accounts).await?;
     let doi: Vec<(String, i64)> = sqlx::query_as(
         "SELECT split_part(doi, ' ', 1), count(*) FROM contact_sync.jobs WHERE account = ANY($1) AND doi IS NOT NULL GROUP BY 1 ORDER BY 1",
     )
     .bind(&accounts)
-    .fetch_all(&pool)
+    .fetch_all(pool)
     .await?;
     let dead: Vec<(i64, String, String)> = sqlx::query_as(
         "SELECT id, email, coalesce(last_error, '') FROM contact_sync.jobs WHERE account = ANY($1) AND state = 'dead' ORDER BY id",
     )
     .bind(&accounts)
-    .fetch_all(&pool)
+    .fetch_all(pool)
     .await?;
     let summary = DemoSummary {
         counts,
@@ -260,14 +281,12 @@ pub async fn run(database_url: Option<String>) -> anyhow::Result<DemoSummary> {
         seconds: started.elapsed().as_secs_f64(),
     };
     print_summary(&summary, &sandbox);
-    if _pg.is_none() {
+    if !throwaway {
         for account in ACCOUNTS {
-            admin::purge_account(&pool, account, Some(&sl_key)).await?;
+            admin::purge_account(pool, account, Some(&sl_key)).await?;
         }
     }
-    pool.close().await;
     sandbox.stop().await;
-    println!("Done in {:.1}s; cleaned up.", summary.seconds);
     Ok(summary)
 }
 

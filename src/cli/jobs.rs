@@ -80,6 +80,7 @@ pub async fn retry(settings: &Settings, args: RetryArgs) -> anyhow::Result<ExitC
                 "dry_run": args.filter.dry_run,
                 "retried": done.retried,
                 "skipped_stale": done.skipped_stale,
+                "skipped_busy": done.skipped_busy,
             }))?
         );
     } else {
@@ -95,8 +96,9 @@ pub async fn retry(settings: &Settings, args: RetryArgs) -> anyhow::Result<ExitC
                 done.skipped_stale, filter.state
             );
         }
+        report_busy(&done.skipped_busy, "retry");
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(busy_exit(&done.skipped_busy))
 }
 
 /// `cancel ID`, or `cancel --state S [filters]`.
@@ -109,12 +111,12 @@ pub async fn cancel(settings: &Settings, args: CancelArgs) -> anyhow::Result<Exi
     };
     let filter = job_filter(state, &args.filter);
     let would = admin::cancel_matching(&pool, &filter, true).await?;
-    let n = if args.filter.dry_run {
+    let done = if args.filter.dry_run {
         would
-    } else if would > 0
+    } else if would.cancelled > 0
         && !confirmed(
             args.filter.yes,
-            &format!("cancel {would} {} job(s)", filter.state),
+            &format!("cancel {} {} job(s)", would.cancelled, filter.state),
         )?
     {
         println!("nothing done");
@@ -122,17 +124,49 @@ pub async fn cancel(settings: &Settings, args: CancelArgs) -> anyhow::Result<Exi
     } else {
         admin::cancel_matching(&pool, &filter, false).await?
     };
+    let n = done.cancelled;
     if args.json {
         print!(
             "{}",
-            to_json(&serde_json::json!({"dry_run": args.filter.dry_run, "cancelled": n}))?
+            to_json(&serde_json::json!({
+                "dry_run": args.filter.dry_run,
+                "cancelled": n,
+                "skipped_busy": done.skipped_busy,
+            }))?
         );
     } else if args.filter.dry_run {
         println!("{n} {} job(s) would be cancelled", filter.state);
     } else {
         println!("{n} {} job(s) cancelled", filter.state);
+        report_busy(&done.skipped_busy, "cancel");
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(busy_exit(&done.skipped_busy))
+}
+
+/// Says which contacts a bulk action left alone because another transaction held them.
+fn report_busy(contacts: &[String], verb: &str) {
+    if contacts.is_empty() {
+        return;
+    }
+    eprintln!(
+        "{} contact(s) left as they were: another transaction holds them (an application's open transaction recording a change of them, or an operator's); run the {verb} again once it has ended:",
+        contacts.len()
+    );
+    for c in contacts.iter().take(20) {
+        eprintln!("  {c}");
+    }
+    if contacts.len() > 20 {
+        eprintln!("  … and {} more", contacts.len() - 20);
+    }
+}
+
+/// Exit 4 when a bulk action left contacts alone (held by another transaction).
+fn busy_exit(contacts: &[String]) -> ExitCode {
+    if contacts.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(4)
+    }
 }
 
 /// `purge --older-than AGE`: finished jobs, in batches, as retention deletes them.
@@ -213,11 +247,17 @@ fn report_action(
                 "job {id} not retried: job {state}, a newer change of the same contact, was already delivered (or is being delivered); \
                  retrying would overwrite it at the provider with older data. Use --force to re-send it anyway"
             ),
+            ActionResult::Busy => eprintln!(
+                "job {id}: nothing done: another transaction holds its contact (an application's open transaction recording a change of it, or an operator's); \
+                 waited {} s. Run the {verb} again once it has ended",
+                admin::OPERATOR_LOCK_WAIT.as_secs()
+            ),
         }
     }
     Ok(match result {
         ActionResult::Done => ExitCode::SUCCESS,
         ActionResult::NotFound => ExitCode::from(2),
         ActionResult::WrongState | ActionResult::Stale => ExitCode::from(3),
+        ActionResult::Busy => ExitCode::from(4),
     })
 }

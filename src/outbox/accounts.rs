@@ -229,25 +229,44 @@ pub async fn heartbeat(
     lease: Duration,
 ) -> Result<(), sqlx::Error> {
     let mut conn = pool.acquire().await?;
+    upsert_replica(&mut conn, replica, lease).await.map(|_| ())
+}
+
+/// [`heartbeat`], saying whether the replica's row was still alive (not expired, not removed)
+/// when it was renewed: if not, other workers may have rescued its jobs meanwhile.
+pub async fn heartbeat_continuous(
+    pool: &PgPool,
+    replica: &Replica,
+    lease: Duration,
+) -> Result<bool, sqlx::Error> {
+    let mut conn = pool.acquire().await?;
     upsert_replica(&mut conn, replica, lease).await
 }
 
 /// Records the replica (or pushes its expiry one lease on) and drops expired replicas: the
 /// registration's first step and the heartbeat.
+/// Returns whether the row was still alive before (see [`heartbeat_continuous`]).
 async fn upsert_replica(
     conn: &mut sqlx::PgConnection,
     replica: &Replica,
     lease: Duration,
-) -> Result<(), sqlx::Error> {
-    sqlx::query(
+) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar(
         // language=PostgreSQL
         r#"
         WITH gone AS (
-            DELETE FROM contact_sync.workers WHERE expires_at < now() AND id <> $1
+            -- (a row another transaction holds is left for a later beat, never waited for)
+            DELETE FROM contact_sync.workers WHERE id IN (
+                SELECT id FROM contact_sync.workers WHERE expires_at < now() AND id <> $1
+                FOR UPDATE SKIP LOCKED)
+        ), before AS (
+            SELECT expires_at > now() AS alive FROM contact_sync.workers WHERE id = $1
+        ), renewed AS (
+            INSERT INTO contact_sync.workers (id, host, pid, accounts, concurrency, expires_at)
+            VALUES ($1, $2, $3, $4, $5, now() + make_interval(secs => $6::bigint / 1000.0))
+            ON CONFLICT (id) DO UPDATE SET heartbeat_at = now(), expires_at = EXCLUDED.expires_at
         )
-        INSERT INTO contact_sync.workers (id, host, pid, accounts, concurrency, expires_at)
-        VALUES ($1, $2, $3, $4, $5, now() + make_interval(secs => $6::bigint / 1000.0))
-        ON CONFLICT (id) DO UPDATE SET heartbeat_at = now(), expires_at = EXCLUDED.expires_at
+        SELECT coalesce((SELECT alive FROM before), false)
         "#,
     )
     .persistent(false)
@@ -257,9 +276,8 @@ async fn upsert_replica(
     .bind(&replica.accounts)
     .bind(replica.concurrency)
     .bind(millis(lease))
-    .execute(conn)
-    .await?;
-    Ok(())
+    .fetch_one(conn)
+    .await
 }
 
 /// A replica leaving cleanly.

@@ -37,6 +37,9 @@ pub struct Status {
     pub accounts: Vec<super::accounts::AccountRow>,
     /// Accounts with jobs waiting that no live worker serves.
     pub unserved: Vec<String>,
+    /// Pending jobs the queue of contacts does not know (inserted with triggers off): no
+    /// worker claims them until [`super::orphans::REPAIR`] is run.
+    pub orphans: super::orphans::Orphans,
 }
 
 pub async fn status(pool: &PgPool) -> Result<Status, sqlx::Error> {
@@ -54,12 +57,14 @@ pub async fn status(pool: &PgPool) -> Result<Status, sqlx::Error> {
         .sum();
     let accounts = super::accounts::list(pool).await?;
     let unserved = super::accounts::unserved(pool).await?;
+    let orphans = super::orphans::count(pool, None).await?;
     Ok(Status {
         counts,
         backlog,
         dead,
         accounts,
         unserved,
+        orphans,
     })
 }
 
@@ -196,6 +201,32 @@ pub enum ActionResult {
     /// Retrying would re-send an old change after a newer change of the same contact was
     /// delivered (or is in flight): refused unless forced (the newer job's id is returned).
     Stale,
+    /// The job's contact is held by another transaction (an application's, still open, that
+    /// records a change of it; an operator's): nothing done after waiting
+    /// [`OPERATOR_LOCK_WAIT`]; try again once it has committed.
+    Busy,
+}
+
+/// The longest an operator command waits for a contact another transaction holds, before it
+/// leaves that contact alone and says so.
+pub const OPERATOR_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+fn is_lock_timeout(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db) if db.code().as_deref() == Some("55P03"))
+}
+
+/// A transaction whose statements wait at most `wait` for a row lock.
+async fn bounded_tx(
+    pool: &PgPool,
+    wait: std::time::Duration,
+) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("SELECT set_config('lock_timeout', $1, true)")
+        .persistent(false)
+        .bind(format!("{}ms", wait.as_millis().max(1)))
+        .execute(&mut *tx)
+        .await?;
+    Ok(tx)
 }
 
 /// The job's current state, if it exists.
@@ -207,51 +238,80 @@ async fn state_of(pool: &PgPool, id: JobId) -> Result<Option<String>, sqlx::Erro
         .await
 }
 
-/// A newer change of the same contact that was delivered or is being delivered: retrying an
-/// older change after it would overwrite the newer value at the provider.
+/// A newer change of the same contact that was delivered or is being delivered (or was
+/// delivered and has been pruned since: `overtaken_by`): retrying an older change after it
+/// would overwrite the newer value at the provider.
 const NEWER_DELIVERED: &str = r#"
-    SELECT n.id FROM contact_sync.jobs n
-    WHERE n.contact_key = j.contact_key AND n.id > j.id
-      AND n.state IN ('succeeded', 'coalesced', 'running')
-    ORDER BY n.id DESC LIMIT 1"#;
+    coalesce((SELECT n.id FROM contact_sync.jobs n
+              WHERE n.contact_key = j.contact_key AND n.id > j.id
+                AND n.state IN ('succeeded', 'coalesced', 'running')
+              ORDER BY n.id DESC LIMIT 1), j.overtaken_by)"#;
 
 /// A `dead` or `cancelled` job back to `pending` with a fresh set of attempts (its error
 /// history is kept), at its scheduled time if that is still ahead, else now. Refused
 /// ([`ActionResult::Stale`], with the newer job's id) when a newer change of the same contact
 /// was already delivered or is in flight, unless `force`.
+///
+/// The contact's queue row is taken first (as a claim takes it), then the check and the update
+/// run in one statement: no claim of a newer change can come between them. A contact another
+/// transaction holds is waited for at most [`OPERATOR_LOCK_WAIT`] ([`ActionResult::Busy`]).
 pub async fn retry(
     pool: &PgPool,
     id: JobId,
     force: bool,
 ) -> Result<(ActionResult, Option<String>), sqlx::Error> {
-    if !force {
-        let newer: Option<JobId> = sqlx::query_scalar(&format!(
-            "SELECT ({NEWER_DELIVERED}) FROM contact_sync.jobs j WHERE j.id = $1 AND j.state IN ('dead', 'cancelled')"
-        )).persistent(false)
-        .bind(id)
-        .fetch_optional(pool)
-        .await?
-        .flatten();
-        if let Some(newer) = newer {
-            return Ok((ActionResult::Stale, Some(newer.to_string())));
-        }
+    match retry_held(pool, id, force).await {
+        Err(e) if is_lock_timeout(&e) => Ok((ActionResult::Busy, None)),
+        other => other,
     }
-    let done = sqlx::query(
+}
+
+async fn retry_held(
+    pool: &PgPool,
+    id: JobId,
+    force: bool,
+) -> Result<(ActionResult, Option<String>), sqlx::Error> {
+    let mut tx = bounded_tx(pool, OPERATOR_LOCK_WAIT).await?;
+    sqlx::query(
         // language=PostgreSQL
         r#"
-        UPDATE contact_sync.jobs
-        SET state = 'pending', attempts = 0, run_at = greatest(run_at, now()), finished_at = NULL,
-            locked_until = NULL, locked_by = NULL
-        WHERE id = $1 AND state IN ('dead', 'cancelled')
+        SELECT c.contact_key FROM contact_sync.contacts c
+        WHERE c.contact_key = (SELECT j.contact_key FROM contact_sync.jobs j WHERE j.id = $1)
+        FOR NO KEY UPDATE
         "#,
     )
     .persistent(false)
     .bind(id)
-    .execute(pool)
+    .fetch_optional(&mut *tx)
     .await?;
-    if done.rows_affected() == 1 {
+    let (newer, done): (Option<JobId>, bool) = sqlx::query_as(&format!(
+        r#"
+        WITH target AS (
+            SELECT j.id, {NEWER_DELIVERED} AS newer
+            FROM contact_sync.jobs j WHERE j.id = $1 AND j.state IN ('dead', 'cancelled')
+        ), done AS (
+            UPDATE contact_sync.jobs j
+            SET state = 'pending', attempts = 0, run_at = greatest(j.run_at, now()), finished_at = NULL,
+                locked_until = NULL, locked_by = NULL
+            FROM target t
+            WHERE j.id = t.id AND j.state IN ('dead', 'cancelled') AND ($2 OR t.newer IS NULL)
+            RETURNING j.id
+        )
+        SELECT (SELECT newer FROM target), EXISTS (SELECT 1 FROM done)
+        "#
+    ))
+    .persistent(false)
+    .bind(id)
+    .bind(force)
+    .fetch_one(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    if done {
         notify(pool).await?;
         return Ok((ActionResult::Done, Some("pending".into())));
+    }
+    if let (Some(newer), false) = (newer, force) {
+        return Ok((ActionResult::Stale, Some(newer.to_string())));
     }
     Ok(match state_of(pool, id).await? {
         None => (ActionResult::NotFound, None),
@@ -260,11 +320,14 @@ pub async fn retry(
 }
 
 /// What a bulk retry did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct BulkRetry {
     pub retried: u64,
     /// Left dead: a newer change of the same contact was already delivered (or is in flight).
     pub skipped_stale: u64,
+    /// Contacts left alone because another transaction held them (see [`OPERATOR_LOCK_WAIT`]):
+    /// their jobs are as they were; run the command again once that transaction has ended.
+    pub skipped_busy: Vec<String>,
 }
 
 /// Every `dead` job (of one account) back to `pending`, except those a newer delivered change
@@ -292,25 +355,51 @@ pub struct JobFilter {
     pub error_like: Option<String>,
 }
 
-/// The filter as SQL over `contact_sync.jobs j`, binding $1..$4.
+/// The filter as SQL over `contact_sync.jobs j`, binding $1..$4, and `$7`: only these contacts
+/// (all when NULL).
 const FILTER_SQL: &str = r#"
     j.state = $1 AND ($2::text IS NULL OR j.account = $2)
     AND ($3::text IS NULL OR lower(j.email) = lower($3))
-    AND ($4::text IS NULL OR strpos(lower(coalesce(j.last_error, '')), lower($4)) > 0)"#;
+    AND ($4::text IS NULL OR strpos(lower(coalesce(j.last_error, '')), lower($4)) > 0)
+    AND ($7::text[] IS NULL OR j.contact_key = ANY($7))"#;
 
-/// Every `dead` or `cancelled` job matching `filter` back to `pending` (see [`retry`]), except
-/// those a newer delivered change of the same contact made stale (unless `force`). With
-/// `dry_run`, only counts what it would do.
-pub async fn retry_matching(
-    pool: &PgPool,
-    filter: &JobFilter,
-    force: bool,
-    dry_run: bool,
-) -> Result<BulkRetry, sqlx::Error> {
-    let (retried, skipped): (i64, i64) = sqlx::query_as(&format!(
-        r#"
+/// Takes the queue rows of the contacts of the jobs matching the filter, in key order, as a
+/// claim takes them (the first statement of a bulk action: the next one sees every claim made
+/// before).
+const HOLD_CONTACTS_SQL: &str = r#"
+    SELECT c.contact_key FROM contact_sync.contacts c
+    WHERE c.contact_key IN (SELECT j.contact_key FROM contact_sync.jobs j WHERE {FILTER})
+    ORDER BY c.contact_key
+    FOR NO KEY UPDATE"#;
+
+/// The longest a bulk action goes on looking for the contacts another transaction holds, one
+/// group at a time, before it leaves the rest alone.
+const BULK_BUSY_BUDGET: std::time::Duration = std::time::Duration::from_secs(10);
+/// The wait for one group of contacts while looking for the held ones.
+const BULK_GROUP_WAIT: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// A bulk operator action.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Bulk {
+    Retry { force: bool },
+    Cancel,
+}
+
+impl Bulk {
+    /// The states the action takes jobs from.
+    fn states_taken(self) -> &'static [&'static str] {
+        match self {
+            Bulk::Retry { .. } => &["dead", "cancelled"],
+            Bulk::Cancel => &["pending", "dead"],
+        }
+    }
+
+    fn statement(self) -> String {
+        match self {
+            Bulk::Retry { .. } => format!(
+                r#"
         WITH matched AS (
-            SELECT j.id, j.contact_key FROM contact_sync.jobs j
+            SELECT j.id, j.contact_key, j.overtaken_by FROM contact_sync.jobs j
             WHERE j.state IN ('dead', 'cancelled') AND {FILTER_SQL}
         ), newest AS (
             -- the newest delivered or running change of each matched contact, in one pass
@@ -320,7 +409,7 @@ pub async fn retry_matching(
               AND n.contact_key IN (SELECT contact_key FROM matched)
             GROUP BY n.contact_key
         ), candidates AS (
-            SELECT m.id, coalesce(w.id > m.id, false) AS stale
+            SELECT m.id, coalesce(greatest(w.id, m.overtaken_by) > m.id, false) AS stale
             FROM matched m LEFT JOIN newest w ON w.contact_key = m.contact_key
         ), done AS (
             UPDATE contact_sync.jobs j
@@ -334,87 +423,236 @@ pub async fn retry_matching(
                     ELSE (SELECT count(*) FROM done) END,
                (SELECT count(*) FROM candidates WHERE stale AND NOT $5)
         "#
-    )).persistent(false)
-    .bind(&filter.state)
-    .bind(&filter.account)
-    .bind(&filter.email)
-    .bind(&filter.error_like)
-    .bind(force)
-    .bind(dry_run)
-    .fetch_one(pool)
-    .await?;
+            ),
+            Bulk::Cancel => format!(
+                r#"
+        WITH targets AS (
+            SELECT j.id, j.contact_key FROM contact_sync.jobs j
+            WHERE j.state IN ('pending', 'dead') AND {FILTER_SQL}
+        ), done AS (
+            UPDATE contact_sync.jobs j SET state = 'cancelled', finished_at = now()
+            FROM targets t
+            WHERE j.id = t.id AND j.state = $1 AND NOT $6
+            RETURNING j.id
+        )
+        SELECT CASE WHEN $6 THEN (SELECT count(*) FROM targets) ELSE (SELECT count(*) FROM done) END,
+               0::bigint
+        "#
+            ),
+        }
+    }
+
+    /// Runs the action once on `conn` (restricted to `keys`, when given); with `hold`, the
+    /// contacts' queue rows are taken first, in a statement of their own, so that the action
+    /// sees every claim made before. Returns (done, left stale).
+    async fn run(
+        self,
+        conn: &mut sqlx::PgConnection,
+        filter: &JobFilter,
+        dry_run: bool,
+        keys: Option<Vec<String>>,
+        hold: bool,
+    ) -> Result<(i64, i64), sqlx::Error> {
+        let force = matches!(self, Bulk::Retry { force: true });
+        if hold {
+            let sql = HOLD_CONTACTS_SQL.replace("{FILTER}", FILTER_SQL);
+            bind_filter(sqlx::query(&sql), filter, force, dry_run, keys.clone())
+                .fetch_all(&mut *conn)
+                .await?;
+        }
+        let sql = self.statement();
+        let row = bind_filter(sqlx::query(&sql), filter, force, dry_run, keys)
+            .fetch_one(&mut *conn)
+            .await?;
+        Ok((
+            sqlx::Row::try_get::<i64, _>(&row, 0)?,
+            sqlx::Row::try_get::<i64, _>(&row, 1)?,
+        ))
+    }
+
+    /// Runs the action on every job matching the filter, all at once, waiting at most
+    /// [`OPERATOR_LOCK_WAIT`] for contacts other transactions hold. If one is held, goes on by
+    /// halves of the matching contacts (each waiting [`BULK_GROUP_WAIT`]), down to single
+    /// contacts, which are left alone and returned, sorted. With `dry_run`, only counts.
+    async fn apply(
+        self,
+        pool: &PgPool,
+        filter: &JobFilter,
+        dry_run: bool,
+    ) -> Result<((i64, i64), Vec<String>), sqlx::Error> {
+        if dry_run {
+            let mut conn = pool.acquire().await?;
+            return Ok((
+                self.run(&mut conn, filter, true, None, false).await?,
+                Vec::new(),
+            ));
+        }
+        let once = async {
+            let mut tx = bounded_tx(pool, OPERATOR_LOCK_WAIT).await?;
+            let r = self.run(&mut tx, filter, false, None, true).await?;
+            tx.commit().await?;
+            Ok::<_, sqlx::Error>(r)
+        }
+        .await;
+        match once {
+            Ok(r) => return Ok((r, Vec::new())),
+            Err(e) if is_lock_timeout(&e) => {}
+            Err(e) => return Err(e),
+        }
+        let sql = format!(
+            r#"SELECT DISTINCT j.contact_key FROM contact_sync.jobs j
+               WHERE j.state = ANY($8) AND {FILTER_SQL} ORDER BY 1"#
+        );
+        let keys: Vec<String> = bind_filter(sqlx::query(&sql), filter, false, false, None)
+            .bind(self.states_taken())
+            .fetch_all(pool)
+            .await?
+            .iter()
+            .map(|row| sqlx::Row::try_get::<String, _>(row, 0))
+            .collect::<Result<_, _>>()?;
+        let deadline = std::time::Instant::now() + BULK_BUSY_BUDGET;
+        let mut groups: Vec<Vec<String>> = vec![keys];
+        let mut total = (0, 0);
+        let mut busy = Vec::new();
+        while let Some(group) = groups.pop() {
+            if group.is_empty() {
+                continue;
+            }
+            if std::time::Instant::now() >= deadline {
+                busy.extend(group);
+                continue;
+            }
+            let attempt = async {
+                let mut tx = bounded_tx(pool, BULK_GROUP_WAIT).await?;
+                let r = self
+                    .run(&mut tx, filter, false, Some(group.clone()), true)
+                    .await?;
+                tx.commit().await?;
+                Ok::<_, sqlx::Error>(r)
+            }
+            .await;
+            match attempt {
+                Ok((done, stale)) => {
+                    total.0 += done;
+                    total.1 += stale;
+                }
+                Err(e) if is_lock_timeout(&e) => {
+                    if group.len() == 1 {
+                        busy.extend(group);
+                    } else {
+                        let mut first = group;
+                        let second = first.split_off(first.len() / 2);
+                        groups.push(second);
+                        groups.push(first);
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        busy.sort();
+        Ok((total, busy))
+    }
+}
+
+/// Every `dead` or `cancelled` job matching `filter` back to `pending` (see [`retry`]), except
+/// those a newer delivered change of the same contact made stale (unless `force`). With
+/// `dry_run`, only counts what it would do. Contacts other transactions hold are left alone
+/// and listed ([`BulkRetry::skipped_busy`]).
+pub async fn retry_matching(
+    pool: &PgPool,
+    filter: &JobFilter,
+    force: bool,
+    dry_run: bool,
+) -> Result<BulkRetry, sqlx::Error> {
+    let ((retried, skipped), busy) = Bulk::Retry { force }.apply(pool, filter, dry_run).await?;
     if retried > 0 && !dry_run {
         notify(pool).await?;
     }
     Ok(BulkRetry {
         retried: u64::try_from(retried).unwrap_or(0),
         skipped_stale: u64::try_from(skipped).unwrap_or(0),
+        skipped_busy: busy,
     })
+}
+
+/// Binds the filter's `$1..$7` to a statement built on [`FILTER_SQL`].
+fn bind_filter<'q>(
+    q: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    filter: &'q JobFilter,
+    force: bool,
+    dry_run: bool,
+    keys: Option<Vec<String>>,
+) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+    q.persistent(false)
+        .bind(&filter.state)
+        .bind(&filter.account)
+        .bind(&filter.email)
+        .bind(&filter.error_like)
+        .bind(force)
+        .bind(dry_run)
+        .bind(keys)
+}
+
+/// What a bulk cancel did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BulkCancel {
+    pub cancelled: u64,
+    /// Contacts left alone because another transaction held them (see [`BulkRetry`]).
+    pub skipped_busy: Vec<String>,
 }
 
 /// Every `pending` or `dead` job matching `filter` to `cancelled`; returns how many (with
 /// `dry_run`, how many it would). Contacts' queue rows are taken first, in key order, as a
-/// claim takes them.
+/// claim takes them; contacts other transactions hold are left alone and listed.
 pub async fn cancel_matching(
     pool: &PgPool,
     filter: &JobFilter,
     dry_run: bool,
-) -> Result<u64, sqlx::Error> {
-    let n: i64 = sqlx::query_scalar(&format!(
-        r#"
-        WITH targets AS (
-            SELECT j.id, j.contact_key FROM contact_sync.jobs j
-            WHERE j.state IN ('pending', 'dead') AND {FILTER_SQL}
-        ), held AS (
-            SELECT c.contact_key FROM contact_sync.contacts c
-            WHERE c.contact_key IN (SELECT contact_key FROM targets) AND NOT $5
-            ORDER BY c.contact_key
-            FOR NO KEY UPDATE
-        ), done AS (
-            UPDATE contact_sync.jobs j SET state = 'cancelled', finished_at = now()
-            FROM targets t
-            WHERE j.id = t.id AND j.state = $1 AND NOT $5 AND (SELECT count(*) FROM held) >= 0
-            RETURNING j.id
-        )
-        SELECT CASE WHEN $5 THEN (SELECT count(*) FROM targets) ELSE (SELECT count(*) FROM done) END
-        "#
-    ))
-    .persistent(false)
-    .bind(&filter.state)
-    .bind(&filter.account)
-    .bind(&filter.email)
-    .bind(&filter.error_like)
-    .bind(dry_run)
-    .fetch_one(pool)
-    .await?;
-    Ok(u64::try_from(n).unwrap_or(0))
+) -> Result<BulkCancel, sqlx::Error> {
+    let ((cancelled, _), busy) = Bulk::Cancel.apply(pool, filter, dry_run).await?;
+    Ok(BulkCancel {
+        cancelled: u64::try_from(cancelled).unwrap_or(0),
+        skipped_busy: busy,
+    })
 }
 
-/// A `pending` or `dead` job to `cancelled` (a `running` one must finish or be released first).
+/// A `pending` or `dead` job to `cancelled` (a `running` one must finish or be released
+/// first). A contact another transaction holds is waited for at most [`OPERATOR_LOCK_WAIT`]
+/// ([`ActionResult::Busy`]).
 pub async fn cancel(
     pool: &PgPool,
     id: JobId,
 ) -> Result<(ActionResult, Option<String>), sqlx::Error> {
-    let done = sqlx::query(
-        // language=PostgreSQL
-        r#"
-        -- the contact's queue row first, then the job: the order a claim takes them in (a
-        -- claim holding the row while waiting for the job, and this the other way round, would
-        -- deadlock)
-        WITH held AS (
-            SELECT c.contact_key FROM contact_sync.contacts c
-            WHERE c.contact_key = (SELECT j.contact_key FROM contact_sync.jobs j WHERE j.id = $1)
-            FOR NO KEY UPDATE
+    let done = async {
+        let mut tx = bounded_tx(pool, OPERATOR_LOCK_WAIT).await?;
+        let done = sqlx::query(
+            // language=PostgreSQL
+            r#"
+            -- the contact's queue row first, then the job: the order a claim takes them in (a
+            -- claim holding the row while waiting for the job, and this the other way round,
+            -- would deadlock)
+            WITH held AS (
+                SELECT c.contact_key FROM contact_sync.contacts c
+                WHERE c.contact_key = (SELECT j.contact_key FROM contact_sync.jobs j WHERE j.id = $1)
+                FOR NO KEY UPDATE
+            )
+            UPDATE contact_sync.jobs SET state = 'cancelled', finished_at = now()
+            WHERE id = $1 AND state IN ('pending', 'dead') AND (SELECT count(*) FROM held) >= 0
+            "#,
         )
-        UPDATE contact_sync.jobs SET state = 'cancelled', finished_at = now()
-        WHERE id = $1 AND state IN ('pending', 'dead') AND (SELECT count(*) FROM held) >= 0
-        "#,
-    )
-    .persistent(false)
-    .bind(id)
-    .execute(pool)
-    .await?;
-    if done.rows_affected() == 1 {
+        .persistent(false)
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok::<_, sqlx::Error>(done.rows_affected())
+    }
+    .await;
+    let done = match done {
+        Err(e) if is_lock_timeout(&e) => return Ok((ActionResult::Busy, None)),
+        other => other?,
+    };
+    if done == 1 {
         return Ok((ActionResult::Done, Some("cancelled".into())));
     }
     Ok(match state_of(pool, id).await? {

@@ -84,7 +84,7 @@ pub const CLAIM_SQL: &str = r#"
                                      WHERE f.contact_key = j.contact_key AND f.state = 'pending' AND f.id > j.id)
                     THEN '[]' ELSE
                (SELECT coalesce(jsonb_agg(jsonb_build_object(
-                           'id', f.id, 'payload', f.payload,
+                           'id', f.id, 'payload', f.payload, 'md5', md5(f.payload::text),
                            'created_at_ms', floor(extract(epoch FROM f.created_at) * 1000)::bigint) ORDER BY f.id), '[]')::text
                 FROM (SELECT f.id, f.payload, f.created_at,
                              -- consecutive only: stop at a job scheduled later or a re-send
@@ -388,12 +388,16 @@ pub async fn claim_rolled_back(
 ///
 /// Rows another statement holds right now are skipped, never waited for: that is this worker's
 /// completer finishing them (a beat waiting for it, while it waits for the beat's rows in
-/// another order, was a deadlock), or a rescuer taking them. They still count as ours while the
-/// row says so.
+/// another order, was a deadlock), a rescuer looking at them, or an outsider's open
+/// transaction. They still count as ours while the row says so: the rescuer takes a job only
+/// once its worker's own row (`contact_sync.workers`) has expired too. A lease is never
+/// shortened (a job held after an abandoned call is no longer this worker's: `locked_by` says
+/// so).
 pub async fn extend_leases(
     pool: &PgPool,
     leases: &[Lease],
     lease: Duration,
+    worker_id: &str,
 ) -> Result<Vec<JobId>, sqlx::Error> {
     if leases.is_empty() {
         return Ok(Vec::new());
@@ -406,7 +410,7 @@ pub async fn extend_leases(
             SELECT j.id FROM contact_sync.jobs j
             JOIN unnest($1::bigint[], $2::int[]) AS t(id, attempt) ON j.id = t.id AND j.attempts = t.attempt
             -- primary-key probes
-            WHERE j.id = ANY($1) AND j.state = 'running'
+            WHERE j.id = ANY($1) AND j.state = 'running' AND j.locked_by = $4
         ), locked AS (
             SELECT j.id FROM contact_sync.jobs j
             WHERE j.id = ANY(ARRAY(SELECT id FROM mine))
@@ -414,8 +418,8 @@ pub async fn extend_leases(
             FOR NO KEY UPDATE SKIP LOCKED
         ), extended AS (
             UPDATE contact_sync.jobs j
-            SET locked_until = now() + make_interval(secs => $3::bigint / 1000.0)
-            WHERE j.id = ANY(ARRAY(SELECT id FROM locked)) AND j.state = 'running'
+            SET locked_until = greatest(j.locked_until, now() + make_interval(secs => $3::bigint / 1000.0))
+            WHERE j.id = ANY(ARRAY(SELECT id FROM locked)) AND j.state = 'running' AND j.locked_by = $4
         )
         SELECT id FROM mine
         "#,
@@ -423,6 +427,7 @@ pub async fn extend_leases(
     .bind(&ids)
     .bind(&attempts)
     .bind(millis(lease))
+    .bind(worker_id)
     .fetch_all(pool)
     .await
 }
@@ -457,6 +462,18 @@ pub async fn in_flight_exists(pool: &PgPool, accounts: &[String]) -> Result<bool
     sqlx::query_scalar(
         // language=PostgreSQL
         "SELECT EXISTS (SELECT 1 FROM contact_sync.jobs WHERE state = 'running' AND account = ANY($1))",
+    ).persistent(false)
+    .bind(accounts)
+    .fetch_one(pool)
+    .await
+}
+
+/// Is a job of these accounts held after an abandoned call (running, owned by no worker, until
+/// the provider can no longer be acting on it)?
+pub async fn held_exists(pool: &PgPool, accounts: &[String]) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar(
+        // language=PostgreSQL
+        "SELECT EXISTS (SELECT 1 FROM contact_sync.jobs WHERE state = 'running' AND locked_by IS NULL AND account = ANY($1))",
     ).persistent(false)
     .bind(accounts)
     .fetch_one(pool)

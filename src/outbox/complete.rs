@@ -12,8 +12,13 @@ pub struct Success {
     pub lease: Lease,
     /// Double-opt-in outcome to record (`sent`, `deferred_until …`, `suppressed`).
     pub doi: Option<String>,
-    /// Followers carried by this call: they end `coalesced`, pointing here.
-    pub followers: Vec<JobId>,
+    /// md5 of the payload text the call carried for this job (`md5(payload::text)`): a job
+    /// changed while its call was in flight (an operator's edit, an application's upsert) is
+    /// not the change that was delivered, and is sent again.
+    pub sent_md5: String,
+    /// Followers carried by this call, in id order: they end `coalesced`, pointing here, up to
+    /// the first one changed since the claim (it and those after it are sent again).
+    pub followers: Vec<SentFollower>,
     /// The call set a Smartlink status: pending confirmation re-sends queued behind it for the
     /// contact are superseded (they end `cancelled`, `doi = superseded by job …`).
     pub sets_status: bool,
@@ -23,11 +28,42 @@ pub struct Success {
     pub outcome: Option<String>,
 }
 
-/// Marks many jobs `succeeded` (and their followers `coalesced`) in one statement. Returns the
-/// ids whose lease was lost (nothing written for them).
-pub async fn succeed_many(pool: &PgPool, items: &[Success]) -> Result<Vec<JobId>, sqlx::Error> {
+/// A follower as its call carried it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SentFollower {
+    pub id: JobId,
+    /// md5 of the payload text carried (see [`Success::sent_md5`]).
+    pub sent_md5: String,
+}
+
+/// What a batch of fenced writes did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Written {
+    /// Lease lost: another worker owns the job now (nothing written).
+    pub lost: Vec<JobId>,
+    /// A row of the call (the job or one of its followers) is held by another transaction
+    /// right now (an operator's open `UPDATE`, an application's upsert): nothing written,
+    /// nothing waited for; the caller keeps the outcome and its lease and writes it later.
+    pub held: Vec<JobId>,
+}
+
+/// What one fenced write did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Write {
+    Done,
+    /// Lease lost (see [`Written::lost`]).
+    Lost,
+    /// Row held by another transaction (see [`Written::held`]).
+    Held,
+}
+
+/// Marks many jobs `succeeded` (and their followers `coalesced`) in one statement, never
+/// waiting for a row another transaction holds. A job changed since its call was claimed goes
+/// back to `pending` (sent again, as it is now), and so do the followers from the first changed
+/// one on.
+pub async fn succeed_many(pool: &PgPool, items: &[Success]) -> Result<Written, sqlx::Error> {
     if items.is_empty() {
-        return Ok(Vec::new());
+        return Ok(Written::default());
     }
     let mut ids = Vec::with_capacity(items.len());
     let mut attempts = Vec::with_capacity(items.len());
@@ -35,8 +71,10 @@ pub async fn succeed_many(pool: &PgPool, items: &[Success]) -> Result<Vec<JobId>
     let mut sets_status = Vec::with_capacity(items.len());
     let mut modify_ts = Vec::with_capacity(items.len());
     let mut outcomes = Vec::with_capacity(items.len());
+    let mut sent_md5 = Vec::with_capacity(items.len());
     let mut follower_ids = Vec::new();
     let mut follower_heads = Vec::new();
+    let mut follower_md5 = Vec::new();
     for item in items {
         ids.push(item.lease.id);
         attempts.push(item.lease.attempt);
@@ -44,22 +82,58 @@ pub async fn succeed_many(pool: &PgPool, items: &[Success]) -> Result<Vec<JobId>
         sets_status.push(item.sets_status);
         modify_ts.push(item.modify_ts);
         outcomes.push(item.outcome.as_deref());
+        sent_md5.push(item.sent_md5.as_str());
         for f in &item.followers {
-            follower_ids.push(*f);
+            follower_ids.push(f.id);
             follower_heads.push(item.lease.id);
+            follower_md5.push(f.sent_md5.as_str());
         }
     }
-    let done: Vec<JobId> = sqlx::query_scalar(
+    let rows: Vec<(JobId, bool)> = sqlx::query_as(
         // language=PostgreSQL
         r#"
-        WITH done AS (
+        WITH t AS (
+            SELECT * FROM unnest($1::bigint[], $2::int[], $3::text[], $6::bool[], $7::bigint[], $8::text[], $9::text[])
+                 AS t(id, attempt, doi, sets_status, modify_ts, outcome, sent_md5)
+        ), m AS (
+            SELECT * FROM unnest($4::bigint[], $5::bigint[], $10::text[]) AS m(id, head, sent_md5)
+        ), locked AS (
+            -- the rows of these calls this statement can take now: one another transaction
+            -- holds (an operator's open UPDATE, an application's upsert) is skipped, never
+            -- waited for
+            SELECT j.id, j.contact_key, md5(j.payload::text) AS md5 FROM contact_sync.jobs j
+            -- = ANY(ARRAY(SELECT unnest(...))): primary-key probes whatever the planner
+            -- believes of the table's size (a seq scan was planned on statistics of an empty queue)
+            WHERE j.id = ANY(ARRAY(SELECT unnest($1::bigint[] || $4::bigint[])))
+            ORDER BY j.id
+            FOR NO KEY UPDATE SKIP LOCKED
+        ), present AS (
+            SELECT j.id, j.state, j.attempts FROM contact_sync.jobs j
+            WHERE j.id = ANY(ARRAY(SELECT unnest($1::bigint[] || $4::bigint[])))
+        ), held AS (
+            -- a call one of whose rows is held elsewhere is written later, whole
+            SELECT t.id FROM t JOIN present p ON p.id = t.id AND p.state = 'running' AND p.attempts = t.attempt
+            WHERE NOT EXISTS (SELECT 1 FROM locked l WHERE l.id = t.id)
+            UNION
+            SELECT m.head FROM m JOIN present p ON p.id = m.id
+            WHERE NOT EXISTS (SELECT 1 FROM locked l WHERE l.id = m.id)
+        ), done AS (
+            -- delivered; a job changed since the claim was delivered as it was, and goes back
+            -- to pending to be sent as it is now (= ANY(ARRAY(...)): primary-key probes)
             UPDATE contact_sync.jobs j
-            SET state = 'succeeded', finished_at = now(), locked_until = NULL, doi = coalesce(t.doi, j.doi),
-                outcome = t.outcome
-            FROM unnest($1::bigint[], $2::int[], $3::text[], $6::bool[], $7::bigint[], $8::text[])
-                 AS t(id, attempt, doi, sets_status, modify_ts, outcome)
-            WHERE j.id = t.id AND j.state = 'running' AND j.attempts = t.attempt
-            RETURNING j.id, j.contact_key, t.sets_status, t.modify_ts
+            SET state = CASE WHEN t.as_sent THEN 'succeeded' ELSE 'pending' END,
+                finished_at = CASE WHEN t.as_sent THEN now() END,
+                run_at = CASE WHEN t.as_sent THEN j.run_at ELSE now() END,
+                locked_until = NULL,
+                locked_by = CASE WHEN t.as_sent THEN j.locked_by END,
+                doi = coalesce(t.doi, j.doi),
+                outcome = t.outcome,
+                last_error = CASE WHEN t.as_sent THEN j.last_error
+                                  ELSE 'changed while its call was in flight: the call delivered it as it was; it is sent again as it is now' END
+            FROM (SELECT t.*, l.md5 = t.sent_md5 AS as_sent FROM t JOIN locked l ON l.id = t.id) t
+            WHERE j.id = ANY(ARRAY(SELECT l.id FROM locked l WHERE l.id <> ALL(ARRAY(SELECT id FROM held))))
+              AND j.id = t.id AND j.state = 'running' AND j.attempts = t.attempt
+            RETURNING j.id, j.contact_key, t.sets_status, t.modify_ts, t.as_sent
         ), watermark AS (
             -- one running job per contact: a contact appears at most once here
             INSERT INTO contact_sync.smartlink_watermarks AS w (contact_key, modify_ts)
@@ -74,8 +148,16 @@ pub async fn succeed_many(pool: &PgPool, items: &[Success]) -> Result<Vec<JobId>
                 last_error = CASE WHEN f.state = 'cancelled'
                                   THEN 'cancelled while being delivered with job ' || m.head || ': delivered all the same'
                                   ELSE f.last_error END
-            FROM unnest($4::bigint[], $5::bigint[]) AS m(id, head)
-            WHERE f.id = m.id AND f.state IN ('pending', 'cancelled') AND m.head IN (SELECT id FROM done)
+            FROM (
+                -- in id order, up to the first follower changed since the claim (or gone, or
+                -- moved to another contact): it and those after it are sent again, in order
+                SELECT m.id, m.head,
+                       bool_and(coalesce(l.md5 = m.sent_md5 AND l.contact_key = d.contact_key, false))
+                           OVER (PARTITION BY m.head ORDER BY m.id) AS as_sent
+                FROM m JOIN done d ON d.id = m.head AND d.as_sent
+                LEFT JOIN locked l ON l.id = m.id
+            ) m
+            WHERE f.id = m.id AND m.as_sent AND f.state IN ('pending', 'cancelled')
             RETURNING f.id
         ), superseded AS (
             -- a status delivered now comes after every confirmation re-send still waiting for
@@ -94,7 +176,9 @@ pub async fn succeed_many(pool: &PgPool, items: &[Success]) -> Result<Vec<JobId>
               AND (f.provider || ':' || f.account || ':' || lower(f.email)) = d.contact_key
             RETURNING f.job_id
         )
-        SELECT id FROM done
+        SELECT id, true FROM done
+        UNION ALL
+        SELECT id, false FROM held
         "#,
     ).persistent(false)
     .bind(&ids)
@@ -105,10 +189,21 @@ pub async fn succeed_many(pool: &PgPool, items: &[Success]) -> Result<Vec<JobId>
     .bind(&sets_status)
     .bind(&modify_ts)
     .bind(&outcomes)
+    .bind(&sent_md5)
+    .bind(&follower_md5)
     .fetch_all(pool)
     .await?;
-    let done: std::collections::HashSet<JobId> = done.into_iter().collect();
-    Ok(ids.into_iter().filter(|id| !done.contains(id)).collect())
+    let done: std::collections::HashSet<JobId> = rows.iter().filter(|r| r.1).map(|r| r.0).collect();
+    let held: std::collections::HashSet<JobId> =
+        rows.iter().filter(|r| !r.1).map(|r| r.0).collect();
+    Ok(Written {
+        lost: ids
+            .iter()
+            .copied()
+            .filter(|id| !done.contains(id) && !held.contains(id))
+            .collect(),
+        held: ids.into_iter().filter(|id| held.contains(id)).collect(),
+    })
 }
 
 fn millis(d: Duration) -> i64 {
@@ -127,14 +222,14 @@ pub enum Attempt {
     Throttled,
 }
 
-/// Records a retryable failure: back to `pending` at `now() + delay`. False if the lease was lost.
+/// Records a retryable failure: back to `pending` at `now() + delay`.
 pub async fn retry(
     pool: &PgPool,
     lease: Lease,
     delay: Duration,
     error: &AttemptError,
     attempt: Attempt,
-) -> Result<bool, sqlx::Error> {
+) -> Result<Write, sqlx::Error> {
     let result = sqlx::query(
         // language=PostgreSQL
         r#"
@@ -147,6 +242,7 @@ pub async fn retry(
                      || jsonb_build_array(jsonb_build_object(
                 'attempt', attempts, 'at', now(), 'kind', $4::text, 'code', $6::text, 'error', $5::text))
         WHERE id = $1 AND attempts = $2 AND state = 'running'
+          AND id IN (SELECT id FROM contact_sync.jobs WHERE id = $1 FOR NO KEY UPDATE SKIP LOCKED)
         "#,
     ).persistent(false)
     .bind(lease.id)
@@ -159,11 +255,65 @@ pub async fn retry(
     .bind(MAX_ERRORS_KEPT)
     .execute(pool)
     .await?;
-    Ok(result.rows_affected() == 1)
+    written_or_why(pool, lease, result.rows_affected()).await
+}
+
+/// Records a failed attempt whose request the provider may still be acting on (a timeout, a
+/// reset after the request was sent, a gateway timeout): the job stays `running`, owned by no
+/// worker, until `hold` has passed (or `delay`, if longer), so nothing more is sent for its
+/// contact and its account's in-flight slot stays taken; the rescuer then puts it back to
+/// `pending` (or `dead`, if that was its last attempt).
+pub async fn hold(
+    pool: &PgPool,
+    lease: Lease,
+    hold: Duration,
+    error: &AttemptError,
+) -> Result<Write, sqlx::Error> {
+    let result = sqlx::query(
+        // language=PostgreSQL
+        r#"
+        UPDATE contact_sync.jobs
+        SET locked_until = now() + make_interval(secs => $3::bigint / 1000.0), locked_by = NULL,
+            last_error = $5 || ' (the provider may still be acting on this request: nothing more is sent for the contact before '
+                         || (now() + make_interval(secs => $3::bigint / 1000.0))::text || ')',
+            errors = (CASE WHEN jsonb_array_length(errors) >= $7 THEN errors - 0 ELSE errors END)
+                     || jsonb_build_array(jsonb_build_object(
+                'attempt', attempts, 'at', now(), 'kind', $4::text, 'code', $6::text, 'error', $5::text))
+        WHERE id = $1 AND attempts = $2 AND state = 'running'
+          AND id IN (SELECT id FROM contact_sync.jobs WHERE id = $1 FOR NO KEY UPDATE SKIP LOCKED)
+        "#,
+    ).persistent(false)
+    .bind(lease.id)
+    .bind(lease.attempt)
+    .bind(millis(hold))
+    .bind(&error.kind)
+    .bind(storable(&error.message))
+    .bind(error.code.as_deref().map(storable))
+    .bind(MAX_ERRORS_KEPT)
+    .execute(pool)
+    .await?;
+    written_or_why(pool, lease, result.rows_affected()).await
+}
+
+/// Why a fenced write of one row touched nothing: the lease was lost, or the row is held by
+/// another transaction right now.
+async fn written_or_why(pool: &PgPool, lease: Lease, rows: u64) -> Result<Write, sqlx::Error> {
+    if rows == 1 {
+        return Ok(Write::Done);
+    }
+    let ours: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM contact_sync.jobs WHERE id = $1 AND attempts = $2 AND state = 'running')",
+    )
+    .persistent(false)
+    .bind(lease.id)
+    .bind(lease.attempt)
+    .fetch_one(pool)
+    .await?;
+    Ok(if ours { Write::Held } else { Write::Lost })
 }
 
 /// A retryable failure: [`retry`], or [`kill`] once the job has used its `max_attempts`.
-/// Returns the new state, or `None` if the lease was lost.
+/// Returns the new state, or why nothing was written.
 pub async fn retry_or_kill(
     pool: &PgPool,
     lease: Lease,
@@ -171,19 +321,23 @@ pub async fn retry_or_kill(
     delay: Duration,
     error: &AttemptError,
     attempt: Attempt,
-) -> Result<Option<JobState>, sqlx::Error> {
-    if attempt == Attempt::Counts && lease.attempt >= max_attempts {
-        return kill(pool, lease, error)
-            .await
-            .map(|ok| ok.then_some(JobState::Dead));
-    }
-    retry(pool, lease, delay, error, attempt)
-        .await
-        .map(|ok| ok.then_some(JobState::Pending))
+) -> Result<Result<JobState, Write>, sqlx::Error> {
+    let (write, state) = if attempt == Attempt::Counts && lease.attempt >= max_attempts {
+        (kill(pool, lease, error).await?, JobState::Dead)
+    } else {
+        (
+            retry(pool, lease, delay, error, attempt).await?,
+            JobState::Pending,
+        )
+    };
+    Ok(match write {
+        Write::Done => Ok(state),
+        other => Err(other),
+    })
 }
 
-/// Parks a job as `dead` (permanent failure or attempts exhausted). False if the lease was lost.
-pub async fn kill(pool: &PgPool, lease: Lease, error: &AttemptError) -> Result<bool, sqlx::Error> {
+/// Parks a job as `dead` (permanent failure or attempts exhausted).
+pub async fn kill(pool: &PgPool, lease: Lease, error: &AttemptError) -> Result<Write, sqlx::Error> {
     let result = sqlx::query(
         // language=PostgreSQL
         r#"
@@ -193,6 +347,7 @@ pub async fn kill(pool: &PgPool, lease: Lease, error: &AttemptError) -> Result<b
             errors = errors || jsonb_build_array(jsonb_build_object(
                 'attempt', attempts, 'at', now(), 'kind', $3::text, 'code', $5::text, 'error', $4::text))
         WHERE id = $1 AND attempts = $2 AND state = 'running'
+          AND id IN (SELECT id FROM contact_sync.jobs WHERE id = $1 FOR NO KEY UPDATE SKIP LOCKED)
         "#,
     ).persistent(false)
     .bind(lease.id)
@@ -202,11 +357,12 @@ pub async fn kill(pool: &PgPool, lease: Lease, error: &AttemptError) -> Result<b
     .bind(error.code.as_deref().map(storable))
     .execute(pool)
     .await?;
-    Ok(result.rows_affected() == 1)
+    written_or_why(pool, lease, result.rows_affected()).await
 }
 
 /// Puts claimed jobs back to `pending`, runnable now. `undo_attempt` for jobs whose call never
-/// started (shutdown before they ran, or a job of an account this worker cannot serve).
+/// started (shutdown before they ran, or a job of an account this worker cannot serve). Rows
+/// another transaction holds are skipped (their leases bring them back).
 pub async fn release(
     pool: &PgPool,
     leases: &[Lease],
@@ -224,12 +380,58 @@ pub async fn release(
             attempts = CASE WHEN $3 THEN j.attempts - 1 ELSE j.attempts END
         FROM unnest($1::bigint[], $2::int[]) AS t(id, attempt)
         WHERE j.id = t.id AND j.state = 'running' AND j.attempts = t.attempt
+          AND j.id IN (SELECT id FROM contact_sync.jobs WHERE id = ANY(ARRAY(SELECT unnest($1::bigint[]))) ORDER BY id FOR NO KEY UPDATE SKIP LOCKED)
         "#,
     )
     .persistent(false)
     .bind(&ids)
     .bind(&attempts)
     .bind(undo_attempt)
+    .execute(pool)
+    .await?;
+    Ok(result.rows_affected())
+}
+
+/// [`release`] of one claim, saying why nothing was written.
+pub async fn release_one(
+    pool: &PgPool,
+    lease: Lease,
+    undo_attempt: bool,
+) -> Result<Write, sqlx::Error> {
+    let n = release(pool, &[lease], undo_attempt).await?;
+    written_or_why(pool, lease, n).await
+}
+
+/// Calls abandoned while in flight (a forced or timed-out shutdown): the provider may still act
+/// on them, so their jobs stay `running`, owned by no worker, for `hold` (see [`hold`]); with
+/// a zero `hold` they go back to `pending` at once. Rows another transaction holds are skipped
+/// (their leases bring them back, later still). Returns how many were written.
+pub async fn abandon(pool: &PgPool, leases: &[Lease], hold: Duration) -> Result<u64, sqlx::Error> {
+    if leases.is_empty() {
+        return Ok(0);
+    }
+    if hold.is_zero() {
+        return release(pool, leases, false).await;
+    }
+    let (ids, attempts): (Vec<JobId>, Vec<i32>) = leases.iter().map(|l| (l.id, l.attempt)).unzip();
+    let result = sqlx::query(
+        // language=PostgreSQL
+        r#"
+        UPDATE contact_sync.jobs j
+        SET locked_until = now() + make_interval(secs => $3::bigint / 1000.0), locked_by = NULL,
+            last_error = 'the worker stopped waiting for this call (shutdown); the provider may still act on it until ' || (now() + make_interval(secs => $3::bigint / 1000.0))::text,
+            errors = j.errors || jsonb_build_array(jsonb_build_object(
+                'attempt', j.attempts, 'at', now(), 'kind', 'abandoned', 'code', NULL,
+                'error', 'the worker stopped waiting for this call (shutdown)'))
+        FROM unnest($1::bigint[], $2::int[]) AS t(id, attempt)
+        WHERE j.id = t.id AND j.state = 'running' AND j.attempts = t.attempt
+          AND j.id IN (SELECT id FROM contact_sync.jobs WHERE id = ANY(ARRAY(SELECT unnest($1::bigint[]))) ORDER BY id FOR NO KEY UPDATE SKIP LOCKED)
+        "#,
+    )
+    .persistent(false)
+    .bind(&ids)
+    .bind(&attempts)
+    .bind(millis(hold))
     .execute(pool)
     .await?;
     Ok(result.rows_affected())

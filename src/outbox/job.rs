@@ -126,6 +126,10 @@ pub struct Follower {
     pub id: JobId,
     pub payload: Value,
     pub created_at_ms: i64,
+    /// md5 of the stored payload's text as claimed (`md5(payload::text)`): the completion
+    /// marks the follower delivered only if it is still the change that was sent.
+    #[serde(default)]
+    pub md5: String,
 }
 
 /// A job this worker holds the lease of. `(id, attempts)` is the fencing token: every write
@@ -144,7 +148,7 @@ pub struct ClaimedJob {
     /// Smartlink: the newest `modify_ts` already delivered for this contact, if known.
     pub known_modify_ts: Option<i64>,
     /// Consecutive due pending jobs of the same contact, as JSON text
-    /// (`[{"id", "payload", "created_at_ms"}]`).
+    /// (`[{"id", "payload", "md5", "created_at_ms"}]`).
     pub followers: String,
 }
 
@@ -188,6 +192,12 @@ impl ClaimedJob {
                     .collect()
             }
         }
+    }
+
+    /// md5 of the payload text as claimed: the same as the database's `md5(payload::text)`.
+    pub fn payload_md5(&self) -> String {
+        use md5::Digest;
+        format!("{:x}", md5::Md5::digest(self.payload.as_bytes()))
     }
 
     pub fn lease(&self) -> Lease {

@@ -32,6 +32,7 @@ pub mod complete;
 pub mod doi;
 pub mod enqueue;
 pub mod job;
+pub mod orphans;
 pub mod prune;
 pub mod rescue;
 

@@ -1,11 +1,42 @@
 //! Retention: finished jobs (`succeeded`, `coalesced`, `cancelled`) older than
-//! `retention.finished` are deleted in small batches; `dead` jobs stay until retried or
-//! cancelled, and a delivered job stays as long as an older dead or cancelled job of its
-//! contact does (so that `retry` still sees it was overtaken). Smartlink watermarks (the newest `modify_ts` delivered per contact) go after the
-//! same time without an update.
+//! `retention.finished` are deleted in small batches, oldest first; `dead` jobs stay until
+//! retried or cancelled. A delivered job deleted while an older change of its contact is parked
+//! (`dead`, `cancelled`) leaves its id in that job's `overtaken_by`, so `retry` still sees that
+//! a newer change was delivered; nothing is kept back, so no batch reads a row twice. Smartlink
+//! watermarks (the newest `modify_ts` delivered per contact) go after the same time without an
+//! update.
 
 use sqlx::PgPool;
 use std::time::Duration;
+
+/// The retention statement: `$1` age in ms, `$2` batch size (public for the plan tests).
+#[doc(hidden)]
+pub const PRUNE_SQL: &str = r#"
+        WITH batch AS (
+            SELECT j.id, j.contact_key, j.state FROM contact_sync.jobs j
+            WHERE j.state IN ('succeeded', 'coalesced', 'cancelled')
+              AND j.finished_at < now() - make_interval(secs => $1::bigint / 1000.0)
+            ORDER BY j.finished_at
+            LIMIT $2
+            FOR UPDATE SKIP LOCKED
+        ), overtaken AS (
+            -- an older parked change of the contact remembers the newest delivered one it
+            -- outlives (one probe of the parked index per deleted row)
+            UPDATE contact_sync.jobs o
+            SET overtaken_by = greatest(o.overtaken_by, n.newest)
+            FROM (
+                SELECT p.id, max(b.id) AS newest
+                FROM batch b
+                JOIN contact_sync.jobs p
+                  ON p.contact_key = b.contact_key AND p.id < b.id AND p.state IN ('dead', 'cancelled')
+                WHERE b.state IN ('succeeded', 'coalesced')
+                  AND p.id NOT IN (SELECT id FROM batch)
+                GROUP BY p.id
+            ) n
+            WHERE o.id = n.id AND o.state IN ('dead', 'cancelled')
+        )
+        DELETE FROM contact_sync.jobs WHERE id IN (SELECT id FROM batch)
+        "#;
 
 /// Deletes up to `batch` finished jobs older than `older_than`; returns how many.
 pub async fn prune_finished(
@@ -13,29 +44,7 @@ pub async fn prune_finished(
     older_than: Duration,
     batch: i64,
 ) -> Result<u64, sqlx::Error> {
-    delete_batch(
-        pool,
-        // language=PostgreSQL
-        r#"
-        DELETE FROM contact_sync.jobs
-        WHERE id IN (
-            SELECT j.id FROM contact_sync.jobs j
-            WHERE j.state IN ('succeeded', 'coalesced', 'cancelled')
-              AND j.finished_at < now() - make_interval(secs => $1::bigint / 1000.0)
-              -- kept while an older change of the contact may still be retried: `retry` must
-              -- see that a newer one was delivered
-              AND NOT EXISTS (
-                  SELECT 1 FROM contact_sync.jobs o
-                  WHERE o.contact_key = j.contact_key AND o.state IN ('dead', 'cancelled')
-                    AND o.id < j.id)
-            ORDER BY j.finished_at
-            LIMIT $2
-            FOR UPDATE SKIP LOCKED)
-        "#,
-        older_than,
-        batch,
-    )
-    .await
+    delete_batch(pool, PRUNE_SQL, older_than, batch).await
 }
 
 /// How many finished jobs [`prune_finished`] would delete at `older_than` (for a dry run).
@@ -46,10 +55,6 @@ pub async fn count_prunable(pool: &PgPool, older_than: Duration) -> Result<i64, 
         SELECT count(*) FROM contact_sync.jobs j
         WHERE j.state IN ('succeeded', 'coalesced', 'cancelled')
           AND j.finished_at < now() - make_interval(secs => $1::bigint / 1000.0)
-          AND NOT EXISTS (
-              SELECT 1 FROM contact_sync.jobs o
-              WHERE o.contact_key = j.contact_key AND o.state IN ('dead', 'cancelled')
-                AND o.id < j.id)
         "#,
     )
     .persistent(false)

@@ -13,9 +13,12 @@ pub enum Fault {
     Status { status: u16 },
     /// HTTP 429 with `Retry-After: secs`.
     RateLimit { retry_after_secs: u64 },
-    /// Wait this long before answering normally (past the client's timeout, the change is
-    /// applied but the answer is lost, as with a real slow provider).
+    /// Apply the change, then wait this long before answering (past the client's timeout, the
+    /// change is applied but the answer is lost).
     Stall { ms: u64 },
+    /// Wait this long, then apply the change and answer: past the client's timeout, the change
+    /// is applied after the client gave up, as a real service behind a gateway does.
+    Slow { ms: u64 },
     /// A well-formed answer whose signature is wrong (JustClick `hash`; Smartlink `seq` echo).
     ForgeSignature,
     /// A success answer without what proves it (JustClick: no `hash`; Smartlink: no `seq`).

@@ -15,7 +15,10 @@ pub mod throttle;
 use crate::config::{ProviderKind, Settings};
 use crate::providers::model;
 use crate::secret::Secret;
-use axum::extract::State;
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 pub use faults::{Fault, FaultRule, Faults};
@@ -217,9 +220,15 @@ impl SandboxState {
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
         }
-        let fault = self.faults.take(provider, account, email);
+        let mut fault = self.faults.take(provider, account, email);
         if fault.is_some() {
             self.faults_injected.fetch_add(1, Ordering::Relaxed);
+        }
+        if let Some(Fault::Slow { ms }) = fault {
+            // a slow service: the change is applied (and answered) after the wait, whether or
+            // not the client is still there
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            fault = None;
         }
         if matches!(fault, Some(Fault::RateLimit { .. })) {
             self.throttles.throttled(provider, account);
@@ -385,11 +394,17 @@ fn router(state: Arc<SandboxState>) -> Router {
     Router::new()
         .route(
             "/justclick/{login}/api/UpdateSubscriberData",
-            post(justclick::update_subscriber),
+            post(
+                |s: State<Arc<SandboxState>>, login: Path<String>, h: HeaderMap, b: Bytes| {
+                    to_completion(justclick::update_subscriber(s, login, h, b))
+                },
+            ),
         )
         .route(
             "/smartlink/api/v4/userinfo/sync_user_by_email",
-            post(smartlink::sync_user_by_email),
+            post(|s: State<Arc<SandboxState>>, uri: Uri, b: Bytes| {
+                to_completion(smartlink::sync_user_by_email(s, uri, b))
+            }),
         )
         .route(
             "/_sandbox/stats",
@@ -401,6 +416,19 @@ fn router(state: Arc<SandboxState>) -> Router {
         .route("/_sandbox/rate_limit", post(set_rate_limit))
         .route("/_sandbox/reset", post(reset))
         .with_state(state)
+}
+
+/// A real service finishes a request whose client has gone (PHP behind nginx does: a timed-out
+/// client does not stop the script): each provider request runs in a task of its own, so a
+/// client that disconnects (its timeout, a reset) does not cancel it; a delayed change is still
+/// applied when its delay ends, and the request counts as in flight until then.
+async fn to_completion(
+    handler: impl std::future::Future<Output = Response> + Send + 'static,
+) -> Response {
+    match tokio::spawn(handler).await {
+        Ok(response) => response,
+        Err(_) => (StatusCode::INTERNAL_SERVER_ERROR, "sandbox handler failed").into_response(),
+    }
 }
 
 async fn contacts_json(State(s): State<Arc<SandboxState>>) -> Json<Vec<Value>> {

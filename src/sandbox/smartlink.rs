@@ -121,6 +121,8 @@ pub async fn sync_user_by_email(
         Some(Fault::ErrorCode { code, text }) => return answer(code, &text, seq),
         Some(Fault::Malformed) => return json("<html>Bad Gateway</html>".into()),
         Some(Fault::Stall { ms }) => stall = Some(Duration::from_millis(ms)),
+        // (taken by `before_answer`: the wait is over, the change goes on as usual)
+        Some(Fault::Slow { .. }) => {}
     }
 
     let response = apply(&state, id, &doc, subscribe, game_id, email, seq);

@@ -10,7 +10,7 @@
 use super::executor::{Completion, Outcome};
 use super::Shared;
 use crate::metrics::{self as m, JobEvent};
-use crate::outbox::complete::{self, Success};
+use crate::outbox::complete::{self, Success, Write};
 use crate::outbox::JobState;
 use std::collections::HashSet;
 use std::time::Duration;
@@ -82,6 +82,11 @@ fn forget(shared: &Shared, done: &[Completion]) {
         }
         m::in_flight(in_flight.len());
     }
+    if let Ok(mut started) = shared.calls_started.lock() {
+        for c in done {
+            started.remove(&c.lease);
+        }
+    }
 }
 
 /// A database error about the data itself (it will fail the same way again), as opposed to a
@@ -107,11 +112,19 @@ async fn write(shared: &Shared, batch: Vec<Completion>) -> (Vec<Completion>, Vec
         }
         let items: Vec<Success> = group.iter().filter_map(success_of).collect();
         match complete::succeed_many(pool, &items).await {
-            Ok(lost) => {
-                let lost: HashSet<_> = lost.into_iter().collect();
-                for c in &group {
+            Ok(w) => {
+                let lost: HashSet<_> = w.lost.into_iter().collect();
+                let held: HashSet<_> = w.held.into_iter().collect();
+                if !held.is_empty() {
+                    tracing::info!(jobs = ?held, "a row of these calls is held by another transaction; their outcomes are written once it is free");
+                }
+                for c in group {
+                    if held.contains(&c.lease.id) {
+                        unwritten.push(c);
+                        continue;
+                    }
                     if lost.contains(&c.lease.id) {
-                        lease_lost(shared, c);
+                        lease_lost(shared, &c);
                     } else if let Outcome::Success {
                         followers, outcome, ..
                     } = &c.outcome
@@ -128,8 +141,8 @@ async fn write(shared: &Shared, batch: Vec<Completion>) -> (Vec<Completion>, Vec
                         );
                         shared.stats.add_succeeded(1, followers.len() as u64);
                     }
+                    written.push(c);
                 }
-                written.extend(group);
             }
             Err(e) if is_data_error(&e) && group.len() > 1 => {
                 tracing::warn!(error = %e, jobs = group.len(), "the database refused a batch of outcomes; writing them one by one");
@@ -142,44 +155,62 @@ async fn write(shared: &Shared, batch: Vec<Completion>) -> (Vec<Completion>, Vec
         }
     }
 
+    let hold_for = shared.settings.http.abandoned_call_bound;
     for c in others {
         let result = match &c.outcome {
             Outcome::Success { .. } => continue,
             Outcome::Retry {
                 delay,
                 error,
+                abandoned: true,
+                ..
+            } if !hold_for.is_zero() => complete::hold(pool, c.lease, hold_for.max(*delay), error)
+                .await
+                .inspect(|w| {
+                    if *w == Write::Done {
+                        tracing::warn!(job_id = c.lease.id, hold_ms = hold_for.max(*delay).as_millis() as u64, error = %error.message, "no answer to a call the provider may still be acting on: nothing more is sent for this contact until the hold has passed");
+                        m::job_event(JobEvent::Retried, &c.provider, &c.account, 1);
+                        shared.stats.add_retried();
+                    }
+                }),
+            Outcome::Retry {
+                delay,
+                error,
                 attempt,
+                ..
             } => complete::retry_or_kill(pool, c.lease, c.max_attempts, *delay, error, *attempt)
                 .await
                 .map(|state| match state {
-                    Some(JobState::Dead) => {
+                    Ok(JobState::Dead) => {
                         tracing::error!(job_id = c.lease.id, attempts = c.lease.attempt, error = %error.message, "attempts used up; job parked as dead");
                         m::job_event(JobEvent::Dead, &c.provider, &c.account, 1);
                         shared.stats.add_dead();
-                        true
+                        Write::Done
                     }
-                    Some(_) => {
+                    Ok(_) => {
                         m::job_event(JobEvent::Retried, &c.provider, &c.account, 1);
                         shared.stats.add_retried();
-                        true
+                        Write::Done
                     }
-                    None => false,
+                    Err(why) => why,
                 }),
-            Outcome::Dead { error } => complete::kill(pool, c.lease, error).await.inspect(|ok| {
-                if *ok {
+            Outcome::Dead { error } => complete::kill(pool, c.lease, error).await.inspect(|w| {
+                if *w == Write::Done {
                     m::job_event(JobEvent::Dead, &c.provider, &c.account, 1);
                     shared.stats.add_dead();
                 }
             }),
-            Outcome::Release => complete::release(pool, &[c.lease], true)
-                .await
-                .map(|n| n == 1),
+            Outcome::Release => complete::release_one(pool, c.lease, true).await,
         };
         match result {
-            Ok(true) => written.push(c),
-            Ok(false) => {
+            Ok(Write::Done) => written.push(c),
+            Ok(Write::Lost) => {
                 lease_lost(shared, &c);
                 written.push(c);
+            }
+            Ok(Write::Held) => {
+                tracing::info!(job_id = c.lease.id, "the job's row is held by another transaction; its outcome is written once it is free");
+                unwritten.push(c);
             }
             Err(e) => {
                 tracing::error!(job_id = c.lease.id, error = %e, "could not record the outcome; keeping the lease and trying again");
@@ -194,6 +225,7 @@ fn success_of(c: &Completion) -> Option<Success> {
     match &c.outcome {
         Outcome::Success {
             doi,
+            sent_md5,
             followers,
             sets_status,
             modify_ts,
@@ -201,6 +233,7 @@ fn success_of(c: &Completion) -> Option<Success> {
         } => Some(Success {
             lease: c.lease,
             doi: doi.clone(),
+            sent_md5: sent_md5.clone(),
             followers: followers.clone(),
             sets_status: *sets_status,
             modify_ts: *modify_ts,

@@ -8,9 +8,9 @@ use super::Shared;
 use crate::config::ProviderKind;
 use crate::metrics::{self as m};
 use crate::outbox::accounts::{self, Throttle};
-use crate::outbox::complete::Attempt;
+use crate::outbox::complete::{Attempt, SentFollower};
 use crate::outbox::doi;
-use crate::outbox::job::{AttemptError, ClaimedJob, JobId, Lease};
+use crate::outbox::job::{AttemptError, ClaimedJob, Lease};
 use crate::providers::payload::{take_group, Change, Payload};
 use crate::providers::{Delivery, DeliveryError, RetryReason};
 use crate::telemetry::mask_email;
@@ -25,7 +25,9 @@ use tracing::Instrument;
 pub enum Outcome {
     Success {
         doi: Option<String>,
-        followers: Vec<JobId>,
+        /// md5 of the head's payload text as claimed.
+        sent_md5: String,
+        followers: Vec<SentFollower>,
         /// The call set a status (supersedes queued confirmation re-sends).
         sets_status: bool,
         /// Smartlink: the `modify_ts` sent.
@@ -37,6 +39,9 @@ pub enum Outcome {
         delay: Duration,
         error: AttemptError,
         attempt: Attempt,
+        /// The request was sent and the provider may still be acting on it (a timeout, a
+        /// reset after sending, a gateway timeout): the job is held, not retried at once.
+        abandoned: bool,
     },
     Dead {
         error: AttemptError,
@@ -61,6 +66,7 @@ pub struct Completion {
 pub async fn execute(
     shared: Arc<Shared>,
     job: ClaimedJob,
+    claimed_at: Instant,
     permit: OwnedSemaphorePermit,
     completions: mpsc::UnboundedSender<Completion>,
 ) {
@@ -74,7 +80,7 @@ pub async fn execute(
         attempt = job.attempts,
     );
     async move {
-        let outcome = deliver(&shared, &job).await;
+        let outcome = deliver(&shared, &job, claimed_at).await;
         let completion = Completion {
             lease: job.lease(),
             max_attempts: job.max_attempts,
@@ -126,10 +132,11 @@ fn database_retry(shared: &Shared, attempt: i32, err: &sqlx::Error) -> Outcome {
             message: format!("database error: {err}"),
         },
         attempt: Attempt::Counts,
+        abandoned: false,
     }
 }
 
-async fn deliver(shared: &Shared, job: &ClaimedJob) -> Outcome {
+async fn deliver(shared: &Shared, job: &ClaimedJob, claimed_at: Instant) -> Outcome {
     let Some(provider) = shared.registry.get(&job.account) else {
         return Outcome::Release;
     };
@@ -183,7 +190,13 @@ async fn deliver(shared: &Shared, job: &ClaimedJob) -> Outcome {
     }
     let group = take_group(kind, job.known_modify_ts, &changes);
     let mut payload = group.payload;
-    let followers: Vec<JobId> = changes[1..group.taken].iter().map(|c| c.id).collect();
+    let followers: Vec<SentFollower> = followers[..group.taken.saturating_sub(1)]
+        .iter()
+        .map(|f| SentFollower {
+            id: f.id,
+            sent_md5: f.md5.clone(),
+        })
+        .collect();
     // The confirmation window is held in the name of the change that asks for it: its retry,
     // alone or merged into a later call, is the same request (not one inside another's hour).
     let window_holder = group.status_from.map_or(job.id, |i| changes[i].id);
@@ -224,6 +237,14 @@ async fn deliver(shared: &Shared, job: &ClaimedJob) -> Outcome {
         ProviderKind::Justclick => None,
     };
 
+    // A worker stopped (SIGSTOP, a VM paused) or cut off from the database past its lease may
+    // have lost the job to another worker, which may have called already: a call is started
+    // only while the lease, as this worker last confirmed it, still holds.
+    if !shared.lease_holds(claimed_at) {
+        tracing::warn!("the lease may have lapsed before the call started (this worker was stopped or cut off); not sending, job put back");
+        return Outcome::Release;
+    }
+    shared.call_started(job.lease());
     let started = Instant::now();
     let result = provider
         .deliver(Delivery {
@@ -261,7 +282,7 @@ async fn deliver(shared: &Shared, job: &ClaimedJob) -> Outcome {
         Ok(delivered) => {
             m::provider_request(&job.provider, &job.account, "success", took);
             tracing::debug!(took_ms = took.as_millis() as u64, answer = %delivered.detail, "delivered");
-            let covers = followers.last().copied().unwrap_or(job.id);
+            let covers = followers.last().map_or(job.id, |f| f.id);
             if let Some((key_id, _)) = provider.double_opt_in() {
                 if let Err(e) = double_opt_in::after_success(
                     &shared.pool,
@@ -284,6 +305,7 @@ async fn deliver(shared: &Shared, job: &ClaimedJob) -> Outcome {
             }
             Outcome::Success {
                 doi: decision.record(),
+                sent_md5: job.payload_md5(),
                 followers,
                 sets_status,
                 modify_ts,
@@ -339,7 +361,15 @@ async fn deliver(shared: &Shared, job: &ClaimedJob) -> Outcome {
             } else {
                 tracing::warn!(reason = %reason, code = code.as_deref().unwrap_or(""), retry_in_ms = delay.as_millis() as u64, error = %detail, "delivery failed; will retry");
             }
+            // the request went out and no complete answer came back: the provider may still be
+            // acting on it (a real server finishes a request whose client has gone)
+            let abandoned = match reason {
+                RetryReason::Timeout | RetryReason::Transport => true,
+                RetryReason::ServerError => code.as_deref() == Some("504"),
+                _ => false,
+            };
             Outcome::Retry {
+                abandoned,
                 delay,
                 error: AttemptError {
                     kind: reason.as_str().into(),
@@ -371,6 +401,7 @@ async fn deliver(shared: &Shared, job: &ClaimedJob) -> Outcome {
             }
             // the job is not at fault: it waits with the account, its attempt not counted
             Outcome::Retry {
+                abandoned: false,
                 delay: ACCOUNT_REFUSED_RETRY,
                 error: AttemptError {
                     kind: "account_refused".into(),

@@ -3,7 +3,8 @@
 //! rescuer, due double-opt-in re-sends and retention.
 
 use super::Shared;
-use crate::outbox::{accounts, claim, doi, prune, rescue, Lease};
+use crate::metrics as m;
+use crate::outbox::{accounts, claim, doi, orphans, prune, rescue, Lease};
 use sqlx::postgres::PgListener;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -19,6 +20,7 @@ pub async fn register(shared: &Shared) -> Result<(), sqlx::Error> {
     let first = !shared
         .registered_once
         .load(std::sync::atomic::Ordering::Relaxed);
+    let started = Instant::now();
     let changed = accounts::register(
         &shared.pool,
         &shared.replica,
@@ -27,6 +29,8 @@ pub async fn register(shared: &Shared) -> Result<(), sqlx::Error> {
         first,
     )
     .await?;
+    // (a registration may follow a gap: claims made before it are not vouched for)
+    shared.renewed(started, false);
     shared
         .registered_once
         .store(true, std::sync::atomic::Ordering::Relaxed);
@@ -143,12 +147,15 @@ pub async fn heartbeat_loop(shared: Arc<Shared>, stop: CancellationToken, regist
         {
             tracing::warn!("lease heartbeat took longer than its interval; trying again");
         }
+        let beat_started = Instant::now();
         let beat = async {
             if registered {
                 // the accounts it serves: not one it stands down from
                 let mut replica = shared.replica.clone();
                 replica.accounts.retain(|a| !shared.limits.is_excluded(a));
-                accounts::heartbeat(&shared.pool, &replica, shared.settings.worker.lease).await
+                accounts::heartbeat_continuous(&shared.pool, &replica, shared.settings.worker.lease)
+                    .await
+                    .map(|continuous| shared.renewed(beat_started, continuous))
             } else {
                 register(&shared).await
             }
@@ -175,6 +182,8 @@ pub async fn run(shared: Arc<Shared>, stop: CancellationToken) {
     let mut next_prune = Instant::now() + Duration::from_secs(5);
     let mut next_unserved = Instant::now() + UNSERVED_FIRST_CHECK;
     let mut warned: HashMap<String, Instant> = HashMap::new();
+    let mut orphan_pass = OrphanPass::default();
+    let mut next_orphans = Instant::now() + ORPHANS_FIRST_CHECK;
     let mut pruned_in_run = 0u64;
     loop {
         let now = Instant::now();
@@ -185,6 +194,10 @@ pub async fn run(shared: Arc<Shared>, stop: CancellationToken) {
         if now >= next_unserved {
             warn_unserved(&shared, &mut warned).await;
             next_unserved = now + UNSERVED_CHECK_EVERY;
+        }
+        if now >= next_orphans {
+            orphan_pass.check(&shared).await;
+            next_orphans = now + ORPHANS_CHECK_EVERY;
         }
         if now >= next_prune {
             match retention(&shared).await {
@@ -205,7 +218,10 @@ pub async fn run(shared: Arc<Shared>, stop: CancellationToken) {
                 }
             }
         }
-        let next = next_sweep.min(next_prune).min(next_unserved);
+        let next = next_sweep
+            .min(next_prune)
+            .min(next_unserved)
+            .min(next_orphans);
         tokio::select! {
             _ = tokio::time::sleep_until(next.into()) => {}
             _ = stop.cancelled() => return,
@@ -227,7 +243,14 @@ async fn heartbeat(shared: &Shared) {
     if leases.is_empty() {
         return;
     }
-    match claim::extend_leases(&shared.pool, &leases, shared.settings.worker.lease).await {
+    match claim::extend_leases(
+        &shared.pool,
+        &leases,
+        shared.settings.worker.lease,
+        &shared.worker_id,
+    )
+    .await
+    {
         Ok(held) if held.len() < leases.len() => {
             // a job the completer finished since the beat began is not lost: only those still
             // in flight here are
@@ -251,7 +274,13 @@ async fn heartbeat(shared: &Shared) {
 async fn sweep(shared: &Shared) {
     // a pause or resume whose NOTIFY was missed (the listener reconnecting)
     refresh_pauses(shared).await;
-    match rescue::rescue_expired(&shared.pool, shared.settings.worker.max_attempts).await {
+    match rescue::rescue_expired(
+        &shared.pool,
+        shared.settings.worker.max_attempts,
+        after_lease(&shared.settings),
+    )
+    .await
+    {
         Ok((0, 0)) => {}
         Ok((rescued, dead)) => {
             tracing::warn!(rescued, dead, "returned jobs whose lease expired");
@@ -273,6 +302,18 @@ async fn sweep(shared: &Shared) {
         }
         Ok(_) => {}
         Err(e) => tracing::debug!(error = %e, "re-send sweep failed"),
+    }
+}
+
+/// How long a job rescued from a gone worker waits before it is claimed again: its call may
+/// have been sent just before the worker went, and may run for `http.request_timeout`, after
+/// which the provider may still act on it for `http.abandoned_call_bound`.
+pub(crate) fn after_lease(settings: &crate::config::Settings) -> Duration {
+    let bound = settings.http.abandoned_call_bound;
+    if bound.is_zero() {
+        Duration::ZERO
+    } else {
+        settings.http.request_timeout + bound
     }
 }
 
@@ -302,6 +343,44 @@ async fn warn_unserved(shared: &Shared, warned: &mut HashMap<String, Instant>) {
             "jobs wait for an account that no live worker serves: add [accounts.{account}] to a worker's configuration (or fix the account name the jobs were recorded with)"
         );
         warned.insert(account, now);
+    }
+}
+
+/// When a worker first looks for orphans, how often after that, and how many pending jobs one
+/// look reads.
+const ORPHANS_FIRST_CHECK: Duration = Duration::from_secs(5);
+const ORPHANS_CHECK_EVERY: Duration = Duration::from_secs(10);
+const ORPHANS_SLICE: i64 = 5000;
+
+/// The worker's pass over the pending jobs, a slice per check, looking for orphans (see
+/// `outbox::orphans`).
+#[derive(Default)]
+struct OrphanPass {
+    after: Option<String>,
+    found: i64,
+}
+
+impl OrphanPass {
+    async fn check(&mut self, shared: &Shared) {
+        match orphans::check_slice(&shared.pool, self.after.as_deref(), ORPHANS_SLICE).await {
+            Ok((found, next)) => {
+                if found.jobs > 0 {
+                    tracing::error!(
+                        jobs = found.jobs,
+                        contacts = found.contacts,
+                        "pending jobs the queue does not know (inserted with triggers off: pg_restore --disable-triggers, session_replication_role = replica); no worker will claim them until you run: {}",
+                        orphans::REPAIR
+                    );
+                }
+                self.found += found.jobs;
+                self.after = next;
+                if self.after.is_none() {
+                    m::orphaned_jobs(self.found);
+                    self.found = 0;
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "orphan check failed"),
+        }
     }
 }
 

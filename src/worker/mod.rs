@@ -22,13 +22,15 @@ pub mod shutdown;
 use crate::config::Settings;
 use crate::outbox::accounts::{AccountLimits, Replica};
 use crate::outbox::JobId;
+use crate::outbox::Lease;
 use crate::providers::Registry;
 use limits::Limits;
 pub use shutdown::Shutdown;
 use sqlx::PgPool;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 use tokio::sync::Notify;
 
 /// State shared by the worker's tasks.
@@ -47,12 +49,67 @@ pub(crate) struct Shared {
     pub account_limits: Vec<AccountLimits>,
     /// Leases held right now (job id → attempt), for the heartbeat and shutdown.
     pub in_flight: Mutex<HashMap<JobId, i32>>,
+    /// The leases among those whose call was started (a shutdown that abandons them holds
+    /// their jobs instead of putting them back: the provider may still act on the call).
+    pub calls_started: Mutex<HashSet<Lease>>,
+    /// Since when, and until when, this replica's row in `contact_sync.workers` is known to
+    /// have held without a gap (until: its last heartbeat's start plus one lease): while it
+    /// holds, no rescuer takes a job this worker claimed within that time.
+    pub alive: Mutex<Alive>,
     /// Wakes the producer (NOTIFY, completions).
     pub wake: Notify,
     pub stats: Stats,
     /// Set by this worker's first registration: only a start (which may bring a corrected
     /// configuration) ends a pause for refused credentials, not every `drain`.
     pub registered_once: std::sync::atomic::AtomicBool,
+}
+
+/// This replica's liveness as its heartbeats showed it (see [`Shared::alive`]).
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct Alive {
+    since: Option<Instant>,
+    until: Option<Instant>,
+}
+
+impl Shared {
+    /// Does the lease of a job claimed at `claimed_at` still hold, as far as this worker can
+    /// tell from its own clock? It holds one lease after the claim began, and, if this
+    /// replica's row has been renewed without a gap since the claim, one lease after the start
+    /// of the last renewal (the rescuer takes a job only once its worker's row has expired). A
+    /// worker stopped or cut off past that may have lost the job to another worker.
+    pub fn lease_holds(&self, claimed_at: Instant) -> bool {
+        let mut until = claimed_at + self.settings.worker.lease;
+        if let Ok(alive) = self.alive.lock() {
+            if let (Some(since), Some(alive_until)) = (alive.since, alive.until) {
+                if since <= claimed_at {
+                    until = until.max(alive_until);
+                }
+            }
+        }
+        Instant::now() < until
+    }
+
+    /// This replica's row was renewed by a statement that started at `beat_started`;
+    /// `continuous`: it had not expired before (no other worker may have rescued its jobs).
+    pub fn renewed(&self, beat_started: Instant, continuous: bool) {
+        if let Ok(mut alive) = self.alive.lock() {
+            if !continuous || alive.since.is_none() {
+                alive.since = Some(beat_started);
+            }
+            let until = beat_started + self.settings.worker.lease;
+            alive.until = Some(alive.until.map_or(until, |a| a.max(until)));
+            if !continuous {
+                alive.until = Some(until);
+            }
+        }
+    }
+
+    /// The call of this lease is about to be sent.
+    pub fn call_started(&self, lease: Lease) {
+        if let Ok(mut started) = self.calls_started.lock() {
+            started.insert(lease);
+        }
+    }
 }
 
 /// Counters of one worker's life, for `--drain` summaries, tests and the demo.
@@ -157,6 +214,8 @@ impl Worker {
                 replica,
                 account_limits,
                 in_flight: Mutex::new(HashMap::new()),
+                calls_started: Mutex::new(HashSet::new()),
+                alive: Mutex::new(Alive::default()),
                 wake: Notify::new(),
                 stats: Stats::default(),
                 registered_once: std::sync::atomic::AtomicBool::new(false),
@@ -177,6 +236,13 @@ impl Worker {
     /// leaves none; `run --drain` fails otherwise).
     pub async fn held_claims(&self) -> Result<i64, sqlx::Error> {
         crate::outbox::claim::held_by(&self.shared.pool, &self.shared.worker_id).await
+    }
+
+    /// Pending jobs of this worker's accounts that the queue of contacts does not know
+    /// (inserted with triggers off): a drain cannot reach them (`run --drain` fails while there
+    /// are any).
+    pub async fn orphans(&self) -> Result<crate::outbox::orphans::Orphans, sqlx::Error> {
+        crate::outbox::orphans::count(&self.shared.pool, Some(&self.shared.accounts)).await
     }
 
     /// Runs until `shutdown` fires: then stops claiming, lets in-flight calls finish within

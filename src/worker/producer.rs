@@ -138,6 +138,7 @@ pub async fn run(shared: Arc<Shared>, stop: Shutdown, drain: bool) {
                 held_back = true;
             }
             if !plan.is_empty() {
+                let claimed_at = std::time::Instant::now();
                 let (jobs, failed) = claim_planned(&shared, &plan).await;
                 for q in plan.open.iter().chain(&plan.limited) {
                     let got = jobs.iter().filter(|j| j.account == q.account).count();
@@ -167,7 +168,13 @@ pub async fn run(shared: Arc<Shared>, stop: Shutdown, drain: bool) {
                     m::job_event(JobEvent::Claimed, &job.provider, &job.account, 1);
                     match slots.clone().try_acquire_owned() {
                         Ok(permit) => {
-                            tasks.spawn(executor::execute(shared.clone(), job, permit, tx.clone()));
+                            tasks.spawn(executor::execute(
+                                shared.clone(),
+                                job,
+                                claimed_at,
+                                permit,
+                                tx.clone(),
+                            ));
                         }
                         Err(_) => {
                             // Unreachable while only this loop takes slots; never lose the claim.
@@ -194,7 +201,16 @@ pub async fn run(shared: Arc<Shared>, stop: Shutdown, drain: bool) {
             // an account an operator paused is not waited for
             let active = shared.limits.not_paused_by_operator(&shared.accounts);
             match claim::runnable_exists(&shared.pool, &active).await {
-                Ok(false) => break,
+                // a call abandoned in flight (held until the provider can no longer act on it)
+                // is still in flight: its job comes back when the hold ends
+                Ok(false) => match claim::held_exists(&shared.pool, &active).await {
+                    Ok(false) => break,
+                    Ok(true) => wake_in = wake_in.min(Duration::from_millis(200)),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "drain check failed; retrying");
+                        wake_in = Duration::from_millis(200);
+                    }
+                },
                 Ok(true) if held_back => {} // rate limit or pause: wake when it allows
                 Ok(true) => wake_in = wake_in.min(Duration::from_millis(10)),
                 Err(e) => {
@@ -252,10 +268,26 @@ pub async fn run(shared: Arc<Shared>, stop: Shutdown, drain: bool) {
                 .collect()
         })
         .unwrap_or_default();
-    if !leftover.is_empty() {
-        let released = complete::release(&shared.pool, &leftover, false);
-        match bounded_if_forced(&stop, released).await {
-            Some(Ok(n)) => tracing::info!(released = n, "unfinished claims put back"),
+    // Claims whose call was sent and abandoned are held (the provider may still act on them);
+    // the others go back to pending at once.
+    let started: std::collections::HashSet<Lease> = shared
+        .calls_started
+        .lock()
+        .map(|mut s| s.drain().collect())
+        .unwrap_or_default();
+    let (abandoned, unsent): (Vec<Lease>, Vec<Lease>) =
+        leftover.into_iter().partition(|l| started.contains(l));
+    if !unsent.is_empty() || !abandoned.is_empty() {
+        let bound = shared.settings.http.abandoned_call_bound;
+        let put_back = async {
+            let released = complete::release(&shared.pool, &unsent, false).await?;
+            let held = complete::abandon(&shared.pool, &abandoned, bound).await?;
+            Ok::<_, sqlx::Error>((released, held))
+        };
+        match bounded_if_forced(&stop, put_back).await {
+            Some(Ok((released, held))) => {
+                tracing::info!(released, held, hold_ms = bound.as_millis() as u64, "unfinished claims put back (calls abandoned in flight are held until the provider can no longer act on them)")
+            }
             Some(Err(e)) => {
                 tracing::warn!(error = %e, "could not release claims; their leases will expire")
             }

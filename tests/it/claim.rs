@@ -79,12 +79,18 @@ async fn expired_leases_are_rescued_and_the_last_attempt_goes_dead() {
     .unwrap();
     assert_eq!(claimed.len(), 2);
     // a live lease is not rescued
-    assert_eq!(rescue_expired(&env.pool, 20).await.unwrap(), (0, 0));
+    assert_eq!(
+        rescue_expired(&env.pool, 20, Duration::ZERO).await.unwrap(),
+        (0, 0)
+    );
     sqlx::query("UPDATE contact_sync.jobs SET locked_until = now() - interval '1 second'")
         .execute(&env.pool)
         .await
         .unwrap();
-    assert_eq!(rescue_expired(&env.pool, 20).await.unwrap(), (1, 1));
+    assert_eq!(
+        rescue_expired(&env.pool, 20, Duration::ZERO).await.unwrap(),
+        (1, 1)
+    );
     let a_row = env.job(a).await;
     assert_eq!(a_row.state, "pending");
     assert_eq!(a_row.errors[0]["kind"], "lease_expired");
@@ -113,7 +119,7 @@ async fn writes_after_a_lost_lease_change_nothing() {
         .execute(&env.pool)
         .await
         .unwrap();
-    rescue_expired(&env.pool, 20).await.unwrap();
+    rescue_expired(&env.pool, 20, Duration::ZERO).await.unwrap();
     let second = claim(
         &env.pool,
         &quota("jc", 1),
@@ -137,6 +143,7 @@ async fn writes_after_a_lost_lease_change_nothing() {
         &[Success {
             lease: old,
             doi: None,
+            sent_md5: first[0].payload_md5(),
             followers: vec![],
             sets_status: false,
             modify_ts: None,
@@ -145,17 +152,23 @@ async fn writes_after_a_lost_lease_change_nothing() {
     )
     .await
     .unwrap();
-    assert_eq!(lost, vec![id]);
-    assert!(!complete::retry(
-        &env.pool,
-        old,
-        Duration::ZERO,
-        &error,
-        complete::Attempt::Counts
-    )
-    .await
-    .unwrap());
-    assert!(!complete::kill(&env.pool, old, &error).await.unwrap());
+    assert_eq!(lost.lost, vec![id]);
+    assert_eq!(
+        complete::retry(
+            &env.pool,
+            old,
+            Duration::ZERO,
+            &error,
+            complete::Attempt::Counts
+        )
+        .await
+        .unwrap(),
+        complete::Write::Lost
+    );
+    assert_eq!(
+        complete::kill(&env.pool, old, &error).await.unwrap(),
+        complete::Write::Lost
+    );
     assert_eq!(complete::release(&env.pool, &[old], true).await.unwrap(), 0);
     let row = env.job(id).await;
     assert_eq!(row.state, "running");
@@ -167,6 +180,7 @@ async fn writes_after_a_lost_lease_change_nothing() {
         &[Success {
             lease: new,
             doi: None,
+            sent_md5: second[0].payload_md5(),
             followers: vec![],
             sets_status: false,
             modify_ts: None,
@@ -175,13 +189,14 @@ async fn writes_after_a_lost_lease_change_nothing() {
     )
     .await
     .unwrap();
-    assert!(lost.is_empty());
+    assert_eq!(lost, Default::default());
     assert_eq!(env.job(id).await.state, "succeeded");
     // and a stale heartbeat extends nothing
     assert!(contact_sync::outbox::claim::extend_leases(
         &env.pool,
         &[Lease { id, attempt: 1 }],
-        Duration::from_secs(5)
+        Duration::from_secs(5),
+        "old"
     )
     .await
     .unwrap()

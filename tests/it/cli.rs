@@ -403,17 +403,31 @@ async fn enqueue_takes_a_time_an_attempt_budget_and_typed_attributes() {
 async fn demo_runs_to_completion_on_a_throwaway_postgres() {
     let env = TestEnv::new().await;
     let config = env.config_file("");
-    let out = env
+    // stdout and stderr in one file, in the order written
+    let path = std::env::temp_dir().join(format!("cs-demo-{}.out", fastrand::u64(..)));
+    let file = std::fs::File::create(&path).unwrap();
+    let status = env
         .binary(&config)
         .env_remove("DATABASE_URL")
         .env_remove("CONTACT_SYNC_CONFIG")
         .arg("demo")
-        .output()
+        .stdout(file.try_clone().unwrap())
+        .stderr(file)
+        .status()
         .await
         .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stdout}\n{stderr}");
+    let stdout = std::fs::read_to_string(&path).unwrap();
+    let _ = std::fs::remove_file(&path);
+    assert!(status.success(), "{stdout}");
+    // Regression (issue 22): a warning that the throwaway Postgres ended a connection came
+    // after the summary. Nothing is logged once the summary is printed.
+    let after = stdout.split("Summary").nth(1).unwrap_or_default();
+    assert!(
+        !after
+            .lines()
+            .any(|l| l.contains(" WARN ") || l.contains(" ERROR ")),
+        "{after}"
+    );
     assert!(
         stdout.contains("starting a throwaway PostgreSQL"),
         "{stdout}"
@@ -428,6 +442,28 @@ async fn demo_runs_to_completion_on_a_throwaway_postgres() {
     );
     assert!(stdout.contains("deferred_until: 1"), "{stdout}");
     assert!(stdout.contains("cleaned up"), "{stdout}");
+}
+
+/// Regression (issue 22): `Pool::close` returned while a connection was still on its way back
+/// to the pool, so the demo stopped its throwaway Postgres under it (a warning each time).
+#[tokio::test]
+async fn a_closed_pool_has_no_connection_left() {
+    let env = TestEnv::new().await;
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(2)
+        .connect_with(env.db.options.clone())
+        .await
+        .unwrap();
+    let a = pool.acquire().await.unwrap();
+    let b = pool.acquire().await.unwrap();
+    // one idle connection, one on its way back when the pool closes
+    drop(a);
+    while pool.num_idle() == 0 {
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    drop(b);
+    contact_sync::pg::close_pool(&pool).await;
+    assert_eq!(pool.size(), 0, "a connection outlived the pool's close");
 }
 
 #[tokio::test]
@@ -536,7 +572,10 @@ async fn bulk_retry_cancel_purge_and_paged_lists() {
         )
         .await;
     let v: Value = serde_json::from_str(&out).unwrap();
-    assert_eq!(v, json!({"cancelled": 1, "dry_run": true}));
+    assert_eq!(
+        v,
+        json!({"cancelled": 1, "dry_run": true, "skipped_busy": []})
+    );
     // an id and a filter, or neither: a usage error
     for args in [
         vec!["retry", "5", "--state", "dead"],

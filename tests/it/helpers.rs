@@ -115,6 +115,8 @@ impl TestEnv {
         settings.worker.backoff_cap = Duration::from_millis(5);
         settings.worker.shutdown_timeout = Duration::from_secs(5);
         settings.http.request_timeout = Duration::from_secs(5);
+        // (tests of the abandoned-call hold, and the model test, set it)
+        settings.http.abandoned_call_bound = Duration::ZERO;
         settings.accounts.insert(
             "jc".into(),
             justclick_account(&sandbox, JC_LOGIN, JC_SECRET),
@@ -181,7 +183,7 @@ impl TestEnv {
     pub fn config_file_with(&self, jc_extra: &str, extra: &str) -> std::path::PathBuf {
         let w = &self.settings.worker;
         let mut toml = format!(
-            "[worker]\nconcurrency = {}\nbatch_size = {}\nlease = \"{}\"\npoll_interval = \"{}\"\nbackoff_base = \"{}\"\nbackoff_cap = \"{}\"\nshutdown_timeout = \"{}\"\nmax_attempts = {}\n[admin]\nlisten = \"\"\n[http]\nrequest_timeout = \"{}\"\n",
+            "[worker]\nconcurrency = {}\nbatch_size = {}\nlease = \"{}\"\npoll_interval = \"{}\"\nbackoff_base = \"{}\"\nbackoff_cap = \"{}\"\nshutdown_timeout = \"{}\"\nmax_attempts = {}\n[admin]\nlisten = \"\"\n[http]\nrequest_timeout = \"{}\"\nabandoned_call_bound = \"{}\"\n",
             w.concurrency,
             w.batch_size,
             contact_sync::duration::format(w.lease),
@@ -191,6 +193,7 @@ impl TestEnv {
             contact_sync::duration::format(w.shutdown_timeout),
             w.max_attempts,
             contact_sync::duration::format(self.settings.http.request_timeout),
+            contact_sync::duration::format(self.settings.http.abandoned_call_bound),
         );
         toml.push_str(&format!(
             "[accounts.jc]\nprovider = \"justclick\"\nlogin = \"{JC_LOGIN}\"\nsecret = \"{JC_SECRET}\"\nbase_url = \"{}\"\n{jc_extra}\n",

@@ -4,18 +4,25 @@
 
 mod helpers;
 
+mod abandoned_calls;
+mod addresses;
 mod admin;
 mod claim;
 mod cli;
+mod edits_in_flight;
 mod enqueue;
 mod limits;
 mod model;
 mod operator;
 mod ordering;
+mod orphans;
+mod outside_locks;
 mod plans;
 mod providers;
 mod reliability;
+mod retention;
 mod retries;
 mod sandbox;
+mod settings;
 mod shutdown;
 mod trust;

@@ -23,7 +23,9 @@
 //!   batches hold; the sandbox verified every request; workers exit 0 on SIGTERM.
 //!
 //! Faults: kill -9 of a worker (replaced after up to 1.5 s), sandbox faults (5xx, 429 with
-//! `Retry-After: 1`, stalls past the request timeout, resets mid-response, forged and unverifiable
+//! `Retry-After: 1`, stalls past the request timeout, slow answers applied after the worker gave
+//! up on them (as a real service finishes a request whose client went away; the workers hold
+//! such a contact for `http.abandoned_call_bound`), resets mid-response, forged and unverifiable
 //! answers, malformed bodies, permanent error codes whose text holds a NUL and an ANSI escape),
 //! per-request delays, deferred confirmation re-sends brought forward in database time, and in
 //! every round whose seed is a multiple of 3, a fast and an immediate restart of Postgres (a
@@ -69,6 +71,12 @@ const STALL_MS: std::ops::RangeInclusive<u64> = 1300..=1800;
 /// In rounds with slow calls: stalls longer than the lease, answered before the request timeout.
 const SLOW_STALL_MS: std::ops::RangeInclusive<u64> = 3500..=4500;
 const SLOW_REQUEST_TIMEOUT: Duration = Duration::from_secs(6);
+/// Slow answers (`Fault::Slow`): applied this long after the request timeout, when the worker
+/// has given up (a real service finishes a request whose client went away).
+const SLOW_PAST_TIMEOUT_MS: std::ops::RangeInclusive<u64> = 200..=1200;
+/// `http.abandoned_call_bound`: longer than any slow answer's time past the request timeout
+/// (plus the per-request delay), so a held call is over before its contact is called again.
+const ABANDONED_CALL_BOUND: Duration = Duration::from_millis(1600);
 /// Finished rows a day old that the workers prune during a slow round (retention 1 h).
 const HOUSEKEEPING_BACKLOG: i64 = 150_000;
 /// Their account (no worker serves it; the checks leave it out).
@@ -683,7 +691,7 @@ fn plan_actions(
 }
 
 fn transient_fault(rng: &mut Rng, contacts: &[ContactPlan], slow_calls: bool) -> FaultRule {
-    let fault = match rng.u8(..8) {
+    let fault = match rng.u8(..9) {
         0 => Fault::Status {
             status: *pick(rng, &[500, 502, 503]),
         },
@@ -697,6 +705,16 @@ fn transient_fault(rng: &mut Rng, contacts: &[ContactPlan], slow_calls: bool) ->
         4 => Fault::ForgeSignature,
         5 => Fault::Unverifiable,
         6 => Fault::Malformed,
+        // applied when its wait ends, past the request timeout: after the worker gave up
+        7 => Fault::Slow {
+            ms: (if slow_calls {
+                SLOW_REQUEST_TIMEOUT
+            } else {
+                REQUEST_TIMEOUT
+            })
+            .as_millis() as u64
+                + rng.u64(SLOW_PAST_TIMEOUT_MS),
+        },
         _ => Fault::Status { status: 503 },
     };
     let rule = FaultRule::new(fault, rng.u32(1..=4));
@@ -1308,6 +1326,7 @@ async fn run_round(seed: u64) {
     } else {
         REQUEST_TIMEOUT
     };
+    settings.http.abandoned_call_bound = ABANDONED_CALL_BOUND;
     let mut sl2 = smartlink_account(&sandbox, SL2_GAME, SL2_SECRET);
     sl2.double_opt_in = contact_sync::config::DoubleOptIn::Drop;
     settings.accounts.insert(
@@ -1395,6 +1414,7 @@ async fn run_round(seed: u64) {
                         Fault::Status { .. } => "status",
                         Fault::RateLimit { .. } => "rate_limit",
                         Fault::Stall { .. } => "stall",
+                        Fault::Slow { .. } => "slow",
                         Fault::ForgeSignature => "forge_signature",
                         Fault::Unverifiable => "unverifiable",
                         Fault::ErrorCode { .. } => "error_code",
@@ -1588,7 +1608,7 @@ impl Row {
                 errors.iter().any(|e| {
                     matches!(
                         e.get("kind").and_then(Value::as_str),
-                        Some("timeout" | "transport" | "lease_expired")
+                        Some("timeout" | "transport" | "lease_expired" | "abandoned")
                     )
                 })
             })
@@ -2028,7 +2048,7 @@ fn check_contacts(plan: &Plan, sandbox: &Sandbox, rows: &[Row], v: &mut Violatio
                 errors.iter().any(|e| {
                     matches!(
                         e.get("kind").and_then(Value::as_str),
-                        Some("timeout" | "transport" | "lease_expired")
+                        Some("timeout" | "transport" | "lease_expired" | "abandoned")
                     )
                 })
             })

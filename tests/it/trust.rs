@@ -671,7 +671,7 @@ async fn retry_keeps_per_contact_order_and_the_schedule() {
     assert_eq!(state, Some(newer.to_string()));
     let bulk = admin::retry_dead(&env.pool, None, false).await.unwrap();
     assert_eq!((bulk.retried, bulk.skipped_stale), (0, 1));
-    // retention does not take the newer job away while the old one may still be retried
+    // retention deletes the newer job, and the old one remembers it (`overtaken_by`)
     sqlx::query(
         "UPDATE contact_sync.jobs SET finished_at = now() - interval '30 days' WHERE id = $1",
     )
@@ -683,8 +683,9 @@ async fn retry_keeps_per_contact_order_and_the_schedule() {
         contact_sync::outbox::prune::prune_finished(&env.pool, Duration::from_secs(86_400), 1000)
             .await
             .unwrap();
-    assert_eq!(pruned, 0);
-    let (result, _) = admin::retry(&env.pool, old, false).await.unwrap();
+    assert_eq!(pruned, 1);
+    let (result, state) = admin::retry(&env.pool, old, false).await.unwrap();
+    assert_eq!(state, Some(newer.to_string()));
     assert_eq!(
         result,
         admin::ActionResult::Stale,

@@ -59,6 +59,13 @@ pub fn form_fields(
             "justclick lead_email: not a valid address (at most 254 characters, no spaces or control characters)",
         ));
     }
+    // (a job enqueued before the database refused these: JustClick would answer code 100)
+    if !crate::providers::address::php_valid_email(email) {
+        return Err(DeliveryError::permanent(
+            "invalid_payload",
+            "justclick lead_email: JustClick refuses this address (it accepts what PHP's FILTER_VALIDATE_EMAIL accepts: ASCII, host name labels of letters, digits and inner hyphens, the last starting with a letter, no IP address)",
+        ));
+    }
     let mut fields = vec![("lead_email", email.to_string())];
     for name in FIELDS {
         match payload.get(name) {
@@ -214,6 +221,41 @@ mod tests {
         let names: Vec<_> = fields.iter().map(|(k, _)| *k).collect();
         assert_eq!(names, ["lead_email", "lead_name", "lead_city", "lead_tags"]);
         assert_eq!(fields[3].1, "a,b");
+    }
+
+    /// Regression (issue 22, finding 8): addresses JustClick refuses (code 100) were sent.
+    #[test]
+    fn addresses_justclick_refuses_are_never_sent() {
+        let payload = json!({"lead_name": "N"});
+        let long_label = format!("a@{}.com", "b".repeat(64));
+        for bad in [
+            "a@b_c.com",
+            "a@b-.com",
+            "a@-b.com",
+            "a@b.123",
+            "a@1.2.3.4",
+            long_label.as_str(),
+            "ü@example.com",
+        ] {
+            match form_fields(bad, payload.as_object().unwrap()) {
+                Err(DeliveryError::Permanent { code, text }) => {
+                    assert_eq!(code, "invalid_payload", "{bad}");
+                    assert!(text.contains("FILTER_VALIDATE_EMAIL"), "{bad}: {text}");
+                }
+                other => panic!("{bad}: {other:?}"),
+            }
+        }
+        let longest_label = format!("a@{}.com", "b".repeat(63));
+        for ok in [
+            "o'brien+tag@sub.example.org",
+            "a@b.c1",
+            longest_label.as_str(),
+        ] {
+            assert!(
+                form_fields(ok, payload.as_object().unwrap()).is_ok(),
+                "{ok}"
+            );
+        }
     }
 
     #[test]

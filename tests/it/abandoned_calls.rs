@@ -1,0 +1,238 @@
+//! Calls the worker stopped waiting for (a timeout, a shutdown that abandons them, a worker
+//! stopped past its lease): a real provider finishes a request whose client has gone, and the
+//! sandbox does too. Nothing more is sent for the contact, and the account's in-flight slot
+//! stays taken, until the provider can no longer be acting on the first request
+//! (`http.abandoned_call_bound`).
+
+use crate::helpers::*;
+use contact_sync::sandbox::{Fault, FaultRule};
+use contact_sync::worker::Shutdown;
+use serde_json::json;
+use std::time::{Duration, Instant};
+
+async fn wait_for_state(env: &TestEnv, id: i64, state: &str, within: Duration) {
+    let deadline = Instant::now() + within;
+    while env.job(id).await.state != state {
+        assert!(Instant::now() < deadline, "job {id} never became {state}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn slow(email: &str, ms: u64) -> FaultRule {
+    FaultRule::new(Fault::Slow { ms }, 1)
+        .provider("justclick")
+        .email(email)
+}
+
+/// The review's finding: with `request_timeout = 1s` and a provider taking 2.5 s, the retry
+/// (carrying a newer coalesced change) was applied first and the first attempt's stale value
+/// landed last, while the database recorded the newer one as delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timed_out_call_holds_its_contact_until_the_provider_is_done_with_it() {
+    let mut env = TestEnv::new().await;
+    env.settings.http.request_timeout = Duration::from_secs(1);
+    env.settings.http.abandoned_call_bound = Duration::from_secs(3);
+    env.sandbox.faults().push(slow("t@example.com", 2500));
+    let old = env
+        .enqueue(jc("t@example.com", json!({"lead_name": "old"})))
+        .await;
+    let worker = env.worker();
+    let run = tokio::spawn({
+        let worker = worker.clone();
+        async move { worker.drain().await }
+    });
+    wait_for_state(&env, old, "running", Duration::from_secs(10)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let new = env
+        .enqueue(jc("t@example.com", json!({"lead_name": "new"})))
+        .await;
+    // the timeout comes at 1 s; the provider is still at work until 2.5 s
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let held: (String, Option<String>, bool) = sqlx::query_as(
+        "SELECT state, locked_by, locked_until > now() + interval '1 second' FROM contact_sync.jobs WHERE id = $1",
+    )
+    .bind(old)
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        held,
+        ("running".to_string(), None, true),
+        "held, owned by no worker"
+    );
+    assert_eq!(env.job(new).await.state, "pending");
+    tokio::time::timeout(Duration::from_secs(30), run)
+        .await
+        .expect("drain waits for the hold, then delivers")
+        .unwrap();
+
+    let c = env
+        .sandbox
+        .contact("justclick", JC_LOGIN, "t@example.com")
+        .unwrap();
+    assert_eq!(
+        c.fields["lead_name"], "new",
+        "the provider ends with the newest change"
+    );
+    assert_eq!(env.sandbox.stats().max_in_flight_per_contact, 1);
+    let row = env.job(old).await;
+    assert_eq!(row.state, "succeeded");
+    assert_eq!(row.errors[0]["kind"], "timeout");
+    assert_eq!(env.job(new).await.state, "coalesced");
+}
+
+/// The review's finding: with `max_in_flight = 3` the provider saw 18 requests of the account
+/// in flight. A timed-out call keeps its slot until the hold has passed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timed_out_call_keeps_its_accounts_in_flight_slot() {
+    let mut env = TestEnv::new().await;
+    env.settings.http.request_timeout = Duration::from_secs(1);
+    env.settings.http.abandoned_call_bound = Duration::from_secs(2);
+    env.settings.accounts.get_mut("jc").unwrap().max_in_flight = Some(1);
+    env.sandbox.faults().push(slow("a@example.com", 2000));
+    env.sandbox.faults().push(slow("b@example.com", 2000));
+    let ids = env
+        .enqueue_many(&[
+            jc("a@example.com", json!({"lead_name": "A"})),
+            jc("b@example.com", json!({"lead_name": "B"})),
+            jc("c@example.com", json!({"lead_name": "C"})),
+        ])
+        .await;
+    let worker = env.worker();
+    tokio::time::timeout(Duration::from_secs(60), worker.drain())
+        .await
+        .expect("drained");
+    for id in ids {
+        assert_eq!(env.job(id).await.state, "succeeded");
+    }
+    let log = env.sandbox.account_log("justclick", JC_LOGIN);
+    assert_eq!(log.max_in_flight, 1, "{log:?}");
+    assert_eq!(env.sandbox.stats().max_in_flight_per_contact, 1);
+}
+
+/// A shutdown that abandons calls in flight holds their jobs (the provider may still act on
+/// them) instead of putting them back for another worker to send at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_holds_the_calls_it_abandons() {
+    let mut env = TestEnv::new().await;
+    env.settings.http.abandoned_call_bound = Duration::from_secs(3);
+    env.settings.worker.shutdown_timeout = Duration::from_millis(300);
+    env.sandbox.faults().push(slow("s@example.com", 2500));
+    let first = env
+        .enqueue(jc("s@example.com", json!({"lead_name": "first"})))
+        .await;
+    let worker = env.worker();
+    let stop = Shutdown::new();
+    let run = tokio::spawn({
+        let worker = worker.clone();
+        let stop = stop.clone();
+        async move { worker.run(stop).await }
+    });
+    wait_for_state(&env, first, "running", Duration::from_secs(10)).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stop.graceful.cancel();
+    run.await.unwrap();
+    let held: (String, Option<String>, bool) = sqlx::query_as(
+        "SELECT state, locked_by, locked_until > now() + interval '1 second' FROM contact_sync.jobs WHERE id = $1",
+    )
+    .bind(first)
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(held, ("running".to_string(), None, true));
+    let second = env
+        .enqueue(jc("s@example.com", json!({"lead_name": "second"})))
+        .await;
+    // another worker waits for the hold, then sends both, in order
+    let other = env.worker();
+    tokio::time::timeout(Duration::from_secs(30), other.drain())
+        .await
+        .expect("drained");
+    let c = env
+        .sandbox
+        .contact("justclick", JC_LOGIN, "s@example.com")
+        .unwrap();
+    assert_eq!(c.fields["lead_name"], "second");
+    assert_eq!(env.sandbox.stats().max_in_flight_per_contact, 1);
+    assert_eq!(env.job(first).await.state, "succeeded");
+    assert_eq!(env.job(second).await.state, "coalesced");
+}
+
+/// A worker stopped (SIGSTOP) between its claim and its call, past its lease: another worker
+/// took the job and delivered it and a newer change. The stopped worker, resumed, must not
+/// send its stale call after them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_stopped_past_its_lease_does_not_send_its_stale_call() {
+    let mut env = TestEnv::new().await;
+    env.settings.worker.lease = Duration::from_secs(2);
+    let config = env.config_file("");
+    // The confirmation window's ledger is where a Smartlink call with the pending status
+    // stops before it is sent: an outside lock holds the worker there.
+    let mut outside = env.pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE contact_sync.doi_ledger IN EXCLUSIVE MODE")
+        .execute(&mut *outside)
+        .await
+        .unwrap();
+    let stale = env
+        .enqueue(sl(
+            "z@example.com",
+            json!({"subscribe": 3, "attributes": {"v": 1}}),
+        ))
+        .await;
+    let mut stopped = env.spawn_quiet(&config, &["run"]);
+    wait_for_state(&env, stale, "running", Duration::from_secs(20)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let pid = stopped.id().unwrap() as i32;
+    // SAFETY: signalling our own child.
+    unsafe {
+        libc::kill(pid, libc::SIGSTOP);
+    }
+    outside.commit().await.unwrap();
+    let newer = env
+        .enqueue(sl("z@example.com", json!({"attributes": {"v": 2}})))
+        .await;
+    // another worker rescues the job once the stopped one's lease and registration expired
+    let other = env.worker();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while env.job(stale).await.state != "succeeded" {
+        if Instant::now() > deadline {
+            let rows: Vec<String> = sqlx::query_scalar(
+                "SELECT concat_ws(' ', id, state, locked_by, locked_until, last_error) FROM contact_sync.jobs ORDER BY id",
+            )
+            .fetch_all(&env.pool)
+            .await
+            .unwrap();
+            let workers: Vec<String> = sqlx::query_scalar(
+                "SELECT concat_ws(' ', id, expires_at) FROM contact_sync.workers",
+            )
+            .fetch_all(&env.pool)
+            .await
+            .unwrap();
+            panic!("the other worker never delivered: {rows:?} {workers:?}");
+        }
+        other.drain().await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let before = env
+        .sandbox
+        .contact("smartlink", SL_GAME, "z@example.com")
+        .unwrap();
+    // SAFETY: as above.
+    unsafe {
+        libc::kill(pid, libc::SIGCONT);
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stopped.kill().await.unwrap();
+    let after = env
+        .sandbox
+        .contact("smartlink", SL_GAME, "z@example.com")
+        .unwrap();
+    assert_eq!(
+        after.updates + after.stale_updates,
+        before.updates + before.stale_updates,
+        "the resumed worker sent its stale call: {after:?}"
+    );
+    assert_eq!(after.fields["attributes"]["v"], 2);
+    assert_eq!(env.job(stale).await.state, "succeeded");
+    assert_eq!(env.job(newer).await.state, "coalesced");
+}
