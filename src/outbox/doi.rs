@@ -127,6 +127,34 @@ pub struct Deferral<'a> {
     pub due_at: DateTime<Utc>,
 }
 
+/// Drops the deferral an earlier attempt of the same change recorded (its call deferred the
+/// pending status, and its completion was lost): this attempt sent the status itself, and a
+/// re-send when that deferral fell due would ask for a second confirmation email.
+pub async fn drop_deferral_of(
+    pool: &PgPool,
+    provider: &str,
+    account: &str,
+    email: &str,
+    window_holder: JobId,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        // language=PostgreSQL
+        r#"
+        DELETE FROM contact_sync.doi_deferred
+        WHERE job_id <= $4 AND covers_id >= $4
+          AND provider = $1 AND account = $2 AND lower(email) = lower($3)
+        "#,
+    )
+    .persistent(false)
+    .bind(provider)
+    .bind(account)
+    .bind(email)
+    .bind(window_holder)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
 pub async fn defer(pool: &PgPool, d: &Deferral<'_>) -> Result<(), sqlx::Error> {
     sqlx::query(
         // language=PostgreSQL

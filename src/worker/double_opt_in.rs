@@ -101,6 +101,9 @@ pub async fn after_success(
 ) -> Result<(), sqlx::Error> {
     if matches!(decision, Decision::Send { .. }) {
         doi::confirm(pool, api_key_id, email, jobs.window_holder).await?;
+        // an earlier attempt of this change may have deferred the status, and lost its
+        // completion: the status went out now, so that re-send must not
+        doi::drop_deferral_of(pool, provider, account, email, jobs.window_holder).await?;
     }
     if let Decision::Defer { until, status } = decision {
         doi::defer(

@@ -290,3 +290,77 @@ async fn a_throttled_account_does_not_slow_the_other() {
     );
     assert!(took >= Duration::from_millis(1500));
 }
+
+/// Looked into: a call that deferred the pending status, whose completion was lost (the worker
+/// died after the call), and whose retry found the window free and sent the status itself. The
+/// first attempt's deferral survived and, when it fell due, asked for a second confirmation
+/// email about an hour later.
+#[tokio::test]
+async fn a_deferral_of_an_attempt_whose_retry_sent_the_status_is_dropped() {
+    let env = TestEnv::new().await;
+    let worker = env.worker();
+    let first = env
+        .enqueue(sl("lost@example.com", json!({"subscribe": 3})))
+        .await;
+    env.settle(&worker).await;
+    assert_eq!(env.job(first).await.doi.as_deref(), Some("sent"));
+    let change = env
+        .enqueue(sl(
+            "lost@example.com",
+            json!({"subscribe": 3, "tags": ["x"]}),
+        ))
+        .await;
+    env.settle(&worker).await;
+    assert!(env
+        .job(change)
+        .await
+        .doi
+        .unwrap()
+        .starts_with("deferred_until "));
+    // as if the worker had died after the call and before recording it: running, its lease gone
+    sqlx::query(
+        "UPDATE contact_sync.jobs SET state = 'running', finished_at = NULL, doi = NULL, \
+         locked_by = 'gone:1:0000', locked_until = now() - interval '1 second' WHERE id = $1",
+    )
+    .bind(change)
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    // the first window ends before the retry (the deferral is still an hour ahead)
+    sqlx::query("UPDATE contact_sync.doi_ledger SET sent_at = sent_at - interval '63 minutes'")
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    env.settle(&worker).await;
+    let row = env.job(change).await;
+    assert_eq!(
+        (row.state.as_str(), row.doi.as_deref()),
+        ("succeeded", Some("sent"))
+    );
+    let deferrals: i64 = sqlx::query_scalar("SELECT count(*) FROM contact_sync.doi_deferred")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        deferrals, 0,
+        "the status went out: nothing is left to re-send"
+    );
+    // an hour later, nothing asks for another email
+    sqlx::query("UPDATE contact_sync.doi_deferred SET due_at = now() - interval '1 second'")
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    ledger_to_the_past(&env).await;
+    env.settle(&worker).await;
+    let jobs: i64 = sqlx::query_scalar("SELECT count(*) FROM contact_sync.jobs")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(jobs, 2, "no re-send job");
+    let c = env
+        .sandbox
+        .contact("smartlink", SL_GAME, "lost@example.com")
+        .unwrap();
+    // the first change's request and the retry's: no third one an hour later
+    assert_eq!(c.pending_requests, 2);
+}
