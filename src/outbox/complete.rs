@@ -119,21 +119,23 @@ pub async fn succeed_many(pool: &PgPool, items: &[Success]) -> Result<Written, s
             WHERE NOT EXISTS (SELECT 1 FROM locked l WHERE l.id = m.id)
         ), done AS (
             -- delivered; a job changed since the claim was delivered as it was, and goes back
-            -- to pending to be sent as it is now (= ANY(ARRAY(...)): primary-key probes)
+            -- to pending to be sent as it is now (= ANY(ARRAY(...)): primary-key probes; never
+            -- `run_at` in the SET list: it would fire the row-level validation trigger, which
+            -- fires on that column whatever the value, for every job)
             UPDATE contact_sync.jobs j
-            SET state = CASE WHEN t.as_sent THEN 'succeeded' ELSE 'pending' END,
-                finished_at = CASE WHEN t.as_sent THEN now() END,
-                run_at = CASE WHEN t.as_sent THEN j.run_at ELSE now() END,
+            SET state = CASE WHEN md5(j.payload::text) = t.sent_md5 THEN 'succeeded' ELSE 'pending' END,
+                finished_at = CASE WHEN md5(j.payload::text) = t.sent_md5 THEN now() END,
                 locked_until = NULL,
-                locked_by = CASE WHEN t.as_sent THEN j.locked_by END,
+                locked_by = CASE WHEN md5(j.payload::text) = t.sent_md5 THEN j.locked_by END,
                 doi = coalesce(t.doi, j.doi),
                 outcome = t.outcome,
-                last_error = CASE WHEN t.as_sent THEN j.last_error
+                last_error = CASE WHEN md5(j.payload::text) = t.sent_md5 THEN j.last_error
                                   ELSE 'changed while its call was in flight: the call delivered it as it was; it is sent again as it is now' END
-            FROM (SELECT t.*, l.md5 = t.sent_md5 AS as_sent FROM t JOIN locked l ON l.id = t.id) t
-            WHERE j.id = ANY(ARRAY(SELECT l.id FROM locked l WHERE l.id <> ALL(ARRAY(SELECT id FROM held))))
+            FROM t
+            -- (the rows `locked` holds: this statement's own locks, so the row is as locked read it)
+            WHERE j.id = ANY(ARRAY(SELECT l.id FROM locked l)) AND j.id <> ALL(ARRAY(SELECT id FROM held))
               AND j.id = t.id AND j.state = 'running' AND j.attempts = t.attempt
-            RETURNING j.id, j.contact_key, t.sets_status, t.modify_ts, t.as_sent
+            RETURNING j.id, j.contact_key, t.sets_status, t.modify_ts, j.state = 'succeeded' AS as_sent
         ), watermark AS (
             -- one running job per contact: a contact appears at most once here
             INSERT INTO contact_sync.smartlink_watermarks AS w (contact_key, modify_ts)
