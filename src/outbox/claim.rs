@@ -72,7 +72,10 @@ pub const CLAIM_SQL: &str = r#"
         )
         -- payload and followers as text: the worker decodes each job on its own, so one row it
         -- cannot read is parked alone instead of failing the whole batch
-        SELECT j.id, j.provider, j.account, j.email, j.payload::text AS payload, j.attempts,
+        SELECT j.id, j.provider, j.account, j.email, j.payload::text AS payload,
+               -- the digest the completion compares, in the server's own encoding (the text the
+               -- client receives is converted to UTF-8, and hashes differently in a WIN1251 database)
+               md5(j.payload::text) AS payload_md5, j.attempts,
                coalesce(j.max_attempts, $5) AS max_attempts,
                floor(extract(epoch FROM j.created_at) * 1000)::bigint AS created_at_ms,
                CASE WHEN j.provider = 'smartlink' THEN

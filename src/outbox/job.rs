@@ -142,6 +142,8 @@ pub struct ClaimedJob {
     pub email: String,
     /// The stored payload as JSON text, decoded by [`ClaimedJob::decode`].
     pub payload: String,
+    /// `md5(payload::text)` as the database computes it (see `complete::Success::sent_md5`).
+    pub payload_md5: String,
     pub attempts: i32,
     pub max_attempts: i32,
     pub created_at_ms: i64,
@@ -194,10 +196,9 @@ impl ClaimedJob {
         }
     }
 
-    /// md5 of the payload text as claimed: the same as the database's `md5(payload::text)`.
+    /// md5 of the payload text as claimed, as the database computes it.
     pub fn payload_md5(&self) -> String {
-        use md5::Digest;
-        format!("{:x}", md5::Md5::digest(self.payload.as_bytes()))
+        self.payload_md5.clone()
     }
 
     pub fn lease(&self) -> Lease {

@@ -20,20 +20,18 @@ pub const PRUNE_SQL: &str = r#"
             LIMIT $2
             FOR UPDATE SKIP LOCKED
         ), overtaken AS (
-            -- an older parked change of the contact remembers the newest delivered one it
-            -- outlives (one probe of the parked index per deleted row)
+            -- the older parked changes of each contact remember the newest delivered one of the
+            -- batch (those that know it already are not written again)
             UPDATE contact_sync.jobs o
-            SET overtaken_by = greatest(o.overtaken_by, n.newest)
+            SET overtaken_by = n.newest
             FROM (
-                SELECT p.id, max(b.id) AS newest
-                FROM batch b
-                JOIN contact_sync.jobs p
-                  ON p.contact_key = b.contact_key AND p.id < b.id AND p.state IN ('dead', 'cancelled')
+                SELECT b.contact_key, max(b.id) AS newest FROM batch b
                 WHERE b.state IN ('succeeded', 'coalesced')
-                  AND p.id NOT IN (SELECT id FROM batch)
-                GROUP BY p.id
+                GROUP BY b.contact_key
             ) n
-            WHERE o.id = n.id AND o.state IN ('dead', 'cancelled')
+            WHERE o.contact_key = n.contact_key AND o.state IN ('dead', 'cancelled')
+              AND o.id < n.newest AND (o.overtaken_by IS NULL OR o.overtaken_by < n.newest)
+              AND o.id NOT IN (SELECT id FROM batch)
         )
         DELETE FROM contact_sync.jobs WHERE id IN (SELECT id FROM batch)
         "#;

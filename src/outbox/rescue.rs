@@ -14,9 +14,10 @@ use std::time::Duration;
 
 /// Returns expired leases; yields `(rescued back to pending, parked as dead)`.
 ///
-/// `after_lease`: how long a rescued job of a gone worker waits before it is claimed again (its
-/// call may have been sent just before the worker went, and the provider may still act on it:
-/// `http.request_timeout + http.abandoned_call_bound`, or zero when that bound is zero).
+/// `after_lease`: how long a gone worker's job is held (running, owned by no worker) before it
+/// goes back to `pending` or `dead`: its call may have been sent just before the worker went,
+/// and the provider may still act on it (`http.request_timeout + http.abandoned_call_bound`,
+/// or zero when that bound is zero: then at once). Held jobs count as rescued.
 pub async fn rescue_expired(
     pool: &PgPool,
     default_max_attempts: i32,
@@ -35,13 +36,16 @@ pub async fn rescue_expired(
             FOR NO KEY UPDATE SKIP LOCKED
         )
         UPDATE contact_sync.jobs j
-        SET state = CASE WHEN j.attempts >= coalesce(j.max_attempts, $1) THEN 'dead' ELSE 'pending' END,
-            finished_at = CASE WHEN j.attempts >= coalesce(j.max_attempts, $1) THEN now() END,
-            -- held after an abandoned call (no owner, a lease): the hold has passed already;
-            -- a gone worker's call may still be acted on
-            run_at = CASE WHEN j.locked_by IS NULL AND j.locked_until IS NOT NULL THEN now()
-                          ELSE now() + make_interval(secs => $2::bigint / 1000.0) END,
-            locked_until = NULL,
+        -- a held job (no owner, a lease) is over its hold: back to pending, or dead after its
+        -- last attempt. A gone worker's job is first held itself for `$2` (its call may still
+        -- be at the provider: the contact waits and the account's slot stays taken), unless $2
+        -- is zero.
+        SET state = CASE WHEN NOT (j.locked_by IS NULL AND j.locked_until IS NOT NULL) AND $2 > 0 THEN 'running'
+                         WHEN j.attempts >= coalesce(j.max_attempts, $1) THEN 'dead' ELSE 'pending' END,
+            finished_at = CASE WHEN NOT (j.locked_by IS NULL AND j.locked_until IS NOT NULL) AND $2 > 0 THEN NULL
+                               WHEN j.attempts >= coalesce(j.max_attempts, $1) THEN now() END,
+            locked_until = CASE WHEN NOT (j.locked_by IS NULL AND j.locked_until IS NOT NULL) AND $2 > 0
+                                THEN now() + make_interval(secs => $2::bigint / 1000.0) END,
             last_error = CASE WHEN j.locked_by IS NULL AND j.locked_until IS NOT NULL THEN j.last_error
                               ELSE 'lease expired: the worker ' || coalesce(j.locked_by, '?') || ' stopped renewing it' END,
             errors = CASE WHEN j.locked_by IS NULL AND j.locked_until IS NOT NULL THEN j.errors

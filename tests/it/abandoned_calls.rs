@@ -10,14 +10,6 @@ use contact_sync::worker::Shutdown;
 use serde_json::json;
 use std::time::{Duration, Instant};
 
-async fn wait_for_state(env: &TestEnv, id: i64, state: &str, within: Duration) {
-    let deadline = Instant::now() + within;
-    while env.job(id).await.state != state {
-        assert!(Instant::now() < deadline, "job {id} never became {state}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 fn slow(email: &str, ms: u64) -> FaultRule {
     FaultRule::new(Fault::Slow { ms }, 1)
         .provider("justclick")
@@ -31,7 +23,8 @@ fn slow(email: &str, ms: u64) -> FaultRule {
 async fn a_timed_out_call_holds_its_contact_until_the_provider_is_done_with_it() {
     let mut env = TestEnv::new().await;
     env.settings.http.request_timeout = Duration::from_secs(1);
-    env.settings.http.abandoned_call_bound = Duration::from_secs(3);
+    // (well past the provider's 2.5 s, also on a loaded machine)
+    env.settings.http.abandoned_call_bound = Duration::from_secs(6);
     env.sandbox.faults().push(slow("t@example.com", 2500));
     let old = env
         .enqueue(jc("t@example.com", json!({"lead_name": "old"})))
@@ -41,7 +34,8 @@ async fn a_timed_out_call_holds_its_contact_until_the_provider_is_done_with_it()
         let worker = worker.clone();
         async move { worker.drain().await }
     });
-    wait_for_state(&env, old, "running", Duration::from_secs(10)).await;
+    env.wait_for_state(old, "running", Duration::from_secs(10))
+        .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let new = env
         .enqueue(jc("t@example.com", json!({"lead_name": "new"})))
@@ -128,7 +122,8 @@ async fn a_shutdown_holds_the_calls_it_abandons() {
         let stop = stop.clone();
         async move { worker.run(stop).await }
     });
-    wait_for_state(&env, first, "running", Duration::from_secs(10)).await;
+    env.wait_for_state(first, "running", Duration::from_secs(10))
+        .await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     stop.graceful.cancel();
     run.await.unwrap();
@@ -180,7 +175,8 @@ async fn a_worker_stopped_past_its_lease_does_not_send_its_stale_call() {
         ))
         .await;
     let mut stopped = env.spawn_quiet(&config, &["run"]);
-    wait_for_state(&env, stale, "running", Duration::from_secs(20)).await;
+    env.wait_for_state(stale, "running", Duration::from_secs(20))
+        .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let pid = stopped.id().unwrap() as i32;
     // SAFETY: signalling our own child.

@@ -244,6 +244,22 @@ impl TestEnv {
         )
     }
 
+    /// Polls until job `id` is in `state`; panics after `within`.
+    pub async fn wait_for_state(&self, id: JobId, state: &str, within: Duration) {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            let now = self.job(id).await.state;
+            if now == state {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "job {id} is {now} after {within:?}, not {state}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     pub async fn count(&self, state: &str) -> i64 {
         sqlx::query_scalar("SELECT count(*) FROM contact_sync.jobs WHERE state = $1")
             .bind(state)

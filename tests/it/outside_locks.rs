@@ -11,18 +11,6 @@ use contact_sync::worker::Shutdown;
 use serde_json::json;
 use std::time::{Duration, Instant};
 
-async fn wait_for(env: &TestEnv, id: i64, state: &str, within: Duration) {
-    let deadline = Instant::now() + within;
-    while env.job(id).await.state != state {
-        assert!(
-            Instant::now() < deadline,
-            "job {id} is {} after {within:?}, not {state}",
-            env.job(id).await.state
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 async fn park_as_dead(env: &TestEnv, id: i64) {
     sqlx::query("UPDATE contact_sync.jobs SET state = 'dead', finished_at = now(), last_error = 'x' WHERE id = $1")
         .bind(id)
@@ -54,7 +42,8 @@ async fn a_running_job_locked_by_an_operator_costs_no_lease_and_stalls_nothing()
         let stop = stop.clone();
         async move { worker.run(stop).await }
     });
-    wait_for(&env, locked, "running", Duration::from_secs(10)).await;
+    env.wait_for_state(locked, "running", Duration::from_secs(10))
+        .await;
 
     // the operator's transaction, left open
     let mut operator = env.pool.begin().await.unwrap();
@@ -76,8 +65,10 @@ async fn a_running_job_locked_by_an_operator_costs_no_lease_and_stalls_nothing()
         .await;
     // while the row is held for three leases: the stranded job is rescued and delivered, and
     // another job's outcome is written
-    wait_for(&env, stranded, "succeeded", Duration::from_secs(3)).await;
-    wait_for(&env, other, "succeeded", Duration::from_secs(3)).await;
+    env.wait_for_state(stranded, "succeeded", Duration::from_secs(3))
+        .await;
+    env.wait_for_state(other, "succeeded", Duration::from_secs(3))
+        .await;
     tokio::time::sleep(Duration::from_millis(2500)).await;
     // the slow call has been answered by now; its row is still held
     let (state, attempts, locked_by): (String, i32, Option<String>) =
@@ -93,7 +84,8 @@ async fn a_running_job_locked_by_an_operator_costs_no_lease_and_stalls_nothing()
         "the live worker kept its lease"
     );
     operator.commit().await.unwrap();
-    wait_for(&env, locked, "succeeded", Duration::from_secs(5)).await;
+    env.wait_for_state(locked, "succeeded", Duration::from_secs(5))
+        .await;
     stop.graceful.cancel();
     run.await.unwrap();
     let c = env
