@@ -200,18 +200,20 @@ pub async fn run(shared: Arc<Shared>, stop: Shutdown, drain: bool) {
             }
             // an account an operator paused is not waited for
             let active = shared.limits.not_paused_by_operator(&shared.accounts);
-            match claim::runnable_exists(&shared.pool, &active).await {
+            // held calls first: one rescued between the two checks is runnable by the second
+            let held = claim::held_exists(&shared.pool, &active).await;
+            let calls_held = matches!(held, Ok(true));
+            let runnable = match held {
+                Ok(false) => claim::runnable_exists(&shared.pool, &active).await,
+                Ok(true) => Ok(true),
+                Err(e) => Err(e),
+            };
+            match runnable {
+                Ok(false) => break,
+                Ok(true) if held_back => {} // rate limit or pause: wake when it allows
                 // a call abandoned in flight (held until the provider can no longer act on it)
                 // is still in flight: its job comes back when the hold ends
-                Ok(false) => match claim::held_exists(&shared.pool, &active).await {
-                    Ok(false) => break,
-                    Ok(true) => wake_in = wake_in.min(Duration::from_millis(200)),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "drain check failed; retrying");
-                        wake_in = Duration::from_millis(200);
-                    }
-                },
-                Ok(true) if held_back => {} // rate limit or pause: wake when it allows
+                Ok(true) if calls_held => wake_in = wake_in.min(Duration::from_millis(200)),
                 Ok(true) => wake_in = wake_in.min(Duration::from_millis(10)),
                 Err(e) => {
                     tracing::warn!(error = %e, "drain check failed; retrying");

@@ -147,7 +147,13 @@ async fn a_shutdown_holds_the_calls_it_abandons() {
         .sandbox
         .contact("justclick", JC_LOGIN, "s@example.com")
         .unwrap();
-    assert_eq!(c.fields["lead_name"], "second");
+    let rows: Vec<String> = sqlx::query_scalar(
+        "SELECT concat_ws(' ', id, state, attempts, coalesced_into, errors::text) FROM contact_sync.jobs ORDER BY id",
+    )
+    .fetch_all(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(c.fields["lead_name"], "second", "{c:?} {rows:?}");
     assert_eq!(env.sandbox.stats().max_in_flight_per_contact, 1);
     assert_eq!(env.job(first).await.state, "succeeded");
     assert_eq!(env.job(second).await.state, "coalesced");
@@ -231,4 +237,50 @@ async fn a_worker_stopped_past_its_lease_does_not_send_its_stale_call() {
     assert_eq!(after.fields["attributes"]["v"], 2);
     assert_eq!(env.job(stale).await.state, "succeeded");
     assert_eq!(env.job(newer).await.state, "coalesced");
+}
+
+/// The adversarial review's finding: a killed worker's job on its last attempt went `dead` at
+/// once when its lease expired, and a newer change of the contact was sent while the killed
+/// worker's call was still at the provider (and a job going back to `pending` gave its
+/// account's in-flight slot back). A gone worker's jobs are held first, like abandoned calls.
+#[tokio::test]
+async fn a_gone_workers_job_is_held_before_it_returns_or_goes_dead() {
+    use contact_sync::outbox::rescue::rescue_expired;
+    let env = TestEnv::new().await;
+    let last: i64 = sqlx::query_scalar(
+        "INSERT INTO contact_sync.jobs (provider, account, email, payload, state, attempts, max_attempts, locked_by, locked_until) \
+         VALUES ('justclick', 'jc', 'g@example.com', '{\"lead_name\": \"old\"}', 'running', 1, 1, 'gone:1:0000', now() - interval '1 second') RETURNING id",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    let newer = env
+        .enqueue(jc("g@example.com", json!({"lead_name": "new"})))
+        .await;
+    let hold = Duration::from_secs(2);
+    assert_eq!(rescue_expired(&env.pool, 20, hold).await.unwrap(), (1, 0));
+    let (state, owner, held): (String, Option<String>, bool) = sqlx::query_as(
+        "SELECT state, locked_by, locked_until > now() + interval '1 second' FROM contact_sync.jobs WHERE id = $1",
+    )
+    .bind(last)
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!((state.as_str(), owner, held), ("running", None, true));
+    // the newer change cannot be claimed meanwhile
+    let quota = [contact_sync::outbox::claim::AccountQuota {
+        account: "jc".into(),
+        limit: 10,
+    }];
+    let claimed =
+        contact_sync::outbox::claim::claim(&env.pool, &quota, Duration::from_secs(30), "w", 20, 1)
+            .await
+            .unwrap();
+    assert!(claimed.is_empty(), "{claimed:?}");
+    tokio::time::sleep(hold + Duration::from_millis(200)).await;
+    assert_eq!(rescue_expired(&env.pool, 20, hold).await.unwrap(), (0, 1));
+    assert_eq!(env.job(last).await.state, "dead");
+    // a drain (which waits for held calls) then delivers the newer change
+    env.worker().drain().await;
+    assert_eq!(env.job(newer).await.state, "succeeded");
 }
