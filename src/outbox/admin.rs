@@ -510,10 +510,34 @@ impl Bulk {
             .iter()
             .map(|row| sqlx::Row::try_get::<String, _>(row, 0))
             .collect::<Result<_, _>>()?;
+        // Contacts whose queue row another transaction holds are found at once (a probe that
+        // skips them, rolled back); the halving below is left to find only the ones held
+        // otherwise (a producer's first change of an idle contact, not committed yet).
+        let mut busy: Vec<String> = {
+            let mut probe = pool.begin().await?;
+            let held: Vec<String> = sqlx::query_scalar(
+                // language=PostgreSQL
+                r#"
+                SELECT c.contact_key FROM contact_sync.contacts c
+                WHERE c.contact_key = ANY($1)
+                  AND c.contact_key NOT IN (
+                      SELECT l.contact_key FROM contact_sync.contacts l
+                      WHERE l.contact_key = ANY($1)
+                      FOR NO KEY UPDATE SKIP LOCKED)
+                "#,
+            )
+            .persistent(false)
+            .bind(&keys)
+            .fetch_all(&mut *probe)
+            .await?;
+            probe.rollback().await?;
+            held
+        };
+        let held: std::collections::HashSet<&String> = busy.iter().collect();
+        let keys: Vec<String> = keys.iter().filter(|k| !held.contains(k)).cloned().collect();
         let deadline = std::time::Instant::now() + BULK_BUSY_BUDGET;
         let mut groups: Vec<Vec<String>> = vec![keys];
         let mut total = (0, 0);
-        let mut busy = Vec::new();
         while let Some(group) = groups.pop() {
             if group.is_empty() {
                 continue;
