@@ -4,7 +4,7 @@
 //! scrape time; counters and histograms come from the worker through the `metrics` facade.
 
 use crate::config::Settings;
-use crate::outbox::admin::backlog;
+use crate::outbox::inspect::backlog;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
@@ -179,7 +179,7 @@ async fn read_gauges(pool: &PgPool) -> Option<Vec<AccountGauges>> {
     let read = async {
         Ok::<_, sqlx::Error>((
             backlog(pool).await?,
-            crate::outbox::admin::dead_per_account(pool).await?,
+            crate::outbox::inspect::dead_per_account(pool).await?,
             crate::outbox::accounts::list(pool).await?,
         ))
     };

@@ -60,6 +60,7 @@ pub mod providers;
 pub mod sandbox;
 pub mod secret;
 pub mod telemetry;
+pub mod text;
 pub mod worker;
 
 pub use migrate::{migrate, MIGRATOR};

@@ -42,7 +42,7 @@ pub async fn run(command: AccountsCommand, settings: &Settings) -> anyhow::Resul
 /// `workers`: the live replicas.
 pub async fn workers(settings: &Settings, json: bool) -> anyhow::Result<ExitCode> {
     let pool = super::connect(settings).await?;
-    let rows = outbox::accounts::live_replicas(&pool).await?;
+    let rows = outbox::replicas::live_replicas(&pool).await?;
     print_as(&rows, json, |v| render_workers(v))?;
     Ok(ExitCode::SUCCESS)
 }

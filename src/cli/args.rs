@@ -2,6 +2,7 @@
 
 use clap::{Args, Parser, Subcommand};
 use contact_sync::telemetry::LogFormat;
+use serde::Serialize;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -66,7 +67,7 @@ pub enum Command {
     /// The zero-setup demo: throwaway Postgres (unless DATABASE_URL), sandbox, sample changes.
     Demo,
     /// End-to-end benchmark; prints one JSON line.
-    Bench(super::bench::BenchArgs),
+    Bench(BenchArgs),
     /// Serve the JustClick and Smartlink simulators.
     Sandbox(SandboxArgs),
     /// The benchmark's calls-only process: COUNT signed calls through the configured accounts
@@ -78,7 +79,7 @@ pub enum Command {
         count: usize,
         /// Which provider's calls to make.
         #[arg(long, value_enum, default_value = "both")]
-        provider: super::bench::BenchProvider,
+        provider: BenchProvider,
     },
 }
 
@@ -296,6 +297,83 @@ pub struct SandboxArgs {
     /// code 8 with `:code8` (repeatable). E.g. justclick:shop=50/10.
     #[arg(long = "rate-limit", value_name = "PROVIDER:ACCOUNT=RATE[/BURST][:code8]", value_parser = contact_sync::sandbox::RateLimitRule::parse)]
     pub rate_limit: Vec<contact_sync::sandbox::RateLimitRule>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BenchProvider {
+    Both,
+    Justclick,
+    Smartlink,
+}
+
+impl BenchProvider {
+    /// As written on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            BenchProvider::Both => "both",
+            BenchProvider::Justclick => "justclick",
+            BenchProvider::Smartlink => "smartlink",
+        }
+    }
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchArgs {
+    /// Backlog sizes, each enqueued then drained end to end (comma-separated).
+    #[arg(long, value_delimiter = ',', default_values_t = vec![5_000usize, 20_000, 100_000, 1_000_000])]
+    pub sizes: Vec<usize>,
+    /// worker.concurrency of the worker process.
+    #[arg(long, default_value_t = 512)]
+    pub concurrency: usize,
+    /// worker.batch_size of the worker process.
+    #[arg(long, default_value_t = 256)]
+    pub batch_size: usize,
+    /// Number of distinct contacts per backlog (fewer than its size forces coalescing).
+    #[arg(long)]
+    pub contacts: Option<usize>,
+    /// Which provider's calls the jobs make.
+    #[arg(long, value_enum, default_value = "both")]
+    pub provider: BenchProvider,
+    /// Use a running sandbox (`contact-sync sandbox`, demo credentials) instead of one in-process.
+    #[arg(long)]
+    pub sandbox_url: Option<String>,
+    /// Blocked scenario: contacts whose head is scheduled an hour later (0 skips the scenario).
+    #[arg(long, default_value_t = 1_000)]
+    pub blocked_contacts: usize,
+    /// Blocked scenario: changes queued behind each blocked head.
+    #[arg(long, default_value_t = 50)]
+    pub blocked_depth: usize,
+    /// Blocked scenario: the backlog drained beside the blocked contacts.
+    #[arg(long, default_value_t = 20_000)]
+    pub blocked_jobs: usize,
+    /// Single-job latency samples.
+    #[arg(long, default_value_t = 200)]
+    pub latency_samples: usize,
+    /// Jobs drained before the measured runs, not measured: the workers' connections to
+    /// Postgres and to the providers opened, as in a running deployment (0 skips it).
+    #[arg(long, default_value_t = 2_048)]
+    pub warmup: usize,
+    /// Worker processes for the e2e runs (all on one database).
+    #[arg(long, default_value_t = 1)]
+    pub workers: usize,
+    /// Rate scenario: one JustClick account limited to RATE calls/s (fleet-wide), drained by
+    /// --workers processes; reports the rate the sandbox saw against this one.
+    #[arg(long, value_name = "RATE")]
+    pub rate: Option<f64>,
+    /// Rate scenario: the account's burst (default: one second's worth).
+    #[arg(long, requires = "rate")]
+    pub burst: Option<u32>,
+    /// Rate scenario: seconds of traffic at the configured rate.
+    #[arg(long, default_value_t = 10, requires = "rate")]
+    pub rate_seconds: u64,
+    /// Calls-only scenario: this many signed calls from a worker-like process without a
+    /// database, the least the worker needs per call (0 skips it).
+    #[arg(long, default_value_t = 50_000)]
+    pub floor_calls: usize,
+    /// Also print a readable table.
+    #[arg(long)]
+    pub pretty: bool,
 }
 
 #[cfg(test)]

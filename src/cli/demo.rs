@@ -5,8 +5,9 @@
 
 use super::table;
 use contact_sync::config::{AccountSettings, DoubleOptIn, ProviderKind, Settings};
-use contact_sync::outbox::admin::{self, StateCount};
+use contact_sync::outbox::inspect::StateCount;
 use contact_sync::outbox::{claim, enqueue_batch, NewJob};
+use contact_sync::outbox::{probes, repair};
 use contact_sync::providers::smartlink::api_key_id;
 use contact_sync::providers::Registry;
 use contact_sync::sandbox::{Fault, FaultRule, Sandbox, SandboxAccounts};
@@ -205,7 +206,7 @@ async fn run_on(
 ) -> anyhow::Result<DemoSummary> {
     let sl_key = api_key_id(&Secret::new(SL_SECRET));
     for account in ACCOUNTS {
-        admin::purge_account(pool, account, Some(&sl_key)).await?;
+        repair::purge_account(pool, account, Some(&sl_key)).await?;
     }
     let sandbox = Sandbox::start("127.0.0.1:0".parse()?, sandbox_accounts()).await?;
     println!(
@@ -258,8 +259,8 @@ async fn run_on(
     drop(worker);
     eprintln!();
 
-    let counts = admin::counts_for(pool, &accounts).await?;
-    let failed_attempts = admin::failed_attempts(pool, &accounts).await?;
+    let counts = probes::counts_for(pool, &accounts).await?;
+    let failed_attempts = probes::failed_attempts(pool, &accounts).await?;
     let doi: Vec<(String, i64)> = sqlx::query_as(
         "SELECT split_part(doi, ' ', 1), count(*) FROM contact_sync.jobs WHERE account = ANY($1) AND doi IS NOT NULL GROUP BY 1 ORDER BY 1",
     )
@@ -283,7 +284,7 @@ async fn run_on(
     print_summary(&summary, &sandbox);
     if !throwaway {
         for account in ACCOUNTS {
-            admin::purge_account(pool, account, Some(&sl_key)).await?;
+            repair::purge_account(pool, account, Some(&sl_key)).await?;
         }
     }
     sandbox.stop().await;
@@ -313,7 +314,7 @@ async fn progress_line(pool: sqlx::PgPool, accounts: Vec<String>) {
         Duration::from_secs(1)
     };
     loop {
-        if let Ok(counts) = admin::counts_for(&pool, &accounts).await {
+        if let Ok(counts) = probes::counts_for(&pool, &accounts).await {
             let get = |s: &str| {
                 counts
                     .iter()

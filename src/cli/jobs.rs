@@ -4,7 +4,8 @@ use super::args::{CancelArgs, FilterArgs, JobsCommand, PurgeArgs, RetryArgs};
 use super::render::{print_as, render_job, render_jobs, to_json};
 use anyhow::Context;
 use contact_sync::config::Settings;
-use contact_sync::outbox::admin::{self, ActionResult};
+use contact_sync::outbox::repair::ActionResult;
+use contact_sync::outbox::{inspect, repair};
 use std::process::ExitCode;
 
 pub async fn run(command: JobsCommand, settings: &Settings) -> anyhow::Result<ExitCode> {
@@ -19,9 +20,9 @@ pub async fn run(command: JobsCommand, settings: &Settings) -> anyhow::Result<Ex
             json,
         } => {
             let pool = super::connect(settings).await?;
-            let jobs = admin::list(
+            let jobs = inspect::list(
                 &pool,
-                &admin::ListFilter {
+                &inspect::ListFilter {
                     state,
                     account,
                     email,
@@ -36,7 +37,7 @@ pub async fn run(command: JobsCommand, settings: &Settings) -> anyhow::Result<Ex
         }
         JobsCommand::Show { id, json } => {
             let pool = super::connect(settings).await?;
-            match admin::show(&pool, id).await? {
+            match inspect::show(&pool, id).await? {
                 Some(job) => {
                     print_as(&job, json, render_job)?;
                     Ok(ExitCode::SUCCESS)
@@ -55,11 +56,11 @@ pub async fn retry(settings: &Settings, args: RetryArgs) -> anyhow::Result<ExitC
     let pool = super::connect(settings).await?;
     let Some(state) = args.state.clone().or(args.dead.then(|| "dead".to_string())) else {
         let id = args.id.context("a job id, --dead or --state is required")?;
-        let result = admin::retry(&pool, id, args.force).await?;
+        let result = repair::retry(&pool, id, args.force).await?;
         return report_action(id, "retry", result, args.json);
     };
     let filter = job_filter(state, &args.filter);
-    let would = admin::retry_matching(&pool, &filter, args.force, true).await?;
+    let would = repair::retry_matching(&pool, &filter, args.force, true).await?;
     let done = if args.filter.dry_run {
         would
     } else if would.retried > 0
@@ -71,7 +72,7 @@ pub async fn retry(settings: &Settings, args: RetryArgs) -> anyhow::Result<ExitC
         println!("nothing done");
         return Ok(ExitCode::SUCCESS);
     } else {
-        admin::retry_matching(&pool, &filter, args.force, false).await?
+        repair::retry_matching(&pool, &filter, args.force, false).await?
     };
     if args.json {
         print!(
@@ -106,11 +107,11 @@ pub async fn cancel(settings: &Settings, args: CancelArgs) -> anyhow::Result<Exi
     let pool = super::connect(settings).await?;
     let Some(state) = args.state.clone() else {
         let id = args.id.context("a job id or --state is required")?;
-        let result = admin::cancel(&pool, id).await?;
+        let result = repair::cancel(&pool, id).await?;
         return report_action(id, "cancel", result, args.json);
     };
     let filter = job_filter(state, &args.filter);
-    let would = admin::cancel_matching(&pool, &filter, true).await?;
+    let would = repair::cancel_matching(&pool, &filter, true).await?;
     let done = if args.filter.dry_run {
         would
     } else if would.cancelled > 0
@@ -122,7 +123,7 @@ pub async fn cancel(settings: &Settings, args: CancelArgs) -> anyhow::Result<Exi
         println!("nothing done");
         return Ok(ExitCode::SUCCESS);
     } else {
-        admin::cancel_matching(&pool, &filter, false).await?
+        repair::cancel_matching(&pool, &filter, false).await?
     };
     let n = done.cancelled;
     if args.json {
@@ -203,8 +204,8 @@ pub async fn purge(settings: &Settings, args: PurgeArgs) -> anyhow::Result<ExitC
 /// Rows per `purge` statement: short transactions beside the workers.
 const PURGE_BATCH: i64 = 5000;
 
-fn job_filter(state: String, f: &FilterArgs) -> admin::JobFilter {
-    admin::JobFilter {
+fn job_filter(state: String, f: &FilterArgs) -> repair::JobFilter {
+    repair::JobFilter {
         state,
         account: f.account.clone(),
         email: f.email.clone(),
@@ -250,7 +251,7 @@ fn report_action(
             ActionResult::Busy => eprintln!(
                 "job {id}: nothing done: another transaction holds its contact (an application's open transaction recording a change of it, or an operator's); \
                  waited {} s. Run the {verb} again once it has ended",
-                admin::OPERATOR_LOCK_WAIT.as_secs()
+                repair::OPERATOR_LOCK_WAIT.as_secs()
             ),
         }
     }

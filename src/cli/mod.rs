@@ -21,7 +21,7 @@ pub use args::{Cli, Command};
 
 use anyhow::{anyhow, bail};
 use contact_sync::config::Settings;
-use contact_sync::outbox::admin;
+use contact_sync::outbox::inspect;
 use contact_sync::worker::shutdown;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::PgPool;
@@ -64,7 +64,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Status { json } => {
             let pool = connect(&settings).await?;
-            let status = admin::status(&pool).await?;
+            let status = inspect::status(&pool).await?;
             render::print_as(&status, json, render::render_status)?;
             Ok(ExitCode::SUCCESS)
         }
@@ -210,5 +210,5 @@ fn connect_cause(e: &sqlx::Error, options: &PgConnectOptions) -> String {
 
 /// sqlx errors do not carry the URL, but be explicit: only the error's own text.
 pub fn redact_db_error(e: &sqlx::Error) -> String {
-    contact_sync::providers::outcome::error_chain(e)
+    contact_sync::text::error_chain(e)
 }

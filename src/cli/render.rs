@@ -3,7 +3,7 @@
 use super::table;
 use contact_sync::outbox::{
     self,
-    admin::{JobDetail, JobSummary, Status},
+    inspect::{JobDetail, JobSummary, Status},
 };
 
 /// Prints `value` as JSON with `--json`, else as `table` renders it.
@@ -172,7 +172,7 @@ pub fn render_accounts(rows: &[outbox::accounts::AccountRow]) -> String {
 }
 
 /// `workers` as a table.
-pub fn render_workers(rows: &[outbox::accounts::ReplicaRow]) -> String {
+pub fn render_workers(rows: &[outbox::replicas::ReplicaRow]) -> String {
     let rows: Vec<Vec<String>> = rows
         .iter()
         .map(|w| {

@@ -103,7 +103,7 @@ pub const CLAIM_SQL: &str = r#"
 /// Claims up to each account's quota of runnable head jobs (see [`CLAIM_SQL`]).
 ///
 /// A job is runnable when it is `pending`, due, and the head of its contact (no `running` job,
-/// no earlier `pending` one: DESIGN.md rule 1), which `contact_sync.contacts` keeps.
+/// no earlier `pending` one), which `contact_sync.contacts` keeps.
 pub async fn claim(
     pool: &PgPool,
     quotas: &[AccountQuota],

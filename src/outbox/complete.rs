@@ -2,7 +2,8 @@
 //! retry, kill (dead), release. Every write matches `(id, attempts, state = 'running')`; a write
 //! that touches no row means the lease was lost and another worker owns the job now.
 
-use super::job::{storable, AttemptError, JobId, JobState, Lease};
+use super::job::{AttemptError, JobId, JobState, Lease};
+use crate::text::storable;
 use sqlx::PgPool;
 use std::time::Duration;
 

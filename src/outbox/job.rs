@@ -6,7 +6,7 @@ use serde_json::Value;
 
 pub type JobId = i64;
 
-/// A job's place in its life (DESIGN.md "States").
+/// A job's place in its life (docs/design.md, "Job states").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, PartialOrd, Ord)]
 #[serde(rename_all = "lowercase")]
 pub enum JobState {
@@ -228,18 +228,4 @@ fn json_kind(v: &Value) -> &'static str {
         Value::Array(_) => "an array",
         Value::Object(_) => "an object",
     }
-}
-
-/// A text made storable in Postgres (no NUL) and bounded; provider texts are already printable
-/// (`providers::outcome::printable`), this is the last guard before the database.
-pub fn storable(text: &str) -> String {
-    const MAX: usize = 2000;
-    let mut out: String = text.chars().take(MAX).collect();
-    if out.contains('\0') {
-        out = out.replace('\0', "\\u{0000}");
-    }
-    if text.chars().nth(MAX).is_some() {
-        out.push('…');
-    }
-    out
 }

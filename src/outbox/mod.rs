@@ -22,18 +22,21 @@
 //! index.) A prepared statement may switch to a generic plan after five runs and keep it:
 //! one made while the queue was empty (a one-page `contact_sync.contacts`) reads the table with
 //! a sequential scan, and kept doing so once a backlog of a million arrived. The triggers'
-//! functions get the same from `plan_cache_mode = force_custom_plan` (migration
-//! `20261128000001`). `plans::plans_made_on_an_empty_queue_hold_for_a_full_one` pins it.
+//! functions get the same from `plan_cache_mode = force_custom_plan` (their definitions in
+//! `schema/contact_sync.sql`). `plans::plans_made_on_an_empty_queue_hold_for_a_full_one` pins it.
 
 pub mod accounts;
-pub mod admin;
 pub mod claim;
 pub mod complete;
 pub mod doi;
 pub mod enqueue;
+pub mod inspect;
 pub mod job;
 pub mod orphans;
+pub mod probes;
 pub mod prune;
+pub mod repair;
+pub mod replicas;
 pub mod rescue;
 
 pub use enqueue::{enqueue, enqueue_batch, enqueue_batch_counted, EnqueueError, Enqueued};

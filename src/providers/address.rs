@@ -1,5 +1,5 @@
 //! The one definition of a valid e-mail address, shared by the clients (and the sandbox) with
-//! the database's `contact_sync.email_is_valid` (migration `…_trust_hardening.sql`): whatever
+//! the database's `contact_sync.email_is_valid` (`schema/contact_sync.sql`): whatever
 //! enqueue accepts, the worker sends. A test holds both to the same answers on hostile input.
 //!
 //! JustClick accepts fewer: what PHP's `filter_var($email, FILTER_VALIDATE_EMAIL)` accepts

@@ -1,9 +1,9 @@
 //! HTTP hygiene shared by every provider client: one `reqwest` client (rustls, certificate
-//! verification always on, keep-alive, timeouts from configuration), the https-or-loopback URL
-//! policy and `Retry-After` parsing.
+//! verification always on, keep-alive, timeouts from configuration), endpoints and
+//! `Retry-After` parsing. The URL policy (https, or http to loopback only) is a configuration
+//! rule: [`crate::config::check_base_url`].
 
 use crate::config::HttpSettings;
-use std::net::IpAddr;
 use std::time::Duration;
 
 /// The one client every provider shares (connection pool, TLS sessions).
@@ -13,7 +13,7 @@ pub fn build_client(
 ) -> Result<reqwest::Client, reqwest::Error> {
     reqwest::Client::builder()
         .use_rustls_tls()
-        .https_only(false) // per-account policy: see check_base_url
+        .https_only(false) // per-account policy: config::check_base_url
         .connect_timeout(settings.connect_timeout)
         .timeout(settings.request_timeout)
         .pool_max_idle_per_host(max_idle_per_host.max(1))
@@ -24,26 +24,6 @@ pub fn build_client(
         .build()
 }
 
-/// `https://` always; `http://` only for loopback hosts, or anywhere with `allow_insecure_http`.
-pub fn check_base_url(url: &str, allow_insecure_http: bool) -> Result<reqwest::Url, String> {
-    let parsed = reqwest::Url::parse(url).map_err(|e| format!("{url:?} is not a URL: {e}"))?;
-    if parsed.query().is_some() || parsed.fragment().is_some() {
-        return Err("must not carry a query or fragment".into());
-    }
-    if !parsed.username().is_empty() || parsed.password().is_some() {
-        return Err("must not carry credentials".into());
-    }
-    match parsed.scheme() {
-        "https" => Ok(parsed),
-        "http" if allow_insecure_http || is_loopback(&parsed) => Ok(parsed),
-        "http" => Err(format!(
-            "plain http:// to {} is refused: use https://, a loopback address, or allow_insecure_http = true",
-            parsed.host_str().unwrap_or("?")
-        )),
-        other => Err(format!("unsupported scheme {other:?}")),
-    }
-}
-
 /// A provider's endpoint: `base` with `path` appended to its path (trailing `/` of the base
 /// not doubled). Built once per account, so no call parses a URL.
 pub fn endpoint(base: &reqwest::Url, path: &str) -> reqwest::Url {
@@ -51,15 +31,6 @@ pub fn endpoint(base: &reqwest::Url, path: &str) -> reqwest::Url {
     let joined = format!("{}{path}", base.path().trim_end_matches('/'));
     url.set_path(&joined);
     url
-}
-
-fn is_loopback(url: &reqwest::Url) -> bool {
-    match url.host() {
-        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
-        Some(url::Host::Ipv4(ip)) => IpAddr::V4(ip).is_loopback(),
-        Some(url::Host::Ipv6(ip)) => IpAddr::V6(ip).is_loopback(),
-        None => false,
-    }
 }
 
 /// `Retry-After` as delta-seconds or an HTTP date; capped at one day.
@@ -82,6 +53,7 @@ pub fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::check_base_url;
 
     #[test]
     fn endpoints_append_the_path_once() {
@@ -103,19 +75,6 @@ mod tests {
             at("https://h.example/a%20b/"),
             "https://h.example/a%20b/api/x"
         );
-    }
-
-    #[test]
-    fn url_policy() {
-        assert!(check_base_url("https://shop.justclick.ru", false).is_ok());
-        assert!(check_base_url("http://127.0.0.1:8080/jc", false).is_ok());
-        assert!(check_base_url("http://localhost:8080", false).is_ok());
-        assert!(check_base_url("http://[::1]:8080", false).is_ok());
-        assert!(check_base_url("http://192.168.1.10", false).is_err());
-        assert!(check_base_url("http://example.com", false).is_err());
-        assert!(check_base_url("http://example.com", true).is_ok());
-        assert!(check_base_url("ftp://example.com", true).is_err());
-        assert!(check_base_url("https://u:p@example.com", false).is_err());
     }
 
     #[test]

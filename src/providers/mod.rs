@@ -82,15 +82,17 @@ impl Registry {
     /// Builds a client per configured account, all sharing one HTTP client.
     pub fn from_settings(settings: &Settings) -> Result<Registry, RegistryError> {
         let client = http::build_client(&settings.http, settings.worker.concurrency)
-            .map_err(|e| RegistryError::Client(outcome::error_chain(&e)))?;
+            .map_err(|e| RegistryError::Client(crate::text::error_chain(&e)))?;
         let mut registry = Registry::default();
         for (name, account) in &settings.accounts {
-            let base =
-                http::check_base_url(&account.effective_base_url(), account.allow_insecure_http)
-                    .map_err(|reason| RegistryError::BaseUrl {
-                        account: name.clone(),
-                        reason,
-                    })?;
+            let base = crate::config::check_base_url(
+                &account.effective_base_url(),
+                account.allow_insecure_http,
+            )
+            .map_err(|reason| RegistryError::BaseUrl {
+                account: name.clone(),
+                reason,
+            })?;
             let provider: Arc<dyn Provider> = match account.provider {
                 ProviderKind::Justclick => {
                     Arc::new(justclick::JustClick::new(account, base, client.clone()))

@@ -2,6 +2,7 @@
 //! statuses and provider codes become [`DeliveryError::Retryable`] or
 //! [`DeliveryError::Permanent`]; the worker only matches on the variant.
 
+use crate::text::{body_snippet, error_chain, printable};
 use std::fmt;
 use std::time::Duration;
 
@@ -174,21 +175,6 @@ pub fn from_transport(err: reqwest::Error) -> DeliveryError {
     DeliveryError::retryable(reason, error_chain(&err))
 }
 
-/// `err: source: source` in one line.
-pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(s) = source {
-        let part = s.to_string();
-        if !text.contains(&part) {
-            text.push_str(": ");
-            text.push_str(&part);
-        }
-        source = s.source();
-    }
-    text
-}
-
 /// Classifies a non-2xx HTTP status (everything the provider did not answer with its JSON).
 pub fn from_status(
     status: reqwest::StatusCode,
@@ -264,43 +250,19 @@ pub fn parse_answer<T: serde::de::DeserializeOwned>(
 /// Longest provider text kept in an error (characters).
 pub const MAX_TEXT: usize = 500;
 
-/// A provider's text made safe for the database, logs and terminals: control characters
-/// (NUL, ESC, C1, line separators, bidi overrides) become `\u{…}` escapes, and the text is cut
-/// at `max` characters with a trailing `…`.
-pub fn printable(text: &str, max: usize) -> String {
-    let mut out = String::with_capacity(text.len().min(max * 4));
-    for (n, c) in text.chars().enumerate() {
-        if n == max {
-            out.push('…');
-            break;
-        }
-        let unsafe_char = c.is_control()
-            || matches!(c, '\u{2028}' | '\u{2029}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}' | '\u{FEFF}');
-        if unsafe_char {
-            out.push_str(&format!("\\u{{{:04x}}}", u32::from(c)));
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
-/// The start of a body for an error text: printable, at most 200 characters.
-pub fn body_snippet(body: &[u8]) -> String {
-    let text = String::from_utf8_lossy(body);
-    let cleaned: String = text
-        .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .take(200)
-        .collect();
-    cleaned.trim().to_string()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use reqwest::header::{HeaderMap, HeaderValue, RETRY_AFTER};
     use reqwest::StatusCode;
+
+    #[test]
+    fn provider_texts_in_errors_are_printable() {
+        match DeliveryError::permanent("7", "x\u{0}y") {
+            DeliveryError::Permanent { text, .. } => assert_eq!(text, "x\\u{0000}y"),
+            other => panic!("{other:?}"),
+        }
+    }
 
     #[test]
     fn statuses_are_classified() {
@@ -328,26 +290,5 @@ mod tests {
             from_status(StatusCode::NOT_FOUND, &HeaderMap::new(), b""),
             DeliveryError::Permanent { .. }
         ));
-    }
-
-    #[test]
-    fn provider_texts_are_made_printable() {
-        // Regression: a NUL in a provider's text could not be stored; ESC reached terminals.
-        let t = printable("bad\u{0}\u{1b}[31mred\u{202e}", 100);
-        assert_eq!(t, "bad\\u{0000}\\u{001b}[31mred\\u{202e}");
-        assert!(!t.chars().any(char::is_control));
-        assert_eq!(printable("abcdef", 3), "abc…");
-        match DeliveryError::permanent("7", "x\u{0}y") {
-            DeliveryError::Permanent { text, .. } => assert_eq!(text, "x\\u{0000}y"),
-            other => panic!("{other:?}"),
-        }
-    }
-
-    #[test]
-    fn snippets_are_short_and_printable() {
-        let long = "x\n".repeat(500);
-        let s = body_snippet(long.as_bytes());
-        assert!(s.chars().count() <= 200);
-        assert!(!s.contains('\n'));
     }
 }

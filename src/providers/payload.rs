@@ -123,7 +123,7 @@ fn merge_smartlink(acc: &Payload, later: &Payload) -> Option<Payload> {
         return Some(acc.clone());
     }
     // The double-opt-in rule may take the pending status out of a call (another call holds
-    // the confirmation window, DESIGN.md rule 5), and any status merged with it would go too:
+    // the confirmation window), and any status merged with it would go too:
     // an unsubscribe followed by a re-subscription asking for confirmation became one call
     // asking for confirmation, and with that taken out the unsubscribe was lost. A change that
     // asks for the pending status shares its call with no other status.
@@ -475,7 +475,7 @@ mod tests {
             start in initial_contact(),
             changes in proptest::collection::vec(smartlink_change(), 1..8)) {
             // Another call holds the confirmation window: the worker takes the pending status
-            // out of every call asking for it (DESIGN.md rule 5). Only those statuses may be
+            // out of every call asking for it. Only those statuses may be
             // lost, never one merged into the same call (an unsubscribe followed by a
             // re-subscription asking for confirmation kept the contact pending).
             let asks_pending = |p: &Payload| p.get("subscribe").and_then(Value::as_i64) == Some(model::PENDING);

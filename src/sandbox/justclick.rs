@@ -296,7 +296,7 @@ mod tests {
             "a..b@example.com",
             "a@-b.com",
             "a b@c.com",
-            // found by the review (issue 22): the top-level label starts with a letter
+            // found by the review: the top-level label starts with a letter
             "a@b.123",
             "a@1.2.3.4",
             "a@b_c.com",

@@ -7,13 +7,24 @@
 //! `POST /smartlink/api/v4/userinfo/sync_user_by_email?…`, and the control API under
 //! `/_sandbox/` (`GET stats`, `GET contacts`, `POST faults`, `POST delay`, `POST reset`).
 
+mod control;
 pub mod faults;
 mod justclick;
 mod smartlink;
+mod state;
 pub mod throttle;
+mod wire;
+
+pub use control::SeedFile;
+
+use control::{
+    contacts_json, post_contacts, push_fault, reset, seed_contacts, set_delay, set_rate_limit,
+    stats,
+};
+use state::{Contact, ContactId, SandboxState, Stats};
+use wire::{php_json_string, transport_fault};
 
 use crate::config::{ProviderKind, Settings};
-use crate::providers::model;
 use crate::secret::Secret;
 use axum::body::Bytes;
 use axum::extract::{Path, State};
@@ -22,13 +33,10 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 pub use faults::{Fault, FaultRule, Faults};
-use serde::Serialize;
-use serde_json::{Map, Value};
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Instant;
 pub use throttle::{AccountLog, RateLimitRule, ThrottleAnswer};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -84,170 +92,6 @@ impl SandboxAccounts {
     pub fn create_missing_contacts(mut self) -> Self {
         self.create_missing.extend(self.justclick.keys().cloned());
         self
-    }
-}
-
-/// One contact as a provider holds it.
-#[derive(Debug, Clone, Default, Serialize, PartialEq)]
-pub struct Contact {
-    /// Current field values.
-    pub fields: Map<String, Value>,
-    /// Smartlink status (1, 0, -1, 3).
-    pub subscribe: Option<i64>,
-    pub modify_ts: i64,
-    /// Accepted updates.
-    pub updates: u64,
-    /// Smartlink updates ignored because their `modify_ts` was older than the contact's.
-    pub stale_updates: u64,
-    /// Calls that asked for the pending status (`subscribe = 3`).
-    pub pending_requests: u64,
-    /// Confirmation emails actually sent.
-    pub confirmation_emails: u64,
-    /// Confirmation emails asked for inside the hour of the previous one (not sent again).
-    pub confirmations_suppressed: u64,
-}
-
-impl Contact {
-    /// Runs the reference model ([`crate::providers::model`]) on this contact's state.
-    pub(crate) fn apply(
-        &mut self,
-        f: impl FnOnce(&mut model::ContactState) -> model::Effect,
-    ) -> model::Effect {
-        let mut state = model::ContactState {
-            fields: std::mem::take(&mut self.fields),
-            subscribe: self.subscribe,
-            modify_ts: self.modify_ts,
-        };
-        let effect = f(&mut state);
-        self.fields = state.fields;
-        self.subscribe = state.subscribe;
-        self.modify_ts = state.modify_ts;
-        effect
-    }
-
-    /// The provider-visible part of this contact, as the reference model holds it.
-    pub fn state(&self) -> model::ContactState {
-        model::ContactState {
-            fields: self.fields.clone(),
-            subscribe: self.subscribe,
-            modify_ts: self.modify_ts,
-        }
-    }
-}
-
-/// (provider, account, lower-cased email)
-pub type ContactId = (String, String, String);
-
-/// Counters across all requests.
-#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
-pub struct Stats {
-    pub requests: u64,
-    pub accepted: u64,
-    pub bad_signatures: u64,
-    pub faults_injected: u64,
-    /// The most calls ever in flight at once for a single contact (1 when ordering holds).
-    pub max_in_flight_per_contact: u64,
-    /// Confirmation emails the 1-hour rule held back.
-    pub emails_suppressed: u64,
-}
-
-#[derive(Default)]
-pub(crate) struct SandboxState {
-    accounts: SandboxAccounts,
-    contacts: Mutex<HashMap<ContactId, Contact>>,
-    in_flight: Mutex<HashMap<ContactId, u64>>,
-    /// (game id, email) → when the last confirmation email went out.
-    emails: Mutex<HashMap<(String, String), Instant>>,
-    faults: Faults,
-    throttles: throttle::Throttles,
-    requests: AtomicU64,
-    accepted: AtomicU64,
-    bad_signatures: AtomicU64,
-    faults_injected: AtomicU64,
-    max_in_flight: AtomicU64,
-    emails_suppressed: AtomicU64,
-    /// Receives (email, arrival time) of every signed request that reached a contact.
-    observer: Mutex<Option<tokio::sync::mpsc::UnboundedSender<(String, Instant)>>>,
-}
-
-/// Counts a call in flight for a contact until dropped.
-pub(crate) struct InFlight<'a> {
-    state: &'a SandboxState,
-    id: ContactId,
-}
-
-impl SandboxState {
-    /// A signed request for a contact arrives: counted (per contact and per account) until the
-    /// returned guard drops.
-    pub(crate) fn enter(&self, id: ContactId) -> InFlight<'_> {
-        self.throttles.arrived(&id.0, &id.1);
-        if let Ok(observer) = self.observer.lock() {
-            if let Some(tx) = observer.as_ref() {
-                let _ = tx.send((id.2.clone(), Instant::now()));
-            }
-        }
-        if let Ok(mut f) = self.in_flight.lock() {
-            let n = f.entry(id.clone()).or_insert(0);
-            *n += 1;
-            self.max_in_flight.fetch_max(*n, Ordering::Relaxed);
-        }
-        InFlight { state: self, id }
-    }
-
-    /// Applies the per-request delay and a matching fault; returns the fault to answer with
-    /// (`Stall`: the handler applies the change, then waits before answering).
-    pub(crate) async fn before_answer(
-        &self,
-        provider: &str,
-        account: &str,
-        email: &str,
-    ) -> Option<Fault> {
-        // beyond the account's own limit: a throttle answer, as the service gives
-        if let Some((answer, wait)) = self.throttles.take(provider, account) {
-            self.throttles.throttled(provider, account);
-            let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
-            return Some(match (answer, provider) {
-                (throttle::ThrottleAnswer::Code8, "justclick") => Fault::ErrorCode {
-                    code: 8,
-                    text: "API request limit exhausted".into(),
-                },
-                _ => Fault::RateLimit {
-                    retry_after_secs: secs,
-                },
-            });
-        }
-        let delay = self.faults.delay();
-        if !delay.is_zero() {
-            tokio::time::sleep(delay).await;
-        }
-        let mut fault = self.faults.take(provider, account, email);
-        if fault.is_some() {
-            self.faults_injected.fetch_add(1, Ordering::Relaxed);
-        }
-        if let Some(Fault::Slow { ms }) = fault {
-            // a slow service: the change is applied (and answered) after the wait, whether or
-            // not the client is still there
-            tokio::time::sleep(Duration::from_millis(ms)).await;
-            fault = None;
-        }
-        if matches!(fault, Some(Fault::RateLimit { .. })) {
-            self.throttles.throttled(provider, account);
-        }
-        fault
-    }
-}
-
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        self.state.throttles.left(&self.id.0, &self.id.1);
-        if let Ok(mut f) = self.state.in_flight.lock() {
-            if let Some(n) = f.get_mut(&self.id) {
-                *n -= 1;
-                if *n == 0 {
-                    f.remove(&self.id);
-                }
-            }
-        }
     }
 }
 
@@ -379,17 +223,6 @@ impl Drop for Sandbox {
     }
 }
 
-fn stats(s: &SandboxState) -> Stats {
-    Stats {
-        requests: s.requests.load(Ordering::Relaxed),
-        accepted: s.accepted.load(Ordering::Relaxed),
-        bad_signatures: s.bad_signatures.load(Ordering::Relaxed),
-        faults_injected: s.faults_injected.load(Ordering::Relaxed),
-        max_in_flight_per_contact: s.max_in_flight.load(Ordering::Relaxed),
-        emails_suppressed: s.emails_suppressed.load(Ordering::Relaxed),
-    }
-}
-
 fn router(state: Arc<SandboxState>) -> Router {
     Router::new()
         .route(
@@ -429,202 +262,6 @@ async fn to_completion(
         Ok(response) => response,
         Err(_) => (StatusCode::INTERNAL_SERVER_ERROR, "sandbox handler failed").into_response(),
     }
-}
-
-async fn contacts_json(State(s): State<Arc<SandboxState>>) -> Json<Vec<Value>> {
-    let contacts = s.contacts.lock().map(|c| c.clone()).unwrap_or_default();
-    let mut list: Vec<Value> = contacts
-        .into_iter()
-        .map(|((provider, account, email), c)| {
-            serde_json::json!({"provider": provider, "account": account, "email": email, "contact": c})
-        })
-        .collect();
-    list.sort_by_key(|v| v.to_string());
-    Json(list)
-}
-
-/// Contacts to create: `{"provider": "justclick", "account": LOGIN, "emails": [...]}` (or a
-/// list of those).
-#[derive(Debug, Clone, serde::Deserialize)]
-pub struct SeedContacts {
-    pub provider: String,
-    pub account: String,
-    pub emails: Vec<String>,
-}
-
-/// A seed file or body: one [`SeedContacts`] or a list of them.
-#[derive(Debug, Clone, serde::Deserialize)]
-#[serde(untagged)]
-pub enum SeedFile {
-    One(SeedContacts),
-    Many(Vec<SeedContacts>),
-}
-
-impl SeedFile {
-    pub fn into_vec(self) -> Vec<SeedContacts> {
-        match self {
-            SeedFile::One(one) => vec![one],
-            SeedFile::Many(many) => many,
-        }
-    }
-}
-
-fn seed_contacts(s: &SandboxState, provider: &str, account: &str, emails: &[String]) -> usize {
-    let Ok(mut contacts) = s.contacts.lock() else {
-        return 0;
-    };
-    let mut created = 0;
-    for email in emails {
-        let id = (
-            provider.to_string(),
-            account.to_string(),
-            email.to_lowercase(),
-        );
-        if let std::collections::hash_map::Entry::Vacant(slot) = contacts.entry(id) {
-            slot.insert(Contact::default());
-            created += 1;
-        }
-    }
-    created
-}
-
-async fn post_contacts(
-    State(s): State<Arc<SandboxState>>,
-    Json(body): Json<SeedFile>,
-) -> Json<Value> {
-    let mut created = 0;
-    for seed in body.into_vec() {
-        created += seed_contacts(&s, &seed.provider, &seed.account, &seed.emails);
-    }
-    Json(serde_json::json!({"ok": true, "created": created}))
-}
-
-impl SandboxState {
-    /// Does the provider hold this contact (JustClick updates existing contacts only)?
-    pub(crate) fn justclick_contact_known(&self, login: &str, email: &str) -> bool {
-        self.accounts.create_missing.contains(login)
-            || self.contacts.lock().is_ok_and(|c| {
-                c.contains_key(&(
-                    "justclick".to_string(),
-                    login.to_string(),
-                    email.to_lowercase(),
-                ))
-            })
-    }
-}
-
-async fn push_fault(
-    State(s): State<Arc<SandboxState>>,
-    Json(rule): Json<FaultRule>,
-) -> Json<Value> {
-    s.faults.push(rule);
-    Json(serde_json::json!({"ok": true, "remaining": s.faults.remaining()}))
-}
-
-#[derive(serde::Deserialize)]
-struct DelayBody {
-    ms: u64,
-}
-
-async fn set_delay(State(s): State<Arc<SandboxState>>, Json(body): Json<DelayBody>) -> Json<Value> {
-    s.faults.set_delay(Duration::from_millis(body.ms));
-    Json(serde_json::json!({"ok": true}))
-}
-
-async fn set_rate_limit(
-    State(s): State<Arc<SandboxState>>,
-    Json(rule): Json<RateLimitRule>,
-) -> axum::response::Response {
-    use axum::http::StatusCode;
-    use axum::response::IntoResponse;
-    if let Err(e) = rule.check() {
-        return (
-            StatusCode::BAD_REQUEST,
-            Json(serde_json::json!({"ok": false, "error": e})),
-        )
-            .into_response();
-    }
-    s.throttles.set(rule);
-    Json(serde_json::json!({"ok": true})).into_response()
-}
-
-async fn reset(State(s): State<Arc<SandboxState>>) -> Json<Value> {
-    s.faults.clear();
-    if let Ok(mut c) = s.contacts.lock() {
-        c.clear();
-    }
-    if let Ok(mut e) = s.emails.lock() {
-        e.clear();
-    }
-    Json(serde_json::json!({"ok": true}))
-}
-
-/// The answer to a fault that is the same for both providers (HTTP status, 429, reset); `None`
-/// for the provider-specific ones.
-pub(crate) fn transport_fault(fault: &Fault) -> Option<axum::response::Response> {
-    use axum::http::{header, StatusCode};
-    use axum::response::IntoResponse;
-    match fault {
-        Fault::Status { status } => {
-            let code = StatusCode::from_u16(*status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-            Some((code, "sandbox: injected failure").into_response())
-        }
-        Fault::RateLimit { retry_after_secs } => Some(
-            (
-                StatusCode::TOO_MANY_REQUESTS,
-                [(header::RETRY_AFTER, retry_after_secs.to_string())],
-                "slow down",
-            )
-                .into_response(),
-        ),
-        Fault::Reset => Some(reset_mid_response()),
-        _ => None,
-    }
-}
-
-/// A 200 response that promises a JSON body, sends half of it, and breaks the connection.
-pub(crate) fn reset_mid_response() -> axum::response::Response {
-    use axum::http::header;
-    let chunks: Vec<Result<axum::body::Bytes, std::io::Error>> = vec![
-        Ok(axum::body::Bytes::from_static(
-            b"{\"error_code\":0,\"error_te",
-        )),
-        Err(std::io::Error::new(
-            std::io::ErrorKind::ConnectionReset,
-            "sandbox: injected reset",
-        )),
-    ];
-    let body = axum::body::Body::from_stream(futures_util::stream::iter(chunks));
-    axum::response::Response::builder()
-        .header(header::CONTENT_TYPE, "application/json")
-        .header(header::CONTENT_LENGTH, "120")
-        .body(body)
-        .unwrap_or_default()
-}
-
-/// JSON string the way PHP's `json_encode` writes it: non-ASCII as `\uXXXX`, `/` as `\/`.
-pub(crate) fn php_json_string(text: &str) -> String {
-    let mut out = String::with_capacity(text.len() + 2);
-    out.push('"');
-    for ch in text.chars() {
-        match ch {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '/' => out.push_str("\\/"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            c if c.is_ascii() && !c.is_ascii_control() => out.push(c),
-            c => {
-                let mut units = [0u16; 2];
-                for unit in c.encode_utf16(&mut units) {
-                    out.push_str(&format!("\\u{unit:04x}"));
-                }
-            }
-        }
-    }
-    out.push('"');
-    out
 }
 
 #[cfg(test)]

@@ -1,4 +1,4 @@
-//! Smartlink's one confirmation email per API key and address per hour (DESIGN.md rule 5):
+//! Smartlink's one confirmation email per API key and address per hour:
 //! before a call that would set the pending status (`subscribe = 3`), reserve the window in the
 //! ledger; inside someone else's window, send the other fields and either re-send the status
 //! when the window ends (`defer`) or record that no email was triggered (`drop`).

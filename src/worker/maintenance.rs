@@ -4,7 +4,7 @@
 
 use super::Shared;
 use crate::metrics as m;
-use crate::outbox::{accounts, claim, doi, orphans, prune, rescue, Lease};
+use crate::outbox::{accounts, claim, doi, orphans, prune, replicas, rescue, Lease};
 use sqlx::postgres::PgListener;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -153,7 +153,7 @@ pub async fn heartbeat_loop(shared: Arc<Shared>, stop: CancellationToken, regist
                 // the accounts it serves: not one it stands down from
                 let mut replica = shared.replica.clone();
                 replica.accounts.retain(|a| !shared.limits.is_excluded(a));
-                accounts::heartbeat_continuous(&shared.pool, &replica, shared.settings.worker.lease)
+                replicas::heartbeat_continuous(&shared.pool, &replica, shared.settings.worker.lease)
                     .await
                     .map(|continuous| shared.renewed(beat_started, continuous))
             } else {

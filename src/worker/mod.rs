@@ -20,7 +20,8 @@ pub mod retry;
 pub mod shutdown;
 
 use crate::config::Settings;
-use crate::outbox::accounts::{AccountLimits, Replica};
+use crate::outbox::accounts::AccountLimits;
+use crate::outbox::replicas::Replica;
 use crate::outbox::JobId;
 use crate::outbox::Lease;
 use crate::providers::Registry;

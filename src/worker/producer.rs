@@ -302,7 +302,7 @@ pub async fn run(shared: Arc<Shared>, stop: Shutdown, drain: bool) {
     let _ = listener.await;
     let _ = upkeep.await;
     let _ = heartbeat.await;
-    let left = crate::outbox::accounts::deregister(&shared.pool, &shared.worker_id);
+    let left = crate::outbox::replicas::deregister(&shared.pool, &shared.worker_id);
     if let Some(Err(e)) = bounded_if_forced(&stop, left).await {
         tracing::debug!(error = %e, "could not deregister; the replica drops out when its heartbeat expires");
     }

@@ -1,4 +1,4 @@
-//! Addresses and numbers at the edges of what a provider takes (issue 22, finding 8): a JustClick
+//! Addresses and numbers at the edges of what a provider takes: a JustClick
 //! job's address is what PHP's `filter_var(FILTER_VALIDATE_EMAIL)` accepts — the Rust model, the
 //! database's rule and PHP itself agree on every address — and enqueue refuses the rest; the
 //! smallest 64-bit integer reaches Smartlink exactly.
@@ -356,4 +356,135 @@ async fn the_smallest_64_bit_integer_reaches_smartlink_exactly() {
             "{bad}: {message}"
         );
     }
+}
+
+#[tokio::test]
+async fn numbers_reach_the_provider_exactly_or_are_refused() {
+    let env = TestEnv::new().await;
+    // (through SQL: a Rust caller's JSON library could not even hold most of these)
+    for bad in [
+        "1e400",
+        "123456789012345678901",
+        "0.1000000000000000055",
+        "-1e-400",
+        "1e308",
+    ] {
+        let err = sqlx::query_scalar::<_, i64>(&format!(
+            r#"SELECT contact_sync.enqueue('smartlink', 'sl', 'n@example.com', '{{"attributes": {{"n": {bad}}}}}')"#
+        ))
+        .fetch_one(&env.pool)
+        .await
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("attribute 'n'") && err.contains("cannot be sent exactly"),
+            "{bad}: {err}"
+        );
+    }
+    // what a Rust caller's f64 makes of 123456789012345678901 is refused too
+    let message = enqueue_err(
+        &env,
+        sl(
+            "n@example.com",
+            json!({"attributes": {"n": 1.2345678901234568e20}}),
+        ),
+    )
+    .await;
+    assert!(message.contains("cannot be sent exactly"), "{message}");
+    let exact = json!({"attributes": {"big": 9007199254740993u64, "neg": -5, "dec": 0.125,
+                                      "e": 1.5e300, "huge_int": 9223372036854775807i64, "one": 1.0}});
+    let id = env.enqueue(sl("n@example.com", exact.clone())).await;
+    let worker = env.worker();
+    env.settle(&worker).await;
+    assert_eq!(env.job(id).await.state, "succeeded");
+    let c = env
+        .sandbox
+        .contact("smartlink", SL_GAME, "n@example.com")
+        .unwrap();
+    assert_eq!(c.fields["attributes"], exact["attributes"]);
+
+    // Values as an application's numeric columns store them (plain notation, trailing zeros)
+    // and at the edges of the accepted range: each must arrive with the value Postgres holds.
+    // (Compared with Postgres's own correctly rounded float8, parsed by Rust's correctly
+    // rounded parser: a sloppy JSON parser in the worker would not cancel out here.)
+    let id: i64 = sqlx::query_scalar(
+        "SELECT contact_sync.enqueue('smartlink', 'sl', 'edge@example.com', jsonb_build_object('attributes', jsonb_build_object(
+            'price', 3817034.98274485::numeric(30,20), 'total', 8466569467991.35::numeric(34,20),
+            'r', 348359269.386637::numeric(30,20), 'a', 1e-307::numeric, 'b', 2.32762829599804e200::numeric,
+            'c', 6.492751806747e-278::numeric, 'd', 9.123196010941e205::numeric, 'e', 6.68902524318885e95::numeric)))",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    env.settle(&worker).await;
+    assert_eq!(env.job(id).await.state, "succeeded");
+    let held: Vec<(String, String)> = sqlx::query_as(
+        "SELECT key, (value::numeric)::float8::text FROM contact_sync.jobs, jsonb_each(payload -> 'attributes') WHERE id = $1",
+    )
+    .bind(id)
+    .fetch_all(&env.pool)
+    .await
+    .unwrap();
+    let c = env
+        .sandbox
+        .contact("smartlink", SL_GAME, "edge@example.com")
+        .unwrap();
+    for (key, pg) in held {
+        let expected: f64 = pg.parse().unwrap();
+        let sent = c.fields["attributes"][&key].as_f64().unwrap();
+        assert_eq!(
+            sent, expected,
+            "{key}: Postgres holds {pg}, the provider got {sent:e}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn one_definition_of_an_address_for_enqueue_and_the_worker() {
+    let env = TestEnv::new().await;
+    // Regression: a no-break space passed enqueue and the worker refused it (dead).
+    let message = enqueue_err(&env, sl("user\u{a0}@example.com", json!({"tags": ["x"]}))).await;
+    assert!(message.contains("malformed email"), "{message}");
+    // Hostile and random addresses: the database and the clients answer the same.
+    let mut rng = fastrand::Rng::with_seed(9);
+    let alphabet: Vec<char> = "ab.@-_+ \u{a0}\u{2007}\u{200b}\u{feff}\u{85}\u{1}\"<>,;:\\()[]ü例é\u{61c}\u{fff9}\u{e0001}\u{1d173}\u{34f}\u{fe0f}\u{e0100}\u{1d17b}\u{ffa1}"
+        .chars()
+        .collect();
+    let mut samples: Vec<String> = vec![
+        "user@example.com".into(),
+        "a@b".into(),
+        "ü@例え.jp".into(),
+        ".a@b.co".into(),
+        "a..b@b.co".into(),
+        "a.@b.co".into(),
+        format!("{}@b.co", "a".repeat(64)),
+        format!("{}@b.co", "a".repeat(65)),
+        format!("a@{}.co", "b".repeat(249)),
+        format!("a@{}.co", "b".repeat(250)),
+    ];
+    for _ in 0..3000 {
+        let len = rng.usize(1..8);
+        let mut s: String = (0..len)
+            .map(|_| alphabet[rng.usize(..alphabet.len())])
+            .collect();
+        if rng.bool() {
+            s = format!("x{s}@ex.com");
+        }
+        samples.push(s);
+    }
+    let answers: Vec<bool> =
+        sqlx::query_scalar("SELECT contact_sync.email_is_valid(e) FROM unnest($1::text[]) WITH ORDINALITY AS t(e, n) ORDER BY n")
+            .bind(&samples)
+            .fetch_all(&env.pool)
+            .await
+            .unwrap();
+    let mut accepted = 0;
+    for (s, db) in samples.iter().zip(answers) {
+        assert_eq!(db, is_valid_email(s), "{s:?}: database says {db}");
+        accepted += usize::from(db);
+    }
+    assert!(
+        accepted > 20,
+        "the sample must hold valid addresses too ({accepted})"
+    );
 }

@@ -164,7 +164,7 @@ async fn retention_prunes_old_finished_jobs_only() {
         .execute(&env.pool)
         .await
         .unwrap();
-    contact_sync::outbox::admin::cancel(&env.pool, cancelled)
+    contact_sync::outbox::repair::cancel(&env.pool, cancelled)
         .await
         .unwrap();
     // nothing is old enough yet

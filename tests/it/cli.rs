@@ -419,7 +419,7 @@ async fn demo_runs_to_completion_on_a_throwaway_postgres() {
     let stdout = std::fs::read_to_string(&path).unwrap();
     let _ = std::fs::remove_file(&path);
     assert!(status.success(), "{stdout}");
-    // Regression (issue 22): a warning that the throwaway Postgres ended a connection came
+    // Regression: a warning that the throwaway Postgres ended a connection came
     // after the summary. Nothing is logged once the summary is printed.
     let after = stdout.split("Summary").nth(1).unwrap_or_default();
     assert!(
@@ -444,7 +444,7 @@ async fn demo_runs_to_completion_on_a_throwaway_postgres() {
     assert!(stdout.contains("cleaned up"), "{stdout}");
 }
 
-/// Regression (issue 22): `Pool::close` returned while a connection was still on its way back
+/// Regression: `Pool::close` returned while a connection was still on its way back
 /// to the pool, so the demo stopped its throwaway Postgres under it (a warning each time).
 #[tokio::test]
 async fn a_closed_pool_has_no_connection_left() {
@@ -722,4 +722,56 @@ async fn bench_reports_every_scenario() {
     assert!(out.contains("worker start "), "{out}");
     // the backlogs were drained: nothing is left open
     assert_eq!(env.count("pending").await + env.count("running").await, 0);
+}
+
+#[tokio::test]
+async fn the_command_line_never_rounds_a_number() {
+    // Found by the adversarial review: `enqueue --file` and `--payload` parsed numbers as floats,
+    // so values the database refuses were silently rounded and queued.
+    let env = TestEnv::new().await;
+    let config = env.config_file("");
+    let file = std::env::temp_dir().join(format!("cs-numbers-{}.jsonl", fastrand::u64(..)));
+    std::fs::write(
+        &file,
+        concat!(
+            r#"{"provider":"smartlink","account":"sl","email":"f1@example.com","payload":{"attributes":{"x":0.1000000000000000055}}}"#,
+            "\n",
+            r#"{"provider":"smartlink","account":"sl","email":"f2@example.com","payload":{"attributes":{"x":3817034.98274485000000000000}}}"#,
+            "\n"
+        ),
+    )
+    .unwrap();
+    let (code, out, err) = env
+        .cli(&config, &["enqueue", "--file", file.to_str().unwrap()])
+        .await;
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(out.contains("queued 1, duplicates 0, rejected 1"), "{out}");
+    assert!(
+        err.contains("line 1") && err.contains("cannot be sent exactly"),
+        "{err}"
+    );
+    let (code, _, err) = env
+        .cli(
+            &config,
+            &[
+                "enqueue",
+                "--provider",
+                "smartlink",
+                "--account",
+                "sl",
+                "--email",
+                "p@example.com",
+                "--payload",
+                r#"{"attributes":{"y":123456789012345678.5}}"#,
+            ],
+        )
+        .await;
+    assert_ne!(code, 0);
+    assert!(err.contains("cannot be sent exactly"), "{err}");
+    let stored: Vec<String> =
+        sqlx::query_scalar("SELECT payload -> 'attributes' ->> 'x' FROM contact_sync.jobs")
+            .fetch_all(&env.pool)
+            .await
+            .unwrap();
+    assert_eq!(stored, vec!["3817034.98274485000000000000".to_string()]);
 }

@@ -1,6 +1,7 @@
 //! Enqueue: validation, idempotency, transactions, batch and bulk forms.
 
 use crate::helpers::*;
+use contact_sync::outbox::inspect;
 use contact_sync::outbox::{enqueue, enqueue_batch, NewJob};
 use serde_json::json;
 
@@ -212,4 +213,32 @@ async fn hand_written_updates_are_validated_too() {
         .execute(&env.pool)
         .await
         .unwrap();
+}
+
+#[tokio::test]
+async fn non_finite_run_at_is_refused() {
+    let env = TestEnv::new().await;
+    for when in ["-infinity", "infinity"] {
+        let err = sqlx::query_scalar::<_, i64>(&format!(
+            "SELECT contact_sync.enqueue('justclick', 'jc', 'a@example.com', '{{}}', NULL, '{when}')"
+        ))
+        .fetch_one(&env.pool)
+        .await
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("run_at must be a finite time"),
+            "{err}"
+        );
+        let err = sqlx::query(&format!(
+            "INSERT INTO contact_sync.jobs (provider, account, email, run_at) VALUES ('justclick', 'jc', 'a@example.com', '{when}')"
+        ))
+        .execute(&env.pool)
+        .await
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("run_at must be a finite time"),
+            "{err}"
+        );
+    }
+    inspect::status(&env.pool).await.unwrap();
 }

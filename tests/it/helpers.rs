@@ -328,3 +328,29 @@ pub fn jc(email: &str, payload: Value) -> NewJob {
 pub fn sl(email: &str, payload: Value) -> NewJob {
     NewJob::new("smartlink", "sl", email, payload)
 }
+
+pub async fn enqueue_err(env: &TestEnv, job: NewJob) -> String {
+    let mut conn = env.pool.acquire().await.unwrap();
+    match outbox::enqueue(&mut conn, &job).await {
+        Ok(id) => panic!("{job:?} was accepted as job {id}"),
+        Err(e) => {
+            assert!(e.is_invalid(), "{e}");
+            e.to_string()
+        }
+    }
+}
+
+/// Inserts rows as an old version (or a hand-written INSERT with the trigger off) could have.
+pub async fn insert_unchecked(env: &TestEnv, sql: &str) {
+    let mut tx = env.pool.begin().await.unwrap();
+    sqlx::query("ALTER TABLE contact_sync.jobs DISABLE TRIGGER jobs_after_insert")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    sqlx::query(sql).execute(&mut *tx).await.unwrap();
+    sqlx::query("ALTER TABLE contact_sync.jobs ENABLE TRIGGER jobs_after_insert")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+}

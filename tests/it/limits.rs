@@ -471,3 +471,55 @@ async fn a_replica_configured_without_limits_obeys_the_ones_another_registered()
         log.max_in_flight
     );
 }
+
+#[tokio::test]
+async fn throttling_does_not_consume_attempts() {
+    let mut env = TestEnv::new().await;
+    env.settings.worker.max_attempts = 2;
+    env.sandbox.faults().push(
+        FaultRule::new(
+            Fault::RateLimit {
+                retry_after_secs: 0,
+            },
+            4,
+        )
+        .provider("justclick"),
+    );
+    let id = env
+        .enqueue(jc("t@example.com", json!({"lead_name": "T"})))
+        .await;
+    let worker = env.worker();
+    env.settle(&worker).await;
+    let row = env.job(id).await;
+    assert_eq!(
+        row.state, "succeeded",
+        "four 429s must not kill a job of 2 attempts"
+    );
+    assert_eq!(row.attempts, 1);
+    assert_eq!(row.errors.as_array().unwrap().len(), 4);
+    // JustClick code 8 (limit exhausted): waits its two hours without using an attempt
+    env.sandbox.faults().push(
+        FaultRule::new(
+            Fault::ErrorCode {
+                code: 8,
+                text: "limit".into(),
+            },
+            1,
+        )
+        .provider("justclick"),
+    );
+    let id = env
+        .enqueue(jc("t8@example.com", json!({"lead_name": "T"})))
+        .await;
+    // (one drain: `settle` would pull the two-hour retry forward into the paused account)
+    worker.drain().await;
+    let (state, attempts, wait): (String, i32, f64) = sqlx::query_as(
+        "SELECT state, attempts, extract(epoch FROM run_at - now())::float8 FROM contact_sync.jobs WHERE id = $1",
+    )
+    .bind(id)
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!((state.as_str(), attempts), ("pending", 0));
+    assert!(wait > 7000.0, "{wait}");
+}

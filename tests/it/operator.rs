@@ -3,6 +3,8 @@
 //! errors that name the database and the cause.
 
 use crate::helpers::*;
+use contact_sync::outbox::repair;
+use contact_sync::sandbox::{Fault, FaultRule};
 use serde_json::json;
 use std::time::{Duration, Instant};
 
@@ -561,4 +563,79 @@ async fn configuration_errors_say_once_what_to_fix() {
         err.trim(),
         "error: configuration: configuration file /nonexistent/contact-sync.toml not found (check --config or CONTACT_SYNC_CONFIG)"
     );
+}
+
+#[tokio::test]
+async fn retry_keeps_per_contact_order_and_the_schedule() {
+    let mut env = TestEnv::new().await;
+    env.settings.worker.max_attempts = 1;
+    env.sandbox.faults().push(
+        FaultRule::new(Fault::Status { status: 503 }, 1)
+            .provider("justclick")
+            .email("s@example.com"),
+    );
+    let old = env
+        .enqueue(jc("s@example.com", json!({"lead_name": "Old"})))
+        .await;
+    let worker = env.worker();
+    env.settle(&worker).await;
+    assert_eq!(env.job(old).await.state, "dead");
+    let newer = env
+        .enqueue(jc("s@example.com", json!({"lead_name": "New"})))
+        .await;
+    env.settle(&worker).await;
+    assert_eq!(env.job(newer).await.state, "succeeded");
+    // Regression: retrying the old change overwrote the newer value at the provider.
+    let (result, state) = repair::retry(&env.pool, old, false).await.unwrap();
+    assert_eq!(result, repair::ActionResult::Stale);
+    assert_eq!(state, Some(newer.to_string()));
+    let bulk = repair::retry_dead(&env.pool, None, false).await.unwrap();
+    assert_eq!((bulk.retried, bulk.skipped_stale), (0, 1));
+    // retention deletes the newer job, and the old one remembers it (`overtaken_by`)
+    sqlx::query(
+        "UPDATE contact_sync.jobs SET finished_at = now() - interval '30 days' WHERE id = $1",
+    )
+    .bind(newer)
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    let pruned =
+        contact_sync::outbox::prune::prune_finished(&env.pool, Duration::from_secs(86_400), 1000)
+            .await
+            .unwrap();
+    assert_eq!(pruned, 1);
+    let (result, state) = repair::retry(&env.pool, old, false).await.unwrap();
+    assert_eq!(state, Some(newer.to_string()));
+    assert_eq!(
+        result,
+        repair::ActionResult::Stale,
+        "still refused after retention ran"
+    );
+    env.settle(&worker).await;
+    let c = env
+        .sandbox
+        .contact("justclick", JC_LOGIN, "s@example.com")
+        .unwrap();
+    assert_eq!(c.fields["lead_name"], "New");
+    // explicitly forced: re-sent
+    let (result, _) = repair::retry(&env.pool, old, true).await.unwrap();
+    assert_eq!(result, repair::ActionResult::Done);
+    env.settle(&worker).await;
+    assert_eq!(env.job(old).await.state, "succeeded");
+
+    // Regression: retrying a cancelled scheduled job dropped its run_at.
+    let later = chrono::Utc::now() + chrono::Duration::hours(3);
+    let scheduled = env
+        .enqueue(jc("sched@example.com", json!({"lead_name": "S"})).run_at(later))
+        .await;
+    repair::cancel(&env.pool, scheduled).await.unwrap();
+    repair::retry(&env.pool, scheduled, false).await.unwrap();
+    let wait: f64 = sqlx::query_scalar(
+        "SELECT extract(epoch FROM run_at - now())::float8 FROM contact_sync.jobs WHERE id = $1",
+    )
+    .bind(scheduled)
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert!(wait > 10_000.0, "{wait}");
 }

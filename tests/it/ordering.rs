@@ -2,7 +2,7 @@
 
 use crate::helpers::*;
 use contact_sync::outbox::enqueue_batch;
-use serde_json::json;
+use serde_json::{json, Value};
 use std::time::Duration;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -158,4 +158,47 @@ async fn a_scheduled_change_is_not_merged_and_blocks_later_ones() {
             .fields["lead_name"],
         "now"
     );
+}
+
+#[tokio::test]
+async fn coalescing_keeps_an_unsubscribe_and_splits_at_provider_limits() {
+    let env = TestEnv::new().await;
+    // the contact is subscribed at the provider
+    let first = env
+        .enqueue(sl("u@example.com", json!({"subscribe": 1})))
+        .await;
+    let worker = env.worker();
+    env.settle(&worker).await;
+    assert_eq!(env.job(first).await.state, "succeeded");
+    // Regression: these two merged into one call whose strategy kept the contact subscribed.
+    env.enqueue(sl("u@example.com", json!({"subscribe": 0})))
+        .await;
+    env.enqueue(sl(
+        "u@example.com",
+        json!({"update_strategy": 2, "tags": ["x"]}),
+    ))
+    .await;
+    // Regression: two valid changes of 30 attributes each became one call of 60 (dead).
+    let a: serde_json::Map<String, Value> = (0..30).map(|i| (format!("a{i}"), json!(i))).collect();
+    let b: serde_json::Map<String, Value> = (0..30).map(|i| (format!("b{i}"), json!(i))).collect();
+    let x = env
+        .enqueue(sl("attrs@example.com", json!({ "attributes": a })))
+        .await;
+    let y = env
+        .enqueue(sl("attrs@example.com", json!({ "attributes": b })))
+        .await;
+    env.settle(&worker).await;
+    let c = env
+        .sandbox
+        .contact("smartlink", SL_GAME, "u@example.com")
+        .unwrap();
+    assert_eq!(c.subscribe, Some(0), "the unsubscribe was lost");
+    assert_eq!(c.fields["tags"], json!(["x"]));
+    assert_eq!(env.job(x).await.state, "succeeded");
+    assert_eq!(env.job(y).await.state, "succeeded", "split, not merged");
+    let c = env
+        .sandbox
+        .contact("smartlink", SL_GAME, "attrs@example.com")
+        .unwrap();
+    assert_eq!(c.fields["attributes"].as_object().unwrap().len(), 60);
 }

@@ -4,7 +4,8 @@
 //! outcomes, and operator commands wait a bounded time and say what they skipped.
 
 use crate::helpers::*;
-use contact_sync::outbox::admin::{self, ActionResult, JobFilter};
+use contact_sync::outbox::repair;
+use contact_sync::outbox::repair::{ActionResult, JobFilter};
 use contact_sync::outbox::NewJob;
 use contact_sync::sandbox::{Fault, FaultRule};
 use contact_sync::worker::Shutdown;
@@ -135,12 +136,12 @@ async fn operator_commands_skip_contacts_a_producer_holds_and_say_so() {
 
     let bounded = Duration::from_secs(8);
     let started = Instant::now();
-    let (result, _) = tokio::time::timeout(bounded, admin::retry(&env.pool, held_dead, false))
+    let (result, _) = tokio::time::timeout(bounded, repair::retry(&env.pool, held_dead, false))
         .await
         .expect("retry waited for the producer")
         .unwrap();
     assert_eq!(result, ActionResult::Busy);
-    let (result, _) = tokio::time::timeout(bounded, admin::cancel(&env.pool, to_cancel))
+    let (result, _) = tokio::time::timeout(bounded, repair::cancel(&env.pool, to_cancel))
         .await
         .expect("cancel waited for the other operator")
         .unwrap();
@@ -152,7 +153,7 @@ async fn operator_commands_skip_contacts_a_producer_holds_and_say_so() {
     };
     let bulk = tokio::time::timeout(
         Duration::from_secs(20),
-        admin::retry_matching(&env.pool, &filter, false, false),
+        repair::retry_matching(&env.pool, &filter, false, false),
     )
     .await
     .expect("bulk retry waited for the producer")
@@ -171,7 +172,7 @@ async fn operator_commands_skip_contacts_a_producer_holds_and_say_so() {
     assert_eq!(env.job(held_dead).await.state, "dead");
     producer.commit().await.unwrap();
     // once the producer is done, the same commands go through
-    let (result, _) = admin::retry(&env.pool, held_dead, false).await.unwrap();
+    let (result, _) = repair::retry(&env.pool, held_dead, false).await.unwrap();
     assert_eq!(result, ActionResult::Done);
 
     // the command line says which contacts it skipped, and exits 4
@@ -240,7 +241,7 @@ async fn retry_and_a_claim_of_a_newer_change_never_cross() {
         .await;
     let retry = tokio::spawn({
         let pool = env.pool.clone();
-        async move { admin::retry(&pool, old, false).await.unwrap() }
+        async move { repair::retry(&pool, old, false).await.unwrap() }
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
     let worker = env.worker();
@@ -277,7 +278,7 @@ async fn a_bulk_action_finds_many_held_contacts_at_once_and_does_the_rest() {
     .await
     .unwrap();
     let started = Instant::now();
-    let done = admin::cancel_matching(
+    let done = repair::cancel_matching(
         &env.pool,
         &JobFilter {
             state: "pending".into(),

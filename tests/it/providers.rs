@@ -364,3 +364,74 @@ async fn a_deferral_of_an_attempt_whose_retry_sent_the_status_is_dropped() {
     // the first change's request and the retry's: no third one an hour later
     assert_eq!(c.pending_requests, 2);
 }
+
+#[tokio::test]
+async fn an_unverifiable_answer_is_never_a_success() {
+    let env = TestEnv::new().await;
+    for provider in ["justclick", "smartlink"] {
+        env.sandbox
+            .faults()
+            .push(FaultRule::new(Fault::Unverifiable, 1).provider(provider));
+    }
+    let a = env
+        .enqueue(jc("v@example.com", json!({"lead_name": "V"})))
+        .await;
+    let b = env
+        .enqueue(sl("v@example.com", json!({"tags": ["v"]})))
+        .await;
+    let worker = env.worker();
+    env.settle(&worker).await;
+    for id in [a, b] {
+        let row = env.job(id).await;
+        assert_eq!(row.state, "succeeded");
+        assert_eq!(
+            row.attempts, 2,
+            "the unverifiable answer was not taken as success"
+        );
+        assert_eq!(row.errors[0]["kind"], "bad_response_signature", "{row:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_nul_in_a_provider_text_is_stored_and_never_blocks_others() {
+    let env = TestEnv::new().await;
+    env.sandbox.faults().push(
+        FaultRule::new(
+            Fault::ErrorCode {
+                code: 777,
+                text: "bad\u{0}text \u{1b}[31mred".into(),
+            },
+            1,
+        )
+        .provider("justclick")
+        .email("nul@example.com"),
+    );
+    let bad = env
+        .enqueue(jc("nul@example.com", json!({"lead_name": "N"})))
+        .await;
+    let mut others = Vec::new();
+    for i in 0..20 {
+        others.push(
+            env.enqueue(jc(&format!("o{i}@example.com"), json!({"lead_name": "O"})))
+                .await,
+        );
+    }
+    let worker = env.worker();
+    let report = env.settle(&worker).await;
+    assert_eq!(report.lease_lost, 0);
+    let row = env.job(bad).await;
+    assert_eq!(row.state, "dead");
+    let error = row.last_error.unwrap();
+    assert!(
+        error.contains("bad\\u{0000}text \\u{001b}[31mred"),
+        "{error}"
+    );
+    assert_eq!(row.errors[0]["code"], "777");
+    assert_eq!(
+        row.attempts, 1,
+        "dead at once with the provider's code, not by lease"
+    );
+    for id in others {
+        assert_eq!(env.job(id).await.state, "succeeded");
+    }
+}

@@ -2,6 +2,7 @@
 //! storms, bad input, shutdown under load, secrets, transport security.
 
 use crate::helpers::*;
+use contact_sync::outbox::repair;
 use contact_sync::outbox::{enqueue_batch, NewJob};
 use contact_sync::sandbox::{Fault, FaultRule};
 use serde_json::json;
@@ -665,4 +666,112 @@ async fn transport_security() {
     let out = worker.wait_with_output().await.unwrap();
     let logs = String::from_utf8_lossy(&out.stderr);
     assert!(logs.contains("addr=127.0.0.1:9187"), "{logs}");
+}
+
+#[tokio::test]
+async fn an_undecodable_row_is_parked_alone() {
+    // Regression: one poison row failed the decoding of the whole claimed batch; every job of
+    // every account in it ended dead with "lease expired" and the provider saw no call.
+    let env = TestEnv::new().await;
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        ids.push(
+            env.enqueue(jc(&format!("ok{i}@example.com"), json!({"lead_name": "x"})))
+                .await,
+        );
+        ids.push(
+            env.enqueue(sl(&format!("ok{i}@example.com"), json!({"tags": ["t"]})))
+                .await,
+        );
+    }
+    insert_unchecked(
+        &env,
+        r#"INSERT INTO contact_sync.jobs (provider, account, email, payload)
+           VALUES ('smartlink', 'sl', 'poison@example.com', '{"attributes": {"n": 1e400}, "modify_ts": 1}')"#,
+    )
+    .await;
+    // a follower that cannot be decoded stops the group before it
+    let head = env
+        .enqueue(sl("poison2@example.com", json!({"tags": ["a"]})))
+        .await;
+    insert_unchecked(
+        &env,
+        r#"INSERT INTO contact_sync.jobs (provider, account, email, payload)
+           VALUES ('smartlink', 'sl', 'poison2@example.com', '{"attributes": {"n": 1e400}, "modify_ts": 1}')"#,
+    )
+    .await;
+    let worker = env.worker();
+    env.settle(&worker).await;
+    for id in ids {
+        assert_eq!(env.job(id).await.state, "succeeded");
+    }
+    assert_eq!(env.job(head).await.state, "succeeded");
+    let dead: Vec<(String, Option<String>)> = sqlx::query_as(
+        "SELECT email, last_error FROM contact_sync.jobs WHERE state = 'dead' ORDER BY id",
+    )
+    .fetch_all(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(dead.len(), 2, "{dead:?}");
+    for (_, error) in dead {
+        let error = error.unwrap();
+        assert!(error.contains("cannot be decoded"), "{error}");
+        assert!(!error.contains("lease expired"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_cancelled_in_flight_ends_coalesced_and_a_leaseless_running_row_is_rescued() {
+    let env = TestEnv::new().await;
+    env.sandbox.faults().push(
+        FaultRule::new(Fault::Stall { ms: 1500 }, 1)
+            .provider("justclick")
+            .email("f@example.com"),
+    );
+    let head = env
+        .enqueue(jc("f@example.com", json!({"lead_name": "1"})))
+        .await;
+    let follower = env
+        .enqueue(jc("f@example.com", json!({"lead_city": "2"})))
+        .await;
+    let worker = env.worker();
+    let run = tokio::spawn({
+        let worker = worker.clone();
+        async move { worker.drain().await }
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while env.job(head).await.state != "running" {
+        assert!(std::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (result, _) = repair::cancel(&env.pool, follower).await.unwrap();
+    assert_eq!(result, repair::ActionResult::Done);
+    run.await.unwrap();
+    let row = env.job(follower).await;
+    assert_eq!(row.state, "coalesced", "it was delivered with its head");
+    assert_eq!(row.coalesced_into, Some(head));
+    assert!(row.last_error.unwrap().contains("delivered all the same"));
+
+    // a hand-inserted running row without a lease blocked its contact forever
+    sqlx::query(
+        "INSERT INTO contact_sync.jobs (provider, account, email, payload, state, attempts) VALUES ('justclick', 'jc', 'h@example.com', '{\"lead_name\": \"H\"}', 'running', 0)",
+    )
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    let behind = env
+        .enqueue(jc("h@example.com", json!({"lead_city": "C"})))
+        .await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        env.settle(&worker).await;
+        if ["succeeded", "coalesced"].contains(&env.job(behind).await.state.as_str()) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the contact stayed blocked"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

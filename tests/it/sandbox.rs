@@ -5,7 +5,7 @@
 
 use crate::helpers::*;
 use contact_sync::config::MissingContact;
-use contact_sync::outbox::{admin, NewJob};
+use contact_sync::outbox::{inspect, NewJob};
 use contact_sync::providers::justclick::sign::{php_build_query, request_hash};
 use contact_sync::sandbox::{Sandbox, SandboxAccounts};
 use serde_json::{json, Value};
@@ -182,7 +182,7 @@ async fn missing_contacts_are_dead_or_skipped_by_account() {
     let row = env.job(dead).await;
     assert_eq!(row.state, "dead");
     assert_eq!(row.errors[0]["code"], "500", "{row:?}");
-    let detail = admin::show(&env.pool, skipped).await.unwrap().unwrap();
+    let detail = inspect::show(&env.pool, skipped).await.unwrap().unwrap();
     assert_eq!(detail.state, "succeeded");
     assert_eq!(detail.outcome.as_deref(), Some("not_found"));
     assert_eq!(

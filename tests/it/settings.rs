@@ -1,4 +1,4 @@
-//! Numeric settings (issue 22, finding 7): a value the code cannot compute with is refused at
+//! Numeric settings: a value the code cannot compute with is refused at
 //! start, naming the key and the range; the largest values allowed work end to end.
 
 use crate::helpers::*;

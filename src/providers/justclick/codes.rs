@@ -1,4 +1,4 @@
-//! JustClick `error_code` → outcome (providers.md table).
+//! JustClick `error_code` → outcome (the table in docs/providers.md).
 
 use crate::providers::outcome::AccountCheck;
 use crate::providers::{DeliveryError, RetryReason};

@@ -155,7 +155,7 @@ pub fn read_answer(
         }
     }
     // Verified: from here on the text is only shown, so make it safe to show.
-    let text = outcome::printable(&text, outcome::MAX_TEXT);
+    let text = crate::text::printable(&text, outcome::MAX_TEXT);
     if code == codes::SUBSCRIBER_NOT_FOUND && missing_contact == MissingContact::Skip {
         return Ok(Delivered {
             detail: text,
@@ -223,7 +223,7 @@ mod tests {
         assert_eq!(fields[3].1, "a,b");
     }
 
-    /// Regression (issue 22, finding 8): addresses JustClick refuses (code 100) were sent.
+    /// Regression: addresses JustClick refuses (code 100) were sent.
     #[test]
     fn addresses_justclick_refuses_are_never_sent() {
         let payload = json!({"lead_name": "N"});

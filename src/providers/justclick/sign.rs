@@ -1,6 +1,7 @@
 //! JustClick signatures: PHP's `http_build_query` byte for byte, the request hash
 //! `md5(query + "::" + login + "::" + secret)` and the response hash
-//! `md5(error_code + "::" + error_text + "::" + secret)`. Pinned to the vectors of providers.md.
+//! `md5(error_code + "::" + error_text + "::" + secret)`. Pinned by the tests below to the
+//! provider's published test vectors.
 
 use crate::providers::md5_hex;
 

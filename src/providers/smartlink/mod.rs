@@ -243,7 +243,7 @@ pub fn read_answer(
                 RetryReason::BadResponseSignature,
                 format!(
                     "smartlink answer echoes seq {:?}, not this request's {seq:?}; not trusted",
-                    outcome::printable(echo, 64)
+                    crate::text::printable(echo, 64)
                 ),
             ));
         }
@@ -254,7 +254,7 @@ pub fn read_answer(
             ));
         }
     }
-    let msg = outcome::printable(&answer.msg.unwrap_or_default(), outcome::MAX_TEXT);
+    let msg = crate::text::printable(&answer.msg.unwrap_or_default(), outcome::MAX_TEXT);
     codes::classify(code, &msg, extra_retryable)?;
     Ok(Delivered {
         detail: msg,

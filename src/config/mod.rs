@@ -3,7 +3,14 @@
 //! `DATABASE_URL` honoured, and validated once at start with errors that name the key.
 //! Secrets are [`Secret`]s: `Debug` of the settings prints `[redacted]`.
 
+mod accounts;
 mod explain;
+mod validate;
+
+pub use accounts::{
+    valid_account_name, AccountSettings, DoubleOptIn, MissingContact, ProviderKind,
+};
+pub use validate::{bounds, check_base_url};
 
 use crate::secret::Secret;
 use serde::Deserialize;
@@ -175,113 +182,6 @@ impl Default for HttpSettings {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ProviderKind {
-    Justclick,
-    Smartlink,
-}
-
-impl ProviderKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ProviderKind::Justclick => "justclick",
-            ProviderKind::Smartlink => "smartlink",
-        }
-    }
-
-    pub fn parse(text: &str) -> Option<Self> {
-        match text {
-            "justclick" => Some(ProviderKind::Justclick),
-            "smartlink" => Some(ProviderKind::Smartlink),
-            _ => None,
-        }
-    }
-}
-
-impl std::fmt::Display for ProviderKind {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// What a Smartlink account does with a confirmation email the provider would not send again
-/// within its one-hour window (DESIGN.md rule 5).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum DoubleOptIn {
-    /// Send the other fields now, re-send the pending status when the window ends.
-    #[default]
-    Defer,
-    /// Send the other fields, record that no email was triggered.
-    Drop,
-}
-
-/// What a JustClick account does when the provider does not have the contact (code 500
-/// "subscriber not found": `UpdateSubscriberData` updates existing contacts only).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum MissingContact {
-    /// The job goes `dead` with the provider's code and text (an operator looks at it).
-    #[default]
-    Dead,
-    /// The job finishes `succeeded` with `outcome = not_found`: for applications that sync
-    /// every user to a provider that holds only its subscribers.
-    Skip,
-}
-
-/// One provider account. Which fields apply depends on `provider`; `validate` checks them.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AccountSettings {
-    pub provider: ProviderKind,
-    /// JustClick login (also its third-level domain).
-    pub login: Option<String>,
-    /// Smartlink project id (`gameid`).
-    pub game_id: Option<String>,
-    /// The account's API key.
-    pub secret: Secret,
-    /// Defaults to the provider's public endpoint.
-    pub base_url: Option<String>,
-    /// Calls per second for the account across every worker sharing the database (unset:
-    /// unlimited).
-    pub rate_limit_per_second: Option<f64>,
-    /// Token-bucket burst, fleet-wide (default: one second's worth, at least 1).
-    pub burst: Option<u32>,
-    /// Calls in flight at once for the account across every worker (unset: unlimited).
-    pub max_in_flight: Option<u32>,
-    /// Allow an `http://` base URL that is not loopback.
-    #[serde(default)]
-    pub allow_insecure_http: bool,
-    /// Smartlink only.
-    #[serde(default)]
-    pub double_opt_in: DoubleOptIn,
-    /// Provider codes to treat as retryable on top of the built-in ones.
-    #[serde(default)]
-    pub retryable_codes: Vec<i64>,
-    /// JustClick only: `dead` (default) or `skip` for a contact the provider does not have.
-    #[serde(default)]
-    pub missing_contact: MissingContact,
-}
-
-impl AccountSettings {
-    /// The base URL the client calls: the configured one or the provider's public endpoint.
-    pub fn effective_base_url(&self) -> String {
-        if let Some(url) = &self.base_url {
-            return url.trim_end_matches('/').to_string();
-        }
-        match self.provider {
-            ProviderKind::Justclick => {
-                format!(
-                    "https://{}.justclick.ru",
-                    self.login.as_deref().unwrap_or_default()
-                )
-            }
-            ProviderKind::Smartlink => "https://openapi.smartlink.intlgame.com".to_string(),
-        }
-    }
-}
-
 /// A configuration problem, naming the key.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -353,68 +253,6 @@ mod defaults {
     pub fn abandoned_call_bound() -> Duration {
         Duration::from_secs(300)
     }
-}
-
-/// The range of every numeric setting: what the code computes with, with room to spare (a rate
-/// times the seconds since the bucket's last refill in `float8`, `integer` columns, Postgres
-/// intervals added to `now()`, tokio timers), and more than a deployment could want. A value
-/// outside is refused at start, naming the key and the range.
-pub mod bounds {
-    use std::time::Duration;
-
-    const DAY: u64 = 86_400;
-    pub const MAX_CONNECTIONS: (u32, u32) = (2, 1_000);
-    pub const CONCURRENCY: (usize, usize) = (1, 10_000);
-    pub const BATCH_SIZE: (usize, usize) = (1, 10_000);
-    pub const MAX_ATTEMPTS: (i32, i32) = (1, 1_000);
-    pub const MAX_COALESCE: (usize, usize) = (1, 1_000);
-    pub const LEASE: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(DAY));
-    pub const POLL_INTERVAL: (Duration, Duration) =
-        (Duration::from_millis(10), Duration::from_secs(3_600));
-    /// `backoff_base` and `backoff_cap` (a retry's `run_at = now() + delay`).
-    pub const BACKOFF: (Duration, Duration) =
-        (Duration::from_millis(1), Duration::from_secs(30 * DAY));
-    pub const SHUTDOWN_TIMEOUT: (Duration, Duration) = (Duration::ZERO, Duration::from_secs(3_600));
-    /// `retention.finished`: 100 years (`now() - interval`).
-    pub const RETENTION: (Duration, Duration) = (Duration::ZERO, Duration::from_secs(36_500 * DAY));
-    /// `http.connect_timeout` and `http.request_timeout`.
-    pub const HTTP_TIMEOUT: (Duration, Duration) =
-        (Duration::from_millis(10), Duration::from_secs(3_600));
-    /// Calls per second: from one call in about 11.6 days to a million a second.
-    pub const RATE_PER_SECOND: (f64, f64) = (0.000_001, 1_000_000.0);
-    pub const BURST: (u32, u32) = (1, 1_000_000);
-    pub const MAX_IN_FLIGHT: (u32, u32) = (1, 1_000_000);
-}
-
-/// `value` within `(min, max)`, or an error naming the key and the range.
-fn number_within<T: PartialOrd + std::fmt::Display>(
-    key: &str,
-    value: T,
-    (min, max): (T, T),
-) -> Result<(), ConfigError> {
-    if value < min || value > max {
-        return Err(invalid(key, format!("must be between {min} and {max}")));
-    }
-    Ok(())
-}
-
-/// [`number_within`] for durations, the range written as the configuration writes it.
-fn duration_within(
-    key: &str,
-    value: Duration,
-    (min, max): (Duration, Duration),
-) -> Result<(), ConfigError> {
-    if value < min || value > max {
-        return Err(invalid(
-            key,
-            format!(
-                "must be between {} and {}",
-                crate::duration::format(min),
-                crate::duration::format(max)
-            ),
-        ));
-    }
-    Ok(())
 }
 
 impl Settings {
@@ -494,141 +332,6 @@ impl Settings {
         Ok(settings)
     }
 
-    /// Checks every value once, at start; the error names the key.
-    pub fn validate(&self) -> Result<(), ConfigError> {
-        let w = &self.worker;
-        number_within("worker.concurrency", w.concurrency, bounds::CONCURRENCY)?;
-        number_within("worker.batch_size", w.batch_size, bounds::BATCH_SIZE)?;
-        duration_within("worker.lease", w.lease, bounds::LEASE)?;
-        if self.http.abandoned_call_bound > Duration::from_secs(86_400) {
-            return Err(invalid(
-                "http.abandoned_call_bound",
-                "must be at most 1d (0s: the provider never acts on a request it was left with)",
-            ));
-        }
-        duration_within(
-            "worker.poll_interval",
-            w.poll_interval,
-            bounds::POLL_INTERVAL,
-        )?;
-        number_within("worker.max_attempts", w.max_attempts, bounds::MAX_ATTEMPTS)?;
-        duration_within("worker.backoff_base", w.backoff_base, bounds::BACKOFF)?;
-        duration_within("worker.backoff_cap", w.backoff_cap, bounds::BACKOFF)?;
-        if w.backoff_cap < w.backoff_base {
-            return Err(invalid(
-                "worker.backoff_cap",
-                "must not be smaller than worker.backoff_base",
-            ));
-        }
-        duration_within(
-            "worker.shutdown_timeout",
-            w.shutdown_timeout,
-            bounds::SHUTDOWN_TIMEOUT,
-        )?;
-        number_within("worker.max_coalesce", w.max_coalesce, bounds::MAX_COALESCE)?;
-        duration_within(
-            "retention.finished",
-            self.retention.finished,
-            bounds::RETENTION,
-        )?;
-        duration_within(
-            "http.connect_timeout",
-            self.http.connect_timeout,
-            bounds::HTTP_TIMEOUT,
-        )?;
-        duration_within(
-            "http.request_timeout",
-            self.http.request_timeout,
-            bounds::HTTP_TIMEOUT,
-        )?;
-        number_within(
-            "database.max_connections",
-            self.database.max_connections,
-            bounds::MAX_CONNECTIONS,
-        )?;
-        if !self.admin.listen.is_empty()
-            && self.admin.listen.parse::<std::net::SocketAddr>().is_err()
-        {
-            return Err(invalid(
-                "admin.listen",
-                "must be an address like 127.0.0.1:9187, or empty to turn it off",
-            ));
-        }
-        for (name, account) in &self.accounts {
-            let key = |field: &str| format!("accounts.{name}.{field}");
-            if !valid_account_name(name) {
-                return Err(invalid(
-                    format!("accounts.{name}"),
-                    "account names use only a-z, 0-9 and _ (at most 64 characters)",
-                ));
-            }
-            if account.secret.is_empty() {
-                return Err(invalid(key("secret"), "is required"));
-            }
-            match account.provider {
-                ProviderKind::Justclick => {
-                    let login = account.login.as_deref().unwrap_or_default();
-                    if login.is_empty()
-                        || !login
-                            .chars()
-                            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-                    {
-                        return Err(invalid(
-                            key("login"),
-                            "is required for justclick (letters, digits, - and _)",
-                        ));
-                    }
-                    if account.game_id.is_some() {
-                        return Err(invalid(
-                            key("game_id"),
-                            "applies to smartlink accounts only",
-                        ));
-                    }
-                }
-                ProviderKind::Smartlink => {
-                    let game = account.game_id.as_deref().unwrap_or_default();
-                    if game.is_empty() || !game.chars().all(|c| c.is_ascii_digit()) {
-                        return Err(invalid(
-                            key("game_id"),
-                            "is required for smartlink (digits)",
-                        ));
-                    }
-                    if account.login.is_some() {
-                        return Err(invalid(key("login"), "applies to justclick accounts only"));
-                    }
-                }
-            }
-            if let Some(rate) = account.rate_limit_per_second {
-                let (min, max) = bounds::RATE_PER_SECOND;
-                // (written so that NaN fails too)
-                if !(rate >= min && rate <= max) {
-                    return Err(invalid(
-                        key("rate_limit_per_second"),
-                        format!("must be a number from {min} to {max} (calls per second)"),
-                    ));
-                }
-            }
-            if let Some(burst) = account.burst {
-                number_within(&key("burst"), burst, bounds::BURST)?;
-            }
-            if account.burst.is_some() && account.rate_limit_per_second.is_none() {
-                return Err(invalid(
-                    key("burst"),
-                    "applies with rate_limit_per_second only",
-                ));
-            }
-            if let Some(cap) = account.max_in_flight {
-                number_within(&key("max_in_flight"), cap, bounds::MAX_IN_FLIGHT)?;
-            }
-            crate::providers::http::check_base_url(
-                &account.effective_base_url(),
-                account.allow_insecure_http,
-            )
-            .map_err(|reason| invalid(key("base_url"), reason))?;
-        }
-        Ok(())
-    }
-
     /// The database URL, or an error naming the ways to set it.
     pub fn database_url(&self) -> Result<&Secret, ConfigError> {
         self.database.url.as_ref().ok_or_else(|| {
@@ -690,15 +393,6 @@ fn provider_only_fields(raw: &config::Config, settings: &Settings) -> Result<(),
         }
     }
     Ok(())
-}
-
-/// `[a-z0-9_]{1,64}`: the same rule as the jobs table's CHECK.
-pub fn valid_account_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 64
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
 }
 
 #[cfg(test)]
@@ -965,7 +659,7 @@ double_opt_in = "drop"
         assert!(loopback.is_ok());
     }
 
-    /// Regression (issue 22, finding 7): `rate_limit_per_second = 1e307` passed, overflowed the
+    /// Regression: `rate_limit_per_second = 1e307` passed, overflowed the
     /// token bucket in Postgres, and every claim of the worker's limited accounts failed.
     #[test]
     fn every_numeric_setting_is_bounded_with_the_key_and_the_range() {

@@ -1,0 +1,321 @@
+//! Smartlink's one confirmation email per API key and address per hour: the window is taken by
+//! the call that triggers the email, kept by a retry whose earlier attempt may have sent it,
+//! given back by a call that certainly failed, and a deferred status re-send is superseded by any
+//! status change committed after it.
+
+use crate::helpers::*;
+use contact_sync::outbox::repair;
+use contact_sync::outbox::{self};
+use contact_sync::sandbox::{Fault, FaultRule};
+use serde_json::json;
+use std::time::Duration;
+
+#[tokio::test]
+async fn an_unsubscribe_survives_a_confirmation_request_taken_out_of_its_call() {
+    let mut env = TestEnv::new().await;
+    env.settings.accounts.get_mut("sl").unwrap().double_opt_in =
+        contact_sync::config::DoubleOptIn::Drop;
+    // a confirmation request holds the contact's window for the hour
+    let first = env
+        .enqueue(sl("p@example.com", json!({"subscribe": 3})))
+        .await;
+    let worker = env.worker();
+    env.settle(&worker).await;
+    assert_eq!(env.job(first).await.doi.as_deref(), Some("sent"));
+    // Regression (the model test, seed 927240252511): these two were merged into one call
+    // asking for the pending status; inside the window the worker took that status out, and
+    // the unsubscribe went with it: the contact stayed pending.
+    let unsubscribe = env
+        .enqueue(sl(
+            "p@example.com",
+            json!({"subscribe": 0, "update_strategy": 3}),
+        ))
+        .await;
+    let again = env
+        .enqueue(sl(
+            "p@example.com",
+            json!({"subscribe": 3, "update_strategy": 1}),
+        ))
+        .await;
+    env.settle(&worker).await;
+    let c = env
+        .sandbox
+        .contact("smartlink", SL_GAME, "p@example.com")
+        .unwrap();
+    assert_eq!(c.subscribe, Some(0), "the unsubscribe was lost");
+    assert_eq!(c.confirmation_emails, 1);
+    let unsubscribe = env.job(unsubscribe).await;
+    let again = env.job(again).await;
+    assert_eq!(unsubscribe.state, "succeeded", "{unsubscribe:?}");
+    assert_eq!(
+        again.state, "succeeded",
+        "its own call, not merged: {again:?}"
+    );
+    assert_eq!(again.doi.as_deref(), Some("suppressed"));
+}
+
+#[tokio::test]
+async fn a_retried_confirmation_request_finds_its_own_window_in_another_call() {
+    let mut env = TestEnv::new().await;
+    env.settings.accounts.get_mut("sl").unwrap().double_opt_in =
+        contact_sync::config::DoubleOptIn::Drop;
+    // retries wait until the test brings them forward
+    env.settings.worker.backoff_base = Duration::from_secs(600);
+    env.settings.worker.backoff_cap = Duration::from_secs(600);
+    // the first call's answer cannot be verified: retried, the window kept (the email may
+    // have gone)
+    env.sandbox.faults().push(
+        FaultRule::new(Fault::Unverifiable, 1)
+            .provider("smartlink")
+            .email("h@example.com"),
+    );
+    let head = env
+        .enqueue(sl("h@example.com", json!({"tags": ["a"]})))
+        .await;
+    let pending = env
+        .enqueue(sl("h@example.com", json!({"subscribe": 3})))
+        .await;
+    let worker = env.worker();
+    worker.drain().await;
+    assert_eq!(env.job(head).await.attempts, 1);
+    assert_eq!(env.job(pending).await.state, "pending", "it rode along");
+    // the retry groups the changes differently: the head is gone, the request goes alone
+    let (done, _) = repair::cancel(&env.pool, head).await.unwrap();
+    assert_eq!(done, repair::ActionResult::Done);
+    env.settle(&worker).await;
+    // Regression (the model test, seed 813226260054): the window was held in the name of the
+    // call's head, so the request's own retry found it taken and its status was taken out.
+    let row = env.job(pending).await;
+    assert_eq!(row.state, "succeeded", "{row:?}");
+    assert_eq!(row.doi.as_deref(), Some("sent"), "{row:?}");
+    let c = env
+        .sandbox
+        .contact("smartlink", SL_GAME, "h@example.com")
+        .unwrap();
+    assert_eq!(c.subscribe, Some(3));
+    assert_eq!(c.confirmation_emails, 1);
+}
+
+#[tokio::test]
+async fn a_refused_retry_keeps_the_window_its_earlier_attempt_may_have_used() {
+    let mut env = TestEnv::new().await;
+    env.settings.worker.backoff_base = Duration::from_secs(600);
+    env.settings.worker.backoff_cap = Duration::from_secs(600);
+    env.sandbox.faults().push(
+        FaultRule::new(Fault::Unverifiable, 1)
+            .provider("smartlink")
+            .email("r@example.com"),
+    );
+    let job = env
+        .enqueue(sl("r@example.com", json!({"subscribe": 3})))
+        .await;
+    let worker = env.worker();
+    worker.drain().await;
+    let ledger = || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM contact_sync.doi_ledger WHERE email = 'r@example.com'",
+        )
+        .fetch_one(&env.pool)
+        .await
+        .unwrap()
+    };
+    // the answer was lost: the email may have gone, the window is kept
+    assert_eq!(ledger().await, 1);
+    // the retry is refused before the provider acts
+    env.sandbox.faults().push(
+        FaultRule::new(Fault::Status { status: 503 }, 1)
+            .provider("smartlink")
+            .email("r@example.com"),
+    );
+    sqlx::query("UPDATE contact_sync.jobs SET run_at = now() WHERE id = $1")
+        .bind(job)
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    worker.drain().await;
+    assert_eq!(env.job(job).await.attempts, 2);
+    // Regression (the review of the window holder): the refused retry gave the window back,
+    // though the first attempt's email may have gone within the hour.
+    assert_eq!(ledger().await, 1, "the window was given back");
+    env.settle(&worker).await;
+    let row = env.job(job).await;
+    assert_eq!(row.state, "succeeded");
+    assert_eq!(row.doi.as_deref(), Some("sent"));
+}
+
+#[tokio::test]
+async fn failed_calls_give_the_confirmation_window_back() {
+    let mut env = TestEnv::new().await;
+    env.settings.worker.max_attempts = 2;
+    env.settings.accounts.get_mut("sl").unwrap().double_opt_in =
+        contact_sync::config::DoubleOptIn::Drop;
+    env.sandbox.faults().push(
+        FaultRule::new(Fault::Status { status: 503 }, 2)
+            .provider("smartlink")
+            .email("w@example.com"),
+    );
+    let first = env
+        .enqueue(sl("w@example.com", json!({"subscribe": 3})))
+        .await;
+    let worker = env.worker();
+    env.settle(&worker).await;
+    assert_eq!(env.job(first).await.state, "dead");
+    // Regression: the failed call kept the hour reserved; this one was "suppressed".
+    let second = env
+        .enqueue(sl("w@example.com", json!({"subscribe": 3})))
+        .await;
+    env.settle(&worker).await;
+    let row = env.job(second).await;
+    assert_eq!(row.state, "succeeded");
+    assert_eq!(row.doi.as_deref(), Some("sent"));
+    let c = env
+        .sandbox
+        .contact("smartlink", SL_GAME, "w@example.com")
+        .unwrap();
+    assert_eq!(c.confirmation_emails, 1);
+    // the window is the provider's hour plus a margin, in database time
+    let until: bool = sqlx::query_scalar(
+        "SELECT sent_at > now() - interval '1 minute' FROM contact_sync.doi_ledger",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert!(until);
+}
+
+#[tokio::test]
+async fn a_status_change_committed_after_the_sweep_supersedes_the_resend() {
+    let env = TestEnv::new().await;
+    let worker = env.worker();
+    let first = env
+        .enqueue(sl("r@example.com", json!({"subscribe": 3})))
+        .await;
+    env.settle(&worker).await;
+    // inside the window: the pending status is deferred
+    let second = env
+        .enqueue(sl("r@example.com", json!({"subscribe": 3, "tags": ["b"]})))
+        .await;
+    env.settle(&worker).await;
+    assert_eq!(env.job(first).await.doi.as_deref(), Some("sent"));
+    assert!(env
+        .job(second)
+        .await
+        .doi
+        .unwrap()
+        .starts_with("deferred_until"));
+    // the user unsubscribes in a transaction still open when the window ends and the sweep runs
+    let mut tx = env.pool.begin().await.unwrap();
+    let later = outbox::enqueue(&mut tx, &sl("r@example.com", json!({"subscribe": 0})))
+        .await
+        .unwrap();
+    sqlx::query("UPDATE contact_sync.doi_deferred SET due_at = now() - interval '1 second'")
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    // The sweep cannot see the uncommitted change. The open transaction holds the contact's
+    // queue row (its first change since the contact went idle): the sweep never waits for it
+    // and leaves the re-send for a later sweep, or makes it when the row is free.
+    let resends = outbox::doi::enqueue_due_resends(&env.pool).await.unwrap();
+    assert!(resends.len() <= 1, "{resends:?}");
+    tx.commit().await.unwrap();
+    env.settle(&worker).await;
+    assert_eq!(env.job(later).await.state, "succeeded");
+    if let Some(&id) = resends.first() {
+        let resend = env.job(id).await;
+        assert_eq!(resend.state, "cancelled", "{resend:?}");
+        assert_eq!(
+            resend.doi.as_deref(),
+            Some(format!("superseded by job {later}").as_str())
+        );
+    }
+    // a sweep after the commit has nothing left to re-send
+    assert!(outbox::doi::enqueue_due_resends(&env.pool)
+        .await
+        .unwrap()
+        .is_empty());
+    let c = env
+        .sandbox
+        .contact("smartlink", SL_GAME, "r@example.com")
+        .unwrap();
+    assert_eq!(
+        c.subscribe,
+        Some(0),
+        "the re-send re-subscribed the contact"
+    );
+}
+
+#[tokio::test]
+async fn a_status_change_committed_late_with_an_older_id_supersedes_the_resend() {
+    // Found by the adversarial review: supersession compared ids, and a change whose id was
+    // taken before the deferring call but committed after it lost to the re-send.
+    let env = TestEnv::new().await;
+    let worker = env.worker();
+    env.enqueue(sl("late@example.com", json!({"subscribe": 3})))
+        .await;
+    env.settle(&worker).await;
+    // a change queued (committed) before the transaction opens: the contact's queue row exists,
+    // so the open transaction below holds it without making later changes wait
+    let queued = env
+        .enqueue(sl("late@example.com", json!({"tags": ["q"]})))
+        .await;
+    let mut tx = env.pool.begin().await.unwrap();
+    // (its modify_ts is the newest: an older one would rightly be discarded by the provider)
+    let newest = chrono::Utc::now().timestamp_millis() + 60_000;
+    let unsubscribe = outbox::enqueue(
+        &mut tx,
+        &sl(
+            "late@example.com",
+            json!({"subscribe": 0, "modify_ts": newest}),
+        ),
+    )
+    .await
+    .unwrap();
+    let deferred = env
+        .enqueue(sl(
+            "late@example.com",
+            json!({"subscribe": 3, "tags": ["x"]}),
+        ))
+        .await;
+    env.settle(&worker).await;
+    // the queued change carried the deferred one (coalesced): the call's outcome is on it
+    let carrier = env.job(queued).await;
+    assert!(
+        carrier
+            .doi
+            .as_deref()
+            .is_some_and(|d| d.starts_with("deferred_until"))
+            || env
+                .job(deferred)
+                .await
+                .doi
+                .is_some_and(|d| d.starts_with("deferred_until")),
+        "{carrier:?}"
+    );
+    assert!(unsubscribe < deferred);
+    tx.commit().await.unwrap();
+    env.settle(&worker).await;
+    assert_eq!(env.job(unsubscribe).await.state, "succeeded");
+    // the hour passes: nothing is left to re-send
+    sqlx::query("UPDATE contact_sync.doi_ledger SET sent_at = now() - interval '2 hours'")
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE contact_sync.doi_deferred SET due_at = now()")
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    assert!(outbox::doi::enqueue_due_resends(&env.pool)
+        .await
+        .unwrap()
+        .is_empty());
+    env.settle(&worker).await;
+    let c = env
+        .sandbox
+        .contact("smartlink", SL_GAME, "late@example.com")
+        .unwrap();
+    assert_eq!(
+        c.subscribe,
+        Some(0),
+        "the re-send re-subscribed the contact"
+    );
+}
