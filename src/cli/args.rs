@@ -1,6 +1,7 @@
 //! The command line's arguments (clap derive): every subcommand, its options and their help.
 
 use clap::{Args, Parser, Subcommand};
+use contact_sync::outbox::JobState;
 use contact_sync::telemetry::LogFormat;
 use serde::Serialize;
 use std::net::SocketAddr;
@@ -112,8 +113,8 @@ pub enum JobsCommand {
     /// Jobs, newest first (page on with --after the last id shown).
     List {
         /// Only jobs in this state.
-        #[arg(long, value_parser = ["pending", "running", "succeeded", "coalesced", "dead", "cancelled"])]
-        state: Option<String>,
+        #[arg(long, value_parser = states(&["pending", "running", "succeeded", "coalesced", "dead", "cancelled"]))]
+        state: Option<JobState>,
         /// Only this account's jobs.
         #[arg(long, value_name = "NAME")]
         account: Option<String>,
@@ -213,8 +214,8 @@ pub struct RetryArgs {
     #[arg(long, conflicts_with = "state")]
     pub dead: bool,
     /// Every job in this state.
-    #[arg(long, value_parser = ["dead", "cancelled"])]
-    pub state: Option<String>,
+    #[arg(long, value_parser = states(&["dead", "cancelled"]))]
+    pub state: Option<JobState>,
     #[command(flatten)]
     pub filter: FilterArgs,
     /// Retry even when a newer change of the same contact was already delivered (the old
@@ -233,8 +234,8 @@ pub struct CancelArgs {
     #[arg(conflicts_with_all = ["state", "account", "email", "error_like", "dry_run"])]
     pub id: Option<i64>,
     /// Every job in this state.
-    #[arg(long, value_parser = ["pending", "dead"])]
-    pub state: Option<String>,
+    #[arg(long, value_parser = states(&["pending", "dead"]))]
+    pub state: Option<JobState>,
     #[command(flatten)]
     pub filter: FilterArgs,
     /// Print the result as JSON.
@@ -374,6 +375,15 @@ pub struct BenchArgs {
     /// Also print a readable table.
     #[arg(long)]
     pub pretty: bool,
+}
+
+/// A `--state` argument: one of `names` (listed by `--help` and in the error), as a [`JobState`].
+fn states(
+    names: &'static [&'static str],
+) -> impl clap::builder::TypedValueParser<Value = JobState> {
+    use clap::builder::TypedValueParser;
+    clap::builder::PossibleValuesParser::new(names)
+        .try_map(|name| JobState::parse(&name).ok_or_else(|| format!("unknown state {name:?}")))
 }
 
 #[cfg(test)]

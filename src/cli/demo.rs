@@ -261,12 +261,7 @@ async fn run_on(
 
     let counts = probes::counts_for(pool, &accounts).await?;
     let failed_attempts = probes::failed_attempts(pool, &accounts).await?;
-    let doi: Vec<(String, i64)> = sqlx::query_as(
-        "SELECT split_part(doi, ' ', 1), count(*) FROM contact_sync.jobs WHERE account = ANY($1) AND doi IS NOT NULL GROUP BY 1 ORDER BY 1",
-    )
-    .bind(&accounts)
-    .fetch_all(pool)
-    .await?;
+    let doi = probes::doi_counts(pool, &accounts).await?;
     let dead: Vec<(i64, String, String)> = sqlx::query_as(
         "SELECT id, email, coalesce(last_error, '') FROM contact_sync.jobs WHERE account = ANY($1) AND state = 'dead' ORDER BY id",
     )
@@ -318,7 +313,7 @@ async fn progress_line(pool: sqlx::PgPool, accounts: Vec<String>) {
             let get = |s: &str| {
                 counts
                     .iter()
-                    .filter(|c| c.state == s)
+                    .filter(|c| c.state.as_str() == s)
                     .map(|c| c.count)
                     .sum::<i64>()
             };
@@ -347,7 +342,7 @@ fn print_summary(s: &DemoSummary, sandbox: &Sandbox) {
         let get = |state: &str| {
             s.counts
                 .iter()
-                .filter(|c| c.account == account && c.state == state)
+                .filter(|c| c.account == account && c.state.as_str() == state)
                 .map(|c| c.count)
                 .sum::<i64>()
                 .to_string()

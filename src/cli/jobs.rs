@@ -5,6 +5,7 @@ use super::render::{print_as, render_job, render_jobs, to_json};
 use anyhow::Context;
 use contact_sync::config::Settings;
 use contact_sync::outbox::repair::ActionResult;
+use contact_sync::outbox::JobState;
 use contact_sync::outbox::{inspect, repair};
 use std::process::ExitCode;
 
@@ -54,7 +55,7 @@ pub async fn run(command: JobsCommand, settings: &Settings) -> anyhow::Result<Ex
 /// `retry ID`, or `retry --dead|--state S [filters]`.
 pub async fn retry(settings: &Settings, args: RetryArgs) -> anyhow::Result<ExitCode> {
     let pool = super::connect(settings).await?;
-    let Some(state) = args.state.clone().or(args.dead.then(|| "dead".to_string())) else {
+    let Some(state) = args.state.or(args.dead.then_some(JobState::Dead)) else {
         let id = args.id.context("a job id, --dead or --state is required")?;
         let result = repair::retry(&pool, id, args.force).await?;
         return report_action(id, "retry", result, args.json);
@@ -105,7 +106,7 @@ pub async fn retry(settings: &Settings, args: RetryArgs) -> anyhow::Result<ExitC
 /// `cancel ID`, or `cancel --state S [filters]`.
 pub async fn cancel(settings: &Settings, args: CancelArgs) -> anyhow::Result<ExitCode> {
     let pool = super::connect(settings).await?;
-    let Some(state) = args.state.clone() else {
+    let Some(state) = args.state else {
         let id = args.id.context("a job id or --state is required")?;
         let result = repair::cancel(&pool, id).await?;
         return report_action(id, "cancel", result, args.json);
@@ -204,7 +205,7 @@ pub async fn purge(settings: &Settings, args: PurgeArgs) -> anyhow::Result<ExitC
 /// Rows per `purge` statement: short transactions beside the workers.
 const PURGE_BATCH: i64 = 5000;
 
-fn job_filter(state: String, f: &FilterArgs) -> repair::JobFilter {
+fn job_filter(state: JobState, f: &FilterArgs) -> repair::JobFilter {
     repair::JobFilter {
         state,
         account: f.account.clone(),
@@ -230,10 +231,10 @@ fn confirmed(yes: bool, what: &str) -> anyhow::Result<bool> {
 fn report_action(
     id: i64,
     verb: &str,
-    (result, state): (ActionResult, Option<String>),
+    (result, found): (ActionResult, Option<repair::Found>),
     json: bool,
 ) -> anyhow::Result<ExitCode> {
-    let state = state.unwrap_or_default();
+    let state = found.map(|f| f.to_string()).unwrap_or_default();
     if json {
         print!(
             "{}",

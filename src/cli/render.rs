@@ -230,10 +230,10 @@ pub fn render_jobs(jobs: &[JobSummary]) -> String {
                 j.provider.clone(),
                 j.account.clone(),
                 j.email.clone(),
-                j.state.clone(),
+                j.state.to_string(),
                 j.attempts.to_string(),
                 ts(&j.run_at),
-                last_error_cell(&j.state, j.last_error.as_deref()),
+                last_error_cell(j.state.as_str(), j.last_error.as_deref()),
             ]
         })
         .collect();
@@ -260,7 +260,7 @@ pub fn render_job(j: &JobDetail) -> String {
         vec!["provider".into(), j.provider.clone()],
         vec!["account".into(), j.account.clone()],
         vec!["email".into(), j.email.clone()],
-        vec!["state".into(), j.state.clone()],
+        vec!["state".into(), j.state.to_string()],
         vec![
             "attempts".into(),
             format!(
@@ -285,7 +285,7 @@ pub fn render_job(j: &JobDetail) -> String {
                 .map(|i| i.to_string())
                 .unwrap_or_else(|| "-".into()),
         ],
-        vec!["double opt-in".into(), opt(&j.doi)],
+        vec!["double opt-in".into(), opt(&j.doi.map(|d| d.to_string()))],
         vec!["payload".into(), j.payload.to_string()],
         vec![
             match j.state.as_str() {

@@ -10,7 +10,9 @@ mod validate;
 pub use accounts::{
     valid_account_name, AccountSettings, DoubleOptIn, MissingContact, ProviderKind,
 };
-pub use validate::{bounds, check_base_url};
+pub use validate::bounds;
+#[doc(hidden)]
+pub use validate::check_base_url;
 
 use crate::secret::Secret;
 use serde::Deserialize;

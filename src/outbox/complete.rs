@@ -2,6 +2,7 @@
 //! retry, kill (dead), release. Every write matches `(id, attempts, state = 'running')`; a write
 //! that touches no row means the lease was lost and another worker owns the job now.
 
+use super::doi::DoiRecord;
 use super::job::{AttemptError, JobId, JobState, Lease};
 use crate::text::storable;
 use sqlx::PgPool;
@@ -11,8 +12,8 @@ use std::time::Duration;
 #[derive(Debug, Clone)]
 pub struct Success {
     pub lease: Lease,
-    /// Double-opt-in outcome to record (`sent`, `deferred_until …`, `suppressed`).
-    pub doi: Option<String>,
+    /// Double-opt-in decision to record.
+    pub doi: Option<DoiRecord>,
     /// md5 of the payload text the call carried for this job (`md5(payload::text)`): a job
     /// changed while its call was in flight (an operator's edit, an application's upsert) is
     /// not the change that was delivered, and is sent again.
@@ -79,7 +80,7 @@ pub async fn succeed_many(pool: &PgPool, items: &[Success]) -> Result<Written, s
     for item in items {
         ids.push(item.lease.id);
         attempts.push(item.lease.attempt);
-        dois.push(item.doi.as_deref());
+        dois.push(item.doi.map(|d| d.to_string()));
         sets_status.push(item.sets_status);
         modify_ts.push(item.modify_ts);
         outcomes.push(item.outcome.as_deref());

@@ -7,6 +7,77 @@ use chrono::{DateTime, Utc};
 use serde_json::Value;
 use sqlx::PgPool;
 
+/// The double-opt-in decision a Smartlink job records (`contact_sync.jobs.doi`, text):
+/// `sent` (its call triggered the confirmation email), `deferred_until <RFC 3339 time>` (the
+/// pending status was taken out of the call and is re-sent then) or `suppressed` (taken out, no
+/// email: `double_opt_in = "drop"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DoiRecord {
+    Sent,
+    DeferredUntil(DateTime<Utc>),
+    Suppressed,
+}
+
+impl DoiRecord {
+    /// The decision without its time: `sent`, `deferred_until` or `suppressed`.
+    pub fn kind(self) -> &'static str {
+        match self {
+            DoiRecord::Sent => "sent",
+            DoiRecord::DeferredUntil(_) => "deferred_until",
+            DoiRecord::Suppressed => "suppressed",
+        }
+    }
+
+    /// Reads the column's text.
+    pub fn parse(text: &str) -> Option<DoiRecord> {
+        match text.split_once(' ') {
+            None if text == "sent" => Some(DoiRecord::Sent),
+            None if text == "suppressed" => Some(DoiRecord::Suppressed),
+            Some(("deferred_until", at)) => DateTime::parse_from_rfc3339(at)
+                .ok()
+                .map(|at| DoiRecord::DeferredUntil(at.with_timezone(&Utc))),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for DoiRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DoiRecord::DeferredUntil(at) => write!(
+                f,
+                "deferred_until {}",
+                at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+            ),
+            other => f.write_str(other.kind()),
+        }
+    }
+}
+
+impl serde::Serialize for DoiRecord {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl sqlx::Type<sqlx::Postgres> for DoiRecord {
+    fn type_info() -> sqlx::postgres::PgTypeInfo {
+        <&str as sqlx::Type<sqlx::Postgres>>::type_info()
+    }
+
+    fn compatible(ty: &sqlx::postgres::PgTypeInfo) -> bool {
+        <&str as sqlx::Type<sqlx::Postgres>>::compatible(ty)
+    }
+}
+
+impl<'r> sqlx::Decode<'r, sqlx::Postgres> for DoiRecord {
+    fn decode(value: sqlx::postgres::PgValueRef<'r>) -> Result<Self, sqlx::error::BoxDynError> {
+        let text = <&str as sqlx::Decode<sqlx::Postgres>>::decode(value)?;
+        DoiRecord::parse(text)
+            .ok_or_else(|| format!("unknown double-opt-in record {text:?}").into())
+    }
+}
+
 /// May this job trigger a confirmation email now?
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reservation {
@@ -260,4 +331,29 @@ async fn resends_with_timeout(
     .await?;
     tx.commit().await?;
     Ok(ids)
+}
+
+#[cfg(test)]
+mod record_tests {
+    use super::DoiRecord;
+
+    #[test]
+    fn records_read_back_as_written() {
+        let at = chrono::DateTime::parse_from_rfc3339("2026-12-06T10:11:12Z")
+            .unwrap()
+            .with_timezone(&chrono::Utc);
+        for record in [
+            DoiRecord::Sent,
+            DoiRecord::Suppressed,
+            DoiRecord::DeferredUntil(at),
+        ] {
+            assert_eq!(DoiRecord::parse(&record.to_string()), Some(record));
+        }
+        assert_eq!(
+            DoiRecord::DeferredUntil(at).to_string(),
+            "deferred_until 2026-12-06T10:11:12Z"
+        );
+        assert_eq!(DoiRecord::parse("deferred_until"), None);
+        assert_eq!(DoiRecord::parse("sent later"), None);
+    }
 }

@@ -1,7 +1,8 @@
 //! Operator reads: `status`, `jobs list`, `jobs show`, and the queue gauges of `/metrics`.
 //! Filters are bound parameters, never formatted into SQL; every read is bounded by an index.
 
-use super::job::JobId;
+use super::doi::DoiRecord;
+use super::job::{JobId, JobState};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::Value;
@@ -11,7 +12,7 @@ use sqlx::{PgPool, QueryBuilder};
 #[derive(Debug, Clone, Serialize, sqlx::FromRow, PartialEq, Eq)]
 pub struct StateCount {
     pub account: String,
-    pub state: String,
+    pub state: JobState,
     pub count: i64,
 }
 
@@ -52,7 +53,7 @@ pub async fn status(pool: &PgPool) -> Result<Status, sqlx::Error> {
     let backlog = backlog(pool).await?;
     let dead = counts
         .iter()
-        .filter(|c| c.state == "dead")
+        .filter(|c| c.state == JobState::Dead)
         .map(|c| c.count)
         .sum();
     let accounts = super::accounts::list(pool).await?;
@@ -102,7 +103,7 @@ pub struct JobSummary {
     pub provider: String,
     pub account: String,
     pub email: String,
-    pub state: String,
+    pub state: JobState,
     pub attempts: i32,
     pub run_at: DateTime<Utc>,
     pub created_at: DateTime<Utc>,
@@ -111,7 +112,7 @@ pub struct JobSummary {
 
 #[derive(Debug, Clone, Default)]
 pub struct ListFilter {
-    pub state: Option<String>,
+    pub state: Option<JobState>,
     pub account: Option<String>,
     pub email: Option<String>,
     /// Created at or after.
@@ -160,7 +161,7 @@ pub struct JobDetail {
     pub email: String,
     pub payload: Value,
     pub idempotency_key: Option<String>,
-    pub state: String,
+    pub state: JobState,
     pub attempts: i32,
     pub max_attempts: Option<i32>,
     pub run_at: DateTime<Utc>,
@@ -171,7 +172,8 @@ pub struct JobDetail {
     pub last_error: Option<String>,
     pub errors: Value,
     pub coalesced_into: Option<JobId>,
-    pub doi: Option<String>,
+    /// The double-opt-in decision of its call (Smartlink).
+    pub doi: Option<DoiRecord>,
     /// `not_found`: finished without a change, the provider does not have the contact.
     pub outcome: Option<String>,
 }

@@ -50,6 +50,39 @@ impl std::fmt::Display for JobState {
     }
 }
 
+// The `state` column is text with a CHECK of these six names: read and written as the enum.
+impl sqlx::Type<sqlx::Postgres> for JobState {
+    fn type_info() -> sqlx::postgres::PgTypeInfo {
+        <&str as sqlx::Type<sqlx::Postgres>>::type_info()
+    }
+
+    fn compatible(ty: &sqlx::postgres::PgTypeInfo) -> bool {
+        <&str as sqlx::Type<sqlx::Postgres>>::compatible(ty)
+    }
+}
+
+impl sqlx::postgres::PgHasArrayType for JobState {
+    fn array_type_info() -> sqlx::postgres::PgTypeInfo {
+        <&str as sqlx::postgres::PgHasArrayType>::array_type_info()
+    }
+}
+
+impl<'r> sqlx::Decode<'r, sqlx::Postgres> for JobState {
+    fn decode(value: sqlx::postgres::PgValueRef<'r>) -> Result<Self, sqlx::error::BoxDynError> {
+        let text = <&str as sqlx::Decode<sqlx::Postgres>>::decode(value)?;
+        JobState::parse(text).ok_or_else(|| format!("unknown job state {text:?}").into())
+    }
+}
+
+impl sqlx::Encode<'_, sqlx::Postgres> for JobState {
+    fn encode_by_ref(
+        &self,
+        buf: &mut sqlx::postgres::PgArgumentBuffer,
+    ) -> Result<sqlx::encode::IsNull, sqlx::error::BoxDynError> {
+        <&str as sqlx::Encode<sqlx::Postgres>>::encode(self.as_str(), buf)
+    }
+}
+
 /// A change to record: what `contact_sync.enqueue()` takes.
 #[derive(Debug, Clone, PartialEq, serde::Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]

@@ -25,19 +25,34 @@
 //! functions get the same from `plan_cache_mode = force_custom_plan` (their definitions in
 //! `schema/contact_sync.sql`). `plans::plans_made_on_an_empty_queue_hold_for_a_full_one` pins it.
 
+#[doc(hidden)]
 pub mod accounts;
+#[doc(hidden)]
 pub mod claim;
+#[doc(hidden)]
 pub mod complete;
+#[doc(hidden)]
 pub mod doi;
+#[doc(hidden)]
 pub mod enqueue;
+#[doc(hidden)]
 pub mod inspect;
+#[doc(hidden)]
 pub mod job;
+#[doc(hidden)]
 pub mod orphans;
+#[doc(hidden)]
 pub mod probes;
+#[doc(hidden)]
 pub mod prune;
+#[doc(hidden)]
 pub mod repair;
+#[doc(hidden)]
 pub mod replicas;
+#[doc(hidden)]
 pub mod rescue;
 
 pub use enqueue::{enqueue, enqueue_batch, enqueue_batch_counted, EnqueueError, Enqueued};
-pub use job::{ClaimedJob, JobId, JobState, Lease, NewJob};
+#[doc(hidden)]
+pub use job::{ClaimedJob, Lease};
+pub use job::{JobId, JobState, NewJob};

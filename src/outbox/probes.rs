@@ -98,3 +98,24 @@ pub async fn failed_attempts(pool: &PgPool, accounts: &[String]) -> Result<i64, 
     .fetch_one(pool)
     .await
 }
+
+/// Jobs of `accounts` per double-opt-in decision (`sent`, `deferred_until`, `suppressed`).
+pub async fn doi_counts(
+    pool: &PgPool,
+    accounts: &[String],
+) -> Result<Vec<(String, i64)>, sqlx::Error> {
+    let rows: Vec<(super::doi::DoiRecord, i64)> = sqlx::query_as(
+        "SELECT doi, count(*) FROM contact_sync.jobs WHERE account = ANY($1) AND doi IS NOT NULL GROUP BY 1",
+    )
+    .bind(accounts)
+    .fetch_all(pool)
+    .await?;
+    let mut kinds = std::collections::BTreeMap::<&str, i64>::new();
+    for (record, count) in rows {
+        *kinds.entry(record.kind()).or_default() += count;
+    }
+    Ok(kinds
+        .into_iter()
+        .map(|(kind, count)| (kind.to_string(), count))
+        .collect())
+}

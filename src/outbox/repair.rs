@@ -2,7 +2,7 @@
 //! Each keeps the contacts queue's order rules, waits a bounded time for a contact row another
 //! transaction holds, and reports the contacts it skipped rather than blocking the worker.
 
-use super::job::JobId;
+use super::job::{JobId, JobState};
 use serde::Serialize;
 use sqlx::PgPool;
 
@@ -21,6 +21,23 @@ pub enum ActionResult {
     /// records a change of it; an operator's): nothing done after waiting
     /// [`OPERATOR_LOCK_WAIT`]; try again once it has committed.
     Busy,
+}
+
+/// What an action found besides its result: the job's state (after the action, or the state
+/// the action does not apply to), or the newer change that makes a retry stale.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Found {
+    State(JobState),
+    Newer(JobId),
+}
+
+impl std::fmt::Display for Found {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Found::State(state) => write!(f, "{state}"),
+            Found::Newer(id) => write!(f, "{id}"),
+        }
+    }
 }
 
 /// The longest an operator command waits for a contact another transaction holds, before it
@@ -46,7 +63,7 @@ async fn bounded_tx(
 }
 
 /// The job's current state, if it exists.
-async fn state_of(pool: &PgPool, id: JobId) -> Result<Option<String>, sqlx::Error> {
+async fn state_of(pool: &PgPool, id: JobId) -> Result<Option<JobState>, sqlx::Error> {
     sqlx::query_scalar("SELECT state FROM contact_sync.jobs WHERE id = $1")
         .persistent(false)
         .bind(id)
@@ -75,7 +92,7 @@ pub async fn retry(
     pool: &PgPool,
     id: JobId,
     force: bool,
-) -> Result<(ActionResult, Option<String>), sqlx::Error> {
+) -> Result<(ActionResult, Option<Found>), sqlx::Error> {
     match retry_held(pool, id, force).await {
         Err(e) if is_lock_timeout(&e) => Ok((ActionResult::Busy, None)),
         other => other,
@@ -86,7 +103,7 @@ async fn retry_held(
     pool: &PgPool,
     id: JobId,
     force: bool,
-) -> Result<(ActionResult, Option<String>), sqlx::Error> {
+) -> Result<(ActionResult, Option<Found>), sqlx::Error> {
     let mut tx = bounded_tx(pool, OPERATOR_LOCK_WAIT).await?;
     sqlx::query(
         // language=PostgreSQL
@@ -124,14 +141,14 @@ async fn retry_held(
     tx.commit().await?;
     if done {
         notify(pool).await?;
-        return Ok((ActionResult::Done, Some("pending".into())));
+        return Ok((ActionResult::Done, Some(Found::State(JobState::Pending))));
     }
     if let (Some(newer), false) = (newer, force) {
-        return Ok((ActionResult::Stale, Some(newer.to_string())));
+        return Ok((ActionResult::Stale, Some(Found::Newer(newer))));
     }
     Ok(match state_of(pool, id).await? {
         None => (ActionResult::NotFound, None),
-        Some(s) => (ActionResult::WrongState, Some(s)),
+        Some(s) => (ActionResult::WrongState, Some(Found::State(s))),
     })
 }
 
@@ -154,21 +171,32 @@ pub async fn retry_dead(
     force: bool,
 ) -> Result<BulkRetry, sqlx::Error> {
     let filter = JobFilter {
-        state: "dead".into(),
         account: account.map(String::from),
-        ..JobFilter::default()
+        ..JobFilter::new(JobState::Dead)
     };
     retry_matching(pool, &filter, force, false).await
 }
 
 /// Which jobs a bulk `retry` or `cancel` acts on: one state, and optionally an account, an
 /// address (any case) and a text the last error contains (any case).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JobFilter {
-    pub state: String,
+    pub state: JobState,
     pub account: Option<String>,
     pub email: Option<String>,
     pub error_like: Option<String>,
+}
+
+impl JobFilter {
+    /// Every job in `state`.
+    pub fn new(state: JobState) -> JobFilter {
+        JobFilter {
+            state,
+            account: None,
+            email: None,
+            error_like: None,
+        }
+    }
 }
 
 /// The filter as SQL over `contact_sync.jobs j`, binding $1..$4, and `$7`: only these contacts
@@ -204,10 +232,10 @@ enum Bulk {
 
 impl Bulk {
     /// The states the action takes jobs from.
-    fn states_taken(self) -> &'static [&'static str] {
+    fn states_taken(self) -> &'static [JobState] {
         match self {
-            Bulk::Retry { .. } => &["dead", "cancelled"],
-            Bulk::Cancel => &["pending", "dead"],
+            Bulk::Retry { .. } => &[JobState::Dead, JobState::Cancelled],
+            Bulk::Cancel => &[JobState::Pending, JobState::Dead],
         }
     }
 
@@ -425,7 +453,7 @@ fn bind_filter<'q>(
     keys: Option<Vec<String>>,
 ) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
     q.persistent(false)
-        .bind(&filter.state)
+        .bind(filter.state)
         .bind(&filter.account)
         .bind(&filter.email)
         .bind(&filter.error_like)
@@ -463,7 +491,7 @@ pub async fn cancel_matching(
 pub async fn cancel(
     pool: &PgPool,
     id: JobId,
-) -> Result<(ActionResult, Option<String>), sqlx::Error> {
+) -> Result<(ActionResult, Option<Found>), sqlx::Error> {
     let done = async {
         let mut tx = bounded_tx(pool, OPERATOR_LOCK_WAIT).await?;
         let done = sqlx::query(
@@ -494,11 +522,11 @@ pub async fn cancel(
         other => other?,
     };
     if done == 1 {
-        return Ok((ActionResult::Done, Some("cancelled".into())));
+        return Ok((ActionResult::Done, Some(Found::State(JobState::Cancelled))));
     }
     Ok(match state_of(pool, id).await? {
         None => (ActionResult::NotFound, None),
-        Some(s) => (ActionResult::WrongState, Some(s)),
+        Some(s) => (ActionResult::WrongState, Some(Found::State(s))),
     })
 }
 

@@ -2,15 +2,23 @@
 //! account name to client, and the shared pieces (HTTP hygiene, outcome classification,
 //! payload merging). The worker sees providers only through this module.
 
+#[doc(hidden)]
 pub mod address;
+#[doc(hidden)]
 pub mod http;
+#[doc(hidden)]
 pub mod justclick;
+#[doc(hidden)]
 pub mod model;
+#[doc(hidden)]
 pub mod outcome;
+#[doc(hidden)]
 pub mod payload;
+#[doc(hidden)]
 pub mod smartlink;
 
 use crate::config::{DoubleOptIn, ProviderKind, Settings};
+#[doc(hidden)]
 pub use outcome::{DeliveryError, RetryReason};
 use payload::Payload;
 use std::collections::BTreeMap;
@@ -18,8 +26,10 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
+#[doc(hidden)]
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
+#[doc(hidden)]
 /// One call to make: the (possibly merged) change of one contact.
 #[derive(Debug, Clone, Copy)]
 pub struct Delivery<'a> {
@@ -31,6 +41,7 @@ pub struct Delivery<'a> {
     pub created_at_ms: i64,
 }
 
+#[doc(hidden)]
 /// A successful call.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Delivered {
@@ -41,6 +52,7 @@ pub struct Delivered {
     pub not_found: bool,
 }
 
+#[doc(hidden)]
 /// A provider account's client.
 pub trait Provider: Send + Sync + 'static {
     fn kind(&self) -> ProviderKind;
@@ -124,6 +136,7 @@ impl Registry {
     }
 }
 
+#[doc(hidden)]
 /// Lower-case hex md5, the digest both providers sign with.
 pub fn md5_hex(parts: &[&[u8]]) -> String {
     use md5::{Digest, Md5};
@@ -142,6 +155,7 @@ pub fn md5_hex(parts: &[&[u8]]) -> String {
 
 const HEX: &[u8; 16] = b"0123456789abcdef";
 
+#[doc(hidden)]
 /// Compares two hex digests without an early exit.
 pub fn digest_eq(a: &str, b: &str) -> bool {
     a.len() == b.len()

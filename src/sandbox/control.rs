@@ -44,7 +44,7 @@ pub struct SeedContacts {
     pub emails: Vec<String>,
 }
 
-/// A seed file or body: one [`SeedContacts`] or a list of them.
+/// A seed file or body: one `SeedContacts` or a list of them.
 #[derive(Debug, Clone, serde::Deserialize)]
 #[serde(untagged)]
 pub enum SeedFile {

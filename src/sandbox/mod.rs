@@ -8,13 +8,16 @@
 //! `/_sandbox/` (`GET stats`, `GET contacts`, `POST faults`, `POST delay`, `POST reset`).
 
 mod control;
+#[doc(hidden)]
 pub mod faults;
 mod justclick;
 mod smartlink;
 mod state;
+#[doc(hidden)]
 pub mod throttle;
 mod wire;
 
+#[doc(hidden)]
 pub use control::SeedFile;
 
 use control::{
@@ -32,12 +35,16 @@ use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-pub use faults::{Fault, FaultRule, Faults};
+#[doc(hidden)]
+pub use faults::Faults;
+pub use faults::{Fault, FaultRule};
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
-pub use throttle::{AccountLog, RateLimitRule, ThrottleAnswer};
+pub use throttle::RateLimitRule;
+#[doc(hidden)]
+pub use throttle::{AccountLog, ThrottleAnswer};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 

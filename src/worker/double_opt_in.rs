@@ -4,9 +4,10 @@
 //! when the window ends (`defer`) or record that no email was triggered (`drop`).
 
 use crate::config::DoubleOptIn;
-use crate::outbox::doi::{self, Deferral, Reservation};
-use crate::outbox::JobId;
+use crate::outbox::doi::{self, Deferral, DoiRecord, Reservation};
+use crate::outbox::{ClaimedJob, JobId};
 use crate::providers::payload::Payload;
+use crate::providers::{DeliveryError, RetryReason};
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 use sqlx::PgPool;
@@ -33,15 +34,12 @@ pub enum Decision {
 
 impl Decision {
     /// What the job's `doi` column records.
-    pub fn record(&self) -> Option<String> {
+    pub fn record(&self) -> Option<DoiRecord> {
         match self {
             Decision::NotApplicable => None,
-            Decision::Send { .. } => Some("sent".into()),
-            Decision::Defer { until, .. } => Some(format!(
-                "deferred_until {}",
-                until.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
-            )),
-            Decision::Suppress => Some("suppressed".into()),
+            Decision::Send { .. } => Some(DoiRecord::Sent),
+            Decision::Defer { until, .. } => Some(DoiRecord::DeferredUntil(*until)),
+            Decision::Suppress => Some(DoiRecord::Suppressed),
         }
     }
 }
@@ -49,14 +47,17 @@ impl Decision {
 /// Decides, and strips `subscribe`/`update_strategy` from `payload` when the window is taken.
 /// `window_holder`: the job whose change asks for the pending status (the window is reserved in
 /// its name, so its own retry finds the window its earlier attempt took).
+/// `account`: the account's API key id and policy (`None`: an account without the rule).
 pub async fn decide(
     pool: &PgPool,
-    api_key_id: &str,
-    policy: DoubleOptIn,
+    account: Option<(&str, DoubleOptIn)>,
     email: &str,
     window_holder: JobId,
     payload: &mut Payload,
 ) -> Result<Decision, sqlx::Error> {
+    let Some((api_key_id, policy)) = account else {
+        return Ok(Decision::NotApplicable);
+    };
     if payload.get("subscribe").and_then(Value::as_i64) != Some(PENDING) {
         return Ok(Decision::NotApplicable);
     }
@@ -92,13 +93,15 @@ pub struct Carried {
 /// the deferred re-send (`Defer`).
 pub async fn after_success(
     pool: &PgPool,
-    api_key_id: &str,
+    account: Option<(&str, DoubleOptIn)>,
     decision: &Decision,
     jobs: Carried,
-    provider: &str,
-    account: &str,
-    email: &str,
+    job: &ClaimedJob,
 ) -> Result<(), sqlx::Error> {
+    let Some((api_key_id, _)) = account else {
+        return Ok(());
+    };
+    let (provider, account, email) = (job.provider.as_str(), job.account.as_str(), &job.email);
     if matches!(decision, Decision::Send { .. }) {
         doi::confirm(pool, api_key_id, email, jobs.window_holder).await?;
         // an earlier attempt of this change may have deferred the status, and lost its
@@ -121,4 +124,34 @@ pub async fn after_success(
         .await?;
     }
     Ok(())
+}
+
+/// After a failed call: when the provider certainly did not act on it, the confirmation window
+/// this call took is given back. Not after a 500/502/504 or a timeout (a gateway can fail after
+/// the service did its work), and not when an earlier attempt of the same change held the
+/// window (its email may have gone, and the provider counts its hour from it).
+pub async fn after_failure(
+    pool: &PgPool,
+    account: Option<(&str, DoubleOptIn)>,
+    decision: &Decision,
+    email: &str,
+    window_holder: JobId,
+    error: &DeliveryError,
+) {
+    let Some((api_key_id, _)) = account else {
+        return;
+    };
+    let not_acted = match error {
+        DeliveryError::Permanent { .. } | DeliveryError::AccountRefused { .. } => true,
+        DeliveryError::Retryable { reason, code, .. } => match reason {
+            RetryReason::Connect | RetryReason::RateLimited | RetryReason::ProviderBusy => true,
+            RetryReason::ServerError => code.as_deref() == Some("503"),
+            _ => false,
+        },
+    };
+    if not_acted && *decision == (Decision::Send { repeat: false }) {
+        if let Err(e) = doi::release(pool, api_key_id, email, window_holder).await {
+            tracing::warn!(error = %e, "could not release the confirmation window");
+        }
+    }
 }

@@ -2,14 +2,14 @@
 //! turn the result into exactly one [`Completion`] for the completer. The executor never writes
 //! a job's state itself.
 
-use super::double_opt_in::{self, Decision};
+use super::double_opt_in::{self};
 use super::retry::next_delay;
 use super::Shared;
 use crate::config::ProviderKind;
 use crate::metrics::{self as m};
 use crate::outbox::accounts::{self, Throttle};
 use crate::outbox::complete::{Attempt, SentFollower};
-use crate::outbox::doi;
+use crate::outbox::doi::DoiRecord;
 use crate::outbox::job::{AttemptError, ClaimedJob, Lease};
 use crate::providers::payload::{take_group, Change, Payload};
 use crate::providers::{Delivery, DeliveryError, RetryReason};
@@ -24,7 +24,7 @@ use tracing::Instrument;
 #[derive(Debug)]
 pub enum Outcome {
     Success {
-        doi: Option<String>,
+        doi: Option<DoiRecord>,
         /// md5 of the head's payload text as claimed.
         sent_md5: String,
         followers: Vec<SentFollower>,
@@ -208,23 +208,18 @@ async fn deliver(shared: &Shared, job: &ClaimedJob, claimed_at: Instant) -> Outc
         );
     }
 
-    let decision = match provider.double_opt_in() {
-        Some((key_id, policy)) => {
-            match double_opt_in::decide(
-                &shared.pool,
-                key_id,
-                policy,
-                &job.email,
-                window_holder,
-                &mut payload,
-            )
-            .await
-            {
-                Ok(d) => d,
-                Err(e) => return database_retry(shared, job.attempts, &e),
-            }
-        }
-        None => Decision::NotApplicable,
+    let confirmation = provider.double_opt_in();
+    let decision = match double_opt_in::decide(
+        &shared.pool,
+        confirmation,
+        &job.email,
+        window_holder,
+        &mut payload,
+    )
+    .await
+    {
+        Ok(d) => d,
+        Err(e) => return database_retry(shared, job.attempts, &e),
     };
     let sets_status = payload.contains_key("subscribe");
     let modify_ts = match kind {
@@ -257,25 +252,16 @@ async fn deliver(shared: &Shared, job: &ClaimedJob, claimed_at: Instant) -> Outc
         .await;
     let took = started.elapsed();
 
-    // The provider certainly did not act: give the confirmation window back. (Not after a
-    // 500/502/504 or a timeout: a gateway can fail after the service did its work.)
-    let not_acted = match &result {
-        Ok(_) => false,
-        Err(DeliveryError::Permanent { .. } | DeliveryError::AccountRefused { .. }) => true,
-        Err(DeliveryError::Retryable { reason, code, .. }) => match reason {
-            RetryReason::Connect | RetryReason::RateLimited | RetryReason::ProviderBusy => true,
-            RetryReason::ServerError => code.as_deref() == Some("503"),
-            _ => false,
-        },
-    };
-    // (Not when an earlier attempt of the same change held the window: its email may have
-    // gone, and the provider counts its hour from it.)
-    if not_acted && decision == (Decision::Send { repeat: false }) {
-        if let Some((key_id, _)) = provider.double_opt_in() {
-            if let Err(e) = doi::release(&shared.pool, key_id, &job.email, window_holder).await {
-                tracing::warn!(error = %e, "could not release the confirmation window");
-            }
-        }
+    if let Err(error) = &result {
+        double_opt_in::after_failure(
+            &shared.pool,
+            confirmation,
+            &decision,
+            &job.email,
+            window_holder,
+            error,
+        )
+        .await;
     }
 
     match result {
@@ -283,25 +269,17 @@ async fn deliver(shared: &Shared, job: &ClaimedJob, claimed_at: Instant) -> Outc
             m::provider_request(&job.provider, &job.account, "success", took);
             tracing::debug!(took_ms = took.as_millis() as u64, answer = %delivered.detail, "delivered");
             let covers = followers.last().map_or(job.id, |f| f.id);
-            if let Some((key_id, _)) = provider.double_opt_in() {
-                if let Err(e) = double_opt_in::after_success(
-                    &shared.pool,
-                    key_id,
-                    &decision,
-                    double_opt_in::Carried {
-                        head: job.id,
-                        covers,
-                        window_holder,
-                    },
-                    &job.provider,
-                    &job.account,
-                    &job.email,
-                )
-                .await
-                {
-                    tracing::warn!(error = %e, "could not record the confirmation window; the call will be repeated");
-                    return database_retry(shared, job.attempts, &e);
-                }
+            let carried = double_opt_in::Carried {
+                head: job.id,
+                covers,
+                window_holder,
+            };
+            if let Err(e) =
+                double_opt_in::after_success(&shared.pool, confirmation, &decision, carried, job)
+                    .await
+            {
+                tracing::warn!(error = %e, "could not record the confirmation window; the call will be repeated");
+                return database_retry(shared, job.attempts, &e);
             }
             Outcome::Success {
                 doi: decision.record(),

@@ -11,12 +11,16 @@
 //! - `shutdown`: SIGTERM/SIGINT → a cancellation token.
 
 mod completer;
+#[doc(hidden)]
 pub mod double_opt_in;
 mod executor;
+#[doc(hidden)]
 pub mod limits;
 mod maintenance;
 mod producer;
+#[doc(hidden)]
 pub mod retry;
+#[doc(hidden)]
 pub mod shutdown;
 
 use crate::config::Settings;
@@ -114,6 +118,7 @@ impl Shared {
 }
 
 /// Counters of one worker's life, for `--drain` summaries, tests and the demo.
+#[doc(hidden)]
 #[derive(Debug, Default)]
 pub struct Stats {
     claimed: AtomicU64,

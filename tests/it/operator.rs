@@ -588,7 +588,7 @@ async fn retry_keeps_per_contact_order_and_the_schedule() {
     // Regression: retrying the old change overwrote the newer value at the provider.
     let (result, state) = repair::retry(&env.pool, old, false).await.unwrap();
     assert_eq!(result, repair::ActionResult::Stale);
-    assert_eq!(state, Some(newer.to_string()));
+    assert_eq!(state, Some(repair::Found::Newer(newer)));
     let bulk = repair::retry_dead(&env.pool, None, false).await.unwrap();
     assert_eq!((bulk.retried, bulk.skipped_stale), (0, 1));
     // retention deletes the newer job, and the old one remembers it (`overtaken_by`)
@@ -605,7 +605,7 @@ async fn retry_keeps_per_contact_order_and_the_schedule() {
             .unwrap();
     assert_eq!(pruned, 1);
     let (result, state) = repair::retry(&env.pool, old, false).await.unwrap();
-    assert_eq!(state, Some(newer.to_string()));
+    assert_eq!(state, Some(repair::Found::Newer(newer)));
     assert_eq!(
         result,
         repair::ActionResult::Stale,

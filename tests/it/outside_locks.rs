@@ -6,6 +6,7 @@
 use crate::helpers::*;
 use contact_sync::outbox::repair;
 use contact_sync::outbox::repair::{ActionResult, JobFilter};
+use contact_sync::outbox::JobState;
 use contact_sync::outbox::NewJob;
 use contact_sync::sandbox::{Fault, FaultRule};
 use contact_sync::worker::Shutdown;
@@ -147,10 +148,7 @@ async fn operator_commands_skip_contacts_a_producer_holds_and_say_so() {
         .unwrap();
     assert_eq!(result, ActionResult::Busy);
     other_operator.commit().await.unwrap();
-    let filter = JobFilter {
-        state: "dead".into(),
-        ..JobFilter::default()
-    };
+    let filter = JobFilter::new(JobState::Dead);
     let bulk = tokio::time::timeout(
         Duration::from_secs(20),
         repair::retry_matching(&env.pool, &filter, false, false),
@@ -278,16 +276,9 @@ async fn a_bulk_action_finds_many_held_contacts_at_once_and_does_the_rest() {
     .await
     .unwrap();
     let started = Instant::now();
-    let done = repair::cancel_matching(
-        &env.pool,
-        &JobFilter {
-            state: "pending".into(),
-            ..JobFilter::default()
-        },
-        false,
-    )
-    .await
-    .unwrap();
+    let done = repair::cancel_matching(&env.pool, &JobFilter::new(JobState::Pending), false)
+        .await
+        .unwrap();
     let took = started.elapsed();
     assert_eq!(done.cancelled, 360, "{done:?}");
     assert_eq!(done.skipped_busy.len(), 40);

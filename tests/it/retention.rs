@@ -6,6 +6,7 @@ use crate::helpers::*;
 use contact_sync::outbox::prune;
 use contact_sync::outbox::repair;
 use contact_sync::outbox::repair::{ActionResult, JobFilter};
+use contact_sync::outbox::JobState;
 use contact_sync::sandbox::{Fault, FaultRule};
 use serde_json::json;
 use std::time::Duration;
@@ -66,18 +67,10 @@ async fn pruning_deletes_delivered_rows_behind_parked_ones_and_retry_still_knows
             .unwrap();
     let (result, newer) = repair::retry(&env.pool, dead, false).await.unwrap();
     assert_eq!(result, ActionResult::Stale);
-    assert!(newer.unwrap().parse::<i64>().unwrap() > dead);
-    let bulk = repair::retry_matching(
-        &env.pool,
-        &JobFilter {
-            state: "dead".into(),
-            ..JobFilter::default()
-        },
-        false,
-        false,
-    )
-    .await
-    .unwrap();
+    assert!(matches!(newer, Some(repair::Found::Newer(id)) if id > dead));
+    let bulk = repair::retry_matching(&env.pool, &JobFilter::new(JobState::Dead), false, false)
+        .await
+        .unwrap();
     assert_eq!((bulk.retried, bulk.skipped_stale), (0, CONTACTS as u64));
     let (result, _) = repair::retry(&env.pool, dead, true).await.unwrap();
     assert_eq!(result, ActionResult::Done, "--force still re-sends it");

@@ -183,7 +183,7 @@ async fn missing_contacts_are_dead_or_skipped_by_account() {
     assert_eq!(row.state, "dead");
     assert_eq!(row.errors[0]["code"], "500", "{row:?}");
     let detail = inspect::show(&env.pool, skipped).await.unwrap().unwrap();
-    assert_eq!(detail.state, "succeeded");
+    assert_eq!(detail.state.as_str(), "succeeded");
     assert_eq!(detail.outcome.as_deref(), Some("not_found"));
     assert_eq!(
         sandbox.contact("justclick", LOGIN, "nobody2@example.com"),

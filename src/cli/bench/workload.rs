@@ -47,7 +47,7 @@ pub(crate) async fn finished(pool: &PgPool) -> anyhow::Result<(i64, i64)> {
     let get = |s: &str| {
         counts
             .iter()
-            .filter(|c| c.state == s)
+            .filter(|c| c.state.as_str() == s)
             .map(|c| c.count)
             .sum::<i64>()
     };
