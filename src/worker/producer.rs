@@ -195,30 +195,10 @@ pub async fn run(shared: Arc<Shared>, stop: Shutdown, drain: bool) {
             && in_flight_is_empty(&shared)
             && db_backoff.is_zero()
         {
-            if let Err(e) = doi::enqueue_due_resends(&shared.pool).await {
-                tracing::warn!(error = %e, "could not enqueue due confirmation re-sends");
-            }
-            // an account an operator paused is not waited for
-            let active = shared.limits.not_paused_by_operator(&shared.accounts);
-            // held calls first: one rescued between the two checks is runnable by the second
-            let held = claim::held_exists(&shared.pool, &active).await;
-            let calls_held = matches!(held, Ok(true));
-            let runnable = match held {
-                Ok(false) => claim::runnable_exists(&shared.pool, &active).await,
-                Ok(true) => Ok(true),
-                Err(e) => Err(e),
-            };
-            match runnable {
-                Ok(false) => break,
-                Ok(true) if held_back => {} // rate limit or pause: wake when it allows
-                // a call abandoned in flight (held until the provider can no longer act on it)
-                // is still in flight: its job comes back when the hold ends
-                Ok(true) if calls_held => wake_in = wake_in.min(Duration::from_millis(200)),
-                Ok(true) => wake_in = wake_in.min(Duration::from_millis(10)),
-                Err(e) => {
-                    tracing::warn!(error = %e, "drain check failed; retrying");
-                    wake_in = Duration::from_millis(200);
-                }
+            match drain_check(&shared, held_back).await {
+                DrainCheck::Done => break,
+                DrainCheck::LookWithin(d) => wake_in = wake_in.min(d),
+                DrainCheck::LookIn(d) => wake_in = d,
             }
         }
         if more_waiting && slots.available_permits() > 0 {
@@ -231,8 +211,73 @@ pub async fn run(shared: Arc<Shared>, stop: Shutdown, drain: bool) {
         }
     }
 
-    // Shutdown: finish in-flight calls within the timeout (or until a second signal), then
-    // release what is left.
+    shut_down(&shared, &stop, tasks, tx, completer).await;
+    background.cancel();
+    let _ = listener.await;
+    let _ = upkeep.await;
+    let _ = heartbeat.await;
+    let left = crate::outbox::replicas::deregister(&shared.pool, &shared.worker_id);
+    if let Some(Err(e)) = bounded_if_forced(&stop, left).await {
+        tracing::debug!(error = %e, "could not deregister; the replica drops out when its heartbeat expires");
+    }
+    m::in_flight(0);
+    if drain {
+        tracing::debug!(worker = %shared.worker_id, report = ?shared.stats.report(), "drained");
+    } else {
+        tracing::info!(worker = %shared.worker_id, report = ?shared.stats.report(), "worker stopped");
+    }
+}
+
+/// What a drain found once nothing of its own was in flight.
+enum DrainCheck {
+    /// Nothing runnable, no call held: the drain is over.
+    Done,
+    /// Work is left: look again at the latest after this long.
+    LookWithin(Duration),
+    /// The check failed: look again after this long.
+    LookIn(Duration),
+}
+
+async fn drain_check(shared: &Shared, held_back: bool) -> DrainCheck {
+    if let Err(e) = doi::enqueue_due_resends(&shared.pool).await {
+        tracing::warn!(error = %e, "could not enqueue due confirmation re-sends");
+    }
+    // an account an operator paused is not waited for
+    let active = shared.limits.not_paused_by_operator(&shared.accounts);
+    // held calls first: one rescued between the two checks is runnable by the second
+    let held = claim::held_exists(&shared.pool, &active).await;
+    let calls_held = matches!(held, Ok(true));
+    let runnable = match held {
+        Ok(false) => claim::runnable_exists(&shared.pool, &active).await,
+        Ok(true) => Ok(true),
+        Err(e) => Err(e),
+    };
+    match runnable {
+        Ok(false) => DrainCheck::Done,
+        // rate limit or pause: wake when it allows (the plan's own wake-up)
+        Ok(true) if held_back => DrainCheck::LookWithin(Duration::MAX),
+        // a call abandoned in flight (held until the provider can no longer act on it) is
+        // still in flight: its job comes back when the hold ends
+        Ok(true) if calls_held => DrainCheck::LookWithin(Duration::from_millis(200)),
+        Ok(true) => DrainCheck::LookWithin(Duration::from_millis(10)),
+        Err(e) => {
+            tracing::warn!(error = %e, "drain check failed; retrying");
+            DrainCheck::LookIn(Duration::from_millis(200))
+        }
+    }
+}
+
+/// Shutdown: finish in-flight calls within the timeout (or until a second signal), record their
+/// outcomes, then put back what is left: claims never sent go back to pending at once, calls
+/// abandoned in flight are held (the provider may still act on them).
+async fn shut_down(
+    shared: &Shared,
+    stop: &Shutdown,
+    mut tasks: JoinSet<()>,
+    tx: mpsc::UnboundedSender<Completion>,
+    completer: tokio::task::JoinHandle<()>,
+) {
+    let w = &shared.settings.worker;
     let deadline = tokio::time::sleep(w.shutdown_timeout);
     tokio::pin!(deadline);
     loop {
@@ -297,20 +342,6 @@ pub async fn run(shared: Arc<Shared>, stop: Shutdown, drain: bool) {
                 "forced shutdown: could not release claims in time; their leases will expire"
             ),
         }
-    }
-    background.cancel();
-    let _ = listener.await;
-    let _ = upkeep.await;
-    let _ = heartbeat.await;
-    let left = crate::outbox::replicas::deregister(&shared.pool, &shared.worker_id);
-    if let Some(Err(e)) = bounded_if_forced(&stop, left).await {
-        tracing::debug!(error = %e, "could not deregister; the replica drops out when its heartbeat expires");
-    }
-    m::in_flight(0);
-    if drain {
-        tracing::debug!(worker = %shared.worker_id, report = ?shared.stats.report(), "drained");
-    } else {
-        tracing::info!(worker = %shared.worker_id, report = ?shared.stats.report(), "worker stopped");
     }
 }
 
