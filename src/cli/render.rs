@@ -285,7 +285,10 @@ pub fn render_job(j: &JobDetail) -> String {
                 .map(|i| i.to_string())
                 .unwrap_or_else(|| "-".into()),
         ],
-        vec!["double opt-in".into(), opt(&j.doi.map(|d| d.to_string()))],
+        vec![
+            "double opt-in".into(),
+            opt(&j.doi.as_ref().map(|d| d.to_string())),
+        ],
         vec!["payload".into(), j.payload.to_string()],
         vec![
             match j.state.as_str() {

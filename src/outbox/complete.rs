@@ -80,7 +80,7 @@ pub async fn succeed_many(pool: &PgPool, items: &[Success]) -> Result<Written, s
     for item in items {
         ids.push(item.lease.id);
         attempts.push(item.lease.attempt);
-        dois.push(item.doi.map(|d| d.to_string()));
+        dois.push(item.doi.as_ref().map(|d| d.to_string()));
         sets_status.push(item.sets_status);
         modify_ts.push(item.modify_ts);
         outcomes.push(item.outcome.as_deref());
@@ -168,7 +168,7 @@ pub async fn succeed_many(pool: &PgPool, items: &[Success]) -> Result<Written, s
             -- its contact (in delivery order, whatever the ids): those are superseded, queued
             -- or not yet swept
             UPDATE contact_sync.jobs r
-            SET state = 'cancelled', finished_at = now(), doi = 'superseded by job ' || d.id
+            SET state = 'cancelled', finished_at = now(), doi = 'superseded by job ' || d.id -- DoiRecord::SupersededBy
             FROM done d
             WHERE d.sets_status AND r.contact_key = d.contact_key AND r.state = 'pending'
               AND r.resend_after IS NOT NULL

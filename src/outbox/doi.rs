@@ -9,34 +9,51 @@ use sqlx::PgPool;
 
 /// The double-opt-in decision a Smartlink job records (`contact_sync.jobs.doi`, text):
 /// `sent` (its call triggered the confirmation email), `deferred_until <RFC 3339 time>` (the
-/// pending status was taken out of the call and is re-sent then) or `suppressed` (taken out, no
-/// email: `double_opt_in = "drop"`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// pending status was taken out of the call and is re-sent then), `suppressed` (taken out, no
+/// email: `double_opt_in = "drop"`), or, on a deferred re-send a later status change made
+/// pointless, `superseded by job <id>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DoiRecord {
     Sent,
     DeferredUntil(DateTime<Utc>),
     Suppressed,
+    SupersededBy(JobId),
+    /// Text this version does not write (a hand edit): kept and shown as stored, never an
+    /// error that would hide the job from the operator.
+    Other(String),
 }
 
 impl DoiRecord {
-    /// The decision without its time: `sent`, `deferred_until` or `suppressed`.
-    pub fn kind(self) -> &'static str {
+    /// The decision without its time or job: `sent`, `deferred_until`, `suppressed`,
+    /// `superseded`, or `other`.
+    pub fn kind(&self) -> &'static str {
         match self {
             DoiRecord::Sent => "sent",
             DoiRecord::DeferredUntil(_) => "deferred_until",
             DoiRecord::Suppressed => "suppressed",
+            DoiRecord::SupersededBy(_) => "superseded",
+            DoiRecord::Other(_) => "other",
         }
     }
 
-    /// Reads the column's text.
-    pub fn parse(text: &str) -> Option<DoiRecord> {
-        match text.split_once(' ') {
+    /// Reads the column's text; what this version would not write itself is kept as
+    /// [`DoiRecord::Other`], so that writing the record back gives the same text.
+    pub fn parse(text: &str) -> DoiRecord {
+        let known = match text.split_once(' ') {
             None if text == "sent" => Some(DoiRecord::Sent),
             None if text == "suppressed" => Some(DoiRecord::Suppressed),
             Some(("deferred_until", at)) => DateTime::parse_from_rfc3339(at)
                 .ok()
                 .map(|at| DoiRecord::DeferredUntil(at.with_timezone(&Utc))),
+            Some(("superseded", rest)) => rest
+                .strip_prefix("by job ")
+                .and_then(|id| id.parse().ok())
+                .map(DoiRecord::SupersededBy),
             _ => None,
+        };
+        match known {
+            Some(record) if record.to_string() == text => record,
+            _ => DoiRecord::Other(text.to_string()),
         }
     }
 }
@@ -49,6 +66,8 @@ impl std::fmt::Display for DoiRecord {
                 "deferred_until {}",
                 at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
             ),
+            DoiRecord::SupersededBy(id) => write!(f, "superseded by job {id}"),
+            DoiRecord::Other(text) => f.write_str(text),
             other => f.write_str(other.kind()),
         }
     }
@@ -73,8 +92,7 @@ impl sqlx::Type<sqlx::Postgres> for DoiRecord {
 impl<'r> sqlx::Decode<'r, sqlx::Postgres> for DoiRecord {
     fn decode(value: sqlx::postgres::PgValueRef<'r>) -> Result<Self, sqlx::error::BoxDynError> {
         let text = <&str as sqlx::Decode<sqlx::Postgres>>::decode(value)?;
-        DoiRecord::parse(text)
-            .ok_or_else(|| format!("unknown double-opt-in record {text:?}").into())
+        Ok(DoiRecord::parse(text))
     }
 }
 
@@ -346,14 +364,30 @@ mod record_tests {
             DoiRecord::Sent,
             DoiRecord::Suppressed,
             DoiRecord::DeferredUntil(at),
+            DoiRecord::SupersededBy(8),
         ] {
-            assert_eq!(DoiRecord::parse(&record.to_string()), Some(record));
+            assert_eq!(DoiRecord::parse(&record.to_string()), record);
         }
         assert_eq!(
             DoiRecord::DeferredUntil(at).to_string(),
             "deferred_until 2026-12-06T10:11:12Z"
         );
-        assert_eq!(DoiRecord::parse("deferred_until"), None);
-        assert_eq!(DoiRecord::parse("sent later"), None);
+        assert_eq!(
+            DoiRecord::SupersededBy(8).to_string(),
+            "superseded by job 8"
+        );
+        // what this version would not write is kept as it is, never an error
+        for text in [
+            "deferred_until",
+            "sent later",
+            "sent ",
+            "deferred_until 2026-12-06T13:11:12+03:00",
+            "superseded by job x",
+            "",
+        ] {
+            let record = DoiRecord::parse(text);
+            assert_eq!(record, DoiRecord::Other(text.to_string()), "{text:?}");
+            assert_eq!(record.to_string(), text);
+        }
     }
 }

@@ -14,6 +14,11 @@ use std::time::Duration;
 
 /// Returns expired leases; yields `(rescued back to pending, parked as dead)`.
 ///
+/// `own`: the calling worker's id and the jobs it knows it holds. A running job of that worker
+/// that it does not know (the claim committed but its answer never arrived: a connection cut,
+/// a Postgres restart) is rescued once its lease has expired, as a gone worker's would be:
+/// nothing else would ever return it, since its worker is alive.
+///
 /// `after_lease`: how long a gone worker's job is held (running, owned by no worker) before it
 /// goes back to `pending` or `dead`: its call may have been sent just before the worker went,
 /// and the provider may still act on it (`http.request_timeout + http.abandoned_call_bound`,
@@ -22,6 +27,7 @@ pub async fn rescue_expired(
     pool: &PgPool,
     default_max_attempts: i32,
     after_lease: Duration,
+    own: (&str, &[i64]),
 ) -> Result<(u64, u64), sqlx::Error> {
     let states: Vec<String> = sqlx::query_scalar(
         // language=PostgreSQL
@@ -31,8 +37,9 @@ pub async fn rescue_expired(
             -- a running row without a lease (hand-inserted) is rescued too, or it blocks its
             -- contact forever
             WHERE x.state = 'running' AND (x.locked_until IS NULL OR x.locked_until < now())
-              AND NOT EXISTS (SELECT 1 FROM contact_sync.workers w
-                              WHERE w.id = x.locked_by AND w.expires_at > now())
+              AND (NOT EXISTS (SELECT 1 FROM contact_sync.workers w
+                               WHERE w.id = x.locked_by AND w.expires_at > now())
+                   OR (x.locked_by = $3 AND NOT x.id = ANY($4)))
             FOR NO KEY UPDATE SKIP LOCKED
         )
         UPDATE contact_sync.jobs j
@@ -60,6 +67,8 @@ pub async fn rescue_expired(
     .persistent(false)
     .bind(default_max_attempts)
     .bind(i64::try_from(after_lease.as_millis()).unwrap_or(i64::MAX))
+    .bind(own.0)
+    .bind(own.1)
     .fetch_all(pool)
     .await?;
     let dead = states.iter().filter(|s| s.as_str() == "dead").count() as u64;

@@ -232,7 +232,7 @@ fn success_of(c: &Completion) -> Option<Success> {
             outcome,
         } => Some(Success {
             lease: c.lease,
-            doi: *doi,
+            doi: doi.clone(),
             sent_md5: sent_md5.clone(),
             followers: followers.clone(),
             sets_status: *sets_status,

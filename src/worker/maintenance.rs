@@ -274,10 +274,16 @@ async fn heartbeat(shared: &Shared) {
 async fn sweep(shared: &Shared) {
     // a pause or resume whose NOTIFY was missed (the listener reconnecting)
     refresh_pauses(shared).await;
+    // the jobs this worker knows it holds (unknown: claim none of its own back)
+    let (me, known): (&str, Vec<i64>) = match shared.in_flight.lock() {
+        Ok(f) => (&shared.worker_id, f.keys().copied().collect()),
+        Err(_) => ("", Vec::new()),
+    };
     match rescue::rescue_expired(
         &shared.pool,
         shared.settings.worker.max_attempts,
         after_lease(&shared.settings),
+        (me, &known),
     )
     .await
     {

@@ -303,7 +303,7 @@ async fn shut_down(
             tracing::error!(error = %e, "completer task failed");
         }
     };
-    if bounded_if_forced(&stop, completer_done).await.is_none() {
+    if bounded_if_forced(stop, completer_done).await.is_none() {
         tracing::warn!("forced shutdown: outcomes not yet recorded are left to the lease");
     }
     let leftover: Vec<Lease> = shared
@@ -331,7 +331,7 @@ async fn shut_down(
             let held = complete::abandon(&shared.pool, &abandoned, bound).await?;
             Ok::<_, sqlx::Error>((released, held))
         };
-        match bounded_if_forced(&stop, put_back).await {
+        match bounded_if_forced(stop, put_back).await {
             Some(Ok((released, held))) => {
                 tracing::info!(released, held, hold_ms = bound.as_millis() as u64, "unfinished claims put back (calls abandoned in flight are held until the provider can no longer act on them)")
             }

@@ -258,7 +258,12 @@ async fn a_gone_workers_job_is_held_before_it_returns_or_goes_dead() {
         .enqueue(jc("g@example.com", json!({"lead_name": "new"})))
         .await;
     let hold = Duration::from_secs(2);
-    assert_eq!(rescue_expired(&env.pool, 20, hold).await.unwrap(), (1, 0));
+    assert_eq!(
+        rescue_expired(&env.pool, 20, hold, ("", &[]))
+            .await
+            .unwrap(),
+        (1, 0)
+    );
     let (state, owner, held): (String, Option<String>, bool) = sqlx::query_as(
         "SELECT state, locked_by, locked_until > now() + interval '1 second' FROM contact_sync.jobs WHERE id = $1",
     )
@@ -278,7 +283,12 @@ async fn a_gone_workers_job_is_held_before_it_returns_or_goes_dead() {
             .unwrap();
     assert!(claimed.is_empty(), "{claimed:?}");
     tokio::time::sleep(hold + Duration::from_millis(200)).await;
-    assert_eq!(rescue_expired(&env.pool, 20, hold).await.unwrap(), (0, 1));
+    assert_eq!(
+        rescue_expired(&env.pool, 20, hold, ("", &[]))
+            .await
+            .unwrap(),
+        (0, 1)
+    );
     assert_eq!(env.job(last).await.state, "dead");
     // a drain (which waits for held calls) then delivers the newer change
     env.worker().drain().await;

@@ -80,7 +80,9 @@ async fn expired_leases_are_rescued_and_the_last_attempt_goes_dead() {
     assert_eq!(claimed.len(), 2);
     // a live lease is not rescued
     assert_eq!(
-        rescue_expired(&env.pool, 20, Duration::ZERO).await.unwrap(),
+        rescue_expired(&env.pool, 20, Duration::ZERO, ("", &[]))
+            .await
+            .unwrap(),
         (0, 0)
     );
     sqlx::query("UPDATE contact_sync.jobs SET locked_until = now() - interval '1 second'")
@@ -88,7 +90,9 @@ async fn expired_leases_are_rescued_and_the_last_attempt_goes_dead() {
         .await
         .unwrap();
     assert_eq!(
-        rescue_expired(&env.pool, 20, Duration::ZERO).await.unwrap(),
+        rescue_expired(&env.pool, 20, Duration::ZERO, ("", &[]))
+            .await
+            .unwrap(),
         (1, 1)
     );
     let a_row = env.job(a).await;
@@ -119,7 +123,9 @@ async fn writes_after_a_lost_lease_change_nothing() {
         .execute(&env.pool)
         .await
         .unwrap();
-    rescue_expired(&env.pool, 20, Duration::ZERO).await.unwrap();
+    rescue_expired(&env.pool, 20, Duration::ZERO, ("", &[]))
+        .await
+        .unwrap();
     let second = claim(
         &env.pool,
         &quota("jc", 1),
@@ -273,4 +279,54 @@ async fn the_plain_claim_leaves_an_account_with_fleet_limits_alone() {
         .await
         .unwrap();
     assert_eq!(plain().await.unwrap().len(), 1);
+}
+
+/// Regression: a claim that committed while its answer was lost (the connection cut, Postgres
+/// restarted at that moment) left jobs `running` under a worker that was alive and did not know
+/// them. Nothing renewed their lease and the rescuer waited for the worker to be gone, so they
+/// never ran (a Postgres restart test hung on it now and then). The worker now returns its own
+/// jobs it does not know once their lease has expired.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_workers_claim_whose_answer_was_lost_is_returned() {
+    let mut env = TestEnv::new().await;
+    env.settings.worker.lease = Duration::from_secs(1);
+    let lost = env
+        .enqueue(jc("lost@example.com", json!({"lead_name": "L"})))
+        .await;
+    // the worker is not running yet: make the job look as its lost claim left it
+    let worker = env.worker();
+    let stop = contact_sync::worker::Shutdown::new();
+    sqlx::query(
+        "UPDATE contact_sync.jobs SET state = 'running', attempts = 1, locked_by = $2, \
+         locked_until = now() + interval '1 second' WHERE id = $1",
+    )
+    .bind(lost)
+    .bind(worker.id())
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    let run = tokio::spawn({
+        let worker = worker.clone();
+        let stop = stop.clone();
+        async move { worker.run(stop).await }
+    });
+    env.wait_for_state(lost, "succeeded", Duration::from_secs(20))
+        .await;
+    let row = env.job(lost).await;
+    assert_eq!(row.errors[0]["kind"], "lease_expired", "{row:?}");
+    // and the jobs it knows are left alone: a slow call outlives its first lease
+    env.sandbox.faults().set_delay(Duration::from_millis(2500));
+    let slow = env
+        .enqueue(jc("slow@example.com", json!({"lead_name": "S"})))
+        .await;
+    env.wait_for_state(slow, "succeeded", Duration::from_secs(20))
+        .await;
+    assert_eq!(env.job(slow).await.attempts, 1);
+    assert_eq!(
+        env.sandbox.stats().accepted,
+        2,
+        "each job was delivered once"
+    );
+    stop.graceful.cancel();
+    run.await.unwrap();
 }

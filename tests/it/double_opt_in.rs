@@ -5,9 +5,9 @@
 
 use crate::helpers::*;
 use contact_sync::outbox::repair;
-use contact_sync::outbox::{self};
+use contact_sync::outbox::{self, NewJob};
 use contact_sync::sandbox::{Fault, FaultRule};
-use serde_json::json;
+use serde_json::{json, Value};
 use std::time::Duration;
 
 #[tokio::test]
@@ -227,6 +227,15 @@ async fn a_status_change_committed_after_the_sweep_supersedes_the_resend() {
             resend.doi.as_deref(),
             Some(format!("superseded by job {later}").as_str())
         );
+        // and the operator's view reads it (regression: `jobs show` failed on this record)
+        let shown = contact_sync::outbox::inspect::show(&env.pool, id)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            shown.doi,
+            Some(contact_sync::outbox::doi::DoiRecord::SupersededBy(later))
+        );
     }
     // a sweep after the commit has nothing left to re-send
     assert!(outbox::doi::enqueue_due_resends(&env.pool)
@@ -318,4 +327,46 @@ async fn a_status_change_committed_late_with_an_older_id_supersedes_the_resend()
         Some(0),
         "the re-send re-subscribed the contact"
     );
+}
+
+/// The operator's view reads every record the worker writes, and shows a hand-written one as it
+/// is stored (regression: `jobs show` failed on `superseded by job N`).
+#[tokio::test]
+async fn every_double_opt_in_record_is_shown() {
+    use contact_sync::outbox::doi::DoiRecord;
+    let env = TestEnv::new().await;
+    let id = env
+        .enqueue(NewJob::new(
+            "smartlink",
+            "sl",
+            "shown@example.com",
+            json!({"subscribe": 1}),
+        ))
+        .await;
+    for (text, record) in [
+        ("sent", DoiRecord::Sent),
+        ("suppressed", DoiRecord::Suppressed),
+        ("superseded by job 8", DoiRecord::SupersededBy(8)),
+        ("sent ", DoiRecord::Other("sent ".into())),
+        (
+            "deferred_until 2026-12-06T08:42:59.123+03:00",
+            DoiRecord::Other("deferred_until 2026-12-06T08:42:59.123+03:00".into()),
+        ),
+    ] {
+        sqlx::query("UPDATE contact_sync.jobs SET doi = $2 WHERE id = $1")
+            .bind(id)
+            .bind(text)
+            .execute(&env.pool)
+            .await
+            .unwrap();
+        let shown = contact_sync::outbox::inspect::show(&env.pool, id)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(shown.doi, Some(record), "{text:?}");
+        assert_eq!(
+            serde_json::to_value(&shown).unwrap()["doi"],
+            Value::String(text.into())
+        );
+    }
 }
