@@ -491,6 +491,58 @@ CREATE TABLE contact_sync.accounts (
 
 COMMENT ON TABLE contact_sync.accounts IS 'contact-sync: provider accounts, their fleet-wide limits and pauses';
 
+CREATE TABLE contact_sync.capture_failures (
+    id bigint NOT NULL,
+    source text NOT NULL,
+    operation text NOT NULL,
+    sqlstate text NOT NULL,
+    error text NOT NULL,
+    row_count bigint NOT NULL,
+    failed_at timestamp with time zone DEFAULT now() NOT NULL
+);
+
+COMMENT ON TABLE contact_sync.capture_failures IS 'contact-sync: application statements whose changes could not be captured (mapping drift, TRUNCATE)';
+
+ALTER TABLE contact_sync.capture_failures ALTER COLUMN id ADD GENERATED ALWAYS AS IDENTITY (
+    SEQUENCE NAME contact_sync.capture_failures_id_seq
+    START WITH 1
+    INCREMENT BY 1
+    NO MINVALUE
+    NO MAXVALUE
+    CACHE 1
+);
+
+CREATE TABLE contact_sync.capture_rejections (
+    id bigint NOT NULL,
+    source text NOT NULL,
+    account text NOT NULL,
+    row_key text NOT NULL,
+    sqlstate text NOT NULL,
+    reason text NOT NULL,
+    rejected_at timestamp with time zone DEFAULT now() NOT NULL
+);
+
+COMMENT ON TABLE contact_sync.capture_rejections IS 'contact-sync: application rows whose change could not be queued, with the reason';
+
+ALTER TABLE contact_sync.capture_rejections ALTER COLUMN id ADD GENERATED ALWAYS AS IDENTITY (
+    SEQUENCE NAME contact_sync.capture_rejections_id_seq
+    START WITH 1
+    INCREMENT BY 1
+    NO MINVALUE
+    NO MAXVALUE
+    CACHE 1
+);
+
+CREATE TABLE contact_sync.capture_sources (
+    source text NOT NULL,
+    table_name text NOT NULL,
+    mapping_md5 text NOT NULL,
+    columns jsonb NOT NULL,
+    installed_at timestamp with time zone DEFAULT now() NOT NULL
+);
+
+COMMENT ON TABLE contact_sync.capture_sources IS 'contact-sync: installed capture triggers, one row per source';
+
 CREATE TABLE contact_sync.contacts (
     contact_key text NOT NULL,
     account text NOT NULL,
@@ -588,6 +640,15 @@ COMMENT ON TABLE contact_sync.workers IS 'contact-sync: live worker replicas (he
 ALTER TABLE ONLY contact_sync.accounts
     ADD CONSTRAINT accounts_pkey PRIMARY KEY (account);
 
+ALTER TABLE ONLY contact_sync.capture_failures
+    ADD CONSTRAINT capture_failures_pkey PRIMARY KEY (id);
+
+ALTER TABLE ONLY contact_sync.capture_rejections
+    ADD CONSTRAINT capture_rejections_pkey PRIMARY KEY (id);
+
+ALTER TABLE ONLY contact_sync.capture_sources
+    ADD CONSTRAINT capture_sources_pkey PRIMARY KEY (source);
+
 ALTER TABLE ONLY contact_sync.contacts
     ADD CONSTRAINT contacts_pkey PRIMARY KEY (contact_key);
 
@@ -608,6 +669,10 @@ ALTER TABLE ONLY contact_sync.smartlink_watermarks
 
 ALTER TABLE ONLY contact_sync.workers
     ADD CONSTRAINT workers_pkey PRIMARY KEY (id);
+
+CREATE INDEX capture_failures_source_idx ON contact_sync.capture_failures USING btree (source, id);
+
+CREATE INDEX capture_rejections_source_idx ON contact_sync.capture_rejections USING btree (source, id);
 
 CREATE INDEX contacts_dirty_key_idx ON contact_sync.contacts_dirty USING btree (contact_key);
 

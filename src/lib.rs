@@ -88,6 +88,7 @@
 //! Modules and items marked hidden in this documentation are public only for the binary and
 //! the integration tests (separate crates); they are not a stable API.
 
+pub mod capture;
 pub mod config;
 pub mod migrate;
 pub mod outbox;

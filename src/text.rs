@@ -62,6 +62,16 @@ pub fn storable(text: &str) -> String {
     out
 }
 
+/// The known name closest to `word`, if close enough to be a typo (for "did you mean …?").
+pub fn closest<'a, S: AsRef<str>>(word: &str, known: &'a [S]) -> Option<&'a str> {
+    known
+        .iter()
+        .map(|k| (strsim::levenshtein(word, k.as_ref()), k.as_ref()))
+        .filter(|(d, k)| *d <= 2.max(k.chars().count() / 4))
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, k)| k)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -51,6 +51,9 @@ pub enum Command {
     /// Provider accounts: limits, calls in flight, pauses (fleet-wide, stored in Postgres).
     #[command(subcommand)]
     Accounts(AccountsCommand),
+    /// Capture changes from the application's own tables (`[sources.*]` of the configuration).
+    #[command(subcommand)]
+    Capture(CaptureCommand),
     /// Live worker replicas: id, host, accounts, start, last heartbeat.
     Workers {
         /// Print JSON instead of a table.
@@ -81,6 +84,52 @@ pub enum Command {
         /// Which provider's calls to make.
         #[arg(long, value_enum, default_value = "both")]
         provider: BenchProvider,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CaptureCommand {
+    /// Print the SQL that installs a source's triggers (all sources without SOURCE), to read
+    /// or to put in your own migration tool; nothing is changed.
+    Plan {
+        /// A source of the configuration.
+        source: Option<String>,
+    },
+    /// Install (or update) a source's triggers, as `plan` prints them (all sources without
+    /// SOURCE). Idempotent.
+    Install {
+        /// A source of the configuration.
+        source: Option<String>,
+    },
+    /// Check the installed triggers against the configuration and the table as it is now;
+    /// exit 1 when something drifted (a mapped column renamed or dropped, a trigger missing or
+    /// disabled, statements not captured).
+    Verify {
+        /// A source of the configuration.
+        source: Option<String>,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a source's triggers, functions and record (jobs already queued stay).
+    Uninstall {
+        /// A source, configured or installed.
+        source: String,
+    },
+    /// Rows whose change could not be queued, newest first, with the reason.
+    Rejections {
+        /// Only this source's.
+        #[arg(long)]
+        source: Option<String>,
+        /// Ids below this one (the next page).
+        #[arg(long, value_name = "ID")]
+        before: Option<i64>,
+        /// At most this many.
+        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(i64).range(0..=10_000))]
+        limit: i64,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
     },
 }
 

@@ -10,6 +10,7 @@
 pub mod accounts;
 pub mod args;
 pub mod bench;
+pub mod capture;
 pub mod daemon;
 pub mod demo;
 pub mod enqueue;
@@ -69,6 +70,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Accounts(command) => accounts::run(command, &settings).await,
+        Command::Capture(command) => capture::run(command, &settings).await,
         Command::Workers { json } => accounts::workers(&settings, json).await,
         Command::Jobs(command) => jobs::run(command, &settings).await,
         Command::Retry(args) => jobs::retry(&settings, args).await,

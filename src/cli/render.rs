@@ -106,6 +106,26 @@ pub fn render_status(status: &Status) -> String {
             contact_sync::outbox::orphans::REPAIR
         ));
     }
+    for c in &status.capture {
+        let p = &c.since_install;
+        let mut line = format!("\ncapture {}: {}", c.source, c.table);
+        if p.rejections > 0 {
+            line.push_str(&format!(
+                "; {}: {} row(s) rejected (contact-sync capture rejections --source {})",
+                c.source, p.rejections, c.source
+            ));
+        }
+        if p.failures > 0 {
+            line.push_str(&format!(
+                "; {}: {} statement(s) not captured, last: {} (contact-sync capture verify)",
+                c.source,
+                p.failures,
+                p.last_failure.as_deref().unwrap_or("?")
+            ));
+        }
+        out.push_str(&line);
+        out.push('\n');
+    }
     if !status.accounts.is_empty() {
         out.push('\n');
         out.push_str(&render_accounts(&status.accounts));

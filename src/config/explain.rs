@@ -3,6 +3,7 @@
 //! No Rust type names, each error said once.
 
 use super::ConfigError;
+use crate::text::closest;
 
 /// The values an enum setting takes, by the Rust type serde names in its error.
 const ENUMS: &[(&str, &str, &str)] = &[
@@ -196,31 +197,6 @@ fn backticked(text: &str) -> Vec<String> {
         .collect()
 }
 
-/// The known name closest to `word`, if close enough to be a typo.
-fn closest<'a>(word: &str, known: &'a [String]) -> Option<&'a str> {
-    known
-        .iter()
-        .map(|k| (edit_distance(word, k), k))
-        .filter(|(d, k)| *d <= 2.max(k.len() / 4))
-        .min_by_key(|(d, _)| *d)
-        .map(|(_, k)| k.as_str())
-}
-
-fn edit_distance(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut prev: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut row = vec![i + 1; b.len() + 1];
-        for (j, cb) in b.iter().enumerate() {
-            row[j + 1] = (prev[j] + usize::from(ca != *cb))
-                .min(prev[j + 1] + 1)
-                .min(row[j] + 1);
-        }
-        prev = row;
-    }
-    prev[b.len()]
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -234,7 +210,6 @@ mod tests {
         assert_eq!(closest("concurency", &known), Some("concurrency"));
         assert_eq!(closest("leese", &known), Some("lease"));
         assert_eq!(closest("colour", &known), None);
-        assert_eq!(edit_distance("kitten", "sitting"), 3);
     }
 
     #[test]

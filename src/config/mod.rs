@@ -5,11 +5,13 @@
 
 mod accounts;
 mod explain;
+mod sources;
 mod validate;
 
 pub use accounts::{
     valid_account_name, AccountSettings, DoubleOptIn, MissingContact, ProviderKind,
 };
+pub use sources::{provider_fields, OnDelete, SourceSettings, TargetSettings};
 pub use validate::bounds;
 #[doc(hidden)]
 pub use validate::check_base_url;
@@ -37,6 +39,9 @@ pub struct Settings {
     /// Provider accounts by name (`[a-z0-9_]`, so env overrides can name them).
     #[serde(default)]
     pub accounts: BTreeMap<String, AccountSettings>,
+    /// Application tables captured into the queue, by source name.
+    #[serde(default)]
+    pub sources: BTreeMap<String, SourceSettings>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -843,5 +848,79 @@ double_opt_in = "drop"
         assert!(!valid_account_name("jc-main"));
         assert!(!valid_account_name("JC"));
         assert!(!valid_account_name(""));
+    }
+
+    const SOURCE_ACCOUNTS: &str =
+        "[accounts.jc]\nprovider = \"justclick\"\nlogin = \"u\"\nsecret = \"s\"\n\
+        [accounts.sl]\nprovider = \"smartlink\"\ngame_id = \"1\"\nsecret = \"s\"\n";
+
+    #[test]
+    fn sources_map_columns_to_fields() {
+        let toml = format!(
+            "{SOURCE_ACCOUNTS}[sources.users]\ntable = \"public.users\"\nkey = \"id\"\nemail = \"email\"\n\
+             where = \"marketing_opt_in\"\n\
+             [sources.users.targets.jc]\nlead_name = \"first_name || ' ' || last_name\"\nlead_city = \"city\"\n\
+             [sources.users.targets.sl]\nsubscribe = \"1\"\n\"attributes.Plan\" = \"plan\"\non_delete = \"unsubscribe\"\n"
+        );
+        let s = load_toml(&toml, &[]).unwrap();
+        let users = &s.sources["users"];
+        assert_eq!(users.schema_and_table(), ("public", "users"));
+        assert_eq!(users.filter.as_deref(), Some("marketing_opt_in"));
+        assert_eq!(
+            users.targets["jc"].fields["lead_name"],
+            "first_name || ' ' || last_name"
+        );
+        assert_eq!(users.targets["jc"].on_delete, OnDelete::Ignore);
+        // an attribute's name keeps its case and its dot
+        assert_eq!(users.targets["sl"].fields["attributes.Plan"], "plan");
+        assert_eq!(users.targets["sl"].on_delete, OnDelete::Unsubscribe);
+    }
+
+    #[test]
+    fn source_mistakes_name_the_setting() {
+        let source = |target: &str| {
+            format!(
+                "{SOURCE_ACCOUNTS}[sources.users]\ntable = \"public.users\"\nkey = \"id\"\nemail = \"email\"\n{target}"
+            )
+        };
+        let err = |toml: String| load_toml(&toml, &[]).unwrap_err().to_string();
+        let e = err(source("[sources.users.targets.jc]\nlead_nam = \"name\"\n"));
+        assert!(
+            e.contains("sources.users.targets.jc.lead_nam")
+                && e.contains("did you mean lead_name?"),
+            "{e}"
+        );
+        let e = err(source(
+            "[sources.users.targets.jcc]\nlead_name = \"name\"\n",
+        ));
+        assert!(
+            e.contains("names no configured account (did you mean jc?)"),
+            "{e}"
+        );
+        let e = err(source(
+            "[sources.users.targets.jc]\nlead_name = \"name\"\non_delete = \"unsubscribe\"\n",
+        ));
+        assert!(e.contains("smartlink accounts only"), "{e}");
+        let e = err(source(
+            "[sources.users.targets.jc]\n\"attributes.x\" = \"name\"\n",
+        ));
+        assert!(e.contains("is not a justclick field"), "{e}");
+        let e = err(source(
+            "[sources.users.targets.jc]\nlead_name = \"name; DROP TABLE users\"\n",
+        ));
+        assert!(e.contains("one SQL expression"), "{e}");
+        let e = err(source(""));
+        assert!(e.contains("names no account"), "{e}");
+        let e = err(source(
+            "[sources.users.targets.sl]\non_delete = \"unsubscribe\"\n",
+        ));
+        assert!(e.contains("maps no field"), "{e}");
+        let e = err(format!(
+            "{SOURCE_ACCOUNTS}[sources.users]\ntable = \"users\"\nkey = \"id\"\nemail = \"email\"\n[sources.users.targets.jc]\nlead_name = \"n\"\n"
+        ));
+        assert!(
+            e.contains("sources.users.table") && e.contains("schema-qualified"),
+            "{e}"
+        );
     }
 }

@@ -198,6 +198,7 @@ impl Settings {
             check_base_url(&account.effective_base_url(), account.allow_insecure_http)
                 .map_err(|reason| invalid(key("base_url"), reason))?;
         }
+        super::sources::validate_sources(self)?;
         Ok(())
     }
 }

@@ -41,6 +41,18 @@ pub struct Status {
     /// Pending jobs the queue of contacts does not know (inserted with triggers off): no
     /// worker claims them until [`super::orphans::REPAIR`] is run.
     pub orphans: super::orphans::Orphans,
+    /// Installed capture sources with the rows rejected and statements not captured since
+    /// their installation.
+    pub capture: Vec<CaptureStatus>,
+}
+
+/// One installed capture source, as `status` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct CaptureStatus {
+    pub source: String,
+    pub table: String,
+    #[serde(flatten)]
+    pub since_install: super::capture::Problems,
 }
 
 pub async fn status(pool: &PgPool) -> Result<Status, sqlx::Error> {
@@ -59,6 +71,16 @@ pub async fn status(pool: &PgPool) -> Result<Status, sqlx::Error> {
     let accounts = super::accounts::list(pool).await?;
     let unserved = super::accounts::unserved(pool).await?;
     let orphans = super::orphans::count(pool, None).await?;
+    let mut capture = Vec::new();
+    for installed in super::capture::installed(pool).await? {
+        let since_install =
+            super::capture::problems(pool, &installed.source, Some(installed.installed_at)).await?;
+        capture.push(CaptureStatus {
+            source: installed.source,
+            table: installed.table_name,
+            since_install,
+        });
+    }
     Ok(Status {
         counts,
         backlog,
@@ -66,6 +88,7 @@ pub async fn status(pool: &PgPool) -> Result<Status, sqlx::Error> {
         accounts,
         unserved,
         orphans,
+        capture,
     })
 }
 

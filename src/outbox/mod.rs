@@ -28,6 +28,8 @@
 #[doc(hidden)]
 pub mod accounts;
 #[doc(hidden)]
+pub mod capture;
+#[doc(hidden)]
 pub mod claim;
 #[doc(hidden)]
 pub mod complete;

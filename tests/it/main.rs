@@ -7,6 +7,7 @@ mod helpers;
 mod abandoned_calls;
 mod addresses;
 mod admin;
+mod capture;
 mod claim;
 mod cli;
 mod double_opt_in;

@@ -1,0 +1,437 @@
+//! The SQL that captures one source: a trigger function per operation (insert, update, delete,
+//! truncate), statement-level with transition tables, and the triggers on the application's
+//! table. What `capture plan` prints and `capture install` runs, byte for byte.
+//!
+//! Each function turns the statement's rows into jobs for every target account in one set-based
+//! insert. It never fails the application's statement: a statement whose rows cannot all be
+//! queued is split in halves until the rows at fault are alone, and those are recorded in
+//! `contact_sync.capture_rejections` with the reason; a mapping that no longer fits the table
+//! (a column renamed or dropped: SQLSTATE class 42) records the statement in
+//! `contact_sync.capture_failures` instead. Each split is a subtransaction, so a statement
+//! with `b` bad rows among `n` costs about `2·b·log2(n)` of them; a clean one costs one.
+
+use super::catalog::{CheckedSource, Kind, Typed};
+use crate::config::{OnDelete, ProviderKind, SourceSettings};
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+/// The operations a source's triggers capture.
+pub const OPERATIONS: [&str; 3] = ["insert", "update", "delete"];
+
+/// Names of the objects a source's capture creates.
+pub fn function_name(source: &str, operation: &str) -> String {
+    format!("contact_sync.capture_{source}_{operation}")
+}
+
+pub fn trigger_name(operation: &str) -> String {
+    format!("contact_sync_capture_{operation}")
+}
+
+/// One target of a source, ready to generate.
+struct Target<'a> {
+    account: &'a str,
+    provider: ProviderKind,
+    on_delete: OnDelete,
+    /// Provider field → (expression, type).
+    fields: Vec<(&'a str, &'a str, &'a Typed)>,
+}
+
+/// The full installation script of one source: functions, triggers (replacing earlier ones),
+/// and its row in `contact_sync.capture_sources` (with `md5` standing for the script's digest,
+/// filled in by the caller).
+pub fn install_sql(
+    name: &str,
+    source: &SourceSettings,
+    checked: &CheckedSource,
+    providers: &BTreeMap<String, ProviderKind>,
+) -> String {
+    let targets: Vec<Target> = source
+        .targets
+        .iter()
+        .filter_map(|(account, t)| {
+            let provider = *providers.get(account)?;
+            let typed = checked.fields.get(account)?;
+            Some(Target {
+                account,
+                provider,
+                on_delete: t.on_delete,
+                fields: t
+                    .fields
+                    .iter()
+                    .filter_map(|(f, e)| Some((f.as_str(), e.as_str(), typed.get(f)?)))
+                    .collect(),
+            })
+        })
+        .collect();
+    let table = &source.table;
+    let mut sql = format!(
+        "-- contact-sync: capture of source {name:?} ({table} → {})\n",
+        targets
+            .iter()
+            .map(|t| t.account)
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let (schema, _) = source.schema_and_table();
+    for operation in OPERATIONS {
+        let mut body = String::new();
+        for target in &targets {
+            body.push_str(&target_block(name, source, operation, target));
+        }
+        write!(
+            sql,
+            "\nCREATE OR REPLACE FUNCTION {function}() RETURNS trigger\n\
+             LANGUAGE plpgsql\n\
+             SET search_path = pg_catalog, {schema}\n\
+             SET plan_cache_mode = force_custom_plan\n\
+             AS $capture$\n\
+             DECLARE\n    keys text[];\n    stack int[];\n    lo int;\n    hi int;\n    mid int;\n\
+             BEGIN\n{body}    RETURN NULL;\nEND\n$capture$;\n",
+            function = function_name(name, operation),
+        )
+        .ok();
+    }
+    write!(
+        sql,
+        "\nCREATE OR REPLACE FUNCTION {function}() RETURNS trigger\n\
+         LANGUAGE plpgsql\n\
+         AS $capture$\n\
+         BEGIN\n\
+         \x20   INSERT INTO contact_sync.capture_failures (source, operation, sqlstate, error, row_count)\n\
+         \x20   VALUES ({name_literal}, 'truncate', '00000', 'TRUNCATE is not captured: the providers keep these contacts; run a backfill to resync', 0);\n\
+         \x20   RETURN NULL;\n\
+         END\n$capture$;\n",
+        function = function_name(name, "truncate"),
+        name_literal = literal(name),
+    )
+    .ok();
+    for operation in OPERATIONS {
+        let referencing = match operation {
+            "insert" => "REFERENCING NEW TABLE AS new_rows",
+            "update" => "REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows",
+            _ => "REFERENCING OLD TABLE AS old_rows",
+        };
+        write!(
+            sql,
+            "\nDROP TRIGGER IF EXISTS {trigger} ON {table};\n\
+             CREATE TRIGGER {trigger} AFTER {op} ON {table} {referencing}\n\
+             \x20   FOR EACH STATEMENT EXECUTE FUNCTION {function}();\n",
+            trigger = trigger_name(operation),
+            op = operation.to_uppercase(),
+            function = function_name(name, operation),
+        )
+        .ok();
+    }
+    write!(
+        sql,
+        "\nDROP TRIGGER IF EXISTS {trigger} ON {table};\n\
+         CREATE TRIGGER {trigger} AFTER TRUNCATE ON {table}\n\
+         \x20   FOR EACH STATEMENT EXECUTE FUNCTION {function}();\n",
+        trigger = trigger_name("truncate"),
+        function = function_name(name, "truncate"),
+    )
+    .ok();
+    sql
+}
+
+/// Removes everything [`install_sql`] created for `name` on `table`.
+pub fn uninstall_sql(name: &str, table: &str) -> String {
+    let mut sql = format!("-- contact-sync: remove the capture of source {name:?} ({table})\n");
+    for operation in OPERATIONS.iter().chain(&["truncate"]) {
+        writeln!(
+            sql,
+            "DROP TRIGGER IF EXISTS {} ON {table};",
+            trigger_name(operation)
+        )
+        .ok();
+    }
+    for operation in OPERATIONS.iter().chain(&["truncate"]) {
+        writeln!(
+            sql,
+            "DROP FUNCTION IF EXISTS {}();",
+            function_name(name, operation)
+        )
+        .ok();
+    }
+    writeln!(
+        sql,
+        "DELETE FROM contact_sync.capture_sources WHERE source = {};",
+        literal(name)
+    )
+    .ok();
+    sql
+}
+
+/// The statements of one target inside one operation's function: the set-based insert, and
+/// the halving that isolates the rows at fault when it fails.
+fn target_block(name: &str, source: &SourceSettings, operation: &str, target: &Target) -> String {
+    let Some(changes) = changes_sql(source, operation, target) else {
+        return String::new();
+    };
+    let all = changes.replace("{filter}", "true");
+    let some = changes.replace(
+        "{filter}",
+        &format!("r.{}::text = ANY(keys[lo:hi])", source.key),
+    );
+    let rows = match operation {
+        "insert" => "new_rows",
+        _ => "old_rows",
+    };
+    let keys = match operation {
+        "update" => format!(
+            "SELECT r.{k}::text FROM old_rows r UNION SELECT r.{k}::text FROM new_rows r",
+            k = source.key
+        ),
+        _ => format!("SELECT r.{k}::text FROM {rows} r", k = source.key),
+    };
+    let source_literal = literal(name);
+    let account_literal = literal(target.account);
+    format!(
+        "    -- account {account}\n\
+         \x20   BEGIN\n\
+         {insert_all}\
+         \x20   EXCEPTION WHEN others THEN\n\
+         \x20       IF SQLSTATE LIKE '42%' THEN\n\
+         \x20           -- the mapping no longer fits the table: nothing of this statement is queued\n\
+         \x20           INSERT INTO contact_sync.capture_failures (source, operation, sqlstate, error, row_count)\n\
+         \x20           VALUES ({source_literal}, {op_literal}, SQLSTATE, SQLERRM, (SELECT count(*) FROM {rows}));\n\
+         \x20       ELSE\n\
+         \x20           keys := ARRAY(SELECT k FROM ({keys}) s(k) ORDER BY 1);\n\
+         \x20           stack := ARRAY[1, cardinality(keys)];\n\
+         \x20           WHILE cardinality(stack) > 0 LOOP\n\
+         \x20               lo := stack[cardinality(stack) - 1];\n\
+         \x20               hi := stack[cardinality(stack)];\n\
+         \x20               stack := stack[1:cardinality(stack) - 2];\n\
+         \x20               BEGIN\n\
+         {insert_some}\
+         \x20               EXCEPTION WHEN others THEN\n\
+         \x20                   IF lo = hi THEN\n\
+         \x20                       INSERT INTO contact_sync.capture_rejections (source, account, row_key, sqlstate, reason)\n\
+         \x20                       VALUES ({source_literal}, {account_literal}, keys[lo], SQLSTATE, SQLERRM);\n\
+         \x20                   ELSE\n\
+         \x20                       mid := (lo + hi) / 2;\n\
+         \x20                       stack := stack || ARRAY[mid + 1, hi, lo, mid];\n\
+         \x20                   END IF;\n\
+         \x20               END;\n\
+         \x20           END LOOP;\n\
+         \x20       END IF;\n\
+         \x20   END;\n",
+        account = target.account,
+        op_literal = literal(operation),
+        insert_all = indent(&insert_sql(&all), 8),
+        insert_some = indent(&insert_sql(&some), 20),
+    )
+}
+
+fn insert_sql(changes: &str) -> String {
+    format!(
+        "{changes}\n\
+         INSERT INTO contact_sync.jobs (provider, account, email, payload)\n\
+         SELECT x.provider, x.account, x.email, x.payload FROM changes x\n\
+         WHERE x.payload - 'modify_ts' <> '{{}}'::jsonb\n\
+         ORDER BY x.k, x.seq;"
+    )
+}
+
+fn indent(text: &str, by: usize) -> String {
+    let pad = " ".repeat(by);
+    text.lines().map(|l| format!("{pad}{l}\n")).collect()
+}
+
+/// `WITH … changes AS (…)`: the jobs one statement makes for one target, `{filter}` standing
+/// for the condition on the rows read (`true`, or the keys of one half).
+fn changes_sql(source: &SourceSettings, operation: &str, target: &Target) -> Option<String> {
+    let provider = literal(target.provider.as_str());
+    let account = literal(target.account);
+    let side = |rows: &str| {
+        let mut columns = format!(
+            "r.{key}::text AS k, ({email}\n)::text AS email, {inside} AS inside",
+            key = source.key,
+            email = source.email,
+            inside = match &source.filter {
+                Some(filter) => format!(
+                    "coalesce(({filter}\n), false) AND ({}\n) IS NOT NULL",
+                    source.email
+                ),
+                None => format!("({}\n) IS NOT NULL", source.email),
+            },
+        );
+        for (i, (field, expression, typed)) in target.fields.iter().enumerate() {
+            write!(
+                columns,
+                ",\n    {} AS f{i}",
+                value_sql(target.provider, field, expression, typed)
+            )
+            .ok();
+        }
+        format!("SELECT {columns}\nFROM {rows} r WHERE {{filter}}")
+    };
+    let full = |alias: &str| payload_sql(target, alias, None);
+    let changed = payload_sql(target, "n", Some("o"));
+    let leave = match (target.on_delete, target.provider) {
+        (OnDelete::Unsubscribe, ProviderKind::Smartlink) => Some(format!(
+            "jsonb_build_object('subscribe', 0, 'modify_ts', {})",
+            CAPTURE_TIME
+        )),
+        _ => None,
+    };
+    let distinct = {
+        let compared: Vec<usize> = target
+            .fields
+            .iter()
+            .enumerate()
+            .filter(|(_, (f, _, _))| *f != "modify_ts")
+            .map(|(i, _)| i)
+            .collect();
+        if compared.is_empty() {
+            "false".to_string()
+        } else {
+            let list = |a: &str| {
+                compared
+                    .iter()
+                    .map(|i| format!("{a}.f{i}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            format!("ROW({}) IS DISTINCT FROM ROW({})", list("o"), list("n"))
+        }
+    };
+    let mut branches = Vec::new();
+    let (ctes, from_new, from_old) = match operation {
+        "insert" => (format!("n AS (\n{}\n)", side("new_rows")), true, false),
+        "delete" => (format!("o AS (\n{}\n)", side("old_rows")), false, true),
+        _ => (
+            format!(
+                "o AS (\n{}\n), n AS (\n{}\n)",
+                side("old_rows"),
+                side("new_rows")
+            ),
+            true,
+            true,
+        ),
+    };
+    if let (Some(leave), true) = (&leave, from_old) {
+        let condition = if from_new {
+            "o.inside AND (n.k IS NULL OR NOT n.inside OR lower(n.email) <> lower(o.email))"
+        } else {
+            "o.inside"
+        };
+        let join = if from_new {
+            " LEFT JOIN n ON n.k = o.k"
+        } else {
+            ""
+        };
+        branches.push(format!(
+            "SELECT o.k, 1 AS seq, {provider} AS provider, {account} AS account, o.email, {leave} AS payload\n\
+             FROM o{join} WHERE {condition}"
+        ));
+    }
+    if from_new {
+        let (join, condition) = if from_old {
+            (
+                " LEFT JOIN o ON o.k = n.k",
+                "n.inside AND (o.k IS NULL OR NOT o.inside OR lower(n.email) <> lower(o.email))",
+            )
+        } else {
+            ("", "n.inside")
+        };
+        branches.push(format!(
+            "SELECT n.k, 2 AS seq, {provider} AS provider, {account} AS account, n.email, {} AS payload\n\
+             FROM n{join} WHERE {condition}",
+            full("n")
+        ));
+    }
+    if from_new && from_old {
+        branches.push(format!(
+            "SELECT n.k, 2 AS seq, {provider} AS provider, {account} AS account, n.email, {changed} AS payload\n\
+             FROM n JOIN o ON o.k = n.k\n\
+             WHERE n.inside AND o.inside AND lower(n.email) = lower(o.email) AND {distinct}"
+        ));
+    }
+    if branches.is_empty() {
+        return None;
+    }
+    Some(format!(
+        "WITH {ctes}, changes AS (\n{}\n)",
+        branches.join("\nUNION ALL\n")
+    ))
+}
+
+/// The capture time in milliseconds: Smartlink's `modify_ts` when none is mapped.
+const CAPTURE_TIME: &str = "floor(extract(epoch FROM clock_timestamp()) * 1000)::bigint";
+
+/// The payload of one change: every mapped field of `alias` (`compared_with`: only those that
+/// differ from it). A field whose value is SQL NULL is left out.
+fn payload_sql(target: &Target, alias: &str, compared_with: Option<&str>) -> String {
+    let value = |i: usize| match compared_with {
+        Some(old) => {
+            format!("CASE WHEN {old}.f{i} IS DISTINCT FROM {alias}.f{i} THEN {alias}.f{i} END")
+        }
+        None => format!("{alias}.f{i}"),
+    };
+    let mut top = Vec::new();
+    let mut attributes = Vec::new();
+    let mut modify_ts = None;
+    for (i, (field, _, _)) in target.fields.iter().enumerate() {
+        if *field == "modify_ts" {
+            modify_ts = Some(format!("{alias}.f{i}"));
+        } else if let Some(attribute) = field.strip_prefix("attributes.") {
+            attributes.push(format!("{}, {}", literal(attribute), value(i)));
+        } else {
+            top.push(format!("{}, {}", literal(field), value(i)));
+        }
+    }
+    if !attributes.is_empty() {
+        top.push(format!(
+            "'attributes', nullif(jsonb_strip_nulls(jsonb_build_object({})), '{{}}'::jsonb)",
+            attributes.join(", ")
+        ));
+    }
+    let mut payload = format!("jsonb_strip_nulls(jsonb_build_object({}))", top.join(", "));
+    if target.provider == ProviderKind::Smartlink {
+        let ts = match modify_ts {
+            Some(mapped) => format!("coalesce({mapped}, to_jsonb({CAPTURE_TIME}))"),
+            None => format!("to_jsonb({CAPTURE_TIME})"),
+        };
+        payload = format!("({payload} || jsonb_build_object('modify_ts', {ts}))");
+    }
+    payload
+}
+
+/// One field's value as the provider takes it, as jsonb (SQL NULL: left out of the payload).
+/// What a cleared (NULL) column sends follows what each provider does with it: JustClick
+/// replaces a field with what is sent, so NULL sends `""`; Smartlink replaces `tags` and
+/// `preferences` (NULL sends `[]`), cannot clear `location`, `language`, `openid` or the status
+/// (NULL sends nothing), and merges attributes key by key (NULL sends `""`).
+fn value_sql(provider: ProviderKind, field: &str, expression: &str, typed: &Typed) -> String {
+    let e = format!("({expression}\n)");
+    match (provider, field, typed.kind) {
+        (ProviderKind::Justclick, "lead_tags", Kind::TextArray) => {
+            format!("to_jsonb(coalesce({e}::text[], '{{}}'::text[]))")
+        }
+        (ProviderKind::Justclick, _, _) => format!("to_jsonb(coalesce({e}::text, ''))"),
+        (ProviderKind::Smartlink, "tags" | "preferences", _) => {
+            format!("to_jsonb(coalesce({e}::text[], '{{}}'::text[]))")
+        }
+        (ProviderKind::Smartlink, "subscribe" | "update_strategy", _) => {
+            format!("to_jsonb({e}::integer)")
+        }
+        (ProviderKind::Smartlink, "modify_ts", Kind::Time) => {
+            format!("to_jsonb(floor(extract(epoch FROM {e}) * 1000)::bigint)")
+        }
+        (ProviderKind::Smartlink, "modify_ts", _) => format!("to_jsonb({e}::bigint)"),
+        (ProviderKind::Smartlink, "openid" | "location" | "language", _) => {
+            format!("to_jsonb({e}::text)")
+        }
+        // attributes.KEY
+        (ProviderKind::Smartlink, _, Kind::Integer | Kind::Number | Kind::Boolean) => {
+            format!("coalesce(to_jsonb({e}), '\"\"'::jsonb)")
+        }
+        (ProviderKind::Smartlink, _, _) => format!("to_jsonb(coalesce({e}::text, ''))"),
+    }
+}
+
+/// An SQL string literal.
+pub fn literal(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "''"))
+}

@@ -1,0 +1,546 @@
+//! Capture from the application's own tables: a realistic `users` table written to with plain
+//! SQL, triggers installed by the command line, real workers and the sandbox. The providers'
+//! contacts are held to what the table says, computed here from the table (not from what the
+//! triggers sent) and compared with the sandbox, which applies every call through the
+//! providers' reference model.
+
+use crate::helpers::*;
+use serde_json::{json, Value};
+use sqlx::Row;
+use std::time::Duration;
+
+/// The application's table: mapped columns, unmapped ones, an opt-in flag.
+pub const USERS: &str = r#"
+CREATE TABLE public.users (
+    id               bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    email            text NOT NULL,
+    first_name       text,
+    last_name        text,
+    city             text,
+    phone            text,
+    tags             text[] NOT NULL DEFAULT '{}',
+    plan             text,
+    lang             text,
+    level            integer,
+    marketing_opt_in boolean NOT NULL DEFAULT true,
+    unsubscribed_at  timestamptz,
+    password_hash    text,
+    last_seen_at     timestamptz,
+    created_at       timestamptz NOT NULL DEFAULT now(),
+    updated_at       timestamptz NOT NULL DEFAULT now()
+)"#;
+
+/// The mapping of `USERS` to both test accounts.
+pub const SOURCES: &str = r#"
+[sources.users]
+table = "public.users"
+key = "id"
+email = "email"
+where = "marketing_opt_in"
+
+[sources.users.targets.jc]
+lead_name = "concat_ws(' ', first_name, last_name)"
+lead_city = "city"
+lead_phone = "phone"
+lead_tags = "tags"
+
+[sources.users.targets.sl]
+subscribe = "case when unsubscribed_at is null then 1 else 0 end"
+language = "lang"
+tags = "tags"
+"attributes.plan" = "plan"
+"attributes.level" = "level"
+on_delete = "unsubscribe"
+"#;
+
+async fn exec(env: &TestEnv, sql: &str) {
+    sqlx::raw_sql(sql).execute(&env.pool).await.unwrap();
+}
+
+async fn jobs(env: &TestEnv) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM contact_sync.jobs")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap()
+}
+
+/// A users table with its capture installed through the command line.
+async fn captured() -> (TestEnv, std::path::PathBuf) {
+    let env = TestEnv::new().await;
+    exec(&env, USERS).await;
+    let config = env.config_file(SOURCES);
+    let (code, out, err) = env.cli(&config, &["capture", "install"]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("users: capturing public.users into jc, sl"),
+        "{out}"
+    );
+    (env, config)
+}
+
+/// What each provider must hold for the table as it is now, and for addresses that left it.
+async fn assert_providers_match_the_table(env: &TestEnv, gone: &[&str]) {
+    let rows = sqlx::query(
+        "SELECT email, first_name, last_name, city, phone, tags, plan, lang, level, \
+                unsubscribed_at IS NULL AS subscribed \
+         FROM public.users WHERE marketing_opt_in ORDER BY id",
+    )
+    .fetch_all(&env.pool)
+    .await
+    .unwrap();
+    assert!(!rows.is_empty());
+    for row in rows {
+        let email: String = row.get("email");
+        let text = |c: &str| row.get::<Option<String>, _>(c).unwrap_or_default();
+        let tags: Vec<String> = row.get("tags");
+        let name = [
+            row.get::<Option<String>, _>("first_name"),
+            row.get("last_name"),
+        ]
+        .into_iter()
+        .flatten()
+        .collect::<Vec<_>>()
+        .join(" ");
+        if !email_is_valid(&email) {
+            continue;
+        }
+        let jc = env
+            .sandbox
+            .contact("justclick", JC_LOGIN, &email)
+            .unwrap_or_else(|| panic!("JustClick has no {email}"));
+        let expected = json!({
+            "lead_name": name,
+            "lead_city": text("city"),
+            "lead_phone": text("phone"),
+            "lead_tags": tags.join(","),
+        });
+        assert_eq!(
+            Value::Object(jc.fields.clone()),
+            expected,
+            "JustClick {email}"
+        );
+        let sl = env
+            .sandbox
+            .contact("smartlink", SL_GAME, &email)
+            .unwrap_or_else(|| panic!("Smartlink has no {email}"));
+        let subscribed: bool = row.get("subscribed");
+        assert_eq!(
+            sl.subscribe,
+            Some(i64::from(subscribed)),
+            "Smartlink {email}"
+        );
+        assert_eq!(sl.fields["tags"], json!(tags), "Smartlink {email}");
+        if let Some(lang) = row.get::<Option<String>, _>("lang") {
+            assert_eq!(sl.fields["language"], json!(lang), "Smartlink {email}");
+        }
+        let level = row
+            .get::<Option<i32>, _>("level")
+            .map_or(json!(""), |l| json!(l));
+        assert_eq!(
+            sl.fields["attributes"],
+            json!({"plan": text("plan"), "level": level}),
+            "Smartlink {email}"
+        );
+    }
+    for email in gone {
+        let sl = env.sandbox.contact("smartlink", SL_GAME, email).unwrap();
+        assert_eq!(sl.subscribe, Some(0), "{email} left: unsubscribed");
+    }
+}
+
+fn email_is_valid(email: &str) -> bool {
+    contact_sync::providers::address::php_valid_email(email)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_kind_of_write_reaches_the_providers() {
+    let (env, _config) = captured().await;
+    let worker = env.worker();
+
+    // INSERT: two contacts and a user who did not opt in
+    exec(
+        &env,
+        "INSERT INTO users (email, first_name, last_name, city, phone, tags, plan, lang, level) VALUES \
+           ('ann@example.com', 'Ann', 'Lee', 'Berlin', '+491', '{vip,news}', 'pro', 'de', 3), \
+           ('bob@example.com', 'Bob', NULL, 'Paris', NULL, '{}', 'free', 'fr', NULL); \
+         INSERT INTO users (email, first_name, marketing_opt_in) VALUES ('cy@example.com', 'Cy', false)",
+    )
+    .await;
+    assert_eq!(jobs(&env).await, 4, "two contacts, two accounts");
+    env.settle(&worker).await;
+    assert_providers_match_the_table(&env, &[]).await;
+
+    // only unmapped columns: nothing is queued
+    let before = jobs(&env).await;
+    exec(
+        &env,
+        "UPDATE users SET last_seen_at = now(), password_hash = 'x', updated_at = now()",
+    )
+    .await;
+    assert_eq!(
+        jobs(&env).await,
+        before,
+        "an update of unmapped columns queues nothing"
+    );
+    // a mapped column rewritten with the same value: nothing either
+    exec(&env, "UPDATE users SET city = city, tags = tags").await;
+    assert_eq!(jobs(&env).await, before);
+
+    // a mapped column: only what changed is sent
+    exec(
+        &env,
+        "UPDATE users SET city = 'Munich' WHERE email = 'ann@example.com'",
+    )
+    .await;
+    let payload: Value = sqlx::query_scalar(
+        "SELECT payload FROM contact_sync.jobs WHERE provider = 'justclick' ORDER BY id DESC LIMIT 1",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(payload, json!({"lead_city": "Munich"}));
+    assert_eq!(jobs(&env).await, before + 1, "Smartlink maps no city");
+
+    // entering and leaving `where`, NULLs, an address change, a delete, a rollback
+    exec(
+        &env,
+        "UPDATE users SET marketing_opt_in = true WHERE email = 'cy@example.com'",
+    )
+    .await;
+    exec(
+        &env,
+        "UPDATE users SET marketing_opt_in = false WHERE email = 'bob@example.com'",
+    )
+    .await;
+    exec(&env, "UPDATE users SET city = NULL, plan = NULL, level = NULL, tags = '{}' WHERE email = 'ann@example.com'").await;
+    exec(
+        &env,
+        "UPDATE users SET unsubscribed_at = now() WHERE email = 'cy@example.com'",
+    )
+    .await;
+    exec(
+        &env,
+        "UPDATE users SET email = 'ann.lee@example.com' WHERE email = 'ann@example.com'",
+    )
+    .await;
+    let mut tx = env.pool.begin().await.unwrap();
+    sqlx::query("UPDATE users SET city = 'Nowhere'")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    tx.rollback().await.unwrap();
+    exec(
+        &env,
+        "INSERT INTO users (email, first_name, lang) VALUES ('dee@example.com', 'Dee', 'en'); \
+         DELETE FROM users WHERE email = 'dee@example.com'",
+    )
+    .await;
+    env.settle(&worker).await;
+    assert_providers_match_the_table(
+        &env,
+        &["bob@example.com", "ann@example.com", "dee@example.com"],
+    )
+    .await;
+    let rejected: i64 = sqlx::query_scalar("SELECT count(*) FROM contact_sync.capture_rejections")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(rejected, 0);
+    let dead = env.count("dead").await;
+    assert_eq!(dead, 0);
+}
+
+/// A row that cannot become a valid change never fails the application's statement: its
+/// change is rejected with the reason, per account, and every other row of the statement is
+/// queued.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_that_cannot_be_sent_is_rejected_and_the_write_commits() {
+    let (env, config) = captured().await;
+    let long_name = "x".repeat(300);
+    // one statement: a good row, a malformed address, a name JustClick cannot take, an
+    // address only Smartlink takes
+    sqlx::query(
+        "INSERT INTO users (email, first_name, tags) VALUES \
+           ('good@example.com', 'Good', '{a}'), ('not an address', 'Bad', '{}'), \
+           ('long@example.com', $1, '{}'), ('ü@example.com', 'U', '{}')",
+    )
+    .bind(&long_name)
+    .execute(&env.pool)
+    .await
+    .expect("the application's statement commits");
+    let users: i64 = sqlx::query_scalar("SELECT count(*) FROM users")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(users, 4);
+    let queued: Vec<(String, String)> =
+        sqlx::query_as("SELECT account, email FROM contact_sync.jobs ORDER BY account, email")
+            .fetch_all(&env.pool)
+            .await
+            .unwrap();
+    let queued: Vec<(&str, &str)> = queued
+        .iter()
+        .map(|(a, e)| (a.as_str(), e.as_str()))
+        .collect();
+    assert_eq!(
+        queued,
+        vec![
+            ("jc", "good@example.com"),
+            ("sl", "good@example.com"),
+            ("sl", "long@example.com"),
+            ("sl", "ü@example.com"),
+        ]
+    );
+    let rejections: Vec<(String, String, String, String)> = sqlx::query_as(
+        "SELECT r.account, u.email, r.sqlstate, r.reason FROM contact_sync.capture_rejections r \
+         JOIN users u ON u.id::text = r.row_key ORDER BY r.account, u.email",
+    )
+    .fetch_all(&env.pool)
+    .await
+    .unwrap();
+    let summary: Vec<(&str, &str, &str)> = rejections
+        .iter()
+        .map(|(a, e, s, _)| (a.as_str(), e.as_str(), s.as_str()))
+        .collect();
+    assert_eq!(
+        summary,
+        vec![
+            ("jc", "long@example.com", "22023"),
+            ("jc", "not an address", "22023"),
+            ("jc", "ü@example.com", "22023"),
+            ("sl", "not an address", "22023"),
+        ]
+    );
+    assert!(
+        rejections[0].3.contains("lead_name is longer than 255"),
+        "{rejections:?}"
+    );
+    assert!(
+        rejections[1].3.contains("malformed email"),
+        "{rejections:?}"
+    );
+    assert!(
+        rejections[2].3.contains("justclick refuses the email"),
+        "{rejections:?}"
+    );
+    // the operator sees them
+    let (code, out, _) = env
+        .cli(&config, &["capture", "rejections", "--source", "users"])
+        .await;
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("malformed email") && out.contains("lead_name is longer"),
+        "{out}"
+    );
+    let (code, out, _) = env.cli(&config, &["status"]).await;
+    assert_eq!(code, 0);
+    assert!(out.contains("users: 4 row(s) rejected"), "{out}");
+}
+
+/// A mapped column renamed or dropped never breaks the application's writes: the statements
+/// are recorded as not captured, `capture verify` exits 1 naming the drift, and once the
+/// mapping is fixed and installed again, capture resumes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schema_drift_never_breaks_the_applications_writes() {
+    let (env, config) = captured().await;
+    let (code, out, err) = env.cli(&config, &["capture", "verify"]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("users: ok"), "{out}");
+
+    exec(&env, "ALTER TABLE users RENAME COLUMN city TO town").await;
+    exec(
+        &env,
+        "INSERT INTO users (email, town) VALUES ('t@example.com', 'Oslo')",
+    )
+    .await;
+    exec(&env, "UPDATE users SET town = 'Bergen'").await;
+    exec(&env, "ALTER TABLE users DROP COLUMN phone").await;
+    exec(&env, "DELETE FROM users").await;
+    // JustClick's mapping reads city and phone: nothing of the insert and the update is queued
+    // for it (its deletes send nothing: on_delete = "ignore");
+    // Smartlink's does not, and goes on (t@: inserted, then deleted)
+    let queued: Vec<String> =
+        sqlx::query_scalar("SELECT account FROM contact_sync.jobs ORDER BY id")
+            .fetch_all(&env.pool)
+            .await
+            .unwrap();
+    assert_eq!(queued, vec!["sl", "sl"]);
+    let (code, out, _) = env.cli(&config, &["capture", "verify"]).await;
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("column \"city\" does not exist"), "{out}");
+    assert!(
+        out.contains("city dropped or renamed") && out.contains("phone dropped or renamed"),
+        "{out}"
+    );
+    assert!(
+        out.contains("2 statement(s) on public.users were not captured"),
+        "{out}"
+    );
+    let (_, out, _) = env.cli(&config, &["capture", "verify", "--json"]).await;
+    let verdicts: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(verdicts[0]["since_install"]["failures"], 2);
+    let (code, out, _) = env.cli(&config, &["status"]).await;
+    assert_eq!(code, 0);
+    assert!(out.contains("users: 2 statement(s) not captured"), "{out}");
+
+    // fixed in the configuration and installed again: capture resumes
+    let fixed = SOURCES
+        .replace("lead_city = \"city\"", "lead_city = \"town\"")
+        .replace("lead_phone = \"phone\"\n", "");
+    let config = env.config_file(&fixed);
+    let (code, out, err) = env.cli(&config, &["capture", "install"]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    exec(
+        &env,
+        "INSERT INTO users (email, town) VALUES ('u@example.com', 'Oslo')",
+    )
+    .await;
+    assert_eq!(jobs(&env).await, 4);
+    let (code, out, _) = env.cli(&config, &["capture", "verify"]).await;
+    assert_eq!(code, 0, "{out}");
+}
+
+/// `plan` prints exactly what `install` runs; install twice changes nothing; uninstall leaves
+/// no trigger, function or record behind, and installing again works.
+#[tokio::test]
+async fn plan_install_and_uninstall_leave_nothing_behind() {
+    let env = TestEnv::new().await;
+    exec(&env, USERS).await;
+    let config = env.config_file(SOURCES);
+    let objects = || async {
+        let functions: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace \
+             WHERE n.nspname = 'contact_sync' AND p.proname LIKE 'capture\\_%'",
+        )
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+        let triggers: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_trigger WHERE tgrelid = 'public.users'::regclass AND NOT tgisinternal",
+        )
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+        let records: i64 = sqlx::query_scalar("SELECT count(*) FROM contact_sync.capture_sources")
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+        (functions, triggers, records)
+    };
+    assert_eq!(objects().await, (0, 0, 0));
+    let (code, plan, err) = env.cli(&config, &["capture", "plan"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(objects().await, (0, 0, 0), "plan changes nothing");
+    // applied by hand, the plan is the installation
+    exec(&env, &plan).await;
+    assert_eq!(objects().await, (4, 4, 1));
+    let (code, out, _) = env.cli(&config, &["capture", "verify"]).await;
+    assert_eq!(
+        code, 0,
+        "the plan applied by hand is what install would do: {out}"
+    );
+    let (code, _, _) = env.cli(&config, &["capture", "install"]).await;
+    assert_eq!(code, 0);
+    let (code, _, _) = env.cli(&config, &["capture", "install", "users"]).await;
+    assert_eq!(code, 0);
+    assert_eq!(objects().await, (4, 4, 1));
+    let (code, out, _) = env.cli(&config, &["capture", "uninstall", "users"]).await;
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(objects().await, (0, 0, 0));
+    exec(
+        &env,
+        "INSERT INTO users (email) VALUES ('after@example.com')",
+    )
+    .await;
+    assert_eq!(jobs(&env).await, 0, "nothing captured after uninstall");
+    let (code, out, _) = env.cli(&config, &["capture", "verify"]).await;
+    assert_eq!(code, 1);
+    assert!(out.contains("not installed"), "{out}");
+    let (code, _, _) = env.cli(&config, &["capture", "install"]).await;
+    assert_eq!(code, 0);
+    assert_eq!(objects().await, (4, 4, 1));
+    // TRUNCATE is not captured, and says so
+    exec(
+        &env,
+        "INSERT INTO users (email) VALUES ('t@example.com'); TRUNCATE users",
+    )
+    .await;
+    let (code, out, _) = env.cli(&config, &["capture", "verify"]).await;
+    assert_eq!(code, 1);
+    assert!(out.contains("truncate: TRUNCATE is not captured"), "{out}");
+    // a misspelled column is named with the nearest one, before anything is installed
+    let typo = env.config_file(&SOURCES.replace("lead_city = \"city\"", "lead_city = \"cty\""));
+    let (code, _, err) = env.cli(&typo, &["capture", "plan"]).await;
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("sources.users.targets.jc.lead_city") && err.contains("did you mean city?"),
+        "{err}"
+    );
+    let wrong_type = env.config_file(&SOURCES.replace(
+        "tags = \"tags\"\n\"attributes",
+        "tags = \"plan\"\n\"attributes",
+    ));
+    let (code, _, err) = env.cli(&wrong_type, &["capture", "plan"]).await;
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("sources.users.targets.sl.tags: is text: tags takes an array of text"),
+        "{err}"
+    );
+}
+
+/// One `UPDATE` of many rows is one set-based insert, and concurrent transactions on one row
+/// end with the value committed last at the provider.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bulk_update_and_concurrent_writers() {
+    let (env, _config) = captured().await;
+    exec(
+        &env,
+        "INSERT INTO users (email, first_name, city, lang) \
+         SELECT 'u' || i || '@example.com', 'U' || i, 'A', 'en' FROM generate_series(1, 5000) i",
+    )
+    .await;
+    assert_eq!(jobs(&env).await, 10_000);
+    let started = std::time::Instant::now();
+    exec(&env, "UPDATE users SET city = 'B'").await;
+    let took = started.elapsed();
+    assert_eq!(
+        jobs(&env).await,
+        15_000,
+        "one job per row for the account that maps city"
+    );
+    assert!(took < Duration::from_secs(60), "{took:?}");
+
+    // concurrent writers on one row: the provider ends with the value committed last
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let pool = env.pool.clone();
+        tasks.push(tokio::spawn(async move {
+            for j in 0..5 {
+                sqlx::query("UPDATE users SET city = $1 WHERE email = 'u1@example.com'")
+                    .bind(format!("w{i}-{j}"))
+                    .execute(&pool)
+                    .await
+                    .unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let worker = env.worker();
+    env.settle(&worker).await;
+    let city: String = sqlx::query_scalar("SELECT city FROM users WHERE email = 'u1@example.com'")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    let jc = env
+        .sandbox
+        .contact("justclick", JC_LOGIN, "u1@example.com")
+        .unwrap();
+    assert_eq!(jc.fields["lead_city"], json!(city));
+    let jc = env
+        .sandbox
+        .contact("justclick", JC_LOGIN, "u5000@example.com")
+        .unwrap();
+    assert_eq!(jc.fields["lead_city"], json!("B"));
+}
