@@ -45,24 +45,7 @@ pub fn install_sql(
     checked: &CheckedSource,
     providers: &BTreeMap<String, ProviderKind>,
 ) -> String {
-    let targets: Vec<Target> = source
-        .targets
-        .iter()
-        .filter_map(|(account, t)| {
-            let provider = *providers.get(account)?;
-            let typed = checked.fields.get(account)?;
-            Some(Target {
-                account,
-                provider,
-                on_delete: t.on_delete,
-                fields: t
-                    .fields
-                    .iter()
-                    .filter_map(|(f, e)| Some((f.as_str(), e.as_str(), typed.get(f)?)))
-                    .collect(),
-            })
-        })
-        .collect();
+    let targets = targets(source, checked, providers);
     let table = &source.table;
     let mut sql = format!(
         "-- contact-sync: capture of source {name:?} ({table} → {})\n",
@@ -132,6 +115,31 @@ pub fn install_sql(
     )
     .ok();
     sql
+}
+
+fn targets<'a>(
+    source: &'a SourceSettings,
+    checked: &'a CheckedSource,
+    providers: &BTreeMap<String, ProviderKind>,
+) -> Vec<Target<'a>> {
+    source
+        .targets
+        .iter()
+        .filter_map(|(account, t)| {
+            let provider = *providers.get(account)?;
+            let typed = checked.fields.get(account)?;
+            Some(Target {
+                account,
+                provider,
+                on_delete: t.on_delete,
+                fields: t
+                    .fields
+                    .iter()
+                    .filter_map(|(f, e)| Some((f.as_str(), e.as_str(), typed.get(f)?)))
+                    .collect(),
+            })
+        })
+        .collect()
 }
 
 /// Removes everything [`install_sql`] created for `name` on `table`.
@@ -243,29 +251,7 @@ fn indent(text: &str, by: usize) -> String {
 fn changes_sql(source: &SourceSettings, operation: &str, target: &Target) -> Option<String> {
     let provider = literal(target.provider.as_str());
     let account = literal(target.account);
-    let side = |rows: &str| {
-        let mut columns = format!(
-            "r.{key}::text AS k, ({email}\n)::text AS email, {inside} AS inside",
-            key = source.key,
-            email = source.email,
-            inside = match &source.filter {
-                Some(filter) => format!(
-                    "coalesce(({filter}\n), false) AND ({}\n) IS NOT NULL",
-                    source.email
-                ),
-                None => format!("({}\n) IS NOT NULL", source.email),
-            },
-        );
-        for (i, (field, expression, typed)) in target.fields.iter().enumerate() {
-            write!(
-                columns,
-                ",\n    {} AS f{i}",
-                value_sql(target.provider, field, expression, typed)
-            )
-            .ok();
-        }
-        format!("SELECT {columns}\nFROM {rows} r WHERE {{filter}}")
-    };
+    let side = |rows: &str| side_sql(source, target, rows);
     let full = |alias: &str| payload_sql(target, alias, None);
     let changed = payload_sql(target, "n", Some("o"));
     let leave = match (target.on_delete, target.provider) {
@@ -354,6 +340,54 @@ fn changes_sql(source: &SourceSettings, operation: &str, target: &Target) -> Opt
     Some(format!(
         "WITH {ctes}, changes AS (\n{}\n)",
         branches.join("\nUNION ALL\n")
+    ))
+}
+
+/// The mapped values of rows read from `rows` (aliased `r`, filtered by `{filter}`): the key
+/// and the address as text, whether the row is a contact (`inside`), each field as `f0…`.
+fn side_sql(source: &SourceSettings, target: &Target, rows: &str) -> String {
+    let mut columns = format!(
+        "r.{key}::text AS k, ({email}\n)::text AS email, {inside} AS inside",
+        key = source.key,
+        email = source.email,
+        inside = match &source.filter {
+            Some(filter) => format!(
+                "coalesce(({filter}\n), false) AND ({}\n) IS NOT NULL",
+                source.email
+            ),
+            None => format!("({}\n) IS NOT NULL", source.email),
+        },
+    );
+    for (i, (field, expression, typed)) in target.fields.iter().enumerate() {
+        write!(
+            columns,
+            ",\n    {} AS f{i}",
+            value_sql(target.provider, field, expression, typed)
+        )
+        .ok();
+    }
+    format!("SELECT {columns}\nFROM {rows} r WHERE {{filter}}")
+}
+
+/// A backfill's read of the rows `$1` (keys, as an array of the key's type) of the table for
+/// one account: `(k, email, inside, payload)`, with every mapped field (a row that is not a
+/// contact has no payload). `None` when the source has no target `account`.
+pub fn page_sql(
+    source: &SourceSettings,
+    checked: &CheckedSource,
+    providers: &BTreeMap<String, ProviderKind>,
+    account: &str,
+) -> Option<String> {
+    let target = targets(source, checked, providers)
+        .into_iter()
+        .find(|t| t.account == account)?;
+    let side = side_sql(source, &target, &source.table).replace(
+        "{filter}",
+        &format!("r.{} = ANY($1::{}[])", source.key, checked.key_type),
+    );
+    Some(format!(
+        "WITH n AS (\n{side}\n)\nSELECT n.k, n.email, n.inside, CASE WHEN n.inside THEN {} END AS payload FROM n",
+        payload_sql(&target, "n", None)
     ))
 }
 

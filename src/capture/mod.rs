@@ -5,6 +5,7 @@
 //! ([`generate`]), and installs, verifies and removes them. What the triggers record besides
 //! jobs (rejected rows, statements not captured) is read through [`crate::outbox::capture`].
 
+pub mod backfill;
 pub mod catalog;
 pub mod generate;
 
@@ -24,6 +25,8 @@ pub enum CaptureError {
     Catalog(#[from] CatalogError),
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
+    #[error("{0}")]
+    Usage(String),
 }
 
 /// The script that installs one source, as `capture plan` prints it and `capture install`

@@ -54,6 +54,9 @@ pub enum Command {
     /// Capture changes from the application's own tables (`[sources.*]` of the configuration).
     #[command(subcommand)]
     Capture(CaptureCommand),
+    /// Sync a source's existing rows: queue what differs from what each account was last sent
+    /// (resumable: a stopped backfill goes on where it stopped).
+    Backfill(BackfillArgs),
     /// Live worker replicas: id, host, accounts, start, last heartbeat.
     Workers {
         /// Print JSON instead of a table.
@@ -85,6 +88,40 @@ pub enum Command {
         #[arg(long, value_enum, default_value = "both")]
         provider: BenchProvider,
     },
+}
+
+#[derive(Debug, Args)]
+pub struct BackfillArgs {
+    /// A source of the configuration.
+    pub source: String,
+    /// Only this target account (repeatable; all of the source's by default).
+    #[arg(long = "account", value_name = "NAME")]
+    pub accounts: Vec<String>,
+    /// Only rows for which this SQL condition over the row holds.
+    #[arg(long = "where", value_name = "SQL")]
+    pub condition: Option<String>,
+    /// Count what would be queued, unchanged and rejected, show a few payloads; queue nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Queue nothing: record the rows as already sent (a provider that is already in step).
+    #[arg(long, conflicts_with = "force")]
+    pub baseline_only: bool,
+    /// Queue every mapped field, whatever was sent before (a provider edited by hand).
+    #[arg(long)]
+    pub force: bool,
+    /// Start from the first row, discarding an unfinished backfill of the source.
+    #[arg(long)]
+    pub restart: bool,
+    /// Rows per page (one short transaction each).
+    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(i64).range(1..=10_000))]
+    pub page: i64,
+    /// Wait before a page while the accounts have more pending jobs than this (live changes
+    /// keep flowing).
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(i64).range(1..))]
+    pub max_pending: i64,
+    /// Print JSON (progress lines and the summary) instead of a progress bar and text.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Subcommand)]

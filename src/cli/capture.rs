@@ -1,7 +1,7 @@
 //! `capture plan|install|verify|uninstall|rejections`: the triggers that capture the
 //! application's tables, as the configuration's `[sources.*]` describe them.
 
-use super::args::CaptureCommand;
+use super::args::{BackfillArgs, CaptureCommand};
 use super::render::print_as;
 use super::table;
 use contact_sync::capture::{self, CaptureError};
@@ -132,4 +132,88 @@ pub async fn run(command: CaptureCommand, settings: &Settings) -> anyhow::Result
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// `backfill SOURCE`: a progress bar with rate and ETA on a terminal, JSON lines otherwise;
+/// then the summary.
+pub async fn backfill(args: BackfillArgs, settings: &Settings) -> anyhow::Result<ExitCode> {
+    use contact_sync::capture::backfill::{self, Mode, Options};
+    use std::io::IsTerminal;
+    let pool = super::connect(settings).await?;
+    let options = Options {
+        accounts: args.accounts,
+        condition: args.condition,
+        mode: if args.baseline_only {
+            Mode::Baseline
+        } else if args.force {
+            Mode::Force
+        } else {
+            Mode::Send
+        },
+        dry_run: args.dry_run,
+        restart: args.restart,
+        page: args.page,
+        max_pending: args.max_pending,
+    };
+    let bar = (!args.json && std::io::stderr().is_terminal()).then(|| {
+        let bar = indicatif::ProgressBar::new(0);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{msg} [{bar:30}] {pos}/{len} rows, {per_sec}, ETA {eta}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+        );
+        bar.set_message(args.source.clone());
+        bar
+    });
+    let json = args.json;
+    let summary = backfill::run(&pool, settings, &args.source, &options, |p| {
+        if let Some(bar) = &bar {
+            bar.set_length(u64::try_from(p.total).unwrap_or(0));
+            bar.set_position(u64::try_from(p.read).unwrap_or(0));
+        } else if json {
+            if let Ok(line) = serde_json::to_string(&serde_json::json!({
+                "read": p.read, "total": p.total, "enqueued": p.enqueued,
+                "unchanged": p.unchanged, "rejected": p.rejected
+            })) {
+                println!("{line}");
+            }
+        }
+    })
+    .await;
+    if let Some(bar) = &bar {
+        bar.finish_and_clear();
+    }
+    let summary = summary?;
+    if json {
+        println!("{}", serde_json::to_string(&summary)?);
+    } else {
+        let verb = if options.dry_run {
+            "would be queued"
+        } else {
+            "queued"
+        };
+        println!(
+            "{}: {} row(s) read{}; {} change(s) {verb}, {} unchanged, {} rejected{}",
+            summary.source,
+            summary.read,
+            if summary.resumed { " (resumed)" } else { "" },
+            summary.enqueued,
+            summary.unchanged,
+            summary.rejected,
+            if summary.rejected > 0 {
+                format!(
+                    " (contact-sync capture rejections --source {})",
+                    summary.source
+                )
+            } else {
+                String::new()
+            }
+        );
+        for sample in &summary.samples {
+            println!("  e.g. {sample}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }

@@ -71,6 +71,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Accounts(command) => accounts::run(command, &settings).await,
         Command::Capture(command) => capture::run(command, &settings).await,
+        Command::Backfill(args) => capture::backfill(args, &settings).await,
         Command::Workers { json } => accounts::workers(&settings, json).await,
         Command::Jobs(command) => jobs::run(command, &settings).await,
         Command::Retry(args) => jobs::retry(&settings, args).await,

@@ -28,6 +28,8 @@
 #[doc(hidden)]
 pub mod accounts;
 #[doc(hidden)]
+pub mod backfills;
+#[doc(hidden)]
 pub mod capture;
 #[doc(hidden)]
 pub mod claim;
@@ -53,6 +55,8 @@ pub mod repair;
 pub mod replicas;
 #[doc(hidden)]
 pub mod rescue;
+#[doc(hidden)]
+pub mod synced;
 
 pub use enqueue::{enqueue, enqueue_batch, enqueue_batch_counted, EnqueueError, Enqueued};
 #[doc(hidden)]

@@ -103,6 +103,7 @@ async fn write(shared: &Shared, batch: Vec<Completion>) -> (Vec<Completion>, Vec
         .partition(|c| matches!(c.outcome, Outcome::Success { .. }));
     let mut written = Vec::with_capacity(successes.len() + others.len());
     let mut unwritten = Vec::new();
+    let mut synced = Vec::new();
 
     // Successes: one statement; if the database refuses it, each alone.
     let mut groups: Vec<Vec<Completion>> = vec![successes];
@@ -126,9 +127,13 @@ async fn write(shared: &Shared, batch: Vec<Completion>) -> (Vec<Completion>, Vec
                     if lost.contains(&c.lease.id) {
                         lease_lost(shared, &c);
                     } else if let Outcome::Success {
-                        followers, outcome, ..
+                        followers,
+                        outcome,
+                        synced: delivered,
+                        ..
                     } = &c.outcome
                     {
+                        synced.extend(delivered.iter().cloned());
                         if outcome.is_some() {
                             m::job_event(JobEvent::NotFound, &c.provider, &c.account, 1);
                         }
@@ -153,6 +158,11 @@ async fn write(shared: &Shared, batch: Vec<Completion>) -> (Vec<Completion>, Vec
                 unwritten.extend(group);
             }
         }
+    }
+
+    // (after the outcomes: a backfill that misses the newest call re-sends it, nothing is lost)
+    if let Err(e) = crate::outbox::synced::record(pool, &synced).await {
+        tracing::warn!(error = %e, calls = synced.len(), "could not record what was sent in the synced state; a backfill may send it again");
     }
 
     let hold_for = shared.settings.http.abandoned_call_bound;
@@ -230,6 +240,7 @@ fn success_of(c: &Completion) -> Option<Success> {
             sets_status,
             modify_ts,
             outcome,
+            ..
         } => Some(Success {
             lease: c.lease,
             doi: doi.clone(),

@@ -11,6 +11,7 @@ use crate::outbox::accounts::{self, Throttle};
 use crate::outbox::complete::{Attempt, SentFollower};
 use crate::outbox::doi::DoiRecord;
 use crate::outbox::job::{AttemptError, ClaimedJob, Lease};
+use crate::outbox::synced::Delivered;
 use crate::providers::payload::{take_group, Change, Payload};
 use crate::providers::{Delivery, DeliveryError, RetryReason};
 use crate::telemetry::mask_email;
@@ -27,6 +28,8 @@ pub enum Outcome {
         doi: Option<DoiRecord>,
         /// md5 of the head's payload text as claimed.
         sent_md5: String,
+        /// What the call sent, for the synced state (accounts a source captures into).
+        synced: Option<Delivered>,
         followers: Vec<SentFollower>,
         /// The call set a status (supersedes queued confirmation re-sends).
         sets_status: bool,
@@ -281,9 +284,20 @@ async fn deliver(shared: &Shared, job: &ClaimedJob, claimed_at: Instant) -> Outc
                 tracing::warn!(error = %e, "could not record the confirmation window; the call will be repeated");
                 return database_retry(shared, job.attempts, &e);
             }
+            let synced =
+                (shared.captured.contains(&job.account) && !delivered.not_found).then(|| {
+                    Delivered {
+                        provider: job.provider.clone(),
+                        account: job.account.clone(),
+                        email: job.email.clone(),
+                        fields: Value::Object(payload.clone()),
+                        job_id: covers,
+                    }
+                });
             Outcome::Success {
                 doi: decision.record(),
                 sent_md5: job.payload_md5(),
+                synced,
                 followers,
                 sets_status,
                 modify_ts,

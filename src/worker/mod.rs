@@ -45,6 +45,8 @@ pub(crate) struct Shared {
     pub registry: Registry,
     /// Accounts this worker serves (the registry's); other accounts' jobs wait.
     pub accounts: Vec<String>,
+    /// Accounts a source captures into: their deliveries are recorded in the synced state.
+    pub captured: HashSet<String>,
     /// Written into `locked_by`: host, pid and a random tag.
     pub worker_id: String,
     pub limits: Limits,
@@ -209,6 +211,11 @@ impl Worker {
             accounts: accounts.clone(),
             concurrency: i32::try_from(settings.worker.concurrency).unwrap_or(i32::MAX),
         };
+        let captured = settings
+            .sources
+            .values()
+            .flat_map(|s| s.targets.keys().cloned())
+            .collect();
         Worker {
             shared: Arc::new(Shared {
                 pool,
@@ -219,6 +226,7 @@ impl Worker {
                 limits,
                 replica,
                 account_limits,
+                captured,
                 in_flight: Mutex::new(HashMap::new()),
                 calls_started: Mutex::new(HashSet::new()),
                 alive: Mutex::new(Alive::default()),

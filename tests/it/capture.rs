@@ -66,7 +66,7 @@ async fn jobs(env: &TestEnv) -> i64 {
 
 /// A users table with its capture installed through the command line.
 async fn captured() -> (TestEnv, std::path::PathBuf) {
-    let env = TestEnv::new().await;
+    let mut env = TestEnv::new().await;
     exec(&env, USERS).await;
     let config = env.config_file(SOURCES);
     let (code, out, err) = env.cli(&config, &["capture", "install"]).await;
@@ -75,6 +75,7 @@ async fn captured() -> (TestEnv, std::path::PathBuf) {
         out.contains("users: capturing public.users into jc, sl"),
         "{out}"
     );
+    env.settings.sources = sources_of(&config);
     (env, config)
 }
 
@@ -543,4 +544,243 @@ async fn a_bulk_update_and_concurrent_writers() {
         .contact("justclick", JC_LOGIN, "u5000@example.com")
         .unwrap();
     assert_eq!(jc.fields["lead_city"], json!("B"));
+}
+
+/// Existing contacts: `INSERT`ed before the capture was installed.
+async fn existing_users(env: &TestEnv, n: i64) {
+    sqlx::query(
+        "INSERT INTO users (email, first_name, last_name, city, tags, plan, lang, level, marketing_opt_in) \
+         SELECT CASE WHEN i = 7 THEN 'bad email ' || i ELSE 'old' || i || '@example.com' END, \
+                'F' || i, 'L' || i, 'C' || (i % 5), ARRAY['t' || (i % 3)], 'p' || (i % 2), 'en', i, i % 10 <> 0 \
+         FROM generate_series(1, $1) i",
+    )
+    .bind(n)
+    .execute(&env.pool)
+    .await
+    .unwrap();
+}
+
+/// The sources of a configuration file: the worker records what it sends to their accounts.
+fn sources_of(
+    config: &std::path::Path,
+) -> std::collections::BTreeMap<String, contact_sync::config::SourceSettings> {
+    contact_sync::config::Settings::load_from(Some(config), |_| None, Some(Vec::new()))
+        .unwrap()
+        .sources
+}
+
+fn summary(out: &str) -> Value {
+    let last = out.lines().last().unwrap_or_default();
+    serde_json::from_str(last).unwrap_or_else(|e| panic!("{e}: {out}"))
+}
+
+/// A backfill queues what differs from what was last sent: everything the first time (a dry run
+/// counts exactly that and queues nothing), nothing on a resync of unchanged rows, and only the
+/// fields that changed behind the capture's back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backfill_sends_only_what_differs() {
+    let env = TestEnv::new().await;
+    exec(&env, USERS).await;
+    existing_users(&env, 300).await;
+    let config = env.config_file(SOURCES);
+    let (code, out, err) = env.cli(&config, &["capture", "install"]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    let mut env = env;
+    env.settings.sources = sources_of(&config);
+    // 300 rows: 30 did not opt in, one has a malformed address
+    let in_scope = 269;
+    let (code, out, err) = env
+        .cli(&config, &["backfill", "users", "--dry-run", "--json"])
+        .await;
+    assert_eq!(code, 0, "{out}{err}");
+    let dry = summary(&out);
+    assert_eq!(
+        (
+            dry["read"].as_i64(),
+            dry["enqueued"].as_i64(),
+            dry["unchanged"].as_i64(),
+            dry["rejected"].as_i64()
+        ),
+        (Some(300), Some(2 * in_scope), Some(0), Some(2)),
+        "{dry}"
+    );
+    assert_eq!(dry["samples"].as_array().map(Vec::len), Some(3));
+    assert_eq!(jobs(&env).await, 0, "a dry run queues nothing");
+    let rejected: i64 = sqlx::query_scalar("SELECT count(*) FROM contact_sync.capture_rejections")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(rejected, 0, "a dry run records nothing");
+
+    let (code, out, err) = env
+        .cli(&config, &["backfill", "users", "--json", "--page", "64"])
+        .await;
+    assert_eq!(code, 0, "{out}{err}");
+    let run = summary(&out);
+    assert_eq!(run["enqueued"], dry["enqueued"], "{run}");
+    assert_eq!(run["rejected"], 2);
+    assert!(
+        out.lines().count() > 2,
+        "progress lines, then the summary: {out}"
+    );
+    let worker = env.worker();
+    env.settle(&worker).await;
+    assert_providers_match_the_table(&env, &[]).await;
+    let calls = env.sandbox.stats().accepted;
+
+    // a resync of unchanged rows: no call
+    let (code, out, _) = env.cli(&config, &["backfill", "users", "--json"]).await;
+    assert_eq!(code, 0);
+    let again = summary(&out);
+    assert_eq!(again["enqueued"], 0, "{again}");
+    assert_eq!(again["unchanged"], 2 * in_scope);
+    env.settle(&worker).await;
+    assert_eq!(env.sandbox.stats().accepted, calls, "zero provider calls");
+
+    // changed behind the capture's back (triggers off): only what changed is sent
+    exec(
+        &env,
+        "ALTER TABLE users DISABLE TRIGGER USER; \
+         UPDATE users SET city = 'Moved', level = 99 WHERE email = 'old1@example.com'; \
+         ALTER TABLE users ENABLE TRIGGER USER",
+    )
+    .await;
+    let (code, out, _) = env.cli(&config, &["backfill", "users", "--json"]).await;
+    assert_eq!(code, 0);
+    assert_eq!(summary(&out)["enqueued"], 2);
+    let sent: Vec<Value> = sqlx::query_scalar(
+        "SELECT payload - 'modify_ts' FROM contact_sync.jobs WHERE email = 'old1@example.com' ORDER BY id DESC LIMIT 2",
+    )
+    .fetch_all(&env.pool)
+    .await
+    .unwrap();
+    assert!(sent.contains(&json!({"lead_city": "Moved"})), "{sent:?}");
+    assert!(
+        sent.contains(&json!({"attributes": {"level": 99}})),
+        "{sent:?}"
+    );
+    env.settle(&worker).await;
+    assert_providers_match_the_table(&env, &[]).await;
+
+    // a provider already in step: record without sending
+    exec(&env, "DELETE FROM contact_sync.synced").await;
+    let before = jobs(&env).await;
+    let (code, out, _) = env
+        .cli(&config, &["backfill", "users", "--baseline-only", "--json"])
+        .await;
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(jobs(&env).await, before);
+    let (_, out, _) = env.cli(&config, &["backfill", "users", "--json"]).await;
+    assert_eq!(summary(&out)["enqueued"], 0, "{out}");
+}
+
+/// A backfill killed with SIGKILL resumes after the last page it queued: every contact is sent
+/// exactly once. Two backfills of one source never run at once. Live changes made while a
+/// backfill runs keep their order: the provider ends as the table is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_backfill_resumes_and_live_changes_keep_their_order() {
+    let env = TestEnv::new().await;
+    exec(&env, USERS).await;
+    existing_users(&env, 400).await;
+    let config = env.config_file(SOURCES);
+    let (code, _, _) = env.cli(&config, &["capture", "install"]).await;
+    assert_eq!(code, 0);
+    let mut env = env;
+    env.settings.sources = sources_of(&config);
+
+    // no worker: the backfill stops queueing at --max-pending and waits; kill it there
+    let mut first = env
+        .binary(&config)
+        .args([
+            "backfill",
+            "users",
+            "--json",
+            "--page",
+            "10",
+            "--max-pending",
+            "100",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while jobs(&env).await < 100 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the backfill queued nothing"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    first.start_kill().unwrap();
+    first.wait().await.unwrap();
+    let queued_before = jobs(&env).await;
+    assert!(queued_before < 2 * 360, "killed mid-run: {queued_before}");
+
+    // two at once are refused
+    let mut holder = env.pool.acquire().await.unwrap();
+    sqlx::query("SELECT pg_advisory_lock(hashtext('contact_sync.backfill:users'))")
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let (code, _, err) = env.cli(&config, &["backfill", "users"]).await;
+    assert_ne!(code, 0);
+    assert!(err.contains("already running"), "{err}");
+    sqlx::query("SELECT pg_advisory_unlock(hashtext('contact_sync.backfill:users'))")
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    drop(holder);
+
+    // resumed with a worker delivering and the application writing
+    let worker = env.worker();
+    let stop = contact_sync::worker::Shutdown::new();
+    let run = tokio::spawn({
+        let worker = worker.clone();
+        let stop = stop.clone();
+        async move { worker.run(stop).await }
+    });
+    let writer = tokio::spawn({
+        let pool = env.pool.clone();
+        async move {
+            for round in 0..30 {
+                sqlx::query(
+                    "UPDATE users SET city = 'live' || $1, level = $1 WHERE id % 37 = $1 % 37",
+                )
+                .bind(round)
+                .execute(&pool)
+                .await
+                .unwrap();
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    });
+    let (code, out, err) = env
+        .cli(&config, &["backfill", "users", "--json", "--page", "10"])
+        .await;
+    assert_eq!(code, 0, "{out}{err}");
+    let resumed = summary(&out);
+    assert_eq!(resumed["resumed"], true, "{resumed}");
+    assert_eq!(resumed["read"], 400);
+    writer.await.unwrap();
+    stop.graceful.cancel();
+    run.await.unwrap();
+    env.settle(&worker).await;
+    assert_providers_match_the_table(&env, &[]).await;
+    // sent once by the backfill: the contacts no live change touched had one call each
+    let untouched = env
+        .sandbox
+        .contact("justclick", JC_LOGIN, "old31@example.com")
+        .unwrap();
+    assert_eq!(untouched.updates, 1, "{untouched:?}");
+    let backfill_jobs: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT j.account, j.email FROM contact_sync.jobs j \
+         JOIN users u ON u.email = j.email WHERE u.id % 37 NOT IN (SELECT r % 37 FROM generate_series(0, 29) r) \
+         GROUP BY 1, 2 HAVING count(*) > 1) d",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(backfill_jobs, 0, "no contact queued twice");
 }

@@ -1,0 +1,186 @@
+//! What each provider was last sent (`contact_sync.synced`), per captured account and contact:
+//! written after a delivery, read by a backfill to send only what differs.
+
+use super::job::JobId;
+use serde_json::{Map, Value};
+use sqlx::PgPool;
+
+/// One delivered call, as synced state records it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Delivered {
+    pub provider: String,
+    pub account: String,
+    pub email: String,
+    /// The fields the call carried.
+    pub fields: Value,
+    /// The newest job the call covered.
+    pub job_id: JobId,
+}
+
+/// Merges delivered calls into the synced state, newest job last; an older job than the one
+/// recorded changes nothing.
+pub async fn record(pool: &PgPool, calls: &[Delivered]) -> Result<(), sqlx::Error> {
+    if calls.is_empty() {
+        return Ok(());
+    }
+    let mut calls: Vec<&Delivered> = calls.iter().collect();
+    calls.sort_by_key(|c| c.job_id);
+    let providers: Vec<&str> = calls.iter().map(|c| c.provider.as_str()).collect();
+    let accounts: Vec<&str> = calls.iter().map(|c| c.account.as_str()).collect();
+    let emails: Vec<&str> = calls.iter().map(|c| c.email.as_str()).collect();
+    let fields: Vec<&Value> = calls.iter().map(|c| &c.fields).collect();
+    let ids: Vec<JobId> = calls.iter().map(|c| c.job_id).collect();
+    sqlx::query(
+        // one row per contact: its calls merged in job order
+        r#"
+        WITH calls AS (
+            SELECT c.provider || ':' || c.account || ':' || lower(c.email) AS contact_key, c.fields, c.id, c.n
+            FROM unnest($1::text[], $2::text[], $3::text[], $4::jsonb[], $5::bigint[])
+                 WITH ORDINALITY AS c(provider, account, email, fields, id, n)
+        ), merged AS (
+            SELECT contact_key, max(id) AS id, contact_sync.merge_all(array_agg(fields ORDER BY n)) AS fields
+            FROM calls GROUP BY contact_key
+        )
+        INSERT INTO contact_sync.synced AS s (contact_key, fields, job_id)
+        SELECT m.contact_key, m.fields, m.id FROM merged m ORDER BY m.contact_key
+        ON CONFLICT (contact_key) DO UPDATE
+            SET fields = contact_sync.merge_sent(s.fields, EXCLUDED.fields), job_id = EXCLUDED.job_id,
+                synced_at = now()
+            WHERE s.job_id < EXCLUDED.job_id
+        "#,
+    )
+    .persistent(false)
+    .bind(&providers)
+    .bind(&accounts)
+    .bind(&emails)
+    .bind(&fields)
+    .bind(&ids)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// The fields of `fields` that differ from what was last sent (`known`): everything for a
+/// contact never sent; Smartlink attributes key by key; `modify_ts` is carried along whenever
+/// something else is sent.
+pub fn differing(
+    fields: &Map<String, Value>,
+    known: Option<&Map<String, Value>>,
+) -> Map<String, Value> {
+    let Some(known) = known else {
+        return fields.clone();
+    };
+    let mut out = Map::new();
+    for (key, value) in fields {
+        if key == "modify_ts" {
+            continue;
+        }
+        if key == "attributes" {
+            if let (Value::Object(now), old) = (value, known.get("attributes")) {
+                let old = old.and_then(Value::as_object);
+                let changed: Map<String, Value> = now
+                    .iter()
+                    .filter(|(k, v)| old.and_then(|o| o.get(*k)) != Some(*v))
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect();
+                if !changed.is_empty() {
+                    out.insert(key.clone(), Value::Object(changed));
+                }
+                continue;
+            }
+        }
+        if known.get(key) != Some(value) {
+            out.insert(key.clone(), value.clone());
+        }
+    }
+    if !out.is_empty() {
+        if let Some(ts) = fields.get("modify_ts") {
+            out.insert("modify_ts".into(), ts.clone());
+        }
+    }
+    out
+}
+
+/// What was last sent to `account` (of `provider`) for each of `emails` (`None`: never).
+pub async fn known(
+    conn: &mut sqlx::PgConnection,
+    provider: &str,
+    account: &str,
+    emails: &[String],
+) -> Result<Vec<Option<Map<String, Value>>>, sqlx::Error> {
+    let rows: Vec<(i64, Value)> = sqlx::query_as(
+        "SELECT e.n, s.fields FROM unnest($3::text[]) WITH ORDINALITY AS e(email, n) \
+         JOIN contact_sync.synced s ON s.contact_key = $1 || ':' || $2 || ':' || lower(e.email)",
+    )
+    .bind(provider)
+    .bind(account)
+    .bind(emails)
+    .fetch_all(conn)
+    .await?;
+    let mut out = vec![None; emails.len()];
+    for (n, fields) in rows {
+        if let (Some(slot), Value::Object(map)) = (
+            usize::try_from(n - 1).ok().and_then(|i| out.get_mut(i)),
+            fields,
+        ) {
+            *slot = Some(map);
+        }
+    }
+    Ok(out)
+}
+
+/// Records `fields` as sent without sending them (`backfill --baseline-only`): merged into what
+/// is known; a real delivery, whatever its job, is newer.
+pub async fn baseline(
+    conn: &mut sqlx::PgConnection,
+    provider: &str,
+    account: &str,
+    emails: &[String],
+    fields: &[Value],
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO contact_sync.synced AS s (contact_key, fields, job_id) \
+         SELECT DISTINCT ON (1) $1 || ':' || $2 || ':' || lower(e.email), e.fields - 'modify_ts', 0 \
+         FROM unnest($3::text[], $4::jsonb[]) WITH ORDINALITY AS e(email, fields, n) ORDER BY 1, e.n DESC \
+         ON CONFLICT (contact_key) DO UPDATE SET fields = contact_sync.merge_sent(s.fields, EXCLUDED.fields), synced_at = now()",
+    )
+    .bind(provider)
+    .bind(account)
+    .bind(emails)
+    .bind(fields)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn map(v: Value) -> Map<String, Value> {
+        v.as_object().cloned().unwrap_or_default()
+    }
+
+    #[test]
+    fn only_what_differs_is_sent() {
+        let now = map(
+            json!({"tags": ["a"], "language": "en", "attributes": {"plan": "pro", "level": 3}, "modify_ts": 9}),
+        );
+        assert_eq!(differing(&now, None), now, "never sent: everything");
+        let known = map(
+            json!({"tags": ["a"], "language": "de", "attributes": {"plan": "pro", "level": 2}}),
+        );
+        assert_eq!(
+            Value::Object(differing(&now, Some(&known))),
+            json!({"language": "en", "attributes": {"level": 3}, "modify_ts": 9})
+        );
+        let same = map(
+            json!({"tags": ["a"], "language": "en", "attributes": {"plan": "pro", "level": 3}}),
+        );
+        assert!(
+            differing(&now, Some(&same)).is_empty(),
+            "unchanged: nothing, not even modify_ts"
+        );
+    }
+}
