@@ -211,6 +211,29 @@ SELECT e IS NOT NULL AND e !~ '[^\x01-\x7f]' AND CASE
 END
 $_$;
 
+CREATE FUNCTION contact_sync.merge_all(calls jsonb[]) RETURNS jsonb
+    LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE
+    AS $$
+DECLARE
+    merged jsonb := '{}'::jsonb;
+    call jsonb;
+BEGIN
+    FOREACH call IN ARRAY calls LOOP
+        merged := contact_sync.merge_sent(merged, call);
+    END LOOP;
+    RETURN merged;
+END
+$$;
+
+CREATE FUNCTION contact_sync.merge_sent(known jsonb, sent jsonb) RETURNS jsonb
+    LANGUAGE sql IMMUTABLE PARALLEL SAFE
+    AS $$
+    SELECT coalesce(known, '{}'::jsonb) || (sent - 'modify_ts' - 'attributes')
+        || CASE WHEN sent ? 'attributes'
+                THEN jsonb_build_object('attributes', coalesce(known -> 'attributes', '{}'::jsonb) || (sent -> 'attributes'))
+                ELSE '{}'::jsonb END
+$$;
+
 CREATE FUNCTION contact_sync.number_is_exact(n numeric) RETURNS boolean
     LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE
     AS $$
@@ -491,6 +514,24 @@ CREATE TABLE contact_sync.accounts (
 
 COMMENT ON TABLE contact_sync.accounts IS 'contact-sync: provider accounts, their fleet-wide limits and pauses';
 
+CREATE TABLE contact_sync.backfills (
+    source text NOT NULL,
+    accounts text[] NOT NULL,
+    condition text,
+    mode text NOT NULL,
+    last_key text,
+    done boolean DEFAULT false NOT NULL,
+    read bigint DEFAULT 0 NOT NULL,
+    enqueued bigint DEFAULT 0 NOT NULL,
+    unchanged bigint DEFAULT 0 NOT NULL,
+    rejected bigint DEFAULT 0 NOT NULL,
+    started_at timestamp with time zone DEFAULT now() NOT NULL,
+    updated_at timestamp with time zone DEFAULT now() NOT NULL,
+    CONSTRAINT backfills_mode_check CHECK ((mode = ANY (ARRAY['send'::text, 'force'::text, 'baseline'::text])))
+);
+
+COMMENT ON TABLE contact_sync.backfills IS 'contact-sync: backfill cursors, one per source';
+
 CREATE TABLE contact_sync.capture_failures (
     id bigint NOT NULL,
     source text NOT NULL,
@@ -624,6 +665,15 @@ CREATE TABLE contact_sync.smartlink_watermarks (
     updated_at timestamp with time zone DEFAULT now() NOT NULL
 );
 
+CREATE TABLE contact_sync.synced (
+    contact_key text NOT NULL,
+    fields jsonb NOT NULL,
+    job_id bigint NOT NULL,
+    synced_at timestamp with time zone DEFAULT now() NOT NULL
+);
+
+COMMENT ON TABLE contact_sync.synced IS 'contact-sync: the fields each provider was last sent, per captured account and contact';
+
 CREATE TABLE contact_sync.workers (
     id text NOT NULL,
     host text NOT NULL,
@@ -639,6 +689,9 @@ COMMENT ON TABLE contact_sync.workers IS 'contact-sync: live worker replicas (he
 
 ALTER TABLE ONLY contact_sync.accounts
     ADD CONSTRAINT accounts_pkey PRIMARY KEY (account);
+
+ALTER TABLE ONLY contact_sync.backfills
+    ADD CONSTRAINT backfills_pkey PRIMARY KEY (source);
 
 ALTER TABLE ONLY contact_sync.capture_failures
     ADD CONSTRAINT capture_failures_pkey PRIMARY KEY (id);
@@ -666,6 +719,9 @@ ALTER TABLE ONLY contact_sync.jobs
 
 ALTER TABLE ONLY contact_sync.smartlink_watermarks
     ADD CONSTRAINT smartlink_watermarks_pkey PRIMARY KEY (contact_key);
+
+ALTER TABLE ONLY contact_sync.synced
+    ADD CONSTRAINT synced_pkey PRIMARY KEY (contact_key);
 
 ALTER TABLE ONLY contact_sync.workers
     ADD CONSTRAINT workers_pkey PRIMARY KEY (id);
