@@ -458,6 +458,10 @@ pub struct BenchArgs {
     /// database, the least the worker needs per call (0 skips it).
     #[arg(long, default_value_t = 50_000)]
     pub floor_calls: usize,
+    /// Capture scenario: a table of this many rows, its writes timed without and with the
+    /// generated triggers, then a resync of it (0 skips it).
+    #[arg(long, default_value_t = 100_000)]
+    pub capture_rows: i64,
     /// Also print a readable table.
     #[arg(long)]
     pub pretty: bool,

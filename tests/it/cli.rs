@@ -683,6 +683,8 @@ async fn bench_reports_every_scenario() {
                 "400",
                 "--warmup",
                 "100",
+                "--capture-rows",
+                "500",
                 "--pretty",
             ],
         )
@@ -720,6 +722,31 @@ async fn bench_reports_every_scenario() {
     // the workers were started once, before every measured run
     assert!(r["worker_start_ms"].as_f64().unwrap() > 0.0, "{line}");
     assert!(out.contains("worker start "), "{out}");
+    // capture: each statement timed without and with the triggers; a resync queues nothing
+    let capture = &r["capture"];
+    assert_eq!(capture["rows"], 500, "{line}");
+    for part in ["unmapped_update", "mapped_update", "single_row_update"] {
+        assert!(
+            capture[part]["without_ms"].as_f64().unwrap() > 0.0,
+            "{part}: {line}"
+        );
+        assert!(
+            capture[part]["ratio"].as_f64().unwrap() > 0.0,
+            "{part}: {line}"
+        );
+    }
+    assert_eq!(capture["resync_enqueued"], 0, "{line}");
+    assert!(
+        capture["resync_rows_per_s"].as_f64().unwrap() > 0.0,
+        "{line}"
+    );
+    assert!(out.contains("capture, a table of 500 rows"), "{out}");
+    let left: Option<String> =
+        sqlx::query_scalar("SELECT to_regclass('public.contact_sync_bench_users')::text")
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+    assert_eq!(left, None, "the bench's table is dropped");
     // the backlogs were drained: nothing is left open
     assert_eq!(env.count("pending").await + env.count("running").await, 0);
 }

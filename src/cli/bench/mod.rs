@@ -30,6 +30,7 @@
 //! database. Its CPU per call is the least a worker needs per job; the sandbox's CPU per call is
 //! the sandbox's share of every job.
 
+mod capture;
 mod cpu;
 mod fleet;
 mod report;
@@ -165,6 +166,10 @@ pub async fn run(args: BenchArgs, database_url: Option<String>) -> anyhow::Resul
             Some(measure_floor(config, n, args.provider, sandbox.is_some()).await?)
         }
     };
+    let capture = match args.capture_rows {
+        0 => None,
+        rows => Some(capture::measure(&pool, config, rows).await?),
+    };
     let rates: Vec<f64> = sizes.iter().map(|s| s.e2e_jobs_per_s).collect();
     let e2e_min_over_max = match (
         rates.iter().copied().reduce(f64::min),
@@ -197,6 +202,7 @@ pub async fn run(args: BenchArgs, database_url: Option<String>) -> anyhow::Resul
         blocked,
         e2e_min_over_max,
         blocked_over_unblocked,
+        capture,
         latency_ms_p50: latency_ms_p50.map(|v| (v * 100.0).round() / 100.0),
         latency_ms_p99: latency_ms_p99.map(|v| (v * 100.0).round() / 100.0),
         rate,

@@ -64,6 +64,8 @@ pub struct BenchResult {
     pub latency_ms_p99: Option<f64>,
     pub rate: Option<RateResult>,
     pub floor: Option<FloorResult>,
+    /// Capture: the triggers' cost to the application's writes, and a resync.
+    pub capture: Option<super::capture::CaptureResult>,
     /// From spawning the worker processes until every one was registered (ready to claim).
     pub worker_start_ms: f64,
     pub peak_rss_mb: f64,
@@ -134,6 +136,31 @@ pub fn render(r: &BenchResult) -> String {
             f.calls_per_s,
             f.worker_us_per_call,
             opt(f.sandbox_us_per_call)
+        ));
+    }
+    if let Some(c) = &r.capture {
+        let line = |what: &str, x: &super::capture::Ratio| {
+            format!(
+                "  {what}: {} ms without, {} ms with capture ({}x)\n",
+                x.without_ms, x.with_ms, x.ratio
+            )
+        };
+        out.push_str(&format!("capture, a table of {} rows:\n", c.rows));
+        out.push_str(&line(
+            "UPDATE of an unmapped column, every row",
+            &c.unmapped_update,
+        ));
+        out.push_str(&line(
+            "UPDATE of a mapped column, every row",
+            &c.mapped_update,
+        ));
+        out.push_str(&line(
+            "one row's mapped UPDATE, own transaction",
+            &c.single_row_update,
+        ));
+        out.push_str(&format!(
+            "  resync of the unchanged table: {} rows compared/s, {} job(s) queued\n",
+            c.resync_rows_per_s, c.resync_enqueued
         ));
     }
     out
