@@ -33,6 +33,8 @@ pub struct Typed {
     pub kind: Kind,
     /// `format_type` of the expression, for messages.
     pub type_name: String,
+    /// The table's columns the expression reads (`None`: the whole row, e.g. `r` or `r.*`).
+    pub reads: Option<Vec<String>>,
 }
 
 /// A source checked against its table: every expression typed, the key verified.
@@ -233,9 +235,23 @@ impl Typer<'_> {
                     )
                     .fetch_one(&mut *self.conn)
                     .await?;
+                // what the view depends on is what the expression reads
+                let reads: Vec<(i32, Option<String>)> = sqlx::query_as(
+                    "SELECT DISTINCT d.refobjsubid, a.attname::text FROM pg_depend d \
+                     JOIN pg_rewrite w ON w.oid = d.objid AND d.classid = 'pg_rewrite'::regclass \
+                     LEFT JOIN pg_attribute a ON a.attrelid = d.refobjid AND a.attnum = d.refobjsubid \
+                     WHERE w.ev_class = 'pg_temp.contact_sync_capture_check'::regclass \
+                       AND d.refobjid = format('%I.%I', $1::text, $2::text)::regclass",
+                )
+                .bind(self.schema)
+                .bind(self.table)
+                .fetch_all(&mut *self.conn)
+                .await?;
+                let whole_row = reads.iter().any(|(n, _)| *n <= 0);
                 Ok(Typed {
                     kind: kind_of(&category, element.as_deref(), &base),
                     type_name,
+                    reads: (!whole_row).then(|| reads.into_iter().filter_map(|(_, c)| c).collect()),
                 })
             }
             Err(sqlx::Error::Database(e)) => {

@@ -58,8 +58,20 @@ pub fn install_sql(
     let (schema, _) = source.schema_and_table();
     for operation in OPERATIONS {
         let mut body = String::new();
+        if operation == "update" {
+            // an update of columns no mapping reads (the usual `last_seen_at = now()`) stops here
+            // (a mapping that no longer fits the table goes on: each account records it below)
+            write!(
+                body,
+                "    BEGIN\n        IF NOT EXISTS (\n{}\n        ) THEN\n            RETURN NULL;\n        END IF;\n    \
+                 EXCEPTION WHEN others THEN\n        NULL;\n    END;\n",
+                indent(&changed_sql(source, &watched(source, checked, None)), 12).trim_end()
+            )
+            .ok();
+        }
         for target in &targets {
-            body.push_str(&target_block(name, source, operation, target));
+            let watched = watched(source, checked, Some(target.account));
+            body.push_str(&target_block(name, source, operation, target, &watched));
         }
         write!(
             sql,
@@ -170,27 +182,95 @@ pub fn uninstall_sql(name: &str, table: &str) -> String {
     sql
 }
 
+/// The columns a source's expressions read (`None`: an expression reads the whole row, or
+/// reads none, so no column can be ruled out).
+/// `account`: only the columns that account's fields read (with the address and `where`).
+fn watched(
+    source: &SourceSettings,
+    checked: &CheckedSource,
+    account: Option<&str>,
+) -> Option<Vec<String>> {
+    let mut columns = std::collections::BTreeSet::new();
+    let typed = std::iter::once(&checked.email)
+        .chain(checked.filter.iter())
+        .chain(
+            checked
+                .fields
+                .iter()
+                .filter(|(a, _)| account.is_none_or(|only| only == a.as_str()))
+                .flat_map(|(_, f)| f.values()),
+        );
+    for t in typed {
+        columns.extend(t.reads.as_ref()?.iter().cloned());
+    }
+    columns.insert(source.key.clone());
+    Some(columns.into_iter().collect())
+}
+
+/// The rows of an `UPDATE` whose watched columns changed (or whose key did): one hash join of
+/// the transition tables, `SELECT k` of the keys as text.
+fn changed_sql(source: &SourceSettings, watched: &Option<Vec<String>>) -> String {
+    let differs = match watched {
+        Some(columns) => {
+            let list = |a: &str| {
+                columns
+                    .iter()
+                    .map(|c| format!("{a}.{c}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            format!("ROW({}) IS DISTINCT FROM ROW({})", list("o"), list("n"))
+        }
+        None => "o IS DISTINCT FROM n".to_string(),
+    };
+    format!(
+        "SELECT coalesce(n.{key}, o.{key}) AS k FROM old_rows o FULL JOIN new_rows n ON n.{key} = o.{key}\n\
+         WHERE o.{key} IS NULL OR n.{key} IS NULL OR {differs}",
+        key = source.key
+    )
+}
+
 /// The statements of one target inside one operation's function: the set-based insert, and
 /// the halving that isolates the rows at fault when it fails.
-fn target_block(name: &str, source: &SourceSettings, operation: &str, target: &Target) -> String {
+fn target_block(
+    name: &str,
+    source: &SourceSettings,
+    operation: &str,
+    target: &Target,
+    watched: &Option<Vec<String>>,
+) -> String {
     let Some(changes) = changes_sql(source, operation, target) else {
         return String::new();
     };
-    let all = changes.replace("{filter}", "true");
-    let some = changes.replace(
-        "{filter}",
-        &format!("r.{}::text = ANY(keys[lo:hi])", source.key),
-    );
+    let key = &source.key;
+    // the fast path reads the rows whose watched columns changed (an UPDATE) or every row
+    let (prefix, restrict) = match operation {
+        "update" => (
+            format!("changed AS (\n{}\n), ", changed_sql(source, watched)),
+            format!("r.{key} IN (SELECT k FROM changed)"),
+        ),
+        _ => (String::new(), "true".to_string()),
+    };
+    let all = changes
+        .replace("{prefix}", &prefix)
+        .replace("{join}", "")
+        .replace("{filter}", &restrict);
+    // a half reads its own keys, through a hash join (a key list tested with `= ANY` would
+    // compare every row with every key)
+    let some = changes
+        .replace("{prefix}", "")
+        .replace(
+            "{join}",
+            &format!(" JOIN unnest(keys[lo:hi]) AS b(k) ON b.k = r.{key}::text"),
+        )
+        .replace("{filter}", "true");
     let rows = match operation {
         "insert" => "new_rows",
         _ => "old_rows",
     };
     let keys = match operation {
-        "update" => format!(
-            "SELECT r.{k}::text FROM old_rows r UNION SELECT r.{k}::text FROM new_rows r",
-            k = source.key
-        ),
-        _ => format!("SELECT r.{k}::text FROM {rows} r", k = source.key),
+        "update" => changed_sql(source, watched),
+        _ => format!("SELECT r.{key} AS k FROM {rows} r"),
     };
     let source_literal = literal(name);
     let account_literal = literal(target.account);
@@ -204,7 +284,7 @@ fn target_block(name: &str, source: &SourceSettings, operation: &str, target: &T
          \x20           INSERT INTO contact_sync.capture_failures (source, operation, sqlstate, error, row_count)\n\
          \x20           VALUES ({source_literal}, {op_literal}, SQLSTATE, SQLERRM, (SELECT count(*) FROM {rows}));\n\
          \x20       ELSE\n\
-         \x20           keys := ARRAY(SELECT k FROM ({keys}) s(k) ORDER BY 1);\n\
+         \x20           keys := ARRAY(SELECT s.k::text FROM ({keys}) s ORDER BY s.k);\n\
          \x20           stack := ARRAY[1, cardinality(keys)];\n\
          \x20           WHILE cardinality(stack) > 0 LOOP\n\
          \x20               lo := stack[cardinality(stack) - 1];\n\
@@ -246,14 +326,13 @@ fn indent(text: &str, by: usize) -> String {
     text.lines().map(|l| format!("{pad}{l}\n")).collect()
 }
 
-/// `WITH … changes AS (…)`: the jobs one statement makes for one target, `{filter}` standing
-/// for the condition on the rows read (`true`, or the keys of one half).
+/// `WITH … changes AS (…)`: the jobs one statement makes for one target. Placeholders:
+/// `{prefix}` (CTEs before the rows are read), `{join}` and `{filter}` (which rows of the
+/// transition tables are read).
 fn changes_sql(source: &SourceSettings, operation: &str, target: &Target) -> Option<String> {
     let provider = literal(target.provider.as_str());
     let account = literal(target.account);
     let side = |rows: &str| side_sql(source, target, rows);
-    let full = |alias: &str| payload_sql(target, alias, None);
-    let changed = payload_sql(target, "n", Some("o"));
     let leave = match (target.on_delete, target.provider) {
         (OnDelete::Unsubscribe, ProviderKind::Smartlink) => Some(format!(
             "jsonb_build_object('subscribe', 0, 'modify_ts', {})",
@@ -261,90 +340,75 @@ fn changes_sql(source: &SourceSettings, operation: &str, target: &Target) -> Opt
         )),
         _ => None,
     };
-    let distinct = {
-        let compared: Vec<usize> = target
-            .fields
-            .iter()
-            .enumerate()
-            .filter(|(_, (f, _, _))| *f != "modify_ts")
-            .map(|(i, _)| i)
-            .collect();
-        if compared.is_empty() {
-            "false".to_string()
-        } else {
-            let list = |a: &str| {
-                compared
-                    .iter()
-                    .map(|i| format!("{a}.f{i}"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
+    let changes = match operation {
+        "insert" => format!(
+            "WITH {{prefix}}n AS (\n{}\n), changes AS (\n\
+             SELECT n.k, 2 AS seq, {provider} AS provider, {account} AS account, n.email, {} AS payload\n\
+             FROM n WHERE n.inside\n)",
+            side("new_rows"),
+            payload_sql(target, "n", None)
+        ),
+        "delete" => {
+            let leave = leave?;
+            format!(
+                "WITH {{prefix}}o AS (\n{}\n), changes AS (\n\
+                 SELECT o.k, 1 AS seq, {provider} AS provider, {account} AS account, o.email, {leave} AS payload\n\
+                 FROM o WHERE o.inside\n)",
+                side("old_rows")
+            )
+        }
+        _ => {
+            let compared: Vec<usize> = target
+                .fields
+                .iter()
+                .enumerate()
+                .filter(|(_, (f, _, _))| *f != "modify_ts")
+                .map(|(i, _)| i)
+                .collect();
+            let distinct = if compared.is_empty() {
+                "false".to_string()
+            } else {
+                let list = |a: &str| {
+                    compared
+                        .iter()
+                        .map(|i| format!("{a}.f{i}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                };
+                format!("ROW({}) IS DISTINCT FROM ROW({})", list("o"), list("n"))
             };
-            format!("ROW({}) IS DISTINCT FROM ROW({})", list("o"), list("n"))
+            // the same contact before and after, or a contact that stops (old address) and
+            // one that starts (new address)
+            let same = "o.inside AND n.inside AND lower(n.email) = lower(o.email)";
+            let leaving = "o.inside AND NOT coalesce(n.inside AND lower(n.email) = lower(o.email), false)";
+            let arriving = "n.inside AND NOT coalesce(o.inside AND lower(n.email) = lower(o.email), false)";
+            let leave_value = match &leave {
+                Some(leave) => format!("CASE WHEN {leaving} THEN {leave} END"),
+                None => "NULL::jsonb".to_string(),
+            };
+            format!(
+                "WITH {{prefix}}o AS (\n{}\n), n AS (\n{}\n), changes AS (\n\
+                 SELECT v.k, v.seq, {provider} AS provider, {account} AS account, v.email, v.payload\n\
+                 FROM o FULL JOIN n ON n.k = o.k\n\
+                 CROSS JOIN LATERAL (VALUES\n\
+                 \x20   (o.k, 1, o.email, {leave_value}),\n\
+                 \x20   (n.k, 2, n.email, CASE WHEN {arriving} THEN {full}\n\
+                 \x20                          WHEN {same} AND {distinct} THEN {changed} END)\n\
+                 ) AS v(k, seq, email, payload)\n\
+                 WHERE v.payload IS NOT NULL\n)",
+                side("old_rows"),
+                side("new_rows"),
+                full = payload_sql(target, "n", None),
+                changed = payload_sql(target, "n", Some("o")),
+            )
         }
     };
-    let mut branches = Vec::new();
-    let (ctes, from_new, from_old) = match operation {
-        "insert" => (format!("n AS (\n{}\n)", side("new_rows")), true, false),
-        "delete" => (format!("o AS (\n{}\n)", side("old_rows")), false, true),
-        _ => (
-            format!(
-                "o AS (\n{}\n), n AS (\n{}\n)",
-                side("old_rows"),
-                side("new_rows")
-            ),
-            true,
-            true,
-        ),
-    };
-    if let (Some(leave), true) = (&leave, from_old) {
-        let condition = if from_new {
-            "o.inside AND (n.k IS NULL OR NOT n.inside OR lower(n.email) <> lower(o.email))"
-        } else {
-            "o.inside"
-        };
-        let join = if from_new {
-            " LEFT JOIN n ON n.k = o.k"
-        } else {
-            ""
-        };
-        branches.push(format!(
-            "SELECT o.k, 1 AS seq, {provider} AS provider, {account} AS account, o.email, {leave} AS payload\n\
-             FROM o{join} WHERE {condition}"
-        ));
-    }
-    if from_new {
-        let (join, condition) = if from_old {
-            (
-                " LEFT JOIN o ON o.k = n.k",
-                "n.inside AND (o.k IS NULL OR NOT o.inside OR lower(n.email) <> lower(o.email))",
-            )
-        } else {
-            ("", "n.inside")
-        };
-        branches.push(format!(
-            "SELECT n.k, 2 AS seq, {provider} AS provider, {account} AS account, n.email, {} AS payload\n\
-             FROM n{join} WHERE {condition}",
-            full("n")
-        ));
-    }
-    if from_new && from_old {
-        branches.push(format!(
-            "SELECT n.k, 2 AS seq, {provider} AS provider, {account} AS account, n.email, {changed} AS payload\n\
-             FROM n JOIN o ON o.k = n.k\n\
-             WHERE n.inside AND o.inside AND lower(n.email) = lower(o.email) AND {distinct}"
-        ));
-    }
-    if branches.is_empty() {
-        return None;
-    }
-    Some(format!(
-        "WITH {ctes}, changes AS (\n{}\n)",
-        branches.join("\nUNION ALL\n")
-    ))
+    Some(changes)
 }
 
-/// The mapped values of rows read from `rows` (aliased `r`, filtered by `{filter}`): the key
-/// and the address as text, whether the row is a contact (`inside`), each field as `f0…`.
+/// The mapped values of rows read from `rows` (aliased `r`; placeholders `{join}` and
+/// `{filter}` choose which): the key and the address as text, whether the row is a contact
+/// (`inside`), each field as `f0…`.
 fn side_sql(source: &SourceSettings, target: &Target, rows: &str) -> String {
     let mut columns = format!(
         "r.{key}::text AS k, ({email}\n)::text AS email, {inside} AS inside",
@@ -366,7 +430,7 @@ fn side_sql(source: &SourceSettings, target: &Target, rows: &str) -> String {
         )
         .ok();
     }
-    format!("SELECT {columns}\nFROM {rows} r WHERE {{filter}}")
+    format!("SELECT {columns}\nFROM {rows} r{{join}} WHERE {{filter}}")
 }
 
 /// A backfill's read of the rows `$1` (keys, as an array of the key's type) of the table for
@@ -381,10 +445,12 @@ pub fn page_sql(
     let target = targets(source, checked, providers)
         .into_iter()
         .find(|t| t.account == account)?;
-    let side = side_sql(source, &target, &source.table).replace(
-        "{filter}",
-        &format!("r.{} = ANY($1::{}[])", source.key, checked.key_type),
-    );
+    let side = side_sql(source, &target, &source.table)
+        .replace("{join}", "")
+        .replace(
+            "{filter}",
+            &format!("r.{} = ANY($1::{}[])", source.key, checked.key_type),
+        );
     Some(format!(
         "WITH n AS (\n{side}\n)\nSELECT n.k, n.email, n.inside, CASE WHEN n.inside THEN {} END AS payload FROM n",
         payload_sql(&target, "n", None)
