@@ -139,6 +139,7 @@ pub async fn run(
         .collect();
     let key = &source.key;
     let key_type = &checked.key_type;
+    let (schema, _) = source.schema_and_table();
     let condition = options
         .condition
         .as_ref()
@@ -212,6 +213,10 @@ pub async fn run(
             let mut tx = pool.begin().await?;
             sqlx::query("SELECT set_config('lock_timeout', $1, true)")
                 .bind(format!("{}ms", PAGE_LOCK_WAIT.as_millis()))
+                .execute(&mut *tx)
+                .await?;
+            // names resolve as in the generated triggers
+            sqlx::query(&format!("SET LOCAL search_path = pg_catalog, {schema}"))
                 .execute(&mut *tx)
                 .await?;
             let keys: Vec<String> = match sqlx::query_scalar(&keys_sql)

@@ -122,6 +122,10 @@ pub async fn check(
         .map(|(_, t)| t.clone())
         .unwrap_or_default();
 
+    // names resolve as in the generated triggers: pg_catalog, then the table's schema
+    sqlx::query(&format!("SET LOCAL search_path = pg_catalog, {schema}"))
+        .execute(&mut *conn)
+        .await?;
     let mut typer = Typer {
         conn,
         schema,
@@ -227,6 +231,20 @@ impl Typer<'_> {
         let created = sqlx::raw_sql(&view).execute(&mut *self.conn).await;
         let typed = match created {
             Ok(_) => {
+                let columns: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM pg_attribute WHERE attrelid = 'pg_temp.contact_sync_capture_check'::regclass AND attnum > 0",
+                )
+                .fetch_one(&mut *self.conn)
+                .await?;
+                if columns != 1 {
+                    sqlx::query("ROLLBACK TO SAVEPOINT capture_check")
+                        .execute(&mut *self.conn)
+                        .await?;
+                    return Err(mapping(
+                        key,
+                        "must be one SQL expression (its parentheses do not balance)",
+                    ));
+                }
                 let (category, element, type_name, base): (String, Option<String>, String, String) =
                     sqlx::query_as(
                         "SELECT t.typcategory::text, e.typcategory::text, format_type(a.atttypid, a.atttypmod), t.typname::text \

@@ -15,6 +15,15 @@ use crate::config::{OnDelete, ProviderKind, SourceSettings};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
+/// Placeholders in generated statements, filled in per use (control characters: the
+/// configuration refuses them in expressions, so user text never holds one).
+const PREFIX: &str = "\u{1}prefix\u{1}";
+const JOIN: &str = "\u{1}join\u{1}";
+const FILTER: &str = "\u{1}filter\u{1}";
+
+/// The dollar-quote of generated function bodies (the configuration refuses it in expressions).
+pub use crate::config::sources::BODY_QUOTE;
+
 /// The operations a source's triggers capture.
 pub const OPERATIONS: [&str; 3] = ["insert", "update", "delete"];
 
@@ -23,8 +32,8 @@ pub fn function_name(source: &str, operation: &str) -> String {
     format!("contact_sync.capture_{source}_{operation}")
 }
 
-pub fn trigger_name(operation: &str) -> String {
-    format!("contact_sync_capture_{operation}")
+pub fn trigger_name(source: &str, operation: &str) -> String {
+    format!("contact_sync_capture_{source}_{operation}")
 }
 
 /// One target of a source, ready to generate.
@@ -64,7 +73,7 @@ pub fn install_sql(
             write!(
                 body,
                 "    BEGIN\n        IF NOT EXISTS (\n{}\n        ) THEN\n            RETURN NULL;\n        END IF;\n    \
-                 EXCEPTION WHEN others THEN\n        NULL;\n    END;\n",
+                 EXCEPTION WHEN others THEN\n        IF SQLSTATE NOT LIKE '42%' THEN\n            RAISE;\n        END IF;\n    END;\n",
                 indent(&changed_sql(source, &watched(source, checked, None)), 12).trim_end()
             )
             .ok();
@@ -77,11 +86,12 @@ pub fn install_sql(
             sql,
             "\nCREATE OR REPLACE FUNCTION {function}() RETURNS trigger\n\
              LANGUAGE plpgsql\n\
+             SECURITY DEFINER\n\
              SET search_path = pg_catalog, {schema}\n\
              SET plan_cache_mode = force_custom_plan\n\
-             AS $capture$\n\
-             DECLARE\n    keys text[];\n    stack int[];\n    lo int;\n    hi int;\n    mid int;\n\
-             BEGIN\n{body}    RETURN NULL;\nEND\n$capture$;\n",
+             AS $contact_sync_capture$\n\
+             DECLARE\n    _cs_keys text[];\n    _cs_stack int[];\n    _cs_lo int;\n    _cs_hi int;\n    _cs_mid int;\n\
+             BEGIN\n{body}    RETURN NULL;\nEND\n$contact_sync_capture$;\n",
             function = function_name(name, operation),
         )
         .ok();
@@ -90,12 +100,14 @@ pub fn install_sql(
         sql,
         "\nCREATE OR REPLACE FUNCTION {function}() RETURNS trigger\n\
          LANGUAGE plpgsql\n\
-         AS $capture$\n\
+         SECURITY DEFINER\n\
+         SET search_path = pg_catalog\n\
+         AS $contact_sync_capture$\n\
          BEGIN\n\
          \x20   INSERT INTO contact_sync.capture_failures (source, operation, sqlstate, error, row_count)\n\
          \x20   VALUES ({name_literal}, 'truncate', '00000', 'TRUNCATE is not captured: the providers keep these contacts; run a backfill to resync', 0);\n\
          \x20   RETURN NULL;\n\
-         END\n$capture$;\n",
+         END\n$contact_sync_capture$;\n",
         function = function_name(name, "truncate"),
         name_literal = literal(name),
     )
@@ -111,7 +123,7 @@ pub fn install_sql(
             "\nDROP TRIGGER IF EXISTS {trigger} ON {table};\n\
              CREATE TRIGGER {trigger} AFTER {op} ON {table} {referencing}\n\
              \x20   FOR EACH STATEMENT EXECUTE FUNCTION {function}();\n",
-            trigger = trigger_name(operation),
+            trigger = trigger_name(name, operation),
             op = operation.to_uppercase(),
             function = function_name(name, operation),
         )
@@ -122,7 +134,7 @@ pub fn install_sql(
         "\nDROP TRIGGER IF EXISTS {trigger} ON {table};\n\
          CREATE TRIGGER {trigger} AFTER TRUNCATE ON {table}\n\
          \x20   FOR EACH STATEMENT EXECUTE FUNCTION {function}();\n",
-        trigger = trigger_name("truncate"),
+        trigger = trigger_name(name, "truncate"),
         function = function_name(name, "truncate"),
     )
     .ok();
@@ -154,28 +166,22 @@ fn targets<'a>(
         .collect()
 }
 
-/// Removes everything [`install_sql`] created for `name` on `table`.
+/// Removes everything [`install_sql`] created for `name`: its functions, and with them (CASCADE)
+/// its triggers wherever the table is now (renamed or moved), and its record and backfill cursor.
 pub fn uninstall_sql(name: &str, table: &str) -> String {
     let mut sql = format!("-- contact-sync: remove the capture of source {name:?} ({table})\n");
     for operation in OPERATIONS.iter().chain(&["truncate"]) {
         writeln!(
             sql,
-            "DROP TRIGGER IF EXISTS {} ON {table};",
-            trigger_name(operation)
-        )
-        .ok();
-    }
-    for operation in OPERATIONS.iter().chain(&["truncate"]) {
-        writeln!(
-            sql,
-            "DROP FUNCTION IF EXISTS {}();",
+            "DROP FUNCTION IF EXISTS {}() CASCADE;",
             function_name(name, operation)
         )
         .ok();
     }
     writeln!(
         sql,
-        "DELETE FROM contact_sync.capture_sources WHERE source = {};",
+        "DELETE FROM contact_sync.capture_sources WHERE source = {0};\n\
+         DELETE FROM contact_sync.backfills WHERE source = {0};",
         literal(name)
     )
     .ok();
@@ -204,7 +210,37 @@ fn watched(
         columns.extend(t.reads.as_ref()?.iter().cloned());
     }
     columns.insert(source.key.clone());
-    Some(columns.into_iter().collect())
+    // a type without an equality operator (json, xml, geometric types) is compared as text
+    Some(
+        columns
+            .into_iter()
+            .map(|c| {
+                let ty = checked
+                    .columns
+                    .iter()
+                    .find(|(name, _)| *name == c)
+                    .map(|(_, t)| t.trim_end_matches("[]"))
+                    .unwrap_or_default();
+                let no_equality = matches!(
+                    ty,
+                    "json"
+                        | "xml"
+                        | "point"
+                        | "line"
+                        | "lseg"
+                        | "box"
+                        | "path"
+                        | "polygon"
+                        | "circle"
+                );
+                if no_equality {
+                    format!("{c}::text")
+                } else {
+                    c
+                }
+            })
+            .collect(),
+    )
 }
 
 /// The rows of an `UPDATE` whose watched columns changed (or whose key did): one hash join of
@@ -215,7 +251,7 @@ fn changed_sql(source: &SourceSettings, watched: &Option<Vec<String>>) -> String
             let list = |a: &str| {
                 columns
                     .iter()
-                    .map(|c| format!("{a}.{c}"))
+                    .map(|c| format!("({a}.{c})"))
                     .collect::<Vec<_>>()
                     .join(", ")
             };
@@ -252,18 +288,18 @@ fn target_block(
         _ => (String::new(), "true".to_string()),
     };
     let all = changes
-        .replace("{prefix}", &prefix)
-        .replace("{join}", "")
-        .replace("{filter}", &restrict);
+        .replace(PREFIX, &prefix)
+        .replace(JOIN, "")
+        .replace(FILTER, &restrict);
     // a half reads its own keys, through a hash join (a key list tested with `= ANY` would
     // compare every row with every key)
     let some = changes
-        .replace("{prefix}", "")
+        .replace(PREFIX, "")
         .replace(
-            "{join}",
-            &format!(" JOIN unnest(keys[lo:hi]) AS b(k) ON b.k = r.{key}::text"),
+            JOIN,
+            &format!(" JOIN unnest(_cs_keys[_cs_lo:_cs_hi]) AS b(k) ON b.k = r.{key}::text"),
         )
-        .replace("{filter}", "true");
+        .replace(FILTER, "true");
     let rows = match operation {
         "insert" => "new_rows",
         _ => "old_rows",
@@ -279,26 +315,30 @@ fn target_block(
          \x20   BEGIN\n\
          {insert_all}\
          \x20   EXCEPTION WHEN others THEN\n\
-         \x20       IF SQLSTATE LIKE '42%' THEN\n\
+         \x20       IF SQLSTATE NOT LIKE '22%' AND SQLSTATE NOT LIKE '23%' AND SQLSTATE NOT LIKE '42%' THEN\n\
+         \x20           RAISE;  -- a serialization failure, a deadlock, a cancel: the application's to handle\n\
+         \x20       ELSIF SQLSTATE LIKE '42%' THEN\n\
          \x20           -- the mapping no longer fits the table: nothing of this statement is queued\n\
          \x20           INSERT INTO contact_sync.capture_failures (source, operation, sqlstate, error, row_count)\n\
          \x20           VALUES ({source_literal}, {op_literal}, SQLSTATE, SQLERRM, (SELECT count(*) FROM {rows}));\n\
          \x20       ELSE\n\
-         \x20           keys := ARRAY(SELECT s.k::text FROM ({keys}) s ORDER BY s.k);\n\
-         \x20           stack := ARRAY[1, cardinality(keys)];\n\
-         \x20           WHILE cardinality(stack) > 0 LOOP\n\
-         \x20               lo := stack[cardinality(stack) - 1];\n\
-         \x20               hi := stack[cardinality(stack)];\n\
-         \x20               stack := stack[1:cardinality(stack) - 2];\n\
+         \x20           _cs_keys := ARRAY(SELECT s.k::text FROM ({keys}) s ORDER BY s.k);\n\
+         \x20           _cs_stack := ARRAY[1, cardinality(_cs_keys)];\n\
+         \x20           WHILE cardinality(_cs_stack) > 0 LOOP\n\
+         \x20               _cs_lo := _cs_stack[cardinality(_cs_stack) - 1];\n\
+         \x20               _cs_hi := _cs_stack[cardinality(_cs_stack)];\n\
+         \x20               _cs_stack := _cs_stack[1:cardinality(_cs_stack) - 2];\n\
          \x20               BEGIN\n\
          {insert_some}\
          \x20               EXCEPTION WHEN others THEN\n\
-         \x20                   IF lo = hi THEN\n\
+         \x20                   IF SQLSTATE NOT LIKE '22%' AND SQLSTATE NOT LIKE '23%' THEN\n\
+         \x20                       RAISE;\n\
+         \x20                   ELSIF _cs_lo = _cs_hi THEN\n\
          \x20                       INSERT INTO contact_sync.capture_rejections (source, account, row_key, sqlstate, reason)\n\
-         \x20                       VALUES ({source_literal}, {account_literal}, keys[lo], SQLSTATE, SQLERRM);\n\
+         \x20                       VALUES ({source_literal}, {account_literal}, _cs_keys[_cs_lo], SQLSTATE, SQLERRM);\n\
          \x20                   ELSE\n\
-         \x20                       mid := (lo + hi) / 2;\n\
-         \x20                       stack := stack || ARRAY[mid + 1, hi, lo, mid];\n\
+         \x20                       _cs_mid := (_cs_lo + _cs_hi) / 2;\n\
+         \x20                       _cs_stack := _cs_stack || ARRAY[_cs_mid + 1, _cs_hi, _cs_lo, _cs_mid];\n\
          \x20                   END IF;\n\
          \x20               END;\n\
          \x20           END LOOP;\n\
@@ -317,7 +357,7 @@ fn insert_sql(changes: &str) -> String {
          INSERT INTO contact_sync.jobs (provider, account, email, payload)\n\
          SELECT x.provider, x.account, x.email, x.payload FROM changes x\n\
          WHERE x.payload - 'modify_ts' <> '{{}}'::jsonb\n\
-         ORDER BY x.k, x.seq;"
+         ORDER BY x.seq, x.k;"
     )
 }
 
@@ -342,7 +382,7 @@ fn changes_sql(source: &SourceSettings, operation: &str, target: &Target) -> Opt
     };
     let changes = match operation {
         "insert" => format!(
-            "WITH {{prefix}}n AS (\n{}\n), changes AS (\n\
+            "WITH \u{1}prefix\u{1}n AS (\n{}\n), changes AS (\n\
              SELECT n.k, 2 AS seq, {provider} AS provider, {account} AS account, n.email, {} AS payload\n\
              FROM n WHERE n.inside\n)",
             side("new_rows"),
@@ -351,9 +391,9 @@ fn changes_sql(source: &SourceSettings, operation: &str, target: &Target) -> Opt
         "delete" => {
             let leave = leave?;
             format!(
-                "WITH {{prefix}}o AS (\n{}\n), changes AS (\n\
+                "WITH \u{1}prefix\u{1}o AS (\n{}\n), changes AS (\n\
                  SELECT o.k, 1 AS seq, {provider} AS provider, {account} AS account, o.email, {leave} AS payload\n\
-                 FROM o WHERE o.inside\n)",
+                 FROM o WHERE o.inside AND contact_sync.email_is_valid(o.email)\n)",
                 side("old_rows")
             )
         }
@@ -380,14 +420,16 @@ fn changes_sql(source: &SourceSettings, operation: &str, target: &Target) -> Opt
             // the same contact before and after, or a contact that stops (old address) and
             // one that starts (new address)
             let same = "o.inside AND n.inside AND lower(n.email) = lower(o.email)";
-            let leaving = "o.inside AND NOT coalesce(n.inside AND lower(n.email) = lower(o.email), false)";
+            // (an address no provider ever took was never a contact: nothing to say for it)
+            let leaving = "o.inside AND contact_sync.email_is_valid(o.email) \
+                           AND NOT coalesce(n.inside AND lower(n.email) = lower(o.email), false)";
             let arriving = "n.inside AND NOT coalesce(o.inside AND lower(n.email) = lower(o.email), false)";
             let leave_value = match &leave {
                 Some(leave) => format!("CASE WHEN {leaving} THEN {leave} END"),
                 None => "NULL::jsonb".to_string(),
             };
             format!(
-                "WITH {{prefix}}o AS (\n{}\n), n AS (\n{}\n), changes AS (\n\
+                "WITH \u{1}prefix\u{1}o AS (\n{}\n), n AS (\n{}\n), changes AS (\n\
                  SELECT v.k, v.seq, {provider} AS provider, {account} AS account, v.email, v.payload\n\
                  FROM o FULL JOIN n ON n.k = o.k\n\
                  CROSS JOIN LATERAL (VALUES\n\
@@ -430,7 +472,7 @@ fn side_sql(source: &SourceSettings, target: &Target, rows: &str) -> String {
         )
         .ok();
     }
-    format!("SELECT {columns}\nFROM {rows} r{{join}} WHERE {{filter}}")
+    format!("SELECT {columns}\nFROM {rows} r\u{1}join\u{1} WHERE \u{1}filter\u{1}")
 }
 
 /// A backfill's read of the rows `$1` (keys, as an array of the key's type) of the table for
@@ -446,9 +488,9 @@ pub fn page_sql(
         .into_iter()
         .find(|t| t.account == account)?;
     let side = side_sql(source, &target, &source.table)
-        .replace("{join}", "")
+        .replace(JOIN, "")
         .replace(
-            "{filter}",
+            FILTER,
             &format!("r.{} = ANY($1::{}[])", source.key, checked.key_type),
         );
     Some(format!(
@@ -529,6 +571,28 @@ fn value_sql(provider: ProviderKind, field: &str, expression: &str, typed: &Type
         }
         (ProviderKind::Smartlink, _, _) => format!("to_jsonb(coalesce({e}::text, ''))"),
     }
+}
+
+/// `(function, body)` of every function an installation script creates, in name order: the
+/// body as Postgres keeps it (`prosrc`: the text between the dollar quotes).
+pub fn function_bodies(script: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut rest = script;
+    while let Some(at) = rest.find("CREATE OR REPLACE FUNCTION ") {
+        rest = &rest[at + "CREATE OR REPLACE FUNCTION ".len()..];
+        let name = rest.split('(').next().unwrap_or_default().to_string();
+        let Some(open) = rest.find(BODY_QUOTE) else {
+            break;
+        };
+        let body_start = &rest[open + BODY_QUOTE.len()..];
+        let Some(close) = body_start.find(BODY_QUOTE) else {
+            break;
+        };
+        out.push((name, body_start[..close].to_string()));
+        rest = &body_start[close + BODY_QUOTE.len()..];
+    }
+    out.sort();
+    out
 }
 
 /// An SQL string literal.

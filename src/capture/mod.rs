@@ -41,6 +41,8 @@ pub struct Plan {
     pub mapping_md5: String,
     /// The whole script: `triggers_sql`, then the record of the installation.
     pub script: String,
+    /// `(function, md5 of its body)` as the script creates them, in name order.
+    pub function_digests: Vec<(String, String)>,
 }
 
 /// The sources named (all configured ones when `only` is `None`), in name order.
@@ -94,7 +96,12 @@ pub async fn plan(
         "BEGIN;\n{triggers_sql}\n{}COMMIT;\n",
         records::record_sql(name, &source.table, &mapping_md5, &columns)
     );
+    let function_digests = generate::function_bodies(&triggers_sql)
+        .into_iter()
+        .map(|(f, body)| (f, crate::providers::md5_hex(&[body.as_bytes()])))
+        .collect();
     Ok(Plan {
+        function_digests,
         source: name.to_string(),
         table: source.table.clone(),
         triggers_sql,
@@ -130,8 +137,17 @@ pub async fn install(
 }
 
 /// Removes a source's triggers, functions and record (`table`: where they are).
-pub async fn uninstall(pool: &PgPool, name: &str, table: &str) -> Result<(), CaptureError> {
-    let script = format!("BEGIN;\n{}COMMIT;\n", generate::uninstall_sql(name, table));
+pub async fn uninstall(
+    pool: &PgPool,
+    name: &str,
+    table: &str,
+    lock_wait: std::time::Duration,
+) -> Result<(), CaptureError> {
+    let script = format!(
+        "BEGIN;\nSET LOCAL lock_timeout = '{}ms';\n{}COMMIT;\n",
+        lock_wait.as_millis().max(1),
+        generate::uninstall_sql(name, table)
+    );
     let mut conn = pool.acquire().await?;
     let result = sqlx::raw_sql(&script).execute(&mut *conn).await;
     if result.is_err() {
@@ -205,17 +221,36 @@ pub async fn verify(
                 problems.extend(column_drift(record, pool).await?);
                 let triggers = records::triggers_on(pool, &record.table_name).await?;
                 for operation in generate::OPERATIONS.iter().chain(&["truncate"]) {
-                    let trigger = generate::trigger_name(operation);
-                    match triggers.iter().find(|(t, _)| *t == trigger) {
+                    let trigger = generate::trigger_name(name, operation);
+                    let function = generate::function_name(name, operation);
+                    match triggers.iter().find(|t| t.name == trigger) {
                         None => problems.push(format!(
                             "trigger {trigger} is missing on {}: run `contact-sync capture install {name}`",
                             record.table_name
                         )),
-                        Some((_, false)) => problems.push(format!(
-                            "trigger {trigger} on {} is disabled: its writes are not captured (ALTER TABLE … ENABLE TRIGGER {trigger}, then a backfill)",
-                            record.table_name
+                        Some(t) if t.function != function => problems.push(format!(
+                            "trigger {trigger} on {} calls {} instead of {function}: run `contact-sync capture install {name}`",
+                            record.table_name, t.function
+                        )),
+                        Some(t) if !matches!(t.enabled.as_str(), "O" | "A") => problems.push(format!(
+                            "trigger {trigger} on {} is {}: its writes are not captured (ALTER TABLE … ENABLE TRIGGER {trigger}, then a backfill)",
+                            record.table_name,
+                            if t.enabled == "D" { "disabled" } else { "enabled for replicas only" }
                         )),
                         Some(_) => {}
+                    }
+                }
+                if let Some(plan) = &plan {
+                    let names: Vec<String> = plan
+                        .function_digests
+                        .iter()
+                        .map(|(n, _)| n.clone())
+                        .collect();
+                    let installed = records::function_digests(pool, &names).await?;
+                    if installed != plan.function_digests {
+                        problems.push(format!(
+                            "the installed trigger functions were changed by hand: run `contact-sync capture install {name}`"
+                        ));
                     }
                 }
             }

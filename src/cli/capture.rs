@@ -102,7 +102,7 @@ pub async fn run(command: CaptureCommand, settings: &Settings) -> anyhow::Result
             let Some(table) = table else {
                 anyhow::bail!("no source {source:?} is configured or installed");
             };
-            capture::uninstall(&pool, &source, &table).await?;
+            capture::uninstall(&pool, &source, &table, TABLE_LOCK_WAIT).await?;
             println!("{source}: capture of {table} removed");
             Ok(ExitCode::SUCCESS)
         }

@@ -5,7 +5,7 @@
 
 mod accounts;
 mod explain;
-mod sources;
+pub(crate) mod sources;
 mod validate;
 
 pub use accounts::{

@@ -68,6 +68,9 @@ pub fn provider_fields(provider: ProviderKind) -> &'static [&'static str] {
     }
 }
 
+/// The dollar-quote of the generated trigger functions' bodies: an expression must not hold it.
+pub const BODY_QUOTE: &str = "$contact_sync_capture$";
+
 /// The longest source name: generated names (`capture_NAME_update`) stay within Postgres's 63.
 const MAX_SOURCE_NAME: usize = 40;
 
@@ -200,10 +203,17 @@ fn check_expression(key: &str, expression: &str) -> Result<(), ConfigError> {
             "is empty: name a column or write an expression",
         ));
     }
-    if expression.contains(';') || expression.contains("--") || expression.contains("/*") {
+    if expression.contains(';')
+        || expression.contains("--")
+        || expression.contains("/*")
+        || expression.contains(BODY_QUOTE)
+        || expression
+            .chars()
+            .any(|c| c.is_control() && !matches!(c, '\n' | '\t' | '\r'))
+    {
         return Err(invalid(
             key,
-            "must be one SQL expression, without ';' or comments",
+            "must be one SQL expression, without ';', comments, control characters or $contact_sync_capture$",
         ));
     }
     Ok(())

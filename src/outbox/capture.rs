@@ -44,13 +44,38 @@ pub fn record_sql(source: &str, table: &str, md5: &str, columns: &Value) -> Stri
     )
 }
 
-/// The capture triggers present on `table`, with whether each is enabled.
-pub async fn triggers_on(pool: &PgPool, table: &str) -> Result<Vec<(String, bool)>, sqlx::Error> {
+/// A capture trigger on a table: what it calls and whether it fires (`O`: origin, `A`: always,
+/// `R`: replicas only, `D`: disabled).
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct TriggerRow {
+    pub name: String,
+    pub function: String,
+    pub enabled: String,
+}
+
+/// The capture triggers present on `table`.
+pub async fn triggers_on(pool: &PgPool, table: &str) -> Result<Vec<TriggerRow>, sqlx::Error> {
     sqlx::query_as(
-        "SELECT t.tgname::text, t.tgenabled <> 'D' FROM pg_trigger t \
+        "SELECT t.tgname::text AS name, format('%s.%s', n.nspname, p.proname) AS function, t.tgenabled::text AS enabled \
+         FROM pg_trigger t JOIN pg_proc p ON p.oid = t.tgfoid JOIN pg_namespace n ON n.oid = p.pronamespace \
          WHERE t.tgrelid = to_regclass($1) AND t.tgname LIKE 'contact\\_sync\\_capture\\_%' ORDER BY 1",
     )
     .bind(table)
+    .fetch_all(pool)
+    .await
+}
+
+/// `(function, md5 of its body)` of the functions named, as installed, in name order.
+pub async fn function_digests(
+    pool: &PgPool,
+    names: &[String],
+) -> Result<Vec<(String, String)>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT 'contact_sync.' || p.proname, md5(p.prosrc) FROM pg_proc p \
+         JOIN pg_namespace n ON n.oid = p.pronamespace \
+         WHERE n.nspname = 'contact_sync' AND 'contact_sync.' || p.proname = ANY($1) ORDER BY 1",
+    )
+    .bind(names)
     .fetch_all(pool)
     .await
 }

@@ -784,3 +784,128 @@ async fn a_killed_backfill_resumes_and_live_changes_keep_their_order() {
     .unwrap();
     assert_eq!(backfill_jobs, 0, "no contact queued twice");
 }
+
+/// Found by the adversarial review: a key change and an address swap queued the arriving
+/// contact before the leaving one; fixing a malformed address never reached Smartlink; a json
+/// column or a column named like a variable of the generated functions broke capture; the
+/// application's role needed rights on contact-sync's tables; two sources on one table
+/// replaced each other's triggers; a hand-edited function passed `verify`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_writes_and_schemas_keep_the_providers_right() {
+    let (env, config) = captured().await;
+    exec(
+        &env,
+        "ALTER TABLE users ADD COLUMN keys text, ADD COLUMN hi int, ADD COLUMN prefs json;
+         INSERT INTO users (email, first_name, keys) VALUES ('k1@example.com', 'K', 'x'), ('k2@example.com', 'L', 'y');",
+    )
+    .await;
+    // a key change: the contact leaves under its old key and arrives under the new one
+    exec(
+        &env,
+        "UPDATE users SET id = DEFAULT WHERE email = 'k1@example.com'",
+    )
+    .await;
+    // an address swap
+    exec(
+        &env,
+        "UPDATE users u SET email = v.e FROM (VALUES ('k1@example.com', 'k2@example.com'), ('k2@example.com', 'k1@example.com')) v(o, e) \
+         WHERE u.email = v.o",
+    )
+    .await;
+    // a malformed address, fixed
+    exec(
+        &env,
+        "INSERT INTO users (email, first_name) VALUES ('typo@@example.com', 'T');
+         UPDATE users SET email = 'typo@example.com' WHERE email = 'typo@@example.com'",
+    )
+    .await;
+    // a statement with a bad row in a table with a column named `keys`
+    exec(
+        &env,
+        "INSERT INTO users (email, keys) VALUES ('k3@example.com', 'z'), ('not an address', 'w')",
+    )
+    .await;
+    // the application's own role, with rights on its table only
+    exec(
+        &env,
+        "CREATE ROLE capture_app_role; GRANT SELECT, INSERT, UPDATE, DELETE ON users TO capture_app_role;",
+    )
+    .await;
+    let mut conn = env.pool.acquire().await.unwrap();
+    sqlx::raw_sql(
+        "SET ROLE capture_app_role; INSERT INTO users (email, first_name) OVERRIDING USER VALUE VALUES ('role@example.com', 'R'); RESET ROLE",
+    )
+    .execute(&mut *conn)
+    .await
+    .expect("the application's role writes without rights on contact-sync's tables");
+    drop(conn);
+    let worker = env.worker();
+    env.settle(&worker).await;
+    assert_providers_match_the_table(&env, &[]).await;
+    let sl = env
+        .sandbox
+        .contact("smartlink", SL_GAME, "typo@example.com")
+        .expect("the fixed address reached Smartlink");
+    assert_eq!(sl.subscribe, Some(1));
+    let rejected: Vec<String> = sqlx::query_scalar(
+        "SELECT account || ' ' || sqlstate FROM contact_sync.capture_rejections ORDER BY 1",
+    )
+    .fetch_all(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        rejected,
+        vec!["jc 22023", "jc 22023", "sl 22023", "sl 22023"],
+        "the malformed addresses only, each account once"
+    );
+
+    // a mapping reading a json column, and a column named like a variable
+    let json_mapping = SOURCES
+        .replace("lead_city = \"city\"", "lead_city = \"prefs->>'city'\"")
+        .replace("lead_phone = \"phone\"", "lead_phone = \"hi\"");
+    let config = env.config_file(&json_mapping);
+    let (code, out, err) = env.cli(&config, &["capture", "install"]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    exec(
+        &env,
+        "UPDATE users SET prefs = '{\"city\": \"Riga\"}', hi = 5 WHERE email = 'k3@example.com'",
+    )
+    .await;
+    let payload: Value = sqlx::query_scalar(
+        "SELECT payload FROM contact_sync.jobs WHERE account = 'jc' ORDER BY id DESC LIMIT 1",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(payload, json!({"lead_city": "Riga", "lead_phone": "5"}));
+    let (code, out, _) = env.cli(&config, &["capture", "verify"]).await;
+    assert_eq!(code, 0, "{out}");
+
+    // a second source on the same table keeps the first one's triggers
+    let two = format!(
+        "{json_mapping}\n[sources.vip]\ntable = \"public.users\"\nkey = \"id\"\nemail = \"email\"\nwhere = \"plan = 'vip'\"\n\
+         [sources.vip.targets.sl]\n\"attributes.vip\" = \"true\"\n"
+    );
+    let config = env.config_file(&two);
+    let (code, out, err) = env.cli(&config, &["capture", "install"]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    let before = jobs(&env).await;
+    exec(
+        &env,
+        "INSERT INTO users (email, plan) VALUES ('v@example.com', 'vip')",
+    )
+    .await;
+    assert_eq!(jobs(&env).await, before + 3, "users: jc and sl; vip: sl");
+    let (code, out, _) = env.cli(&config, &["capture", "verify"]).await;
+    assert_eq!(code, 0, "{out}");
+
+    // a function changed by hand is reported
+    exec(
+        &env,
+        "CREATE OR REPLACE FUNCTION contact_sync.capture_users_update() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RETURN NULL; END $$",
+    )
+    .await;
+    let (code, out, _) = env.cli(&config, &["capture", "verify"]).await;
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("changed by hand"), "{out}");
+}

@@ -112,7 +112,7 @@ pub async fn measure(pool: &PgPool, config: &Path, rows: i64) -> anyhow::Result<
     .await?;
     let took = started.elapsed().as_secs_f64();
 
-    capture::uninstall(pool, SOURCE, TABLE).await?;
+    capture::uninstall(pool, SOURCE, TABLE, Duration::from_secs(5)).await?;
     sqlx::raw_sql(&format!(
         "DROP TABLE {TABLE}; DELETE FROM contact_sync.backfills WHERE source = '{SOURCE}';
          DELETE FROM contact_sync.synced WHERE contact_key LIKE '%:bench\\_%:cap%@example.com';"
