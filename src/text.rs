@@ -62,6 +62,11 @@ pub fn storable(text: &str) -> String {
     out
 }
 
+/// An SQL string literal: `text` between single quotes, each quote doubled.
+pub fn sql_literal(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "''"))
+}
+
 /// The known name closest to `word`, if close enough to be a typo (for "did you mean …?").
 pub fn closest<'a, S: AsRef<str>>(word: &str, known: &'a [S]) -> Option<&'a str> {
     known

@@ -595,7 +595,4 @@ pub fn function_bodies(script: &str) -> Vec<(String, String)> {
     out
 }
 
-/// An SQL string literal.
-pub fn literal(text: &str) -> String {
-    format!("'{}'", text.replace('\'', "''"))
-}
+pub use crate::text::sql_literal as literal;

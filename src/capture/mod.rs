@@ -127,9 +127,14 @@ pub async fn install(
         ),
         1,
     );
-    let result = sqlx::raw_sql(&script).execute(&mut *conn).await;
+    run_script(&mut conn, &script).await
+}
+
+/// Runs a script of several statements (`BEGIN; … COMMIT;`); when one fails, the transaction it
+/// left open on the connection is rolled back before the connection returns to the pool.
+async fn run_script(conn: &mut sqlx::PgConnection, script: &str) -> Result<(), CaptureError> {
+    let result = sqlx::raw_sql(script).execute(&mut *conn).await;
     if result.is_err() {
-        // a failed script leaves its transaction open on this connection
         let _ = sqlx::raw_sql("ROLLBACK").execute(&mut *conn).await;
     }
     result?;
@@ -149,12 +154,7 @@ pub async fn uninstall(
         generate::uninstall_sql(name, table)
     );
     let mut conn = pool.acquire().await?;
-    let result = sqlx::raw_sql(&script).execute(&mut *conn).await;
-    if result.is_err() {
-        let _ = sqlx::raw_sql("ROLLBACK").execute(&mut *conn).await;
-    }
-    result?;
-    Ok(())
+    run_script(&mut conn, &script).await
 }
 
 /// What `capture verify` found for one source.

@@ -30,7 +30,7 @@ pub async fn installed(pool: &PgPool) -> Result<Vec<Installed>, sqlx::Error> {
 
 /// The statement recording an installation (part of the script `capture plan` prints).
 pub fn record_sql(source: &str, table: &str, md5: &str, columns: &Value) -> String {
-    let literal = |t: &str| format!("'{}'", t.replace('\'', "''"));
+    let literal = crate::text::sql_literal;
     format!(
         "INSERT INTO contact_sync.capture_sources (source, table_name, mapping_md5, columns)\n\
          VALUES ({}, {}, {}, {}::jsonb)\n\
