@@ -792,7 +792,7 @@ async fn a_killed_backfill_resumes_and_live_changes_keep_their_order() {
 /// replaced each other's triggers; a hand-edited function passed `verify`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_writes_and_schemas_keep_the_providers_right() {
-    let (env, config) = captured().await;
+    let (env, _) = captured().await;
     exec(
         &env,
         "ALTER TABLE users ADD COLUMN keys text, ADD COLUMN hi int, ADD COLUMN prefs json;
