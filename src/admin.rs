@@ -117,6 +117,7 @@ pub async fn spawn(
 
 async fn metrics_page(State(state): State<AdminState>) -> impl IntoResponse {
     let gauges = read_gauges(&state.pool).await;
+    capture_gauges(&state.pool).await;
     let mut seen = match state.seen.lock() {
         Ok(s) => s,
         Err(poisoned) => poisoned.into_inner(),
@@ -157,6 +158,29 @@ async fn metrics_page(State(state): State<AdminState>) -> impl IntoResponse {
             "metrics recorder not installed\n",
         )
             .into_response(),
+    }
+}
+
+/// Per installed capture source: rows rejected and statements not captured since its
+/// installation (left as they were when the database does not answer).
+async fn capture_gauges(pool: &PgPool) {
+    let read = async {
+        let mut out = Vec::new();
+        for source in crate::outbox::capture::installed(pool).await? {
+            let p =
+                crate::outbox::capture::problems(pool, &source.source, Some(source.installed_at))
+                    .await?;
+            out.push((source.source, p));
+        }
+        Ok::<_, sqlx::Error>(out)
+    };
+    if let Ok(Ok(sources)) = tokio::time::timeout(DATABASE_WAIT, read).await {
+        for (source, p) in sources {
+            metrics::gauge!("contact_sync_capture_rejected_rows", "source" => source.clone())
+                .set(p.rejections as f64);
+            metrics::gauge!("contact_sync_capture_uncaptured_statements", "source" => source)
+                .set(p.failures as f64);
+        }
     }
 }
 

@@ -152,6 +152,14 @@ pub fn describe() {
         "Age of the oldest job due now, per account (0 when none)"
     );
     describe_gauge!(
+        "contact_sync_capture_rejected_rows",
+        "Rows of a captured table whose change could not be queued, since the source's installation (contact-sync capture rejections)"
+    );
+    describe_gauge!(
+        "contact_sync_capture_uncaptured_statements",
+        "Statements on a captured table that were not captured (mapping drift, TRUNCATE), since the source's installation (contact-sync capture verify)"
+    );
+    describe_gauge!(
         "contact_sync_jobs_dead",
         "Jobs dead now, per account (waiting for an operator: retry or cancel)"
     );

@@ -336,6 +336,28 @@ async fn a_row_that_cannot_be_sent_is_rejected_and_the_write_commits() {
     let (code, out, _) = env.cli(&config, &["status"]).await;
     assert_eq!(code, 0);
     assert!(out.contains("users: 4 row(s) rejected"), "{out}");
+    // and /metrics
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let server = tokio::spawn(contact_sync::admin::serve(
+        listener,
+        env.pool.clone(),
+        stop.clone(),
+    ));
+    let page = reqwest::get(format!("http://{addr}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        page.lines()
+            .any(|l| l == "contact_sync_capture_rejected_rows{source=\"users\"} 4"),
+        "{page}"
+    );
+    stop.cancel();
+    let _ = server.await;
 }
 
 /// A mapped column renamed or dropped never breaks the application's writes: the statements
