@@ -75,16 +75,7 @@ pub async fn check(
     providers: &BTreeMap<String, ProviderKind>,
 ) -> Result<CheckedSource, CatalogError> {
     let (schema, table) = source.schema_and_table();
-    let columns: Vec<(String, String)> = sqlx::query_as(
-        "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod) \
-         FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace s ON s.oid = c.relnamespace \
-         WHERE s.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p') AND a.attnum > 0 AND NOT a.attisdropped \
-         ORDER BY a.attnum",
-    )
-    .bind(schema)
-    .bind(table)
-    .fetch_all(&mut *conn)
-    .await?;
+    let columns = columns_of(&mut *conn, &source.table).await?;
     if columns.is_empty() {
         return Err(mapping(
             format!("sources.{name}.table"),
@@ -180,6 +171,23 @@ pub async fn check(
         filter,
         fields,
     })
+}
+
+/// The columns of `table` (`schema.table`) and their types, in column order; none when there is
+/// no such table. (Also what `capture verify` compares with the columns at installation.)
+pub async fn columns_of(
+    conn: &mut PgConnection,
+    table: &str,
+) -> Result<Vec<(String, String)>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod) \
+         FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid \
+         WHERE c.oid = to_regclass($1) AND c.relkind IN ('r', 'p') AND a.attnum > 0 AND NOT a.attisdropped \
+         ORDER BY a.attnum",
+    )
+    .bind(table)
+    .fetch_all(conn)
+    .await
 }
 
 /// `Some(what the field takes)` when a value of `kind` cannot be sent as `field`.

@@ -296,13 +296,7 @@ async fn column_drift(
 ) -> Result<Vec<String>, sqlx::Error> {
     let then: Vec<(String, String)> =
         serde_json::from_value(record.columns.clone()).unwrap_or_default();
-    let now: Vec<(String, String)> = sqlx::query_as(
-        "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod) FROM pg_attribute a \
-         WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum",
-    )
-    .bind(&record.table_name)
-    .fetch_all(pool)
-    .await?;
+    let now = catalog::columns_of(&mut *pool.acquire().await?, &record.table_name).await?;
     if now.is_empty() {
         return Ok(vec![format!(
             "table {} no longer exists: run `contact-sync capture uninstall {}`",
