@@ -71,6 +71,7 @@ COMMENT ON FUNCTION contact_sync.enqueue(provider text, account text, email text
 CREATE FUNCTION contact_sync.jobs_after_delete() RETURNS trigger
     LANGUAGE plpgsql
     SET plan_cache_mode TO 'force_custom_plan'
+    SET jit TO 'off'
     AS $$
 BEGIN
     PERFORM contact_sync.refresh_contacts(ARRAY(
@@ -82,6 +83,7 @@ $$;
 CREATE FUNCTION contact_sync.jobs_after_insert() RETURNS trigger
     LANGUAGE plpgsql
     SET plan_cache_mode TO 'force_custom_plan'
+    SET jit TO 'off'
     AS $$
 DECLARE
     todo text[];
@@ -143,18 +145,21 @@ $$;
 CREATE FUNCTION contact_sync.jobs_after_update() RETURNS trigger
     LANGUAGE plpgsql
     SET plan_cache_mode TO 'force_custom_plan'
+    SET jit TO 'off'
     AS $$
 BEGIN
-    -- (no join of the two transition tables: they have no statistics and a nested loop over
-    -- them is quadratic in the batch)
+    -- The contacts whose open work changed: a job now pending, and an open job that is no
+    -- longer open under the same key (finished, cancelled, or its address edited by hand).
+    -- A claim (pending to running) and a heartbeat (running to running) change nothing here.
+    -- (set operations, not a join of the two transition tables: they have no statistics, and a
+    -- nested loop over them is quadratic in the batch)
     PERFORM contact_sync.refresh_contacts(ARRAY(
-        SELECT n.contact_key FROM new_jobs n
-        WHERE n.state = 'pending'
-           OR (n.state <> 'running' AND n.id IN (SELECT o.id FROM old_jobs o WHERE o.state IN ('pending', 'running')))
+        SELECT n.contact_key FROM new_jobs n WHERE n.state = 'pending'
         UNION
-        -- an open job that left its contact (its address edited by hand)
-        SELECT o.contact_key FROM old_jobs o
-        WHERE o.state IN ('pending', 'running') AND o.contact_key NOT IN (SELECT n.contact_key FROM new_jobs n)));
+        SELECT c.contact_key FROM (
+            SELECT o.id, o.contact_key FROM old_jobs o WHERE o.state IN ('pending', 'running')
+            EXCEPT
+            SELECT n.id, n.contact_key FROM new_jobs n WHERE n.state IN ('pending', 'running')) c));
     RETURN NULL;
 END
 $$;
@@ -178,6 +183,7 @@ $$;
 CREATE FUNCTION contact_sync.jobs_check_account_provider() RETURNS trigger
     LANGUAGE plpgsql
     SET plan_cache_mode TO 'force_custom_plan'
+    SET jit TO 'off'
     AS $$
 BEGIN
     PERFORM contact_sync.reject(
@@ -252,6 +258,7 @@ $$;
 CREATE FUNCTION contact_sync.rebuild_contacts() RETURNS void
     LANGUAGE plpgsql
     SET plan_cache_mode TO 'force_custom_plan'
+    SET jit TO 'off'
     AS $$
 BEGIN
     PERFORM contact_sync.refresh_contacts(ARRAY(
@@ -264,6 +271,7 @@ $$;
 CREATE FUNCTION contact_sync.refresh_contacts(keys text[]) RETURNS void
     LANGUAGE plpgsql
     SET plan_cache_mode TO 'force_custom_plan'
+    SET jit TO 'off'
     AS $$
 DECLARE
     strong text[];
@@ -287,23 +295,25 @@ BEGIN
         -- held by a producer (compatible), or locked by another transaction (skipped)
         SELECT coalesce(array_agg(s.contact_key), '{}') INTO weak FROM (
             SELECT c.contact_key FROM contact_sync.contacts c
-            WHERE c.contact_key = ANY(ARRAY(SELECT unnest(keys))) AND c.contact_key NOT IN (SELECT unnest(strong))
+            WHERE c.contact_key = ANY(ARRAY(SELECT unnest(keys)))
+              AND NOT EXISTS (SELECT 1 FROM unnest(strong) AS t(k) WHERE t.k = c.contact_key)
             ORDER BY c.contact_key FOR NO KEY UPDATE SKIP LOCKED) s;
         -- rows that exist but could not be locked: for the sweep
         INSERT INTO contact_sync.contacts_dirty (contact_key)
         SELECT c.contact_key FROM contact_sync.contacts c
         WHERE c.contact_key = ANY(ARRAY(SELECT unnest(keys)))
-          AND c.contact_key NOT IN (SELECT unnest(strong) UNION ALL SELECT unnest(weak));
+          AND NOT EXISTS (SELECT 1 FROM unnest(strong) AS t(k) WHERE t.k = c.contact_key)
+          AND NOT EXISTS (SELECT 1 FROM unnest(weak) AS t(k) WHERE t.k = c.contact_key);
     END IF;
     WITH k AS (
         -- the rows locked above, and contacts that have no row; which lock each holds is
-        -- decided here, by hashed subplans (a semi-join against the arrays further down was
-        -- planned as a nested loop: quadratic in the batch)
-        SELECT DISTINCT key, key IN (SELECT unnest(strong)) AS strong_lock,
-               key IN (SELECT unnest(weak)) AS weak_lock
-        FROM unnest(keys) AS key
-        WHERE key IN (SELECT unnest(strong) UNION ALL SELECT unnest(weak))
-           OR NOT EXISTS (SELECT 1 FROM contact_sync.contacts c WHERE c.contact_key = key OFFSET 0)
+        -- decided by outer joins (hashed or merged at any size, never a rescan per row)
+        SELECT DISTINCT u.key, s.k IS NOT NULL AS strong_lock, w.k IS NOT NULL AS weak_lock
+        FROM unnest(keys) AS u(key)
+        LEFT JOIN unnest(strong) AS s(k) ON s.k = u.key
+        LEFT JOIN unnest(weak) AS w(k) ON w.k = u.key
+        WHERE s.k IS NOT NULL OR w.k IS NOT NULL
+           OR NOT EXISTS (SELECT 1 FROM contact_sync.contacts c WHERE c.contact_key = u.key OFFSET 0)
     ), s AS (
         SELECT k.key, k.strong_lock, k.weak_lock, r.id AS running_id, r.account AS running_account,
                p.id AS pending_id, p.run_at, p.account AS pending_account

@@ -363,12 +363,14 @@ impl Bulk {
             let held: Vec<String> = sqlx::query_scalar(
                 // language=PostgreSQL
                 r#"
+                WITH free AS (
+                    SELECT l.contact_key FROM contact_sync.contacts l
+                    WHERE l.contact_key = ANY($1)
+                    FOR NO KEY UPDATE SKIP LOCKED)
+                -- an anti-join, not NOT IN: hashed or merged at any size
                 SELECT c.contact_key FROM contact_sync.contacts c
                 WHERE c.contact_key = ANY($1)
-                  AND c.contact_key NOT IN (
-                      SELECT l.contact_key FROM contact_sync.contacts l
-                      WHERE l.contact_key = ANY($1)
-                      FOR NO KEY UPDATE SKIP LOCKED)
+                  AND NOT EXISTS (SELECT 1 FROM free f WHERE f.contact_key = c.contact_key)
                 "#,
             )
             .persistent(false)

@@ -395,14 +395,7 @@ async fn completing_a_batch_compares_rows_in_proportion_to_it() {
         .map(|row| row.get::<i64, _>("id"))
         .collect();
     assert_eq!(claimed.len(), (PER_STATEMENT * STATEMENTS) as usize);
-    let mut script = String::from(
-        "LOAD 'auto_explain';
-         SET auto_explain.log_min_duration = 0;
-         SET auto_explain.log_analyze = on;
-         SET auto_explain.log_timing = off;
-         SET auto_explain.log_nested_statements = on;
-         SET auto_explain.log_level = notice;\n",
-    );
+    let mut script = String::new();
     for chunk in claimed.chunks(PER_STATEMENT as usize) {
         let ids: Vec<String> = chunk.iter().map(i64::to_string).collect();
         script.push_str(&format!(
@@ -411,18 +404,7 @@ async fn completing_a_batch_compares_rows_in_proportion_to_it() {
             ids.join(",")
         ));
     }
-    let file = std::env::temp_dir().join(format!("contact-sync-plans-{}.sql", fastrand::u64(..)));
-    std::fs::write(&file, script).unwrap();
-    let out = tokio::process::Command::new(psql())
-        .arg(&db.url)
-        .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-f"])
-        .arg(&file)
-        .output()
-        .await
-        .unwrap();
-    let _ = std::fs::remove_file(&file);
-    let notices = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{notices}");
+    let notices = explained(&db.url, &script).await;
     assert!(
         notices.contains("refresh_contacts"),
         "no nested plans: {notices}"
@@ -441,6 +423,94 @@ async fn completing_a_batch_compares_rows_in_proportion_to_it() {
         .await
         .unwrap();
     assert_eq!(left, 0, "every finished contact leaves the queue");
+}
+
+/// Runs `script` in one psql session with every plan, nested statements included, sent back
+/// as notices (auto_explain with row counts, no timing); returns them.
+async fn explained(url: &str, script: &str) -> String {
+    let script = format!(
+        "LOAD 'auto_explain';
+         SET auto_explain.log_min_duration = 0;
+         SET auto_explain.log_analyze = on;
+         SET auto_explain.log_timing = off;
+         SET auto_explain.log_nested_statements = on;
+         SET auto_explain.log_level = notice;\n{script}"
+    );
+    let file = std::env::temp_dir().join(format!("contact-sync-plans-{}.sql", fastrand::u64(..)));
+    std::fs::write(&file, script).unwrap();
+    let out = tokio::process::Command::new(psql())
+        .arg(url)
+        .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-f"])
+        .arg(&file)
+        .output()
+        .await
+        .unwrap();
+    let _ = std::fs::remove_file(&file);
+    let notices = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{notices}");
+    notices
+}
+
+/// Rows × loops of every plan node in `notices` (auto_explain's ANALYZE output): the work a
+/// node did, counted in rows.
+fn node_work(notices: &str) -> Vec<(i64, String)> {
+    notices
+        .lines()
+        .filter_map(|line| {
+            let at = line.find("(actual rows=")?;
+            let tail = &line[at + "(actual rows=".len()..];
+            let rows: i64 = tail.split_whitespace().next()?.parse().ok()?;
+            let loops: i64 = tail
+                .split("loops=")
+                .nth(1)?
+                .trim_end_matches(')')
+                .trim()
+                .parse()
+                .ok()?;
+            Some((rows * loops, line.trim().to_string()))
+        })
+        .collect()
+}
+
+/// Regression: statements over many contacts tested set membership with `IN (SELECT unnest(..))`
+/// and `NOT IN (..)`, which PostgreSQL hashes only while the set fits `work_mem` and otherwise
+/// rescans for every row: `cancel --state pending` took 0.85 s at 20,000 contacts and did not
+/// finish in 200 s at 200,000. With `work_mem` at its minimum, so that no set fits, a bulk
+/// reschedule, a bulk cancel and `rebuild_contacts()` over N contacts do work in proportion to
+/// N in every plan node, the triggers' nested statements included.
+#[tokio::test]
+async fn bulk_statements_over_many_contacts_cost_in_proportion_to_them() {
+    let db = TestDb::new().await;
+    const CONTACTS: i64 = 4_000;
+    ready(&db.pool, 1, CONTACTS).await;
+    analyze(&db.pool).await;
+    let notices = explained(
+        &db.url,
+        "SET work_mem = '64kB';
+         UPDATE contact_sync.jobs SET run_at = now() + interval '1 hour' WHERE state = 'pending';
+         SELECT contact_sync.rebuild_contacts();
+         UPDATE contact_sync.jobs SET state = 'cancelled', finished_at = now() WHERE state = 'pending';\n",
+    )
+    .await;
+    assert!(
+        notices.contains("refresh_contacts"),
+        "no nested plans: {notices}"
+    );
+    let worst = node_work(&notices).into_iter().max().unwrap();
+    assert!(
+        worst.0 <= 4 * CONTACTS,
+        "a plan node did {} rows of work for {CONTACTS} contacts: {}\n{notices}",
+        worst.0,
+        worst.1
+    );
+    let (cancelled, queued): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM contact_sync.jobs WHERE state = 'cancelled'),
+                (SELECT count(*) FROM contact_sync.contacts)",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!((cancelled, queued), (CONTACTS, 0));
 }
 
 /// Rows read by sequential scans of the queue's tables so far (`pg_stat_user_tables`), after
