@@ -92,16 +92,13 @@ BEGIN
     PERFORM contact_sync.reject('contact_sync: run_at must be a finite time, got ' || n.run_at::text,
                                 'pass a timestamp (or omit run_at for now)', to_jsonb(n.id))
     FROM new_jobs n WHERE NOT isfinite(n.run_at);
-    todo := ARRAY(SELECT DISTINCT n.contact_key FROM new_jobs n WHERE n.state IN ('pending', 'running'));
     IF current_setting('transaction_isolation') <> 'read committed' THEN
-        -- hold the rows that exist first: an INSERT that meets a row version this snapshot
-        -- cannot see would fail with a serialization error, a lock on it does not
-        -- (the keys as a variable: a statement without one keeps its first plan, see above)
-        PERFORM 1 FROM (
-            SELECT c.contact_key FROM contact_sync.contacts c
-            WHERE c.contact_key = ANY(ARRAY(SELECT unnest(todo)))
-            ORDER BY c.contact_key FOR KEY SHARE) s;
+        INSERT INTO contact_sync.contacts_dirty (contact_key)
+        SELECT DISTINCT n.contact_key FROM new_jobs n WHERE n.state IN ('pending', 'running');
+        PERFORM pg_notify('contact_sync_jobs', 'reread');
+        RETURN NULL;
     END IF;
+    todo := ARRAY(SELECT DISTINCT n.contact_key FROM new_jobs n WHERE n.state IN ('pending', 'running'));
     FOR pass IN 1..10 LOOP
         EXIT WHEN cardinality(todo) = 0;
         -- a new contact: its row, head = its first new job (one set-based insert)

@@ -24,8 +24,9 @@ fn millis(d: Duration) -> i64 {
 /// scheduled later sits past `now()`), locks them `FOR NO KEY UPDATE SKIP LOCKED` (compatible
 /// with the `FOR KEY SHARE` a producer holds), moves each head job to `running` and the contact
 /// to `running`, and reads each head's consecutive due followers (at most `$6`) from the
-/// contact's pending jobs. A head that is no longer `pending` (changed by hand) leaves its
-/// contact to be read again; the unique index on running contacts stays the last word. Head
+/// contact's pending jobs. A head that is no longer `pending` (changed by hand), or no longer
+/// its contact's first pending job, leaves its contact to be read again; the unique index on
+/// running contacts stays the last word. Head
 /// jobs are not locked on their own (that would cost a write per job): whoever changes a
 /// pending job takes its contact's row first, as the operator commands do.
 #[doc(hidden)]
@@ -61,6 +62,11 @@ pub const CLAIM_SQL: &str = r#"
             WHERE j.id = ANY(ARRAY(SELECT head_id FROM picked)) AND coalesce(j.state, '') = 'pending'
               AND NOT EXISTS (SELECT 1 FROM contact_sync.jobs r
                               WHERE r.contact_key = j.contact_key AND r.state = 'running')
+              -- the contact's first pending job, whatever its queue row says (a change noted
+              -- for a re-read by a REPEATABLE READ producer, then one queued by a READ
+              -- COMMITTED one): otherwise the row is read again first
+              AND NOT EXISTS (SELECT 1 FROM contact_sync.jobs e
+                              WHERE e.contact_key = j.contact_key AND e.state = 'pending' AND e.id < j.id)
             RETURNING j.id, j.provider, j.account, j.email, j.payload, j.attempts, j.max_attempts,
                       j.created_at, j.contact_key
         ), marked AS (
@@ -452,6 +458,10 @@ pub async fn runnable_exists(pool: &PgPool, accounts: &[String]) -> Result<bool,
                        WHERE c.head_id IS NULL AND c.account = ANY($1)
                          AND EXISTS (SELECT 1 FROM contact_sync.jobs j
                                      WHERE j.contact_key = c.contact_key AND j.state = 'pending'))
+            -- so is a contact a REPEATABLE READ or SERIALIZABLE producer noted (read again by
+            -- housekeeping, which the caller wakes)
+            OR EXISTS (SELECT 1 FROM contact_sync.contacts_dirty d
+                       WHERE split_part(d.contact_key, ':', 2) = ANY($1))
         "#,
     )
     .persistent(false)

@@ -14,6 +14,10 @@ use tokio_util::sync::CancellationToken;
 /// The channel `contact_sync.notify_jobs()` signals on every insert.
 pub const CHANNEL: &str = "contact_sync_jobs";
 
+/// The payload on [`CHANNEL`] of a producer that noted its contacts for a re-read instead of
+/// queuing them (REPEATABLE READ and SERIALIZABLE transactions).
+pub const REREAD_PAYLOAD: &str = "reread";
+
 /// Registers this replica and its accounts' limits (a warning names each account whose limits
 /// another replica had set differently: they are the account's, the last registration wins).
 pub async fn register(shared: &Shared) -> Result<(), sqlx::Error> {
@@ -105,7 +109,12 @@ pub async fn listen(shared: Arc<Shared>, stop: CancellationToken) {
                                     }
                                 }
                             }
-                            Ok(_) => shared.wake.notify_one(),
+                            Ok(n) => {
+                                if n.payload() == REREAD_PAYLOAD {
+                                    shared.reread.notify_one();
+                                }
+                                shared.wake.notify_one();
+                            }
                             Err(e) => {
                                 tracing::warn!(error = %e, "LISTEN connection lost; polling until it is back");
                                 break;
@@ -224,8 +233,37 @@ pub async fn run(shared: Arc<Shared>, stop: CancellationToken) {
             .min(next_orphans);
         tokio::select! {
             _ = tokio::time::sleep_until(next.into()) => {}
+            _ = shared.reread.notified() => reread_noted(&shared).await,
             _ = stop.cancelled() => return,
         }
+    }
+}
+
+/// Reads again the contacts producers noted, batch after batch while batches come back full
+/// (a bulk insert under REPEATABLE READ notes every contact it touched), at most
+/// [`REREAD_ROUNDS`] batches before other housekeeping gets its turn.
+async fn reread_noted(shared: &Shared) {
+    let mut read = 0;
+    for _ in 0..REREAD_ROUNDS {
+        match claim::reread_contacts(&shared.pool, REREAD_BATCH).await {
+            Ok(n) => {
+                read += n;
+                if n > 0 {
+                    shared.wake.notify_one();
+                }
+                if n < REREAD_BATCH {
+                    break;
+                }
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "contact re-read failed");
+                break;
+            }
+        }
+    }
+    if read >= REREAD_BATCH * REREAD_ROUNDS {
+        // more are waiting: come back at once, after the timers above
+        shared.reread.notify_one();
     }
 }
 
@@ -392,6 +430,9 @@ impl OrphanPass {
 
 /// Contacts read again per housekeeping tick (see `claim::reread_contacts`).
 const REREAD_BATCH: i64 = 500;
+
+/// Batches of [`REREAD_BATCH`] read again in a row when producers noted contacts.
+const REREAD_ROUNDS: i64 = 20;
 
 /// Finished rows deleted per housekeeping tick.
 const PRUNE_BATCH: i64 = 1000;

@@ -65,6 +65,9 @@ pub(crate) struct Shared {
     pub alive: Mutex<Alive>,
     /// Wakes the producer (NOTIFY, completions).
     pub wake: Notify,
+    /// Wakes housekeeping to read again the contacts a REPEATABLE READ or SERIALIZABLE
+    /// producer noted (it does not touch the contacts queue itself).
+    pub reread: Notify,
     pub stats: Stats,
     /// Set by this worker's first registration: only a start (which may bring a corrected
     /// configuration) ends a pause for refused credentials, not every `drain`.
@@ -231,6 +234,7 @@ impl Worker {
                 calls_started: Mutex::new(HashSet::new()),
                 alive: Mutex::new(Alive::default()),
                 wake: Notify::new(),
+                reread: Notify::new(),
                 stats: Stats::default(),
                 registered_once: std::sync::atomic::AtomicBool::new(false),
             }),

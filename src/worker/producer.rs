@@ -252,6 +252,10 @@ async fn drain_check(shared: &Shared, held_back: bool) -> DrainCheck {
         Ok(true) => Ok(true),
         Err(e) => Err(e),
     };
+    if matches!(runnable, Ok(true)) {
+        // contacts noted for a re-read are runnable once read: have them read now
+        shared.reread.notify_one();
+    }
     match runnable {
         Ok(false) => DrainCheck::Done,
         // rate limit or pause: wake when it allows (the plan's own wake-up)

@@ -13,6 +13,7 @@ mod cli;
 mod double_opt_in;
 mod edits_in_flight;
 mod enqueue;
+mod isolation;
 mod limits;
 mod model;
 mod operator;

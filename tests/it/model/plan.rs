@@ -39,6 +39,34 @@ pub(crate) struct Change {
     pub(crate) key: Option<String>,
     /// `Some(text)`: must be refused with SQLSTATE 22023 and a message containing `text`.
     pub(crate) refuse: Option<&'static str>,
+    /// The isolation level of the transaction that records it.
+    pub(crate) isolation: Isolation,
+}
+
+/// A producer transaction's isolation level.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Isolation {
+    ReadCommitted,
+    RepeatableRead,
+    Serializable,
+}
+
+impl Isolation {
+    pub(crate) fn draw(rng: &mut Rng) -> Isolation {
+        match rng.u8(..10) {
+            0..=5 => Isolation::ReadCommitted,
+            6 | 7 => Isolation::RepeatableRead,
+            _ => Isolation::Serializable,
+        }
+    }
+
+    pub(crate) fn sql(self) -> &'static str {
+        match self {
+            Isolation::ReadCommitted => "READ COMMITTED",
+            Isolation::RepeatableRead => "REPEATABLE READ",
+            Isolation::Serializable => "SERIALIZABLE",
+        }
+    }
 }
 
 pub(crate) struct ContactPlan {
@@ -176,6 +204,7 @@ pub(crate) fn plan_round(seed: u64) -> Plan {
                         key: percent(&mut rng, 70)
                             .then(|| format!("m{seed}-{}-{k}", contacts.len())),
                         refuse: None,
+                        isolation: Isolation::draw(&mut rng),
                     }
                 }
             })
@@ -423,6 +452,7 @@ pub(crate) fn adversarial(rng: &mut Rng, account: Account, email: String) -> Cha
         when: When::Now,
         key: None,
         refuse: Some(expect),
+        isolation: Isolation::ReadCommitted,
     };
     let common = rng.u8(..100) < 25;
     if common {

@@ -154,10 +154,28 @@ pub(crate) async fn enqueue_change(
     account: Account,
     change: &Change,
 ) -> Result<JobId, EnqueueError> {
-    let mut conn = pool.acquire().await.map_err(EnqueueError::Database)?;
+    // each change in its own transaction, at the isolation level the plan drew for it
+    let mut tx = pool.begin().await.map_err(EnqueueError::Database)?;
+    sqlx::query(&format!(
+        "SET TRANSACTION ISOLATION LEVEL {}",
+        change.isolation.sql()
+    ))
+    .execute(&mut *tx)
+    .await
+    .map_err(EnqueueError::Database)?;
+    let id = recorded(&mut tx, account, change).await?;
+    tx.commit().await.map_err(EnqueueError::Database)?;
+    Ok(id)
+}
+
+async fn recorded(
+    conn: &mut sqlx::PgConnection,
+    account: Account,
+    change: &Change,
+) -> Result<JobId, EnqueueError> {
     match (&change.body, change.when) {
         (Body::Json(payload), When::Now | When::Later(_)) => {
-            outbox::enqueue(&mut conn, &new_job(account, change, payload)).await
+            outbox::enqueue(conn, &new_job(account, change, payload)).await
         }
         (body, when) => {
             let text = match body {
@@ -177,7 +195,7 @@ pub(crate) async fn enqueue_change(
             .bind(text)
             .bind(&change.key)
             .bind(run_at)
-            .fetch_one(&mut *conn)
+            .fetch_one(conn)
             .await
             .map_err(EnqueueError::from)
         }
