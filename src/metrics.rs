@@ -14,6 +14,8 @@ pub enum JobEvent {
     LeaseLost,
     /// Finished without a change: the provider does not have the contact (`missing_contact = "skip"`).
     NotFound,
+    /// Finished without a call: the provider already held the change (captured accounts).
+    Unchanged,
 }
 
 impl JobEvent {
@@ -26,6 +28,7 @@ impl JobEvent {
             JobEvent::Coalesced => "contact_sync_jobs_coalesced_total",
             JobEvent::LeaseLost => "contact_sync_jobs_lease_lost_total",
             JobEvent::NotFound => "contact_sync_jobs_not_found_total",
+            JobEvent::Unchanged => "contact_sync_jobs_unchanged_total",
         }
     }
 }
@@ -121,6 +124,7 @@ pub fn describe() {
         "Jobs whose lease another worker rescued before this one recorded the outcome"
     );
     describe_counter!("contact_sync_jobs_not_found_total", "Jobs finished without a change because the provider does not have the contact (missing_contact = skip)");
+    describe_counter!("contact_sync_jobs_unchanged_total", "Jobs finished without a call because the provider already held the change (synced state of a captured account)");
     describe_counter!(
         "contact_sync_account_throttle_pauses_total",
         "Fleet-wide throttle pauses this worker started after a provider's throttle answer"

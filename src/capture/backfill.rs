@@ -300,6 +300,8 @@ impl Page<'_> {
             return Ok(());
         }
         let known = if options.mode == Mode::Force {
+            // (the worker would otherwise find the provider holding what it was last sent)
+            synced::forget(tx, self.provider.as_str(), self.account, &emails).await?;
             vec![None; rows.len()]
         } else {
             synced::known(tx, self.provider.as_str(), self.account, &emails).await?

@@ -89,6 +89,7 @@ pub fn install_sql(
              SECURITY DEFINER\n\
              SET search_path = pg_catalog, {schema}\n\
              SET plan_cache_mode = force_custom_plan\n\
+             SET jit = off\n\
              AS $contact_sync_capture$\n\
              DECLARE\n    _cs_keys text[];\n    _cs_stack int[];\n    _cs_lo int;\n    _cs_hi int;\n    _cs_mid int;\n\
              BEGIN\n{body}    RETURN NULL;\nEND\n$contact_sync_capture$;\n",

@@ -87,6 +87,10 @@ pub const CLAIM_SQL: &str = r#"
                CASE WHEN j.provider = 'smartlink' THEN
                    (SELECT w.modify_ts FROM contact_sync.smartlink_watermarks w WHERE w.contact_key = j.contact_key)
                END AS known_modify_ts,
+               -- what the provider was last sent, for the accounts a source captures into ($8)
+               CASE WHEN j.account = ANY($8::text[]) THEN
+                   (SELECT s.fields::text FROM contact_sync.synced s WHERE s.contact_key = j.contact_key)
+               END AS synced_fields,
                -- most heads have no follower: one index probe says so, without the
                -- aggregate's set-up for every claimed job
                CASE WHEN NOT EXISTS (SELECT 1 FROM contact_sync.jobs f
@@ -113,30 +117,29 @@ pub const CLAIM_SQL: &str = r#"
 pub async fn claim(
     pool: &PgPool,
     quotas: &[AccountQuota],
-    lease: Duration,
-    worker_id: &str,
-    default_max_attempts: i32,
-    max_followers: usize,
+    options: &ClaimOptions<'_>,
 ) -> Result<Vec<ClaimedJob>, sqlx::Error> {
     if quotas.is_empty() {
         return Ok(Vec::new());
     }
     let mut conn = pool.acquire().await?;
-    let claim = Claim {
-        lease,
-        worker_id,
-        default_max_attempts,
-        max_followers,
-    };
-    run_claim(&mut conn, quotas, &claim, false).await
+    run_claim(&mut conn, quotas, options, false).await
 }
 
-/// What every claim statement takes besides the quotas.
-struct Claim<'a> {
-    lease: Duration,
-    worker_id: &'a str,
-    default_max_attempts: i32,
-    max_followers: usize,
+/// What every claim takes besides the quotas.
+#[derive(Debug, Clone, Copy)]
+pub struct ClaimOptions<'a> {
+    /// How long the claimed jobs are leased.
+    pub lease: Duration,
+    /// Written into `locked_by`.
+    pub worker_id: &'a str,
+    /// `max_attempts` of a job enqueued without one.
+    pub default_max_attempts: i32,
+    /// The most jobs one call carries (the head and its coalesced followers).
+    pub max_followers: usize,
+    /// Accounts a source captures into: their claimed jobs come with the contact's synced
+    /// state, so that a change the provider already holds is not sent.
+    pub captured: &'a [String],
 }
 
 /// Runs [`CLAIM_SQL`] for `quotas`; `within_limits`: the caller holds the accounts' rows and
@@ -144,7 +147,7 @@ struct Claim<'a> {
 async fn run_claim(
     conn: &mut sqlx::PgConnection,
     quotas: &[AccountQuota],
-    claim: &Claim<'_>,
+    claim: &ClaimOptions<'_>,
     within_limits: bool,
 ) -> Result<Vec<ClaimedJob>, sqlx::Error> {
     let accounts: Vec<&str> = quotas.iter().map(|q| q.account.as_str()).collect();
@@ -159,6 +162,7 @@ async fn run_claim(
         .bind(claim.default_max_attempts)
         .bind(max_followers)
         .bind(within_limits)
+        .bind(claim.captured)
         .fetch_all(conn)
         .await
 }
@@ -212,10 +216,7 @@ fn wake_tokens(rate: f64, burst: f64) -> f64 {
 pub async fn claim_within_limits(
     pool: &PgPool,
     quotas: &[AccountQuota],
-    lease: Duration,
-    worker_id: &str,
-    default_max_attempts: i32,
-    max_followers: usize,
+    options: &ClaimOptions<'_>,
 ) -> Result<LimitedClaim, sqlx::Error> {
     let mut out = LimitedClaim::default();
     if quotas.is_empty() {
@@ -330,13 +331,7 @@ pub async fn claim_within_limits(
         }
     }
     if !granted.is_empty() {
-        let claim = Claim {
-            lease,
-            worker_id,
-            default_max_attempts,
-            max_followers,
-        };
-        out.jobs = run_claim(&mut tx, &granted, &claim, true).await?;
+        out.jobs = run_claim(&mut tx, &granted, options, true).await?;
     }
     // spend the tokens of what was claimed (one per call: followers ride along)
     let mut spent: (Vec<String>, Vec<f64>, Vec<DateTime<Utc>>) = Default::default();
@@ -373,22 +368,17 @@ pub async fn claim_within_limits(
 pub async fn claim_rolled_back(
     pool: &PgPool,
     quotas: &[AccountQuota],
-    max_followers: i64,
+    max_followers: usize,
 ) -> Result<usize, sqlx::Error> {
-    let accounts: Vec<&str> = quotas.iter().map(|q| q.account.as_str()).collect();
-    let limits: Vec<i32> = quotas.iter().map(|q| q.limit).collect();
+    let options = ClaimOptions {
+        lease: Duration::from_secs(30),
+        worker_id: "probe",
+        default_max_attempts: 5,
+        max_followers,
+        captured: &[],
+    };
     let mut tx = pool.begin().await?;
-    let rows = sqlx::query(CLAIM_SQL)
-        .persistent(false)
-        .bind(&accounts)
-        .bind(&limits)
-        .bind(30_000i64)
-        .bind("probe")
-        .bind(5i32)
-        .bind(max_followers)
-        .bind(false)
-        .fetch_all(&mut *tx)
-        .await?;
+    let rows = run_claim(&mut tx, quotas, &options, false).await?;
     tx.rollback().await?;
     Ok(rows.len())
 }

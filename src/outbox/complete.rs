@@ -26,7 +26,8 @@ pub struct Success {
     pub sets_status: bool,
     /// Smartlink: the `modify_ts` the call carried (kept per contact as the watermark).
     pub modify_ts: Option<i64>,
-    /// Set when the call changed nothing: `not_found` (the provider does not have the contact).
+    /// Set when the call changed nothing: `not_found` (the provider does not have the contact)
+    /// or `unchanged` (no call: the provider already held the change).
     pub outcome: Option<String>,
 }
 

@@ -197,7 +197,8 @@ pub struct JobDetail {
     pub coalesced_into: Option<JobId>,
     /// The double-opt-in decision of its call (Smartlink).
     pub doi: Option<DoiRecord>,
-    /// `not_found`: finished without a change, the provider does not have the contact.
+    /// Finished without a change: `not_found` (the provider does not have the contact) or
+    /// `unchanged` (it already held the change; no call was made).
     pub outcome: Option<String>,
 }
 

@@ -182,6 +182,9 @@ pub struct ClaimedJob {
     pub created_at_ms: i64,
     /// Smartlink: the newest `modify_ts` already delivered for this contact, if known.
     pub known_modify_ts: Option<i64>,
+    /// Accounts a source captures into: the fields the provider was last sent for this
+    /// contact (`contact_sync.synced`), as JSON text, if any.
+    pub synced_fields: Option<String>,
     /// Consecutive due pending jobs of the same contact, as JSON text
     /// (`[{"id", "payload", "md5", "created_at_ms"}]`).
     pub followers: String,

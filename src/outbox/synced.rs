@@ -1,5 +1,6 @@
 //! What each provider was last sent (`contact_sync.synced`), per captured account and contact:
-//! written after a delivery, read by a backfill to send only what differs.
+//! written after a delivery, read by a backfill to queue only what differs and by a claim so
+//! that the worker does not send what the provider already holds.
 
 use super::job::JobId;
 use serde_json::{Map, Value};
@@ -148,6 +149,26 @@ pub async fn baseline(
     .bind(account)
     .bind(emails)
     .bind(fields)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Forgets what was last sent to `account` for `emails` (a forced resync: the provider may have
+/// been edited by hand), so that the worker sends their changes instead of finding them held.
+pub async fn forget(
+    conn: &mut sqlx::PgConnection,
+    provider: &str,
+    account: &str,
+    emails: &[String],
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "DELETE FROM contact_sync.synced \
+         WHERE contact_key = ANY(ARRAY(SELECT $1 || ':' || $2 || ':' || lower(e) FROM unnest($3::text[]) e))",
+    )
+    .bind(provider)
+    .bind(account)
+    .bind(emails)
     .execute(conn)
     .await?;
     Ok(())

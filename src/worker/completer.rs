@@ -7,7 +7,7 @@
 //! again on the next round, while new outcomes keep flowing. Only at shutdown is an unwritable
 //! outcome given up, to its lease (the rescuer returns the job).
 
-use super::executor::{Completion, Outcome};
+use super::executor::{self, Completion, Outcome};
 use super::Shared;
 use crate::metrics::{self as m, JobEvent};
 use crate::outbox::complete::{self, Success, Write};
@@ -134,8 +134,14 @@ async fn write(shared: &Shared, batch: Vec<Completion>) -> (Vec<Completion>, Vec
                     } = &c.outcome
                     {
                         synced.extend(delivered.iter().cloned());
-                        if outcome.is_some() {
-                            m::job_event(JobEvent::NotFound, &c.provider, &c.account, 1);
+                        match *outcome {
+                            Some(executor::NOT_FOUND) => {
+                                m::job_event(JobEvent::NotFound, &c.provider, &c.account, 1)
+                            }
+                            Some(executor::UNCHANGED) => {
+                                m::job_event(JobEvent::Unchanged, &c.provider, &c.account, 1)
+                            }
+                            _ => {}
                         }
                         m::job_event(JobEvent::Succeeded, &c.provider, &c.account, 1);
                         m::job_event(

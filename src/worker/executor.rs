@@ -15,11 +15,19 @@ use crate::outbox::synced::Delivered;
 use crate::providers::payload::{take_group, Change, Payload};
 use crate::providers::{Delivery, DeliveryError, RetryReason};
 use crate::telemetry::mask_email;
-use serde_json::Value;
+use serde_json::{Map, Value};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
 use tracing::Instrument;
+
+/// [`Outcome::Success`]'s outcome when the provider does not have the contact and the account
+/// skips it (`missing_contact = "skip"`).
+pub const NOT_FOUND: &str = "not_found";
+
+/// [`Outcome::Success`]'s outcome when the provider already held the change (the synced state
+/// of a captured account): no call was made.
+pub const UNCHANGED: &str = "unchanged";
 
 /// What to write for one claimed job.
 #[derive(Debug)]
@@ -35,7 +43,7 @@ pub enum Outcome {
         sets_status: bool,
         /// Smartlink: the `modify_ts` sent.
         modify_ts: Option<i64>,
-        /// `not_found`: the provider does not have the contact and the account skips it.
+        /// Set when the call changed nothing: [`NOT_FOUND`] or [`UNCHANGED`] (no call made).
         outcome: Option<&'static str>,
     },
     Retry {
@@ -200,6 +208,26 @@ async fn deliver(shared: &Shared, job: &ClaimedJob, claimed_at: Instant) -> Outc
             sent_md5: f.md5.clone(),
         })
         .collect();
+    // A change the provider already holds (the synced state of an account a source captures
+    // into) is not sent: the job finishes `succeeded` with the outcome `unchanged`.
+    if let Some(known) = job
+        .synced_fields
+        .as_deref()
+        .and_then(|text| serde_json::from_str::<Map<String, Value>>(text).ok())
+    {
+        if crate::outbox::synced::differing(&payload, Some(&known)).is_empty() {
+            tracing::debug!("the provider already holds this change; not sending it");
+            return Outcome::Success {
+                doi: None,
+                sent_md5: job.payload_md5(),
+                synced: None,
+                followers,
+                sets_status: false,
+                modify_ts: None,
+                outcome: Some(UNCHANGED),
+            };
+        }
+    }
     // The confirmation window is held in the name of the change that asks for it: its retry,
     // alone or merged into a later call, is the same request (not one inside another's hour).
     let window_holder = group.status_from.map_or(job.id, |i| changes[i].id);
@@ -301,7 +329,7 @@ async fn deliver(shared: &Shared, job: &ClaimedJob, claimed_at: Instant) -> Outc
                 followers,
                 sets_status,
                 modify_ts,
-                outcome: delivered.not_found.then_some("not_found"),
+                outcome: delivered.not_found.then_some(NOT_FOUND),
             }
         }
         Err(DeliveryError::Retryable {

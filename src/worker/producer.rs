@@ -28,34 +28,24 @@ async fn claim_planned(
     plan: &Plan,
 ) -> (Vec<crate::outbox::ClaimedJob>, Option<sqlx::Error>) {
     let w = &shared.settings.worker;
+    let captured: Vec<String> = shared.captured.iter().cloned().collect();
+    let options = claim::ClaimOptions {
+        lease: w.lease,
+        worker_id: &shared.worker_id,
+        default_max_attempts: w.max_attempts,
+        max_followers: w.max_coalesce,
+        captured: &captured,
+    };
     let mut jobs = Vec::new();
     let mut failed = None;
     if !plan.open.is_empty() {
-        match claim::claim(
-            &shared.pool,
-            &plan.open,
-            w.lease,
-            &shared.worker_id,
-            w.max_attempts,
-            w.max_coalesce,
-        )
-        .await
-        {
+        match claim::claim(&shared.pool, &plan.open, &options).await {
             Ok(got) => jobs = got,
             Err(e) => failed = Some(e),
         }
     }
     if !plan.limited.is_empty() {
-        match claim::claim_within_limits(
-            &shared.pool,
-            &plan.limited,
-            w.lease,
-            &shared.worker_id,
-            w.max_attempts,
-            w.max_coalesce,
-        )
-        .await
-        {
+        match claim::claim_within_limits(&shared.pool, &plan.limited, &options).await {
             Ok(limited) => {
                 for (account, held) in limited.held {
                     shared.limits.held(&account, held);

@@ -277,10 +277,16 @@ async fn a_gone_workers_job_is_held_before_it_returns_or_goes_dead() {
         account: "jc".into(),
         limit: 10,
     }];
-    let claimed =
-        contact_sync::outbox::claim::claim(&env.pool, &quota, Duration::from_secs(30), "w", 20, 1)
-            .await
-            .unwrap();
+    let options = contact_sync::outbox::claim::ClaimOptions {
+        lease: Duration::from_secs(30),
+        worker_id: "w",
+        default_max_attempts: 20,
+        max_followers: 1,
+        captured: &[],
+    };
+    let claimed = contact_sync::outbox::claim::claim(&env.pool, &quota, &options)
+        .await
+        .unwrap();
     assert!(claimed.is_empty(), "{claimed:?}");
     tokio::time::sleep(hold + Duration::from_millis(200)).await;
     assert_eq!(

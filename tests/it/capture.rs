@@ -684,6 +684,48 @@ async fn a_backfill_sends_only_what_differs() {
     env.settle(&worker).await;
     assert_providers_match_the_table(&env, &[]).await;
 
+    // a change back to what the provider holds, before the worker gets to it: no call
+    let calls = env.sandbox.stats().accepted;
+    exec(
+        &env,
+        "UPDATE users SET city = 'Elsewhere' WHERE email = 'old1@example.com'",
+    )
+    .await;
+    exec(
+        &env,
+        "UPDATE users SET city = 'Moved' WHERE email = 'old1@example.com'",
+    )
+    .await;
+    env.settle(&worker).await;
+    assert_eq!(env.sandbox.stats().accepted, calls, "the provider held it");
+    let finished: Vec<(String, Option<String>)> = sqlx::query_as(
+        "SELECT state, outcome FROM contact_sync.jobs WHERE email = 'old1@example.com' ORDER BY id DESC LIMIT 2",
+    )
+    .fetch_all(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        finished,
+        [
+            ("coalesced".to_string(), None),
+            ("succeeded".to_string(), Some("unchanged".to_string()))
+        ]
+    );
+    assert_providers_match_the_table(&env, &[]).await;
+
+    // --force sends everything again, the provider's synced state notwithstanding
+    let (code, out, _) = env
+        .cli(&config, &["backfill", "users", "--force", "--json"])
+        .await;
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(summary(&out)["enqueued"], 2 * in_scope, "{out}");
+    env.settle(&worker).await;
+    assert_eq!(
+        env.sandbox.stats().accepted,
+        calls + 2 * in_scope as u64,
+        "every contact sent again"
+    );
+
     // a provider already in step: record without sending
     exec(&env, "DELETE FROM contact_sync.synced").await;
     let before = jobs(&env).await;

@@ -30,16 +30,9 @@ async fn concurrent_claimers_never_take_the_same_job() {
         handles.push(tokio::spawn(async move {
             let mut mine = Vec::new();
             loop {
-                let got = claim(
-                    &pool,
-                    &quota("jc", 17),
-                    Duration::from_secs(30),
-                    &format!("w{w}"),
-                    20,
-                    1,
-                )
-                .await
-                .unwrap();
+                let got = claim(&pool, &quota("jc", 17), &options(&format!("w{w}")))
+                    .await
+                    .unwrap();
                 if got.is_empty() {
                     break;
                 }
@@ -67,16 +60,9 @@ async fn expired_leases_are_rescued_and_the_last_attempt_goes_dead() {
         .execute(&env.pool)
         .await
         .unwrap();
-    let claimed = claim(
-        &env.pool,
-        &quota("jc", 10),
-        Duration::from_secs(30),
-        "w",
-        20,
-        1,
-    )
-    .await
-    .unwrap();
+    let claimed = claim(&env.pool, &quota("jc", 10), &options("w"))
+        .await
+        .unwrap();
     assert_eq!(claimed.len(), 2);
     // a live lease is not rescued
     assert_eq!(
@@ -107,16 +93,9 @@ async fn expired_leases_are_rescued_and_the_last_attempt_goes_dead() {
 async fn writes_after_a_lost_lease_change_nothing() {
     let env = TestEnv::new().await;
     let id = env.enqueue(jc("a@example.com", json!({}))).await;
-    let first = claim(
-        &env.pool,
-        &quota("jc", 1),
-        Duration::from_secs(30),
-        "old",
-        20,
-        1,
-    )
-    .await
-    .unwrap();
+    let first = claim(&env.pool, &quota("jc", 1), &options("old"))
+        .await
+        .unwrap();
     let old = first[0].lease();
     // the old worker stalls; its lease expires and another worker takes the job
     sqlx::query("UPDATE contact_sync.jobs SET locked_until = now() - interval '1 second'")
@@ -126,16 +105,9 @@ async fn writes_after_a_lost_lease_change_nothing() {
     rescue_expired(&env.pool, 20, Duration::ZERO, ("", &[]))
         .await
         .unwrap();
-    let second = claim(
-        &env.pool,
-        &quota("jc", 1),
-        Duration::from_secs(30),
-        "new",
-        20,
-        1,
-    )
-    .await
-    .unwrap();
+    let second = claim(&env.pool, &quota("jc", 1), &options("new"))
+        .await
+        .unwrap();
     let new = second[0].lease();
     assert_eq!(new.attempt, old.attempt + 1);
 
@@ -266,7 +238,8 @@ async fn the_plain_claim_leaves_an_account_with_fleet_limits_alone() {
     let env = TestEnv::new().await;
     env.enqueue(jc("a@example.com", json!({}))).await;
     let q = quota("jc", 10);
-    let plain = || claim(&env.pool, &q, Duration::from_secs(30), "w", 20, 1);
+    let w = options("w");
+    let plain = || claim(&env.pool, &q, &w);
     sqlx::query(
         "INSERT INTO contact_sync.accounts (account, provider, max_in_flight) VALUES ('jc', 'justclick', 1)",
     )
@@ -329,4 +302,15 @@ async fn a_live_workers_claim_whose_answer_was_lost_is_returned() {
     );
     stop.graceful.cancel();
     run.await.unwrap();
+}
+
+/// A claim's options as a worker with `worker_id` sets them (no coalescing, nothing captured).
+fn options(worker_id: &str) -> contact_sync::outbox::claim::ClaimOptions<'_> {
+    contact_sync::outbox::claim::ClaimOptions {
+        lease: Duration::from_secs(30),
+        worker_id,
+        default_max_attempts: 20,
+        max_followers: 1,
+        captured: &[],
+    }
 }

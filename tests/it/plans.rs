@@ -27,6 +27,7 @@ async fn claim_plan(pool: &PgPool) -> (i64, Vec<i64>, String) {
         .bind(5i32)
         .bind(16i64)
         .bind(false)
+        .bind(Vec::<String>::new())
         .fetch_one(&mut *tx)
         .await
         .unwrap();
@@ -40,6 +41,7 @@ async fn claim_plan(pool: &PgPool) -> (i64, Vec<i64>, String) {
         .bind(5i32)
         .bind(16i64)
         .bind(false)
+        .bind(Vec::<String>::new())
         .fetch_all(&mut *tx)
         .await
         .unwrap()
@@ -388,6 +390,7 @@ async fn completing_a_batch_compares_rows_in_proportion_to_it() {
         .bind(5i32)
         .bind(16i64)
         .bind(false)
+        .bind(Vec::<String>::new())
         .fetch_all(&db.pool)
         .await
         .unwrap()
@@ -548,9 +551,14 @@ async fn deliver(pool: &PgPool) -> usize {
         limit: 256,
     }];
     let lease = std::time::Duration::from_secs(30);
-    let jobs = claim(pool, &quotas, lease, "plan-test", 5, 16)
-        .await
-        .unwrap();
+    let options = contact_sync::outbox::claim::ClaimOptions {
+        lease,
+        worker_id: "plan-test",
+        default_max_attempts: 5,
+        max_followers: 16,
+        captured: &[],
+    };
+    let jobs = claim(pool, &quotas, &options).await.unwrap();
     let done: Vec<Success> = jobs
         .iter()
         .map(|j| Success {
