@@ -4,6 +4,7 @@
 
 use super::doi::DoiRecord;
 use super::job::{AttemptError, JobId, JobState, Lease};
+use super::synced::Delivered;
 use crate::text::storable;
 use sqlx::PgPool;
 use std::time::Duration;
@@ -29,6 +30,9 @@ pub struct Success {
     /// Set when the call changed nothing: `not_found` (the provider does not have the contact)
     /// or `unchanged` (no call: the provider already held the change).
     pub outcome: Option<String>,
+    /// What the call sent, for the synced state (accounts a source captures into): written in
+    /// the completion's transaction, so that the contact's next claim reads it.
+    pub synced: Option<Delivered>,
 }
 
 /// A follower as its call carried it.
@@ -64,10 +68,35 @@ pub enum Write {
 /// waiting for a row another transaction holds. A job changed since its call was claimed goes
 /// back to `pending` (sent again, as it is now), and so do the followers from the first changed
 /// one on.
+///
+/// The synced state of the calls written is recorded in the same transaction: a contact's next
+/// change is claimed only once this completes, and must find what this call sent (a change
+/// back to the previous value would otherwise look already held, and not be sent).
 pub async fn succeed_many(pool: &PgPool, items: &[Success]) -> Result<Written, sqlx::Error> {
     if items.is_empty() {
         return Ok(Written::default());
     }
+    if items.iter().all(|i| i.synced.is_none()) {
+        let mut conn = pool.acquire().await?;
+        return write_successes(&mut conn, items).await.map(|(w, _)| w);
+    }
+    let mut tx = pool.begin().await?;
+    let (written, done) = write_successes(&mut tx, items).await?;
+    let calls: Vec<Delivered> = items
+        .iter()
+        .filter(|i| done.contains(&i.lease.id))
+        .filter_map(|i| i.synced.clone())
+        .collect();
+    super::synced::record(&mut tx, &calls).await?;
+    tx.commit().await?;
+    Ok(written)
+}
+
+/// The statement of [`succeed_many`]; also returns the jobs it wrote.
+async fn write_successes(
+    conn: &mut sqlx::PgConnection,
+    items: &[Success],
+) -> Result<(Written, std::collections::HashSet<JobId>), sqlx::Error> {
     let mut ids = Vec::with_capacity(items.len());
     let mut attempts = Vec::with_capacity(items.len());
     let mut dois = Vec::with_capacity(items.len());
@@ -196,19 +225,20 @@ pub async fn succeed_many(pool: &PgPool, items: &[Success]) -> Result<Written, s
     .bind(&outcomes)
     .bind(&sent_md5)
     .bind(&follower_md5)
-    .fetch_all(pool)
+    .fetch_all(&mut *conn)
     .await?;
     let done: std::collections::HashSet<JobId> = rows.iter().filter(|r| r.1).map(|r| r.0).collect();
     let held: std::collections::HashSet<JobId> =
         rows.iter().filter(|r| !r.1).map(|r| r.0).collect();
-    Ok(Written {
+    let written = Written {
         lost: ids
             .iter()
             .copied()
             .filter(|id| !done.contains(id) && !held.contains(id))
             .collect(),
         held: ids.into_iter().filter(|id| held.contains(id)).collect(),
-    })
+    };
+    Ok((written, done))
 }
 
 fn millis(d: Duration) -> i64 {

@@ -4,7 +4,6 @@
 
 use super::job::JobId;
 use serde_json::{Map, Value};
-use sqlx::PgPool;
 
 /// One delivered call, as synced state records it.
 #[derive(Debug, Clone, PartialEq)]
@@ -20,7 +19,7 @@ pub struct Delivered {
 
 /// Merges delivered calls into the synced state, newest job last; an older job than the one
 /// recorded changes nothing.
-pub async fn record(pool: &PgPool, calls: &[Delivered]) -> Result<(), sqlx::Error> {
+pub async fn record(conn: &mut sqlx::PgConnection, calls: &[Delivered]) -> Result<(), sqlx::Error> {
     if calls.is_empty() {
         return Ok(());
     }
@@ -56,7 +55,7 @@ pub async fn record(pool: &PgPool, calls: &[Delivered]) -> Result<(), sqlx::Erro
     .bind(&emails)
     .bind(&fields)
     .bind(&ids)
-    .execute(pool)
+    .execute(conn)
     .await?;
     Ok(())
 }

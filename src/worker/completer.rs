@@ -103,7 +103,6 @@ async fn write(shared: &Shared, batch: Vec<Completion>) -> (Vec<Completion>, Vec
         .partition(|c| matches!(c.outcome, Outcome::Success { .. }));
     let mut written = Vec::with_capacity(successes.len() + others.len());
     let mut unwritten = Vec::new();
-    let mut synced = Vec::new();
 
     // Successes: one statement; if the database refuses it, each alone.
     let mut groups: Vec<Vec<Completion>> = vec![successes];
@@ -127,13 +126,9 @@ async fn write(shared: &Shared, batch: Vec<Completion>) -> (Vec<Completion>, Vec
                     if lost.contains(&c.lease.id) {
                         lease_lost(shared, &c);
                     } else if let Outcome::Success {
-                        followers,
-                        outcome,
-                        synced: delivered,
-                        ..
+                        followers, outcome, ..
                     } = &c.outcome
                     {
-                        synced.extend(delivered.iter().cloned());
                         match *outcome {
                             Some(executor::NOT_FOUND) => {
                                 m::job_event(JobEvent::NotFound, &c.provider, &c.account, 1)
@@ -164,11 +159,6 @@ async fn write(shared: &Shared, batch: Vec<Completion>) -> (Vec<Completion>, Vec
                 unwritten.extend(group);
             }
         }
-    }
-
-    // (after the outcomes: a backfill that misses the newest call re-sends it, nothing is lost)
-    if let Err(e) = crate::outbox::synced::record(pool, &synced).await {
-        tracing::warn!(error = %e, calls = synced.len(), "could not record what was sent in the synced state; a backfill may send it again");
     }
 
     let hold_for = shared.settings.http.abandoned_call_bound;
@@ -246,7 +236,7 @@ fn success_of(c: &Completion) -> Option<Success> {
             sets_status,
             modify_ts,
             outcome,
-            ..
+            synced,
         } => Some(Success {
             lease: c.lease,
             doi: doi.clone(),
@@ -255,6 +245,7 @@ fn success_of(c: &Completion) -> Option<Success> {
             sets_status: *sets_status,
             modify_ts: *modify_ts,
             outcome: outcome.map(str::to_string),
+            synced: synced.clone(),
         }),
         _ => None,
     }

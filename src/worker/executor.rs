@@ -29,6 +29,23 @@ pub const NOT_FOUND: &str = "not_found";
 /// of a captured account): no call was made.
 pub const UNCHANGED: &str = "unchanged";
 
+/// Smartlink: the `modify_ts` a call with this payload carries.
+fn smartlink_modify_ts(
+    kind: ProviderKind,
+    payload: &Map<String, Value>,
+    job: &ClaimedJob,
+) -> Option<i64> {
+    match kind {
+        ProviderKind::Smartlink => Some(
+            payload
+                .get("modify_ts")
+                .and_then(Value::as_i64)
+                .unwrap_or(job.created_at_ms),
+        ),
+        ProviderKind::Justclick => None,
+    }
+}
+
 /// What to write for one claimed job.
 #[derive(Debug)]
 pub enum Outcome {
@@ -209,10 +226,13 @@ async fn deliver(shared: &Shared, job: &ClaimedJob, claimed_at: Instant) -> Outc
         })
         .collect();
     // A change the provider already holds (the synced state of an account a source captures
-    // into) is not sent: the job finishes `succeeded` with the outcome `unchanged`.
+    // into) is not sent: the job finishes `succeeded` with the outcome `unchanged`. Never a
+    // status: the same status sent again is not a no-op (a pending one asks for another
+    // confirmation email once the hour is over).
     if let Some(known) = job
         .synced_fields
         .as_deref()
+        .filter(|_| !payload.contains_key("subscribe"))
         .and_then(|text| serde_json::from_str::<Map<String, Value>>(text).ok())
     {
         if crate::outbox::synced::differing(&payload, Some(&known)).is_empty() {
@@ -223,7 +243,9 @@ async fn deliver(shared: &Shared, job: &ClaimedJob, claimed_at: Instant) -> Outc
                 synced: None,
                 followers,
                 sets_status: false,
-                modify_ts: None,
+                // kept as the contact's watermark, as if sent: a later change older than this
+                // one is dropped, as the provider would drop it after this call
+                modify_ts: smartlink_modify_ts(kind, &payload, job),
                 outcome: Some(UNCHANGED),
             };
         }
@@ -253,15 +275,7 @@ async fn deliver(shared: &Shared, job: &ClaimedJob, claimed_at: Instant) -> Outc
         Err(e) => return database_retry(shared, job.attempts, &e),
     };
     let sets_status = payload.contains_key("subscribe");
-    let modify_ts = match kind {
-        ProviderKind::Smartlink => Some(
-            payload
-                .get("modify_ts")
-                .and_then(Value::as_i64)
-                .unwrap_or(job.created_at_ms),
-        ),
-        ProviderKind::Justclick => None,
-    };
+    let modify_ts = smartlink_modify_ts(kind, &payload, job);
 
     // A worker stopped (SIGSTOP, a VM paused) or cut off from the database past its lease may
     // have lost the job to another worker, which may have called already: a call is started

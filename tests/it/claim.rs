@@ -126,6 +126,7 @@ async fn writes_after_a_lost_lease_change_nothing() {
             sets_status: false,
             modify_ts: None,
             outcome: None,
+            synced: Some(sent("old")),
         }],
     )
     .await
@@ -163,12 +164,21 @@ async fn writes_after_a_lost_lease_change_nothing() {
             sets_status: false,
             modify_ts: None,
             outcome: None,
+            synced: Some(sent("new")),
         }],
     )
     .await
     .unwrap();
     assert_eq!(lost, Default::default());
     assert_eq!(env.job(id).await.state, "succeeded");
+    // the synced state is the owner's call's, written with its outcome (the lost one wrote
+    // nothing): the contact's next claim reads it
+    let synced: Vec<serde_json::Value> =
+        sqlx::query_scalar("SELECT fields FROM contact_sync.synced")
+            .fetch_all(&env.pool)
+            .await
+            .unwrap();
+    assert_eq!(synced, [json!({"lead_name": "new"})]);
     // and a stale heartbeat extends nothing
     assert!(contact_sync::outbox::claim::extend_leases(
         &env.pool,
@@ -312,5 +322,16 @@ fn options(worker_id: &str) -> contact_sync::outbox::claim::ClaimOptions<'_> {
         default_max_attempts: 20,
         max_followers: 1,
         captured: &[],
+    }
+}
+
+/// A delivered call as the synced state records it (job 1 of `jc`, `lead_name` = `name`).
+fn sent(name: &str) -> contact_sync::outbox::synced::Delivered {
+    contact_sync::outbox::synced::Delivered {
+        provider: "justclick".into(),
+        account: "jc".into(),
+        email: "a@example.com".into(),
+        fields: json!({ "lead_name": name }),
+        job_id: 1,
     }
 }

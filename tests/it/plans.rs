@@ -569,6 +569,7 @@ async fn deliver(pool: &PgPool) -> usize {
             sets_status: false,
             modify_ts: None,
             outcome: None,
+            synced: None,
         })
         .collect();
     let written = succeed_many(pool, &done).await.unwrap();

@@ -81,6 +81,8 @@ pub(crate) struct Row {
     pub(crate) attempts: i32,
     /// `finished_at` in ms (database time).
     pub(crate) finished_ms: Option<f64>,
+    /// `unchanged`: its call was not made, the provider held the change already.
+    pub(crate) outcome: Option<String>,
 }
 
 impl Row {
@@ -261,7 +263,8 @@ pub(crate) fn check_jobs(plan: &Plan, ledger: &Ledger, rows: &[Row], v: &mut Vio
         }
     }
     for row in rows {
-        if ledger.accepted.contains_key(&row.id) {
+        // (the application's captured users have their own invariants: `app::check`)
+        if ledger.accepted.contains_key(&row.id) || row.email.ends_with(super::app::DOMAIN) {
             continue;
         }
         let label = contact_of(plan, row).map_or_else(
@@ -297,6 +300,11 @@ pub(crate) fn check_jobs(plan: &Plan, ledger: &Ledger, rows: &[Row], v: &mut Vio
 }
 
 /// Was the status (subscribe / update_strategy) taken out of the call that carried this job?
+/// Equal fields and status, whatever the modify_ts.
+pub(crate) fn same_but_modify_ts(a: &ContactState, b: &ContactState) -> bool {
+    a.fields == b.fields && a.subscribe == b.subscribe
+}
+
 pub(crate) fn status_stripped(doi: Option<&str>) -> bool {
     doi.is_some_and(|d| d == "suppressed" || d.starts_with("deferred_until"))
 }
@@ -321,7 +329,8 @@ pub(crate) fn check_contacts(plan: &Plan, sandbox: &Sandbox, rows: &[Row], v: &m
         })
         .collect();
     for (id, _) in sandbox.contacts() {
-        if !known.contains(&id) {
+        // (the application's captured users are checked against their table: `app::check`)
+        if !known.contains(&id) && !id.2.ends_with(super::app::DOMAIN) {
             v.add(
                 "b: the sandbox holds only planned contacts",
                 &format!("{}/{}/{}", id.0, id.1, id.2),
@@ -334,6 +343,11 @@ pub(crate) fn check_contacts(plan: &Plan, sandbox: &Sandbox, rows: &[Row], v: &m
         let stripped_heads: HashSet<i64> = jobs
             .iter()
             .filter(|j| j.delivered() && status_stripped(j.doi.as_deref()))
+            .map(|j| j.id)
+            .collect();
+        let unchanged_calls: HashSet<i64> = jobs
+            .iter()
+            .filter(|j| j.state == "succeeded" && j.outcome.as_deref() == Some("unchanged"))
             .map(|j| j.id)
             .collect();
         // c: the worker takes a pending status out of a call only inside another call's
@@ -371,66 +385,101 @@ pub(crate) fn check_contacts(plan: &Plan, sandbox: &Sandbox, rows: &[Row], v: &m
         // `maybe_stripped` without their status: the worker may have taken it out of the call
         // (the confirmation window of an earlier call), which a job that never succeeded does
         // not record.
-        let model_with =
-            |maybe: &HashSet<i64>, maybe_stripped: &HashSet<i64>, v: &mut Violations| {
-                let mut expected = ContactState::default();
-                // (of delivered changes, of changes that may have reached the provider): a change
-                // whose answer was lost may or may not have asked for an email, and the worker may
-                // have taken the status out of it (the confirmation window of an earlier call),
-                // which a job that never succeeded does not record
-                let mut confirmations = (0u64, 0u64);
-                for job in jobs
-                    .iter()
-                    .filter(|j| j.delivered() || maybe.contains(&j.id))
+        let model_with = |maybe: &HashSet<i64>,
+                          maybe_stripped: &HashSet<i64>,
+                          v: &mut Violations| {
+            let mut expected = ContactState::default();
+            // (of delivered changes, of changes that may have reached the provider): a change
+            // whose answer was lost may or may not have asked for an email, and the worker may
+            // have taken the status out of it (the confirmation window of an earlier call),
+            // which a job that never succeeded does not record
+            let mut confirmations = (0u64, 0u64);
+            for job in jobs
+                .iter()
+                .filter(|j| j.delivered() || maybe.contains(&j.id))
+            {
+                // a call the worker did not make because the provider held it already (the
+                // synced state of a captured account): applied as if sent, it must change no
+                // field or status; the provider's own modify_ts stays where it was (the
+                // worker keeps the newer one as its watermark, so later stale changes are
+                // dropped as the provider would drop them)
+                if unchanged_calls.contains(&job.id)
+                    || job
+                        .coalesced_into
+                        .is_some_and(|h| unchanged_calls.contains(&h))
                 {
-                    let Value::Object(mut payload) = job.payload.clone() else {
+                    let mut with = expected.clone();
+                    if contact.account.provider == "justclick" {
+                        if let Ok(fields) =
+                            form_fields(&job.email, job.payload.as_object().unwrap_or(&Map::new()))
+                        {
+                            let fields: Vec<(String, String)> = fields
+                                .into_iter()
+                                .map(|(k, v)| (k.to_string(), v))
+                                .collect();
+                            model::apply_justclick(&mut with, &fields);
+                        }
+                    } else if let Some(p) = job.payload.as_object() {
+                        model::apply_smartlink(&mut with, p);
+                    }
+                    if !same_but_modify_ts(&with, &expected) {
                         v.add(
+                            "b: a call is skipped only when the provider holds it already",
+                            &contact.label(),
+                            format!("{}: {}", diff(&with, &expected), job.summary()),
+                        );
+                    }
+                    expected = with;
+                    continue;
+                }
+                let Value::Object(mut payload) = job.payload.clone() else {
+                    v.add(
+                        "b: model",
+                        &contact.label(),
+                        format!("payload is not an object: {}", job.summary()),
+                    );
+                    continue;
+                };
+                // the double-opt-in rule takes out the pending status only: any other
+                // status of a change merged into that call must still apply
+                let asks_pending =
+                    payload.get("subscribe").and_then(Value::as_i64) == Some(model::PENDING);
+                if asks_pending
+                    && (stripped_heads.contains(&job.id)
+                        || maybe_stripped.contains(&job.id)
+                        || job
+                            .coalesced_into
+                            .is_some_and(|h| stripped_heads.contains(&h)))
+                {
+                    payload.remove("subscribe");
+                    payload.remove("update_strategy");
+                }
+                if contact.account.provider == "justclick" {
+                    match form_fields(&job.email, &payload) {
+                        Ok(fields) => {
+                            let fields: Vec<(String, String)> = fields
+                                .into_iter()
+                                .map(|(k, v)| (k.to_string(), v))
+                                .collect();
+                            model::apply_justclick(&mut expected, &fields);
+                        }
+                        Err(e) => v.add(
                             "b: model",
                             &contact.label(),
-                            format!("payload is not an object: {}", job.summary()),
-                        );
-                        continue;
-                    };
-                    // the double-opt-in rule takes out the pending status only: any other
-                    // status of a change merged into that call must still apply
-                    let asks_pending =
-                        payload.get("subscribe").and_then(Value::as_i64) == Some(model::PENDING);
-                    if asks_pending
-                        && (stripped_heads.contains(&job.id)
-                            || maybe_stripped.contains(&job.id)
-                            || job
-                                .coalesced_into
-                                .is_some_and(|h| stripped_heads.contains(&h)))
-                    {
-                        payload.remove("subscribe");
-                        payload.remove("update_strategy");
+                            format!("delivered job cannot be sent: {e}: {}", job.summary()),
+                        ),
                     }
-                    if contact.account.provider == "justclick" {
-                        match form_fields(&job.email, &payload) {
-                            Ok(fields) => {
-                                let fields: Vec<(String, String)> = fields
-                                    .into_iter()
-                                    .map(|(k, v)| (k.to_string(), v))
-                                    .collect();
-                                model::apply_justclick(&mut expected, &fields);
-                            }
-                            Err(e) => v.add(
-                                "b: model",
-                                &contact.label(),
-                                format!("delivered job cannot be sent: {e}: {}", job.summary()),
-                            ),
-                        }
+                } else {
+                    let effect = model::apply_smartlink(&mut expected, &payload);
+                    if job.delivered() {
+                        confirmations.0 += u64::from(effect.confirmation);
                     } else {
-                        let effect = model::apply_smartlink(&mut expected, &payload);
-                        if job.delivered() {
-                            confirmations.0 += u64::from(effect.confirmation);
-                        } else {
-                            confirmations.1 += u64::from(effect.confirmation);
-                        }
+                        confirmations.1 += u64::from(effect.confirmation);
                     }
                 }
-                (expected, confirmations)
-            };
+            }
+            (expected, confirmations)
+        };
         let maybe: Vec<i64> = jobs
             .iter()
             .filter(|j| j.maybe_applied())
@@ -483,8 +532,17 @@ pub(crate) fn check_contacts(plan: &Plan, sandbox: &Sandbox, rows: &[Row], v: &m
         }
         // the histories that explain the contact the sandbox holds (all of them, when none
         // does: the first is reported); the emails they ask for bound the emails sent
-        let explaining: Vec<&(ContactState, (u64, u64))> =
-            candidates.iter().filter(|c| c.0 == held_state).collect();
+        // (a skipped call leaves the provider's modify_ts behind the model's)
+        let holds = |model: &ContactState, provider: &ContactState| {
+            model == provider
+                || (!unchanged_calls.is_empty()
+                    && provider.modify_ts <= model.modify_ts
+                    && same_but_modify_ts(model, provider))
+        };
+        let explaining: Vec<&(ContactState, (u64, u64))> = candidates
+            .iter()
+            .filter(|c| holds(&c.0, &held_state))
+            .collect();
         let explaining = if explaining.is_empty() {
             candidates.iter().collect()
         } else {
@@ -503,6 +561,11 @@ pub(crate) fn check_contacts(plan: &Plan, sandbox: &Sandbox, rows: &[Row], v: &m
             &contact.email,
         );
         let actual = held.as_ref().map(|c| c.state()).unwrap_or_default();
+        let expected = if holds(&expected, &actual) {
+            actual.clone()
+        } else {
+            expected
+        };
         let history = || {
             jobs.iter()
                 .map(|j| format!("\n    {}", j.summary()))

@@ -21,6 +21,14 @@
 //! - **d** no secret, `sig=`, `hash=`, ESC or NUL in any worker's output or the stored errors.
 //! - **e** every refusal is SQLSTATE 22023 naming the field; idempotency keys and all-or-nothing
 //!   batches hold; the sandbox verified every request; workers exit 0 on SIGTERM.
+//! - **f** the application's own table, captured (`app.rs`), written with plain SQL before and
+//!   while the workers run, each write at a drawn isolation level: no write fails or aborts
+//!   because of contact-sync, every captured change is delivered, nothing is rejected, each
+//!   provider ends as the table is for every row in scope, and every address that left is
+//!   unsubscribed at Smartlink.
+//!
+//! Every change is recorded in its own transaction at `READ COMMITTED`, `REPEATABLE READ` or
+//! `SERIALIZABLE` (drawn per change).
 //!
 //! Faults: kill -9 of a worker (replaced after up to 1.5 s), sandbox faults (5xx, 429 with
 //! `Retry-After: 1`, stalls past the request timeout, slow answers applied after the worker gave
@@ -37,6 +45,7 @@
 //! fault schedule and the settings; the interleaving of the processes still varies from run to
 //! run (the invariants hold for every interleaving).
 
+mod app;
 mod invariants;
 mod plan;
 mod round;

@@ -611,7 +611,7 @@ pub(crate) async fn run_round(seed: u64) {
         sandbox,
         settings,
     };
-    let config = env.config_file(&format!(
+    let config = env.config_file(&(format!(
         "[accounts.jc2]\nprovider = \"justclick\"\nlogin = \"{JC2_LOGIN}\"\nsecret = \"{JC2_SECRET}\"\nbase_url = \"{}\"\n\
          [accounts.sl2]\nprovider = \"smartlink\"\ngame_id = \"{SL2_GAME}\"\nsecret = \"{SL2_SECRET}\"\nbase_url = \"{}\"\ndouble_opt_in = \"drop\"\n{}",
         env.sandbox.justclick_base_url(JC2_LOGIN),
@@ -621,7 +621,7 @@ pub(crate) async fn run_round(seed: u64) {
         } else {
             ""
         },
-    ));
+    ) + super::app::SOURCES));
     if plan.slow_calls {
         sqlx::query(
             "INSERT INTO contact_sync.jobs (provider, account, email, state, finished_at) \
@@ -644,6 +644,14 @@ pub(crate) async fn run_round(seed: u64) {
         restarts: 0,
         fast_forwarded: 0,
     };
+    // the application's own table, captured, written before and while the workers run
+    let (app_writes, app_addresses) = super::app::plan_writes(seed, CHAOS * 85 / 100);
+    super::app::install(&env, &config, &mut v).await;
+    let mut next_app = 0;
+    while next_app < app_writes.len() && app_writes[next_app].at.is_zero() {
+        super::app::write(&env.pool, &app_writes[next_app], &mut v).await;
+        next_app += 1;
+    }
     initial_load(&env, &plan, &mut ledger, &mut v).await;
 
     let mut workers = Workers {
@@ -670,6 +678,10 @@ pub(crate) async fn run_round(seed: u64) {
             let (_, ci, chi) = plan.live[next_live];
             enqueue_and_record(&env, &plan, &mut ledger, &mut v, (ci, chi)).await;
             next_live += 1;
+        }
+        while next_app < app_writes.len() && app_writes[next_app].at <= t {
+            super::app::write(&env.pool, &app_writes[next_app], &mut v).await;
+            next_app += 1;
         }
         while next_action < plan.actions.len() && plan.actions[next_action].0 <= t {
             match &plan.actions[next_action].1 {
@@ -740,7 +752,11 @@ pub(crate) async fn run_round(seed: u64) {
         for (_, spec) in due {
             workers.spawn(spec);
         }
-        if t >= CHAOS && next_live == plan.live.len() && next_action == plan.actions.len() {
+        if t >= CHAOS
+            && next_live == plan.live.len()
+            && next_action == plan.actions.len()
+            && next_app == app_writes.len()
+        {
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -781,7 +797,7 @@ pub(crate) async fn run_round(seed: u64) {
     let rows: Vec<Row> = sqlx::query_as(
         "SELECT id, provider, account, email, state, payload, doi, coalesced_into, resend_after, \
                 last_error, errors, attempts, \
-                (extract(epoch FROM finished_at) * 1000)::float8 AS finished_ms \
+                (extract(epoch FROM finished_at) * 1000)::float8 AS finished_ms, outcome \
          FROM contact_sync.jobs WHERE account <> $1 ORDER BY id",
     )
     .bind(HOUSEKEEPING_ACCOUNT)
@@ -793,6 +809,7 @@ pub(crate) async fn run_round(seed: u64) {
         check_leases(&plan, &workers.killed_pids, &rows, &mut v);
     }
     check_contacts(&plan, &env.sandbox, &rows, &mut v);
+    super::app::check(&env, &app_addresses, &mut v).await;
     check_sandbox_stats(&env.sandbox, &mut v);
     let log_bytes = check_texts(&dir, &rows, &mut v);
 
