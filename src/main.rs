@@ -28,6 +28,15 @@ fn main() -> ExitCode {
         _ => "warn,sqlx=error",
     };
     contact_sync::telemetry::init(cli.log_format, default_level);
+    // A command whose output is piped into `head` ends quietly when the reader goes, as Unix
+    // tools do, instead of panicking on the broken pipe. The daemons keep ignoring SIGPIPE: a
+    // log reader that goes away must not stop them.
+    if !matches!(
+        cli.command,
+        cli::Command::Run { .. } | cli::Command::Sandbox(_)
+    ) {
+        end_quietly_on_broken_pipe();
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -44,5 +53,14 @@ fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Restores the default SIGPIPE disposition (the Rust runtime ignores it at start-up).
+fn end_quietly_on_broken_pipe() {
+    // SAFETY: called at start-up, before the runtime starts any thread; SIG_DFL is a valid
+    // disposition for SIGPIPE.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }

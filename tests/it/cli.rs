@@ -802,3 +802,43 @@ async fn the_command_line_never_rounds_a_number() {
             .unwrap();
     assert_eq!(stored, vec!["3817034.98274485000000000000".to_string()]);
 }
+
+/// `contact-sync jobs list | head`: the command ends quietly when its reader goes, as Unix tools
+/// do (it panicked on the broken pipe).
+#[tokio::test]
+async fn a_reader_that_goes_away_ends_the_command_quietly() {
+    use tokio::io::AsyncReadExt;
+    let env = TestEnv::new().await;
+    let jobs: Vec<_> = (0..3000)
+        .map(|i| jc(&format!("pipe{i}@example.com"), json!({"lead_name": "P"})))
+        .collect();
+    env.enqueue_many(&jobs).await;
+    let config = env.config_file("");
+    let mut child = env
+        .binary(&config)
+        .args(["jobs", "list", "--json", "--limit", "3000"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // read a little, then go away, as `head -c 100` does
+    let mut stdout = child.stdout.take().unwrap();
+    let mut first = [0u8; 100];
+    stdout.read_exact(&mut first).await.unwrap();
+    drop(stdout);
+    let out = tokio::time::timeout(std::time::Duration::from_secs(30), child.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !stderr.contains("panicked") && !stderr.contains("Broken pipe"),
+        "{stderr}"
+    );
+    use std::os::unix::process::ExitStatusExt;
+    assert!(
+        out.status.success() || out.status.signal() == Some(libc::SIGPIPE),
+        "{:?}: {stderr}",
+        out.status
+    );
+}
