@@ -17,21 +17,19 @@ pub struct Delivered {
     pub job_id: JobId,
 }
 
-/// Merges delivered calls into the synced state, newest job last; an older job than the one
-/// recorded changes nothing.
+/// Merges delivered calls into the synced state, in the order given within one contact (one
+/// call per contact in a batch of completions: a contact never has two calls in flight).
 pub async fn record(conn: &mut sqlx::PgConnection, calls: &[Delivered]) -> Result<(), sqlx::Error> {
     if calls.is_empty() {
         return Ok(());
     }
-    let mut calls: Vec<&Delivered> = calls.iter().collect();
-    calls.sort_by_key(|c| c.job_id);
     let providers: Vec<&str> = calls.iter().map(|c| c.provider.as_str()).collect();
     let accounts: Vec<&str> = calls.iter().map(|c| c.account.as_str()).collect();
     let emails: Vec<&str> = calls.iter().map(|c| c.email.as_str()).collect();
     let fields: Vec<&Value> = calls.iter().map(|c| &c.fields).collect();
     let ids: Vec<JobId> = calls.iter().map(|c| c.job_id).collect();
     sqlx::query(
-        // one row per contact: its calls merged in job order
+        // one row per contact: its calls merged in the order given
         r#"
         WITH calls AS (
             SELECT c.provider || ':' || c.account || ':' || lower(c.email) AS contact_key, c.fields, c.id, c.n
@@ -43,10 +41,13 @@ pub async fn record(conn: &mut sqlx::PgConnection, calls: &[Delivered]) -> Resul
         )
         INSERT INTO contact_sync.synced AS s (contact_key, fields, job_id)
         SELECT m.contact_key, m.fields, m.id FROM merged m ORDER BY m.contact_key
+        -- whatever the job ids: the provider holds what reached it last, and a contact's calls
+        -- reach it one after the other, in the order their completions commit (a change
+        -- committed late, with a lower id, or a job sent again after an edit in flight, is
+        -- the newest call all the same)
         ON CONFLICT (contact_key) DO UPDATE
             SET fields = contact_sync.merge_sent(s.fields, EXCLUDED.fields), job_id = EXCLUDED.job_id,
                 synced_at = now()
-            WHERE s.job_id < EXCLUDED.job_id
         "#,
     )
     .persistent(false)

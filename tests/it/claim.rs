@@ -335,3 +335,73 @@ fn sent(name: &str) -> contact_sync::outbox::synced::Delivered {
         job_id: 1,
     }
 }
+
+/// Found by the adversarial review: the synced state kept the call with the highest job id,
+/// while the provider holds the call that reached it last. A change retried from dead after a
+/// later one was delivered (or committed late with a lower id, or sent again after an edit in
+/// flight) is the newest call all the same: the synced state must say what it sent, or a
+/// change back to the later value is skipped as held.
+#[tokio::test]
+async fn the_synced_state_is_the_last_call_whatever_its_job_id() {
+    use contact_sync::outbox::repair;
+    let env = TestEnv::new().await;
+    let older = env
+        .enqueue(jc("a@example.com", json!({"lead_name": "X"})))
+        .await;
+    let newer = env
+        .enqueue(jc("a@example.com", json!({"lead_name": "Y"})))
+        .await;
+    let deliver = |name: &'static str| {
+        let pool = env.pool.clone();
+        async move {
+            let got = claim(&pool, &quota("jc", 1), &options("w")).await.unwrap();
+            let done = complete::succeed_many(
+                &pool,
+                &[Success {
+                    lease: got[0].lease(),
+                    doi: None,
+                    sent_md5: got[0].payload_md5(),
+                    followers: vec![],
+                    sets_status: false,
+                    modify_ts: None,
+                    outcome: None,
+                    synced: Some(contact_sync::outbox::synced::Delivered {
+                        job_id: got[0].id,
+                        ..sent(name)
+                    }),
+                }],
+            )
+            .await
+            .unwrap();
+            assert_eq!(done, Default::default());
+            got[0].id
+        }
+    };
+    // the older change fails for good, the newer one is delivered
+    let got = claim(&env.pool, &quota("jc", 1), &options("w"))
+        .await
+        .unwrap();
+    assert_eq!(got[0].id, older);
+    let error = AttemptError {
+        kind: "permanent".into(),
+        code: Some("1".into()),
+        message: "no".into(),
+    };
+    assert_eq!(
+        complete::kill(&env.pool, got[0].lease(), &error)
+            .await
+            .unwrap(),
+        complete::Write::Done
+    );
+    assert_eq!(deliver("Y").await, newer);
+    // the operator sends the older one again, over the newer one
+    let (result, _) = repair::retry(&env.pool, older, true).await.unwrap();
+    assert_eq!(result, repair::ActionResult::Done, "{result:?}");
+    assert_eq!(deliver("X").await, older);
+    let synced: (serde_json::Value, i64) =
+        sqlx::query_as("SELECT fields, job_id FROM contact_sync.synced")
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+    assert_eq!(synced, (json!({"lead_name": "X"}), older));
+}
