@@ -220,6 +220,12 @@ const HOLD_CONTACTS_SQL: &str = r#"
 /// group at a time, before it leaves the rest alone.
 const BULK_BUSY_BUDGET: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// The most contacts a bulk action takes in one transaction. PostgreSQL takes again the
+/// queue rows the action has already locked (the trigger that keeps the queue), and that costs
+/// more per row the more rows the transaction holds: 200,000 contacts in one transaction took
+/// over four minutes, and 2,000 at a time takes about a second per 100,000.
+const BULK_CHUNK: usize = 10_000;
+
 /// The wait for one group of contacts while looking for the held ones.
 const BULK_GROUP_WAIT: std::time::Duration = std::time::Duration::from_millis(200);
 
@@ -315,10 +321,12 @@ impl Bulk {
         ))
     }
 
-    /// Runs the action on every job matching the filter, all at once, waiting at most
-    /// [`OPERATOR_LOCK_WAIT`] for contacts other transactions hold. If one is held, goes on by
-    /// halves of the matching contacts (each waiting [`BULK_GROUP_WAIT`]), down to single
-    /// contacts, which are left alone and returned, sorted. With `dry_run`, only counts.
+    /// Runs the action on every job matching the filter: all at once when at most
+    /// [`BULK_CHUNK`] contacts match, otherwise [`BULK_CHUNK`] contacts per transaction, in key
+    /// order; each waits at most [`OPERATOR_LOCK_WAIT`] for contacts other transactions hold.
+    /// If one is held, goes on by halves of those contacts (each waiting [`BULK_GROUP_WAIT`]),
+    /// down to single contacts, which are left alone and returned, sorted. With `dry_run`, only
+    /// counts.
     async fn apply(
         self,
         pool: &PgPool,
@@ -332,18 +340,6 @@ impl Bulk {
                 Vec::new(),
             ));
         }
-        let once = async {
-            let mut tx = bounded_tx(pool, OPERATOR_LOCK_WAIT).await?;
-            let r = self.run(&mut tx, filter, false, None, true).await?;
-            tx.commit().await?;
-            Ok::<_, sqlx::Error>(r)
-        }
-        .await;
-        match once {
-            Ok(r) => return Ok((r, Vec::new())),
-            Err(e) if is_lock_timeout(&e) => {}
-            Err(e) => return Err(e),
-        }
         let sql = format!(
             r#"SELECT DISTINCT j.contact_key FROM contact_sync.jobs j
                WHERE j.state = ANY($8) AND {FILTER_SQL} ORDER BY 1"#
@@ -355,6 +351,20 @@ impl Bulk {
             .iter()
             .map(|row| sqlx::Row::try_get::<String, _>(row, 0))
             .collect::<Result<_, _>>()?;
+        if keys.len() <= BULK_CHUNK {
+            let once = async {
+                let mut tx = bounded_tx(pool, OPERATOR_LOCK_WAIT).await?;
+                let r = self.run(&mut tx, filter, false, None, true).await?;
+                tx.commit().await?;
+                Ok::<_, sqlx::Error>(r)
+            }
+            .await;
+            match once {
+                Ok(r) => return Ok((r, Vec::new())),
+                Err(e) if is_lock_timeout(&e) => {}
+                Err(e) => return Err(e),
+            }
+        }
         // Contacts whose queue row another transaction holds are found at once (a probe that
         // skips them, rolled back); the halving below is left to find only the ones held
         // otherwise (a producer's first change of an idle contact, not committed yet).
@@ -383,13 +393,18 @@ impl Bulk {
         let held: std::collections::HashSet<&String> = busy.iter().collect();
         let keys: Vec<String> = keys.iter().filter(|k| !held.contains(k)).cloned().collect();
         let deadline = std::time::Instant::now() + BULK_BUSY_BUDGET;
-        let mut groups: Vec<Vec<String>> = vec![keys];
+        // (contacts, split after a lock timeout), in key order
+        let mut groups: Vec<(Vec<String>, bool)> = keys
+            .chunks(BULK_CHUNK)
+            .rev()
+            .map(|chunk| (chunk.to_vec(), false))
+            .collect();
         let mut total = (0, 0);
-        while let Some(group) = groups.pop() {
+        while let Some((group, split)) = groups.pop() {
             if group.is_empty() {
                 continue;
             }
-            if std::time::Instant::now() >= deadline {
+            if split && std::time::Instant::now() >= deadline {
                 busy.extend(group);
                 continue;
             }
@@ -413,8 +428,8 @@ impl Bulk {
                     } else {
                         let mut first = group;
                         let second = first.split_off(first.len() / 2);
-                        groups.push(second);
-                        groups.push(first);
+                        groups.push((second, true));
+                        groups.push((first, true));
                     }
                 }
                 Err(e) => return Err(e),

@@ -639,3 +639,48 @@ async fn retry_keeps_per_contact_order_and_the_schedule() {
     .unwrap();
     assert!(wait > 10_000.0, "{wait}");
 }
+
+/// Bulk actions over more contacts than one transaction takes (10,000) work through them in
+/// turns and do every one: a cancel of 12,000 pending changes, then their retry, leave the
+/// queue as it was.
+#[tokio::test]
+async fn bulk_actions_over_many_contacts_do_every_one() {
+    use contact_sync::outbox::repair::{cancel_matching, retry_matching, JobFilter};
+    use contact_sync::outbox::JobState;
+    let env = TestEnv::new().await;
+    sqlx::query(
+        "INSERT INTO contact_sync.jobs (provider, account, email, payload)
+         SELECT 'justclick', 'jc', 'many' || g || '@example.com', '{}' FROM generate_series(1, 12000) g",
+    )
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    let cancelled = cancel_matching(&env.pool, &JobFilter::new(JobState::Pending), false)
+        .await
+        .unwrap();
+    assert_eq!(
+        (cancelled.cancelled, cancelled.skipped_busy.len()),
+        (12_000, 0)
+    );
+    let queued: i64 = sqlx::query_scalar("SELECT count(*) FROM contact_sync.contacts")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(queued, 0);
+    let retried = retry_matching(
+        &env.pool,
+        &JobFilter::new(JobState::Cancelled),
+        false,
+        false,
+    )
+    .await
+    .unwrap();
+    assert_eq!(retried.retried, 12_000, "{retried:?}");
+    let ready: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM contact_sync.contacts WHERE head_id IS NOT NULL AND NOT running",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!((env.count("pending").await, ready), (12_000, 12_000));
+}
