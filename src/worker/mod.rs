@@ -46,7 +46,8 @@ pub(crate) struct Shared {
     /// Accounts this worker serves (the registry's); other accounts' jobs wait.
     pub accounts: Vec<String>,
     /// Accounts a source captures into: their deliveries are recorded in the synced state.
-    pub captured: HashSet<String>,
+    /// (sorted, without repeats: the claim binds it as it is)
+    pub captured: Vec<String>,
     /// Written into `locked_by`: host, pid and a random tag.
     pub worker_id: String,
     pub limits: Limits,
@@ -214,10 +215,12 @@ impl Worker {
             accounts: accounts.clone(),
             concurrency: i32::try_from(settings.worker.concurrency).unwrap_or(i32::MAX),
         };
-        let captured = settings
+        let captured: Vec<String> = settings
             .sources
             .values()
             .flat_map(|s| s.targets.keys().cloned())
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
             .collect();
         Worker {
             shared: Arc::new(Shared {

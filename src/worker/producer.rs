@@ -28,13 +28,12 @@ async fn claim_planned(
     plan: &Plan,
 ) -> (Vec<crate::outbox::ClaimedJob>, Option<sqlx::Error>) {
     let w = &shared.settings.worker;
-    let captured: Vec<String> = shared.captured.iter().cloned().collect();
     let options = claim::ClaimOptions {
         lease: w.lease,
         worker_id: &shared.worker_id,
         default_max_attempts: w.max_attempts,
         max_followers: w.max_coalesce,
-        captured: &captured,
+        captured: &shared.captured,
     };
     let mut jobs = Vec::new();
     let mut failed = None;
