@@ -90,6 +90,7 @@
 
 pub mod capture;
 pub mod config;
+pub mod console;
 pub mod migrate;
 pub mod outbox;
 pub mod providers;

@@ -57,6 +57,8 @@ pub enum Command {
     /// Sync a source's existing rows: queue what differs from what each account was last sent
     /// (resumable: a stopped backfill goes on where it stopped).
     Backfill(BackfillArgs),
+    /// Serve the operator console in the browser (sign-in from [console.users]).
+    Console(ConsoleArgs),
     /// Live worker replicas: id, host, accounts, start, last heartbeat.
     Workers {
         /// Print JSON instead of a table.
@@ -122,6 +124,26 @@ pub struct BackfillArgs {
     /// Print JSON (progress lines and the summary) instead of a progress bar and text.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct ConsoleArgs {
+    #[command(subcommand)]
+    pub command: Option<ConsoleCommand>,
+    /// Where to listen (default: console.listen, else 127.0.0.1:8090).
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    /// No sign-in: anyone who reaches the address acts as an operator. Only on loopback.
+    #[arg(long)]
+    pub no_auth: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConsoleCommand {
+    /// Print an Argon2 hash of a password (asked for without echo, or read from stdin) for
+    /// `[console.users.NAME] password_hash`.
+    HashPassword,
 }
 
 #[derive(Debug, Subcommand)]

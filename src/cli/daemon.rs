@@ -41,6 +41,7 @@ pub async fn run_worker(
         .map(|(name, a)| (a.provider.as_str(), name.as_str()))
         .collect();
     let admin = contact_sync::admin::spawn(&settings, pool.clone(), stop.clone()).await?;
+    let console = spawn_console(&settings, pool.clone(), stop.clone()).await?;
     // (after the admin endpoint installed the recorder)
     contact_sync::metrics::register_accounts(&accounts);
     // Wait for the database at start (a daemon may start before Postgres).
@@ -97,6 +98,9 @@ pub async fn run_worker(
     stop.cancel();
     if let Some(admin) = admin {
         let _ = admin.await;
+    }
+    if let Some(console) = console {
+        let _ = console.await;
     }
     pool.close().await;
     tracing::info!(
@@ -234,4 +238,27 @@ pub async fn serve_sandbox(
     signals.graceful.cancelled().await;
     sandbox.stop().await;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Serves the console beside the worker when `console.listen` is set (with sign-in).
+async fn spawn_console(
+    settings: &Settings,
+    pool: sqlx::PgPool,
+    stop: tokio_util::sync::CancellationToken,
+) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
+    if settings.console.listen.is_empty() {
+        return Ok(None);
+    }
+    let listener = tokio::net::TcpListener::bind(&settings.console.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("console.listen {}: {e}", settings.console.listen))?;
+    let addr = listener.local_addr()?;
+    let access = contact_sync::console::Access::SignIn;
+    let router = contact_sync::console::router(pool, settings.console.clone(), access, addr)?;
+    tracing::info!(%addr, "serving the console");
+    Ok(Some(tokio::spawn(async move {
+        if let Err(e) = contact_sync::console::serve(listener, router, stop).await {
+            tracing::error!(error = %e, "the console stopped");
+        }
+    })))
 }

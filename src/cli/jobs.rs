@@ -211,6 +211,7 @@ fn job_filter(state: JobState, f: &FilterArgs) -> repair::JobFilter {
         account: f.account.clone(),
         email: f.email.clone(),
         error_like: f.error_like.clone(),
+        ..repair::JobFilter::new(state)
     }
 }
 

@@ -4,6 +4,7 @@
 //! - [`args`]: every subcommand and option (clap derive);
 //! - [`daemon`]: `run` and `sandbox`, the long-running commands;
 //! - [`enqueue`], [`jobs`], [`accounts`]: the operator commands by group;
+//! - [`console`]: the operator console in the browser;
 //! - [`render`] and [`table`]: how they print;
 //! - [`demo`] and [`bench`]: the zero-setup demo and the benchmark.
 
@@ -11,6 +12,7 @@ pub mod accounts;
 pub mod args;
 pub mod bench;
 pub mod capture;
+pub mod console;
 pub mod daemon;
 pub mod demo;
 pub mod enqueue;
@@ -33,7 +35,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     // A daemon handles SIGTERM from its first moment: before the configuration is read. So does
     // the bench, whose worker processes are stopped (SIGSTOP) between its runs: it ends them.
     let signals = match cli.command {
-        Command::Run { .. } | Command::Sandbox(_) | Command::Bench(_) => {
+        Command::Run { .. } | Command::Sandbox(_) | Command::Bench(_) | Command::Console(_) => {
             Some(shutdown::Shutdown::on_signals())
         }
         _ => None,
@@ -73,6 +75,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Capture(command) => capture::run(command, &settings).await,
         Command::Backfill(args) => capture::backfill(args, &settings).await,
         Command::Workers { json } => accounts::workers(&settings, json).await,
+        Command::Console(args) => console::run(args, &settings, signals.unwrap_or_default()).await,
         Command::Jobs(command) => jobs::run(command, &settings).await,
         Command::Retry(args) => jobs::retry(&settings, args).await,
         Command::Cancel(args) => jobs::cancel(&settings, args).await,

@@ -4,6 +4,7 @@
 //! Secrets are [`Secret`]s: `Debug` of the settings prints `[redacted]`.
 
 mod accounts;
+mod console;
 mod explain;
 pub(crate) mod sources;
 mod validate;
@@ -11,6 +12,7 @@ mod validate;
 pub use accounts::{
     valid_account_name, AccountSettings, DoubleOptIn, MissingContact, ProviderKind,
 };
+pub use console::{ConsoleRole, ConsoleSettings, ConsoleUser};
 pub use sources::{provider_fields, OnDelete, SourceSettings, TargetSettings};
 pub use validate::bounds;
 #[doc(hidden)]
@@ -36,6 +38,9 @@ pub struct Settings {
     pub admin: AdminSettings,
     #[serde(default)]
     pub http: HttpSettings,
+    /// The operator console (`contact-sync console`, or served by `run`).
+    #[serde(default)]
+    pub console: ConsoleSettings,
     /// Provider accounts by name (`[a-z0-9_]`, so env overrides can name them).
     #[serde(default)]
     pub accounts: BTreeMap<String, AccountSettings>,

@@ -72,6 +72,7 @@ impl Settings {
     /// Checks every value once, at start; the error names the key.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let w = &self.worker;
+        self.console.validate()?;
         number_within("worker.concurrency", w.concurrency, bounds::CONCURRENCY)?;
         number_within("worker.batch_size", w.batch_size, bounds::BATCH_SIZE)?;
         duration_within("worker.lease", w.lease, bounds::LEASE)?;

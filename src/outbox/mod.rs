@@ -36,6 +36,8 @@ pub mod claim;
 #[doc(hidden)]
 pub mod complete;
 #[doc(hidden)]
+pub mod console;
+#[doc(hidden)]
 pub mod doi;
 #[doc(hidden)]
 pub mod enqueue;

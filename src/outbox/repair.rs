@@ -178,13 +178,26 @@ pub async fn retry_dead(
 }
 
 /// Which jobs a bulk `retry` or `cancel` acts on: one state, and optionally an account, an
-/// address (any case) and a text the last error contains (any case).
+/// address (any case), a text the last error contains (any case), and the console's further
+/// filters (provider, exact last error, a payload field's value, creation time, chosen ids).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JobFilter {
     pub state: JobState,
     pub account: Option<String>,
     pub email: Option<String>,
     pub error_like: Option<String>,
+    pub provider: Option<String>,
+    /// The last error, exactly (a dead-letter group).
+    pub error_is: Option<String>,
+    /// A payload field (`lead_city`, `attributes.plan`: the path split at dots) and the text
+    /// its value must equal.
+    pub payload_field: Option<(Vec<String>, String)>,
+    /// Created at or after.
+    pub created_from: Option<chrono::DateTime<chrono::Utc>>,
+    /// Created before.
+    pub created_to: Option<chrono::DateTime<chrono::Utc>>,
+    /// Only these jobs (a selection).
+    pub ids: Option<Vec<JobId>>,
 }
 
 impl JobFilter {
@@ -195,17 +208,29 @@ impl JobFilter {
             account: None,
             email: None,
             error_like: None,
+            provider: None,
+            error_is: None,
+            payload_field: None,
+            created_from: None,
+            created_to: None,
+            ids: None,
         }
     }
 }
 
-/// The filter as SQL over `contact_sync.jobs j`, binding $1..$4, and `$7`: only these contacts
-/// (all when NULL).
+/// The filter as SQL over `contact_sync.jobs j`, binding $1..$4, $8..$14, and `$7`: only
+/// these contacts (all when NULL).
 const FILTER_SQL: &str = r#"
     j.state = $1 AND ($2::text IS NULL OR j.account = $2)
     AND ($3::text IS NULL OR lower(j.email) = lower($3))
     AND ($4::text IS NULL OR strpos(lower(coalesce(j.last_error, '')), lower($4)) > 0)
-    AND ($7::text[] IS NULL OR j.contact_key = ANY($7))"#;
+    AND ($7::text[] IS NULL OR j.contact_key = ANY($7))
+    AND ($8::text IS NULL OR j.provider = $8)
+    AND ($9::text IS NULL OR j.last_error = $9)
+    AND ($10::text[] IS NULL OR j.payload #>> $10 = $11)
+    AND ($12::timestamptz IS NULL OR j.created_at >= $12)
+    AND ($13::timestamptz IS NULL OR j.created_at < $13)
+    AND ($14::bigint[] IS NULL OR j.id = ANY($14))"#;
 
 /// Takes the queue rows of the contacts of the jobs matching the filter, in key order, as a
 /// claim takes them (the first statement of a bulk action: the next one sees every claim made
@@ -342,7 +367,7 @@ impl Bulk {
         }
         let sql = format!(
             r#"SELECT DISTINCT j.contact_key FROM contact_sync.jobs j
-               WHERE j.state = ANY($8) AND {FILTER_SQL} ORDER BY 1"#
+               WHERE j.state = ANY($15) AND {FILTER_SQL} ORDER BY 1"#
         );
         let keys: Vec<String> = bind_filter(sqlx::query(&sql), filter, false, false, None)
             .bind(self.states_taken())
@@ -461,7 +486,7 @@ pub async fn retry_matching(
     })
 }
 
-/// Binds the filter's `$1..$7` to a statement built on [`FILTER_SQL`].
+/// Binds the filter's `$1..$14` to a statement built on [`FILTER_SQL`].
 fn bind_filter<'q>(
     q: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
     filter: &'q JobFilter,
@@ -477,6 +502,13 @@ fn bind_filter<'q>(
         .bind(force)
         .bind(dry_run)
         .bind(keys)
+        .bind(&filter.provider)
+        .bind(&filter.error_is)
+        .bind(filter.payload_field.as_ref().map(|(path, _)| path))
+        .bind(filter.payload_field.as_ref().map(|(_, value)| value))
+        .bind(filter.created_from)
+        .bind(filter.created_to)
+        .bind(&filter.ids)
 }
 
 /// What a bulk cancel did.

@@ -20,13 +20,71 @@ use tokio::sync::mpsc;
 const MAX_BATCH: usize = 1024;
 /// Wait before writing kept outcomes again when nothing new arrives.
 const REWRITE_EVERY: Duration = Duration::from_millis(500);
+/// How often the deliveries and failures counted are added to `contact_sync.activity` (what
+/// the console's overview charts): one small statement per interval, whatever the throughput.
+const ACTIVITY_EVERY: Duration = Duration::from_secs(5);
+
+/// Deliveries and failed attempts per account, since they were last added to the database.
+#[derive(Debug, Default)]
+struct Activity {
+    counts: std::collections::BTreeMap<String, (i64, i64)>,
+    since: Option<std::time::Instant>,
+}
+
+impl Activity {
+    fn delivered(&mut self, account: &str, n: usize) {
+        self.entry(account).0 += i64::try_from(n).unwrap_or(0);
+    }
+
+    fn failed(&mut self, account: &str) {
+        self.entry(account).1 += 1;
+    }
+
+    fn entry(&mut self, account: &str) -> &mut (i64, i64) {
+        self.since.get_or_insert_with(std::time::Instant::now);
+        self.counts.entry(account.to_string()).or_default()
+    }
+
+    /// Adds the counts to the database once [`ACTIVITY_EVERY`] has passed (or now, with
+    /// `now`); kept for the next time if that fails.
+    async fn flush(&mut self, pool: &sqlx::PgPool, now: bool) {
+        let due = self.since.is_some_and(|t| t.elapsed() >= ACTIVITY_EVERY);
+        if self.counts.is_empty() || !(due || now) {
+            return;
+        }
+        let rows: Vec<(String, i64, i64)> = self
+            .counts
+            .iter()
+            .map(|(a, (d, f))| (a.clone(), *d, *f))
+            .collect();
+        match crate::outbox::console::add_activity(pool, &rows).await {
+            Ok(()) => {
+                self.counts.clear();
+                self.since = None;
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "could not add the activity counts; kept for the next time")
+            }
+        }
+    }
+}
 
 pub async fn run(shared: std::sync::Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Completion>) {
     let mut kept: Vec<Completion> = Vec::new();
+    let mut activity = Activity::default();
     let mut open = true;
     while open || !kept.is_empty() {
         let mut batch = std::mem::take(&mut kept);
-        let first = if batch.is_empty() {
+        let first = if batch.is_empty() && !activity.counts.is_empty() {
+            // nothing to write: the counts go to the database when no outcome comes for a while
+            tokio::select! {
+                c = rx.recv() => c,
+                _ = tokio::time::sleep(ACTIVITY_EVERY) => {
+                    activity.flush(&shared.pool, true).await;
+                    continue;
+                }
+            }
+        } else if batch.is_empty() {
             rx.recv().await
         } else if open {
             tokio::select! {
@@ -51,7 +109,8 @@ pub async fn run(shared: std::sync::Arc<Shared>, mut rx: mpsc::UnboundedReceiver
         if rx.is_closed() && rx.is_empty() {
             open = false;
         }
-        let (written, unwritten) = write(&shared, batch).await;
+        let (written, unwritten) = write(&shared, batch, &mut activity).await;
+        activity.flush(&shared.pool, !open).await;
         forget(&shared, &written);
         drop(written); // frees the slots
         shared.wake.notify_one();
@@ -69,6 +128,7 @@ pub async fn run(shared: std::sync::Arc<Shared>, mut rx: mpsc::UnboundedReceiver
             break;
         }
     }
+    activity.flush(&shared.pool, true).await;
 }
 
 /// Drops written (or given-up) leases from the heartbeat, matching the attempt: a newer attempt
@@ -96,7 +156,11 @@ fn is_data_error(e: &sqlx::Error) -> bool {
 }
 
 /// Writes a batch; returns (written or lost, to keep for another round).
-async fn write(shared: &Shared, batch: Vec<Completion>) -> (Vec<Completion>, Vec<Completion>) {
+async fn write(
+    shared: &Shared,
+    batch: Vec<Completion>,
+    activity: &mut Activity,
+) -> (Vec<Completion>, Vec<Completion>) {
     let pool = &shared.pool;
     let (successes, others): (Vec<Completion>, Vec<Completion>) = batch
         .into_iter()
@@ -146,6 +210,7 @@ async fn write(shared: &Shared, batch: Vec<Completion>) -> (Vec<Completion>, Vec
                             followers.len() as u64,
                         );
                         shared.stats.add_succeeded(1, followers.len() as u64);
+                        activity.delivered(&c.account, 1 + followers.len());
                     }
                     written.push(c);
                 }
@@ -177,6 +242,7 @@ async fn write(shared: &Shared, batch: Vec<Completion>) -> (Vec<Completion>, Vec
                         tracing::warn!(job_id = c.lease.id, hold_ms = hold_for.max(*delay).as_millis() as u64, error = %error.message, "no answer to a call the provider may still be acting on: nothing more is sent for this contact until the hold has passed");
                         m::job_event(JobEvent::Retried, &c.provider, &c.account, 1);
                         shared.stats.add_retried();
+                        activity.failed(&c.account);
                     }
                 }),
             Outcome::Retry {
@@ -191,11 +257,13 @@ async fn write(shared: &Shared, batch: Vec<Completion>) -> (Vec<Completion>, Vec
                         tracing::error!(job_id = c.lease.id, attempts = c.lease.attempt, error = %error.message, "attempts used up; job parked as dead");
                         m::job_event(JobEvent::Dead, &c.provider, &c.account, 1);
                         shared.stats.add_dead();
+                        activity.failed(&c.account);
                         Write::Done
                     }
                     Ok(_) => {
                         m::job_event(JobEvent::Retried, &c.provider, &c.account, 1);
                         shared.stats.add_retried();
+                        activity.failed(&c.account);
                         Write::Done
                     }
                     Err(why) => why,
@@ -204,6 +272,7 @@ async fn write(shared: &Shared, batch: Vec<Completion>) -> (Vec<Completion>, Vec
                 if *w == Write::Done {
                     m::job_event(JobEvent::Dead, &c.provider, &c.account, 1);
                     shared.stats.add_dead();
+                    activity.failed(&c.account);
                 }
             }),
             Outcome::Release => complete::release_one(pool, c.lease, true).await,

@@ -10,6 +10,7 @@ mod admin;
 mod capture;
 mod claim;
 mod cli;
+mod console;
 mod double_opt_in;
 mod edits_in_flight;
 mod enqueue;
