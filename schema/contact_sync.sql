@@ -521,6 +521,15 @@ CREATE TABLE contact_sync.accounts (
 
 COMMENT ON TABLE contact_sync.accounts IS 'contact-sync: provider accounts, their fleet-wide limits and pauses';
 
+CREATE TABLE contact_sync.activity (
+    account text NOT NULL,
+    minute timestamp with time zone NOT NULL,
+    delivered bigint DEFAULT 0 NOT NULL,
+    failed bigint DEFAULT 0 NOT NULL
+);
+
+COMMENT ON TABLE contact_sync.activity IS 'contact-sync: deliveries and failed attempts per account and minute';
+
 CREATE TABLE contact_sync.backfills (
     source text NOT NULL,
     accounts text[] NOT NULL,
@@ -590,6 +599,39 @@ CREATE TABLE contact_sync.capture_sources (
 );
 
 COMMENT ON TABLE contact_sync.capture_sources IS 'contact-sync: installed capture triggers, one row per source';
+
+CREATE TABLE contact_sync.console_audit (
+    id bigint NOT NULL,
+    at timestamp with time zone DEFAULT now() NOT NULL,
+    username text NOT NULL,
+    action text NOT NULL,
+    target text NOT NULL,
+    jobs bigint NOT NULL,
+    outcome text NOT NULL
+);
+
+COMMENT ON TABLE contact_sync.console_audit IS 'contact-sync: actions taken from the console';
+
+ALTER TABLE contact_sync.console_audit ALTER COLUMN id ADD GENERATED ALWAYS AS IDENTITY (
+    SEQUENCE NAME contact_sync.console_audit_id_seq
+    START WITH 1
+    INCREMENT BY 1
+    NO MINVALUE
+    NO MAXVALUE
+    CACHE 1
+);
+
+CREATE TABLE contact_sync.console_sessions (
+    token_sha256 bytea NOT NULL,
+    username text NOT NULL,
+    role text NOT NULL,
+    csrf_token text NOT NULL,
+    created_at timestamp with time zone DEFAULT now() NOT NULL,
+    expires_at timestamp with time zone NOT NULL,
+    CONSTRAINT console_sessions_role_check CHECK ((role = ANY (ARRAY['viewer'::text, 'operator'::text])))
+);
+
+COMMENT ON TABLE contact_sync.console_sessions IS 'contact-sync: console sessions (token digests, never tokens)';
 
 CREATE TABLE contact_sync.contacts (
     contact_key text NOT NULL,
@@ -697,6 +739,9 @@ COMMENT ON TABLE contact_sync.workers IS 'contact-sync: live worker replicas (he
 ALTER TABLE ONLY contact_sync.accounts
     ADD CONSTRAINT accounts_pkey PRIMARY KEY (account);
 
+ALTER TABLE ONLY contact_sync.activity
+    ADD CONSTRAINT activity_pkey PRIMARY KEY (account, minute);
+
 ALTER TABLE ONLY contact_sync.backfills
     ADD CONSTRAINT backfills_pkey PRIMARY KEY (source);
 
@@ -708,6 +753,12 @@ ALTER TABLE ONLY contact_sync.capture_rejections
 
 ALTER TABLE ONLY contact_sync.capture_sources
     ADD CONSTRAINT capture_sources_pkey PRIMARY KEY (source);
+
+ALTER TABLE ONLY contact_sync.console_audit
+    ADD CONSTRAINT console_audit_pkey PRIMARY KEY (id);
+
+ALTER TABLE ONLY contact_sync.console_sessions
+    ADD CONSTRAINT console_sessions_pkey PRIMARY KEY (token_sha256);
 
 ALTER TABLE ONLY contact_sync.contacts
     ADD CONSTRAINT contacts_pkey PRIMARY KEY (contact_key);
@@ -736,6 +787,8 @@ ALTER TABLE ONLY contact_sync.workers
 CREATE INDEX capture_failures_source_idx ON contact_sync.capture_failures USING btree (source, id);
 
 CREATE INDEX capture_rejections_source_idx ON contact_sync.capture_rejections USING btree (source, id);
+
+CREATE INDEX console_sessions_expires_idx ON contact_sync.console_sessions USING btree (expires_at);
 
 CREATE INDEX contacts_dirty_key_idx ON contact_sync.contacts_dirty USING btree (contact_key);
 
