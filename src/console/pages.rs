@@ -375,9 +375,12 @@ pub(crate) async fn job(
                         Some(serde_json::Value::Null) | None => String::new(),
                         Some(other) => other.to_string(),
                     };
+                    let at = field("at");
                     AttemptRow {
                         attempt: field("attempt"),
-                        at: field("at"),
+                        at: DateTime::parse_from_rfc3339(&at)
+                            .map(|t| views::time(t.with_timezone(&Utc)))
+                            .unwrap_or(at),
                         kind: field("kind"),
                         code: field("code"),
                         error: field("error"),

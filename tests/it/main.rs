@@ -7,6 +7,7 @@ mod helpers;
 mod abandoned_calls;
 mod addresses;
 mod admin;
+mod browser;
 mod capture;
 mod claim;
 mod cli;
