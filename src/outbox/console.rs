@@ -547,9 +547,11 @@ pub async fn contact(
                 UNION ALL
                 SELECT j.id FROM contact_sync.jobs j WHERE j.contact_key = k.key AND j.state = 'running') j
         ), recent AS (
-            SELECT j.id FROM contact_sync.jobs j
-            WHERE j.id > (SELECT coalesce(max(id), 0) FROM contact_sync.jobs) - $2
-              AND j.contact_key = ANY($1) AND j.state IN ('succeeded', 'coalesced')
+            -- the newest $2 jobs, read backwards along the primary key (a range the planner
+            -- could read with a scan of the whole table when it is most of it)
+            SELECT r.id FROM (SELECT j.id, j.contact_key, j.state FROM contact_sync.jobs j
+                              ORDER BY j.id DESC LIMIT $2) r
+            WHERE r.contact_key = ANY($1) AND r.state IN ('succeeded', 'coalesced')
         )
         SELECT j.id, j.provider, j.account, j.email, j.state, j.payload, j.attempts, j.created_at,
                j.finished_at, j.coalesced_into, j.last_error, j.outcome
@@ -599,6 +601,13 @@ pub async fn dead_groups(
     pool: &PgPool,
     accounts: &[String],
 ) -> Result<(Vec<DeadGroup>, Vec<String>), sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    // the newest dead jobs of an account, read backwards along the dead index: the planner,
+    // which cannot know how many jobs are dead, would otherwise read them all and sort them
+    sqlx::query("SET LOCAL enable_bitmapscan = off")
+        .persistent(false)
+        .execute(&mut *tx)
+        .await?;
     let groups: Vec<DeadGroup> = sqlx::query_as(
         // language=PostgreSQL
         r#"
@@ -614,8 +623,9 @@ pub async fn dead_groups(
     .persistent(false)
     .bind(accounts)
     .bind(DEAD_SAMPLE)
-    .fetch_all(pool)
+    .fetch_all(&mut *tx)
     .await?;
+    tx.commit().await?;
     let mut sampled: Vec<String> = Vec::new();
     for account in accounts {
         let n: i64 = groups
