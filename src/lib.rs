@@ -82,6 +82,7 @@
 //!   limits, double opt-in, graceful shutdown.
 //! - [`sandbox`]: local simulators that verify signatures like the real services and inject
 //!   faults.
+//! - [`console`]: the operator console in the browser (its SQL is in `outbox::console`).
 //! - `admin` (`/metrics`, `/healthz`, `/readyz`), `metrics`, `telemetry`, `pg` (a throwaway
 //!   local PostgreSQL): what the binary runs beside the worker.
 //!
