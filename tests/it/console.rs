@@ -781,3 +781,47 @@ async fn the_overview_counts_the_queue_and_charts_what_the_workers_delivered() {
     );
     assert!(page.contains("data-refresh-ms=\"1000\""));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_command_line_hashes_a_password_and_refuses_an_unsafe_console() {
+    use tokio::io::AsyncWriteExt;
+    let env = TestEnv::new().await;
+    let config = env.config_file("");
+    let mut child = env
+        .binary(&config)
+        .args(["console", "hash-password"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(b"s3cret pass\n").await.unwrap();
+    let out = child.wait_with_output().await.unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let hash = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    assert!(hash.starts_with("$argon2id$"), "{hash}");
+    assert!(!hash.contains("s3cret"));
+    // the hash signs the user in
+    let mut settings = ConsoleSettings::default();
+    settings.users.insert(
+        "ann".into(),
+        ConsoleUser { role: ConsoleRole::Viewer, password_hash: Secret::new(hash.clone()) },
+    );
+    let served = serve(&env, settings, Access::SignIn).await;
+    Browser::signed_in(&served, "ann", "s3cret pass").await;
+
+    let (code, _, err) = env.cli(&config, &["console", "hash-password"]).await;
+    assert_ne!(code, 0);
+    assert!(err.contains("no password given"), "{err}");
+    let (code, _, err) = env.cli(&config, &["console", "--no-auth", "--listen", "0.0.0.0:0"]).await;
+    assert_ne!(code, 0);
+    assert!(err.contains("only on loopback"), "{err}");
+    let (code, _, err) = env.cli(&config, &["console", "--listen", "127.0.0.1:0"]).await;
+    assert_ne!(code, 0);
+    assert!(err.contains("hash-password"), "{err}");
+    // a password in clear in the configuration is refused, naming the setting
+    let clear = env.config_file("[console.users.ann]\nrole = \"operator\"\npassword_hash = \"hunter2\"\n");
+    let (code, _, err) = env.cli(&clear, &["console"]).await;
+    assert_ne!(code, 0);
+    assert!(err.contains("console.users.ann.password_hash") && !err.contains("hunter2"), "{err}");
+}
