@@ -2,12 +2,14 @@
 -- per-minute activity its overview charts.
 
 -- A signed-in browser: the SHA-256 of its cookie's token (the token itself is never stored),
--- who it is, and the token its forms must carry (CSRF).
+-- who it is, the token its forms must carry (CSRF), and a digest of the password hash it
+-- signed in with (a changed password ends the session).
 CREATE TABLE contact_sync.console_sessions (
     token_sha256 bytea PRIMARY KEY,
     username text NOT NULL,
     role text NOT NULL CHECK (role IN ('viewer', 'operator')),
     csrf_token text NOT NULL,
+    credential text NOT NULL,
     created_at timestamptz NOT NULL DEFAULT now(),
     expires_at timestamptz NOT NULL
 );

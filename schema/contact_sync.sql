@@ -626,6 +626,7 @@ CREATE TABLE contact_sync.console_sessions (
     username text NOT NULL,
     role text NOT NULL,
     csrf_token text NOT NULL,
+    credential text NOT NULL,
     created_at timestamp with time zone DEFAULT now() NOT NULL,
     expires_at timestamp with time zone NOT NULL,
     CONSTRAINT console_sessions_role_check CHECK ((role = ANY (ARRAY['viewer'::text, 'operator'::text])))

@@ -16,6 +16,11 @@
     }
     fetch("/overview/live", { credentials: "same-origin", headers: { "Accept": "text/html" } })
       .then(function (r) {
+        if (r.status === 401) {
+          // the session ended: the page itself goes to the sign-in
+          window.location.reload();
+          return null;
+        }
         if (r.ok && r.headers.get("Content-Type").indexOf("text/html") === 0) {
           return r.text();
         }

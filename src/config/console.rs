@@ -27,6 +27,14 @@ pub struct ConsoleSettings {
     /// Who may sign in, by user name.
     #[serde(default)]
     pub users: BTreeMap<String, ConsoleUser>,
+    /// Host names the console answers to besides IP addresses and `localhost` (the name a
+    /// reverse proxy passes on in `Host`); any other is refused (DNS rebinding).
+    #[serde(default)]
+    pub allowed_hosts: Vec<String>,
+    /// Whether cookies carry `Secure` (default: unless the console listens on loopback; set it
+    /// behind a TLS proxy on the same host).
+    #[serde(default)]
+    pub secure_cookies: Option<bool>,
 }
 
 impl Default for ConsoleSettings {
@@ -36,6 +44,8 @@ impl Default for ConsoleSettings {
             session_ttl: default_session_ttl(),
             refresh_interval: default_refresh_interval(),
             users: BTreeMap::new(),
+            allowed_hosts: Vec::new(),
+            secure_cookies: None,
         }
     }
 }
@@ -103,6 +113,21 @@ impl ConsoleSettings {
                 "console.refresh_interval",
                 "must be between 1s and 1h",
             ));
+        }
+        for host in &self.allowed_hosts {
+            if host.is_empty()
+                || host.len() > 253
+                || !host
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-')
+            {
+                return Err(invalid(
+                    "console.allowed_hosts",
+                    format!(
+                        "{host:?} is not a host name (like console.example.com, without a port)"
+                    ),
+                ));
+            }
         }
         for (name, user) in &self.users {
             if name.is_empty()

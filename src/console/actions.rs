@@ -62,7 +62,11 @@ pub(crate) async fn pause(
         Err(r) => return r,
     };
     let reason = match form.get("reason") {
-        Some(why) => format!("{why} ({}, console)", me.user),
+        Some(why) => format!(
+            "{} ({}, console)",
+            why.chars().take(150).collect::<String>(),
+            me.user
+        ),
         None => format!("paused by {} from the console", me.user),
     };
     if let Err(e) = accounts::pause(&console.pool, &account, &reason).await {
@@ -286,26 +290,23 @@ fn bulk_filters(form: &Form, retry: bool) -> Result<(Vec<JobFilter>, String), St
             if retry { "retried" } else { "cancelled" }
         ));
     };
-    let error_is = form.get("error_is").map(str::to_string);
     let filter = JobFilter {
         account: search.account,
         email: search.email,
         error_like: search.error_like,
         provider: search.provider,
-        error_is: error_is.clone(),
+        error_is: search.error_is,
+        error_code: search.error_code,
         payload_field: search.payload_field,
         created_from: search.created_from,
         created_to: search.created_to,
         ..JobFilter::new(state)
     };
-    let mut described: Vec<String> = echo
+    let described: Vec<String> = echo
         .pairs()
         .into_iter()
         .map(|(k, v)| format!("{k}={v}"))
         .collect();
-    if let Some(error) = error_is {
-        described.push(format!("error is {error:?}"));
-    }
     Ok((vec![filter], format!("filter {}", described.join(" "))))
 }
 
@@ -345,7 +346,24 @@ pub(crate) async fn bulk(
         Ok(f) => f,
         Err(why) => return message(&me, &console, "Not done", false, why, vec![], back),
     };
-    let confirmed = form.get("confirm") == Some("yes");
+    // The confirmation covers the jobs that existed when they were counted: the count pins
+    // the highest id, and the action goes no further (a job queued meanwhile is not touched).
+    let pinned: Option<i64> = form.get("upto").and_then(|u| u.parse().ok());
+    let confirmed = form.get("confirm") == Some("yes") && pinned.is_some();
+    let upto = match pinned.filter(|_| confirmed) {
+        Some(upto) => upto,
+        None => match store::newest_job(&console.pool).await {
+            Ok(id) => id,
+            Err(e) => return views::database_error(&e),
+        },
+    };
+    let filters: Vec<JobFilter> = filters
+        .into_iter()
+        .map(|f| JobFilter {
+            max_id: Some(upto),
+            ..f
+        })
+        .collect();
     let (mut done, mut stale, mut busy) = (0u64, 0u64, Vec::new());
     for filter in &filters {
         let result = if retry {
@@ -380,11 +398,13 @@ pub(crate) async fn bulk(
         ));
     }
     if !confirmed {
-        let fields: Vec<(String, String)> = form
+        let mut fields: Vec<(String, String)> = form
             .pairs()
-            .filter(|(k, _)| !matches!(k.as_str(), "csrf" | "confirm"))
+            .filter(|(k, _)| !matches!(k.as_str(), "csrf" | "confirm" | "upto" | "counted"))
             .cloned()
             .collect();
+        fields.push(("upto".into(), upto.to_string()));
+        fields.push(("counted".into(), done.to_string()));
         return views::render(&Confirm {
             chrome: me.chrome(&console, if retry { "Retry jobs?" } else { "Cancel jobs?" }),
             summary: format!(
@@ -413,6 +433,14 @@ pub(crate) async fn bulk(
         "{} {done} job(s).",
         if retry { "Retried" } else { "Cancelled" }
     );
+    if let Some(counted) = form.get("counted").and_then(|c| c.parse::<u64>().ok()) {
+        if counted != done {
+            details.insert(
+                0,
+                format!("{counted} matched when they were counted: the queue changed meanwhile (jobs queued since were not touched)."),
+            );
+        }
+    }
     audited(
         &console,
         &me,

@@ -9,15 +9,90 @@ use crate::outbox::console::{self as store, Session};
 use argon2::password_hash::rand_core::{OsRng, RngCore};
 use argon2::password_hash::{PasswordHasher, SaltString};
 use argon2::{Argon2, PasswordHash, PasswordVerifier};
-use axum::extract::State;
+use axum::extract::{ConnectInfo, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Redirect, Response};
 use sha2::{Digest, Sha256};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-/// The session cookie.
+/// The session cookie; with `Secure`, under the `__Host-` prefix (no other origin of the host,
+/// no path, can set a cookie of that name).
 const COOKIE: &str = "contact_sync_session";
+const SECURE_COOKIE: &str = "__Host-contact_sync_session";
+
+fn cookie_name(console: &Console) -> &'static str {
+    if console.secure_cookies {
+        SECURE_COOKIE
+    } else {
+        COOKIE
+    }
+}
+
+/// Failed sign-ins one user name may have per [`FAILURE_WINDOW`] before it is refused
+/// without a password check.
+const USER_FAILURES: u32 = 5;
+/// The same for one client address (higher: several people may share one).
+const ADDRESS_FAILURES: u32 = 20;
+const FAILURE_WINDOW: Duration = Duration::from_secs(60);
+/// Password checks at once (each takes 19 MiB and a core for tens of milliseconds).
+pub(crate) const CONCURRENT_CHECKS: usize = 2;
+
+/// What keeps sign-in from being a way to guess passwords fast or to exhaust the process.
+pub(crate) struct SignInGuard {
+    checks: tokio::sync::Semaphore,
+    failures: std::sync::Mutex<std::collections::HashMap<String, (u32, std::time::Instant)>>,
+}
+
+impl SignInGuard {
+    pub fn new() -> SignInGuard {
+        SignInGuard {
+            checks: tokio::sync::Semaphore::new(CONCURRENT_CHECKS),
+            failures: std::sync::Mutex::new(std::collections::HashMap::new()),
+        }
+    }
+
+    fn failures(&self, key: &str) -> u32 {
+        self.failures
+            .lock()
+            .ok()
+            .and_then(|f| f.get(key).copied())
+            .filter(|(_, since)| since.elapsed() < FAILURE_WINDOW)
+            .map_or(0, |(n, _)| n)
+    }
+
+    fn failed(&self, keys: &[&str]) {
+        if let Ok(mut f) = self.failures.lock() {
+            if f.len() > 10_000 {
+                f.retain(|_, (_, since)| since.elapsed() < FAILURE_WINDOW);
+            }
+            for key in keys {
+                let entry = f
+                    .entry((*key).to_string())
+                    .or_insert((0, std::time::Instant::now()));
+                if entry.1.elapsed() >= FAILURE_WINDOW {
+                    *entry = (0, std::time::Instant::now());
+                }
+                entry.0 += 1;
+            }
+        }
+    }
+
+    fn succeeded(&self, key: &str) {
+        if let Ok(mut f) = self.failures.lock() {
+            f.remove(key);
+        }
+    }
+}
+
+/// A digest of a password hash, kept with a session: a changed password ends it.
+fn credential(password_hash: &str) -> String {
+    Sha256::digest(password_hash.as_bytes())
+        .iter()
+        .take(16)
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
 
 /// How long a refused sign-in waits before answering (on top of the hash's own cost).
 const REFUSED_SIGN_IN_DELAY: Duration = Duration::from_millis(500);
@@ -73,6 +148,21 @@ impl Form {
             .filter(|v| !v.is_empty())
     }
 
+    /// The first value of `name` as sent (untrimmed, possibly empty), if present.
+    pub fn raw(&self, name: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// Some value holds a NUL character (which no text column can store).
+    pub fn has_nul(&self) -> bool {
+        self.0
+            .iter()
+            .any(|(k, v)| k.contains('\0') || v.contains('\0'))
+    }
+
     pub fn pairs(&self) -> impl Iterator<Item = &(String, String)> {
         self.0.iter()
     }
@@ -125,14 +215,14 @@ fn verify(password: &str, hash: &str) -> bool {
         .unwrap_or(false)
 }
 
-fn cookie_token(headers: &HeaderMap) -> Option<String> {
+fn cookie_token(headers: &HeaderMap, cookie: &str) -> Option<String> {
     headers
         .get_all(header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
         .filter_map(|pair| pair.trim().split_once('='))
-        .find(|(name, _)| *name == COOKIE)
+        .find(|(name, _)| *name == cookie)
         .map(|(_, value)| value.to_string())
         .filter(|v| v.len() == 64 && v.bytes().all(|b| b.is_ascii_hexdigit()))
 }
@@ -147,7 +237,7 @@ async fn identify(console: &Console, headers: &HeaderMap) -> Result<Option<Me>, 
             session: false,
         }));
     }
-    let Some(token) = cookie_token(headers) else {
+    let Some(token) = cookie_token(headers, cookie_name(console)) else {
         return Ok(None);
     };
     let session = store::session(&console.pool, &digest(&token))
@@ -155,13 +245,19 @@ async fn identify(console: &Console, headers: &HeaderMap) -> Result<Option<Me>, 
         .map_err(|e| views::database_error(&e))?;
     // The configuration says what a user may do now: a user removed or made a viewer since
     // signing in loses what they lost.
+    // ... and a changed password ends every session signed in with the old one.
     Ok(session.and_then(|s| {
-        console.settings.users.get(&s.username).map(|user| Me {
-            user: s.username,
-            role: user.role,
-            csrf: s.csrf_token,
-            session: true,
-        })
+        console
+            .settings
+            .users
+            .get(&s.username)
+            .filter(|user| credential(user.password_hash.expose()) == s.credential)
+            .map(|user| Me {
+                user: s.username,
+                role: user.role,
+                csrf: s.csrf_token,
+                session: true,
+            })
     }))
 }
 
@@ -249,6 +345,7 @@ pub(crate) async fn login_page(State(console): State<Arc<Console>>) -> Response 
 
 pub(crate) async fn login(
     State(console): State<Arc<Console>>,
+    ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>,
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Response {
@@ -273,6 +370,24 @@ pub(crate) async fn login(
         .find(|(k, _)| k == "password")
         .map(|(_, v)| v.clone())
         .unwrap_or_default();
+    let guard = &console.sign_in;
+    let (user_key, address_key) = (format!("user {username}"), format!("address {}", peer.ip()));
+    if guard.failures(&user_key) >= USER_FAILURES
+        || guard.failures(&address_key) >= ADDRESS_FAILURES
+    {
+        tracing::warn!(user = %username, address = %peer.ip(), "console sign-in refused without a check: too many failures in the last minute");
+        return refused(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too many failed sign-ins for this user or from this address: wait a minute",
+        );
+    }
+    // at most a few password checks at once, never queued: each takes 19 MiB and a core
+    let Ok(permit) = guard.checks.try_acquire() else {
+        return refused(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too many sign-ins at once: try again in a moment",
+        );
+    };
     let user = console.settings.users.get(&username).cloned();
     let hash = user.as_ref().map_or_else(
         || decoy_hash().to_string(),
@@ -282,12 +397,22 @@ pub(crate) async fn login(
         .await
         .unwrap_or(false);
     let Some(user) = user.filter(|_| ok) else {
-        if let Err(e) =
-            store::audit(&console.pool, &username, "sign-in", "console", 0, "refused").await
+        guard.failed(&[&user_key, &address_key]);
+        if let Err(e) = store::audit(
+            &console.pool,
+            &username,
+            "sign-in",
+            &format!("from {}", peer.ip()),
+            0,
+            "refused",
+        )
+        .await
         {
             tracing::warn!(error = %e, "could not write the console's audit entry");
         }
+        // the check's slot is held through the delay: refusals cannot go faster than this
         tokio::time::sleep(REFUSED_SIGN_IN_DELAY).await;
+        drop(permit);
         let mut page = views::render(&views::Login {
             chrome: Chrome::signed_out("Sign in"),
             error: Some("Unknown user or wrong password.".to_string()),
@@ -295,11 +420,14 @@ pub(crate) async fn login(
         *page.status_mut() = StatusCode::UNAUTHORIZED;
         return page;
     };
+    drop(permit);
+    guard.succeeded(&user_key);
     let token = random_token();
     let session = Session {
         username: username.clone(),
         role: user.role.as_str().to_string(),
         csrf_token: random_token(),
+        credential: credential(user.password_hash.expose()),
     };
     let ttl = console.settings.session_ttl;
     if let Err(e) = store::create_session(&console.pool, &digest(&token), &session, ttl).await {
@@ -309,7 +437,7 @@ pub(crate) async fn login(
         &console.pool,
         &username,
         "sign-in",
-        "console",
+        &format!("from {}", peer.ip()),
         0,
         "signed in",
     )
@@ -318,7 +446,8 @@ pub(crate) async fn login(
         tracing::warn!(error = %e, "could not write the console's audit entry");
     }
     let cookie = format!(
-        "{COOKIE}={token}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}{}",
+        "{}={token}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}{}",
+        cookie_name(&console),
         ttl.as_secs(),
         if console.secure_cookies {
             "; Secure"
@@ -343,7 +472,7 @@ pub(crate) async fn logout(
         Ok(me) => me,
         Err(r) => return r,
     };
-    if let Some(token) = cookie_token(&headers) {
+    if let Some(token) = cookie_token(&headers, cookie_name(&console)) {
         if let Err(e) = store::end_session(&console.pool, &digest(&token)).await {
             return views::database_error(&e);
         }
@@ -362,7 +491,13 @@ pub(crate) async fn logout(
     }
     let mut response = Redirect::to("/login").into_response();
     if let Ok(value) = header::HeaderValue::from_str(&format!(
-        "{COOKIE}=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0"
+        "{}=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0{}",
+        cookie_name(&console),
+        if console.secure_cookies {
+            "; Secure"
+        } else {
+            ""
+        }
     )) {
         response.headers_mut().insert(header::SET_COOKIE, value);
     }
@@ -392,9 +527,10 @@ mod tests {
             header::COOKIE,
             format!("a=b; {COOKIE}={token}; c=d").parse().unwrap(),
         );
-        assert_eq!(cookie_token(&headers), Some(token));
+        assert_eq!(cookie_token(&headers, COOKIE), Some(token));
+        assert_eq!(cookie_token(&headers, SECURE_COOKIE), None);
         headers.insert(header::COOKIE, format!("{COOKIE}=zz").parse().unwrap());
-        assert_eq!(cookie_token(&headers), None);
+        assert_eq!(cookie_token(&headers, COOKIE), None);
     }
 
     #[test]

@@ -9,7 +9,7 @@ use crate::outbox::console::{self as store, Search};
 use crate::outbox::{accounts, inspect, replicas, JobState};
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, NaiveDate, Utc};
 use std::sync::Arc;
 use std::time::Instant;
@@ -52,7 +52,11 @@ pub(crate) async fn overview_live(
     State(console): State<Arc<Console>>,
     headers: HeaderMap,
 ) -> Response {
-    let me = me_or_return!(console, headers);
+    // the page's script asks for this part: an ended session is said, not redirected (the
+    // script would paste the sign-in page inside the overview)
+    let Ok(me) = reader(&console, &headers).await else {
+        return (StatusCode::UNAUTHORIZED, "sign in again\n").into_response();
+    };
     let live = or_db_error!(live(&console).await);
     views::render(&OverviewLive {
         live,
@@ -190,10 +194,17 @@ pub(crate) fn read_filter(form: &Form) -> (FilterEcho, Result<Search, String>) {
         value: text("value"),
         from: text("from"),
         to: text("to"),
+        error_is: form.raw("error_is").map(str::to_string),
+        code: form.raw("code").map(str::to_string),
     };
     let search = (|| {
+        if form.has_nul() {
+            return Err("a value holds a NUL character, which no job can contain".to_string());
+        }
         let mut search = Search {
             limit: PAGE,
+            error_is: form.raw("error_is").map(str::to_string),
+            error_code: form.raw("code").map(str::to_string),
             ..Search::default()
         };
         if let Some(state) = form.get("state") {
@@ -362,7 +373,7 @@ pub(crate) async fn job(
         *r.status_mut() = StatusCode::NOT_FOUND;
         return r;
     };
-    let (followers, call) = or_db_error!(store::followers(&console.pool, id).await);
+    let followers = or_db_error!(store::followers(&console.pool, id).await);
     let attempts = job
         .errors
         .as_array()
@@ -370,6 +381,16 @@ pub(crate) async fn job(
             entries
                 .iter()
                 .map(|e| {
+                    if !e.is_object() {
+                        // a hand-written entry: shown as it is stored
+                        return AttemptRow {
+                            attempt: String::new(),
+                            at: String::new(),
+                            kind: String::new(),
+                            code: String::new(),
+                            error: e.to_string(),
+                        };
+                    }
                     let field = |name: &str| match e.get(name) {
                         Some(serde_json::Value::String(s)) => s.clone(),
                         Some(serde_json::Value::Null) | None => String::new(),
@@ -402,16 +423,19 @@ pub(crate) async fn job(
         locked_until: views::time_or_dash(job.locked_until),
         doi: job.doi.as_ref().map_or("—".to_string(), |d| d.to_string()),
         payload: views::pretty(&job.payload),
-        call: call.as_ref().map_or_else(String::new, views::pretty),
-        carried: if followers.is_empty() {
-            "this job's payload alone".to_string()
-        } else {
-            format!(
-                "this job's payload and its {} coalesced follower(s), later values winning",
-                followers.len()
-            )
+        call: followers.call.as_ref().map_or_else(String::new, views::pretty),
+        carried: match followers.count {
+            0 => "this job's payload alone".to_string(),
+            n if n > store::FOLLOWERS_LISTED => format!(
+                "this job's payload and its {n} coalesced followers (the first {} listed below), later values winning",
+                store::FOLLOWERS_LISTED
+            ),
+            n => format!(
+                "this job's payload and its {n} coalesced follower(s), later values winning"
+            ),
         },
         followers: followers
+            .listed
             .iter()
             .map(|f| (f.id, views::time(f.created_at)))
             .collect(),
@@ -464,6 +488,17 @@ pub(crate) async fn contact(
         .chars()
         .take(320)
         .collect::<String>();
+    if form.has_nul() {
+        return message(
+            &me,
+            &console,
+            "Contact",
+            false,
+            "the address holds a NUL character, which no address can contain".into(),
+            vec![],
+            "/contacts".into(),
+        );
+    }
     let mut page = Contact {
         chrome: me.chrome(&console, "Contact"),
         email: email.clone(),
@@ -520,6 +555,12 @@ pub(crate) async fn contact(
             }
         };
         page.accounts.push(ContactAccount {
+            more: history.truncated.contains(account).then(|| {
+                let mut q = url::form_urlencoded::Serializer::new(String::new());
+                q.append_pair("email", &email);
+                q.append_pair("account", account);
+                format!("/jobs?{}", q.finish())
+            }),
             account: account.clone(),
             provider: provider.clone(),
             known,
@@ -562,9 +603,8 @@ pub(crate) async fn dead(State(console): State<Arc<Console>>, headers: HeaderMap
             let mut q = url::form_urlencoded::Serializer::new(String::new());
             q.append_pair("state", "dead");
             q.append_pair("account", &g.account);
-            if !g.error.is_empty() {
-                q.append_pair("error", &g.error);
-            }
+            q.append_pair("error_is", &g.error);
+            q.append_pair("code", &g.code);
             DeadRow {
                 link: format!("/jobs?{}", q.finish()),
                 account: g.account,

@@ -224,6 +224,10 @@ pub(crate) struct FilterEcho {
     pub value: String,
     pub from: String,
     pub to: String,
+    /// The last error, exactly (a dead-letter group; may be empty: no error).
+    pub error_is: Option<String>,
+    /// The provider code of the last attempt, exactly.
+    pub code: Option<String>,
 }
 
 impl FilterEcho {
@@ -243,6 +247,8 @@ impl FilterEcho {
         .into_iter()
         .filter(|(_, v)| !v.is_empty())
         .map(|(k, v)| (k, v.clone()))
+        .chain(self.error_is.iter().map(|v| ("error_is", v.clone())))
+        .chain(self.code.iter().map(|v| ("code", v.clone())))
         .collect()
     }
 
@@ -342,6 +348,8 @@ pub(crate) struct ChangeRow {
 
 #[derive(Debug, Clone)]
 pub(crate) struct ContactAccount {
+    /// More open or parked changes than shown: a link to all of them.
+    pub more: Option<String>,
     pub account: String,
     pub provider: String,
     pub known: String,

@@ -24,6 +24,9 @@ pub const FOLLOWER_WINDOW: i64 = 100_000;
 pub const CONTACT_WINDOW: i64 = 200_000;
 /// Dead jobs grouped per account (the newest).
 pub const DEAD_SAMPLE: i64 = 5_000;
+/// A contact's open jobs, and its parked ones, shown per account (the first pending, the
+/// newest parked).
+pub const CONTACT_ROWS: i64 = 200;
 
 // ---------------------------------------------------------------------------------------------
 // Sessions
@@ -35,6 +38,8 @@ pub struct Session {
     /// `viewer` or `operator`.
     pub role: String,
     pub csrf_token: String,
+    /// A digest of the password hash the user signed in with.
+    pub credential: String,
 }
 
 /// Records a session (and drops expired ones).
@@ -51,8 +56,8 @@ pub async fn create_session(
     sqlx::query(
         // language=PostgreSQL
         r#"
-        INSERT INTO contact_sync.console_sessions (token_sha256, username, role, csrf_token, expires_at)
-        VALUES ($1, $2, $3, $4, now() + make_interval(secs => $5::bigint))
+        INSERT INTO contact_sync.console_sessions (token_sha256, username, role, csrf_token, credential, expires_at)
+        VALUES ($1, $2, $3, $4, $6, now() + make_interval(secs => $5::bigint))
         "#,
     )
     .persistent(false)
@@ -61,6 +66,7 @@ pub async fn create_session(
     .bind(&session.role)
     .bind(&session.csrf_token)
     .bind(i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX))
+    .bind(&session.credential)
     .execute(pool)
     .await?;
     Ok(())
@@ -71,7 +77,7 @@ pub async fn session(pool: &PgPool, token_sha256: &[u8]) -> Result<Option<Sessio
     sqlx::query_as(
         // language=PostgreSQL
         r#"
-        SELECT username, role, csrf_token FROM contact_sync.console_sessions
+        SELECT username, role, csrf_token, credential FROM contact_sync.console_sessions
         WHERE token_sha256 = $1 AND expires_at > now()
         "#,
     )
@@ -336,6 +342,10 @@ pub struct Search {
     pub email: Option<String>,
     /// A text the last error contains (any case).
     pub error_like: Option<String>,
+    /// The last error, exactly (`""`: none).
+    pub error_is: Option<String>,
+    /// The provider code of the last attempt, exactly (`""`: none).
+    pub error_code: Option<String>,
     /// A payload field (path split at dots) and the text its value equals.
     pub payload_field: Option<(Vec<String>, String)>,
     pub created_from: Option<DateTime<Utc>>,
@@ -383,6 +393,8 @@ const SEARCH_SQL: &str = r#"
       AND ($8::text[] IS NULL OR j.payload #>> $8 = $9)
       AND ($10::timestamptz IS NULL OR j.created_at >= $10)
       AND ($11::timestamptz IS NULL OR j.created_at < $11)
+      AND ($13::text IS NULL OR coalesce(j.last_error, '') = $13)
+      AND ($14::text IS NULL OR coalesce(j.errors -> -1 ->> 'code', '') = $14)
     ORDER BY j.id DESC LIMIT $12"#;
 
 /// The newest jobs matching `search` below `search.before`: steps of [`SEARCH_WINDOW`] ids
@@ -424,6 +436,8 @@ pub async fn search(pool: &PgPool, search: &Search) -> Result<SearchPage, sqlx::
             .bind(search.created_from)
             .bind(search.created_to)
             .bind(want)
+            .bind(&search.error_is)
+            .bind(&search.error_code)
             .fetch_all(pool)
             .await?;
         let full = i64::try_from(found.len()).unwrap_or(0) >= want;
@@ -447,6 +461,14 @@ pub async fn search(pool: &PgPool, search: &Search) -> Result<SearchPage, sqlx::
     Ok(page)
 }
 
+/// The highest job id now (0 when there is none).
+pub async fn newest_job(pool: &PgPool) -> Result<JobId, sqlx::Error> {
+    sqlx::query_scalar("SELECT coalesce(max(id), 0) FROM contact_sync.jobs")
+        .persistent(false)
+        .fetch_one(pool)
+        .await
+}
+
 /// A coalesced follower of a job.
 #[derive(Debug, Clone, Serialize, sqlx::FromRow)]
 pub struct Follower {
@@ -455,37 +477,57 @@ pub struct Follower {
     pub created_at: DateTime<Utc>,
 }
 
-/// The jobs whose change rode along with `id`'s call (among the next [`FOLLOWER_WINDOW`] ids),
-/// and the fields the call carried: the payloads merged in order (later values win).
-pub async fn followers(
-    pool: &PgPool,
-    id: JobId,
-) -> Result<(Vec<Follower>, Option<serde_json::Value>), sqlx::Error> {
-    let followers: Vec<Follower> = sqlx::query_as(
+/// Most followers a job page lists.
+pub const FOLLOWERS_LISTED: i64 = 1_000;
+
+/// The followers of a job, as its page shows them.
+#[derive(Debug, Clone, Default)]
+pub struct Followers {
+    /// The first [`FOLLOWERS_LISTED`], in order.
+    pub listed: Vec<Follower>,
+    /// All of them.
+    pub count: i64,
+    /// The fields the call carried: the payloads of the job and of every follower merged in
+    /// order (later values win).
+    pub call: Option<serde_json::Value>,
+}
+
+/// The jobs whose change rode along with `id`'s call (among the next [`FOLLOWER_WINDOW`] ids).
+pub async fn followers(pool: &PgPool, id: JobId) -> Result<Followers, sqlx::Error> {
+    let listed: Vec<Follower> = sqlx::query_as(
         // language=PostgreSQL
         r#"
         SELECT f.id, f.payload, f.created_at FROM contact_sync.jobs f
         WHERE f.id > $1 AND f.id <= $1 + $2 AND f.coalesced_into = $1
-        ORDER BY f.id LIMIT 1000
+        ORDER BY f.id LIMIT $3
         "#,
     )
     .persistent(false)
     .bind(id)
     .bind(FOLLOWER_WINDOW)
+    .bind(FOLLOWERS_LISTED)
     .fetch_all(pool)
     .await?;
-    let merged: Option<serde_json::Value> = sqlx::query_scalar(
+    let (count, call): (i64, Option<serde_json::Value>) = sqlx::query_as(
         // language=PostgreSQL
         r#"
-        SELECT contact_sync.merge_all(ARRAY[j.payload] || $2::jsonb[]) FROM contact_sync.jobs j WHERE j.id = $1
+        SELECT count(f.id),
+               contact_sync.merge_all(ARRAY(SELECT j.payload FROM contact_sync.jobs j WHERE j.id = $1)
+                                      || coalesce(array_agg(f.payload ORDER BY f.id) FILTER (WHERE f.id IS NOT NULL), '{}'))
+        FROM contact_sync.jobs f
+        WHERE f.id > $1 AND f.id <= $1 + $2 AND f.coalesced_into = $1
         "#,
     )
     .persistent(false)
     .bind(id)
-    .bind(followers.iter().map(|f| f.payload.clone()).collect::<Vec<_>>())
-    .fetch_optional(pool)
+    .bind(FOLLOWER_WINDOW)
+    .fetch_one(pool)
     .await?;
-    Ok((followers, merged))
+    Ok(Followers {
+        listed,
+        count,
+        call,
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -524,6 +566,8 @@ pub struct ContactHistory {
     /// newest [`CONTACT_WINDOW`] jobs.
     pub changes: Vec<ContactChange>,
     pub synced: Vec<SyncedFields>,
+    /// Accounts with more open or parked jobs for the address than [`CONTACT_ROWS`] each.
+    pub truncated: Vec<String>,
 }
 
 /// The changes of `email` at every registered account (`accounts`: (account, provider)).
@@ -541,9 +585,11 @@ pub async fn contact(
         r#"
         WITH k AS (SELECT unnest($1::text[]) AS key), open AS (
             SELECT j.* FROM k CROSS JOIN LATERAL (
-                SELECT j.id FROM contact_sync.jobs j WHERE j.contact_key = k.key AND j.state = 'pending'
+                (SELECT j.id FROM contact_sync.jobs j WHERE j.contact_key = k.key AND j.state = 'pending'
+                 ORDER BY j.id LIMIT $3)
                 UNION ALL
-                SELECT j.id FROM contact_sync.jobs j WHERE j.contact_key = k.key AND j.state IN ('dead', 'cancelled')
+                (SELECT j.id FROM contact_sync.jobs j WHERE j.contact_key = k.key AND j.state IN ('dead', 'cancelled')
+                 ORDER BY j.id DESC LIMIT $3)
                 UNION ALL
                 SELECT j.id FROM contact_sync.jobs j WHERE j.contact_key = k.key AND j.state = 'running') j
         ), recent AS (
@@ -563,8 +609,34 @@ pub async fn contact(
     .persistent(false)
     .bind(&keys)
     .bind(CONTACT_WINDOW)
+    .bind(CONTACT_ROWS + 1)
     .fetch_all(pool)
     .await?;
+    // more than CONTACT_ROWS pending, or parked, jobs at an account: the page says so
+    let mut truncated = Vec::new();
+    let mut changes = changes;
+    for (account, _) in accounts {
+        for parked in [false, true] {
+            let of = |c: &ContactChange| {
+                &c.account == account
+                    && matches!(c.state, JobState::Dead | JobState::Cancelled) == parked
+                    && (parked || c.state == JobState::Pending)
+            };
+            let n = changes.iter().filter(|c| of(c)).count();
+            if i64::try_from(n).unwrap_or(i64::MAX) > CONTACT_ROWS {
+                if !truncated.contains(account) {
+                    truncated.push(account.clone());
+                }
+                // drop the one past the cap: the last pending, or the oldest parked
+                let drop_id = if parked {
+                    changes.iter().filter(|c| of(c)).map(|c| c.id).min()
+                } else {
+                    changes.iter().filter(|c| of(c)).map(|c| c.id).max()
+                };
+                changes.retain(|c| Some(c.id) != drop_id);
+            }
+        }
+    }
     let synced: Vec<SyncedFields> = sqlx::query_as(
         // language=PostgreSQL
         r#"
@@ -576,7 +648,11 @@ pub async fn contact(
     .bind(&keys)
     .fetch_all(pool)
     .await?;
-    Ok(ContactHistory { changes, synced })
+    Ok(ContactHistory {
+        changes,
+        synced,
+        truncated,
+    })
 }
 
 // ---------------------------------------------------------------------------------------------

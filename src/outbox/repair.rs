@@ -187,8 +187,12 @@ pub struct JobFilter {
     pub email: Option<String>,
     pub error_like: Option<String>,
     pub provider: Option<String>,
-    /// The last error, exactly (a dead-letter group).
+    /// The last error, exactly (a dead-letter group; `""` matches no error).
     pub error_is: Option<String>,
+    /// The provider code of the last attempt, exactly (`""`: none).
+    pub error_code: Option<String>,
+    /// Only jobs up to this id (what a confirmed count covered).
+    pub max_id: Option<JobId>,
     /// A payload field (`lead_city`, `attributes.plan`: the path split at dots) and the text
     /// its value must equal.
     pub payload_field: Option<(Vec<String>, String)>,
@@ -210,6 +214,8 @@ impl JobFilter {
             error_like: None,
             provider: None,
             error_is: None,
+            error_code: None,
+            max_id: None,
             payload_field: None,
             created_from: None,
             created_to: None,
@@ -218,7 +224,7 @@ impl JobFilter {
     }
 }
 
-/// The filter as SQL over `contact_sync.jobs j`, binding $1..$4, $8..$14, and `$7`: only
+/// The filter as SQL over `contact_sync.jobs j`, binding $1..$4, $8..$16, and `$7`: only
 /// these contacts (all when NULL).
 const FILTER_SQL: &str = r#"
     j.state = $1 AND ($2::text IS NULL OR j.account = $2)
@@ -226,11 +232,13 @@ const FILTER_SQL: &str = r#"
     AND ($4::text IS NULL OR strpos(lower(coalesce(j.last_error, '')), lower($4)) > 0)
     AND ($7::text[] IS NULL OR j.contact_key = ANY($7))
     AND ($8::text IS NULL OR j.provider = $8)
-    AND ($9::text IS NULL OR j.last_error = $9)
+    AND ($9::text IS NULL OR coalesce(j.last_error, '') = $9)
     AND ($10::text[] IS NULL OR j.payload #>> $10 = $11)
     AND ($12::timestamptz IS NULL OR j.created_at >= $12)
     AND ($13::timestamptz IS NULL OR j.created_at < $13)
-    AND ($14::bigint[] IS NULL OR j.id = ANY($14))"#;
+    AND ($14::bigint[] IS NULL OR j.id = ANY($14))
+    AND ($15::text IS NULL OR coalesce(j.errors -> -1 ->> 'code', '') = $15)
+    AND ($16::bigint IS NULL OR j.id <= $16)"#;
 
 /// Takes the queue rows of the contacts of the jobs matching the filter, in key order, as a
 /// claim takes them (the first statement of a bulk action: the next one sees every claim made
@@ -367,7 +375,7 @@ impl Bulk {
         }
         let sql = format!(
             r#"SELECT DISTINCT j.contact_key FROM contact_sync.jobs j
-               WHERE j.state = ANY($15) AND {FILTER_SQL} ORDER BY 1"#
+               WHERE j.state = ANY($17) AND {FILTER_SQL} ORDER BY 1"#
         );
         let keys: Vec<String> = bind_filter(sqlx::query(&sql), filter, false, false, None)
             .bind(self.states_taken())
@@ -486,7 +494,7 @@ pub async fn retry_matching(
     })
 }
 
-/// Binds the filter's `$1..$14` to a statement built on [`FILTER_SQL`].
+/// Binds the filter's `$1..$16` to a statement built on [`FILTER_SQL`].
 fn bind_filter<'q>(
     q: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
     filter: &'q JobFilter,
@@ -509,6 +517,8 @@ fn bind_filter<'q>(
         .bind(filter.created_from)
         .bind(filter.created_to)
         .bind(&filter.ids)
+        .bind(&filter.error_code)
+        .bind(filter.max_id)
 }
 
 /// What a bulk cancel did.

@@ -152,6 +152,38 @@ impl<'a> Browser<'a> {
     }
 }
 
+/// Posts a bulk form, then confirms what the count page asks to confirm (its hidden fields);
+/// returns (the count page, the result page).
+async fn count_then_confirm(b: &Browser<'_>, form: &[(&str, &str)]) -> (String, String) {
+    let count = b.post("/jobs/bulk", form).await.body;
+    let start = count
+        .find("<form method=\"post\" action=\"/jobs/bulk\">")
+        .expect("a confirmation form");
+    let confirm = &count[start..start + count[start..].find("</form>").unwrap()];
+    let mut fields: Vec<(String, String)> = Vec::new();
+    for input in confirm.split("<input type=\"hidden\" ").skip(1) {
+        let name = &input[input.find("name=\"").unwrap() + 6..];
+        let name = &name[..name.find('"').unwrap()];
+        let value = &input[input.find("value=\"").unwrap() + 7..];
+        let value = &value[..value.find('"').unwrap()];
+        fields.push((
+            name.to_string(),
+            value
+                .replace("&#34;", "\"")
+                .replace("&#38;", "&")
+                .replace("&#39;", "'")
+                .replace("&#60;", "<")
+                .replace("&#62;", ">"),
+        ));
+    }
+    let pairs: Vec<(&str, &str)> = fields
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    let done = b.post("/jobs/bulk", &pairs).await.body;
+    (count, done)
+}
+
 async fn audit_rows(env: &TestEnv) -> Vec<(String, String, String, i64)> {
     sqlx::query_as(
         "SELECT username, action, target, jobs FROM contact_sync.console_audit ORDER BY id",
@@ -177,7 +209,7 @@ async fn sign_in_sessions_and_roles_decide_who_sees_and_does_what() {
         "/dead",
         "/contacts?email=a@b.c",
         "/audit",
-        "/overview/live",
+        "/csp-reports",
     ] {
         let a = anonymous.get(path).await;
         assert_eq!(a.status, 303, "{path}");
@@ -650,10 +682,8 @@ async fn bulk_actions_show_the_count_then_act_keep_the_order_rules_and_are_audit
     );
     assert_eq!(env.count("dead").await, 4);
     // confirmed
-    let mut confirmed = form.to_vec();
-    confirmed.push(("confirm", "yes"));
-    let a = olga.post("/jobs/bulk", &confirmed).await;
-    assert!(a.body.contains("Retried 3 job(s)"), "{}", a.body);
+    let (_, done) = count_then_confirm(&olga, &form).await;
+    assert!(done.contains("Retried 3 job(s)"), "{done}");
     env.settle(&worker).await;
     for id in &ids[..3] {
         assert_eq!(env.job(*id).await.state, "succeeded");
@@ -683,10 +713,10 @@ async fn bulk_actions_show_the_count_then_act_keep_the_order_rules_and_are_audit
         ("scope", "selected"),
         ("id", &p),
         ("id", &d),
-        ("confirm", "yes"),
     ];
-    let a = olga.post("/jobs/bulk", &sel).await;
-    assert!(a.body.contains("Cancelled 2 job(s)"), "{}", a.body);
+    let (count, done) = count_then_confirm(&olga, &sel).await;
+    assert!(count.contains("This will cancel 2 job(s)"), "{count}");
+    assert!(done.contains("Cancelled 2 job(s)"), "{done}");
     assert_eq!(env.job(pending).await.state, "cancelled");
 
     // one job, forced over the newer change
@@ -795,9 +825,19 @@ async fn the_command_line_hashes_a_password_and_refuses_an_unsafe_console() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    child.stdin.take().unwrap().write_all(b"s3cret pass\n").await.unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"s3cret pass\n")
+        .await
+        .unwrap();
     let out = child.wait_with_output().await.unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let hash = String::from_utf8(out.stdout).unwrap().trim().to_string();
     assert!(hash.starts_with("$argon2id$"), "{hash}");
     assert!(!hash.contains("s3cret"));
@@ -805,7 +845,10 @@ async fn the_command_line_hashes_a_password_and_refuses_an_unsafe_console() {
     let mut settings = ConsoleSettings::default();
     settings.users.insert(
         "ann".into(),
-        ConsoleUser { role: ConsoleRole::Viewer, password_hash: Secret::new(hash.clone()) },
+        ConsoleUser {
+            role: ConsoleRole::Viewer,
+            password_hash: Secret::new(hash.clone()),
+        },
     );
     let served = serve(&env, settings, Access::SignIn).await;
     Browser::signed_in(&served, "ann", "s3cret pass").await;
@@ -813,15 +856,283 @@ async fn the_command_line_hashes_a_password_and_refuses_an_unsafe_console() {
     let (code, _, err) = env.cli(&config, &["console", "hash-password"]).await;
     assert_ne!(code, 0);
     assert!(err.contains("no password given"), "{err}");
-    let (code, _, err) = env.cli(&config, &["console", "--no-auth", "--listen", "0.0.0.0:0"]).await;
+    let (code, _, err) = env
+        .cli(&config, &["console", "--no-auth", "--listen", "0.0.0.0:0"])
+        .await;
     assert_ne!(code, 0);
     assert!(err.contains("only on loopback"), "{err}");
-    let (code, _, err) = env.cli(&config, &["console", "--listen", "127.0.0.1:0"]).await;
+    let (code, _, err) = env
+        .cli(&config, &["console", "--listen", "127.0.0.1:0"])
+        .await;
     assert_ne!(code, 0);
     assert!(err.contains("hash-password"), "{err}");
     // a password in clear in the configuration is refused, naming the setting
-    let clear = env.config_file("[console.users.ann]\nrole = \"operator\"\npassword_hash = \"hunter2\"\n");
+    let clear =
+        env.config_file("[console.users.ann]\nrole = \"operator\"\npassword_hash = \"hunter2\"\n");
     let (code, _, err) = env.cli(&clear, &["console"]).await;
     assert_ne!(code, 0);
-    assert!(err.contains("console.users.ann.password_hash") && !err.contains("hunter2"), "{err}");
+    assert!(
+        err.contains("console.users.ann.password_hash") && !err.contains("hunter2"),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guessing_passwords_is_slow_bounded_and_a_changed_password_ends_sessions() {
+    let env = TestEnv::new().await;
+    let mut settings = console_settings();
+    let served = serve(&env, settings.clone(), Access::SignIn).await;
+    let anonymous = Browser::anonymous(&served);
+    // five failures for one user in a minute: the sixth is refused without a password check,
+    // even with the right password
+    for _ in 0..5 {
+        let a = anonymous
+            .post("/login", &[("username", "olga"), ("password", "guess")])
+            .await;
+        assert_eq!(a.status, 401);
+    }
+    let a = anonymous
+        .post(
+            "/login",
+            &[("username", "olga"), ("password", OPERATOR_PASSWORD)],
+        )
+        .await;
+    assert_eq!(a.status, 429, "{}", a.body);
+    // many sign-ins at once: a few password checks run, the rest are told to come back
+    let started = std::time::Instant::now();
+    let statuses: Vec<u16> = futures_util::future::join_all((0..12).map(|i| {
+        let user = format!("nobody{i}");
+        let anonymous = &anonymous;
+        async move {
+            anonymous
+                .post("/login", &[("username", &user), ("password", "x")])
+                .await
+                .status
+        }
+    }))
+    .await;
+    assert!(
+        statuses.iter().all(|s| [401, 429, 503].contains(s)),
+        "{statuses:?}"
+    );
+    assert!(
+        statuses.contains(&503),
+        "checks at once are bounded: {statuses:?}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(10));
+
+    // victor signs in; his password changes; his session ends with the old password
+    let victor = Browser::signed_in(&served, "victor", VIEWER_PASSWORD).await;
+    assert_eq!(victor.get("/").await.status, 200);
+    settings.users.get_mut("victor").unwrap().password_hash =
+        Secret::new(console::hash_password("a new password").unwrap());
+    let rotated = serve(&env, settings, Access::SignIn).await;
+    let mut old = Browser::anonymous(&rotated);
+    old.cookie = victor.cookie.clone();
+    assert_eq!(old.get("/").await.status, 303);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_of_another_site_pointed_at_the_console_is_refused() {
+    let env = TestEnv::new().await;
+    let served = serve(&env, ConsoleSettings::default(), Access::Open).await;
+    let port = served.base.rsplit(':').next().unwrap().to_string();
+    let http = reqwest::Client::new();
+    // DNS rebinding: the attacker's name resolves to 127.0.0.1, the browser sends its Host
+    let rebound = format!("rebind.attacker.example:{port}");
+    let a = http
+        .get(format!("{}/jobs", served.base))
+        .header(header::HOST, &rebound)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(a.status(), 421);
+    assert!(!a.text().await.unwrap().contains("csrf"));
+    let a = http
+        .post(format!("{}/accounts/jc/pause", served.base))
+        .header(header::HOST, &rebound)
+        .header(header::ORIGIN, format!("http://{rebound}"))
+        .form(&[("csrf", "x")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(a.status(), 421);
+    for host in [format!("localhost:{port}"), format!("127.0.0.1:{port}")] {
+        let a = http
+            .get(format!("{}/jobs", served.base))
+            .header(header::HOST, host)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(a.status(), 200);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bulk_action_does_what_was_counted_and_a_group_is_exactly_its_jobs() {
+    let env = TestEnv::new().await;
+    sqlx::query("INSERT INTO contact_sync.accounts (account, provider) VALUES ('jc', 'justclick'), ('sl', 'smartlink')")
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    let served = serve(&env, console_settings(), Access::SignIn).await;
+    let olga = Browser::signed_in(&served, "olga", OPERATOR_PASSWORD).await;
+    let token = olga.csrf().await;
+    // counted: one pending job; three more queued before the confirmation
+    env.enqueue(sl("c0@example.com", json!({"subscribe": 1})))
+        .await;
+    let form = [
+        ("csrf", token.as_str()),
+        ("action", "cancel"),
+        ("scope", "filter"),
+        ("state", "pending"),
+        ("account", "sl"),
+    ];
+    let a = olga.post("/jobs/bulk", &form).await;
+    assert!(a.body.contains("This will cancel 1 job(s)"), "{}", a.body);
+    let field = |name: &str| -> String {
+        let at = a.body.find(&format!("name=\"{name}\" value=\"")).unwrap() + name.len() + 15;
+        a.body[at..at + a.body[at..].find('"').unwrap()].to_string()
+    };
+    let (upto, counted) = (field("upto"), field("counted"));
+    let later = env
+        .enqueue_many(&[
+            sl("c1@example.com", json!({})),
+            sl("c2@example.com", json!({})),
+            sl("c3@example.com", json!({})),
+        ])
+        .await;
+    let mut confirmed = form.to_vec();
+    confirmed.extend([
+        ("upto", upto.as_str()),
+        ("counted", counted.as_str()),
+        ("confirm", "yes"),
+    ]);
+    let a = olga.post("/jobs/bulk", &confirmed).await;
+    assert!(a.body.contains("Cancelled 1 job(s)"), "{}", a.body);
+    for id in later {
+        assert_eq!(
+            env.job(id).await.state,
+            "pending",
+            "queued after the count: untouched"
+        );
+    }
+    // a confirmation without the count's pin only counts again
+    let mut unpinned = form.to_vec();
+    unpinned.push(("confirm", "yes"));
+    let a = olga.post("/jobs/bulk", &unpinned).await;
+    assert!(a.body.contains("This will cancel 3 job(s)"), "{}", a.body);
+
+    // dead groups differ by a trailing space, by no error at all, by the provider code
+    let ids = env
+        .enqueue_many(
+            &(0..8)
+                .map(|i| jc(&format!("g{i}@example.com"), json!({})))
+                .collect::<Vec<_>>(),
+        )
+        .await;
+    for (range, error, code) in [
+        (0..3, Some("timeout  "), "500"),
+        (3..5, Some("timeout"), "500"),
+        (5..6, Some("timeout"), "429"),
+        (6..8, None, ""),
+    ] {
+        for id in &ids[range] {
+            sqlx::query(
+                "UPDATE contact_sync.jobs SET state = 'dead', finished_at = now(), last_error = $2,
+                        errors = CASE WHEN $3 = '' THEN '[]'::jsonb ELSE jsonb_build_array(jsonb_build_object('code', $3::text)) END
+                 WHERE id = $1",
+            )
+            .bind(id)
+            .bind(error)
+            .bind(code)
+            .execute(&env.pool)
+            .await
+            .unwrap();
+        }
+    }
+    let dead = olga.get("/dead").await.body;
+    for (error, code, n) in [
+        ("timeout  ", "500", 3),
+        ("timeout", "500", 2),
+        ("timeout", "429", 1),
+        ("", "", 2),
+    ] {
+        let group = [
+            ("csrf", token.as_str()),
+            ("action", "retry"),
+            ("scope", "filter"),
+            ("state", "dead"),
+            ("account", "jc"),
+            ("error_is", error),
+            ("code", code),
+        ];
+        let a = olga.post("/jobs/bulk", &group).await;
+        assert!(
+            a.body.contains(&format!("This will retry {n} job(s)")),
+            "{error:?}/{code}: {}",
+            a.body
+        );
+        assert!(
+            dead.contains(&format!("value=\"{error}\"")),
+            "the group's form carries the exact text"
+        );
+    }
+    let link = dead
+        .split("href=\"")
+        .find(|s| {
+            s.starts_with("/jobs?state=dead&#38;account=jc&#38;error_is=timeout++&#38;code=500")
+        })
+        .unwrap();
+    let link = link[..link.find('"').unwrap()].replace("&#38;", "&");
+    let listed = olga.get(&link).await.body;
+    assert_eq!(listed.matches("<td><a href=\"/jobs/").count(), 3, "{link}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_inputs_get_an_answer_not_an_error() {
+    let env = TestEnv::new().await;
+    env.settle(&env.worker()).await;
+    let served = serve(&env, console_settings(), Access::SignIn).await;
+    let olga = Browser::signed_in(&served, "olga", OPERATOR_PASSWORD).await;
+    for path in [
+        "/jobs?email=a%00b",
+        "/jobs?value=x%00&field=lead_name",
+        "/contacts?email=a%00b@example.com",
+    ] {
+        let a = olga.get(path).await;
+        assert_eq!(a.status, 200, "{path}");
+        assert!(a.body.contains("NUL character"), "{path}: {}", a.body);
+    }
+    // a contact with more open changes than a page shows says so and links to all of them
+    let many: Vec<_> = (0..250)
+        .map(|i| jc("many@example.com", json!({"lead_name": format!("v{i}")})))
+        .collect();
+    env.enqueue_many(&many).await;
+    let page = olga.get("/contacts?email=many@example.com").await.body;
+    assert_eq!(page.matches("<tr class=\"state-pending\">").count(), 200);
+    assert!(
+        page.contains("More open or parked changes than shown"),
+        "{page}"
+    );
+    // the overview's refresh after the session ended: 401, which the page turns into a sign-in
+    let anonymous = Browser::anonymous(&served);
+    assert_eq!(anonymous.get("/overview/live").await.status, 401);
+    // violation reports: only as browsers send them; the count only for signed-in users
+    assert_eq!(
+        anonymous.post("/csp-report", &[("a", "b")]).await.status,
+        400
+    );
+    assert_eq!(anonymous.get("/csp-reports").await.status, 303);
+    // a pause reason is cut to what the page shows
+    let token = olga.csrf().await;
+    let long = "r".repeat(5000);
+    olga.post("/accounts/jc/pause", &[("csrf", &token), ("reason", &long)])
+        .await;
+    let reason: String =
+        sqlx::query_scalar("SELECT pause_reason FROM contact_sync.accounts WHERE account = 'jc'")
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+    assert!(reason.len() <= 200 && reason.contains("olga"), "{reason}");
 }
