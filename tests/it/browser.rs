@@ -112,8 +112,19 @@ impl Browser {
             .map_err(fail(path))
     }
 
+    /// The element, waiting for it while a page loads (a click that submits a form returns
+    /// before the next page is there).
     async fn el(&self, css: &str) -> Step<WebElement> {
-        self.driver.find(By::Css(css)).await.map_err(fail(css))
+        let started = Instant::now();
+        loop {
+            match self.driver.find(By::Css(css)).await {
+                Ok(el) => return Ok(el),
+                Err(e) if started.elapsed() > Duration::from_secs(10) => {
+                    return Err(format!("{css}: {e}"))
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
     }
 
     async fn els(&self, css: &str) -> Step<Vec<WebElement>> {
@@ -170,8 +181,15 @@ impl Browser {
         self.fill("input[name=username]", user).await?;
         self.fill("input[name=password]", password).await?;
         self.click("#sign-in").await?;
-        let url = self.driver.current_url().await.map_err(fail("url"))?;
-        ensure(url.path() == "/", format!("signed in, at {url}"))
+        self.wait_for(
+            "the overview after signing in",
+            Duration::from_secs(10),
+            false,
+            async || Ok(self.driver.current_url().await.map_err(fail("url"))?.path() == "/"),
+        )
+        .await?;
+        // the overview itself, not the page it replaces
+        self.el("#live").await.map(|_| ())
     }
 }
 
@@ -308,6 +326,22 @@ async fn scenario(env: &TestEnv, b: &Browser) -> Step {
     b.fill("input[name=field]", "lead_city").await?;
     b.fill("input[name=value]", "Berlin").await?;
     b.click("#apply-filter").await?;
+    b.wait_for(
+        "the filtered page",
+        Duration::from_secs(10),
+        false,
+        async || {
+            Ok(b.driver
+                .current_url()
+                .await
+                .map_err(fail("url"))?
+                .query()
+                .unwrap_or("")
+                .contains("field=lead_city"))
+        },
+    )
+    .await?;
+    b.el("table.jobs").await?;
     let rows = b.els("table.jobs tbody tr").await?;
     ensure(
         rows.len() == 1,
@@ -418,16 +452,15 @@ async fn scenario(env: &TestEnv, b: &Browser) -> Step {
     // -- a viewer sees everything and can do nothing
     b.goto("/").await?;
     b.click("nav form button").await?;
-    ensure(
-        b.driver.current_url().await.map_err(fail("url"))?.path() == "/login",
-        "signed out",
-    )?;
+    b.el("#sign-in").await?;
     b.sign_in("victor", VIEWER_PASSWORD).await?;
+    b.el("#account-jc").await?;
     ensure(
         b.els("button.pause, button.resume").await?.is_empty(),
         "a viewer sees no pause",
     )?;
     b.goto("/jobs?state=succeeded").await?;
+    b.el("table.jobs").await?;
     ensure(
         !b.els("table.jobs tbody tr").await?.is_empty(),
         "a viewer reads jobs",
@@ -437,6 +470,7 @@ async fn scenario(env: &TestEnv, b: &Browser) -> Step {
         "a viewer sees no bulk action",
     )?;
     b.click("table.jobs tbody tr a[href^='/jobs/']").await?;
+    b.el("#job-state").await?;
     ensure(
         b.els("#retry-job, #cancel-job").await?.is_empty(),
         "a viewer sees no job action",
