@@ -5,7 +5,7 @@
 //! written to the audit trail.
 
 use super::auth::{poster, Form, Me};
-use super::pages::{message, read_filter};
+use super::pages::{message, not_a_job, read_filter};
 use super::views::{self, Confirm};
 use super::Console;
 use crate::outbox::console as store;
@@ -32,6 +32,19 @@ async fn audited(console: &Console, me: &Me, action: &str, target: &str, jobs: i
     }
 }
 
+/// An action on an account: its operator, its form, and the account's name if registered.
+async fn account_action(
+    console: &Console,
+    headers: &HeaderMap,
+    account: &str,
+    body: &[u8],
+) -> Result<(Me, Form, String), Response> {
+    let form = Form::parse(body);
+    let me = poster(console, headers, &form, true).await?;
+    let account = registered(console, &me, account).await?;
+    Ok((me, form, account))
+}
+
 /// A registered account's name, or the page that says it is not one.
 async fn registered(console: &Console, me: &Me, account: &str) -> Result<String, Response> {
     match accounts::list(&console.pool).await {
@@ -55,10 +68,8 @@ pub(crate) async fn pause(
     Path(account): Path<String>,
     body: axum::body::Bytes,
 ) -> Response {
-    let form = Form::parse(&body);
-    let me = operator_or_return!(console, headers, form);
-    let account = match registered(&console, &me, &account).await {
-        Ok(a) => a,
+    let (me, form, account) = match account_action(&console, &headers, &account, &body).await {
+        Ok(x) => x,
         Err(r) => return r,
     };
     let reason = match form.get("reason") {
@@ -99,10 +110,8 @@ pub(crate) async fn resume(
     Path(account): Path<String>,
     body: axum::body::Bytes,
 ) -> Response {
-    let form = Form::parse(&body);
-    let me = operator_or_return!(console, headers, form);
-    let account = match registered(&console, &me, &account).await {
-        Ok(a) => a,
+    let (me, _, account) = match account_action(&console, &headers, &account, &body).await {
+        Ok(x) => x,
         Err(r) => return r,
     };
     let was_paused = match accounts::resume(&console.pool, &account).await {
@@ -176,15 +185,7 @@ async fn single(
     let me = operator_or_return!(console, headers, form);
     let back = format!("/jobs/{id}");
     let Ok(id) = id.parse::<i64>() else {
-        return message(
-            &me,
-            &console,
-            "No such job",
-            false,
-            format!("{id:?} is not a job id"),
-            vec![],
-            "/jobs".into(),
-        );
+        return not_a_job(&me, &console, &id);
     };
     let force = form.get("force").is_some();
     let (verb, result) = if retry {

@@ -341,6 +341,21 @@ pub(crate) fn message(
     })
 }
 
+/// The page for a path that names no job.
+pub(crate) fn not_a_job(me: &Me, console: &Console, id: &str) -> Response {
+    let mut r = message(
+        me,
+        console,
+        "No such job",
+        false,
+        format!("{id:?} is not a job id"),
+        vec![],
+        "/jobs".into(),
+    );
+    *r.status_mut() = StatusCode::NOT_FOUND;
+    r
+}
+
 pub(crate) async fn job(
     State(console): State<Arc<Console>>,
     headers: HeaderMap,
@@ -348,17 +363,7 @@ pub(crate) async fn job(
 ) -> Response {
     let me = me_or_return!(console, headers);
     let Ok(id) = id.parse::<i64>() else {
-        let mut r = message(
-            &me,
-            &console,
-            "No such job",
-            false,
-            format!("{id:?} is not a job id"),
-            vec![],
-            "/jobs".into(),
-        );
-        *r.status_mut() = StatusCode::NOT_FOUND;
-        return r;
+        return not_a_job(&me, &console, &id);
     };
     let Some(job) = or_db_error!(inspect::show(&console.pool, id).await) else {
         let mut r = message(

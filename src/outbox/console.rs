@@ -355,25 +355,10 @@ pub struct Search {
     pub limit: i64,
 }
 
-/// One line of the jobs page.
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
-pub struct JobLine {
-    pub id: JobId,
-    pub provider: String,
-    pub account: String,
-    pub email: String,
-    pub state: JobState,
-    pub attempts: i32,
-    pub run_at: DateTime<Utc>,
-    pub created_at: DateTime<Utc>,
-    pub last_error: Option<String>,
-    pub outcome: Option<String>,
-}
-
 /// A page of search results.
 #[derive(Debug, Clone, Default)]
 pub struct SearchPage {
-    pub jobs: Vec<JobLine>,
+    pub jobs: Vec<super::inspect::JobSummary>,
     /// Where the next page starts (ids below it), if older jobs exist.
     pub next_before: Option<JobId>,
     /// The ids examined: from `examined.0` (lowest) up to below `examined.1`.
@@ -422,7 +407,7 @@ pub async fn search(pool: &PgPool, search: &Search) -> Result<SearchPage, sqlx::
         }
         let lower = upper.saturating_sub(SEARCH_WINDOW).max(0);
         let want = limit - i64::try_from(page.jobs.len()).unwrap_or(limit);
-        let found: Vec<JobLine> = sqlx::query_as(SEARCH_SQL)
+        let found: Vec<super::inspect::JobSummary> = sqlx::query_as(SEARCH_SQL)
             .persistent(false)
             .bind(upper)
             .bind(lower)

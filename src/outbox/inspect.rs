@@ -131,6 +131,8 @@ pub struct JobSummary {
     pub run_at: DateTime<Utc>,
     pub created_at: DateTime<Utc>,
     pub last_error: Option<String>,
+    /// Finished without a change: `not_found` or `unchanged` (see [`JobDetail::outcome`]).
+    pub outcome: Option<String>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -151,7 +153,7 @@ pub async fn list(pool: &PgPool, filter: &ListFilter) -> Result<Vec<JobSummary>,
         return Ok(Vec::new());
     }
     let mut q = QueryBuilder::new(
-        "SELECT id, provider, account, email, state, attempts, run_at, created_at, last_error FROM contact_sync.jobs WHERE true",
+        "SELECT id, provider, account, email, state, attempts, run_at, created_at, last_error, outcome FROM contact_sync.jobs WHERE true",
     );
     if let Some(state) = &filter.state {
         q.push(" AND state = ").push_bind(state);
