@@ -40,14 +40,14 @@ pub(crate) const CONCURRENT_CHECKS: usize = 2;
 
 /// What keeps sign-in from being a way to guess passwords fast or to exhaust the process.
 pub(crate) struct SignInGuard {
-    checks: tokio::sync::Semaphore,
+    checks: std::sync::Arc<tokio::sync::Semaphore>,
     failures: std::sync::Mutex<std::collections::HashMap<String, (u32, std::time::Instant)>>,
 }
 
 impl SignInGuard {
     pub fn new() -> SignInGuard {
         SignInGuard {
-            checks: tokio::sync::Semaphore::new(CONCURRENT_CHECKS),
+            checks: std::sync::Arc::new(tokio::sync::Semaphore::new(CONCURRENT_CHECKS)),
             failures: std::sync::Mutex::new(std::collections::HashMap::new()),
         }
     }
@@ -382,7 +382,7 @@ pub(crate) async fn login(
         );
     }
     // at most a few password checks at once, never queued: each takes 19 MiB and a core
-    let Ok(permit) = guard.checks.try_acquire() else {
+    let Ok(permit) = guard.checks.clone().try_acquire_owned() else {
         return refused(
             StatusCode::SERVICE_UNAVAILABLE,
             "too many sign-ins at once: try again in a moment",
@@ -393,26 +393,41 @@ pub(crate) async fn login(
         || decoy_hash().to_string(),
         |u| u.password_hash.expose().to_string(),
     );
-    let ok = tokio::task::spawn_blocking(move || verify(&password, &hash))
-        .await
-        .unwrap_or(false);
-    let Some(user) = user.filter(|_| ok) else {
-        guard.failed(&[&user_key, &address_key]);
-        if let Err(e) = store::audit(
-            &console.pool,
-            &username,
-            "sign-in",
-            &format!("from {}", peer.ip()),
-            0,
-            "refused",
-        )
-        .await
-        {
-            tracing::warn!(error = %e, "could not write the console's audit entry");
+    // The check, its refusal's record and its delay run to their end on their own thread,
+    // holding the slot, even when the client hangs up and this handler is dropped: a client
+    // cannot start checks faster than they finish, nor fail without being counted.
+    let checking = console.clone();
+    let (who, address) = (username.clone(), peer.ip());
+    let runtime = tokio::runtime::Handle::current();
+    let ok = tokio::task::spawn_blocking(move || {
+        let ok = verify(&password, &hash);
+        if !ok {
+            checking
+                .sign_in
+                .failed(&[&format!("user {who}"), &format!("address {address}")]);
+            let audit = checking.clone();
+            runtime.spawn(async move {
+                if let Err(e) = store::audit(
+                    &audit.pool,
+                    &who,
+                    "sign-in",
+                    &format!("from {address}"),
+                    0,
+                    "refused",
+                )
+                .await
+                {
+                    tracing::warn!(error = %e, "could not write the console's audit entry");
+                }
+            });
+            std::thread::sleep(REFUSED_SIGN_IN_DELAY);
         }
-        // the check's slot is held through the delay: refusals cannot go faster than this
-        tokio::time::sleep(REFUSED_SIGN_IN_DELAY).await;
         drop(permit);
+        ok
+    })
+    .await
+    .unwrap_or(false);
+    let Some(user) = user.filter(|_| ok) else {
         let mut page = views::render(&views::Login {
             chrome: Chrome::signed_out("Sign in"),
             error: Some("Unknown user or wrong password.".to_string()),
@@ -420,7 +435,6 @@ pub(crate) async fn login(
         *page.status_mut() = StatusCode::UNAUTHORIZED;
         return page;
     };
-    drop(permit);
     guard.succeeded(&user_key);
     let token = random_token();
     let session = Session {

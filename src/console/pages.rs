@@ -515,14 +515,13 @@ pub(crate) async fn contact(
     }
     let accounts = or_db_error!(accounts::providers(&console.pool).await);
     let history = or_db_error!(store::contact(&console.pool, &email, &accounts).await);
-    for (account, provider) in &accounts {
-        let key = format!("{provider}:{account}:{}", email.to_lowercase());
+    for ((account, provider), key) in accounts.iter().zip(&history.keys) {
         let changes: Vec<&store::ContactChange> = history
             .changes
             .iter()
             .filter(|c| &c.account == account)
             .collect();
-        let synced = history.synced.iter().find(|s| s.contact_key == key);
+        let synced = history.synced.iter().find(|s| &s.contact_key == key);
         if changes.is_empty() && synced.is_none() {
             continue;
         }

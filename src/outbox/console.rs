@@ -131,11 +131,12 @@ pub async fn audit(
         "#,
     )
     .persistent(false)
-    .bind(username)
-    .bind(action)
-    .bind(target)
+    // (text as it can be stored: no NUL, bounded, whatever a form sent)
+    .bind(crate::text::printable(username, 200))
+    .bind(crate::text::printable(action, 200))
+    .bind(crate::text::printable(target, 2000))
     .bind(jobs)
-    .bind(outcome)
+    .bind(crate::text::printable(outcome, 2000))
     .execute(pool)
     .await?;
     Ok(())
@@ -553,6 +554,8 @@ pub struct ContactHistory {
     pub synced: Vec<SyncedFields>,
     /// Accounts with more open or parked jobs for the address than [`CONTACT_ROWS`] each.
     pub truncated: Vec<String>,
+    /// The address's contact key at each account, in the order asked.
+    pub keys: Vec<String>,
 }
 
 /// The changes of `email` at every registered account (`accounts`: (account, provider)).
@@ -561,10 +564,23 @@ pub async fn contact(
     email: &str,
     accounts: &[(String, String)],
 ) -> Result<ContactHistory, sqlx::Error> {
-    let keys: Vec<String> = accounts
-        .iter()
-        .map(|(account, provider)| format!("{provider}:{account}:{}", email.to_lowercase()))
-        .collect();
+    // the keys as the jobs' generated column computes them (SQL's lower(), which is not Rust's
+    // for every character in every database)
+    let names: Vec<&str> = accounts.iter().map(|(a, _)| a.as_str()).collect();
+    let providers: Vec<&str> = accounts.iter().map(|(_, p)| p.as_str()).collect();
+    let keys: Vec<String> = sqlx::query_scalar(
+        // language=PostgreSQL
+        r#"
+        SELECT coalesce(array_agg(u.p || ':' || u.a || ':' || lower($3) ORDER BY u.n), '{}')
+        FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS u(a, p, n)
+        "#,
+    )
+    .persistent(false)
+    .bind(&names)
+    .bind(&providers)
+    .bind(email)
+    .fetch_one(pool)
+    .await?;
     let changes: Vec<ContactChange> = sqlx::query_as(
         // language=PostgreSQL
         r#"
@@ -637,6 +653,7 @@ pub async fn contact(
         changes,
         synced,
         truncated,
+        keys,
     })
 }
 

@@ -921,8 +921,37 @@ async fn guessing_passwords_is_slow_bounded_and_a_changed_password_ends_sessions
     );
     assert!(started.elapsed() < Duration::from_secs(10));
 
-    // victor signs in; his password changes; his session ends with the old password
-    let victor = Browser::signed_in(&served, "victor", VIEWER_PASSWORD).await;
+    // a client that hangs up while its password is checked is counted all the same
+    let hasty = reqwest::Client::builder()
+        .timeout(Duration::from_millis(10))
+        .build()
+        .unwrap();
+    for _ in 0..5 {
+        let _ = hasty
+            .post(format!("{}/login", served.base))
+            .header(header::ORIGIN, &served.base)
+            .form(&[("username", "victor"), ("password", "guess")])
+            .send()
+            .await;
+        tokio::time::sleep(Duration::from_millis(900)).await;
+    }
+    let a = anonymous
+        .post(
+            "/login",
+            &[("username", "victor"), ("password", VIEWER_PASSWORD)],
+        )
+        .await;
+    assert_eq!(a.status, 429, "hung-up guesses count: {}", a.body);
+    let refused: i64 = sqlx::query_scalar("SELECT count(*) FROM contact_sync.console_audit WHERE username = 'victor' AND outcome = 'refused'")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(refused, 5, "and audited");
+
+    // victor signs in (at another console: the lockouts are per process); his password
+    // changes; his session ends with the old password
+    let fresh = serve(&env, settings.clone(), Access::SignIn).await;
+    let victor = Browser::signed_in(&fresh, "victor", VIEWER_PASSWORD).await;
     assert_eq!(victor.get("/").await.status, 200);
     settings.users.get_mut("victor").unwrap().password_hash =
         Secret::new(console::hash_password("a new password").unwrap());
@@ -1124,6 +1153,27 @@ async fn hostile_inputs_get_an_answer_not_an_error() {
         400
     );
     assert_eq!(anonymous.get("/csp-reports").await.status, 303);
+    // an address SQL lower-cases differently from Rust (a C-locale database): found all the same
+    env.enqueue(sl("Äb@Example.com", json!({"subscribe": 1})))
+        .await;
+    let page = olga.get("/contacts?email=%C3%84b%40Example.com").await.body;
+    assert!(page.contains("state-pending"), "{page}");
+    // a reason with a NUL: paused, and audited
+    let token = olga.csrf().await;
+    let a = olga
+        .post(
+            "/accounts/sl/pause",
+            &[("csrf", &token), ("reason", "a\0b")],
+        )
+        .await;
+    assert_eq!(a.status, 200);
+    let audited: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM contact_sync.console_audit WHERE action = 'pause'",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(audited, 1);
     // a pause reason is cut to what the page shows
     let token = olga.csrf().await;
     let long = "r".repeat(5000);
