@@ -5,26 +5,14 @@
 set -euo pipefail
 design=$1; reps=$2
 dir=$(cd "$(dirname "$0")" && pwd)
-tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
+# shellcheck source=scripts/hot-path-prototype/loop.sh
+source "$dir/loop.sh"
 psql -q -c "truncate p.jobs, p.history; truncate contact_sync.jobs, contact_sync.contacts, contact_sync.contacts_dirty" >/dev/null
 if [ "$design" = proto ]; then t=p.jobs; body=$dir/claim_complete.sql; else t=contact_sync.jobs; body=$dir/current_claim_complete.sql; fi
 psql -q -c "insert into $t (provider, account, email, payload, run_at) select 'justclick', 'bench_jc', 'blocked' || g || '@bench.example.com', '{}', now() + interval '1 hour' from generate_series(1, 10000) g"
 psql -q -c "insert into $t (provider, account, email, payload) select 'justclick', 'bench_jc', 'blocked' || g || '@bench.example.com', jsonb_build_object('lead_name', 'B' || d) from generate_series(1, 10000) g, generate_series(1, 5) d"
 psql -q -c "insert into $t (provider, account, email, payload) select 'justclick', 'bench_jc', 'ready' || g || '@bench.example.com', '{\"lead_name\": \"R\"}' from generate_series(1, 20000) g"
 psql -q -c "vacuum analyze" -c checkpoint
-{
-  echo "\\set client_id 1"
-  echo "SELECT pg_backend_pid() AS pid \\gset"
-  echo "\\setenv PID :pid"
-  echo "\\o /dev/null"
-  echo "\\! awk '{print \$14+\$15}' /proc/\$PID/stat > $tmp/cpu0"
-  for ((i = 0; i < reps; i++)); do cat "$body"; done
-  echo "\\! awk '{print \$14+\$15}' /proc/\$PID/stat > $tmp/cpu1"
-} > $tmp/script.sql
-s=$(date +%s.%N)
-psql -q -X -f $tmp/script.sql
-e=$(date +%s.%N)
+run_loop "$body" "$reps"
 if [ "$design" = proto ]; then done_n=$(psql -Atq -c "select count(*) from p.history"); else done_n=$(psql -Atq -c "select count(*) from contact_sync.jobs where state = 'succeeded'"); fi
-c0=$(cat $tmp/cpu0); c1=$(cat $tmp/cpu1)
-python3 -c "import sys; d,s,e,c0,c1=int(sys.argv[1]),float(sys.argv[2]),float(sys.argv[3]),int(sys.argv[4]),int(sys.argv[5]); print(f'$design blocked: delivered={d} wall={e-s:.2f}s backend_cpu_us_per_delivered_job={(c1-c0)*10000/max(d,1):.1f}')" $done_n $s $e $c0 $c1
+echo "$design blocked: delivered=$done_n wall=${LOOP_WALL}s backend_cpu_us_per_delivered_job=$(python3 -c "import sys; print(f'{int(sys.argv[1]) * 10000 / max(int(sys.argv[2]), 1):.1f}')" "$LOOP_TICKS" "$done_n")"
