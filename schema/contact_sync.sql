@@ -68,95 +68,17 @@ $_$;
 
 COMMENT ON FUNCTION contact_sync.enqueue(provider text, account text, email text, payload jsonb, idempotency_key text, run_at timestamp with time zone, max_attempts integer) IS 'contact-sync: record a contact change inside the caller''s transaction; returns the job id (the existing one for a repeated idempotency key)';
 
-CREATE FUNCTION contact_sync.jobs_after_delete() RETURNS trigger
-    LANGUAGE plpgsql
-    SET plan_cache_mode TO 'force_custom_plan'
-    SET jit TO 'off'
-    AS $$
-BEGIN
-    PERFORM contact_sync.refresh_contacts(ARRAY(
-        SELECT DISTINCT o.contact_key FROM old_jobs o WHERE o.state IN ('pending', 'running')));
-    RETURN NULL;
-END
-$$;
-
 CREATE FUNCTION contact_sync.jobs_after_insert() RETURNS trigger
     LANGUAGE plpgsql
     SET plan_cache_mode TO 'force_custom_plan'
     SET jit TO 'off'
     AS $$
-DECLARE
-    todo text[];
 BEGIN
     PERFORM 1 FROM new_jobs n WHERE NOT contact_sync.validate_job(n.provider, n.email, n.payload);
     PERFORM contact_sync.reject('contact_sync: run_at must be a finite time, got ' || n.run_at::text,
                                 'pass a timestamp (or omit run_at for now)', to_jsonb(n.id))
     FROM new_jobs n WHERE NOT isfinite(n.run_at);
-    IF current_setting('transaction_isolation') <> 'read committed' THEN
-        INSERT INTO contact_sync.contacts_dirty (contact_key)
-        SELECT DISTINCT n.contact_key FROM new_jobs n WHERE n.state IN ('pending', 'running');
-        PERFORM pg_notify('contact_sync_jobs', 'reread');
-        RETURN NULL;
-    END IF;
-    todo := ARRAY(SELECT DISTINCT n.contact_key FROM new_jobs n WHERE n.state IN ('pending', 'running'));
-    FOR pass IN 1..10 LOOP
-        EXIT WHEN cardinality(todo) = 0;
-        -- a new contact: its row, head = its first new job (one set-based insert)
-        WITH first AS (
-            SELECT DISTINCT ON (n.contact_key) n.contact_key, n.account, n.id, n.run_at, n.state
-            FROM new_jobs n
-            WHERE n.contact_key IN (SELECT unnest(todo)) AND n.state IN ('pending', 'running')
-            ORDER BY n.contact_key, (n.state = 'running') DESC, n.id
-        ), ins AS (
-            INSERT INTO contact_sync.contacts (contact_key, account, head_id, run_at, running)
-            SELECT f.contact_key, f.account, f.id, CASE WHEN f.state = 'pending' THEN f.run_at END, f.state = 'running'
-            FROM first f ORDER BY f.contact_key
-            ON CONFLICT (contact_key) DO NOTHING
-            RETURNING contact_key
-        )
-        SELECT ARRAY(SELECT unnest(todo) EXCEPT SELECT contact_key FROM ins) INTO todo;
-        EXIT WHEN cardinality(todo) = 0;
-        -- a contact that already has a row: hold it until commit (deleted meanwhile: next pass)
-        SELECT ARRAY(SELECT unnest(todo) EXCEPT SELECT s.contact_key FROM (
-            SELECT c.contact_key FROM contact_sync.contacts c
-            WHERE c.contact_key = ANY(ARRAY(SELECT unnest(todo))) ORDER BY c.contact_key FOR KEY SHARE) s) INTO todo;
-    END LOOP;
-    IF cardinality(todo) > 0 THEN
-        -- only after ten deletes of one row in a row: read those contacts again
-        PERFORM contact_sync.refresh_contacts(todo);
-    END IF;
     PERFORM pg_notify('contact_sync_jobs', '');
-    RETURN NULL;
-END
-$$;
-
-CREATE FUNCTION contact_sync.jobs_after_truncate() RETURNS trigger
-    LANGUAGE plpgsql
-    AS $$
-BEGIN
-    DELETE FROM contact_sync.contacts;
-    RETURN NULL;
-END
-$$;
-
-CREATE FUNCTION contact_sync.jobs_after_update() RETURNS trigger
-    LANGUAGE plpgsql
-    SET plan_cache_mode TO 'force_custom_plan'
-    SET jit TO 'off'
-    AS $$
-BEGIN
-    -- The contacts whose open work changed: a job now pending, and an open job that is no
-    -- longer open under the same key (finished, cancelled, or its address edited by hand).
-    -- A claim (pending to running) and a heartbeat (running to running) change nothing here.
-    -- (set operations, not a join of the two transition tables: they have no statistics, and a
-    -- nested loop over them is quadratic in the batch)
-    PERFORM contact_sync.refresh_contacts(ARRAY(
-        SELECT n.contact_key FROM new_jobs n WHERE n.state = 'pending'
-        UNION
-        SELECT c.contact_key FROM (
-            SELECT o.id, o.contact_key FROM old_jobs o WHERE o.state IN ('pending', 'running')
-            EXCEPT
-            SELECT n.id, n.contact_key FROM new_jobs n WHERE n.state IN ('pending', 'running')) c));
     RETURN NULL;
 END
 $$;
@@ -249,96 +171,6 @@ BEGIN
     END IF;
     -- float8 -> numeric keeps 15 significant digits: equal iff the value has at most 15
     RETURN n::float8::numeric = n;
-END
-$$;
-
-CREATE FUNCTION contact_sync.rebuild_contacts() RETURNS void
-    LANGUAGE plpgsql
-    SET plan_cache_mode TO 'force_custom_plan'
-    SET jit TO 'off'
-    AS $$
-BEGIN
-    PERFORM contact_sync.refresh_contacts(ARRAY(
-        SELECT DISTINCT contact_key FROM contact_sync.jobs WHERE state IN ('pending', 'running')
-        UNION
-        SELECT contact_key FROM contact_sync.contacts));
-END
-$$;
-
-CREATE FUNCTION contact_sync.refresh_contacts(keys text[]) RETURNS void
-    LANGUAGE plpgsql
-    SET plan_cache_mode TO 'force_custom_plan'
-    SET jit TO 'off'
-    AS $$
-DECLARE
-    strong text[];
-    weak text[];
-BEGIN
-    IF keys IS NULL OR cardinality(keys) = 0 THEN
-        RETURN;
-    END IF;
-    IF current_setting('transaction_isolation') <> 'read committed' THEN
-        INSERT INTO contact_sync.contacts AS c (contact_key, account, head_id, run_at, running)
-        SELECT DISTINCT k, split_part(k, ':', 2), NULL::bigint, NULL::timestamptz, false FROM unnest(keys) k
-        ORDER BY 1
-        ON CONFLICT (contact_key) DO UPDATE SET head_id = NULL, run_at = NULL, running = false;
-        RETURN;
-    END IF;
-    SELECT coalesce(array_agg(s.contact_key), '{}') INTO strong FROM (
-        SELECT c.contact_key FROM contact_sync.contacts c
-        WHERE c.contact_key = ANY(ARRAY(SELECT unnest(keys))) ORDER BY c.contact_key FOR UPDATE SKIP LOCKED) s;
-    weak := '{}';
-    IF cardinality(strong) < cardinality(keys) THEN
-        -- held by a producer (compatible), or locked by another transaction (skipped)
-        SELECT coalesce(array_agg(s.contact_key), '{}') INTO weak FROM (
-            SELECT c.contact_key FROM contact_sync.contacts c
-            WHERE c.contact_key = ANY(ARRAY(SELECT unnest(keys)))
-              AND NOT EXISTS (SELECT 1 FROM unnest(strong) AS t(k) WHERE t.k = c.contact_key)
-            ORDER BY c.contact_key FOR NO KEY UPDATE SKIP LOCKED) s;
-        -- rows that exist but could not be locked: for the sweep
-        INSERT INTO contact_sync.contacts_dirty (contact_key)
-        SELECT c.contact_key FROM contact_sync.contacts c
-        WHERE c.contact_key = ANY(ARRAY(SELECT unnest(keys)))
-          AND NOT EXISTS (SELECT 1 FROM unnest(strong) AS t(k) WHERE t.k = c.contact_key)
-          AND NOT EXISTS (SELECT 1 FROM unnest(weak) AS t(k) WHERE t.k = c.contact_key);
-    END IF;
-    WITH k AS (
-        -- the rows locked above, and contacts that have no row; which lock each holds is
-        -- decided by outer joins (hashed or merged at any size, never a rescan per row)
-        SELECT DISTINCT u.key, s.k IS NOT NULL AS strong_lock, w.k IS NOT NULL AS weak_lock
-        FROM unnest(keys) AS u(key)
-        LEFT JOIN unnest(strong) AS s(k) ON s.k = u.key
-        LEFT JOIN unnest(weak) AS w(k) ON w.k = u.key
-        WHERE s.k IS NOT NULL OR w.k IS NOT NULL
-           OR NOT EXISTS (SELECT 1 FROM contact_sync.contacts c WHERE c.contact_key = u.key OFFSET 0)
-    ), s AS (
-        SELECT k.key, k.strong_lock, k.weak_lock, r.id AS running_id, r.account AS running_account,
-               p.id AS pending_id, p.run_at, p.account AS pending_account
-        FROM k
-        LEFT JOIN LATERAL (SELECT j.id, j.account FROM contact_sync.jobs j
-                           WHERE j.contact_key = k.key AND j.state = 'running' LIMIT 1) r ON true
-        LEFT JOIN LATERAL (SELECT j.id, j.run_at, j.account FROM contact_sync.jobs j
-                           WHERE j.contact_key = k.key AND j.state = 'pending' ORDER BY j.id LIMIT 1) p ON true
-    ), upserted AS (
-        INSERT INTO contact_sync.contacts AS c (contact_key, account, head_id, run_at, running)
-        SELECT s.key, coalesce(s.running_account, s.pending_account), coalesce(s.running_id, s.pending_id),
-               CASE WHEN s.running_id IS NULL THEN s.run_at END, s.running_id IS NOT NULL
-        FROM s WHERE s.running_id IS NOT NULL OR s.pending_id IS NOT NULL
-        ORDER BY s.key
-        ON CONFLICT (contact_key) DO UPDATE
-            SET head_id = EXCLUDED.head_id, run_at = EXCLUDED.run_at, running = EXCLUDED.running
-            WHERE (c.head_id, c.run_at, c.running) IS DISTINCT FROM (EXCLUDED.head_id, EXCLUDED.run_at, EXCLUDED.running)
-    ), empty AS (
-        SELECT s.key, s.strong_lock, s.weak_lock FROM s WHERE s.running_id IS NULL AND s.pending_id IS NULL
-    ), deleted AS (
-        -- = ANY(ARRAY(...)): primary-key probes, never a scan of the table
-        DELETE FROM contact_sync.contacts c
-        WHERE c.contact_key = ANY(ARRAY(SELECT e.key FROM empty e WHERE e.strong_lock))
-    )
-    UPDATE contact_sync.contacts c
-    SET head_id = NULL, run_at = NULL, running = false
-    WHERE c.contact_key = ANY(ARRAY(SELECT e.key FROM empty e WHERE e.weak_lock))
-      AND (c.head_id IS NOT NULL OR c.running);
 END
 $$;
 
@@ -634,22 +466,6 @@ CREATE TABLE contact_sync.console_sessions (
 
 COMMENT ON TABLE contact_sync.console_sessions IS 'contact-sync: console sessions (token digests, never tokens)';
 
-CREATE TABLE contact_sync.contacts (
-    contact_key text NOT NULL,
-    account text NOT NULL,
-    head_id bigint,
-    run_at timestamp with time zone,
-    running boolean DEFAULT false NOT NULL
-)
-WITH (autovacuum_vacuum_scale_factor='0.02', autovacuum_vacuum_threshold='500', autovacuum_vacuum_cost_delay='0');
-
-COMMENT ON TABLE contact_sync.contacts IS 'contact-sync: contacts with open work, the queue claims read (maintained by triggers on contact_sync.jobs)';
-
-CREATE TABLE contact_sync.contacts_dirty (
-    contact_key text NOT NULL,
-    noted_at timestamp with time zone DEFAULT now() NOT NULL
-);
-
 CREATE TABLE contact_sync.doi_deferred (
     job_id bigint NOT NULL,
     covers_id bigint NOT NULL,
@@ -690,6 +506,7 @@ CREATE TABLE contact_sync.jobs (
     resend_after bigint,
     outcome text,
     overtaken_by bigint,
+    waits_for bigint,
     CONSTRAINT jobs_account_check CHECK ((((length(account) >= 1) AND (length(account) <= 64)) AND (ltrim(account, 'abcdefghijklmnopqrstuvwxyz0123456789_'::text) = ''::text))),
     CONSTRAINT jobs_max_attempts_check CHECK (((max_attempts IS NULL) OR (max_attempts >= 1))),
     CONSTRAINT jobs_state_check CHECK ((state = ANY (ARRAY['pending'::text, 'running'::text, 'succeeded'::text, 'dead'::text, 'cancelled'::text, 'coalesced'::text])))
@@ -699,6 +516,8 @@ ALTER TABLE ONLY contact_sync.jobs ALTER COLUMN state SET STATISTICS 0;
 COMMENT ON TABLE contact_sync.jobs IS 'contact-sync outbox: one row per contact change';
 
 COMMENT ON COLUMN contact_sync.jobs.overtaken_by IS 'contact-sync: for a dead or cancelled job, the newest later change of its contact that was delivered and has since been pruned (retry refuses to re-send this job over it)';
+
+COMMENT ON COLUMN contact_sync.jobs.waits_for IS 'contact-sync: for a pending job found behind another open job of its contact, that job: it is claimed once that job has left running or pending';
 
 ALTER TABLE contact_sync.jobs ALTER COLUMN id ADD GENERATED ALWAYS AS IDENTITY (
     SEQUENCE NAME contact_sync.jobs_id_seq
@@ -761,9 +580,6 @@ ALTER TABLE ONLY contact_sync.console_audit
 ALTER TABLE ONLY contact_sync.console_sessions
     ADD CONSTRAINT console_sessions_pkey PRIMARY KEY (token_sha256);
 
-ALTER TABLE ONLY contact_sync.contacts
-    ADD CONSTRAINT contacts_pkey PRIMARY KEY (contact_key);
-
 ALTER TABLE ONLY contact_sync.doi_deferred
     ADD CONSTRAINT doi_deferred_pkey PRIMARY KEY (job_id);
 
@@ -791,12 +607,6 @@ CREATE INDEX capture_rejections_source_idx ON contact_sync.capture_rejections US
 
 CREATE INDEX console_sessions_expires_idx ON contact_sync.console_sessions USING btree (expires_at);
 
-CREATE INDEX contacts_dirty_key_idx ON contact_sync.contacts_dirty USING btree (contact_key);
-
-CREATE INDEX contacts_ready_idx ON contact_sync.contacts USING btree (account, run_at, head_id) WHERE ((head_id IS NOT NULL) AND (NOT running));
-
-CREATE INDEX contacts_reread_idx ON contact_sync.contacts USING btree (contact_key) WHERE (head_id IS NULL);
-
 CREATE INDEX doi_deferred_contact_idx ON contact_sync.doi_deferred USING btree ((((((provider || ':'::text) || account) || ':'::text) || lower(email))));
 
 CREATE INDEX doi_deferred_due_idx ON contact_sync.doi_deferred USING btree (due_at);
@@ -811,20 +621,18 @@ CREATE INDEX jobs_parked_contact_idx ON contact_sync.jobs USING btree (contact_k
 
 CREATE INDEX jobs_pending_contact_idx ON contact_sync.jobs USING btree (contact_key, id) WHERE (state = 'pending'::text);
 
+CREATE INDEX jobs_ready_idx ON contact_sync.jobs USING btree (account, run_at, id) WHERE ((state = 'pending'::text) AND (waits_for IS NULL));
+
 CREATE INDEX jobs_running_account_idx ON contact_sync.jobs USING btree (account) WHERE (state = 'running'::text);
 
 CREATE UNIQUE INDEX jobs_running_contact_idx ON contact_sync.jobs USING btree (contact_key) WHERE (state = 'running'::text);
+
+CREATE INDEX jobs_waiting_idx ON contact_sync.jobs USING btree (waits_for, id) WHERE ((state = 'pending'::text) AND (waits_for IS NOT NULL));
 
 CREATE INDEX smartlink_watermarks_updated_idx ON contact_sync.smartlink_watermarks USING btree (updated_at);
 
 CREATE TRIGGER jobs_account_check AFTER INSERT ON contact_sync.jobs REFERENCING NEW TABLE AS new_jobs FOR EACH STATEMENT EXECUTE FUNCTION contact_sync.jobs_check_account_provider();
 
-CREATE TRIGGER jobs_after_delete AFTER DELETE ON contact_sync.jobs REFERENCING OLD TABLE AS old_jobs FOR EACH STATEMENT EXECUTE FUNCTION contact_sync.jobs_after_delete();
-
 CREATE TRIGGER jobs_after_insert AFTER INSERT ON contact_sync.jobs REFERENCING NEW TABLE AS new_jobs FOR EACH STATEMENT EXECUTE FUNCTION contact_sync.jobs_after_insert();
-
-CREATE TRIGGER jobs_after_truncate AFTER TRUNCATE ON contact_sync.jobs FOR EACH STATEMENT EXECUTE FUNCTION contact_sync.jobs_after_truncate();
-
-CREATE TRIGGER jobs_after_update AFTER UPDATE ON contact_sync.jobs REFERENCING OLD TABLE AS old_jobs NEW TABLE AS new_jobs FOR EACH STATEMENT EXECUTE FUNCTION contact_sync.jobs_after_update();
 
 CREATE TRIGGER jobs_validate_update BEFORE UPDATE OF provider, email, payload, run_at ON contact_sync.jobs FOR EACH ROW EXECUTE FUNCTION contact_sync.jobs_before_update();

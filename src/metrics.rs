@@ -50,12 +50,6 @@ pub fn provider_request(provider: &str, account: &str, outcome: &'static str, to
     .record(took.as_secs_f64());
 }
 
-/// Orphaned jobs (pending, unknown to the queue of contacts) a worker's last full pass over the
-/// pending jobs found.
-pub fn orphaned_jobs(n: i64) {
-    metrics::gauge!("contact_sync_orphaned_jobs").set(n as f64);
-}
-
 pub fn in_flight(n: usize) {
     metrics::gauge!("contact_sync_in_flight").set(n as f64);
 }
@@ -134,10 +128,6 @@ pub fn describe() {
         "contact_sync_provider_request_duration_seconds",
         Unit::Seconds,
         "Provider call duration by outcome (success, retryable, permanent, account_refused)"
-    );
-    describe_gauge!(
-        "contact_sync_orphaned_jobs",
-        "Pending jobs the queue of contacts does not know (inserted with triggers off), found by this worker's last full pass; repair: SELECT contact_sync.rebuild_contacts()"
     );
     describe_gauge!(
         "contact_sync_in_flight",

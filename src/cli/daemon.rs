@@ -89,12 +89,6 @@ pub async fn run_worker(
     } else {
         None
     };
-    // ... and no job of its accounts is out of the queue's reach.
-    let orphans = if drain {
-        Some(worker.orphans().await)
-    } else {
-        None
-    };
     stop.cancel();
     if let Some(admin) = admin {
         let _ = admin.await;
@@ -112,22 +106,6 @@ pub async fn run_worker(
         lease_lost = report.lease_lost,
         "exiting"
     );
-    match orphans {
-        Some(Ok(o)) if o.jobs > 0 => {
-            eprintln!(
-                "error: {} pending job(s) of {} contact(s) are not in the queue (inserted with triggers off: pg_restore --disable-triggers, session_replication_role = replica), so no worker claims them; run: {}",
-                o.jobs,
-                o.contacts,
-                contact_sync::outbox::orphans::REPAIR
-            );
-            return Ok(ExitCode::from(1));
-        }
-        Some(Err(e)) => {
-            eprintln!("error: cannot check for pending jobs out of the queue's reach: {e}");
-            return Ok(ExitCode::from(1));
-        }
-        _ => {}
-    }
     match held {
         Some(Ok(0)) | None => Ok(ExitCode::SUCCESS),
         Some(Ok(n)) => {

@@ -98,14 +98,6 @@ pub fn render_status(status: &Status) -> String {
             "\n{account}: {waiting} job(s) wait for an account no live worker serves (add [accounts.{account}] to a worker's configuration, or fix the account name)\n"
         ));
     }
-    if status.orphans.jobs > 0 {
-        out.push_str(&format!(
-            "\n{} pending job(s) of {} contact(s) are not in the queue (inserted with triggers off: pg_restore --disable-triggers, session_replication_role = replica); no worker claims them until you run: {}\n",
-            status.orphans.jobs,
-            status.orphans.contacts,
-            contact_sync::outbox::orphans::REPAIR
-        ));
-    }
     for c in &status.capture {
         let p = &c.since_install;
         let mut line = format!("\ncapture {}: {}", c.source, c.table);

@@ -122,8 +122,8 @@ pub async fn register(
                         WHEN EXISTS (SELECT 1 FROM contact_sync.workers w
                                      WHERE $1 = ANY(w.accounts) AND w.expires_at >= now() AND w.id <> $3)
                             THEN 'live workers serve it'
-                        WHEN EXISTS (SELECT 1 FROM contact_sync.contacts c
-                                     WHERE c.account = $1 AND left(c.contact_key, length($2) + 1) = $2 || ':')
+                        WHEN EXISTS (SELECT 1 FROM contact_sync.jobs j
+                                     WHERE j.account = $1 AND j.provider = $2 AND j.state IN ('pending', 'running'))
                             THEN 'it has open ' || $2 || ' jobs'
                         END
                     "#,
@@ -357,18 +357,19 @@ pub async fn resume(pool: &PgPool, account: &str) -> Result<bool, sqlx::Error> {
     .execute(&mut *tx)
     .await?
     .rows_affected();
-    // the heads waiting out a throttle answer (contact row first, as every writer does)
+    // the jobs waiting out a throttle answer (from the claim's own index)
     sqlx::query(
         // language=PostgreSQL
         r#"
         WITH waiting AS (
-            SELECT c.head_id FROM contact_sync.contacts c
-            WHERE c.account = $1 AND c.head_id IS NOT NULL AND NOT c.running AND c.run_at > now()
-            FOR NO KEY UPDATE OF c
+            SELECT j.id FROM contact_sync.jobs j
+            WHERE j.account = $1 AND j.state = 'pending' AND j.waits_for IS NULL AND j.run_at > now()
+              AND j.errors -> -1 ->> 'kind' IN ('rate_limited', 'account_refused')
+            FOR NO KEY UPDATE OF j
         )
         UPDATE contact_sync.jobs j SET run_at = now()
         FROM waiting w
-        WHERE j.id = w.head_id AND j.state = 'pending'
+        WHERE j.id = w.id AND j.state = 'pending'
           AND j.errors -> -1 ->> 'kind' IN ('rate_limited', 'account_refused')
         "#,
     )
@@ -488,12 +489,12 @@ pub async fn unserved(pool: &PgPool) -> Result<Vec<String>, sqlx::Error> {
         // language=PostgreSQL
         r#"
         WITH RECURSIVE waiting(account) AS (
-            (SELECT c.account FROM contact_sync.contacts c
-             WHERE c.head_id IS NOT NULL AND NOT c.running ORDER BY c.account LIMIT 1)
+            (SELECT j.account FROM contact_sync.jobs j
+             WHERE j.state = 'pending' AND j.waits_for IS NULL ORDER BY j.account LIMIT 1)
             UNION ALL
-            SELECT (SELECT c.account FROM contact_sync.contacts c
-                    WHERE c.head_id IS NOT NULL AND NOT c.running AND c.account > w.account
-                    ORDER BY c.account LIMIT 1)
+            SELECT (SELECT j.account FROM contact_sync.jobs j
+                    WHERE j.state = 'pending' AND j.waits_for IS NULL AND j.account > w.account
+                    ORDER BY j.account LIMIT 1)
             FROM waiting w WHERE w.account IS NOT NULL
         )
         SELECT w.account FROM waiting w

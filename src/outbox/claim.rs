@@ -19,20 +19,19 @@ fn millis(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
-/// The claim statement (public for the plan tests). Reads only the ready contacts of each
-/// account from `contacts_ready_idx` (contacts with a call in flight are not in it, a head
-/// scheduled later sits past `now()`), locks them `FOR NO KEY UPDATE SKIP LOCKED` (compatible
-/// with the `FOR KEY SHARE` a producer holds), moves each head job to `running` and the contact
-/// to `running`, and reads each head's consecutive due followers (at most `$6`) from the
-/// contact's pending jobs. A head that is no longer `pending` (changed by hand), or no longer
-/// its contact's first pending job, leaves its contact to be read again; the unique index on
-/// running contacts stays the last word. Head
-/// jobs are not locked on their own (that would cost a write per job): whoever changes a
-/// pending job takes its contact's row first, as the operator commands do.
+/// The claim statement (public for the plan tests). Reads each account's due, requeued pending
+/// jobs from `jobs_ready_idx` (oldest due first, at most the quota), locks them `FOR NO KEY
+/// UPDATE SKIP LOCKED`, and judges each: a job whose contact has a running job, or a lower
+/// pending one, is set waiting behind it (`waits_for`: it leaves the index until that job has left running or
+/// pending); the others are the heads, moved to `running`. Each head comes with its
+/// consecutive due followers (at most `$6`) from the contact's pending jobs. Two claims that
+/// judged one contact from snapshots on either side of a producer's commit both take a head:
+/// the unique index on running contacts refuses the second (the caller claims again).
+/// Returns a row per head, and one more whose `id` is NULL carrying how many it set waiting.
 #[doc(hidden)]
 pub const CLAIM_SQL: &str = r#"
-        WITH picked AS (
-            SELECT c.contact_key, c.head_id
+        WITH candidates AS (
+            SELECT c.id, c.contact_key, c.run_at, q.account, q.n
             FROM unnest($1::text[], $2::int[]) AS q(account, n)
             -- a paused account (its provider's throttle answer, or an operator) gives nothing,
             -- and an account with fleet-wide limits only within them ($7: claim_within_limits)
@@ -44,37 +43,40 @@ pub const CLAIM_SQL: &str = r#"
                            OR (NOT $7 AND (a.rate_per_second IS NOT NULL OR a.max_in_flight IS NOT NULL))))
             ) open
             CROSS JOIN LATERAL (
-                SELECT c.contact_key, c.head_id FROM contact_sync.contacts c
-                WHERE c.account = q.account AND c.head_id IS NOT NULL AND NOT c.running
-                  AND c.run_at <= now()
-                ORDER BY c.run_at, c.head_id
+                SELECT j.id, j.contact_key, j.run_at FROM contact_sync.jobs j
+                WHERE j.account = q.account AND j.state = 'pending' AND j.waits_for IS NULL
+                  AND j.run_at <= now()
+                ORDER BY j.run_at, j.id
                 LIMIT q.n
                 FOR NO KEY UPDATE SKIP LOCKED
             ) c
+        ), judged AS (
+            -- what each candidate waits for: its contact's call in flight, else its contact's
+            -- first pending job if that is lower (one probe of each contact index)
+            SELECT c.id, coalesce(
+                       (SELECT r.id FROM contact_sync.jobs r
+                        WHERE r.contact_key = c.contact_key AND r.state = 'running' LIMIT 1),
+                       (SELECT e.id FROM contact_sync.jobs e
+                        WHERE e.contact_key = c.contact_key AND e.state = 'pending' AND e.id < c.id
+                        ORDER BY e.id LIMIT 1)) AS behind
+            FROM candidates c
+        ), set_waiting AS (
+            UPDATE contact_sync.jobs j SET waits_for = g.behind
+            FROM judged g
+            -- = ANY(ARRAY(...)): primary-key probes, never a join the planner could hash
+            WHERE j.id = ANY(ARRAY(SELECT id FROM judged WHERE behind IS NOT NULL))
+              AND j.id = g.id AND j.state = 'pending'
+            RETURNING j.id
         ), claimed AS (
             UPDATE contact_sync.jobs j
             SET state = 'running', attempts = j.attempts + 1,
                 locked_until = now() + make_interval(secs => $3::bigint / 1000.0), locked_by = $4
-            -- = ANY(ARRAY(...)): primary-key probes, never a join the planner could hash; the
-            -- state test is written so that no partial index can serve it (a plain
-            -- `state = 'pending'` let the planner AND the probes with a scan of the whole
-            -- pending index)
-            WHERE j.id = ANY(ARRAY(SELECT head_id FROM picked)) AND coalesce(j.state, '') = 'pending'
-              AND NOT EXISTS (SELECT 1 FROM contact_sync.jobs r
-                              WHERE r.contact_key = j.contact_key AND r.state = 'running')
-              -- the contact's first pending job, whatever its queue row says (a change noted
-              -- for a re-read by a REPEATABLE READ producer, then one queued by a READ
-              -- COMMITTED one): otherwise the row is read again first
-              AND NOT EXISTS (SELECT 1 FROM contact_sync.jobs e
-                              WHERE e.contact_key = j.contact_key AND e.state = 'pending' AND e.id < j.id)
+            -- the state test is written so that no partial index can serve it (a plain
+            -- `state = 'pending'` let the planner AND the probes with a scan of a whole index)
+            WHERE j.id = ANY(ARRAY(SELECT id FROM judged WHERE behind IS NULL))
+              AND coalesce(j.state, '') = 'pending'
             RETURNING j.id, j.provider, j.account, j.email, j.payload, j.attempts, j.max_attempts,
                       j.created_at, j.contact_key
-        ), marked AS (
-            UPDATE contact_sync.contacts c
-            SET running = c.head_id IN (SELECT id FROM claimed),
-                head_id = CASE WHEN c.head_id IN (SELECT id FROM claimed) THEN c.head_id END,
-                run_at = CASE WHEN c.head_id IN (SELECT id FROM claimed) THEN c.run_at END
-            WHERE c.contact_key = ANY(ARRAY(SELECT contact_key FROM picked))
         )
         -- payload and followers as text: the worker decodes each job on its own, so one row it
         -- cannot read is parked alone instead of failing the whole batch
@@ -93,7 +95,8 @@ pub const CLAIM_SQL: &str = r#"
                END AS synced_fields,
                -- most heads have no follower: one index probe says so, without the
                -- aggregate's set-up for every claimed job
-               CASE WHEN NOT EXISTS (SELECT 1 FROM contact_sync.jobs f
+               CASE WHEN j.id IS NULL THEN NULL
+                    WHEN NOT EXISTS (SELECT 1 FROM contact_sync.jobs f
                                      WHERE f.contact_key = j.contact_key AND f.state = 'pending' AND f.id > j.id)
                     THEN '[]' ELSE
                (SELECT coalesce(jsonb_agg(jsonb_build_object(
@@ -106,14 +109,16 @@ pub const CLAIM_SQL: &str = r#"
                             FROM contact_sync.jobs f
                             WHERE f.contact_key = j.contact_key AND f.state = 'pending' AND f.id > j.id
                             ORDER BY f.id LIMIT $6) f) f
-                WHERE f.consecutive) END AS followers
-        FROM claimed j
+                WHERE f.consecutive) END AS followers,
+               p.n AS set_waiting
+        FROM (SELECT count(*) AS n FROM set_waiting) p
+        LEFT JOIN claimed j ON true
         "#;
 
 /// Claims up to each account's quota of runnable head jobs (see [`CLAIM_SQL`]).
 ///
 /// A job is runnable when it is `pending`, due, and the head of its contact (no `running` job,
-/// no earlier `pending` one), which `contact_sync.contacts` keeps.
+/// no lower `pending` one).
 pub async fn claim(
     pool: &PgPool,
     quotas: &[AccountQuota],
@@ -142,29 +147,97 @@ pub struct ClaimOptions<'a> {
     pub captured: &'a [String],
 }
 
+/// A row of [`CLAIM_SQL`]: a claimed head, or (`id` NULL) the count of jobs set waiting.
+#[derive(sqlx::FromRow)]
+struct ClaimRow {
+    id: Option<JobId>,
+    provider: Option<String>,
+    account: Option<String>,
+    email: Option<String>,
+    payload: Option<String>,
+    payload_md5: Option<String>,
+    attempts: Option<i32>,
+    max_attempts: Option<i32>,
+    created_at_ms: Option<i64>,
+    known_modify_ts: Option<i64>,
+    synced_fields: Option<String>,
+    followers: Option<String>,
+    set_waiting: i64,
+}
+
+impl ClaimRow {
+    fn into_job(self) -> Option<ClaimedJob> {
+        Some(ClaimedJob {
+            id: self.id?,
+            provider: self.provider?,
+            account: self.account?,
+            email: self.email?,
+            payload: self.payload?,
+            payload_md5: self.payload_md5?,
+            attempts: self.attempts?,
+            max_attempts: self.max_attempts?,
+            created_at_ms: self.created_at_ms?,
+            known_modify_ts: self.known_modify_ts,
+            synced_fields: self.synced_fields,
+            followers: self.followers?,
+        })
+    }
+}
+
+/// How many times one claim runs [`CLAIM_SQL`] again while it sets jobs waiting and the quotas
+/// are not filled (a blocked backlog is set waiting a window at a time; each job once).
+const CLAIM_PASSES: usize = 4;
+
 /// Runs [`CLAIM_SQL`] for `quotas`; `within_limits`: the caller holds the accounts' rows and
-/// has cut the quotas to their budgets (otherwise accounts with limits are left alone).
+/// has cut the quotas to their budgets (otherwise accounts with limits are left alone). Runs it
+/// again, for what is still wanted, while a pass set jobs waiting.
 async fn run_claim(
     conn: &mut sqlx::PgConnection,
     quotas: &[AccountQuota],
     claim: &ClaimOptions<'_>,
     within_limits: bool,
 ) -> Result<Vec<ClaimedJob>, sqlx::Error> {
-    let accounts: Vec<&str> = quotas.iter().map(|q| q.account.as_str()).collect();
-    let limits: Vec<i32> = quotas.iter().map(|q| q.limit).collect();
     let max_followers = i64::try_from(claim.max_followers.saturating_sub(1)).unwrap_or(0);
-    sqlx::query_as::<_, ClaimedJob>(CLAIM_SQL)
-        .persistent(false)
-        .bind(&accounts)
-        .bind(&limits)
-        .bind(millis(claim.lease))
-        .bind(claim.worker_id)
-        .bind(claim.default_max_attempts)
-        .bind(max_followers)
-        .bind(within_limits)
-        .bind(claim.captured)
-        .fetch_all(conn)
-        .await
+    let mut wanted: Vec<AccountQuota> = quotas.to_vec();
+    let mut jobs: Vec<ClaimedJob> = Vec::new();
+    for _ in 0..CLAIM_PASSES {
+        let accounts: Vec<&str> = wanted.iter().map(|q| q.account.as_str()).collect();
+        let limits: Vec<i32> = wanted.iter().map(|q| q.limit).collect();
+        let rows = sqlx::query_as::<_, ClaimRow>(CLAIM_SQL)
+            .persistent(false)
+            .bind(&accounts)
+            .bind(&limits)
+            .bind(millis(claim.lease))
+            .bind(claim.worker_id)
+            .bind(claim.default_max_attempts)
+            .bind(max_followers)
+            .bind(within_limits)
+            .bind(claim.captured)
+            .fetch_all(&mut *conn)
+            .await;
+        let rows = match rows {
+            Ok(rows) => rows,
+            // a later pass lost a race for a contact: what the earlier passes claimed is
+            // committed (or, inside the caller's transaction, fails with it)
+            Err(e) if !jobs.is_empty() => {
+                tracing::debug!(error = %e, "a further claim pass failed");
+                break;
+            }
+            Err(e) => return Err(e),
+        };
+        let set_waiting = rows.first().map_or(0, |r| r.set_waiting);
+        let got: Vec<ClaimedJob> = rows.into_iter().filter_map(ClaimRow::into_job).collect();
+        for q in &mut wanted {
+            let n = got.iter().filter(|j| j.account == q.account).count();
+            q.limit -= i32::try_from(n).unwrap_or(q.limit);
+        }
+        jobs.extend(got);
+        wanted.retain(|q| q.limit > 0);
+        if set_waiting == 0 || wanted.is_empty() {
+            break;
+        }
+    }
+    Ok(jobs)
 }
 
 /// What held an account back in [`claim_within_limits`].
@@ -431,27 +504,17 @@ pub async fn extend_leases(
     .await
 }
 
-/// Is any job of these accounts runnable now (a ready contact due, or a contact to be read
-/// again that has a pending job)?
+/// Is any job of these accounts runnable now (due, not waiting)? Jobs waiting behind a job that
+/// has since finished count once [`requeue_stale_waits`] has brought them back.
 pub async fn runnable_exists(pool: &PgPool, accounts: &[String]) -> Result<bool, sqlx::Error> {
     sqlx::query_scalar(
         // language=PostgreSQL
         r#"
         SELECT EXISTS (
             SELECT 1 FROM unnest($1::text[]) AS a(account)
-            WHERE EXISTS (SELECT 1 FROM contact_sync.contacts c
-                          WHERE c.account = a.account AND c.head_id IS NOT NULL AND NOT c.running
-                            AND c.run_at <= now()))
-            -- a contact to read again is runnable if it has committed open work (one whose
-            -- only new job is not committed yet is not)
-            OR EXISTS (SELECT 1 FROM contact_sync.contacts c
-                       WHERE c.head_id IS NULL AND c.account = ANY($1)
-                         AND EXISTS (SELECT 1 FROM contact_sync.jobs j
-                                     WHERE j.contact_key = c.contact_key AND j.state = 'pending'))
-            -- so is a contact a REPEATABLE READ or SERIALIZABLE producer noted (read again by
-            -- housekeeping, which the caller wakes)
-            OR EXISTS (SELECT 1 FROM contact_sync.contacts_dirty d
-                       WHERE split_part(d.contact_key, ':', 2) = ANY($1))
+            WHERE EXISTS (SELECT 1 FROM contact_sync.jobs j
+                          WHERE j.account = a.account AND j.state = 'pending' AND j.waits_for IS NULL
+                            AND j.run_at <= now()))
         "#,
     )
     .persistent(false)
@@ -483,7 +546,7 @@ pub async fn held_exists(pool: &PgPool, accounts: &[String]) -> Result<bool, sql
     .await
 }
 
-/// Time until the next ready contact of these accounts falls due (None: none waiting).
+/// Time until the next requeued pending job of these accounts falls due (None: none waiting).
 pub async fn next_due_in(
     pool: &PgPool,
     accounts: &[String],
@@ -494,9 +557,9 @@ pub async fn next_due_in(
         SELECT (extract(epoch FROM (min(n.run_at) - now())) * 1000)::float8
         FROM unnest($1::text[]) AS a(account)
         CROSS JOIN LATERAL (
-            SELECT c.run_at FROM contact_sync.contacts c
-            WHERE c.account = a.account AND c.head_id IS NOT NULL AND NOT c.running
-            ORDER BY c.run_at LIMIT 1) n
+            SELECT j.run_at FROM contact_sync.jobs j
+            WHERE j.account = a.account AND j.state = 'pending' AND j.waits_for IS NULL
+            ORDER BY j.run_at LIMIT 1) n
         "#,
     )
     .persistent(false)
@@ -506,33 +569,85 @@ pub async fn next_due_in(
     Ok(ms.map(|ms| Duration::from_millis(ms.max(0.0) as u64)))
 }
 
-/// Reads again the contacts left to be re-read (a producer held the row while its last job
-/// finished, or another transaction held it while a job changed), at most `limit` of each kind,
-/// in random order so that rows still held cannot starve the others; returns how many were
-/// looked at.
-pub async fn reread_contacts(pool: &PgPool, limit: i64) -> Result<i64, sqlx::Error> {
-    sqlx::query_scalar(
+/// Brings back jobs waiting behind jobs of every account that no longer hold them: the job they
+/// wait for has left running and pending (a change set waiting by a claim that committed after that
+/// job's completion had looked, a hand-written update, a job deleted), has moved to another
+/// contact (an address edited by hand), or is now pending and higher (they were set waiting while
+/// it was running; left as is, two jobs could wait for each other). Reads each distinct job waited for once (a loose scan of `jobs_waiting_idx`): its
+/// cost follows the contacts with waiting work, not the waiting jobs. Returns how many came back.
+pub async fn requeue_stale_waits(pool: &PgPool) -> Result<u64, sqlx::Error> {
+    Ok(sqlx::query(REQUEUE_STALE_WAITS_SQL)
+        .persistent(false)
+        .execute(pool)
+        .await?
+        .rows_affected())
+}
+
+/// The statement of [`requeue_stale_waits`] (public for the plan tests).
+#[doc(hidden)]
+pub const REQUEUE_STALE_WAITS_SQL: &str = r#"
+        WITH RECURSIVE waited(id) AS (
+            (SELECT j.waits_for FROM contact_sync.jobs j
+             WHERE j.state = 'pending' AND j.waits_for IS NOT NULL
+             ORDER BY j.waits_for LIMIT 1)
+            UNION ALL
+            SELECT (SELECT j.waits_for FROM contact_sync.jobs j
+                    WHERE j.state = 'pending' AND j.waits_for IS NOT NULL AND j.waits_for > w.id
+                    ORDER BY j.waits_for LIMIT 1)
+            FROM waited w WHERE w.id IS NOT NULL
+        ), judged AS (
+            -- each job waited for: gone or finished, moved to another contact than the jobs
+            -- behind it (the first of them says which), or pending (then only the lower jobs
+            -- behind it are stale); one waited for while running reads nothing more
+            SELECT w.id,
+                   coalesce(b.state NOT IN ('pending', 'running'), true)
+                       OR b.contact_key IS DISTINCT FROM (SELECT f.contact_key FROM contact_sync.jobs f
+                                                          WHERE f.waits_for = w.id AND f.state = 'pending'
+                                                          ORDER BY f.id LIMIT 1) AS all_stale,
+                   b.state = 'pending' AS pending
+            FROM waited w LEFT JOIN contact_sync.jobs b ON b.id = w.id
+            WHERE w.id IS NOT NULL
+        ), stale AS (
+            SELECT p.id FROM judged g
+            CROSS JOIN LATERAL (
+                SELECT p.id FROM contact_sync.jobs p
+                WHERE p.waits_for = g.id AND p.state = 'pending' AND (g.all_stale OR p.id < g.id)
+                ORDER BY p.id
+                -- a row another transaction holds is left for the next sweep
+                FOR NO KEY UPDATE SKIP LOCKED
+            ) p
+            WHERE g.all_stale OR g.pending
+        )
+        UPDATE contact_sync.jobs p SET waits_for = NULL
+        WHERE p.id = ANY(ARRAY(SELECT id FROM stale)) AND p.state = 'pending' AND p.waits_for IS NOT NULL
+        "#;
+
+/// Brings back the jobs waiting behind these (the completion's own requeueing, after it has
+/// written them: a job that left running goes back to its contact's order).
+pub async fn requeue_waiting_behind(
+    conn: &mut sqlx::PgConnection,
+    ids: &[JobId],
+) -> Result<u64, sqlx::Error> {
+    if ids.is_empty() {
+        return Ok(0);
+    }
+    Ok(sqlx::query(
         // language=PostgreSQL
         r#"
-        WITH noted AS (
-            DELETE FROM contact_sync.contacts_dirty d
-            WHERE d.ctid = ANY(ARRAY(SELECT ctid FROM contact_sync.contacts_dirty LIMIT $1))
-            RETURNING d.contact_key
-        ), k AS (
-            SELECT ARRAY(
-                SELECT contact_key FROM noted
-                UNION
-                SELECT contact_key FROM (
-                    SELECT contact_key FROM contact_sync.contacts WHERE head_id IS NULL
-                    ORDER BY random() LIMIT $1) r) AS keys
-        )
-        SELECT cardinality(keys)::bigint FROM k, LATERAL contact_sync.refresh_contacts(k.keys)
+        UPDATE contact_sync.jobs p SET waits_for = NULL
+        -- rows another transaction holds are skipped (an operator's action on the contact,
+        -- which may wait for a row this transaction holds): the sweep brings them back
+        WHERE p.id = ANY(ARRAY(SELECT w.id FROM contact_sync.jobs w
+                               WHERE w.waits_for = ANY($1) AND w.state = 'pending'
+                               ORDER BY w.id FOR NO KEY UPDATE SKIP LOCKED))
+          AND p.waits_for = ANY($1) AND p.state = 'pending'
         "#,
     )
     .persistent(false)
-    .bind(limit)
-    .fetch_one(pool)
-    .await
+    .bind(ids)
+    .execute(conn)
+    .await?
+    .rows_affected())
 }
 
 /// How many jobs are `running` under this worker's name (after a drain: must be none).

@@ -78,10 +78,13 @@ pub async fn succeed_many(pool: &PgPool, items: &[Success]) -> Result<Written, s
     }
     if items.iter().all(|i| i.synced.is_none()) {
         let mut conn = pool.acquire().await?;
-        return write_successes(&mut conn, items).await.map(|(w, _)| w);
+        let (written, _) = write_successes(&mut conn, items).await?;
+        super::claim::requeue_waiting_behind(&mut conn, &written_ids(items)).await?;
+        return Ok(written);
     }
     let mut tx = pool.begin().await?;
     let (written, done) = write_successes(&mut tx, items).await?;
+    super::claim::requeue_waiting_behind(&mut tx, &written_ids(items)).await?;
     let calls: Vec<Delivered> = items
         .iter()
         .filter(|i| done.contains(&i.lease.id))
@@ -90,6 +93,15 @@ pub async fn succeed_many(pool: &PgPool, items: &[Success]) -> Result<Written, s
     super::synced::record(&mut tx, &calls).await?;
     tx.commit().await?;
     Ok(written)
+}
+
+/// Every job a batch of successes may have written: the heads and their followers (what waits
+/// behind one is brought back; behind one still open, it is set waiting again by the next claim).
+fn written_ids(items: &[Success]) -> Vec<JobId> {
+    items
+        .iter()
+        .flat_map(|i| std::iter::once(i.lease.id).chain(i.followers.iter().map(|f| f.id)))
+        .collect()
 }
 
 /// The statement of [`succeed_many`]; also returns the jobs it wrote.
@@ -268,6 +280,14 @@ pub async fn retry(
     let result = sqlx::query(
         // language=PostgreSQL
         r#"
+        WITH requeued AS (
+            -- the lower changes waiting behind its call go back to their contact's order
+            -- (they now come first); the higher ones wait on, behind it
+            UPDATE contact_sync.jobs p SET waits_for = NULL
+            WHERE p.id IN (SELECT w.id FROM contact_sync.jobs w
+                           WHERE w.waits_for = $1 AND w.state = 'pending' AND w.id < $1
+                           FOR NO KEY UPDATE SKIP LOCKED)
+        )
         UPDATE contact_sync.jobs
         SET state = 'pending', run_at = now() + make_interval(secs => $3::bigint / 1000.0),
             locked_until = NULL, locked_by = NULL,
@@ -376,6 +396,12 @@ pub async fn kill(pool: &PgPool, lease: Lease, error: &AttemptError) -> Result<W
     let result = sqlx::query(
         // language=PostgreSQL
         r#"
+        WITH requeued AS (
+            UPDATE contact_sync.jobs p SET waits_for = NULL
+            WHERE p.id IN (SELECT w.id FROM contact_sync.jobs w
+                           WHERE w.waits_for = $1 AND w.state = 'pending'
+                           FOR NO KEY UPDATE SKIP LOCKED)
+        )
         UPDATE contact_sync.jobs
         SET state = 'dead', finished_at = now(), locked_until = NULL, locked_by = NULL,
             last_error = $4,
@@ -410,6 +436,13 @@ pub async fn release(
     let result = sqlx::query(
         // language=PostgreSQL
         r#"
+        WITH requeued AS (
+            -- the lower changes waiting behind these calls come first now; the higher wait on
+            UPDATE contact_sync.jobs p SET waits_for = NULL
+            WHERE p.id IN (SELECT w.id FROM contact_sync.jobs w
+                           WHERE w.waits_for = ANY($1) AND w.state = 'pending' AND w.id < w.waits_for
+                           FOR NO KEY UPDATE SKIP LOCKED)
+        )
         UPDATE contact_sync.jobs j
         SET state = 'pending', locked_until = NULL, locked_by = NULL, run_at = now(),
             attempts = CASE WHEN $3 THEN j.attempts - 1 ELSE j.attempts END

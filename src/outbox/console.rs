@@ -290,31 +290,32 @@ impl std::fmt::Display for Capped {
 /// An account's queue, as the overview shows it.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct QueueCounts {
-    /// Contacts with a change due now (each may carry several pending jobs).
+    /// Changes due now and not waiting behind another change of their contact (a contact's
+    /// later changes are counted once a claim has found them behind it).
     pub due: Capped,
-    /// Contacts whose next change is scheduled later (a retry, a future `run_at`).
+    /// Changes scheduled later (a retry, a future `run_at`), not waiting behind another.
     pub scheduled: Capped,
     pub dead: Capped,
-    /// How long the oldest due contact has waited, in seconds.
+    /// How long the oldest due change has waited, in seconds.
     pub oldest_due_s: Option<f64>,
 }
 
-/// The queue counts of one account: contacts waiting (the claim's own index, due and
+/// The queue counts of one account: changes waiting (the claim's own index, due and
 /// scheduled), dead jobs (the dead index), each stopping at [`COUNT_CAP`].
 pub async fn queue_counts(pool: &PgPool, account: &str) -> Result<QueueCounts, sqlx::Error> {
     let (due, scheduled, dead, oldest): (i64, i64, i64, Option<f64>) = sqlx::query_as(
         // language=PostgreSQL
         r#"
-        SELECT (SELECT count(*) FROM (SELECT 1 FROM contact_sync.contacts c
-                WHERE c.account = $1 AND c.head_id IS NOT NULL AND NOT c.running AND c.run_at <= now()
+        SELECT (SELECT count(*) FROM (SELECT 1 FROM contact_sync.jobs c
+                WHERE c.account = $1 AND c.state = 'pending' AND c.waits_for IS NULL AND c.run_at <= now()
                 LIMIT $2) c),
-               (SELECT count(*) FROM (SELECT 1 FROM contact_sync.contacts c
-                WHERE c.account = $1 AND c.head_id IS NOT NULL AND NOT c.running AND c.run_at > now()
+               (SELECT count(*) FROM (SELECT 1 FROM contact_sync.jobs c
+                WHERE c.account = $1 AND c.state = 'pending' AND c.waits_for IS NULL AND c.run_at > now()
                 LIMIT $2) c),
                (SELECT count(*) FROM (SELECT 1 FROM contact_sync.jobs d
                 WHERE d.state = 'dead' AND d.account = $1 LIMIT $2) d),
-               (SELECT extract(epoch FROM now() - c.run_at)::float8 FROM contact_sync.contacts c
-                WHERE c.account = $1 AND c.head_id IS NOT NULL AND NOT c.running AND c.run_at <= now()
+               (SELECT extract(epoch FROM now() - c.run_at)::float8 FROM contact_sync.jobs c
+                WHERE c.account = $1 AND c.state = 'pending' AND c.waits_for IS NULL AND c.run_at <= now()
                 ORDER BY c.run_at LIMIT 1)
         "#,
     )

@@ -38,9 +38,6 @@ pub struct Status {
     pub accounts: Vec<super::accounts::AccountRow>,
     /// Accounts with jobs waiting that no live worker serves.
     pub unserved: Vec<String>,
-    /// Pending jobs the queue of contacts does not know (inserted with triggers off): no
-    /// worker claims them until [`super::orphans::REPAIR`] is run.
-    pub orphans: super::orphans::Orphans,
     /// Installed capture sources with the rows rejected and statements not captured since
     /// their installation.
     pub capture: Vec<CaptureStatus>,
@@ -70,7 +67,6 @@ pub async fn status(pool: &PgPool) -> Result<Status, sqlx::Error> {
         .sum();
     let accounts = super::accounts::list(pool).await?;
     let unserved = super::accounts::unserved(pool).await?;
-    let orphans = super::orphans::count(pool, None).await?;
     let mut capture = Vec::new();
     for installed in super::capture::installed(pool).await? {
         let since_install =
@@ -87,7 +83,6 @@ pub async fn status(pool: &PgPool) -> Result<Status, sqlx::Error> {
         dead,
         accounts,
         unserved,
-        orphans,
         capture,
     })
 }

@@ -46,7 +46,6 @@ pub mod inspect;
 #[doc(hidden)]
 pub mod job;
 #[doc(hidden)]
-pub mod orphans;
 #[doc(hidden)]
 pub mod probes;
 #[doc(hidden)]

@@ -1,6 +1,7 @@
 //! Operator writes: `retry`, `cancel` (one job, or every job matching a filter) and `purge`.
-//! Each keeps the contacts queue's order rules, waits a bounded time for a contact row another
-//! transaction holds, and reports the contacts it skipped rather than blocking the worker.
+//! Each keeps the queue's order rules, takes the pending jobs of the contacts it changes first
+//! (the rows a claim takes), waits a bounded time for those another transaction holds, and
+//! reports the contacts it skipped rather than blocking the worker.
 
 use super::job::{JobId, JobState};
 use serde::Serialize;
@@ -85,7 +86,7 @@ const NEWER_DELIVERED: &str = r#"
 /// ([`ActionResult::Stale`], with the newer job's id) when a newer change of the same contact
 /// was already delivered or is in flight, unless `force`.
 ///
-/// The contact's queue row is taken first (as a claim takes it), then the check and the update
+/// The contact's pending jobs are taken first (as a claim takes them), then the check and the update
 /// run in one statement: no claim of a newer change can come between them. A contact another
 /// transaction holds is waited for at most [`OPERATOR_LOCK_WAIT`] ([`ActionResult::Busy`]).
 pub async fn retry(
@@ -108,14 +109,16 @@ async fn retry_held(
     sqlx::query(
         // language=PostgreSQL
         r#"
-        SELECT c.contact_key FROM contact_sync.contacts c
+        SELECT c.id FROM contact_sync.jobs c
         WHERE c.contact_key = (SELECT j.contact_key FROM contact_sync.jobs j WHERE j.id = $1)
+          AND c.state = 'pending'
+        ORDER BY c.id
         FOR NO KEY UPDATE
         "#,
     )
     .persistent(false)
     .bind(id)
-    .fetch_optional(&mut *tx)
+    .fetch_all(&mut *tx)
     .await?;
     let (newer, done): (Option<JobId>, bool) = sqlx::query_as(&format!(
         r#"
@@ -124,7 +127,7 @@ async fn retry_held(
             FROM contact_sync.jobs j WHERE j.id = $1 AND j.state IN ('dead', 'cancelled')
         ), done AS (
             UPDATE contact_sync.jobs j
-            SET state = 'pending', attempts = 0, run_at = greatest(j.run_at, now()), finished_at = NULL,
+            SET state = 'pending', attempts = 0, run_at = greatest(j.run_at, now()), finished_at = NULL, waits_for = NULL,
                 locked_until = NULL, locked_by = NULL
             FROM target t
             WHERE j.id = t.id AND j.state IN ('dead', 'cancelled') AND ($2 OR t.newer IS NULL)
@@ -240,23 +243,22 @@ const FILTER_SQL: &str = r#"
     AND ($15::text IS NULL OR coalesce(j.errors -> -1 ->> 'code', '') = $15)
     AND ($16::bigint IS NULL OR j.id <= $16)"#;
 
-/// Takes the queue rows of the contacts of the jobs matching the filter, in key order, as a
+/// Takes the pending jobs of the contacts of the jobs matching the filter, in key order, as a
 /// claim takes them (the first statement of a bulk action: the next one sees every claim made
 /// before).
 const HOLD_CONTACTS_SQL: &str = r#"
-    SELECT c.contact_key FROM contact_sync.contacts c
-    WHERE c.contact_key IN (SELECT j.contact_key FROM contact_sync.jobs j WHERE {FILTER})
-    ORDER BY c.contact_key
-    FOR NO KEY UPDATE"#;
+    SELECT c.id FROM contact_sync.jobs c
+    WHERE c.state = 'pending'
+      AND c.contact_key IN (SELECT j.contact_key FROM contact_sync.jobs j WHERE {FILTER})
+    ORDER BY c.contact_key, c.id
+    FOR NO KEY UPDATE OF c"#;
 
 /// The longest a bulk action goes on looking for the contacts another transaction holds, one
 /// group at a time, before it leaves the rest alone.
 const BULK_BUSY_BUDGET: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// The most contacts a bulk action takes in one transaction. PostgreSQL takes again the
-/// queue rows the action has already locked (the trigger that keeps the queue), and that costs
-/// more per row the more rows the transaction holds: 200,000 contacts in one transaction took
-/// over four minutes, and 2,000 at a time takes about a second per 100,000.
+/// The most contacts a bulk action takes in one transaction: a stop midway leaves the chunks
+/// done as done, and the locks one transaction holds stay bounded.
 const BULK_CHUNK: usize = 10_000;
 
 /// The wait for one group of contacts while looking for the held ones.
@@ -297,7 +299,7 @@ impl Bulk {
             FROM matched m LEFT JOIN newest w ON w.contact_key = m.contact_key
         ), done AS (
             UPDATE contact_sync.jobs j
-            SET state = 'pending', attempts = 0, run_at = greatest(j.run_at, now()), finished_at = NULL,
+            SET state = 'pending', attempts = 0, run_at = greatest(j.run_at, now()), finished_at = NULL, waits_for = NULL,
                 locked_until = NULL, locked_by = NULL
             FROM candidates c
             WHERE j.id = c.id AND j.state = $1 AND ($5 OR NOT c.stale) AND NOT $6
@@ -314,7 +316,7 @@ impl Bulk {
             SELECT j.id, j.contact_key FROM contact_sync.jobs j
             WHERE j.state IN ('pending', 'dead') AND {FILTER_SQL}
         ), done AS (
-            UPDATE contact_sync.jobs j SET state = 'cancelled', finished_at = now()
+            UPDATE contact_sync.jobs j SET state = 'cancelled', finished_at = now(), waits_for = NULL
             FROM targets t
             WHERE j.id = t.id AND j.state = $1 AND NOT $6
             RETURNING j.id
@@ -327,7 +329,7 @@ impl Bulk {
     }
 
     /// Runs the action once on `conn` (restricted to `keys`, when given); with `hold`, the
-    /// contacts' queue rows are taken first, in a statement of their own, so that the action
+    /// the contacts' pending jobs are taken first, in a statement of their own, so that the action
     /// sees every claim made before. Returns (done, left stale).
     async fn run(
         self,
@@ -398,7 +400,7 @@ impl Bulk {
                 Err(e) => return Err(e),
             }
         }
-        // Contacts whose queue row another transaction holds are found at once (a probe that
+        // Contacts whose pending jobs another transaction holds are found at once (a probe that
         // skips them, rolled back); the halving below is left to find only the ones held
         // otherwise (a producer's first change of an idle contact, not committed yet).
         let mut busy: Vec<String> = {
@@ -407,13 +409,13 @@ impl Bulk {
                 // language=PostgreSQL
                 r#"
                 WITH free AS (
-                    SELECT l.contact_key FROM contact_sync.contacts l
-                    WHERE l.contact_key = ANY($1)
+                    SELECT l.id FROM contact_sync.jobs l
+                    WHERE l.contact_key = ANY($1) AND l.state = 'pending'
                     FOR NO KEY UPDATE SKIP LOCKED)
                 -- an anti-join, not NOT IN: hashed or merged at any size
-                SELECT c.contact_key FROM contact_sync.contacts c
-                WHERE c.contact_key = ANY($1)
-                  AND NOT EXISTS (SELECT 1 FROM free f WHERE f.contact_key = c.contact_key)
+                SELECT DISTINCT c.contact_key FROM contact_sync.jobs c
+                WHERE c.contact_key = ANY($1) AND c.state = 'pending'
+                  AND NOT EXISTS (SELECT 1 FROM free f WHERE f.id = c.id)
                 "#,
             )
             .persistent(false)
@@ -530,7 +532,7 @@ pub struct BulkCancel {
 }
 
 /// Every `pending` or `dead` job matching `filter` to `cancelled`; returns how many (with
-/// `dry_run`, how many it would). Contacts' queue rows are taken first, in key order, as a
+/// `dry_run`, how many it would). The contacts' pending jobs are taken first, in key order, as a
 /// claim takes them; contacts other transactions hold are left alone and listed.
 pub async fn cancel_matching(
     pool: &PgPool,
@@ -556,15 +558,16 @@ pub async fn cancel(
         let done = sqlx::query(
             // language=PostgreSQL
             r#"
-            -- the contact's queue row first, then the job: the order a claim takes them in (a
-            -- claim holding the row while waiting for the job, and this the other way round,
-            -- would deadlock)
+            -- the contact's pending jobs first, in id order, as the other operator actions
+            -- take them (what waits behind the job is brought back by the requeue sweep)
             WITH held AS (
-                SELECT c.contact_key FROM contact_sync.contacts c
+                SELECT c.id FROM contact_sync.jobs c
                 WHERE c.contact_key = (SELECT j.contact_key FROM contact_sync.jobs j WHERE j.id = $1)
+                  AND c.state = 'pending'
+                ORDER BY c.id
                 FOR NO KEY UPDATE
             )
-            UPDATE contact_sync.jobs SET state = 'cancelled', finished_at = now()
+            UPDATE contact_sync.jobs SET state = 'cancelled', finished_at = now(), waits_for = NULL
             WHERE id = $1 AND state IN ('pending', 'dead') AND (SELECT count(*) FROM held) >= 0
             "#,
         )

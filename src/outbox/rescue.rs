@@ -41,6 +41,14 @@ pub async fn rescue_expired(
                                WHERE w.id = x.locked_by AND w.expires_at > now())
                    OR (x.locked_by = $3 AND NOT x.id = ANY($4)))
             FOR NO KEY UPDATE SKIP LOCKED
+        ), requeued AS (
+            -- the lower changes waiting behind these calls come first now; the higher wait on
+            -- (behind one that ends dead: brought back by `claim::requeue_stale_waits`)
+            UPDATE contact_sync.jobs p SET waits_for = NULL
+            WHERE p.id IN (SELECT w.id FROM contact_sync.jobs w
+                           WHERE w.waits_for = ANY(ARRAY(SELECT id FROM expired)) AND w.state = 'pending'
+                             AND w.id < w.waits_for
+                           FOR NO KEY UPDATE SKIP LOCKED)
         )
         UPDATE contact_sync.jobs j
         -- a held job (no owner, a lease) is over its hold: back to pending, or dead after its

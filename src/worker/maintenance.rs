@@ -3,8 +3,7 @@
 //! rescuer, due double-opt-in re-sends and retention.
 
 use super::Shared;
-use crate::metrics as m;
-use crate::outbox::{accounts, claim, doi, orphans, prune, replicas, rescue, Lease};
+use crate::outbox::{accounts, claim, doi, prune, replicas, rescue, Lease};
 use sqlx::postgres::PgListener;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -13,10 +12,6 @@ use tokio_util::sync::CancellationToken;
 
 /// The channel `contact_sync.notify_jobs()` signals on every insert.
 pub const CHANNEL: &str = "contact_sync_jobs";
-
-/// The payload on [`CHANNEL`] of a producer that noted its contacts for a re-read instead of
-/// queuing them (REPEATABLE READ and SERIALIZABLE transactions).
-pub const REREAD_PAYLOAD: &str = "reread";
 
 /// Registers this replica and its accounts' limits (a warning names each account whose limits
 /// another replica had set differently: they are the account's, the last registration wins).
@@ -109,12 +104,7 @@ pub async fn listen(shared: Arc<Shared>, stop: CancellationToken) {
                                     }
                                 }
                             }
-                            Ok(n) => {
-                                if n.payload() == REREAD_PAYLOAD {
-                                    shared.reread.notify_one();
-                                }
-                                shared.wake.notify_one();
-                            }
+                            Ok(_) => shared.wake.notify_one(),
                             Err(e) => {
                                 tracing::warn!(error = %e, "LISTEN connection lost; polling until it is back");
                                 break;
@@ -191,8 +181,6 @@ pub async fn run(shared: Arc<Shared>, stop: CancellationToken) {
     let mut next_prune = Instant::now() + Duration::from_secs(5);
     let mut next_unserved = Instant::now() + UNSERVED_FIRST_CHECK;
     let mut warned: HashMap<String, Instant> = HashMap::new();
-    let mut orphan_pass = OrphanPass::default();
-    let mut next_orphans = Instant::now() + ORPHANS_FIRST_CHECK;
     let mut pruned_in_run = 0u64;
     loop {
         let now = Instant::now();
@@ -203,10 +191,6 @@ pub async fn run(shared: Arc<Shared>, stop: CancellationToken) {
         if now >= next_unserved {
             warn_unserved(&shared, &mut warned).await;
             next_unserved = now + UNSERVED_CHECK_EVERY;
-        }
-        if now >= next_orphans {
-            orphan_pass.check(&shared).await;
-            next_orphans = now + ORPHANS_CHECK_EVERY;
         }
         if now >= next_prune {
             match retention(&shared).await {
@@ -227,43 +211,11 @@ pub async fn run(shared: Arc<Shared>, stop: CancellationToken) {
                 }
             }
         }
-        let next = next_sweep
-            .min(next_prune)
-            .min(next_unserved)
-            .min(next_orphans);
+        let next = next_sweep.min(next_prune).min(next_unserved);
         tokio::select! {
             _ = tokio::time::sleep_until(next.into()) => {}
-            _ = shared.reread.notified() => reread_noted(&shared).await,
             _ = stop.cancelled() => return,
         }
-    }
-}
-
-/// Reads again the contacts producers noted, batch after batch while batches come back full
-/// (a bulk insert under REPEATABLE READ notes every contact it touched), at most
-/// [`REREAD_ROUNDS`] batches before other housekeeping gets its turn.
-async fn reread_noted(shared: &Shared) {
-    let mut read = 0;
-    for _ in 0..REREAD_ROUNDS {
-        match claim::reread_contacts(&shared.pool, REREAD_BATCH).await {
-            Ok(n) => {
-                read += n;
-                if n > 0 {
-                    shared.wake.notify_one();
-                }
-                if n < REREAD_BATCH {
-                    break;
-                }
-            }
-            Err(e) => {
-                tracing::debug!(error = %e, "contact re-read failed");
-                break;
-            }
-        }
-    }
-    if read >= REREAD_BATCH * REREAD_ROUNDS {
-        // more are waiting: come back at once, after the timers above
-        shared.reread.notify_one();
     }
 }
 
@@ -332,13 +284,13 @@ async fn sweep(shared: &Shared) {
         }
         Err(e) => tracing::debug!(error = %e, "rescue failed"),
     }
-    match claim::reread_contacts(&shared.pool, REREAD_BATCH).await {
+    match claim::requeue_stale_waits(&shared.pool).await {
         Ok(0) => {}
         Ok(n) => {
-            tracing::debug!(contacts = n, "read again contacts a producer held");
+            tracing::debug!(jobs = n, "brought back jobs waiting behind finished ones");
             shared.wake.notify_one();
         }
-        Err(e) => tracing::debug!(error = %e, "contact re-read failed"),
+        Err(e) => tracing::debug!(error = %e, "requeue sweep failed"),
     }
     match doi::enqueue_due_resends(&shared.pool).await {
         Ok(ids) if !ids.is_empty() => {
@@ -389,50 +341,6 @@ async fn warn_unserved(shared: &Shared, warned: &mut HashMap<String, Instant>) {
         warned.insert(account, now);
     }
 }
-
-/// When a worker first looks for orphans, how often after that, and how many pending jobs one
-/// look reads.
-const ORPHANS_FIRST_CHECK: Duration = Duration::from_secs(5);
-const ORPHANS_CHECK_EVERY: Duration = Duration::from_secs(10);
-const ORPHANS_SLICE: i64 = 5000;
-
-/// The worker's pass over the pending jobs, a slice per check, looking for orphans (see
-/// `outbox::orphans`).
-#[derive(Default)]
-struct OrphanPass {
-    after: Option<String>,
-    found: i64,
-}
-
-impl OrphanPass {
-    async fn check(&mut self, shared: &Shared) {
-        match orphans::check_slice(&shared.pool, self.after.as_deref(), ORPHANS_SLICE).await {
-            Ok((found, next)) => {
-                if found.jobs > 0 {
-                    tracing::error!(
-                        jobs = found.jobs,
-                        contacts = found.contacts,
-                        "pending jobs the queue does not know (inserted with triggers off: pg_restore --disable-triggers, session_replication_role = replica); no worker will claim them until you run: {}",
-                        orphans::REPAIR
-                    );
-                }
-                self.found += found.jobs;
-                self.after = next;
-                if self.after.is_none() {
-                    m::orphaned_jobs(self.found);
-                    self.found = 0;
-                }
-            }
-            Err(e) => tracing::debug!(error = %e, "orphan check failed"),
-        }
-    }
-}
-
-/// Contacts read again per housekeeping tick (see `claim::reread_contacts`).
-const REREAD_BATCH: i64 = 500;
-
-/// Batches of [`REREAD_BATCH`] read again in a row when producers noted contacts.
-const REREAD_ROUNDS: i64 = 20;
 
 /// Finished rows deleted per housekeeping tick.
 const PRUNE_BATCH: i64 = 1000;

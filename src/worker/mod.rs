@@ -66,9 +66,6 @@ pub(crate) struct Shared {
     pub alive: Mutex<Alive>,
     /// Wakes the producer (NOTIFY, completions).
     pub wake: Notify,
-    /// Wakes housekeeping to read again the contacts a REPEATABLE READ or SERIALIZABLE
-    /// producer noted (it does not touch the contacts queue itself).
-    pub reread: Notify,
     pub stats: Stats,
     /// Set by this worker's first registration: only a start (which may bring a corrected
     /// configuration) ends a pause for refused credentials, not every `drain`.
@@ -237,7 +234,6 @@ impl Worker {
                 calls_started: Mutex::new(HashSet::new()),
                 alive: Mutex::new(Alive::default()),
                 wake: Notify::new(),
-                reread: Notify::new(),
                 stats: Stats::default(),
                 registered_once: std::sync::atomic::AtomicBool::new(false),
             }),
@@ -257,13 +253,6 @@ impl Worker {
     /// leaves none; `run --drain` fails otherwise).
     pub async fn held_claims(&self) -> Result<i64, sqlx::Error> {
         crate::outbox::claim::held_by(&self.shared.pool, &self.shared.worker_id).await
-    }
-
-    /// Pending jobs of this worker's accounts that the queue of contacts does not know
-    /// (inserted with triggers off): a drain cannot reach them (`run --drain` fails while there
-    /// are any).
-    pub async fn orphans(&self) -> Result<crate::outbox::orphans::Orphans, sqlx::Error> {
-        crate::outbox::orphans::count(&self.shared.pool, Some(&self.shared.accounts)).await
     }
 
     /// Runs until `shutdown` fires: then stops claiming, lets in-flight calls finish within

@@ -231,6 +231,10 @@ async fn drain_check(shared: &Shared, held_back: bool) -> DrainCheck {
     if let Err(e) = doi::enqueue_due_resends(&shared.pool).await {
         tracing::warn!(error = %e, "could not enqueue due confirmation re-sends");
     }
+    // jobs waiting behind a job that has since finished are runnable once back
+    if let Err(e) = claim::requeue_stale_waits(&shared.pool).await {
+        tracing::warn!(error = %e, "could not bring back waiting jobs");
+    }
     // an account an operator paused is not waited for
     let active = shared.limits.not_paused_by_operator(&shared.accounts);
     // held calls first: one rescued between the two checks is runnable by the second
@@ -241,10 +245,6 @@ async fn drain_check(shared: &Shared, held_back: bool) -> DrainCheck {
         Ok(true) => Ok(true),
         Err(e) => Err(e),
     };
-    if matches!(runnable, Ok(true)) {
-        // contacts noted for a re-read are runnable once read: have them read now
-        shared.reread.notify_one();
-    }
     match runnable {
         Ok(false) => DrainCheck::Done,
         // rate limit or pause: wake when it allows (the plan's own wake-up)

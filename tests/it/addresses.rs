@@ -290,10 +290,6 @@ async fn enqueue_refuses_what_justclick_refuses_and_smartlink_keeps_the_generic_
         .execute(&mut *tx)
         .await
         .unwrap();
-    sqlx::query("SELECT contact_sync.rebuild_contacts()")
-        .execute(&mut *tx)
-        .await
-        .unwrap();
     tx.commit().await.unwrap();
     let worker = env.worker();
     env.settle(&worker).await;

@@ -14,16 +14,9 @@ fn slow(email: &str) -> FaultRule {
         .email(email)
 }
 
-/// The README's way: the contact's row first, then the pending job.
+/// The README's way: a plain update of the pending job.
 async fn edit_pending(env: &TestEnv, id: i64, payload: serde_json::Value) {
     let mut tx = env.pool.begin().await.unwrap();
-    sqlx::query(
-        "SELECT 1 FROM contact_sync.contacts WHERE contact_key = (SELECT contact_key FROM contact_sync.jobs WHERE id = $1) FOR NO KEY UPDATE",
-    )
-    .bind(id)
-    .execute(&mut *tx)
-    .await
-    .unwrap();
     let n = sqlx::query(
         "UPDATE contact_sync.jobs SET payload = $2 WHERE id = $1 AND state = 'pending'",
     )

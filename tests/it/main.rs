@@ -20,7 +20,6 @@ mod limits;
 mod model;
 mod operator;
 mod ordering;
-mod orphans;
 mod outside_locks;
 mod plans;
 mod providers;

@@ -100,6 +100,9 @@ async fn a_running_job_locked_by_an_operator_costs_no_lease_and_stalls_nothing()
 
 /// The review's finding: with a producer's transaction open on one contact, `retry ID` of that
 /// contact took 14 s and a bulk retry that merely included it 11 s, holding its locks meanwhile.
+/// Now a producer's uncommitted change is never waited for (it is not seen: recorded later, it
+/// goes after the retried one), and a contact whose pending job another transaction holds (an
+/// operator's open `UPDATE`) is waited for at most 2 s, then left alone and said.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operator_commands_skip_contacts_a_producer_holds_and_say_so() {
     let env = TestEnv::new().await;
@@ -111,24 +114,35 @@ async fn operator_commands_skip_contacts_a_producer_holds_and_say_so() {
         .await;
     park_as_dead(&env, held_dead).await;
     park_as_dead(&env, free_dead).await;
-    // a pending job whose contact another operator's transaction holds
+    // a pending job another operator's transaction holds
     let to_cancel = env
         .enqueue(jc("c@example.com", json!({"lead_name": "2"})))
         .await;
     let mut other_operator = env.pool.begin().await.unwrap();
-    sqlx::query("SELECT 1 FROM contact_sync.contacts WHERE contact_key = 'justclick:jc:c@example.com' FOR NO KEY UPDATE")
+    sqlx::query("UPDATE contact_sync.jobs SET run_at = run_at WHERE id = $1")
+        .bind(to_cancel)
         .execute(&mut *other_operator)
         .await
         .unwrap();
+    // a pending change of `held` held the same way
+    let held_pending = env
+        .enqueue(jc("held@example.com", json!({"lead_name": "2"})))
+        .await;
+    let mut third = env.pool.begin().await.unwrap();
+    sqlx::query("UPDATE contact_sync.jobs SET run_at = run_at WHERE id = $1")
+        .bind(held_pending)
+        .execute(&mut *third)
+        .await
+        .unwrap();
 
-    // an application's transaction records the first change of the (idle) contact, and stays open
+    // an application's transaction records a change of the (idle) contact `free`, and stays open
     let mut producer = env.pool.begin().await.unwrap();
     contact_sync::outbox::enqueue(
         &mut producer,
         &NewJob::new(
             "justclick",
             "jc",
-            "held@example.com",
+            "free@example.com",
             json!({"lead_name": "3"}),
         ),
     )
@@ -139,7 +153,7 @@ async fn operator_commands_skip_contacts_a_producer_holds_and_say_so() {
     let started = Instant::now();
     let (result, _) = tokio::time::timeout(bounded, repair::retry(&env.pool, held_dead, false))
         .await
-        .expect("retry waited for the producer")
+        .expect("retry waited for the other transaction")
         .unwrap();
     assert_eq!(result, ActionResult::Busy);
     let (result, _) = tokio::time::timeout(bounded, repair::cancel(&env.pool, to_cancel))
@@ -168,10 +182,24 @@ async fn operator_commands_skip_contacts_a_producer_holds_and_say_so() {
     );
     assert_eq!(env.job(free_dead).await.state, "pending");
     assert_eq!(env.job(held_dead).await.state, "dead");
-    producer.commit().await.unwrap();
-    // once the producer is done, the same commands go through
+    third.commit().await.unwrap();
+    // once the other transaction is done, the same commands go through
     let (result, _) = repair::retry(&env.pool, held_dead, false).await.unwrap();
     assert_eq!(result, ActionResult::Done);
+    let (result, _) = repair::cancel(&env.pool, to_cancel).await.unwrap();
+    assert_eq!(result, ActionResult::Done);
+    // the producer's change, committed after the retry, goes after the retried one
+    producer.commit().await.unwrap();
+    let worker = env.worker();
+    env.settle(&worker).await;
+    let c = env
+        .sandbox
+        .contact("justclick", JC_LOGIN, "free@example.com")
+        .unwrap();
+    assert_eq!(
+        c.fields["lead_name"], "3",
+        "the later change is the provider's"
+    );
 
     // the command line says which contacts it skipped, and exits 4
     let config = env.config_file("");
@@ -183,19 +211,15 @@ async fn operator_commands_skip_contacts_a_producer_holds_and_say_so() {
         .enqueue(jc("held2@example.com", json!({"lead_name": "1"})))
         .await;
     park_as_dead(&env, e).await;
-    // (a change of the idle contact `held2` recorded after this would wait for the producer)
-    let mut producer = env.pool.begin().await.unwrap();
-    contact_sync::outbox::enqueue(
-        &mut producer,
-        &NewJob::new(
-            "justclick",
-            "jc",
-            "held2@example.com",
-            json!({"lead_name": "3"}),
-        ),
-    )
-    .await
-    .unwrap();
+    let pending = env
+        .enqueue(jc("held2@example.com", json!({"lead_name": "3"})))
+        .await;
+    let mut holder = env.pool.begin().await.unwrap();
+    sqlx::query("UPDATE contact_sync.jobs SET run_at = now() + interval '1 hour' WHERE id = $1")
+        .bind(pending)
+        .execute(&mut *holder)
+        .await
+        .unwrap();
     let (code, out, err) = env.cli(&config, &["retry", "--dead", "--yes"]).await;
     assert_eq!(code, 4, "{out}{err}");
     assert!(err.contains("justclick:jc:held2@example.com"), "{err}");
@@ -206,7 +230,7 @@ async fn operator_commands_skip_contacts_a_producer_holds_and_say_so() {
         err.contains("another transaction holds its contact"),
         "{err}"
     );
-    producer.commit().await.unwrap();
+    holder.commit().await.unwrap();
 }
 
 /// Looked into: `retry ID` checked "a newer change was delivered" and updated in two
@@ -260,7 +284,7 @@ async fn retry_and_a_claim_of_a_newer_change_never_cross() {
 
 /// The adversarial review's finding: with 50 of 2,000 contacts held by another transaction, a
 /// bulk cancel spent its 10 s narrowing down and reported 1,724 free contacts as held. Contacts
-/// whose row another transaction holds are now found at once.
+/// whose pending jobs another transaction holds are now found at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bulk_action_finds_many_held_contacts_at_once_and_does_the_rest() {
     let env = TestEnv::new().await;
@@ -270,7 +294,7 @@ async fn a_bulk_action_finds_many_held_contacts_at_once_and_does_the_rest() {
     env.enqueue_many(&jobs).await;
     let mut outside = env.pool.begin().await.unwrap();
     sqlx::query(
-        "SELECT 1 FROM contact_sync.contacts WHERE contact_key LIKE 'justclick:jc:b%0@example.com' FOR UPDATE",
+        "SELECT 1 FROM contact_sync.jobs WHERE contact_key LIKE 'justclick:jc:b%0@example.com' AND state = 'pending' FOR UPDATE",
     )
     .execute(&mut *outside)
     .await
