@@ -61,11 +61,11 @@ pub const CLAIM_SQL: &str = r#"
                         ORDER BY e.id LIMIT 1)) AS behind
             FROM candidates c
         ), set_waiting AS (
+            -- driven from the judged rows: one primary-key probe each (an `= ANY(...)` test
+            -- besides the join made it a nested loop over both sides, quadratic in the batch)
             UPDATE contact_sync.jobs j SET waits_for = g.behind
             FROM judged g
-            -- = ANY(ARRAY(...)): primary-key probes, never a join the planner could hash
-            WHERE j.id = ANY(ARRAY(SELECT id FROM judged WHERE behind IS NOT NULL))
-              AND j.id = g.id AND j.state = 'pending'
+            WHERE j.id = g.id AND g.behind IS NOT NULL AND j.state = 'pending'
             RETURNING j.id
         ), claimed AS (
             UPDATE contact_sync.jobs j
@@ -123,12 +123,20 @@ pub async fn claim(
     pool: &PgPool,
     quotas: &[AccountQuota],
     options: &ClaimOptions<'_>,
-) -> Result<Vec<ClaimedJob>, sqlx::Error> {
+) -> Result<Claimed, sqlx::Error> {
     if quotas.is_empty() {
-        return Ok(Vec::new());
+        return Ok(Claimed::default());
     }
     let mut conn = pool.acquire().await?;
     run_claim(&mut conn, quotas, options, false).await
+}
+
+/// What a claim took, and how many blocked jobs it set waiting on the way (when any, the
+/// caller claims again at once: what it looked at was not the whole of what is due).
+#[derive(Debug, Default)]
+pub struct Claimed {
+    pub jobs: Vec<ClaimedJob>,
+    pub set_waiting: u64,
 }
 
 /// What every claim takes besides the quotas.
@@ -196,10 +204,11 @@ async fn run_claim(
     quotas: &[AccountQuota],
     claim: &ClaimOptions<'_>,
     within_limits: bool,
-) -> Result<Vec<ClaimedJob>, sqlx::Error> {
+) -> Result<Claimed, sqlx::Error> {
     let max_followers = i64::try_from(claim.max_followers.saturating_sub(1)).unwrap_or(0);
     let mut wanted: Vec<AccountQuota> = quotas.to_vec();
     let mut jobs: Vec<ClaimedJob> = Vec::new();
+    let mut waiting = 0u64;
     for _ in 0..CLAIM_PASSES {
         let accounts: Vec<&str> = wanted.iter().map(|q| q.account.as_str()).collect();
         let limits: Vec<i32> = wanted.iter().map(|q| q.limit).collect();
@@ -226,6 +235,7 @@ async fn run_claim(
             Err(e) => return Err(e),
         };
         let set_waiting = rows.first().map_or(0, |r| r.set_waiting);
+        waiting += u64::try_from(set_waiting).unwrap_or(0);
         let got: Vec<ClaimedJob> = rows.into_iter().filter_map(ClaimRow::into_job).collect();
         for q in &mut wanted {
             let n = got.iter().filter(|j| j.account == q.account).count();
@@ -237,7 +247,10 @@ async fn run_claim(
             break;
         }
     }
-    Ok(jobs)
+    Ok(Claimed {
+        jobs,
+        set_waiting: waiting,
+    })
 }
 
 /// What held an account back in [`claim_within_limits`].
@@ -257,6 +270,8 @@ pub enum Held {
 #[derive(Debug, Default)]
 pub struct LimitedClaim {
     pub jobs: Vec<ClaimedJob>,
+    /// Blocked jobs set waiting on the way (see [`Claimed`]).
+    pub set_waiting: u64,
     pub held: Vec<(String, Held)>,
 }
 
@@ -404,7 +419,9 @@ pub async fn claim_within_limits(
         }
     }
     if !granted.is_empty() {
-        out.jobs = run_claim(&mut tx, &granted, options, true).await?;
+        let claimed = run_claim(&mut tx, &granted, options, true).await?;
+        out.jobs = claimed.jobs;
+        out.set_waiting = claimed.set_waiting;
     }
     // spend the tokens of what was claimed (one per call: followers ride along)
     let mut spent: (Vec<String>, Vec<f64>, Vec<DateTime<Utc>>) = Default::default();
@@ -453,7 +470,7 @@ pub async fn claim_rolled_back(
     let mut tx = pool.begin().await?;
     let rows = run_claim(&mut tx, quotas, &options, false).await?;
     tx.rollback().await?;
-    Ok(rows.len())
+    Ok(rows.jobs.len())
 }
 
 /// Extends the leases this worker still holds; returns the ids whose lease is still ours.

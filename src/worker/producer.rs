@@ -22,11 +22,11 @@ fn jittered(d: Duration) -> Duration {
 
 /// Claims what the plan allows: accounts without fleet-wide limits in one statement, limited
 /// ones within their shared budget (whose holds this worker then remembers). The jobs claimed
-/// are returned even when the other half failed.
+/// are returned even when the other half failed, with whether blocked jobs were set waiting.
 async fn claim_planned(
     shared: &Shared,
     plan: &Plan,
-) -> (Vec<crate::outbox::ClaimedJob>, Option<sqlx::Error>) {
+) -> (Vec<crate::outbox::ClaimedJob>, bool, Option<sqlx::Error>) {
     let w = &shared.settings.worker;
     let options = claim::ClaimOptions {
         lease: w.lease,
@@ -36,10 +36,14 @@ async fn claim_planned(
         captured: &shared.captured,
     };
     let mut jobs = Vec::new();
+    let mut set_waiting = false;
     let mut failed = None;
     if !plan.open.is_empty() {
         match claim::claim(&shared.pool, &plan.open, &options).await {
-            Ok(got) => jobs = got,
+            Ok(got) => {
+                jobs = got.jobs;
+                set_waiting = got.set_waiting > 0;
+            }
             Err(e) => failed = Some(e),
         }
     }
@@ -50,11 +54,12 @@ async fn claim_planned(
                     shared.limits.held(&account, held);
                 }
                 jobs.extend(limited.jobs);
+                set_waiting |= limited.set_waiting > 0;
             }
             Err(e) => failed = failed.or(Some(e)),
         }
     }
-    (jobs, failed)
+    (jobs, set_waiting, failed)
 }
 
 /// Runs `work` to the end, or, once the shutdown is forced, for at most [`FORCED_WAIT`] more.
@@ -128,7 +133,9 @@ pub async fn run(shared: Arc<Shared>, stop: Shutdown, drain: bool) {
             }
             if !plan.is_empty() {
                 let claimed_at = std::time::Instant::now();
-                let (jobs, failed) = claim_planned(&shared, &plan).await;
+                let (jobs, set_waiting, failed) = claim_planned(&shared, &plan).await;
+                // blocked jobs set waiting took the place of due ones: look again at once
+                more_waiting |= set_waiting;
                 for q in plan.open.iter().chain(&plan.limited) {
                     let got = jobs.iter().filter(|j| j.account == q.account).count();
                     more_waiting |= got == usize::try_from(q.limit).unwrap_or(0);

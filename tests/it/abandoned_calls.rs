@@ -287,7 +287,7 @@ async fn a_gone_workers_job_is_held_before_it_returns_or_goes_dead() {
     let claimed = contact_sync::outbox::claim::claim(&env.pool, &quota, &options)
         .await
         .unwrap();
-    assert!(claimed.is_empty(), "{claimed:?}");
+    assert!(claimed.jobs.is_empty(), "{claimed:?}");
     tokio::time::sleep(hold + Duration::from_millis(200)).await;
     assert_eq!(
         rescue_expired(&env.pool, 20, hold, ("", &[]))

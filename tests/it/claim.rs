@@ -1,7 +1,7 @@
 //! Claiming, leases, the rescuer, fencing, unknown accounts.
 
 use crate::helpers::*;
-use contact_sync::outbox::claim::{claim, AccountQuota};
+use contact_sync::outbox::claim::{AccountQuota, ClaimOptions};
 use contact_sync::outbox::complete::{self, Success};
 use contact_sync::outbox::job::AttemptError;
 use contact_sync::outbox::rescue::rescue_expired;
@@ -9,6 +9,17 @@ use contact_sync::outbox::Lease;
 use serde_json::json;
 use std::collections::HashSet;
 use std::time::Duration;
+
+/// The jobs one claim took.
+async fn claim(
+    pool: &sqlx::PgPool,
+    quotas: &[AccountQuota],
+    options: &ClaimOptions<'_>,
+) -> Result<Vec<contact_sync::outbox::ClaimedJob>, sqlx::Error> {
+    contact_sync::outbox::claim::claim(pool, quotas, options)
+        .await
+        .map(|c| c.jobs)
+}
 
 fn quota(account: &str, limit: i32) -> Vec<AccountQuota> {
     vec![AccountQuota {

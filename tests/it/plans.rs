@@ -231,7 +231,7 @@ async fn claim_committed(pool: &PgPool) -> usize {
         max_followers: 1,
         captured: &[],
     };
-    claim(pool, &quotas, &options).await.unwrap().len()
+    claim(pool, &quotas, &options).await.unwrap().jobs.len()
 }
 
 /// Parked changes come back after every way the job they wait for changes, hand-written SQL
@@ -607,7 +607,7 @@ async fn deliver(pool: &PgPool) -> usize {
         max_followers: 16,
         captured: &[],
     };
-    let jobs = claim(pool, &quotas, &options).await.unwrap();
+    let jobs = claim(pool, &quotas, &options).await.unwrap().jobs;
     let done: Vec<Success> = jobs
         .iter()
         .map(|j| Success {
