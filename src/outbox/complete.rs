@@ -329,6 +329,12 @@ pub async fn hold(
     let result = sqlx::query(
         // language=PostgreSQL
         r#"
+        WITH forgotten AS (
+            -- the provider may hold this call or not: what it was last sent is no longer known,
+            -- so the contact's next change is sent whole, never skipped as already held
+            DELETE FROM contact_sync.synced s
+            WHERE s.contact_key = (SELECT j.contact_key FROM contact_sync.jobs j WHERE j.id = $1)
+        )
         UPDATE contact_sync.jobs
         SET locked_until = now() + make_interval(secs => $3::bigint / 1000.0), locked_by = NULL,
             last_error = $5 || ' (the provider may still be acting on this request: nothing more is sent for the contact before '
@@ -487,6 +493,11 @@ pub async fn abandon(pool: &PgPool, leases: &[Lease], hold: Duration) -> Result<
     let result = sqlx::query(
         // language=PostgreSQL
         r#"
+        WITH forgotten AS (
+            -- the provider may hold these calls or not (see `hold`)
+            DELETE FROM contact_sync.synced s
+            WHERE s.contact_key = ANY(ARRAY(SELECT j.contact_key FROM contact_sync.jobs j WHERE j.id = ANY($1)))
+        )
         UPDATE contact_sync.jobs j
         SET locked_until = now() + make_interval(secs => $3::bigint / 1000.0), locked_by = NULL,
             last_error = 'the worker stopped waiting for this call (shutdown); the provider may still act on it until ' || (now() + make_interval(secs => $3::bigint / 1000.0))::text,

@@ -41,6 +41,13 @@ pub async fn rescue_expired(
                                WHERE w.id = x.locked_by AND w.expires_at > now())
                    OR (x.locked_by = $3 AND NOT x.id = ANY($4)))
             FOR NO KEY UPDATE SKIP LOCKED
+        ), forgotten AS (
+            -- a gone worker's call may have reached the provider, or not: what the provider was
+            -- last sent for these contacts is no longer known (their next change is sent whole)
+            DELETE FROM contact_sync.synced s
+            WHERE s.contact_key = ANY(ARRAY(SELECT x.contact_key FROM contact_sync.jobs x
+                                            WHERE x.id = ANY(ARRAY(SELECT id FROM expired))
+                                              AND x.locked_by IS NOT NULL))
         ), requeued AS (
             -- the lower changes waiting behind these calls come first now; the higher wait on
             -- (behind one that ends dead: brought back by `claim::requeue_stale_waits`)

@@ -174,6 +174,25 @@ pub async fn forget(
     Ok(())
 }
 
+/// Forgets what the provider was last sent for the contacts of these jobs: a call of theirs
+/// may have reached the provider without an answer, so the provider may hold it or not, and
+/// the contact's next change is sent whole. (`complete::hold`, `complete::abandon` and the
+/// rescuer do the same in their own statements.)
+pub async fn forget_contacts_of(pool: &sqlx::PgPool, ids: &[i64]) -> Result<u64, sqlx::Error> {
+    Ok(sqlx::query(
+        // language=PostgreSQL
+        r#"
+        DELETE FROM contact_sync.synced s
+        WHERE s.contact_key = ANY(ARRAY(SELECT j.contact_key FROM contact_sync.jobs j WHERE j.id = ANY($1)))
+        "#,
+    )
+    .persistent(false)
+    .bind(ids)
+    .execute(pool)
+    .await?
+    .rows_affected())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -11,6 +11,7 @@ use super::executor::{self, Completion, Outcome};
 use super::Shared;
 use crate::metrics::{self as m, JobEvent};
 use crate::outbox::complete::{self, Success, Write};
+use crate::outbox::synced;
 use crate::outbox::JobState;
 use std::collections::HashSet;
 use std::time::Duration;
@@ -228,6 +229,19 @@ async fn write(
 
     let hold_for = shared.settings.http.abandoned_call_bound;
     for c in others {
+        if matches!(
+            c.outcome,
+            Outcome::Retry {
+                abandoned: true,
+                ..
+            }
+        ) && hold_for.is_zero()
+        {
+            // (held calls forget it in the hold's own statement)
+            if let Err(e) = synced::forget_contacts_of(pool, &[c.lease.id]).await {
+                tracing::warn!(job_id = c.lease.id, error = %e, "could not forget what the provider was last sent for a contact whose call got no answer; its next change may be skipped as held");
+            }
+        }
         let result = match &c.outcome {
             Outcome::Success { .. } => continue,
             Outcome::Retry {

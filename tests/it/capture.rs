@@ -5,6 +5,7 @@
 //! providers' reference model.
 
 use crate::helpers::*;
+use contact_sync::sandbox::{Fault, FaultRule};
 use serde_json::{json, Value};
 use sqlx::Row;
 use std::time::Duration;
@@ -972,4 +973,65 @@ async fn hostile_writes_and_schemas_keep_the_providers_right() {
     let (code, out, _) = env.cli(&config, &["capture", "verify"]).await;
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("changed by hand"), "{out}");
+}
+
+/// Found by the model test: a call that got no answer (a timeout; the provider applied it all
+/// the same) was retried with the contact's next change coalesced, which set the field back to
+/// what the synced state said the provider held; the retry was skipped as already held, and the
+/// provider kept the timed-out value. Such a call now forgets the contact's synced state, so the
+/// retry is sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_without_an_answer_makes_the_next_change_go_out_whole() {
+    let env = TestEnv::new().await;
+    exec(&env, USERS).await;
+    existing_users(&env, 3).await;
+    let config = env.config_file(SOURCES);
+    let (code, out, err) = env.cli(&config, &["capture", "install"]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    let mut env = env;
+    env.settings.sources = sources_of(&config);
+    env.settings.http.request_timeout = Duration::from_secs(1);
+    env.settings.http.abandoned_call_bound = Duration::from_secs(3);
+    let (code, out, err) = env.cli(&config, &["backfill", "users", "--json"]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    let worker = env.worker();
+    env.settle(&worker).await;
+    assert_providers_match_the_table(&env, &[]).await;
+
+    // the provider takes 2.5 s to apply this one; the worker stops waiting after 1 s
+    env.sandbox.faults().push(
+        FaultRule::new(Fault::Slow { ms: 2500 }, 1)
+            .provider("justclick")
+            .email("old1@example.com"),
+    );
+    exec(
+        &env,
+        "UPDATE users SET city = 'Nowhere' WHERE email = 'old1@example.com'",
+    )
+    .await;
+    let run = tokio::spawn({
+        let worker = worker.clone();
+        async move { worker.drain().await }
+    });
+    let first: i64 = sqlx::query_scalar(
+        "SELECT max(id) FROM contact_sync.jobs WHERE email = 'old1@example.com' AND provider = 'justclick'",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    env.wait_for_state(first, "running", Duration::from_secs(10))
+        .await;
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    // back to what the provider held before: coalesced into the retry of the first change
+    exec(
+        &env,
+        "UPDATE users SET city = 'C1' WHERE email = 'old1@example.com'",
+    )
+    .await;
+    tokio::time::timeout(Duration::from_secs(30), run)
+        .await
+        .expect("the drain ends")
+        .unwrap();
+    env.settle(&worker).await;
+    assert_providers_match_the_table(&env, &[]).await;
 }
