@@ -95,6 +95,10 @@ BEGIN
         PERFORM contact_sync.reject('contact_sync: run_at must be a finite time, got ' || NEW.run_at::text,
                                     NULL, to_jsonb(NEW.id));
     END IF;
+    IF NEW.provider IS DISTINCT FROM OLD.provider OR NEW.account IS DISTINCT FROM OLD.account
+       OR lower(NEW.email) IS DISTINCT FROM lower(OLD.email) THEN
+        NEW.waits_for := NULL;
+    END IF;
     RETURN NEW;
 END
 $$;
@@ -627,7 +631,7 @@ CREATE INDEX jobs_running_account_idx ON contact_sync.jobs USING btree (account)
 
 CREATE UNIQUE INDEX jobs_running_contact_idx ON contact_sync.jobs USING btree (contact_key) WHERE (state = 'running'::text);
 
-CREATE INDEX jobs_waiting_idx ON contact_sync.jobs USING btree (waits_for, id) WHERE ((state = 'pending'::text) AND (waits_for IS NOT NULL));
+CREATE INDEX jobs_waiting_idx ON contact_sync.jobs USING btree (contact_key, id) WHERE ((state = 'pending'::text) AND (waits_for IS NOT NULL));
 
 CREATE INDEX smartlink_watermarks_updated_idx ON contact_sync.smartlink_watermarks USING btree (updated_at);
 
@@ -635,4 +639,4 @@ CREATE TRIGGER jobs_account_check AFTER INSERT ON contact_sync.jobs REFERENCING 
 
 CREATE TRIGGER jobs_after_insert AFTER INSERT ON contact_sync.jobs REFERENCING NEW TABLE AS new_jobs FOR EACH STATEMENT EXECUTE FUNCTION contact_sync.jobs_after_insert();
 
-CREATE TRIGGER jobs_validate_update BEFORE UPDATE OF provider, email, payload, run_at ON contact_sync.jobs FOR EACH ROW EXECUTE FUNCTION contact_sync.jobs_before_update();
+CREATE TRIGGER jobs_validate_update BEFORE UPDATE OF provider, account, email, payload, run_at ON contact_sync.jobs FOR EACH ROW EXECUTE FUNCTION contact_sync.jobs_before_update();

@@ -521,8 +521,8 @@ pub async fn extend_leases(
     .await
 }
 
-/// Is any job of these accounts runnable now (due, not waiting)? Jobs waiting behind a job that
-/// has since finished count once [`requeue_stale_waits`] has brought them back.
+/// Is any job of these accounts runnable now (due, not waiting)? Waiting jobs a completion
+/// missed count once [`requeue_stale_waits`] has brought them back.
 pub async fn runnable_exists(pool: &PgPool, accounts: &[String]) -> Result<bool, sqlx::Error> {
     sqlx::query_scalar(
         // language=PostgreSQL
@@ -586,62 +586,86 @@ pub async fn next_due_in(
     Ok(ms.map(|ms| Duration::from_millis(ms.max(0.0) as u64)))
 }
 
-/// Brings back jobs waiting behind jobs of every account that no longer hold them: the job they
-/// wait for has left running and pending (a change set waiting by a claim that committed after that
-/// job's completion had looked, a hand-written update, a job deleted), has moved to another
-/// contact (an address edited by hand), or is now pending and higher (they were set waiting while
-/// it was running; left as is, two jobs could wait for each other). Reads each distinct job waited for once (a loose scan of `jobs_waiting_idx`): its
-/// cost follows the contacts with waiting work, not the waiting jobs. Returns how many came back.
-pub async fn requeue_stale_waits(pool: &PgPool) -> Result<u64, sqlx::Error> {
-    Ok(sqlx::query(REQUEUE_STALE_WAITS_SQL)
-        .persistent(false)
-        .execute(pool)
-        .await?
-        .rows_affected())
+/// One step of the sweep that brings back the contacts' waiting jobs a completion missed (a
+/// claim that set a job waiting behind a call whose completion was committing, a hand-written
+/// `UPDATE` or `DELETE`, a completion that could not take a row): looks at up to `budget`
+/// contacts with waiting jobs, in key order after `after`, and brings back each one's first
+/// pending job when it is waiting and no call of the contact is in flight. Returns how many
+/// it brought back and the last contact looked at (None: it reached the end).
+///
+/// Three index probes per contact looked at, whatever the planner's statistics say (index
+/// scans only, in a transaction of its own): its cost is the budget, never the waiting jobs.
+pub async fn requeue_stale_waits(
+    pool: &PgPool,
+    after: &str,
+    budget: i64,
+) -> Result<(u64, Option<String>), sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    sqlx::query(
+        "SELECT set_config('enable_seqscan', 'off', true), set_config('enable_bitmapscan', 'off', true), \
+                set_config('statement_timeout', '10s', true)",
+    )
+    .persistent(false)
+    .execute(&mut *tx)
+    .await?;
+    let (requeued, last, looked): (i64, Option<String>, i64) =
+        sqlx::query_as(REQUEUE_STALE_WAITS_SQL)
+            .persistent(false)
+            .bind(after)
+            .bind(budget)
+            .fetch_one(&mut *tx)
+            .await?;
+    tx.commit().await?;
+    let next = if looked < budget { None } else { last };
+    Ok((u64::try_from(requeued).unwrap_or(0), next))
 }
 
-/// The statement of [`requeue_stale_waits`] (public for the plan tests).
+/// The statement of [`requeue_stale_waits`] (public for the plan tests): `$1` the contact key
+/// to start after, `$2` the most contacts to look at.
 #[doc(hidden)]
 pub const REQUEUE_STALE_WAITS_SQL: &str = r#"
-        WITH RECURSIVE waited(id) AS (
-            (SELECT j.waits_for FROM contact_sync.jobs j
-             WHERE j.state = 'pending' AND j.waits_for IS NOT NULL
-             ORDER BY j.waits_for LIMIT 1)
+        WITH RECURSIVE waiting(key, n) AS (
+            (SELECT j.contact_key, 1 FROM contact_sync.jobs j
+             WHERE j.state = 'pending' AND j.waits_for IS NOT NULL AND j.contact_key > $1
+             ORDER BY j.contact_key LIMIT 1)
             UNION ALL
-            SELECT (SELECT j.waits_for FROM contact_sync.jobs j
-                    WHERE j.state = 'pending' AND j.waits_for IS NOT NULL AND j.waits_for > w.id
-                    ORDER BY j.waits_for LIMIT 1)
-            FROM waited w WHERE w.id IS NOT NULL
-        ), judged AS (
-            -- each job waited for: gone or finished, moved to another contact than the jobs
-            -- behind it (the first of them says which), or pending (then only the lower jobs
-            -- behind it are stale); one waited for while running reads nothing more
-            SELECT w.id,
-                   coalesce(b.state NOT IN ('pending', 'running'), true)
-                       OR b.contact_key IS DISTINCT FROM (SELECT f.contact_key FROM contact_sync.jobs f
-                                                          WHERE f.waits_for = w.id AND f.state = 'pending'
-                                                          ORDER BY f.id LIMIT 1) AS all_stale,
-                   b.state = 'pending' AS pending
-            FROM waited w LEFT JOIN contact_sync.jobs b ON b.id = w.id
-            WHERE w.id IS NOT NULL
+            SELECT (SELECT j.contact_key FROM contact_sync.jobs j
+                    WHERE j.state = 'pending' AND j.waits_for IS NOT NULL AND j.contact_key > w.key
+                    ORDER BY j.contact_key LIMIT 1), w.n + 1
+            FROM waiting w WHERE w.key IS NOT NULL AND w.n < $2
+        ), looked AS (
+            SELECT w.key FROM waiting w WHERE w.key IS NOT NULL
         ), stale AS (
-            SELECT p.id FROM judged g
-            CROSS JOIN LATERAL (
-                SELECT p.id FROM contact_sync.jobs p
-                WHERE p.waits_for = g.id AND p.state = 'pending' AND (g.all_stale OR p.id < g.id)
-                ORDER BY p.id
-                -- a row another transaction holds is left for the next sweep
-                FOR NO KEY UPDATE SKIP LOCKED
-            ) p
-            WHERE g.all_stale OR g.pending
+            SELECT f.id FROM looked k
+            CROSS JOIN LATERAL (SELECT j.id, j.waits_for FROM contact_sync.jobs j
+                                WHERE j.contact_key = k.key AND j.state = 'pending'
+                                ORDER BY j.id LIMIT 1) f
+            WHERE f.waits_for IS NOT NULL
+              AND NOT EXISTS (SELECT 1 FROM contact_sync.jobs r
+                              WHERE r.contact_key = k.key AND r.state = 'running')
+        ), taken AS (
+            -- a row another transaction holds is left for the next sweep
+            SELECT j.id FROM contact_sync.jobs j
+            WHERE j.id = ANY(ARRAY(SELECT id FROM stale))
+            ORDER BY j.id
+            FOR NO KEY UPDATE SKIP LOCKED
+        ), requeued AS (
+            -- (tests written so that no partial index can serve them: the waiting index was
+            -- read whole for them with stale statistics; the ids are primary-key probes)
+            UPDATE contact_sync.jobs p SET waits_for = NULL
+            WHERE p.id = ANY(ARRAY(SELECT id FROM taken)) AND coalesce(p.state, '') = 'pending'
+            RETURNING p.id
         )
-        UPDATE contact_sync.jobs p SET waits_for = NULL
-        WHERE p.id = ANY(ARRAY(SELECT id FROM stale)) AND p.state = 'pending' AND p.waits_for IS NOT NULL
+        SELECT (SELECT count(*) FROM requeued), (SELECT max(key) FROM looked), (SELECT count(*) FROM looked)
         "#;
 
-/// Brings back the jobs waiting behind these (the completion's own requeueing, after it has
-/// written them: a job that left running goes back to its contact's order).
-pub async fn requeue_waiting_behind(
+/// Brings back, for each contact of these jobs, its first pending job if it is waiting and no
+/// call of the contact is in flight (what a completion, a retry, a release and the rescuer run
+/// once the jobs are written): a contact's waiting jobs come back one at a time, in order, and
+/// the rest ride along with it (coalesced) or wait again behind it. Rows another transaction
+/// holds are skipped (an operator's action on the contact, which may wait for a row this
+/// transaction holds): the sweep brings them back.
+pub async fn requeue_next(
     conn: &mut sqlx::PgConnection,
     ids: &[JobId],
 ) -> Result<u64, sqlx::Error> {
@@ -651,13 +675,28 @@ pub async fn requeue_waiting_behind(
     Ok(sqlx::query(
         // language=PostgreSQL
         r#"
+        WITH keys AS (
+            -- = ANY(ARRAY(SELECT unnest(...))): primary-key probes whatever the planner
+            -- believes of the table's size
+            SELECT DISTINCT j.contact_key FROM contact_sync.jobs j
+            WHERE j.id = ANY(ARRAY(SELECT unnest($1::bigint[])))
+        ), next AS (
+            SELECT f.id FROM keys k
+            CROSS JOIN LATERAL (SELECT j.id, j.waits_for FROM contact_sync.jobs j
+                                WHERE j.contact_key = k.contact_key AND j.state = 'pending'
+                                ORDER BY j.id LIMIT 1) f
+            WHERE f.waits_for IS NOT NULL
+              AND NOT EXISTS (SELECT 1 FROM contact_sync.jobs r
+                              WHERE r.contact_key = k.contact_key AND r.state = 'running')
+        ), taken AS (
+            SELECT j.id FROM contact_sync.jobs j
+            WHERE j.id = ANY(ARRAY(SELECT id FROM next))
+            ORDER BY j.id
+            FOR NO KEY UPDATE SKIP LOCKED
+        )
+        -- (no partial index can serve this test: primary-key probes)
         UPDATE contact_sync.jobs p SET waits_for = NULL
-        -- rows another transaction holds are skipped (an operator's action on the contact,
-        -- which may wait for a row this transaction holds): the sweep brings them back
-        WHERE p.id = ANY(ARRAY(SELECT w.id FROM contact_sync.jobs w
-                               WHERE w.waits_for = ANY($1) AND w.state = 'pending'
-                               ORDER BY w.id FOR NO KEY UPDATE SKIP LOCKED))
-          AND p.waits_for = ANY($1) AND p.state = 'pending'
+        WHERE p.id = ANY(ARRAY(SELECT id FROM taken)) AND coalesce(p.state, '') = 'pending'
         "#,
     )
     .persistent(false)

@@ -79,12 +79,11 @@ pub async fn succeed_many(pool: &PgPool, items: &[Success]) -> Result<Written, s
     if items.iter().all(|i| i.synced.is_none()) {
         let mut conn = pool.acquire().await?;
         let (written, _) = write_successes(&mut conn, items).await?;
-        super::claim::requeue_waiting_behind(&mut conn, &written_ids(items)).await?;
+        requeue_after(&mut conn, &written_ids(items)).await;
         return Ok(written);
     }
     let mut tx = pool.begin().await?;
     let (written, done) = write_successes(&mut tx, items).await?;
-    super::claim::requeue_waiting_behind(&mut tx, &written_ids(items)).await?;
     let calls: Vec<Delivered> = items
         .iter()
         .filter(|i| done.contains(&i.lease.id))
@@ -92,7 +91,17 @@ pub async fn succeed_many(pool: &PgPool, items: &[Success]) -> Result<Written, s
         .collect();
     super::synced::record(&mut tx, &calls).await?;
     tx.commit().await?;
+    let mut conn = pool.acquire().await?;
+    requeue_after(&mut conn, &written_ids(items)).await;
     Ok(written)
+}
+
+/// Brings back the next waiting job of the contacts of these jobs, once they are written (see
+/// `claim::requeue_next`). A failure is left to the workers' sweep: the jobs are written.
+async fn requeue_after(conn: &mut sqlx::PgConnection, ids: &[JobId]) {
+    if let Err(e) = super::claim::requeue_next(conn, ids).await {
+        tracing::debug!(error = %e, "could not bring back the next waiting jobs; the sweep will");
+    }
 }
 
 /// Every job a batch of successes may have written: the heads and their followers (what waits
@@ -279,17 +288,10 @@ pub async fn retry(
     error: &AttemptError,
     attempt: Attempt,
 ) -> Result<Write, sqlx::Error> {
+    let mut conn = pool.acquire().await?;
     let result = sqlx::query(
         // language=PostgreSQL
         r#"
-        WITH requeued AS (
-            -- the lower changes waiting behind its call go back to their contact's order
-            -- (they now come first); the higher ones wait on, behind it
-            UPDATE contact_sync.jobs p SET waits_for = NULL
-            WHERE p.id IN (SELECT w.id FROM contact_sync.jobs w
-                           WHERE w.waits_for = $1 AND w.state = 'pending' AND w.id < $1
-                           FOR NO KEY UPDATE SKIP LOCKED)
-        )
         UPDATE contact_sync.jobs
         SET state = 'pending', run_at = now() + make_interval(secs => $3::bigint / 1000.0),
             locked_until = NULL, locked_by = NULL,
@@ -310,8 +312,12 @@ pub async fn retry(
     .bind(error.code.as_deref().map(storable))
     .bind(attempt == Attempt::Throttled)
     .bind(MAX_ERRORS_KEPT)
-    .execute(pool)
+    .execute(&mut *conn)
     .await?;
+    if result.rows_affected() == 1 {
+        // a lower change found behind this call now comes first
+        requeue_after(&mut conn, &[lease.id]).await;
+    }
     written_or_why(pool, lease, result.rows_affected()).await
 }
 
@@ -401,15 +407,10 @@ pub async fn retry_or_kill(
 
 /// Parks a job as `dead` (permanent failure or attempts exhausted).
 pub async fn kill(pool: &PgPool, lease: Lease, error: &AttemptError) -> Result<Write, sqlx::Error> {
+    let mut conn = pool.acquire().await?;
     let result = sqlx::query(
         // language=PostgreSQL
         r#"
-        WITH requeued AS (
-            UPDATE contact_sync.jobs p SET waits_for = NULL
-            WHERE p.id IN (SELECT w.id FROM contact_sync.jobs w
-                           WHERE w.waits_for = $1 AND w.state = 'pending'
-                           FOR NO KEY UPDATE SKIP LOCKED)
-        )
         UPDATE contact_sync.jobs
         SET state = 'dead', finished_at = now(), locked_until = NULL, locked_by = NULL,
             last_error = $4,
@@ -424,8 +425,11 @@ pub async fn kill(pool: &PgPool, lease: Lease, error: &AttemptError) -> Result<W
     .bind(&error.kind)
     .bind(storable(&error.message))
     .bind(error.code.as_deref().map(storable))
-    .execute(pool)
+    .execute(&mut *conn)
     .await?;
+    if result.rows_affected() == 1 {
+        requeue_after(&mut conn, &[lease.id]).await;
+    }
     written_or_why(pool, lease, result.rows_affected()).await
 }
 
@@ -441,16 +445,10 @@ pub async fn release(
         return Ok(0);
     }
     let (ids, attempts): (Vec<JobId>, Vec<i32>) = leases.iter().map(|l| (l.id, l.attempt)).unzip();
+    let mut conn = pool.acquire().await?;
     let result = sqlx::query(
         // language=PostgreSQL
         r#"
-        WITH requeued AS (
-            -- the lower changes waiting behind these calls come first now; the higher wait on
-            UPDATE contact_sync.jobs p SET waits_for = NULL
-            WHERE p.id IN (SELECT w.id FROM contact_sync.jobs w
-                           WHERE w.waits_for = ANY($1) AND w.state = 'pending' AND w.id < w.waits_for
-                           FOR NO KEY UPDATE SKIP LOCKED)
-        )
         UPDATE contact_sync.jobs j
         SET state = 'pending', locked_until = NULL, locked_by = NULL, run_at = now(),
             attempts = CASE WHEN $3 THEN j.attempts - 1 ELSE j.attempts END
@@ -463,8 +461,11 @@ pub async fn release(
     .bind(&ids)
     .bind(&attempts)
     .bind(undo_attempt)
-    .execute(pool)
+    .execute(&mut *conn)
     .await?;
+    if result.rows_affected() > 0 {
+        requeue_after(&mut conn, &ids).await;
+    }
     Ok(result.rows_affected())
 }
 

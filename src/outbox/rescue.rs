@@ -29,7 +29,8 @@ pub async fn rescue_expired(
     after_lease: Duration,
     own: (&str, &[i64]),
 ) -> Result<(u64, u64), sqlx::Error> {
-    let states: Vec<String> = sqlx::query_scalar(
+    let mut conn = pool.acquire().await?;
+    let rows: Vec<(i64, String)> = sqlx::query_as(
         // language=PostgreSQL
         r#"
         WITH expired AS (
@@ -48,14 +49,6 @@ pub async fn rescue_expired(
             WHERE s.contact_key = ANY(ARRAY(SELECT x.contact_key FROM contact_sync.jobs x
                                             WHERE x.id = ANY(ARRAY(SELECT id FROM expired))
                                               AND x.locked_by IS NOT NULL))
-        ), requeued AS (
-            -- the lower changes waiting behind these calls come first now; the higher wait on
-            -- (behind one that ends dead: brought back by `claim::requeue_stale_waits`)
-            UPDATE contact_sync.jobs p SET waits_for = NULL
-            WHERE p.id IN (SELECT w.id FROM contact_sync.jobs w
-                           WHERE w.waits_for = ANY(ARRAY(SELECT id FROM expired)) AND w.state = 'pending'
-                             AND w.id < w.waits_for
-                           FOR NO KEY UPDATE SKIP LOCKED)
         )
         UPDATE contact_sync.jobs j
         -- a held job (no owner, a lease) is over its hold: back to pending, or dead after its
@@ -76,7 +69,7 @@ pub async fn rescue_expired(
                 'error', 'lease expired: the worker ' || coalesce(j.locked_by, '?') || ' stopped renewing it')) END,
             locked_by = NULL
         WHERE j.id = ANY(ARRAY(SELECT id FROM expired)) AND j.state = 'running'
-        RETURNING j.state
+        RETURNING j.id, j.state
         "#,
     )
     .persistent(false)
@@ -84,8 +77,20 @@ pub async fn rescue_expired(
     .bind(i64::try_from(after_lease.as_millis()).unwrap_or(i64::MAX))
     .bind(own.0)
     .bind(own.1)
-    .fetch_all(pool)
+    .fetch_all(&mut *conn)
     .await?;
-    let dead = states.iter().filter(|s| s.as_str() == "dead").count() as u64;
-    Ok((states.len() as u64 - dead, dead))
+    let back: Vec<i64> = rows
+        .iter()
+        .filter(|(_, state)| state.as_str() != "running")
+        .map(|(id, _)| *id)
+        .collect();
+    if !back.is_empty() {
+        // what waits behind these calls: the contacts' next jobs come back (failing that, the
+        // sweep brings them back)
+        if let Err(e) = super::claim::requeue_next(&mut conn, &back).await {
+            tracing::debug!(error = %e, "could not bring back the next waiting jobs; the sweep will");
+        }
+    }
+    let dead = rows.iter().filter(|(_, s)| s.as_str() == "dead").count() as u64;
+    Ok((rows.len() as u64 - dead, dead))
 }

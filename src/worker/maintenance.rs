@@ -219,6 +219,10 @@ pub async fn run(shared: Arc<Shared>, stop: CancellationToken) {
     }
 }
 
+/// Contacts with waiting jobs one housekeeping tick looks at (see `claim::requeue_stale_waits`):
+/// a tick's cost stays bounded however many contacts wait; the next tick goes on after them.
+pub(crate) const WAITS_SWEEP_BUDGET: i64 = 1000;
+
 async fn heartbeat(shared: &Shared) {
     let leases: Vec<Lease> = match shared.in_flight.lock() {
         Ok(f) => f
@@ -284,11 +288,21 @@ async fn sweep(shared: &Shared) {
         }
         Err(e) => tracing::debug!(error = %e, "rescue failed"),
     }
-    match claim::requeue_stale_waits(&shared.pool).await {
-        Ok(0) => {}
-        Ok(n) => {
-            tracing::debug!(jobs = n, "brought back jobs waiting behind finished ones");
-            shared.wake.notify_one();
+    // one step of the sweep over the contacts with waiting jobs, where the last one stopped
+    let after = shared
+        .waits_cursor
+        .lock()
+        .map(|c| c.clone())
+        .unwrap_or_default();
+    match claim::requeue_stale_waits(&shared.pool, &after, WAITS_SWEEP_BUDGET).await {
+        Ok((n, next)) => {
+            if let Ok(mut cursor) = shared.waits_cursor.lock() {
+                *cursor = next.unwrap_or_default();
+            }
+            if n > 0 {
+                tracing::debug!(jobs = n, "brought back waiting jobs a completion missed");
+                shared.wake.notify_one();
+            }
         }
         Err(e) => tracing::debug!(error = %e, "requeue sweep failed"),
     }

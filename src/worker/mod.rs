@@ -66,6 +66,8 @@ pub(crate) struct Shared {
     pub alive: Mutex<Alive>,
     /// Wakes the producer (NOTIFY, completions).
     pub wake: Notify,
+    /// Where housekeeping's sweep over the contacts with waiting jobs goes on from.
+    pub waits_cursor: Mutex<String>,
     pub stats: Stats,
     /// Set by this worker's first registration: only a start (which may bring a corrected
     /// configuration) ends a pause for refused credentials, not every `drain`.
@@ -234,6 +236,7 @@ impl Worker {
                 calls_started: Mutex::new(HashSet::new()),
                 alive: Mutex::new(Alive::default()),
                 wake: Notify::new(),
+                waits_cursor: Mutex::new(String::new()),
                 stats: Stats::default(),
                 registered_once: std::sync::atomic::AtomicBool::new(false),
             }),

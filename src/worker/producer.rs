@@ -238,9 +238,20 @@ async fn drain_check(shared: &Shared, held_back: bool) -> DrainCheck {
     if let Err(e) = doi::enqueue_due_resends(&shared.pool).await {
         tracing::warn!(error = %e, "could not enqueue due confirmation re-sends");
     }
-    // jobs waiting behind a job that has since finished are runnable once back
-    if let Err(e) = claim::requeue_stale_waits(&shared.pool).await {
-        tracing::warn!(error = %e, "could not bring back waiting jobs");
+    // waiting jobs a completion missed are runnable once back: a whole pass over the contacts
+    // with waiting jobs (at most a few hundred steps)
+    let mut after = String::new();
+    for _ in 0..500 {
+        match claim::requeue_stale_waits(&shared.pool, &after, maintenance::WAITS_SWEEP_BUDGET)
+            .await
+        {
+            Ok((_, Some(next))) => after = next,
+            Ok((_, None)) => break,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not bring back waiting jobs");
+                break;
+            }
+        }
     }
     // an account an operator paused is not waited for
     let active = shared.limits.not_paused_by_operator(&shared.accounts);

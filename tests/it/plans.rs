@@ -234,9 +234,10 @@ async fn claim_committed(pool: &PgPool) -> usize {
     claim(pool, &quotas, &options).await.unwrap().jobs.len()
 }
 
-/// Parked changes come back after every way the job they wait for changes, hand-written SQL
-/// included (`claim::requeue_stale_waits`, the workers' sweep): cancelled or deleted by hand,
-/// rescheduled, moved to another address, and a running job put back below one waiting for it.
+/// Waiting changes come back, one at a time and in order, after every way the call they wait
+/// for can end, hand-written SQL included (`claim::requeue_stale_waits`, the workers' sweep):
+/// the head cancelled or deleted by hand, the next one rescheduled or moved to another address,
+/// a running job put back to pending above one waiting for it, and a waiting job moved away.
 #[tokio::test]
 async fn waiting_changes_come_back_after_hand_written_changes() {
     let db = TestDb::new().await;
@@ -256,29 +257,36 @@ async fn waiting_changes_come_back_after_hand_written_changes() {
     let sweep = |pool: &PgPool| {
         let pool = pool.clone();
         async move {
-            contact_sync::outbox::claim::requeue_stale_waits(&pool)
+            let (n, next) = contact_sync::outbox::claim::requeue_stale_waits(&pool, "", 1000)
                 .await
-                .unwrap()
+                .unwrap();
+            assert_eq!(next, None, "one step covers one contact");
+            n
         }
     };
     // the head is claimed, the three behind it set waiting
     assert_eq!(claim_committed(pool).await, 1);
     assert_eq!(waiting(pool).await, ids[1..].to_vec());
     assert_eq!(claim_committed(pool).await, 0);
-    // the head cancelled by hand
+    assert_eq!(
+        sweep(pool).await,
+        0,
+        "nothing to bring back while the call is in flight"
+    );
+    // the head cancelled by hand: the next one comes back, the others wait on
     on_job(
         pool,
         "UPDATE contact_sync.jobs SET state = 'cancelled', finished_at = now() WHERE id = $1",
         ids[0],
     )
     .await;
-    assert_eq!(sweep(pool).await, 3);
-    assert_eq!(claim_committed(pool).await, 1);
+    assert_eq!(sweep(pool).await, 1);
     assert_eq!(waiting(pool).await, ids[2..].to_vec());
-    // the next one deleted by hand
+    assert_eq!(claim_committed(pool).await, 1);
+    // that one deleted by hand
     on_job(pool, "DELETE FROM contact_sync.jobs WHERE id = $1", ids[1]).await;
-    assert_eq!(sweep(pool).await, 2);
-    assert!(waiting(pool).await.is_empty());
+    assert_eq!(sweep(pool).await, 1);
+    assert_eq!(waiting(pool).await, vec![ids[3]]);
     // rescheduled by hand: the contact waits for it
     on_job(
         pool,
@@ -287,12 +295,12 @@ async fn waiting_changes_come_back_after_hand_written_changes() {
     )
     .await;
     assert_eq!(claim_committed(pool).await, 0);
-    assert_eq!(waiting(pool).await, vec![ids[3]]);
     assert_eq!(sweep(pool).await, 0);
+    assert_eq!(waiting(pool).await, vec![ids[3]]);
     let (rows, claimed, _) = claim_plan(pool).await;
     assert!(claimed.is_empty(), "{claimed:?}");
     assert!(rows < 10);
-    // its address edited by hand: it leaves the contact, whose next change is ready
+    // its address edited by hand: it leaves the contact, whose next change comes back
     on_job(
         pool,
         "UPDATE contact_sync.jobs SET email = 'moved@example.com' WHERE id = $1",
@@ -302,10 +310,9 @@ async fn waiting_changes_come_back_after_hand_written_changes() {
     assert_eq!(sweep(pool).await, 1);
     let (_, claimed, _) = claim_plan(pool).await;
     assert_eq!(claimed, vec![ids[3]]);
-    // a running job put back to pending by hand, above one waiting behind it: neither waits
-    // for the other for ever
+    // a running job put back to pending by hand, above one set waiting behind it: the lower
+    // one comes back and goes first
     assert_eq!(claim_committed(pool).await, 1);
-    // (the first change put back, found behind the running one by a claim)
     sqlx::query(
         "UPDATE contact_sync.jobs SET state = 'pending', finished_at = NULL, waits_for = $1 WHERE id = $2",
     )
@@ -328,6 +335,79 @@ async fn waiting_changes_come_back_after_hand_written_changes() {
             .await
             .unwrap();
     assert_eq!(running, vec![ids[0]], "the lower change goes first");
+    assert_eq!(waiting(pool).await, vec![ids[3]]);
+    // a waiting job moved to another address stops waiting for this contact's call
+    on_job(
+        pool,
+        "UPDATE contact_sync.jobs SET email = 'elsewhere@example.com' WHERE id = $1",
+        ids[3],
+    )
+    .await;
+    assert!(waiting(pool).await.is_empty());
+    assert_eq!(claim_committed(pool).await, 1);
+}
+
+/// The sweep looks at a bounded number of contacts per step, whatever the statistics say:
+/// 3,000 contacts with waiting jobs behind heads due tomorrow, statistics taken while the
+/// waiting index was empty; a step of 1,000 reads rows in proportion to its budget, and three
+/// steps and a last one cover them all.
+#[tokio::test]
+async fn the_sweep_costs_its_budget_not_the_waiting_jobs() {
+    let db = TestDb::new().await;
+    let pool = &db.pool;
+    blocked_contacts(pool, "w", 3000, 4).await;
+    analyze(pool).await;
+    let accounts = vec![ACCOUNT.to_string()];
+    while contact_sync::outbox::claim::runnable_exists(pool, &accounts)
+        .await
+        .unwrap()
+    {
+        assert_eq!(claim_committed(pool).await, 0);
+    }
+    let mut after = String::new();
+    let mut steps = 0;
+    loop {
+        let started = std::time::Instant::now();
+        let (n, next) = contact_sync::outbox::claim::requeue_stale_waits(pool, &after, 1000)
+            .await
+            .unwrap();
+        assert_eq!(n, 0, "every contact's head is due tomorrow");
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(2),
+            "a step of 1,000 contacts took {:?}",
+            started.elapsed()
+        );
+        steps += 1;
+        match next {
+            Some(key) => after = key,
+            None => break,
+        }
+    }
+    assert_eq!(steps, 4);
+    // the rows one step reads, with the statistics of an empty waiting index
+    let mut tx = pool.begin().await.unwrap();
+    sqlx::query("SELECT set_config('enable_seqscan', 'off', true), set_config('enable_bitmapscan', 'off', true)")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let plan: sqlx::types::Json<Value> = sqlx::query_scalar(&format!(
+        "EXPLAIN (ANALYZE, FORMAT JSON) {}",
+        contact_sync::outbox::claim::REQUEUE_STALE_WAITS_SQL
+    ))
+    .bind("")
+    .bind(1000i64)
+    .fetch_one(&mut *tx)
+    .await
+    .unwrap();
+    tx.rollback().await.unwrap();
+    let read = rows_read(&plan.0[0]["Plan"]);
+    if std::env::var("PLAN_DEBUG").is_ok() {
+        eprintln!("{}", serde_json::to_string(&plan.0).unwrap_or_default());
+    }
+    assert!(
+        read <= 6 * 1000 + 100,
+        "a step of 1,000 contacts read {read} rows"
+    );
 }
 
 /// Runs one hand-written statement on one job (`$1`).
@@ -375,7 +455,7 @@ async fn a_change_under_repeatable_read_strands_nothing() {
     .await
     .unwrap();
     op.commit().await.unwrap();
-    contact_sync::outbox::claim::requeue_stale_waits(pool)
+    contact_sync::outbox::claim::requeue_stale_waits(pool, "", 1000)
         .await
         .unwrap();
     let (_, claimed, _) = claim_plan(pool).await;
@@ -418,7 +498,7 @@ async fn workers_never_wait_for_an_open_transaction() {
     worker.commit().await.unwrap();
     assert!(started.elapsed() < std::time::Duration::from_secs(2));
     op.commit().await.unwrap();
-    contact_sync::outbox::claim::requeue_stale_waits(pool)
+    contact_sync::outbox::claim::requeue_stale_waits(pool, "", 1000)
         .await
         .unwrap();
     let (_, claimed, _) = claim_plan(pool).await;
