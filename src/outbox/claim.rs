@@ -19,15 +19,16 @@ fn millis(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
-/// The claim statement (public for the plan tests). Reads each account's due, requeued pending
-/// jobs from `jobs_ready_idx` (oldest due first, at most the quota), locks them `FOR NO KEY
-/// UPDATE SKIP LOCKED`, and judges each: a job whose contact has a running job, or a lower
-/// pending one, is set waiting behind it (`waits_for`: it leaves the index until that job has left running or
-/// pending); the others are the heads, moved to `running`. Each head comes with its
-/// consecutive due followers (at most `$6`) from the contact's pending jobs. Two claims that
-/// judged one contact from snapshots on either side of a producer's commit both take a head:
-/// the unique index on running contacts refuses the second (the caller claims again).
-/// Returns a row per head, and one more whose `id` is NULL carrying how many it set waiting.
+/// The claim statement (public for the plan tests). Reads each account's due pending jobs
+/// that are not waiting from `jobs_ready_idx` (oldest due first, at most the quota), locks them
+/// `FOR NO KEY UPDATE SKIP LOCKED`, and judges each: a job whose contact has a running job, or a
+/// lower pending one, is set waiting (`waits_for`: the job it was found behind; it leaves the
+/// index until [`requeue_next`] or the sweep brings it back as its contact's next job); the
+/// others are the heads, moved to `running`. Each head comes with its consecutive due followers
+/// (at most `$6`, waiting or not) from the contact's pending jobs. Two claims that judged one
+/// contact from snapshots on either side of a producer's commit both take a head: the unique
+/// index on running contacts refuses the second (the caller claims again). Returns a row per
+/// head, and one more whose `id` is NULL carrying how many it set waiting.
 #[doc(hidden)]
 pub const CLAIM_SQL: &str = r#"
         WITH candidates AS (
@@ -563,7 +564,7 @@ pub async fn held_exists(pool: &PgPool, accounts: &[String]) -> Result<bool, sql
     .await
 }
 
-/// Time until the next requeued pending job of these accounts falls due (None: none waiting).
+/// Time until the next pending job that is not waiting of these accounts falls due (None: none waiting).
 pub async fn next_due_in(
     pool: &PgPool,
     accounts: &[String],
