@@ -228,8 +228,9 @@ async fn run_claim(
         let rows = match rows {
             Ok(rows) => rows,
             // a later pass lost a race for a contact: what the earlier passes claimed is
-            // committed (or, inside the caller's transaction, fails with it)
-            Err(e) if !jobs.is_empty() => {
+            // committed. Inside the caller's transaction the error has aborted it, and the
+            // earlier passes with it: nothing is claimed, so the error goes up
+            Err(e) if !jobs.is_empty() && !within_limits => {
                 tracing::debug!(error = %e, "a further claim pass failed");
                 break;
             }
@@ -600,7 +601,7 @@ pub async fn requeue_stale_waits(
     pool: &PgPool,
     after: &str,
     budget: i64,
-) -> Result<(u64, Option<String>), sqlx::Error> {
+) -> Result<StaleWaits, sqlx::Error> {
     let mut tx = pool.begin().await?;
     sqlx::query(
         "SELECT set_config('enable_seqscan', 'off', true), set_config('enable_bitmapscan', 'off', true), \
@@ -609,7 +610,7 @@ pub async fn requeue_stale_waits(
     .persistent(false)
     .execute(&mut *tx)
     .await?;
-    let (requeued, last, looked): (i64, Option<String>, i64) =
+    let (requeued, held, last, looked): (i64, i64, Option<String>, i64) =
         sqlx::query_as(REQUEUE_STALE_WAITS_SQL)
             .persistent(false)
             .bind(after)
@@ -617,8 +618,22 @@ pub async fn requeue_stale_waits(
             .fetch_one(&mut *tx)
             .await?;
     tx.commit().await?;
-    let next = if looked < budget { None } else { last };
-    Ok((u64::try_from(requeued).unwrap_or(0), next))
+    Ok(StaleWaits {
+        requeued: u64::try_from(requeued).unwrap_or(0),
+        held: u64::try_from(held).unwrap_or(0),
+        next: if looked < budget { None } else { last },
+    })
+}
+
+/// What one step of [`requeue_stale_waits`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StaleWaits {
+    /// Contacts' first pending jobs brought back.
+    pub requeued: u64,
+    /// Ones to bring back that another transaction holds (the next step tries again).
+    pub held: u64,
+    /// The contact to go on after (None: the step reached the end).
+    pub next: Option<String>,
 }
 
 /// The statement of [`requeue_stale_waits`] (public for the plan tests): `$1` the contact key
@@ -657,7 +672,8 @@ pub const REQUEUE_STALE_WAITS_SQL: &str = r#"
             WHERE p.id = ANY(ARRAY(SELECT id FROM taken)) AND coalesce(p.state, '') = 'pending'
             RETURNING p.id
         )
-        SELECT (SELECT count(*) FROM requeued), (SELECT max(key) FROM looked), (SELECT count(*) FROM looked)
+        SELECT (SELECT count(*) FROM requeued), (SELECT count(*) FROM stale) - (SELECT count(*) FROM taken),
+               (SELECT max(key) FROM looked), (SELECT count(*) FROM looked)
         "#;
 
 /// Brings back, for each contact of these jobs, its first pending job if it is waiting and no
@@ -673,14 +689,36 @@ pub async fn requeue_next(
     if ids.is_empty() {
         return Ok(0);
     }
+    requeue_next_sql(conn, ids, &[]).await
+}
+
+/// [`requeue_next`] for contacts named by key (the operator actions: what they cancelled may
+/// have been a contact's first pending job).
+pub async fn requeue_next_of(
+    conn: &mut sqlx::PgConnection,
+    contact_keys: &[String],
+) -> Result<u64, sqlx::Error> {
+    if contact_keys.is_empty() {
+        return Ok(0);
+    }
+    requeue_next_sql(conn, &[], contact_keys).await
+}
+
+async fn requeue_next_sql(
+    conn: &mut sqlx::PgConnection,
+    ids: &[JobId],
+    contact_keys: &[String],
+) -> Result<u64, sqlx::Error> {
     Ok(sqlx::query(
         // language=PostgreSQL
         r#"
         WITH keys AS (
             -- = ANY(ARRAY(SELECT unnest(...))): primary-key probes whatever the planner
             -- believes of the table's size
-            SELECT DISTINCT j.contact_key FROM contact_sync.jobs j
+            SELECT j.contact_key FROM contact_sync.jobs j
             WHERE j.id = ANY(ARRAY(SELECT unnest($1::bigint[])))
+            UNION
+            SELECT unnest($2::text[])
         ), next AS (
             SELECT f.id FROM keys k
             CROSS JOIN LATERAL (SELECT j.id, j.waits_for FROM contact_sync.jobs j
@@ -702,6 +740,7 @@ pub async fn requeue_next(
     )
     .persistent(false)
     .bind(ids)
+    .bind(contact_keys)
     .execute(conn)
     .await?
     .rows_affected())

@@ -356,6 +356,22 @@ impl Bulk {
         ))
     }
 
+    /// After a cancel: the contacts whose first pending job it cancelled have their next one
+    /// brought back at once (`claim::requeue_next_of`; failing that, the workers' sweep does).
+    async fn requeue(self, pool: &PgPool, contact_keys: &[String]) {
+        if self != Bulk::Cancel {
+            return;
+        }
+        let requeued = async {
+            let mut conn = pool.acquire().await?;
+            super::claim::requeue_next_of(&mut conn, contact_keys).await
+        }
+        .await;
+        if let Err(e) = requeued {
+            tracing::debug!(error = %e, "could not bring back the contacts' next jobs; the sweep will");
+        }
+    }
+
     /// Runs the action on every job matching the filter: all at once when at most
     /// [`BULK_CHUNK`] contacts match, otherwise [`BULK_CHUNK`] contacts per transaction, in key
     /// order; each waits at most [`OPERATOR_LOCK_WAIT`] for contacts other transactions hold.
@@ -395,7 +411,10 @@ impl Bulk {
             }
             .await;
             match once {
-                Ok(r) => return Ok((r, Vec::new())),
+                Ok(r) => {
+                    self.requeue(pool, &keys).await;
+                    return Ok((r, Vec::new()));
+                }
                 Err(e) if is_lock_timeout(&e) => {}
                 Err(e) => return Err(e),
             }
@@ -454,6 +473,7 @@ impl Bulk {
             .await;
             match attempt {
                 Ok((done, stale)) => {
+                    self.requeue(pool, &group).await;
                     total.0 += done;
                     total.1 += stale;
                 }
@@ -559,7 +579,7 @@ pub async fn cancel(
             // language=PostgreSQL
             r#"
             -- the contact's pending jobs first, in id order, as the other operator actions
-            -- take them (what waits behind the job is brought back by the requeue sweep)
+            -- take them (its contact's next job is brought back after the commit)
             WITH held AS (
                 SELECT c.id FROM contact_sync.jobs c
                 WHERE c.contact_key = (SELECT j.contact_key FROM contact_sync.jobs j WHERE j.id = $1)
@@ -584,6 +604,15 @@ pub async fn cancel(
         other => other?,
     };
     if done == 1 {
+        // it may have been its contact's first pending job: the next one comes back at once
+        let requeued = async {
+            let mut conn = pool.acquire().await?;
+            super::claim::requeue_next(&mut conn, &[id]).await
+        }
+        .await;
+        if let Err(e) = requeued {
+            tracing::debug!(error = %e, "could not bring back the contact's next job; the sweep will");
+        }
         return Ok((ActionResult::Done, Some(Found::State(JobState::Cancelled))));
     }
     Ok(match state_of(pool, id).await? {

@@ -295,12 +295,15 @@ async fn sweep(shared: &Shared) {
         .map(|c| c.clone())
         .unwrap_or_default();
     match claim::requeue_stale_waits(&shared.pool, &after, WAITS_SWEEP_BUDGET).await {
-        Ok((n, next)) => {
+        Ok(step) => {
             if let Ok(mut cursor) = shared.waits_cursor.lock() {
-                *cursor = next.unwrap_or_default();
+                *cursor = step.next.unwrap_or_default();
             }
-            if n > 0 {
-                tracing::debug!(jobs = n, "brought back waiting jobs a completion missed");
+            if step.requeued > 0 {
+                tracing::debug!(
+                    jobs = step.requeued,
+                    "brought back waiting jobs a completion missed"
+                );
                 shared.wake.notify_one();
             }
         }

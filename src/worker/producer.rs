@@ -239,19 +239,29 @@ async fn drain_check(shared: &Shared, held_back: bool) -> DrainCheck {
         tracing::warn!(error = %e, "could not enqueue due confirmation re-sends");
     }
     // waiting jobs a completion missed are runnable once back: a whole pass over the contacts
-    // with waiting jobs (at most a few hundred steps)
+    // with waiting jobs, each step bounded; one another transaction holds is waited for
     let mut after = String::new();
-    for _ in 0..500 {
+    let mut stale_held = false;
+    loop {
         match claim::requeue_stale_waits(&shared.pool, &after, maintenance::WAITS_SWEEP_BUDGET)
             .await
         {
-            Ok((_, Some(next))) => after = next,
-            Ok((_, None)) => break,
+            Ok(step) => {
+                stale_held |= step.held > 0;
+                match step.next {
+                    Some(next) => after = next,
+                    None => break,
+                }
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "could not bring back waiting jobs");
-                break;
+                return DrainCheck::LookIn(Duration::from_millis(200));
             }
         }
+    }
+    if stale_held {
+        // a contact's next job is held by another transaction: look again once it is free
+        return DrainCheck::LookWithin(Duration::from_millis(200));
     }
     // an account an operator paused is not waited for
     let active = shared.limits.not_paused_by_operator(&shared.accounts);

@@ -416,3 +416,89 @@ async fn the_synced_state_is_the_last_call_whatever_its_job_id() {
             .unwrap();
     assert_eq!(synced, (json!({"lead_name": "X"}), older));
 }
+
+/// Found by the adversarial review: a claim of an account with fleet-wide limits runs its
+/// passes in one transaction; a later pass that failed (here: a race for a contact, on the
+/// unique index of running contacts) aborted that transaction, yet the earlier passes' jobs were
+/// handed to the worker, which called the provider for jobs still `pending`. Now the error goes
+/// up and nothing is claimed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_pass_of_a_limited_claim_claims_nothing() {
+    let env = TestEnv::new().await;
+    sqlx::query("INSERT INTO contact_sync.accounts (account, provider, max_in_flight) VALUES ('jc', 'justclick', 10)")
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    let insert = |email: &'static str, ago: i64| {
+        let pool = env.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(
+                "INSERT INTO contact_sync.jobs (provider, account, email, payload, run_at)
+                 VALUES ('justclick', 'jc', $1, '{\"lead_name\": \"x\"}', now() - make_interval(secs => $2::float8)) RETURNING id",
+            )
+            .bind(email)
+            .bind(ago as f64)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    // w: a held call, and four changes behind it (set waiting by the first pass)
+    let held = insert("w@example.com", 700).await;
+    sqlx::query("UPDATE contact_sync.jobs SET state = 'running', attempts = 1, locked_until = now() + interval '1 hour' WHERE id = $1")
+        .bind(held)
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    for _ in 0..4 {
+        insert("w@example.com", 600).await;
+    }
+    // a: claimed by the first pass
+    let a = insert("a@example.com", 500).await;
+    // x: its first change is taken by the second pass while an outsider makes its other one
+    // `running` and commits, so the second pass fails on the unique index
+    let x1 = insert("x@example.com", 60).await;
+    let x2 = insert("x@example.com", 30).await;
+    let mut outsider = env.pool.begin().await.unwrap();
+    sqlx::query("UPDATE contact_sync.jobs SET state = 'running', attempts = 1, locked_by = 'outsider', locked_until = now() + interval '1 hour' WHERE id = $1")
+        .bind(x2)
+        .execute(&mut *outsider)
+        .await
+        .unwrap();
+    let commit = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        outsider.commit().await.unwrap();
+    });
+    let options = ClaimOptions {
+        lease: Duration::from_secs(30),
+        worker_id: "w",
+        default_max_attempts: 5,
+        max_followers: 1,
+        captured: &[],
+    };
+    let got =
+        contact_sync::outbox::claim::claim_within_limits(&env.pool, &quota("jc", 5), &options)
+            .await;
+    commit.await.unwrap();
+    match got {
+        Err(e) => assert!(e.to_string().contains("jobs_running_contact_idx"), "{e}"),
+        Ok(c) => assert!(
+            c.jobs.is_empty() || c.jobs.iter().all(|j| j.id != a),
+            "handed over without being claimed: {:?}",
+            c.jobs.iter().map(|j| j.id).collect::<Vec<_>>()
+        ),
+    }
+    // whatever the worker was told, the database agrees
+    let (a_state, x1_state): (String, String) = sqlx::query_as(
+        "SELECT (SELECT state FROM contact_sync.jobs WHERE id = $1), (SELECT state FROM contact_sync.jobs WHERE id = $2)",
+    )
+    .bind(a)
+    .bind(x1)
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        (a_state.as_str(), x1_state.as_str()),
+        ("pending", "pending")
+    );
+}

@@ -257,11 +257,11 @@ async fn waiting_changes_come_back_after_hand_written_changes() {
     let sweep = |pool: &PgPool| {
         let pool = pool.clone();
         async move {
-            let (n, next) = contact_sync::outbox::claim::requeue_stale_waits(&pool, "", 1000)
+            let step = contact_sync::outbox::claim::requeue_stale_waits(&pool, "", 1000)
                 .await
                 .unwrap();
-            assert_eq!(next, None, "one step covers one contact");
-            n
+            assert_eq!(step.next, None, "one step covers one contact");
+            step.requeued
         }
     };
     // the head is claimed, the three behind it set waiting
@@ -368,9 +368,10 @@ async fn the_sweep_costs_its_budget_not_the_waiting_jobs() {
     let mut steps = 0;
     loop {
         let started = std::time::Instant::now();
-        let (n, next) = contact_sync::outbox::claim::requeue_stale_waits(pool, &after, 1000)
+        let step = contact_sync::outbox::claim::requeue_stale_waits(pool, &after, 1000)
             .await
             .unwrap();
+        let (n, next) = (step.requeued, step.next);
         assert_eq!(n, 0, "every contact's head is due tomorrow");
         assert!(
             started.elapsed() < std::time::Duration::from_secs(2),
@@ -947,4 +948,68 @@ async fn console_statements_touch_rows_bounded_by_the_page() {
     }
     // the bounds are far below the table: a statement that read it whole would fail them
     assert!(read.iter().all(|(_, _, bound)| *bound < 300_000));
+}
+
+/// Found by the adversarial review: `cancel` of a contact's first pending job left the next
+/// one waiting until the sweep reached its contact (74 s among 100,000 waiting contacts). The
+/// operator actions now bring back the contact's next job themselves.
+#[tokio::test]
+async fn a_cancelled_head_brings_back_the_next_change_at_once() {
+    let db = TestDb::new().await;
+    let pool = &db.pool;
+    blocked_contacts(pool, "c", 3, 2).await;
+    while claim_committed(pool).await > 0 || {
+        let accounts = vec![ACCOUNT.to_string()];
+        contact_sync::outbox::claim::runnable_exists(pool, &accounts)
+            .await
+            .unwrap()
+    } {}
+    let head: i64 =
+        sqlx::query_scalar("SELECT min(id) FROM contact_sync.jobs WHERE email = 'c1@example.com'")
+            .fetch_one(pool)
+            .await
+            .unwrap();
+    let waiting = |pool: &PgPool| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(
+                "SELECT count(*) FROM contact_sync.jobs WHERE email = 'c1@example.com' AND waits_for IS NOT NULL AND state = 'pending'",
+            )
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    assert_eq!(waiting(pool).await, 2);
+    let (result, _) = contact_sync::outbox::repair::cancel(pool, head)
+        .await
+        .unwrap();
+    assert_eq!(result, contact_sync::outbox::repair::ActionResult::Done);
+    assert_eq!(
+        waiting(pool).await,
+        1,
+        "the next change is back, the last waits on"
+    );
+    // the bulk form too: the other contacts' heads, cancelled by filter
+    let mut filter =
+        contact_sync::outbox::repair::JobFilter::new(contact_sync::outbox::JobState::Pending);
+    filter.ids = Some(
+        sqlx::query_scalar(
+            "SELECT min(id) FROM contact_sync.jobs WHERE email IN ('c2@example.com', 'c3@example.com') GROUP BY email",
+        )
+        .fetch_all(pool)
+        .await
+        .unwrap(),
+    );
+    let done = contact_sync::outbox::repair::cancel_matching(pool, &filter, false)
+        .await
+        .unwrap();
+    assert_eq!(done.cancelled, 2);
+    let back: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM contact_sync.jobs WHERE email IN ('c2@example.com', 'c3@example.com') AND state = 'pending' AND waits_for IS NULL",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    assert_eq!(back, 2, "each contact's next change is back");
 }
