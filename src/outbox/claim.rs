@@ -692,6 +692,14 @@ pub async fn requeue_next(
     requeue_next_sql(conn, ids, &[]).await
 }
 
+/// [`requeue_next`] once the jobs are written (a completion, a retry, the rescuer, `cancel`): a
+/// failure is logged and left to the workers' sweep, never the caller's error.
+pub(crate) async fn requeue_next_or_leave_to_sweep(conn: &mut sqlx::PgConnection, ids: &[JobId]) {
+    if let Err(e) = requeue_next(conn, ids).await {
+        tracing::debug!(error = %e, "could not bring back the next waiting jobs; the sweep will");
+    }
+}
+
 /// [`requeue_next`] for contacts named by key (the operator actions: what they cancelled may
 /// have been a contact's first pending job).
 pub async fn requeue_next_of(

@@ -79,7 +79,7 @@ pub async fn succeed_many(pool: &PgPool, items: &[Success]) -> Result<Written, s
     if items.iter().all(|i| i.synced.is_none()) {
         let mut conn = pool.acquire().await?;
         let (written, _) = write_successes(&mut conn, items).await?;
-        requeue_after(&mut conn, &written_ids(items)).await;
+        super::claim::requeue_next_or_leave_to_sweep(&mut conn, &written_ids(items)).await;
         return Ok(written);
     }
     let mut tx = pool.begin().await?;
@@ -92,16 +92,8 @@ pub async fn succeed_many(pool: &PgPool, items: &[Success]) -> Result<Written, s
     super::synced::record(&mut tx, &calls).await?;
     tx.commit().await?;
     let mut conn = pool.acquire().await?;
-    requeue_after(&mut conn, &written_ids(items)).await;
+    super::claim::requeue_next_or_leave_to_sweep(&mut conn, &written_ids(items)).await;
     Ok(written)
-}
-
-/// Brings back the next waiting job of the contacts of these jobs, once they are written (see
-/// `claim::requeue_next`). A failure is left to the workers' sweep: the jobs are written.
-async fn requeue_after(conn: &mut sqlx::PgConnection, ids: &[JobId]) {
-    if let Err(e) = super::claim::requeue_next(conn, ids).await {
-        tracing::debug!(error = %e, "could not bring back the next waiting jobs; the sweep will");
-    }
 }
 
 /// Every job a batch of successes may have written: the heads and their followers (what waits
@@ -316,7 +308,7 @@ pub async fn retry(
     .await?;
     if result.rows_affected() == 1 {
         // a lower change found behind this call now comes first
-        requeue_after(&mut conn, &[lease.id]).await;
+        super::claim::requeue_next_or_leave_to_sweep(&mut conn, &[lease.id]).await;
     }
     written_or_why(pool, lease, result.rows_affected()).await
 }
@@ -428,7 +420,7 @@ pub async fn kill(pool: &PgPool, lease: Lease, error: &AttemptError) -> Result<W
     .execute(&mut *conn)
     .await?;
     if result.rows_affected() == 1 {
-        requeue_after(&mut conn, &[lease.id]).await;
+        super::claim::requeue_next_or_leave_to_sweep(&mut conn, &[lease.id]).await;
     }
     written_or_why(pool, lease, result.rows_affected()).await
 }
@@ -464,7 +456,7 @@ pub async fn release(
     .execute(&mut *conn)
     .await?;
     if result.rows_affected() > 0 {
-        requeue_after(&mut conn, &ids).await;
+        super::claim::requeue_next_or_leave_to_sweep(&mut conn, &ids).await;
     }
     Ok(result.rows_affected())
 }

@@ -605,13 +605,11 @@ pub async fn cancel(
     };
     if done == 1 {
         // it may have been its contact's first pending job: the next one comes back at once
-        let requeued = async {
-            let mut conn = pool.acquire().await?;
-            super::claim::requeue_next(&mut conn, &[id]).await
-        }
-        .await;
-        if let Err(e) = requeued {
-            tracing::debug!(error = %e, "could not bring back the contact's next job; the sweep will");
+        match pool.acquire().await {
+            Ok(mut conn) => super::claim::requeue_next_or_leave_to_sweep(&mut conn, &[id]).await,
+            Err(e) => {
+                tracing::debug!(error = %e, "could not bring back the contact's next job; the sweep will")
+            }
         }
         return Ok((ActionResult::Done, Some(Found::State(JobState::Cancelled))));
     }
