@@ -627,7 +627,7 @@ CREATE INDEX jobs_pending_contact_idx ON contact_sync.jobs USING btree (contact_
 
 CREATE INDEX jobs_ready_idx ON contact_sync.jobs USING btree (account, run_at, id) WHERE ((state = 'pending'::text) AND (waits_for IS NULL));
 
-CREATE INDEX jobs_running_account_idx ON contact_sync.jobs USING btree (account) WHERE (state = 'running'::text);
+CREATE INDEX jobs_running_account_idx ON contact_sync.jobs USING btree (account) WHERE ((state = 'running'::text) AND (account IS NOT NULL));
 
 CREATE UNIQUE INDEX jobs_running_contact_idx ON contact_sync.jobs USING btree (contact_key) WHERE (state = 'running'::text);
 

@@ -96,6 +96,7 @@ pub async fn run_worker(
     if let Some(console) = console {
         let _ = console.await;
     }
+    worker.close().await;
     pool.close().await;
     tracing::info!(
         claimed = report.claimed,

@@ -66,7 +66,8 @@ pub const CLAIM_SQL: &str = r#"
             -- besides the join made it a nested loop over both sides, quadratic in the batch)
             UPDATE contact_sync.jobs j SET waits_for = g.behind
             FROM judged g
-            WHERE j.id = g.id AND g.behind IS NOT NULL AND j.state = 'pending'
+            WHERE j.id = ANY(ARRAY(SELECT w.id FROM judged w WHERE w.behind IS NOT NULL))
+              AND j.id = g.id AND coalesce(j.state, '') = 'pending'
             RETURNING j.id
         ), claimed AS (
             UPDATE contact_sync.jobs j
@@ -119,7 +120,8 @@ pub const CLAIM_SQL: &str = r#"
 /// Claims up to each account's quota of runnable head jobs (see [`CLAIM_SQL`]).
 ///
 /// A job is runnable when it is `pending`, due, and the head of its contact (no `running` job,
-/// no lower `pending` one).
+/// no lower `pending` one). `pool` is one of the hot path's ([`super::hot::pool`]): the
+/// statement is prepared, and its plan is kept for the session.
 pub async fn claim(
     pool: &PgPool,
     quotas: &[AccountQuota],
@@ -214,7 +216,6 @@ async fn run_claim(
         let accounts: Vec<&str> = wanted.iter().map(|q| q.account.as_str()).collect();
         let limits: Vec<i32> = wanted.iter().map(|q| q.limit).collect();
         let rows = sqlx::query_as::<_, ClaimRow>(CLAIM_SQL)
-            .persistent(false)
             .bind(&accounts)
             .bind(&limits)
             .bind(millis(claim.lease))
@@ -302,7 +303,7 @@ fn wake_tokens(rate: f64, burst: f64) -> f64 {
 /// 4. the claim statement takes at most that; the bucket keeps what was not used.
 ///
 /// No two workers can spend the same token or slot. An account without a row, or without
-/// limits in it, is claimed as asked.
+/// limits in it, is claimed as asked. `pool`: as for [`claim`].
 pub async fn claim_within_limits(
     pool: &PgPool,
     quotas: &[AccountQuota],
@@ -326,7 +327,7 @@ pub async fn claim_within_limits(
     let locked: Vec<String> = sqlx::query_scalar(
         // language=PostgreSQL
         "SELECT account FROM contact_sync.accounts WHERE account = ANY($1) ORDER BY account FOR UPDATE SKIP LOCKED",
-    ).persistent(false)
+    )
     .bind(&names)
     .fetch_all(&mut *tx)
     .await?;
@@ -364,7 +365,7 @@ pub async fn claim_within_limits(
         FROM contact_sync.accounts a CROSS JOIN (SELECT clock_timestamp() AS t) c
         WHERE a.account = ANY($1)
         "#,
-    ).persistent(false)
+    )
     .bind(&names)
     .bind(CALL_JITTER_MARGIN.as_secs_f64())
     .fetch_all(&mut *tx)
@@ -444,7 +445,6 @@ pub async fn claim_within_limits(
             WHERE a.account = t.account
             "#,
         )
-        .persistent(false)
         .bind(&spent.0)
         .bind(&spent.1)
         .bind(&spent.2)
@@ -689,13 +689,22 @@ pub async fn requeue_next(
     if ids.is_empty() {
         return Ok(0);
     }
-    requeue_next_sql(conn, ids, &[]).await
+    requeue_next_sql(conn, ids, &[], false).await
 }
 
 /// [`requeue_next`] once the jobs are written (a completion, a retry, the rescuer, `cancel`): a
-/// failure is logged and left to the workers' sweep, never the caller's error.
-pub(crate) async fn requeue_next_or_leave_to_sweep(conn: &mut sqlx::PgConnection, ids: &[JobId]) {
-    if let Err(e) = requeue_next(conn, ids).await {
+/// failure is logged and left to the workers' sweep, never the caller's error. `hot`: `conn` is
+/// one of the hot path's sessions ([`super::hot`]), where the statement is prepared and its
+/// plan kept; elsewhere it is planned afresh.
+pub(crate) async fn requeue_next_or_leave_to_sweep(
+    conn: &mut sqlx::PgConnection,
+    ids: &[JobId],
+    hot: bool,
+) {
+    if ids.is_empty() {
+        return;
+    }
+    if let Err(e) = requeue_next_sql(conn, ids, &[], hot).await {
         tracing::debug!(error = %e, "could not bring back the next waiting jobs; the sweep will");
     }
 }
@@ -709,13 +718,14 @@ pub async fn requeue_next_of(
     if contact_keys.is_empty() {
         return Ok(0);
     }
-    requeue_next_sql(conn, &[], contact_keys).await
+    requeue_next_sql(conn, &[], contact_keys, false).await
 }
 
 async fn requeue_next_sql(
     conn: &mut sqlx::PgConnection,
     ids: &[JobId],
     contact_keys: &[String],
+    hot: bool,
 ) -> Result<u64, sqlx::Error> {
     Ok(sqlx::query(
         // language=PostgreSQL
@@ -733,8 +743,9 @@ async fn requeue_next_sql(
                                 WHERE j.contact_key = k.contact_key AND j.state = 'pending'
                                 ORDER BY j.id LIMIT 1) f
             WHERE f.waits_for IS NOT NULL
-              AND NOT EXISTS (SELECT 1 FROM contact_sync.jobs r
-                              WHERE r.contact_key = k.contact_key AND r.state = 'running')
+              -- (a probe of the contact, never an anti-join over every running job)
+              AND (SELECT r.id FROM contact_sync.jobs r
+                   WHERE r.contact_key = k.contact_key AND r.state = 'running') IS NULL
         ), taken AS (
             SELECT j.id FROM contact_sync.jobs j
             WHERE j.id = ANY(ARRAY(SELECT id FROM next))
@@ -746,7 +757,7 @@ async fn requeue_next_sql(
         WHERE p.id = ANY(ARRAY(SELECT id FROM taken)) AND coalesce(p.state, '') = 'pending'
         "#,
     )
-    .persistent(false)
+    .persistent(hot)
     .bind(ids)
     .bind(contact_keys)
     .execute(conn)

@@ -72,6 +72,9 @@ pub enum Write {
 /// The synced state of the calls written is recorded in the same transaction: a contact's next
 /// change is claimed only once this completes, and must find what this call sent (a change
 /// back to the previous value would otherwise look already held, and not be sent).
+///
+/// `pool` is one of the hot path's ([`super::hot::pool`]): the statements are prepared, and
+/// their plans kept for the session.
 pub async fn succeed_many(pool: &PgPool, items: &[Success]) -> Result<Written, sqlx::Error> {
     if items.is_empty() {
         return Ok(Written::default());
@@ -79,7 +82,7 @@ pub async fn succeed_many(pool: &PgPool, items: &[Success]) -> Result<Written, s
     if items.iter().all(|i| i.synced.is_none()) {
         let mut conn = pool.acquire().await?;
         let (written, _) = write_successes(&mut conn, items).await?;
-        super::claim::requeue_next_or_leave_to_sweep(&mut conn, &written_ids(items)).await;
+        super::claim::requeue_next_or_leave_to_sweep(&mut conn, &written_ids(items), true).await;
         return Ok(written);
     }
     let mut tx = pool.begin().await?;
@@ -92,7 +95,7 @@ pub async fn succeed_many(pool: &PgPool, items: &[Success]) -> Result<Written, s
     super::synced::record(&mut tx, &calls).await?;
     tx.commit().await?;
     let mut conn = pool.acquire().await?;
-    super::claim::requeue_next_or_leave_to_sweep(&mut conn, &written_ids(items)).await;
+    super::claim::requeue_next_or_leave_to_sweep(&mut conn, &written_ids(items), true).await;
     Ok(written)
 }
 
@@ -146,29 +149,34 @@ async fn write_successes(
             -- the rows of these calls this statement can take now: one another transaction
             -- holds (an operator's open UPDATE, an application's upsert) is skipped, never
             -- waited for
-            SELECT j.id, j.contact_key, md5(j.payload::text) AS md5 FROM contact_sync.jobs j
+            SELECT j.id FROM contact_sync.jobs j
             -- = ANY(ARRAY(SELECT unnest(...))): primary-key probes whatever the planner
             -- believes of the table's size (a seq scan was planned on statistics of an empty queue)
             WHERE j.id = ANY(ARRAY(SELECT unnest($1::bigint[] || $4::bigint[])))
             ORDER BY j.id
             FOR NO KEY UPDATE SKIP LOCKED
-        ), present AS (
-            SELECT j.id, j.state, j.attempts FROM contact_sync.jobs j
-            WHERE j.id = ANY(ARRAY(SELECT unnest($1::bigint[] || $4::bigint[])))
         ), held AS (
-            -- a call one of whose rows is held elsewhere is written later, whole
-            -- (`<> ALL(ARRAY(...))`: one pass over the locked ids per row, in C; a NOT EXISTS
-            -- over the CTE was planned as a nested loop rescanning it, 3.6 ms for 200 rows)
-            SELECT t.id FROM t JOIN present p ON p.id = t.id AND p.state = 'running' AND p.attempts = t.attempt
+            -- a call one of whose rows is held elsewhere is written later, whole: a head still
+            -- running under this attempt, or a follower still there, that `locked` could not
+            -- take (`<> ALL(ARRAY(...))`: one pass over the locked ids per row, in C; the look-ups
+            -- are primary-key probes, one per row not locked)
+            SELECT t.id FROM t
             WHERE t.id <> ALL(ARRAY(SELECT l.id FROM locked l))
+              AND (SELECT p.state = 'running' AND p.attempts = t.attempt
+                   FROM contact_sync.jobs p WHERE p.id = t.id)
             UNION
-            SELECT m.head FROM m JOIN present p ON p.id = m.id
+            SELECT m.head FROM m
             WHERE m.id <> ALL(ARRAY(SELECT l.id FROM locked l))
+              AND (SELECT true FROM contact_sync.jobs p WHERE p.id = m.id)
+        ), todo AS (
+            SELECT t.* FROM t
+            WHERE t.id = ANY(ARRAY(SELECT l.id FROM locked l))
+              AND t.id <> ALL(ARRAY(SELECT h.id FROM held h))
         ), done AS (
             -- delivered; a job changed since the claim was delivered as it was, and goes back
-            -- to pending to be sent as it is now (= ANY(ARRAY(...)): primary-key probes; never
-            -- `run_at` in the SET list: it would fire the row-level validation trigger, which
-            -- fires on that column whatever the value, for every job)
+            -- to pending to be sent as it is now (never `run_at` in the SET list: it would fire
+            -- the row-level validation trigger, which fires on that column whatever the value,
+            -- for every job)
             UPDATE contact_sync.jobs j
             SET state = CASE WHEN md5(j.payload::text) = t.sent_md5 THEN 'succeeded' ELSE 'pending' END,
                 finished_at = CASE WHEN md5(j.payload::text) = t.sent_md5 THEN now() END,
@@ -178,9 +186,10 @@ async fn write_successes(
                 outcome = t.outcome,
                 last_error = CASE WHEN md5(j.payload::text) = t.sent_md5 THEN j.last_error
                                   ELSE 'changed while its call was in flight: the call delivered it as it was; it is sent again as it is now' END
-            FROM t
-            -- (the rows `locked` holds: this statement's own locks, so the row is as locked read it)
-            WHERE j.id = ANY(ARRAY(SELECT l.id FROM locked l)) AND j.id <> ALL(ARRAY(SELECT id FROM held))
+            FROM todo t
+            -- (the rows `locked` holds: this statement's own locks, so the row is as locked read it;
+            -- = ANY(ARRAY(...)): primary-key probes, whatever the plan)
+            WHERE j.id = ANY(ARRAY(SELECT todo.id FROM todo))
               AND j.id = t.id AND j.state = 'running' AND j.attempts = t.attempt
             RETURNING j.id, j.contact_key, t.sets_status, t.modify_ts, j.state = 'succeeded' AS as_sent
         ), watermark AS (
@@ -201,12 +210,16 @@ async fn write_successes(
                 -- in id order, up to the first follower changed since the claim (or gone, or
                 -- moved to another contact): it and those after it are sent again, in order
                 SELECT m.id, m.head,
-                       bool_and(coalesce(l.md5 = m.sent_md5 AND l.contact_key = d.contact_key, false))
+                       bool_and(coalesce(m.id = ANY(ARRAY(SELECT l.id FROM locked l)) AND
+                                (SELECT md5(x.payload::text) = m.sent_md5
+                                        AND x.contact_key = (SELECT h.contact_key FROM contact_sync.jobs h WHERE h.id = m.head)
+                                 FROM contact_sync.jobs x WHERE x.id = m.id), false))
                            OVER (PARTITION BY m.head ORDER BY m.id) AS as_sent
-                FROM m JOIN done d ON d.id = m.head AND d.as_sent
-                LEFT JOIN locked l ON l.id = m.id
+                FROM m
+                WHERE m.head = ANY(ARRAY(SELECT d.id FROM done d WHERE d.as_sent))
             ) m
-            WHERE f.id = m.id AND m.as_sent AND f.state IN ('pending', 'cancelled')
+            WHERE f.id = ANY(ARRAY(SELECT m.id FROM m))
+              AND f.id = m.id AND m.as_sent AND f.state IN ('pending', 'cancelled')
             RETURNING f.id
         ), superseded AS (
             -- a status delivered now comes after every confirmation re-send still waiting for
@@ -215,21 +228,24 @@ async fn write_successes(
             UPDATE contact_sync.jobs r
             SET state = 'cancelled', finished_at = now(), doi = 'superseded by job ' || d.id -- DoiRecord::SupersededBy
             FROM done d
-            WHERE d.sets_status AND r.contact_key = d.contact_key AND r.state = 'pending'
+            WHERE r.contact_key = ANY(ARRAY(SELECT s.contact_key FROM done s WHERE s.sets_status))
+              AND d.sets_status AND r.contact_key = d.contact_key AND r.state = 'pending'
               AND r.resend_after IS NOT NULL
             RETURNING r.id
         ), superseded_deferrals AS (
+            -- (a contact's deferral belongs to one of its jobs: to the one delivered now, or
+            -- to a re-send it supersedes)
             DELETE FROM contact_sync.doi_deferred f
-            USING done d
-            WHERE d.sets_status AND f.job_id <> d.id
-              AND (f.provider || ':' || f.account || ':' || lower(f.email)) = d.contact_key
+            WHERE (f.provider || ':' || f.account || ':' || lower(f.email))
+                      = ANY(ARRAY(SELECT s.contact_key FROM done s WHERE s.sets_status))
+              AND f.job_id <> ALL(ARRAY(SELECT s.id FROM done s WHERE s.sets_status))
             RETURNING f.job_id
         )
         SELECT id, true FROM done
         UNION ALL
         SELECT id, false FROM held
         "#,
-    ).persistent(false)
+    )
     .bind(&ids)
     .bind(&attempts)
     .bind(&dois)
@@ -308,7 +324,7 @@ pub async fn retry(
     .await?;
     if result.rows_affected() == 1 {
         // a lower change found behind this call now comes first
-        super::claim::requeue_next_or_leave_to_sweep(&mut conn, &[lease.id]).await;
+        super::claim::requeue_next_or_leave_to_sweep(&mut conn, &[lease.id], false).await;
     }
     written_or_why(pool, lease, result.rows_affected()).await
 }
@@ -420,7 +436,7 @@ pub async fn kill(pool: &PgPool, lease: Lease, error: &AttemptError) -> Result<W
     .execute(&mut *conn)
     .await?;
     if result.rows_affected() == 1 {
-        super::claim::requeue_next_or_leave_to_sweep(&mut conn, &[lease.id]).await;
+        super::claim::requeue_next_or_leave_to_sweep(&mut conn, &[lease.id], false).await;
     }
     written_or_why(pool, lease, result.rows_affected()).await
 }
@@ -456,7 +472,7 @@ pub async fn release(
     .execute(&mut *conn)
     .await?;
     if result.rows_affected() > 0 {
-        super::claim::requeue_next_or_leave_to_sweep(&mut conn, &ids).await;
+        super::claim::requeue_next_or_leave_to_sweep(&mut conn, &ids, false).await;
     }
     Ok(result.rows_affected())
 }

@@ -1,5 +1,5 @@
-//! The outbox: the only module with SQL on `contact_sync.jobs`, the queue of contacts
-//! (`contact_sync.contacts`, kept by triggers) and the double-opt-in tables.
+//! The outbox: the only module with SQL on `contact_sync.jobs`, the synced state, the capture
+//! tables and the double-opt-in tables.
 //!
 //! Who moves each state, and when:
 //! ```text
@@ -15,15 +15,17 @@
 //! ```
 //! Time is always the database's `now()`.
 //!
-//! The statements a worker repeats (claims, completions, the sweeps, the account checks, the
-//! `/metrics` gauges) and the producers' look-up of idempotency keys already used are sent
-//! unprepared (`.persistent(false)`), so Postgres plans each for the tables as they are at that
-//! moment. (`enqueue_batch`'s insert stays prepared: it reads no table but through its unique
-//! index.) A prepared statement may switch to a generic plan after five runs and keep it:
-//! one made while the queue was empty (a one-page `contact_sync.contacts`) reads the table with
-//! a sequential scan, and kept doing so once a backlog of a million arrived. The triggers'
-//! functions get the same from `plan_cache_mode = force_custom_plan` (their definitions in
-//! `schema/contact_sync.sql`). `plans::plans_made_on_an_empty_queue_hold_for_a_full_one` pins it.
+//! The claim and the completion run prepared, on the hot path's own sessions ([`hot`]), whose
+//! settings make one plan per session right at every size of the queue. Every other statement
+//! a worker repeats (the sweeps, the account checks, the `/metrics` gauges) and the producers'
+//! look-up of idempotency keys already used are sent unprepared (`.persistent(false)`), so
+//! Postgres plans each for the tables as they are at that moment. (`enqueue_batch`'s insert
+//! stays prepared: it reads no table but through its unique index.) A prepared statement on an
+//! ordinary session may switch to a generic plan after five runs and keep it: one made while
+//! the queue was empty reads the table with a sequential scan, and kept doing so once a backlog
+//! of a million arrived. The triggers' functions get the same from
+//! `plan_cache_mode = force_custom_plan` (their definitions in `schema/contact_sync.sql`).
+//! `plans::plans_made_on_an_empty_queue_hold_for_a_full_one` pins both.
 
 #[doc(hidden)]
 pub mod accounts;
@@ -42,10 +44,11 @@ pub mod doi;
 #[doc(hidden)]
 pub mod enqueue;
 #[doc(hidden)]
+pub mod hot;
+#[doc(hidden)]
 pub mod inspect;
 #[doc(hidden)]
 pub mod job;
-#[doc(hidden)]
 #[doc(hidden)]
 pub mod probes;
 #[doc(hidden)]

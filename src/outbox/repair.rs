@@ -606,7 +606,9 @@ pub async fn cancel(
     if done == 1 {
         // it may have been its contact's first pending job: the next one comes back at once
         match pool.acquire().await {
-            Ok(mut conn) => super::claim::requeue_next_or_leave_to_sweep(&mut conn, &[id]).await,
+            Ok(mut conn) => {
+                super::claim::requeue_next_or_leave_to_sweep(&mut conn, &[id], false).await
+            }
             Err(e) => {
                 tracing::debug!(error = %e, "could not bring back the contact's next job; the sweep will")
             }

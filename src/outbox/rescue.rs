@@ -87,7 +87,7 @@ pub async fn rescue_expired(
     if !back.is_empty() {
         // what waits behind these calls: the contacts' next jobs come back (failing that, the
         // sweep brings them back)
-        super::claim::requeue_next_or_leave_to_sweep(&mut conn, &back).await;
+        super::claim::requeue_next_or_leave_to_sweep(&mut conn, &back, false).await;
     }
     let dead = rows.iter().filter(|(_, s)| s.as_str() == "dead").count() as u64;
     Ok((rows.len() as u64 - dead, dead))

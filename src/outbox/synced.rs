@@ -50,7 +50,7 @@ pub async fn record(conn: &mut sqlx::PgConnection, calls: &[Delivered]) -> Resul
                 synced_at = now()
         "#,
     )
-    .persistent(false)
+    // (run on the hot path's sessions only, in the completion's transaction: see `outbox::hot`)
     .bind(&providers)
     .bind(&accounts)
     .bind(&emails)

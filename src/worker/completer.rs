@@ -176,7 +176,7 @@ async fn write(
             continue;
         }
         let items: Vec<Success> = group.iter().filter_map(success_of).collect();
-        match complete::succeed_many(pool, &items).await {
+        match complete::succeed_many(&shared.hot, &items).await {
             Ok(w) => {
                 let lost: HashSet<_> = w.lost.into_iter().collect();
                 let held: HashSet<_> = w.held.into_iter().collect();

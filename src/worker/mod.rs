@@ -41,6 +41,8 @@ use tokio::sync::Notify;
 /// State shared by the worker's tasks.
 pub(crate) struct Shared {
     pub pool: PgPool,
+    /// The claim's and the completion's sessions ([`crate::outbox::hot`]), to the same database.
+    pub hot: PgPool,
     pub settings: Settings,
     pub registry: Registry,
     /// Accounts this worker serves (the registry's); other accounts' jobs wait.
@@ -223,6 +225,7 @@ impl Worker {
             .collect();
         Worker {
             shared: Arc::new(Shared {
+                hot: crate::outbox::hot::pool(&pool),
                 pool,
                 settings,
                 registry,
@@ -272,6 +275,12 @@ impl Worker {
     pub async fn drain(&self) -> Report {
         producer::run(self.shared.clone(), Shutdown::new(), true).await;
         self.report()
+    }
+
+    /// Closes the hot path's connections ([`crate::outbox::hot`]; the worker's other
+    /// connections are the pool it was given). A worker is not run again after this.
+    pub async fn close(&self) {
+        self.shared.hot.close().await;
     }
 
     /// [`Worker::drain`] that also stops when `shutdown` fires.

@@ -39,7 +39,7 @@ async fn claim_planned(
     let mut set_waiting = false;
     let mut failed = None;
     if !plan.open.is_empty() {
-        match claim::claim(&shared.pool, &plan.open, &options).await {
+        match claim::claim(&shared.hot, &plan.open, &options).await {
             Ok(got) => {
                 jobs = got.jobs;
                 set_waiting = got.set_waiting > 0;
@@ -48,7 +48,7 @@ async fn claim_planned(
         }
     }
     if !plan.limited.is_empty() {
-        match claim::claim_within_limits(&shared.pool, &plan.limited, &options).await {
+        match claim::claim_within_limits(&shared.hot, &plan.limited, &options).await {
             Ok(limited) => {
                 for (account, held) in limited.held {
                     shared.limits.held(&account, held);

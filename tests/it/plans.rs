@@ -671,6 +671,18 @@ async fn seq_rows_read(reader: &PgPool, sessions: &[&PgPool]) -> i64 {
     read("jobs").await
 }
 
+/// Rows of the queue's table fetched through index scans so far (`pg_stat_user_tables`; the
+/// sessions' statistics flushed by a [`seq_rows_read`] just before).
+async fn index_rows_fetched(reader: &PgPool) -> i64 {
+    sqlx::query_scalar::<_, i64>(
+        "SELECT coalesce(sum(idx_tup_fetch), 0)::bigint FROM pg_stat_user_tables
+         WHERE schemaname = 'contact_sync' AND relname = 'jobs'",
+    )
+    .fetch_one(reader)
+    .await
+    .unwrap()
+}
+
 /// One claim of up to 256 jobs through the library, each completed as delivered; returns how
 /// many.
 async fn deliver(pool: &PgPool) -> usize {
@@ -732,7 +744,8 @@ async fn plans_made_on_an_empty_queue_hold_for_a_full_one() {
             .max_connections(1)
             .connect_lazy_with(db.options.clone())
     };
-    let worker = session();
+    // the worker's claims and completions run on its hot path's sessions, plans kept
+    let worker = contact_sync::outbox::hot::pool(&session());
     let producer = session();
     // a producer whose transactions run under REPEATABLE READ takes its own path in the trigger
     let rr_producer = PgPoolOptions::new()
@@ -770,8 +783,15 @@ async fn plans_made_on_an_empty_queue_hold_for_a_full_one() {
     ready(&other, 1, 20_000).await;
     let all = [&worker, &producer, &rr_producer, &other];
     let before = seq_rows_read(&db.pool, &all).await;
+    let fetched_before = index_rows_fetched(&db.pool).await;
     assert_eq!(deliver(&worker).await, 256);
     let delivered = seq_rows_read(&db.pool, &all).await;
+    // (a plan kept from the empty queue that walked a whole index would fetch 20,000)
+    let fetched = index_rows_fetched(&db.pool).await - fetched_before;
+    assert!(
+        fetched < 4 * 256,
+        "a claim and completion of 256 jobs fetched {fetched} rows of contact_sync.jobs through indexes, 20,000 queued"
+    );
     // changes of contacts that have open work (their rows exist)
     let more = |from: usize| -> Vec<NewJob> {
         (from..from + 10)
