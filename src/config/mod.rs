@@ -54,7 +54,8 @@ pub struct Settings {
 pub struct DatabaseSettings {
     /// `postgres://...`; may carry a password, hence a secret.
     pub url: Option<Secret>,
-    /// Pool size of one process (the worker needs a few: claim, complete, heartbeat, listen).
+    /// Pool size of one process (housekeeping, heartbeat, listen, the double-opt-in ledger; the
+    /// claim and the completion open three connections of their own besides: `outbox::hot`).
     #[serde(default = "defaults::max_connections")]
     pub max_connections: u32,
 }

@@ -149,7 +149,7 @@ async fn write_successes(
             -- the rows of these calls this statement can take now: one another transaction
             -- holds (an operator's open UPDATE, an application's upsert) is skipped, never
             -- waited for
-            SELECT j.id FROM contact_sync.jobs j
+            SELECT j.id, j.contact_key, md5(j.payload::text) AS md5 FROM contact_sync.jobs j
             -- = ANY(ARRAY(SELECT unnest(...))): primary-key probes whatever the planner
             -- believes of the table's size (a seq scan was planned on statistics of an empty queue)
             WHERE j.id = ANY(ARRAY(SELECT unnest($1::bigint[] || $4::bigint[])))
@@ -189,8 +189,10 @@ async fn write_successes(
             FROM todo t
             -- (the rows `locked` holds: this statement's own locks, so the row is as locked read it;
             -- = ANY(ARRAY(...)): primary-key probes, whatever the plan)
+            -- (the state test is written so that no partial index can serve it: a plan kept
+            -- from a small queue read every running job of the fleet through one)
             WHERE j.id = ANY(ARRAY(SELECT todo.id FROM todo))
-              AND j.id = t.id AND j.state = 'running' AND j.attempts = t.attempt
+              AND j.id = t.id AND coalesce(j.state, '') = 'running' AND j.attempts = t.attempt
             RETURNING j.id, j.contact_key, t.sets_status, t.modify_ts, j.state = 'succeeded' AS as_sent
         ), watermark AS (
             -- one running job per contact: a contact appears at most once here
@@ -208,14 +210,14 @@ async fn write_successes(
                                   ELSE f.last_error END
             FROM (
                 -- in id order, up to the first follower changed since the claim (or gone, or
-                -- moved to another contact): it and those after it are sent again, in order
+                -- moved to another contact): it and those after it are sent again, in order. The
+                -- rows as `locked` took them (the newest versions, never this statement's
+                -- snapshot: a change committed in between must be seen), joined by hashing.
                 SELECT m.id, m.head,
-                       bool_and(coalesce(m.id = ANY(ARRAY(SELECT l.id FROM locked l)) AND
-                                (SELECT md5(x.payload::text) = m.sent_md5
-                                        AND x.contact_key = (SELECT h.contact_key FROM contact_sync.jobs h WHERE h.id = m.head)
-                                 FROM contact_sync.jobs x WHERE x.id = m.id), false))
+                       bool_and(coalesce(l.md5 = m.sent_md5 AND l.contact_key = h.contact_key, false))
                            OVER (PARTITION BY m.head ORDER BY m.id) AS as_sent
-                FROM m
+                FROM m JOIN locked h ON h.id = m.head
+                LEFT JOIN locked l ON l.id = m.id
                 WHERE m.head = ANY(ARRAY(SELECT d.id FROM done d WHERE d.as_sent))
             ) m
             WHERE f.id = ANY(ARRAY(SELECT m.id FROM m))

@@ -43,6 +43,9 @@ pub(crate) struct Shared {
     pub pool: PgPool,
     /// The claim's and the completion's sessions ([`crate::outbox::hot`]), to the same database.
     pub hot: PgPool,
+    /// Held by the loop running now: the in-flight map is the worker's, and a loop that ends
+    /// puts back every claim in it, so two loops of one worker never run at once.
+    pub running: tokio::sync::Mutex<()>,
     pub settings: Settings,
     pub registry: Registry,
     /// Accounts this worker serves (the registry's); other accounts' jobs wait.
@@ -226,6 +229,7 @@ impl Worker {
         Worker {
             shared: Arc::new(Shared {
                 hot: crate::outbox::hot::pool(&pool),
+                running: tokio::sync::Mutex::new(()),
                 pool,
                 settings,
                 registry,
@@ -265,7 +269,11 @@ impl Worker {
     /// `worker.shutdown_timeout`, and puts unfinished claims back.
     /// A [`Shutdown`] also carries a second stage: when its `force` fires, in-flight calls are
     /// abandoned at once and their claims put back.
+    ///
+    /// One worker runs one loop at a time: a second `run` or `drain` of it waits for the first
+    /// to end (a loop that ends puts back every claim of the worker's still in flight).
     pub async fn run(&self, shutdown: impl Into<Shutdown>) -> Report {
+        let _one_loop = self.shared.running.lock().await;
         producer::run(self.shared.clone(), shutdown.into(), false).await;
         self.report()
     }
@@ -273,6 +281,7 @@ impl Worker {
     /// Runs until no job of this worker's accounts is runnable now and none is in flight
     /// (`contact-sync run --drain`; what tests use instead of sleeping).
     pub async fn drain(&self) -> Report {
+        let _one_loop = self.shared.running.lock().await;
         producer::run(self.shared.clone(), Shutdown::new(), true).await;
         self.report()
     }
@@ -285,6 +294,7 @@ impl Worker {
 
     /// [`Worker::drain`] that also stops when `shutdown` fires.
     pub async fn drain_until(&self, shutdown: impl Into<Shutdown>) -> Report {
+        let _one_loop = self.shared.running.lock().await;
         producer::run(self.shared.clone(), shutdown.into(), true).await;
         self.report()
     }

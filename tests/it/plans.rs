@@ -781,6 +781,15 @@ async fn plans_made_on_an_empty_queue_hold_for_a_full_one() {
     // then a backlog arrives (from another session), and the statistics stay as they were
     let other = session();
     ready(&other, 1, 20_000).await;
+    // and 5,000 calls are in flight elsewhere in the fleet (a completion reads its own rows)
+    sqlx::query(
+        "UPDATE contact_sync.jobs SET state = 'running', attempts = 1, locked_by = 'elsewhere',
+                locked_until = now() + interval '1 hour'
+         WHERE id IN (SELECT id FROM contact_sync.jobs WHERE state = 'pending' ORDER BY id DESC LIMIT 5000)",
+    )
+    .execute(&other)
+    .await
+    .unwrap();
     let all = [&worker, &producer, &rr_producer, &other];
     let before = seq_rows_read(&db.pool, &all).await;
     let fetched_before = index_rows_fetched(&db.pool).await;
