@@ -169,22 +169,23 @@ async fn write_successes(
             WHERE m.id <> ALL(ARRAY(SELECT l.id FROM locked l))
               AND (SELECT true FROM contact_sync.jobs p WHERE p.id = m.id)
         ), todo AS (
-            SELECT t.* FROM t
-            WHERE t.id = ANY(ARRAY(SELECT l.id FROM locked l))
-              AND t.id <> ALL(ARRAY(SELECT h.id FROM held h))
+            -- the heads to write, and whether each is still as its call carried it (the row as
+            -- `locked` took it: this statement holds it until the end)
+            SELECT t.*, l.md5 = t.sent_md5 AS as_sent FROM t JOIN locked l ON l.id = t.id
+            WHERE t.id <> ALL(ARRAY(SELECT h.id FROM held h))
         ), done AS (
             -- delivered; a job changed since the claim was delivered as it was, and goes back
             -- to pending to be sent as it is now (never `run_at` in the SET list: it would fire
             -- the row-level validation trigger, which fires on that column whatever the value,
             -- for every job)
             UPDATE contact_sync.jobs j
-            SET state = CASE WHEN md5(j.payload::text) = t.sent_md5 THEN 'succeeded' ELSE 'pending' END,
-                finished_at = CASE WHEN md5(j.payload::text) = t.sent_md5 THEN now() END,
+            SET state = CASE WHEN t.as_sent THEN 'succeeded' ELSE 'pending' END,
+                finished_at = CASE WHEN t.as_sent THEN now() END,
                 locked_until = NULL,
-                locked_by = CASE WHEN md5(j.payload::text) = t.sent_md5 THEN j.locked_by END,
+                locked_by = CASE WHEN t.as_sent THEN j.locked_by END,
                 doi = coalesce(t.doi, j.doi),
                 outcome = t.outcome,
-                last_error = CASE WHEN md5(j.payload::text) = t.sent_md5 THEN j.last_error
+                last_error = CASE WHEN t.as_sent THEN j.last_error
                                   ELSE 'changed while its call was in flight: the call delivered it as it was; it is sent again as it is now' END
             FROM todo t
             -- (the rows `locked` holds: this statement's own locks, so the row is as locked read it;

@@ -394,20 +394,30 @@ pub(crate) fn check_contacts(plan: &Plan, sandbox: &Sandbox, rows: &[Row], v: &m
             // have taken the status out of it (the confirmation window of an earlier call),
             // which a job that never succeeded does not record
             let mut confirmations = (0u64, 0u64);
-            for job in jobs
+            // (the skipped call being applied: its head, and the state before it)
+            let mut skipped_from: Option<(i64, ContactState)> = None;
+            let considered: Vec<&Row> = jobs
                 .iter()
+                .copied()
                 .filter(|j| j.delivered() || maybe.contains(&j.id))
-            {
+                .collect();
+            for (at, job) in considered.iter().copied().enumerate() {
                 // a call the worker did not make because the provider held it already (the
-                // synced state of a captured account): applied as if sent, it must change no
-                // field or status; the provider's own modify_ts stays where it was (the
-                // worker keeps the newer one as its watermark, so later stale changes are
-                // dropped as the provider would drop them)
-                if unchanged_calls.contains(&job.id)
-                    || job
-                        .coalesced_into
-                        .is_some_and(|h| unchanged_calls.contains(&h))
-                {
+                // synced state of a captured account): applied as if sent, the call as a whole
+                // (its head and the changes merged into it: a value changed and changed back
+                // within one call is held already) must change no field or status; the
+                // provider's own modify_ts stays where it was (the worker keeps the newer one
+                // as its watermark, so later stale changes are dropped as the provider would
+                // drop them)
+                let skipped_head = if unchanged_calls.contains(&job.id) {
+                    Some(job.id)
+                } else {
+                    job.coalesced_into.filter(|h| unchanged_calls.contains(h))
+                };
+                if let Some(head) = skipped_head {
+                    if skipped_from.as_ref().is_none_or(|(h, _)| *h != head) {
+                        skipped_from = Some((head, expected.clone()));
+                    }
                     let mut with = expected.clone();
                     if contact.account.provider == "justclick" {
                         if let Ok(fields) =
@@ -422,12 +432,19 @@ pub(crate) fn check_contacts(plan: &Plan, sandbox: &Sandbox, rows: &[Row], v: &m
                     } else if let Some(p) = job.payload.as_object() {
                         model::apply_smartlink(&mut with, p);
                     }
-                    if !same_but_modify_ts(&with, &expected) {
-                        v.add(
-                            "b: a call is skipped only when the provider holds it already",
-                            &contact.label(),
-                            format!("{}: {}", diff(&with, &expected), job.summary()),
-                        );
+                    let last_of_call = !considered[at + 1..]
+                        .iter()
+                        .any(|j| j.id == head || j.coalesced_into == Some(head));
+                    if last_of_call {
+                        if let Some((_, before)) = skipped_from.take() {
+                            if !same_but_modify_ts(&with, &before) {
+                                v.add(
+                                    "b: a call is skipped only when the provider holds it already",
+                                    &contact.label(),
+                                    format!("{}: {}", diff(&with, &before), job.summary()),
+                                );
+                            }
+                        }
                     }
                     expected = with;
                     continue;
