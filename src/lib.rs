@@ -74,7 +74,8 @@
 //!   schema is `schema/contact_sync.sql`.
 //! - [`outbox`]: every SQL statement on contact-sync's tables: enqueue, claim, fenced
 //!   completion, rescue, retention, accounts and replicas, the double-opt-in ledger, operator
-//!   reads (`inspect`) and writes (`repair`).
+//!   reads (`inspect`) and writes (`repair`); `hot`: the sessions the claim and the completion
+//!   run on, one kept plan per statement.
 //! - [`providers`]: the provider seam and account registry, the JustClick and Smartlink clients
 //!   and their signatures, outcome classification, payload merging, the providers' reference
 //!   model.

@@ -246,17 +246,23 @@ async fn run_on(
     let accounts: Vec<String> = ACCOUNTS.iter().map(|s| s.to_string()).collect();
 
     let progress = tokio::spawn(progress_line(pool.clone(), accounts.clone()));
-    for (i, wave) in [first_wave(), second_wave()].into_iter().enumerate() {
-        let mut conn = pool.acquire().await?;
-        let ids = enqueue_batch(&mut conn, &wave).await?;
-        drop(conn);
-        eprintln!("\rwave {}: enqueued {} changes", i + 1, ids.len());
-        settle(pool, &worker, &accounts).await?;
-    }
+    let waves = async {
+        for (i, wave) in [first_wave(), second_wave()].into_iter().enumerate() {
+            let mut conn = pool.acquire().await?;
+            let ids = enqueue_batch(&mut conn, &wave).await?;
+            drop(conn);
+            eprintln!("\rwave {}: enqueued {} changes", i + 1, ids.len());
+            settle(pool, &worker, &accounts).await?;
+        }
+        Ok::<_, anyhow::Error>(())
+    };
+    let waves = waves.await;
     progress.abort();
     // (its connection back in the pool before the pool closes)
     let _ = progress.await;
-    drop(worker);
+    // (the claim's and the completion's sessions closed before the throwaway Postgres stops)
+    worker.close().await;
+    waves?;
     eprintln!();
 
     let counts = probes::counts_for(pool, &accounts).await?;

@@ -38,7 +38,7 @@ pub const SETTINGS: [(&str, &str); 5] = [
 
 /// How many connections the hot path opens besides the ordinary pool: the claim (one at a
 /// time), the completion (one at a time, and the look-up of each contact's next job after it),
-/// and one spare for a release at shutdown.
+/// and one spare.
 pub const CONNECTIONS: u32 = 3;
 
 /// A pool of hot-path sessions to the database `pool` connects to, with its options (the

@@ -273,8 +273,13 @@ impl Worker {
     /// One worker runs one loop at a time: a second `run` or `drain` of it waits for the first
     /// to end (a loop that ends puts back every claim of the worker's still in flight).
     pub async fn run(&self, shutdown: impl Into<Shutdown>) -> Report {
-        let _one_loop = self.shared.running.lock().await;
-        producer::run(self.shared.clone(), shutdown.into(), false).await;
+        let shutdown: Shutdown = shutdown.into();
+        // (a shutdown fired while another loop of this worker runs ends this one unstarted)
+        let _one_loop = tokio::select! {
+            one = self.shared.running.lock() => one,
+            _ = shutdown.graceful.cancelled() => return self.report(),
+        };
+        producer::run(self.shared.clone(), shutdown, false).await;
         self.report()
     }
 
@@ -294,8 +299,13 @@ impl Worker {
 
     /// [`Worker::drain`] that also stops when `shutdown` fires.
     pub async fn drain_until(&self, shutdown: impl Into<Shutdown>) -> Report {
-        let _one_loop = self.shared.running.lock().await;
-        producer::run(self.shared.clone(), shutdown.into(), true).await;
+        let shutdown: Shutdown = shutdown.into();
+        // (a shutdown fired while another loop of this worker runs ends this one unstarted)
+        let _one_loop = tokio::select! {
+            one = self.shared.running.lock() => one,
+            _ = shutdown.graceful.cancelled() => return self.report(),
+        };
+        producer::run(self.shared.clone(), shutdown, true).await;
         self.report()
     }
 }
