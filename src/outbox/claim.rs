@@ -458,6 +458,7 @@ pub async fn claim_within_limits(
 
 /// Runs the claim statement for these quotas and rolls it back (the benchmark's and the plan
 /// tests' probe: the backlog stays as it was). Returns how many jobs it would have claimed.
+/// `pool`: as for [`claim`].
 pub async fn claim_rolled_back(
     pool: &PgPool,
     quotas: &[AccountQuota],

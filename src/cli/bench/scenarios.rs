@@ -158,13 +158,20 @@ pub(crate) async fn claim_latency(pool: &PgPool, samples: usize) -> anyhow::Resu
             limit: 128,
         },
     ];
+    // (on a session like the worker's own, with the plan it keeps)
+    let hot = contact_sync::outbox::hot::pool(pool);
     let mut out = Vec::with_capacity(samples);
     for _ in 0..samples {
         let t0 = Instant::now();
         // (a head and up to 16 followers, as before the options were typed)
-        claim::claim_rolled_back(pool, &quotas, 17).await?;
+        let claimed = claim::claim_rolled_back(&hot, &quotas, 17).await;
+        if let Err(e) = claimed {
+            hot.close().await;
+            return Err(e.into());
+        }
         out.push(t0.elapsed().as_secs_f64() * 1000.0);
     }
+    hot.close().await;
     out.sort_by(|a, b| a.total_cmp(b));
     Ok(out)
 }
