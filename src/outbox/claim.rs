@@ -688,9 +688,6 @@ pub async fn requeue_next(
     conn: &mut sqlx::PgConnection,
     ids: &[JobId],
 ) -> Result<u64, sqlx::Error> {
-    if ids.is_empty() {
-        return Ok(0);
-    }
     requeue_next_sql(conn, ids, &[], false).await
 }
 
@@ -703,9 +700,6 @@ pub(crate) async fn requeue_next_or_leave_to_sweep(
     ids: &[JobId],
     hot: bool,
 ) {
-    if ids.is_empty() {
-        return;
-    }
     if let Err(e) = requeue_next_sql(conn, ids, &[], hot).await {
         tracing::debug!(error = %e, "could not bring back the next waiting jobs; the sweep will");
     }
@@ -717,9 +711,6 @@ pub async fn requeue_next_of(
     conn: &mut sqlx::PgConnection,
     contact_keys: &[String],
 ) -> Result<u64, sqlx::Error> {
-    if contact_keys.is_empty() {
-        return Ok(0);
-    }
     requeue_next_sql(conn, &[], contact_keys, false).await
 }
 
@@ -729,6 +720,10 @@ async fn requeue_next_sql(
     contact_keys: &[String],
     hot: bool,
 ) -> Result<u64, sqlx::Error> {
+    // (nothing written, nothing to look up: no round trip)
+    if ids.is_empty() && contact_keys.is_empty() {
+        return Ok(0);
+    }
     Ok(sqlx::query(
         // language=PostgreSQL
         r#"
