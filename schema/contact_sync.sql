@@ -50,6 +50,15 @@ BEGIN
         v_payload := v_payload || jsonb_build_object('modify_ts', floor(extract(epoch FROM clock_timestamp()) * 1000)::bigint);
     END IF;
 
+    IF enqueue.idempotency_key IS NULL THEN
+        -- no unique index applies to a row without a key: a plain insert
+        INSERT INTO contact_sync.jobs (provider, account, email, payload, run_at, max_attempts)
+        VALUES (enqueue.provider, enqueue.account, enqueue.email, v_payload,
+                coalesce(enqueue.run_at, now()), enqueue.max_attempts)
+        RETURNING id INTO v_id;
+        RETURN v_id;
+    END IF;
+
     INSERT INTO contact_sync.jobs (provider, account, email, payload, idempotency_key, run_at, max_attempts)
     VALUES (enqueue.provider, enqueue.account, enqueue.email, v_payload, enqueue.idempotency_key,
             coalesce(enqueue.run_at, now()), enqueue.max_attempts)
@@ -74,10 +83,20 @@ CREATE FUNCTION contact_sync.jobs_after_insert() RETURNS trigger
     SET jit TO 'off'
     AS $$
 BEGIN
-    PERFORM 1 FROM new_jobs n WHERE NOT contact_sync.validate_job(n.provider, n.email, n.payload);
-    PERFORM contact_sync.reject('contact_sync: run_at must be a finite time, got ' || n.run_at::text,
-                                'pass a timestamp (or omit run_at for now)', to_jsonb(n.id))
-    FROM new_jobs n WHERE NOT isfinite(n.run_at);
+    IF NOT EXISTS (SELECT 1 FROM new_jobs) THEN
+        RETURN NULL;
+    END IF;
+    PERFORM contact_sync.reject(
+        format('contact_sync: account %s is a %s account, not %s', quote_literal(n.account), a.provider, n.provider),
+        format('enqueue it with provider %s, or name one of the %s accounts', quote_literal(a.provider), n.provider),
+        to_jsonb(n.id))
+    FROM new_jobs n JOIN contact_sync.accounts a ON a.account = n.account
+    WHERE a.provider IS NOT NULL AND a.provider <> n.provider;
+    PERFORM 1 FROM new_jobs n
+    WHERE NOT contact_sync.validate_job(n.provider, n.email, n.payload)
+       OR (NOT isfinite(n.run_at)
+           AND contact_sync.reject('contact_sync: run_at must be a finite time, got ' || n.run_at::text,
+                                   'pass a timestamp (or omit run_at for now)', to_jsonb(n.id)));
     PERFORM pg_notify('contact_sync_jobs', '');
     RETURN NULL;
 END
@@ -100,22 +119,6 @@ BEGIN
         NEW.waits_for := NULL;
     END IF;
     RETURN NEW;
-END
-$$;
-
-CREATE FUNCTION contact_sync.jobs_check_account_provider() RETURNS trigger
-    LANGUAGE plpgsql
-    SET plan_cache_mode TO 'force_custom_plan'
-    SET jit TO 'off'
-    AS $$
-BEGIN
-    PERFORM contact_sync.reject(
-        format('contact_sync: account %s is a %s account, not %s', quote_literal(n.account), a.provider, n.provider),
-        format('enqueue it with provider %s, or name one of the %s accounts', quote_literal(a.provider), n.provider),
-        to_jsonb(n.id))
-    FROM new_jobs n JOIN contact_sync.accounts a ON a.account = n.account
-    WHERE a.provider IS NOT NULL AND a.provider <> n.provider;
-    RETURN NULL;
 END
 $$;
 
@@ -634,8 +637,6 @@ CREATE UNIQUE INDEX jobs_running_contact_idx ON contact_sync.jobs USING btree (c
 CREATE INDEX jobs_waiting_idx ON contact_sync.jobs USING btree (contact_key, id) WHERE ((state = 'pending'::text) AND (waits_for IS NOT NULL));
 
 CREATE INDEX smartlink_watermarks_updated_idx ON contact_sync.smartlink_watermarks USING btree (updated_at);
-
-CREATE TRIGGER jobs_account_check AFTER INSERT ON contact_sync.jobs REFERENCING NEW TABLE AS new_jobs FOR EACH STATEMENT EXECUTE FUNCTION contact_sync.jobs_check_account_provider();
 
 CREATE TRIGGER jobs_after_insert AFTER INSERT ON contact_sync.jobs REFERENCING NEW TABLE AS new_jobs FOR EACH STATEMENT EXECUTE FUNCTION contact_sync.jobs_after_insert();
 

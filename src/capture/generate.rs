@@ -21,6 +21,13 @@ const PREFIX: &str = "\u{1}prefix\u{1}";
 const JOIN: &str = "\u{1}join\u{1}";
 const FILTER: &str = "\u{1}filter\u{1}";
 
+/// `work_mem` of the capture functions (the application's session keeps its own). Comparing a
+/// statement's old and new rows is a hash join of the transition tables; with the default 4 MB
+/// it spills to disk from about 40,000 rows, which made an update of 100,000 rows of unmapped
+/// columns 1.34× slower than without capture instead of 1.16×. The memory is taken only as a
+/// statement's rows need it, for the time of the trigger.
+pub const WORK_MEM: &str = "64MB";
+
 /// The dollar-quote of generated function bodies (the configuration refuses it in expressions).
 pub use crate::config::sources::BODY_QUOTE;
 
@@ -90,6 +97,7 @@ pub fn install_sql(
              SET search_path = pg_catalog, {schema}\n\
              SET plan_cache_mode = force_custom_plan\n\
              SET jit = off\n\
+             SET work_mem = '{WORK_MEM}'\n\
              AS $contact_sync_capture$\n\
              DECLARE\n    _cs_keys text[];\n    _cs_stack int[];\n    _cs_lo int;\n    _cs_hi int;\n    _cs_mid int;\n\
              BEGIN\n{body}    RETURN NULL;\nEND\n$contact_sync_capture$;\n",

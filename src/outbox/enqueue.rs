@@ -81,6 +81,30 @@ pub struct Enqueued {
     pub duplicates: usize,
 }
 
+/// The batch insert: rows in the order given, each Smartlink payload without `modify_ts` given
+/// the time of the insert. `{conflict}` stands for [`ON_CONFLICT`] when a row has an idempotency
+/// key; a batch without keys goes without it (no unique index applies to its rows, and the
+/// speculative insertion costs a WAL record per row).
+const BATCH_INSERT_SQL: &str = r#"
+        INSERT INTO contact_sync.jobs (provider, account, email, payload, idempotency_key, run_at, max_attempts)
+        SELECT i.provider, i.account, i.email,
+               CASE WHEN i.provider = 'smartlink' AND jsonb_typeof(i.payload) = 'object' AND NOT i.payload ? 'modify_ts'
+                    THEN i.payload || jsonb_build_object('modify_ts', floor(extract(epoch FROM clock_timestamp()) * 1000)::bigint)
+                    ELSE i.payload END,
+               i.key, coalesce(i.run_at, now()), i.max_attempts
+        -- payloads arrive as text (kept exactly as the caller wrote them), parsed once here
+        FROM (SELECT u.provider, u.account, u.email, u.payload::jsonb AS payload, u.key, u.run_at, u.max_attempts, u.ord
+              FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::timestamptz[], $7::int[])
+                   WITH ORDINALITY AS u(provider, account, email, payload, key, run_at, max_attempts, ord)
+              OFFSET 0) i
+        ORDER BY i.ord
+        {conflict}
+        RETURNING id, account, idempotency_key
+        "#;
+
+const ON_CONFLICT: &str =
+    "ON CONFLICT (account, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING";
+
 /// [`enqueue_batch`], also counting the idempotent duplicates.
 pub async fn enqueue_batch_counted(
     conn: &mut PgConnection,
@@ -107,34 +131,18 @@ pub async fn enqueue_batch_counted(
     }
     // Identity values are taken in insertion order, so the new keyless ids, sorted, line up
     // with the keyless inputs; keyed rows are matched by (account, key).
-    let inserted: Vec<(JobId, String, Option<String>)> = sqlx::query_as(
-        // language=PostgreSQL
-        r#"
-        INSERT INTO contact_sync.jobs (provider, account, email, payload, idempotency_key, run_at, max_attempts)
-        SELECT i.provider, i.account, i.email,
-               CASE WHEN i.provider = 'smartlink' AND jsonb_typeof(i.payload) = 'object' AND NOT i.payload ? 'modify_ts'
-                    THEN i.payload || jsonb_build_object('modify_ts', floor(extract(epoch FROM clock_timestamp()) * 1000)::bigint)
-                    ELSE i.payload END,
-               i.key, coalesce(i.run_at, now()), i.max_attempts
-        -- payloads arrive as text (kept exactly as the caller wrote them), parsed once here
-        FROM (SELECT u.provider, u.account, u.email, u.payload::jsonb AS payload, u.key, u.run_at, u.max_attempts, u.ord
-              FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::timestamptz[], $7::int[])
-                   WITH ORDINALITY AS u(provider, account, email, payload, key, run_at, max_attempts, ord)
-              OFFSET 0) i
-        ORDER BY i.ord
-        ON CONFLICT (account, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
-        RETURNING id, account, idempotency_key
-        "#,
-    )
-    .bind(&providers)
-    .bind(&accounts)
-    .bind(&emails)
-    .bind(&payloads)
-    .bind(&keys)
-    .bind(&run_ats)
-    .bind(&max_attempts)
-    .fetch_all(&mut *conn)
-    .await?;
+    let keyed = jobs.iter().any(|j| j.idempotency_key.is_some());
+    let sql = BATCH_INSERT_SQL.replace("{conflict}", if keyed { ON_CONFLICT } else { "" });
+    let inserted: Vec<(JobId, String, Option<String>)> = sqlx::query_as(&sql)
+        .bind(&providers)
+        .bind(&accounts)
+        .bind(&emails)
+        .bind(&payloads)
+        .bind(&keys)
+        .bind(&run_ats)
+        .bind(&max_attempts)
+        .fetch_all(&mut *conn)
+        .await?;
     let mut keyless: Vec<JobId> = Vec::with_capacity(inserted.len());
     let mut by_key: HashMap<(String, String), JobId> = HashMap::new();
     for (id, account, key) in inserted {
