@@ -5,8 +5,8 @@
 -- up a PL/pgSQL frame and its statements (about 35 µs for a one-row insert), and an insert of
 -- no rows (a captured statement that changed nothing an account maps) ran both, validated
 -- nothing and woke every worker. The checks now run in one trigger, in the order they had
--- (the account check first, then each row's validation, then run_at), and an empty insert
--- returns at once.
+-- (every row's account, then every row's fields, then every row's run_at: a statement with
+-- several faults reports the same one as before), and an empty insert returns at once.
 --
 -- contact_sync.enqueue() without an idempotency key inserts without ON CONFLICT: no unique
 -- index applies to such a row, and the speculative insertion ON CONFLICT costs (an extra WAL
@@ -29,11 +29,10 @@ BEGIN
         to_jsonb(n.id))
     FROM new_jobs n JOIN contact_sync.accounts a ON a.account = n.account
     WHERE a.provider IS NOT NULL AND a.provider <> n.provider;
-    PERFORM 1 FROM new_jobs n
-    WHERE NOT contact_sync.validate_job(n.provider, n.email, n.payload)
-       OR (NOT isfinite(n.run_at)
-           AND contact_sync.reject('contact_sync: run_at must be a finite time, got ' || n.run_at::text,
-                                   'pass a timestamp (or omit run_at for now)', to_jsonb(n.id)));
+    PERFORM 1 FROM new_jobs n WHERE NOT contact_sync.validate_job(n.provider, n.email, n.payload);
+    PERFORM contact_sync.reject('contact_sync: run_at must be a finite time, got ' || n.run_at::text,
+                                'pass a timestamp (or omit run_at for now)', to_jsonb(n.id))
+    FROM new_jobs n WHERE NOT isfinite(n.run_at);
     PERFORM pg_notify('contact_sync_jobs', '');
     RETURN NULL;
 END

@@ -92,11 +92,10 @@ BEGIN
         to_jsonb(n.id))
     FROM new_jobs n JOIN contact_sync.accounts a ON a.account = n.account
     WHERE a.provider IS NOT NULL AND a.provider <> n.provider;
-    PERFORM 1 FROM new_jobs n
-    WHERE NOT contact_sync.validate_job(n.provider, n.email, n.payload)
-       OR (NOT isfinite(n.run_at)
-           AND contact_sync.reject('contact_sync: run_at must be a finite time, got ' || n.run_at::text,
-                                   'pass a timestamp (or omit run_at for now)', to_jsonb(n.id)));
+    PERFORM 1 FROM new_jobs n WHERE NOT contact_sync.validate_job(n.provider, n.email, n.payload);
+    PERFORM contact_sync.reject('contact_sync: run_at must be a finite time, got ' || n.run_at::text,
+                                'pass a timestamp (or omit run_at for now)', to_jsonb(n.id))
+    FROM new_jobs n WHERE NOT isfinite(n.run_at);
     PERFORM pg_notify('contact_sync_jobs', '');
     RETURN NULL;
 END

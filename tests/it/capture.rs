@@ -514,6 +514,59 @@ async fn plan_install_and_uninstall_leave_nothing_behind() {
 
 /// One `UPDATE` of many rows is one set-based insert, and concurrent transactions on one row
 /// end with the value committed last at the provider.
+async fn work_mem(conn: &mut sqlx::PgConnection) -> String {
+    sqlx::query_scalar("SELECT current_setting('work_mem')")
+        .fetch_one(conn)
+        .await
+        .unwrap()
+}
+
+/// The capture raises `work_mem` for its own comparisons only: after every kind of captured
+/// write, a rejected row's included, the application's transaction has its own setting back,
+/// a smaller one and a larger one alike.
+#[tokio::test]
+async fn a_captured_write_leaves_the_sessions_settings_as_they_were() {
+    let (env, _config) = captured().await;
+    let mut tx = env.pool.begin().await.unwrap();
+    for (setting, writes) in [
+        (
+            "4MB",
+            [
+                "INSERT INTO public.users (email, city) VALUES ('wm1@example.com', 'Oslo'), ('not an address', 'Rome')",
+                "UPDATE public.users SET city = 'Bergen' WHERE email = 'wm1@example.com'",
+                "UPDATE public.users SET last_seen_at = now()",
+                "DELETE FROM public.users WHERE email = 'wm1@example.com'",
+            ],
+        ),
+        (
+            "256MB",
+            [
+                "INSERT INTO public.users (email, city) VALUES ('wm2@example.com', 'Oslo')",
+                "UPDATE public.users SET city = 'Bergen' WHERE email = 'wm2@example.com'",
+                "UPDATE public.users SET last_seen_at = now()",
+                "DELETE FROM public.users WHERE email = 'wm2@example.com'",
+            ],
+        ),
+    ] {
+        sqlx::query(&format!("SET LOCAL work_mem = '{setting}'"))
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        for write in writes {
+            sqlx::query(write).execute(&mut *tx).await.unwrap();
+            assert_eq!(work_mem(&mut tx).await, setting, "after {write}");
+        }
+    }
+    tx.commit().await.unwrap();
+    // the capture did run: the rejected address is on record, the good ones queued
+    let rejected: i64 = sqlx::query_scalar("SELECT count(*) FROM contact_sync.capture_rejections")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(rejected, 2, "the bad address, once per account");
+    assert!(jobs(&env).await >= 4);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bulk_update_and_concurrent_writers() {
     let (env, _config) = captured().await;

@@ -240,5 +240,33 @@ async fn non_finite_run_at_is_refused() {
             "{err}"
         );
     }
+    // Several faults in one statement: the account of every row is checked first, then every
+    // row's fields, then every row's run_at, whichever row comes first.
+    sqlx::query("INSERT INTO contact_sync.accounts (account, provider) VALUES ('jc', 'justclick')")
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    for (rows, expected) in [
+        (
+            "('smartlink', 'zz', 'a@b.co', 'infinity'), ('smartlink', 'zz', 'bad', now())",
+            "malformed email",
+        ),
+        (
+            "('justclick', 'zz', 'a@b.co', '-infinity'), ('nope', 'zz', 'a@b.co', now())",
+            "unknown provider",
+        ),
+        (
+            "('justclick', 'zz', 'bad', 'infinity'), ('smartlink', 'jc', 'a@b.co', now())",
+            "is a justclick account, not smartlink",
+        ),
+    ] {
+        let err = sqlx::query(&format!(
+            "INSERT INTO contact_sync.jobs (provider, account, email, run_at) VALUES {rows}"
+        ))
+        .execute(&env.pool)
+        .await
+        .unwrap_err();
+        assert!(err.to_string().contains(expected), "{rows}: {err}");
+    }
     inspect::status(&env.pool).await.unwrap();
 }
