@@ -57,6 +57,10 @@ pub struct Options {
     pub page: i64,
     /// Wait before a page while the accounts have more pending jobs than this.
     pub max_pending: i64,
+    /// Once every row is read, send each target's `on_delete` to the contacts it was sent that
+    /// are no longer rows of the source inside `where` (deleted, or gone out of it, while
+    /// nothing captured them).
+    pub sync_deletes: bool,
 }
 
 /// Where a backfill is.
@@ -70,6 +74,9 @@ pub struct Progress {
     pub enqueued: i64,
     pub unchanged: i64,
     pub rejected: i64,
+    /// Contacts no longer in the table that were sent their target's `on_delete`
+    /// ([`Options::sync_deletes`]; counted once per account).
+    pub deleted: i64,
     /// A run that went on from an unfinished one.
     pub resumed: bool,
     /// A few payloads that would be queued (dry run).
@@ -114,6 +121,16 @@ pub async fn run(
         }
         options.accounts.clone()
     };
+    if options.sync_deletes && options.condition.is_some() {
+        return Err(CaptureError::Usage(
+            "--sync-deletes compares the whole table with what was sent: it cannot be combined with --where".into(),
+        ));
+    }
+    if options.sync_deletes && options.mode == Mode::Baseline {
+        return Err(CaptureError::Usage(
+            "--sync-deletes sends what the contacts gone from the table get: it cannot be combined with --baseline-only".into(),
+        ));
+    }
     if let Some(condition) = &options.condition {
         if condition.contains(';') || condition.contains("--") || condition.contains("/*") {
             return Err(CaptureError::Usage(
@@ -201,6 +218,7 @@ pub async fn run(
             enqueued: cursor.enqueued,
             unchanged: cursor.unchanged,
             rejected: cursor.rejected,
+            deleted: 0,
             resumed,
             samples: Vec::new(),
         };
@@ -260,6 +278,23 @@ pub async fn run(
             }
             on_page(&progress);
         }
+        if options.sync_deletes {
+            let gone: Vec<(&str, ProviderKind, String)> = pages
+                .iter()
+                .filter_map(|(a, p, _)| Some((a.as_str(), *p, generate::gone_sql(source, a, *p)?)))
+                .collect();
+            let table = &source.table;
+            for (account, provider, sql) in &gone {
+                let sweep = Sweep {
+                    table,
+                    schema,
+                    account,
+                    provider: *provider,
+                    sql,
+                };
+                sweep.run(pool, options.dry_run, &mut progress).await?;
+            }
+        }
         if !options.dry_run {
             cursor.done = true;
             let mut conn = pool.acquire().await?;
@@ -270,6 +305,88 @@ pub async fn run(
     .await;
     let _ = backfills::unlock(&mut lock, name).await;
     result
+}
+
+/// One account's part of `--sync-deletes`: its `on_delete` queued for the contacts it was sent
+/// that the table no longer has. The table is locked `SHARE` while it is compared (writes to it
+/// wait, about a second per million rows), so that a row written meanwhile is never taken for
+/// gone; each change is queued after whatever the contact had queued before.
+struct Sweep<'a> {
+    table: &'a str,
+    schema: &'a str,
+    account: &'a str,
+    provider: ProviderKind,
+    sql: &'a str,
+}
+
+impl Sweep<'_> {
+    async fn run(
+        &self,
+        pool: &PgPool,
+        dry_run: bool,
+        progress: &mut Progress,
+    ) -> Result<(), CaptureError> {
+        loop {
+            let mut tx = pool.begin().await?;
+            sqlx::query("SELECT set_config('lock_timeout', $1, true)")
+                .bind(format!("{}ms", PAGE_LOCK_WAIT.as_millis()))
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query(&format!(
+                "SET LOCAL search_path = pg_catalog, {}",
+                self.schema
+            ))
+            .execute(&mut *tx)
+            .await?;
+            // one hash anti-join, whatever the planner thinks of the table's size
+            sqlx::query("SET LOCAL enable_nestloop = off")
+                .execute(&mut *tx)
+                .await?;
+            if dry_run {
+                let gone: Vec<(String, Value)> =
+                    sqlx::query_as(&format!("SELECT x.email, x.payload FROM ({}) x", self.sql))
+                        .fetch_all(&mut *tx)
+                        .await?;
+                for (email, payload) in gone
+                    .iter()
+                    .take(3usize.saturating_sub(progress.samples.len()))
+                {
+                    progress.samples.push(serde_json::json!({
+                        "account": self.account, "email": email, "payload": payload
+                    }));
+                }
+                progress.deleted += i64::try_from(gone.len()).unwrap_or(i64::MAX);
+                tx.rollback().await?;
+                return Ok(());
+            }
+            let locked = sqlx::query(&format!("LOCK TABLE {} IN SHARE MODE", self.table))
+                .execute(&mut *tx)
+                .await;
+            match locked {
+                Ok(_) => {}
+                Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("55P03") => {
+                    // an application's transaction is writing the table: try again
+                    drop(tx);
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            }
+            let queued = sqlx::query(&format!(
+                "INSERT INTO contact_sync.jobs (provider, account, email, payload)\n\
+                 SELECT {}, {}, x.email, x.payload FROM ({}) x ORDER BY x.email",
+                generate::literal(self.provider.as_str()),
+                generate::literal(self.account),
+                self.sql
+            ))
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            tx.commit().await?;
+            progress.deleted += i64::try_from(queued).unwrap_or(i64::MAX);
+            return Ok(());
+        }
+    }
 }
 
 /// One account's part of one page.

@@ -395,13 +395,7 @@ fn changes_sql(source: &SourceSettings, operation: &str, target: &Target) -> Opt
     let provider = literal(target.provider.as_str());
     let account = literal(target.account);
     let side = |rows: &str| side_sql(source, target, rows);
-    let leave = match (target.on_delete, target.provider) {
-        (OnDelete::Unsubscribe, ProviderKind::Smartlink) => Some(format!(
-            "jsonb_build_object('subscribe', 0, 'modify_ts', {})",
-            CAPTURE_TIME
-        )),
-        _ => None,
-    };
+    let leave = leave_sql(target.on_delete, target.provider);
     let changes = match operation {
         "insert" => format!(
             "WITH \u{1}prefix\u{1}n AS (\n{}\n), changes AS (\n\
@@ -478,13 +472,7 @@ fn side_sql(source: &SourceSettings, target: &Target, rows: &str) -> String {
         "r.{key}::text AS k, ({email}\n)::text AS email, {inside} AS inside",
         key = source.key,
         email = source.email,
-        inside = match &source.filter {
-            Some(filter) => format!(
-                "coalesce(({filter}\n), false) AND ({}\n) IS NOT NULL",
-                source.email
-            ),
-            None => format!("({}\n) IS NOT NULL", source.email),
-        },
+        inside = inside_sql(source),
     );
     for (i, (field, expression, typed)) in target.fields.iter().enumerate() {
         write!(
@@ -495,6 +483,55 @@ fn side_sql(source: &SourceSettings, target: &Target, rows: &str) -> String {
         .ok();
     }
     format!("SELECT {columns}\nFROM {rows} r\u{1}join\u{1} WHERE \u{1}filter\u{1}")
+}
+
+/// Whether a row (aliased `r`, its columns unqualified) is a contact: inside `where`, with an
+/// address.
+fn inside_sql(source: &SourceSettings) -> String {
+    match &source.filter {
+        Some(filter) => format!(
+            "coalesce(({filter}\n), false) AND ({}\n) IS NOT NULL",
+            source.email
+        ),
+        None => format!("({}\n) IS NOT NULL", source.email),
+    }
+}
+
+/// The payload a target's `on_delete` sends for an address that stops being a contact, or
+/// `None` when it sends nothing.
+fn leave_sql(on_delete: OnDelete, provider: ProviderKind) -> Option<String> {
+    match (on_delete, provider) {
+        (OnDelete::Unsubscribe, ProviderKind::Smartlink) => Some(format!(
+            "jsonb_build_object('subscribe', 0, 'modify_ts', {CAPTURE_TIME})"
+        )),
+        _ => None,
+    }
+}
+
+/// `backfill --sync-deletes` for one target: `(email, payload)` of every address `account` was
+/// sent (its synced state, an unsubscribe not the last thing sent) that no row of the table
+/// inside `where` has any more, with what its `on_delete` sends. One pass over each table: run
+/// it with `enable_nestloop` off, so the test for a row is a hash anti-join at any size.
+/// `None` when the target's `on_delete` sends nothing.
+pub fn gone_sql(source: &SourceSettings, account: &str, provider: ProviderKind) -> Option<String> {
+    let leave = leave_sql(source.targets.get(account)?.on_delete, provider)?;
+    let prefix = format!("{}:{account}:", provider.as_str());
+    Some(format!(
+        "SELECT g.email, {leave} AS payload\n\
+         FROM (SELECT s.email\n\
+         \x20     FROM (SELECT substr(s.contact_key, {from}) AS email FROM contact_sync.synced s\n\
+         \x20           WHERE starts_with(s.contact_key, {prefix_literal})\n\
+         \x20             AND (s.fields -> 'subscribe') IS DISTINCT FROM '0'::jsonb) s\n\
+         \x20     WHERE NOT EXISTS (SELECT 1 FROM {table} r WHERE {inside} AND lower(({email}\n)::text) = s.email)\n\
+         \x20     OFFSET 0) g\n\
+         -- (the address test for the few that are gone only, after the anti-join)\n\
+         WHERE contact_sync.email_is_valid(g.email)",
+        from = prefix.chars().count() + 1,
+        prefix_literal = literal(&prefix),
+        table = source.table,
+        inside = inside_sql(source),
+        email = source.email,
+    ))
 }
 
 /// A backfill's read of the rows `$1` (keys, as an array of the key's type) of the table for

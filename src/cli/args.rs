@@ -114,6 +114,11 @@ pub struct BackfillArgs {
     /// Start from the first row, discarding an unfinished backfill of the source.
     #[arg(long)]
     pub restart: bool,
+    /// Once every row is read, also send each target's on_delete to the contacts it was sent
+    /// that are no longer rows of the source inside `where` (deleted, or gone out of it, while
+    /// capture was off). Locks the table against writes while it compares.
+    #[arg(long, conflicts_with_all = ["condition", "baseline_only"])]
+    pub sync_deletes: bool,
     /// Rows per page (one short transaction each).
     #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(i64).range(1..=10_000))]
     pub page: i64,

@@ -154,6 +154,7 @@ pub async fn backfill(args: BackfillArgs, settings: &Settings) -> anyhow::Result
         restart: args.restart,
         page: args.page,
         max_pending: args.max_pending,
+        sync_deletes: args.sync_deletes,
     };
     let bar = (!args.json && std::io::stderr().is_terminal()).then(|| {
         let bar = indicatif::ProgressBar::new(0);
@@ -195,13 +196,21 @@ pub async fn backfill(args: BackfillArgs, settings: &Settings) -> anyhow::Result
             "queued"
         };
         println!(
-            "{}: {} row(s) read{}; {} change(s) {verb}, {} unchanged, {} rejected{}",
+            "{}: {} row(s) read{}; {} change(s) {verb}, {} unchanged, {} rejected{}{}",
             summary.source,
             summary.read,
             if summary.resumed { " (resumed)" } else { "" },
             summary.enqueued,
             summary.unchanged,
             summary.rejected,
+            if options.sync_deletes {
+                format!(
+                    "; {} contact(s) gone from the table: on_delete {verb}",
+                    summary.deleted
+                )
+            } else {
+                String::new()
+            },
             if summary.rejected > 0 {
                 format!(
                     " (contact-sync capture rejections --source {})",

@@ -795,6 +795,116 @@ async fn a_backfill_sends_only_what_differs() {
 /// A backfill killed with SIGKILL resumes after the last page it queued: every contact is sent
 /// exactly once. Two backfills of one source never run at once. Live changes made while a
 /// backfill runs keep their order: the provider ends as the table is.
+/// Rows deleted, gone out of `where`, or given another address while nothing captured them:
+/// `backfill --sync-deletes` sends their target's `on_delete` (Smartlink: unsubscribe; the
+/// JustClick target ignores them), counted exactly by a dry run, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backfill_with_sync_deletes_unsubscribes_contacts_gone_while_capture_was_off() {
+    let env = TestEnv::new().await;
+    exec(&env, USERS).await;
+    existing_users(&env, 100).await;
+    let config = env.config_file(SOURCES);
+    let (code, out, err) = env.cli(&config, &["capture", "install"]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    let mut env = env;
+    env.settings.sources = sources_of(&config);
+    let (code, out, err) = env.cli(&config, &["backfill", "users", "--json"]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    let worker = env.worker();
+    env.settle(&worker).await;
+    assert_providers_match_the_table(&env, &[]).await;
+    // nothing gone yet
+    let (code, out, err) = env
+        .cli(&config, &["backfill", "users", "--sync-deletes", "--json"])
+        .await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(summary(&out)["deleted"], 0, "{out}");
+
+    // behind the capture's back: one row deleted, one out of `where`, one moved to another
+    // address (written in another case: the provider matches addresses case-blind), and an
+    // address that only changed case (the same contact: not gone)
+    exec(
+        &env,
+        "ALTER TABLE users DISABLE TRIGGER USER; \
+         DELETE FROM users WHERE email = 'old2@example.com'; \
+         UPDATE users SET marketing_opt_in = false WHERE email = 'old3@example.com'; \
+         UPDATE users SET email = 'NEW4@Example.com' WHERE email = 'old4@example.com'; \
+         UPDATE users SET email = 'OLD5@example.com' WHERE email = 'old5@example.com'; \
+         ALTER TABLE users ENABLE TRIGGER USER",
+    )
+    .await;
+    let gone = ["old2@example.com", "old3@example.com", "old4@example.com"];
+    let (code, out, err) = env
+        .cli(
+            &config,
+            &["backfill", "users", "--sync-deletes", "--dry-run", "--json"],
+        )
+        .await;
+    assert_eq!(code, 0, "{out}{err}");
+    let dry = summary(&out);
+    assert_eq!(dry["deleted"], 3, "{dry}");
+    assert_eq!(
+        dry["enqueued"], 2,
+        "the new address, for both accounts: {dry}"
+    );
+    let before = jobs(&env).await;
+    let (code, out, err) = env
+        .cli(
+            &config,
+            &["backfill", "users", "--sync-deletes", "--dry-run", "--json"],
+        )
+        .await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(jobs(&env).await, before, "a dry run queues nothing");
+
+    let (code, out, err) = env
+        .cli(&config, &["backfill", "users", "--sync-deletes"])
+        .await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("3 contact(s) gone from the table: on_delete queued"),
+        "{out}"
+    );
+    let unsubscribes: Vec<(String, String)> = sqlx::query_as(
+        "SELECT account, email FROM contact_sync.jobs WHERE state = 'pending' AND payload -> 'subscribe' = '0' ORDER BY email",
+    )
+    .fetch_all(&env.pool)
+    .await
+    .unwrap();
+    let expected: Vec<(String, String)> = gone
+        .iter()
+        .map(|e| ("sl".to_string(), e.to_string()))
+        .collect();
+    assert_eq!(unsubscribes, expected);
+    env.settle(&worker).await;
+    assert_providers_match_the_table(&env, &gone).await;
+
+    // once sent, an unsubscribe is what the provider holds: nothing more to send
+    let calls = env.sandbox.stats().accepted;
+    let (code, out, err) = env
+        .cli(&config, &["backfill", "users", "--sync-deletes", "--json"])
+        .await;
+    assert_eq!(code, 0, "{out}{err}");
+    let again = summary(&out);
+    assert_eq!(
+        (again["deleted"].as_i64(), again["enqueued"].as_i64()),
+        (Some(0), Some(0)),
+        "{again}"
+    );
+    env.settle(&worker).await;
+    assert_eq!(env.sandbox.stats().accepted, calls);
+
+    // a filtered backfill cannot tell what is gone
+    let (code, _, err) = env
+        .cli(
+            &config,
+            &["backfill", "users", "--sync-deletes", "--where", "id < 5"],
+        )
+        .await;
+    assert_ne!(code, 0);
+    assert!(err.contains("--where"), "{err}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_backfill_resumes_and_live_changes_keep_their_order() {
     let env = TestEnv::new().await;

@@ -92,6 +92,7 @@ pub async fn measure(pool: &PgPool, config: &Path, rows: i64) -> anyhow::Result<
         restart: true,
         page: 1000,
         max_pending: i64::MAX,
+        sync_deletes: false,
     };
     backfill::run(
         pool,
