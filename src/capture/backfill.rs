@@ -126,6 +126,19 @@ pub async fn run(
             "--sync-deletes compares the whole table with what was sent: it cannot be combined with --where".into(),
         ));
     }
+    if options.sync_deletes {
+        // the synced state does not say which source a contact came from
+        for (other, settings) in &settings.sources {
+            if other == name {
+                continue;
+            }
+            if let Some(account) = accounts.iter().find(|a| settings.targets.contains_key(*a)) {
+                return Err(CaptureError::Usage(format!(
+                    "source {other} also sends to {account}, and --sync-deletes would take its contacts for deleted: name only accounts this source alone feeds (--account)"
+                )));
+            }
+        }
+    }
     if options.sync_deletes && options.mode == Mode::Baseline {
         return Err(CaptureError::Usage(
             "--sync-deletes sends what the contacts gone from the table get: it cannot be combined with --baseline-only".into(),
@@ -319,6 +332,13 @@ struct Sweep<'a> {
     sql: &'a str,
 }
 
+/// How long the sweep waits for the table's writers at a time: the application's writes queue
+/// behind a waiting `LOCK`, so it gives up soon and tries again.
+const SWEEP_LOCK_WAIT: Duration = Duration::from_millis(250);
+
+/// How long the sweep keeps trying to lock a table that is always being written.
+const SWEEP_LOCK_PATIENCE: Duration = Duration::from_secs(120);
+
 impl Sweep<'_> {
     async fn run(
         &self,
@@ -326,10 +346,16 @@ impl Sweep<'_> {
         dry_run: bool,
         progress: &mut Progress,
     ) -> Result<(), CaptureError> {
+        let started = std::time::Instant::now();
         loop {
             let mut tx = pool.begin().await?;
+            // each statement sees what committed before it, whatever the role's default
+            // isolation: the insert sees every row its lock waited for
+            sqlx::query("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
+                .execute(&mut *tx)
+                .await?;
             sqlx::query("SELECT set_config('lock_timeout', $1, true)")
-                .bind(format!("{}ms", PAGE_LOCK_WAIT.as_millis()))
+                .bind(format!("{}ms", SWEEP_LOCK_WAIT.as_millis()))
                 .execute(&mut *tx)
                 .await?;
             sqlx::query(&format!(
@@ -342,6 +368,17 @@ impl Sweep<'_> {
             sqlx::query("SET LOCAL enable_nestloop = off")
                 .execute(&mut *tx)
                 .await?;
+            // rows this role cannot see would be taken for gone
+            let hidden: bool = sqlx::query_scalar("SELECT row_security_active($1::regclass)")
+                .bind(self.table)
+                .fetch_one(&mut *tx)
+                .await?;
+            if hidden {
+                return Err(CaptureError::Usage(format!(
+                    "row-level security hides rows of {} from this role, and --sync-deletes would take them for deleted: run it as a role that sees every row (the table's owner, or one with BYPASSRLS)",
+                    self.table
+                )));
+            }
             if dry_run {
                 let gone: Vec<(String, Value)> =
                     sqlx::query_as(&format!("SELECT x.email, x.payload FROM ({}) x", self.sql))
@@ -365,8 +402,17 @@ impl Sweep<'_> {
             match locked {
                 Ok(_) => {}
                 Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("55P03") => {
-                    // an application's transaction is writing the table: try again
                     drop(tx);
+                    if started.elapsed() > SWEEP_LOCK_PATIENCE {
+                        return Err(CaptureError::Usage(format!(
+                            "{} was never free of writing transactions for {} ms in {} s, so the contacts gone from it could not be compared: every row is backfilled; run the same command again when the table is quieter (a transaction left open on it holds it too)",
+                            self.table,
+                            SWEEP_LOCK_WAIT.as_millis(),
+                            SWEEP_LOCK_PATIENCE.as_secs()
+                        )));
+                    }
+                    // an application's transaction is writing the table: let the writes queued
+                    // behind the lock through, then try again
                     tokio::time::sleep(Duration::from_millis(500)).await;
                     continue;
                 }

@@ -510,22 +510,27 @@ fn leave_sql(on_delete: OnDelete, provider: ProviderKind) -> Option<String> {
 
 /// `backfill --sync-deletes` for one target: `(email, payload)` of every address `account` was
 /// sent (its synced state, an unsubscribe not the last thing sent) that no row of the table
-/// inside `where` has any more, with what its `on_delete` sends. One pass over each table: run
-/// it with `enable_nestloop` off, so the test for a row is a hash anti-join at any size.
-/// `None` when the target's `on_delete` sends nothing.
+/// inside `where` has any more, with what its `on_delete` sends, unless that change is queued
+/// already. Addresses are lowered in the database's collation, as `contact_key` is. One pass
+/// over each table: run it with `enable_nestloop` off, so the test for a row is a hash
+/// anti-join at any size. `None` when the target's `on_delete` sends nothing.
 pub fn gone_sql(source: &SourceSettings, account: &str, provider: ProviderKind) -> Option<String> {
     let leave = leave_sql(source.targets.get(account)?.on_delete, provider)?;
     let prefix = format!("{}:{account}:", provider.as_str());
     Some(format!(
         "SELECT g.email, {leave} AS payload\n\
-         FROM (SELECT s.email\n\
-         \x20     FROM (SELECT substr(s.contact_key, {from}) AS email FROM contact_sync.synced s\n\
+         FROM (SELECT s.email, s.contact_key\n\
+         \x20     FROM (SELECT substr(s.contact_key, {from}) AS email, s.contact_key FROM contact_sync.synced s\n\
          \x20           WHERE starts_with(s.contact_key, {prefix_literal})\n\
          \x20             AND (s.fields -> 'subscribe') IS DISTINCT FROM '0'::jsonb) s\n\
-         \x20     WHERE NOT EXISTS (SELECT 1 FROM {table} r WHERE {inside} AND lower(({email}\n)::text) = s.email)\n\
+         \x20     WHERE NOT EXISTS (SELECT 1 FROM {table} r\n\
+         \x20                       WHERE {inside} AND lower((({email}\n)::text) COLLATE \"default\") = s.email)\n\
          \x20     OFFSET 0) g\n\
-         -- (the address test for the few that are gone only, after the anti-join)\n\
-         WHERE contact_sync.email_is_valid(g.email)",
+         -- (for the few that are gone only, after the anti-join: the address test, and a probe\n\
+         -- for the same change already queued)\n\
+         WHERE contact_sync.email_is_valid(g.email)\n\
+         \x20 AND (SELECT true FROM contact_sync.jobs j WHERE j.contact_key = g.contact_key AND j.state = 'pending'\n\
+         \x20        AND j.payload -> 'subscribe' = '0'::jsonb LIMIT 1) IS NULL",
         from = prefix.chars().count() + 1,
         prefix_literal = literal(&prefix),
         table = source.table,

@@ -876,6 +876,12 @@ async fn a_backfill_with_sync_deletes_unsubscribes_contacts_gone_while_capture_w
         .map(|e| ("sl".to_string(), e.to_string()))
         .collect();
     assert_eq!(unsubscribes, expected);
+    // run again before the worker got to them: they are queued already
+    let (code, out, err) = env
+        .cli(&config, &["backfill", "users", "--sync-deletes", "--json"])
+        .await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(summary(&out)["deleted"], 0, "{out}");
     env.settle(&worker).await;
     assert_providers_match_the_table(&env, &gone).await;
 
@@ -893,6 +899,36 @@ async fn a_backfill_with_sync_deletes_unsubscribes_contacts_gone_while_capture_w
     );
     env.settle(&worker).await;
     assert_eq!(env.sandbox.stats().accepted, calls);
+
+    // another source feeding the same account: its contacts would look gone
+    let two = env.config_file(&format!(
+        "{SOURCES}\n[sources.vips]\ntable = \"public.users\"\nkey = \"id\"\nemail = \"email\"\nwhere = \"level > 50\"\n\
+         [sources.vips.targets.sl]\nlanguage = \"lang\"\non_delete = \"unsubscribe\"\n"
+    ));
+    let (code, _, err) = env
+        .cli(&two, &["backfill", "users", "--sync-deletes"])
+        .await;
+    assert_ne!(code, 0);
+    assert!(err.contains("source vips also sends to sl"), "{err}");
+    let (code, out, err) = env
+        .cli(
+            &two,
+            &[
+                "backfill",
+                "users",
+                "--sync-deletes",
+                "--account",
+                "jc",
+                "--json",
+            ],
+        )
+        .await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(
+        summary(&out)["deleted"],
+        0,
+        "JustClick's on_delete sends nothing"
+    );
 
     // a filtered backfill cannot tell what is gone
     let (code, _, err) = env
