@@ -636,6 +636,18 @@ async fn existing_users(env: &TestEnv, n: i64) {
     .unwrap();
 }
 
+/// A users table of `n` rows that existed before its capture was installed.
+async fn installed_over_existing_users(n: i64) -> (TestEnv, std::path::PathBuf) {
+    let mut env = TestEnv::new().await;
+    exec(&env, USERS).await;
+    existing_users(&env, n).await;
+    let config = env.config_file(SOURCES);
+    let (code, out, err) = env.cli(&config, &["capture", "install"]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    env.settings.sources = sources_of(&config);
+    (env, config)
+}
+
 /// The sources of a configuration file: the worker records what it sends to their accounts.
 fn sources_of(
     config: &std::path::Path,
@@ -655,14 +667,7 @@ fn summary(out: &str) -> Value {
 /// fields that changed behind the capture's back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backfill_sends_only_what_differs() {
-    let env = TestEnv::new().await;
-    exec(&env, USERS).await;
-    existing_users(&env, 300).await;
-    let config = env.config_file(SOURCES);
-    let (code, out, err) = env.cli(&config, &["capture", "install"]).await;
-    assert_eq!(code, 0, "{out}{err}");
-    let mut env = env;
-    env.settings.sources = sources_of(&config);
+    let (env, config) = installed_over_existing_users(300).await;
     // 300 rows: 30 did not opt in, one has a malformed address
     let in_scope = 269;
     let (code, out, err) = env
@@ -792,22 +797,12 @@ async fn a_backfill_sends_only_what_differs() {
     assert_eq!(summary(&out)["enqueued"], 0, "{out}");
 }
 
-/// A backfill killed with SIGKILL resumes after the last page it queued: every contact is sent
-/// exactly once. Two backfills of one source never run at once. Live changes made while a
-/// backfill runs keep their order: the provider ends as the table is.
 /// Rows deleted, gone out of `where`, or given another address while nothing captured them:
 /// `backfill --sync-deletes` sends their target's `on_delete` (Smartlink: unsubscribe; the
 /// JustClick target ignores them), counted exactly by a dry run, once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backfill_with_sync_deletes_unsubscribes_contacts_gone_while_capture_was_off() {
-    let env = TestEnv::new().await;
-    exec(&env, USERS).await;
-    existing_users(&env, 100).await;
-    let config = env.config_file(SOURCES);
-    let (code, out, err) = env.cli(&config, &["capture", "install"]).await;
-    assert_eq!(code, 0, "{out}{err}");
-    let mut env = env;
-    env.settings.sources = sources_of(&config);
+    let (env, config) = installed_over_existing_users(100).await;
     let (code, out, err) = env.cli(&config, &["backfill", "users", "--json"]).await;
     assert_eq!(code, 0, "{out}{err}");
     let worker = env.worker();
@@ -941,6 +936,9 @@ async fn a_backfill_with_sync_deletes_unsubscribes_contacts_gone_while_capture_w
     assert!(err.contains("--where"), "{err}");
 }
 
+/// A backfill killed with SIGKILL resumes after the last page it queued: every contact is sent
+/// exactly once. Two backfills of one source never run at once. Live changes made while a
+/// backfill runs keep their order: the provider ends as the table is.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_backfill_resumes_and_live_changes_keep_their_order() {
     let env = TestEnv::new().await;
