@@ -23,10 +23,10 @@ const FILTER: &str = "\u{1}filter\u{1}";
 
 /// The least `work_mem` the capture functions run with. Comparing a statement's old and new
 /// rows is a hash join of the transition tables; with the default 4 MB it spills to disk from
-/// about 40,000 rows (an update of 100,000 rows of unmapped columns: 1.61× the time without
-/// capture, 1.46× with this). A session with more keeps its own. The memory is taken only as a
-/// statement's rows need it.
-pub const WORK_MEM: &str = "64MB";
+/// about 40,000 rows (an update of 100,000 rows of unmapped columns on the development cluster:
+/// 1.61× the time without capture, 1.46× with this). A session with more keeps its own. The
+/// memory is taken only as a statement's rows need it.
+const WORK_MEM: &str = "64MB";
 
 /// Gives the application's session its own `work_mem` back before a capture function returns.
 /// (A function's `SET` clause would also lower a larger one; a `set_config(…, true)` of a
