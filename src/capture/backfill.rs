@@ -241,15 +241,7 @@ pub async fn run(
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
             }
-            let mut tx = pool.begin().await?;
-            sqlx::query("SELECT set_config('lock_timeout', $1, true)")
-                .bind(format!("{}ms", PAGE_LOCK_WAIT.as_millis()))
-                .execute(&mut *tx)
-                .await?;
-            // names resolve as in the generated triggers
-            sqlx::query(&format!("SET LOCAL search_path = pg_catalog, {schema}"))
-                .execute(&mut *tx)
-                .await?;
+            let mut tx = begin(pool, schema, PAGE_LOCK_WAIT, false).await?;
             let keys: Vec<String> = match sqlx::query_scalar(&keys_sql)
                 .bind(&cursor.last_key)
                 .bind(options.page)
@@ -320,6 +312,32 @@ pub async fn run(
     result
 }
 
+/// A transaction of the backfill's: names resolve as in the generated triggers, and a lock
+/// waits at most `lock_wait`. `read_committed`: each statement sees what committed before it,
+/// whatever the role's default isolation.
+async fn begin(
+    pool: &PgPool,
+    schema: &str,
+    lock_wait: Duration,
+    read_committed: bool,
+) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    if read_committed {
+        // (the first statement of the transaction, or Postgres refuses it)
+        sqlx::query("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
+            .execute(&mut *tx)
+            .await?;
+    }
+    sqlx::query("SELECT set_config('lock_timeout', $1, true)")
+        .bind(format!("{}ms", lock_wait.as_millis()))
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query(&format!("SET LOCAL search_path = pg_catalog, {schema}"))
+        .execute(&mut *tx)
+        .await?;
+    Ok(tx)
+}
+
 /// One account's part of `--sync-deletes`: its `on_delete` queued for the contacts it was sent
 /// that the table no longer has. The table is locked `SHARE` while it is compared (writes to it
 /// wait, about a second per million rows), so that a row written meanwhile is never taken for
@@ -348,22 +366,8 @@ impl Sweep<'_> {
     ) -> Result<(), CaptureError> {
         let started = std::time::Instant::now();
         loop {
-            let mut tx = pool.begin().await?;
-            // each statement sees what committed before it, whatever the role's default
-            // isolation: the insert sees every row its lock waited for
-            sqlx::query("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
-                .execute(&mut *tx)
-                .await?;
-            sqlx::query("SELECT set_config('lock_timeout', $1, true)")
-                .bind(format!("{}ms", SWEEP_LOCK_WAIT.as_millis()))
-                .execute(&mut *tx)
-                .await?;
-            sqlx::query(&format!(
-                "SET LOCAL search_path = pg_catalog, {}",
-                self.schema
-            ))
-            .execute(&mut *tx)
-            .await?;
+            // (at READ COMMITTED: the insert sees every row its lock waited for)
+            let mut tx = begin(pool, self.schema, SWEEP_LOCK_WAIT, true).await?;
             // one hash anti-join, whatever the planner thinks of the table's size
             sqlx::query("SET LOCAL enable_nestloop = off")
                 .execute(&mut *tx)
