@@ -433,11 +433,20 @@ mod tests {
         )
     }
 
-    fn tempfile_in_target() -> (std::path::PathBuf, std::fs::File) {
+    /// A configuration file of the test's own: its path, the file, and a guard that removes it.
+    fn tempfile_in_target() -> (std::path::PathBuf, std::fs::File, RemoveOnDrop) {
         let path =
             std::env::temp_dir().join(format!("contact-sync-test-{}.toml", fastrand::u64(..)));
         let file = std::fs::File::create(&path).unwrap();
-        (path, file)
+        (path.clone(), file, RemoveOnDrop(path))
+    }
+
+    struct RemoveOnDrop(std::path::PathBuf);
+
+    impl Drop for RemoveOnDrop {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
     }
 
     const SAMPLE: &str = r#"

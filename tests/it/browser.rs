@@ -39,6 +39,8 @@ struct Browser {
     shots: PathBuf,
     shot: std::sync::atomic::AtomicU32,
     base: String,
+    // (dropped after the driver above: Chromium's profile, removed once the session is over)
+    _profile: Scratch,
 }
 
 impl Browser {
@@ -65,7 +67,7 @@ impl Browser {
         }
         let mut caps = DesiredCapabilities::chrome();
         caps.set_binary("/usr/bin/chromium").unwrap();
-        let profile = tempdir();
+        let profile = Scratch::dir("cs-chromium");
         for arg in [
             "--headless=new",
             "--no-sandbox",
@@ -94,6 +96,7 @@ impl Browser {
             shots,
             shot: 0.into(),
             base: base.to_string(),
+            _profile: profile,
         }
     }
 
@@ -191,16 +194,6 @@ impl Browser {
         // the overview itself, not the page it replaces
         self.el("#live").await.map(|_| ())
     }
-}
-
-fn tempdir() -> PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "cs-chromium-{}-{}",
-        std::process::id(),
-        fastrand::u32(..)
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
 }
 
 async fn state_of(env: &TestEnv, email: &str) -> Vec<String> {

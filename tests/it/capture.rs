@@ -66,7 +66,7 @@ async fn jobs(env: &TestEnv) -> i64 {
 }
 
 /// A users table with its capture installed through the command line.
-async fn captured() -> (TestEnv, std::path::PathBuf) {
+async fn captured() -> (TestEnv, Scratch) {
     let mut env = TestEnv::new().await;
     exec(&env, USERS).await;
     let config = env.config_file(SOURCES);
@@ -637,7 +637,7 @@ async fn existing_users(env: &TestEnv, n: i64) {
 }
 
 /// A users table of `n` rows that existed before its capture was installed.
-async fn installed_over_existing_users(n: i64) -> (TestEnv, std::path::PathBuf) {
+async fn installed_over_existing_users(n: i64) -> (TestEnv, Scratch) {
     let mut env = TestEnv::new().await;
     exec(&env, USERS).await;
     existing_users(&env, n).await;

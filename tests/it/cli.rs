@@ -253,8 +253,7 @@ async fn bulk_file_rejects_bad_lines_and_keeps_good_ones() {
     file.extend_from_slice(b"{\"provider\":\"smartlink\",\"account\":\"sl\",\"email\":\"three@example.com\",\"payload\":{\"tags\":[\"x\"]},\"idempotency_key\":\"t3\"}\r\n");
     file.extend_from_slice(b"{\"provider\":\"justclick\",\"account\":\"jc\",\"email\":\"four@example.com\",\"unexpected\":1}\n");
     file.extend_from_slice(b"{\"provider\":\"justclick\",\"account\":\"jc\",\"email\":\"five@example.com\",\"email\":\"six@example.com\"}\n");
-    let path = std::env::temp_dir().join(format!("changes-{}.jsonl", fastrand::u64(..)));
-    std::fs::write(&path, &file).unwrap();
+    let path = Scratch::file("changes", ".jsonl", &file);
     let (code, out, err) = env
         .cli(&config, &["enqueue", "--file", path.to_str().unwrap()])
         .await;
@@ -404,7 +403,7 @@ async fn demo_runs_to_completion_on_a_throwaway_postgres() {
     let env = TestEnv::new().await;
     let config = env.config_file("");
     // stdout and stderr in one file, in the order written
-    let path = std::env::temp_dir().join(format!("cs-demo-{}.out", fastrand::u64(..)));
+    let path = Scratch::path("cs-demo", ".out");
     let file = std::fs::File::create(&path).unwrap();
     let status = env
         .binary(&config)
@@ -757,17 +756,16 @@ async fn the_command_line_never_rounds_a_number() {
     // so values the database refuses were silently rounded and queued.
     let env = TestEnv::new().await;
     let config = env.config_file("");
-    let file = std::env::temp_dir().join(format!("cs-numbers-{}.jsonl", fastrand::u64(..)));
-    std::fs::write(
-        &file,
+    let file = Scratch::file(
+        "cs-numbers",
+        ".jsonl",
         concat!(
             r#"{"provider":"smartlink","account":"sl","email":"f1@example.com","payload":{"attributes":{"x":0.1000000000000000055}}}"#,
             "\n",
             r#"{"provider":"smartlink","account":"sl","email":"f2@example.com","payload":{"attributes":{"x":3817034.98274485000000000000}}}"#,
             "\n"
         ),
-    )
-    .unwrap();
+    );
     let (code, out, err) = env
         .cli(&config, &["enqueue", "--file", file.to_str().unwrap()])
         .await;

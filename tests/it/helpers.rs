@@ -175,12 +175,12 @@ impl TestEnv {
     }
 
     /// A TOML configuration equal to `self.settings` (for the real binary).
-    pub fn config_file(&self, extra: &str) -> std::path::PathBuf {
+    pub fn config_file(&self, extra: &str) -> Scratch {
         self.config_file_with("", extra)
     }
 
     /// [`TestEnv::config_file`] with `jc_extra` lines in the `jc` account's table.
-    pub fn config_file_with(&self, jc_extra: &str, extra: &str) -> std::path::PathBuf {
+    pub fn config_file_with(&self, jc_extra: &str, extra: &str) -> Scratch {
         let w = &self.settings.worker;
         let mut toml = format!(
             "[worker]\nconcurrency = {}\nbatch_size = {}\nlease = \"{}\"\npoll_interval = \"{}\"\nbackoff_base = \"{}\"\nbackoff_cap = \"{}\"\nshutdown_timeout = \"{}\"\nmax_attempts = {}\n[admin]\nlisten = \"\"\n[http]\nrequest_timeout = \"{}\"\nabandoned_call_bound = \"{}\"\n",
@@ -314,11 +314,68 @@ pub fn smartlink_account(sandbox: &Sandbox, game: &str, secret: &str) -> Account
     }
 }
 
-/// Writes `toml` to a configuration file of its own and returns its path.
-pub fn write_config(toml: &str) -> std::path::PathBuf {
-    let path = std::env::temp_dir().join(format!("contact-sync-it-{}.toml", fastrand::u64(..)));
-    std::fs::write(&path, toml).unwrap();
-    path
+/// A file or directory of a test's own under the temporary directory, removed when dropped
+/// (so that test runs leave nothing behind). Used as a path: `&scratch` is a `&Path`.
+#[derive(Debug)]
+pub struct Scratch(std::path::PathBuf);
+
+impl Scratch {
+    /// A path no other test uses: `{prefix}-{random}{suffix}` (nothing created yet).
+    pub fn path(prefix: &str, suffix: &str) -> Scratch {
+        Scratch(std::env::temp_dir().join(format!(
+            "{prefix}-{}-{}{suffix}",
+            std::process::id(),
+            fastrand::u64(..)
+        )))
+    }
+
+    /// A directory of its own, created.
+    pub fn dir(prefix: &str) -> Scratch {
+        let dir = Scratch::path(prefix, "");
+        std::fs::create_dir_all(&dir.0).unwrap();
+        dir
+    }
+
+    /// A file of its own holding `contents`.
+    pub fn file(prefix: &str, suffix: &str, contents: impl AsRef<[u8]>) -> Scratch {
+        let file = Scratch::path(prefix, suffix);
+        std::fs::write(&file.0, contents).unwrap();
+        file
+    }
+}
+
+impl std::ops::Deref for Scratch {
+    type Target = std::path::Path;
+    fn deref(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl AsRef<std::path::Path> for Scratch {
+    fn as_ref(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl AsRef<std::ffi::OsStr> for Scratch {
+    fn as_ref(&self) -> &std::ffi::OsStr {
+        self.0.as_os_str()
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if self.0.is_dir() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        } else {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+}
+
+/// Writes `toml` to a configuration file of its own (removed when the result is dropped).
+pub fn write_config(toml: &str) -> Scratch {
+    Scratch::file("contact-sync-it", ".toml", toml)
 }
 
 pub fn jc(email: &str, payload: Value) -> NewJob {

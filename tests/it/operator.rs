@@ -155,9 +155,9 @@ async fn accounts_and_providers_are_checked_at_enqueue() {
         "{err}"
     );
     // a bulk file: the bad lines are named and skipped, the good one queued
-    let file = std::env::temp_dir().join(format!("contact-sync-it-{}.jsonl", fastrand::u64(..)));
-    std::fs::write(
-        &file,
+    let file = Scratch::file(
+        "contact-sync-it",
+        ".jsonl",
         concat!(
             r#"{"provider":"justclick","account":"jc","email":"ok@example.com","payload":{}}"#,
             "\n",
@@ -166,8 +166,7 @@ async fn accounts_and_providers_are_checked_at_enqueue() {
             r#"{"provider":"justclick","account":"nobody","email":"c@example.com","payload":{}}"#,
             "\n"
         ),
-    )
-    .unwrap();
+    );
     let (code, out, err) = env
         .cli(&config, &["enqueue", "--file", file.to_str().unwrap()])
         .await;
@@ -247,7 +246,7 @@ async fn database_errors_name_the_database_and_the_cause() {
     let config = env.config_file("");
     let mut url = url::Url::parse(&env.db.url).unwrap();
     let cli_at = |url: String| {
-        let config = config.clone();
+        let config = config.to_path_buf();
         let env = &env;
         async move {
             let started = Instant::now();

@@ -2,7 +2,7 @@
 //! reads (EXPLAIN ANALYZE, rolled back) at 5,000 and 100,000 ready jobs, beside 51,000
 //! jobs of blocked contacts, with statistics taken on an empty table and with fresh ones.
 
-use crate::helpers::TestDb;
+use crate::helpers::{Scratch, TestDb};
 use contact_sync::outbox::claim::CLAIM_SQL;
 use serde_json::Value;
 use sqlx::{PgPool, Row};
@@ -575,8 +575,7 @@ async fn explained(url: &str, script: &str) -> String {
          SET auto_explain.log_nested_statements = on;
          SET auto_explain.log_level = notice;\n{script}"
     );
-    let file = std::env::temp_dir().join(format!("contact-sync-plans-{}.sql", fastrand::u64(..)));
-    std::fs::write(&file, script).unwrap();
+    let file = Scratch::file("contact-sync-plans", ".sql", script);
     let out = tokio::process::Command::new(psql())
         .arg(url)
         .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-f"])
@@ -584,7 +583,7 @@ async fn explained(url: &str, script: &str) -> String {
         .output()
         .await
         .unwrap();
-    let _ = std::fs::remove_file(&file);
+    drop(file);
     let notices = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(out.status.success(), "{notices}");
     notices

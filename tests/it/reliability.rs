@@ -565,8 +565,7 @@ async fn secrets_never_reach_logs_or_errors() {
 async fn transport_security() {
     let env = TestEnv::new().await;
     // 1. an https provider with a self-signed certificate is refused
-    let dir = std::env::temp_dir().join(format!("cs-tls-{}", fastrand::u32(..)));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = Scratch::dir("cs-tls");
     let status = std::process::Command::new("openssl")
         .args([
             "req",

@@ -253,8 +253,7 @@ async fn the_documentations_php_client_agrees_with_the_sandbox() {
     }
     let sandbox = strict_sandbox().await;
     sandbox.seed("justclick", LOGIN, &["php.client@example.com".to_string()]);
-    let dir = std::env::temp_dir().join(format!("cs-php-{}", fastrand::u64(..)));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = Scratch::dir("cs-php");
     let script = dir.join("client.php");
     std::fs::write(&script, PHP_CLIENT).unwrap();
     let url = format!(

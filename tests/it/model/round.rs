@@ -656,7 +656,7 @@ pub(crate) async fn run_round(seed: u64) {
 
     let mut workers = Workers {
         env: &env,
-        config: config.clone(),
+        config: config.to_path_buf(),
         dir: dir.clone(),
         alive: Vec::new(),
         next: 0,
