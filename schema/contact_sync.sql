@@ -24,7 +24,6 @@ $_$;
 
 CREATE FUNCTION contact_sync.enqueue(provider text, account text, email text, payload jsonb DEFAULT '{}'::jsonb, idempotency_key text DEFAULT NULL::text, run_at timestamp with time zone DEFAULT now(), max_attempts integer DEFAULT NULL::integer) RETURNS bigint
     LANGUAGE plpgsql
-    SET plan_cache_mode TO 'force_custom_plan'
     AS $_$
 #variable_conflict use_column
 DECLARE
@@ -79,12 +78,18 @@ COMMENT ON FUNCTION contact_sync.enqueue(provider text, account text, email text
 
 CREATE FUNCTION contact_sync.jobs_after_insert() RETURNS trigger
     LANGUAGE plpgsql
-    SET plan_cache_mode TO 'force_custom_plan'
+    SET plan_cache_mode TO 'force_generic_plan'
     SET jit TO 'off'
     AS $$
+DECLARE
+    v_not_all_justclick boolean;
+    v_not_all_smartlink boolean;
 BEGIN
-    IF NOT EXISTS (SELECT 1 FROM new_jobs) THEN
-        RETURN NULL;
+    SELECT bool_or(n.provider IS DISTINCT FROM 'justclick'), bool_or(n.provider IS DISTINCT FROM 'smartlink')
+    INTO v_not_all_justclick, v_not_all_smartlink
+    FROM new_jobs n;
+    IF v_not_all_justclick IS NULL THEN
+        RETURN NULL;  -- an insert of no rows
     END IF;
     PERFORM contact_sync.reject(
         format('contact_sync: account %s is a %s account, not %s', quote_literal(n.account), a.provider, n.provider),
@@ -92,7 +97,13 @@ BEGIN
         to_jsonb(n.id))
     FROM new_jobs n JOIN contact_sync.accounts a ON a.account = n.account
     WHERE a.provider IS NOT NULL AND a.provider <> n.provider;
-    PERFORM 1 FROM new_jobs n WHERE NOT contact_sync.validate_job(n.provider, n.email, n.payload);
+    IF NOT v_not_all_justclick THEN
+        PERFORM 1 FROM new_jobs n WHERE NOT contact_sync.validate_job('justclick', n.email, n.payload);
+    ELSIF NOT v_not_all_smartlink THEN
+        PERFORM 1 FROM new_jobs n WHERE NOT contact_sync.validate_job('smartlink', n.email, n.payload);
+    ELSE
+        PERFORM 1 FROM new_jobs n WHERE NOT contact_sync.validate_job(n.provider, n.email, n.payload);
+    END IF;
     PERFORM contact_sync.reject('contact_sync: run_at must be a finite time, got ' || n.run_at::text,
                                 'pass a timestamp (or omit run_at for now)', to_jsonb(n.id))
     FROM new_jobs n WHERE NOT isfinite(n.run_at);

@@ -270,3 +270,83 @@ async fn non_finite_run_at_is_refused() {
     }
     inspect::status(&env.pool).await.unwrap();
 }
+
+/// A statement whose rows all have one provider is validated with that provider's rules alone
+/// (the other provider's are folded away when the trigger's plan is made), one mixing providers
+/// or naming an unknown one with every rule: either way the first faulty row in the statement's
+/// order is the one reported, with the same message.
+#[tokio::test]
+async fn validation_reports_the_first_faulty_row_whatever_the_providers() {
+    let env = TestEnv::new().await;
+    for (rows, expected) in [
+        // one provider
+        (
+            "('justclick', 'jc', 'good@b.co', '{}'), ('justclick', 'jc', 'bad1', '{}'), ('justclick', 'jc', 'bad2', '{}')",
+            "malformed email 'bad1'",
+        ),
+        (
+            "('justclick', 'jc', 'good@b.co', '{}'), ('justclick', 'jc', 'ü@b.co', '{}')",
+            "justclick refuses the email 'ü@b.co'",
+        ),
+        (
+            "('justclick', 'jc', 'good@b.co', '{\"lead_tags\": 5}')",
+            "justclick field lead_tags must be a string or an array of strings",
+        ),
+        (
+            "('smartlink', 'sl', 'good@b.co', '{\"subscribe\": 5}'), ('smartlink', 'sl', 'bad3', '{}')",
+            "smartlink field subscribe must be one of -1, 0, 1, 3",
+        ),
+        (
+            "('smartlink', 'sl', 'good@b.co', '{\"lead_name\": \"x\"}')",
+            "unknown smartlink payload key 'lead_name'",
+        ),
+        // mixed providers: still the first faulty row
+        (
+            "('smartlink', 'sl', 'bad4', '{}'), ('justclick', 'jc', 'bad5', '{}')",
+            "malformed email 'bad4'",
+        ),
+        (
+            "('justclick', 'jc', 'bad6', '{}'), ('smartlink', 'sl', 'bad7', '{}')",
+            "malformed email 'bad6'",
+        ),
+        (
+            "('smartlink', 'sl', 'good@b.co', '{}'), ('justclick', 'jc', 'good@b.co', '{\"subscribe\": 1}')",
+            "unknown justclick payload key 'subscribe'",
+        ),
+        // an unknown provider
+        (
+            "('justclick', 'jc', 'good@b.co', '{}'), ('mailchimp', 'jc', 'good@b.co', '{}')",
+            "unknown provider 'mailchimp'",
+        ),
+        (
+            "('justclick', 'jc', 'bad8', '{}'), ('JustClick', 'jc', 'good@b.co', '{}')",
+            "malformed email 'bad8'",
+        ),
+    ] {
+        let err = sqlx::query(&format!(
+            "INSERT INTO contact_sync.jobs (provider, account, email, payload) VALUES {rows}"
+        ))
+        .execute(&env.pool)
+        .await
+        .unwrap_err();
+        assert!(err.to_string().contains(expected), "{rows}: {err}");
+    }
+    // and valid statements of each kind go in
+    for rows in [
+        "('justclick', 'jc', 'a1@b.co', '{\"lead_name\": \"A\"}'), ('justclick', 'jc', 'a2@b.co', '{}')",
+        "('smartlink', 'sl', 'a3@b.co', '{\"subscribe\": 1}')",
+        "('smartlink', 'sl', 'a4@b.co', '{}'), ('justclick', 'jc', 'a5@b.co', '{}')",
+    ] {
+        sqlx::query(&format!(
+            "INSERT INTO contact_sync.jobs (provider, account, email, payload) VALUES {rows}"
+        ))
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    }
+    let queued: i64 = sqlx::query_scalar("SELECT count(*) FROM contact_sync.jobs")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(queued, 5);
+}

@@ -645,6 +645,56 @@ async fn bulk_statements_over_many_contacts_cost_in_proportion_to_them() {
     assert_eq!(cancelled, CONTACTS);
 }
 
+/// The insert trigger keeps one plan per statement and session, whatever the number of rows it
+/// was made for: made at a one-row insert (as an `enqueue()` call makes them), the plans still
+/// do work in proportion to the rows of a bulk insert, among many accounts, in every plan node.
+#[tokio::test]
+async fn the_insert_trigger_plans_made_for_one_row_hold_for_many() {
+    let db = TestDb::new().await;
+    const ROWS: i64 = 4_000;
+    const ACCOUNTS: i64 = 200;
+    sqlx::query(
+        "INSERT INTO contact_sync.accounts (account, provider)
+         SELECT 'a' || i, CASE WHEN i % 2 = 0 THEN 'justclick' ELSE 'smartlink' END
+         FROM generate_series(0, $1 - 1) i",
+    )
+    .bind(ACCOUNTS)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    analyze(&db.pool).await;
+    let notices = explained(
+        &db.url,
+        &format!(
+            "SELECT contact_sync.enqueue('justclick', 'a0', 'one@example.com');
+             SELECT contact_sync.enqueue('smartlink', 'a1', 'two@example.com');
+             INSERT INTO contact_sync.jobs (provider, account, email)
+             VALUES ('justclick', 'a0', 'three@example.com'), ('smartlink', 'a1', 'four@example.com');
+             INSERT INTO contact_sync.jobs (provider, account, email, payload)
+             SELECT CASE WHEN i % 2 = 0 THEN 'justclick' ELSE 'smartlink' END, 'a' || (i % {ACCOUNTS}),
+                    'u' || i || '@example.com', '{{}}'
+             FROM generate_series(1, {ROWS}) i;
+             INSERT INTO contact_sync.jobs (provider, account, email, payload)
+             SELECT 'justclick', 'a' || (2 * (i % ({ACCOUNTS} / 2))), 'v' || i || '@example.com', '{{}}'
+             FROM generate_series(1, {ROWS}) i;\n"
+        ),
+    )
+    .await;
+    assert!(notices.contains("new_jobs"), "no plans: {notices}");
+    let worst = node_work(&notices).into_iter().max().unwrap();
+    assert!(
+        worst.0 <= 2 * ROWS,
+        "a plan node did {} rows of work for {ROWS} rows: {}\n{notices}",
+        worst.0,
+        worst.1
+    );
+    let queued: i64 = sqlx::query_scalar("SELECT count(*) FROM contact_sync.jobs")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(queued, 4 + 2 * ROWS);
+}
+
 /// Rows read by sequential scans of the queue's tables so far (`pg_stat_user_tables`), after
 /// the given sessions' statistics were flushed.
 async fn seq_rows_read(reader: &PgPool, sessions: &[&PgPool]) -> i64 {
