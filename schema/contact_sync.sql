@@ -66,9 +66,10 @@ BEGIN
 
     IF v_id IS NULL THEN
         -- A job with this (account, idempotency_key) exists: a new statement sees it even when a
-        -- concurrent transaction committed it after this one started.
-        SELECT j.id INTO v_id FROM contact_sync.jobs j
-        WHERE j.account = enqueue.account AND j.idempotency_key = enqueue.idempotency_key;
+        -- concurrent transaction committed it after this one started. (EXECUTE: planned for the
+        -- table as it is now; a kept plan made while the queue was small read it whole.)
+        EXECUTE 'SELECT j.id FROM contact_sync.jobs j WHERE j.account = $1 AND j.idempotency_key = $2'
+        INTO v_id USING enqueue.account, enqueue.idempotency_key;
     END IF;
     RETURN v_id;
 END
@@ -78,25 +79,29 @@ COMMENT ON FUNCTION contact_sync.enqueue(provider text, account text, email text
 
 CREATE FUNCTION contact_sync.jobs_after_insert() RETURNS trigger
     LANGUAGE plpgsql
-    SET plan_cache_mode TO 'force_generic_plan'
+    SET search_path TO 'pg_catalog', 'pg_temp'
     SET jit TO 'off'
     AS $$
 DECLARE
     v_not_all_justclick boolean;
     v_not_all_smartlink boolean;
+    v_providers jsonb;
 BEGIN
-    SELECT bool_or(n.provider IS DISTINCT FROM 'justclick'), bool_or(n.provider IS DISTINCT FROM 'smartlink')
-    INTO v_not_all_justclick, v_not_all_smartlink
+    -- (the accounts' providers read once, into one object each row looks its account up in:
+    -- no plan can read the accounts table once per row)
+    SELECT bool_or(n.provider IS DISTINCT FROM 'justclick'), bool_or(n.provider IS DISTINCT FROM 'smartlink'),
+           (SELECT jsonb_object_agg(a.account, a.provider) FROM contact_sync.accounts a WHERE a.provider IS NOT NULL)
+    INTO v_not_all_justclick, v_not_all_smartlink, v_providers
     FROM new_jobs n;
     IF v_not_all_justclick IS NULL THEN
         RETURN NULL;  -- an insert of no rows
     END IF;
     PERFORM contact_sync.reject(
-        format('contact_sync: account %s is a %s account, not %s', quote_literal(n.account), a.provider, n.provider),
-        format('enqueue it with provider %s, or name one of the %s accounts', quote_literal(a.provider), n.provider),
+        format('contact_sync: account %s is a %s account, not %s', quote_literal(n.account), v_providers ->> n.account, n.provider),
+        format('enqueue it with provider %s, or name one of the %s accounts', quote_literal(v_providers ->> n.account), n.provider),
         to_jsonb(n.id))
-    FROM new_jobs n JOIN contact_sync.accounts a ON a.account = n.account
-    WHERE a.provider IS NOT NULL AND a.provider <> n.provider;
+    FROM new_jobs n
+    WHERE (v_providers ->> n.account) <> n.provider;
     IF NOT v_not_all_justclick THEN
         PERFORM 1 FROM new_jobs n WHERE NOT contact_sync.validate_job('justclick', n.email, n.payload);
     ELSIF NOT v_not_all_smartlink THEN
@@ -116,6 +121,14 @@ CREATE FUNCTION contact_sync.jobs_before_update() RETURNS trigger
     LANGUAGE plpgsql
     AS $$
 BEGIN
+    IF NEW.provider IS DISTINCT FROM OLD.provider OR NEW.account IS DISTINCT FROM OLD.account THEN
+        PERFORM contact_sync.reject(
+            format('contact_sync: account %s is a %s account, not %s', quote_literal(NEW.account), a.provider, NEW.provider),
+            format('move it to a %s account, or to one of the %s accounts', a.provider, NEW.provider),
+            to_jsonb(NEW.id))
+        FROM contact_sync.accounts a
+        WHERE a.account = NEW.account AND a.provider IS NOT NULL AND a.provider <> NEW.provider;
+    END IF;
     IF NEW.provider IS DISTINCT FROM OLD.provider OR NEW.email IS DISTINCT FROM OLD.email
        OR NEW.payload IS DISTINCT FROM OLD.payload THEN
         PERFORM contact_sync.validate_job(NEW.provider, NEW.email, NEW.payload);

@@ -23,9 +23,13 @@
 //! stays prepared: it reads no table but through its unique index.) A prepared statement on an
 //! ordinary session may switch to a generic plan after five runs and keep it: one made while
 //! the queue was empty reads the table with a sequential scan, and kept doing so once a backlog
-//! of a million arrived. The triggers' functions get the same from
-//! `plan_cache_mode = force_custom_plan` (their definitions in `schema/contact_sync.sql`).
-//! `plans::plans_made_on_an_empty_queue_hold_for_a_full_one` pins both.
+//! of a million arrived. The capture functions get the same from
+//! `plan_cache_mode = force_custom_plan`, and `contact_sync.enqueue()` plans its look-up of a
+//! repeated key at each call (`EXECUTE`); the insert trigger keeps its plans, which read no table
+//! but the transition table and, once per statement, the accounts (their definitions in
+//! `schema/contact_sync.sql`). `plans::plans_made_on_an_empty_queue_hold_for_a_full_one`,
+//! `plans::a_repeated_idempotency_key_is_looked_up_through_its_index` and
+//! `plans::the_insert_trigger_plans_made_for_one_row_hold_for_many` pin them.
 
 #[doc(hidden)]
 pub mod accounts;

@@ -271,6 +271,104 @@ async fn non_finite_run_at_is_refused() {
     inspect::status(&env.pool).await.unwrap();
 }
 
+/// The insert trigger's checks run with Postgres's own functions, whatever the caller's
+/// `search_path`: an aggregate or function of the same name earlier on it cannot stand in for
+/// one and let an invalid row in.
+#[tokio::test]
+async fn a_callers_search_path_cannot_switch_the_checks_off() {
+    let env = TestEnv::new().await;
+    let mut conn = env.pool.acquire().await.unwrap();
+    for sql in [
+        "CREATE SCHEMA shadow",
+        "CREATE FUNCTION shadow.none(boolean, boolean) RETURNS boolean LANGUAGE sql IMMUTABLE AS 'SELECT NULL::boolean'",
+        "CREATE AGGREGATE shadow.bool_or(boolean) (sfunc = shadow.none, stype = boolean)",
+        "CREATE FUNCTION shadow.isfinite(timestamptz) RETURNS boolean LANGUAGE sql IMMUTABLE AS 'SELECT true'",
+        "SET search_path = shadow, pg_catalog, public",
+    ] {
+        sqlx::query(sql).execute(&mut *conn).await.unwrap();
+    }
+    for (row, expected) in [
+        (
+            "('bogus', 'jc', 'a@b.co', '{}', now())",
+            "unknown provider 'bogus'",
+        ),
+        (
+            "('justclick', 'jc', 'not-an-email', '{}', now())",
+            "malformed email",
+        ),
+        (
+            "('justclick', 'jc', 'a@b.co', '{}', 'infinity')",
+            "run_at must be a finite time",
+        ),
+    ] {
+        let err = sqlx::query(&format!(
+            "INSERT INTO contact_sync.jobs (provider, account, email, payload, run_at) VALUES {row}"
+        ))
+        .execute(&mut *conn)
+        .await
+        .unwrap_err();
+        assert!(err.to_string().contains(expected), "{row}: {err}");
+    }
+    drop(conn);
+    let queued: i64 = sqlx::query_scalar("SELECT count(*) FROM contact_sync.jobs")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(queued, 0);
+}
+
+/// An `UPDATE` that gives a job an account of another provider is refused, as an insert is: by
+/// hand, or through an upsert's `DO UPDATE`.
+#[tokio::test]
+async fn a_job_cannot_be_moved_to_an_account_of_another_provider() {
+    let env = TestEnv::new().await;
+    sqlx::query(
+        "INSERT INTO contact_sync.accounts (account, provider) VALUES ('jc', 'justclick'), ('sl', 'smartlink'), ('jc2', 'justclick')",
+    )
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    let id: i64 = sqlx::query_scalar(
+        "SELECT contact_sync.enqueue('justclick', 'jc', 'a@example.com', '{}', 'key-1')",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    let err = sqlx::query("UPDATE contact_sync.jobs SET account = 'sl' WHERE id = $1")
+        .bind(id)
+        .execute(&env.pool)
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("account 'sl' is a smartlink account, not justclick"),
+        "{err}"
+    );
+    let err = sqlx::query(
+        "INSERT INTO contact_sync.jobs (provider, account, email, idempotency_key)
+         VALUES ('justclick', 'jc', 'a@example.com', 'key-1')
+         ON CONFLICT (account, idempotency_key) WHERE idempotency_key IS NOT NULL
+         DO UPDATE SET account = 'sl'",
+    )
+    .execute(&env.pool)
+    .await
+    .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("account 'sl' is a smartlink account, not justclick"),
+        "{err}"
+    );
+    // to an account of its own provider, or one with no provider recorded, it may go
+    for account in ["jc2", "unregistered"] {
+        sqlx::query("UPDATE contact_sync.jobs SET account = $2 WHERE id = $1")
+            .bind(id)
+            .bind(account)
+            .execute(&env.pool)
+            .await
+            .unwrap();
+    }
+}
+
 /// A statement whose rows all have one provider is validated with that provider's rules alone
 /// (the other provider's are folded away when the trigger's plan is made), one mixing providers
 /// or naming an unknown one with every rule: either way the first faulty row in the statement's

@@ -645,24 +645,20 @@ async fn bulk_statements_over_many_contacts_cost_in_proportion_to_them() {
     assert_eq!(cancelled, CONTACTS);
 }
 
-/// The insert trigger keeps one plan per statement and session, whatever the number of rows it
-/// was made for: made at a one-row insert (as an `enqueue()` call makes them), the plans still
-/// do work in proportion to the rows of a bulk insert, among many accounts, in every plan node.
+/// The insert trigger keeps one plan per statement and session, whatever it was made for: made
+/// at one-row inserts while the accounts table was empty (as a new installation's first
+/// `enqueue()` calls make them), its plans still do work in proportion to the rows of a bulk
+/// insert among 200 accounts, in every plan node. (Its account check joined the accounts
+/// table: planned for an empty one, it read every account for every row.)
 #[tokio::test]
 async fn the_insert_trigger_plans_made_for_one_row_hold_for_many() {
     let db = TestDb::new().await;
     const ROWS: i64 = 4_000;
     const ACCOUNTS: i64 = 200;
-    sqlx::query(
-        "INSERT INTO contact_sync.accounts (account, provider)
-         SELECT 'a' || i, CASE WHEN i % 2 = 0 THEN 'justclick' ELSE 'smartlink' END
-         FROM generate_series(0, $1 - 1) i",
-    )
-    .bind(ACCOUNTS)
-    .execute(&db.pool)
-    .await
-    .unwrap();
-    analyze(&db.pool).await;
+    sqlx::query("ANALYZE contact_sync.accounts")
+        .execute(&db.pool)
+        .await
+        .unwrap();
     let notices = explained(
         &db.url,
         &format!(
@@ -670,6 +666,9 @@ async fn the_insert_trigger_plans_made_for_one_row_hold_for_many() {
              SELECT contact_sync.enqueue('smartlink', 'a1', 'two@example.com');
              INSERT INTO contact_sync.jobs (provider, account, email)
              VALUES ('justclick', 'a0', 'three@example.com'), ('smartlink', 'a1', 'four@example.com');
+             INSERT INTO contact_sync.accounts (account, provider)
+             SELECT 'a' || i, CASE WHEN i % 2 = 0 THEN 'justclick' ELSE 'smartlink' END
+             FROM generate_series(0, {ACCOUNTS} - 1) i;
              INSERT INTO contact_sync.jobs (provider, account, email, payload)
              SELECT CASE WHEN i % 2 = 0 THEN 'justclick' ELSE 'smartlink' END, 'a' || (i % {ACCOUNTS}),
                     'u' || i || '@example.com', '{{}}'
@@ -693,6 +692,59 @@ async fn the_insert_trigger_plans_made_for_one_row_hold_for_many() {
         .await
         .unwrap();
     assert_eq!(queued, 4 + 2 * ROWS);
+    // and the check still refuses a row of the wrong provider among them
+    let err = sqlx::query(
+        "INSERT INTO contact_sync.jobs (provider, account, email)
+         SELECT 'justclick', 'a' || i, 'w' || i || '@example.com' FROM generate_series(0, 9) i",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("account 'a1' is a smartlink account, not justclick"),
+        "{err}"
+    );
+}
+
+/// `enqueue()` looks a repeated idempotency key up through its index, whatever the queue held
+/// when the session first called it: a plan kept from a small queue read the whole table for
+/// each repeated key once a backlog had arrived.
+#[tokio::test]
+async fn a_repeated_idempotency_key_is_looked_up_through_its_index() {
+    let db = TestDb::new().await;
+    let session = db.another_pool().await;
+    analyze(&db.pool).await;
+    for _ in 0..20 {
+        sqlx::query("SELECT contact_sync.enqueue('justclick', 'jc', 'a@example.com', '{}', 'k-1')")
+            .execute(&session)
+            .await
+            .unwrap();
+    }
+    sqlx::query(
+        "INSERT INTO contact_sync.jobs (provider, account, email, idempotency_key)
+         SELECT 'justclick', 'jc', 'u' || i || '@example.com', 'bulk-' || i
+         FROM generate_series(1, 20000) i",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let before = seq_rows_read(&db.pool, &[&session]).await;
+    for i in 0..20 {
+        let id: i64 = sqlx::query_scalar(&format!(
+            "SELECT contact_sync.enqueue('justclick', 'jc', 'a@example.com', '{{}}', 'bulk-{}')",
+            1 + i * 997
+        ))
+        .fetch_one(&session)
+        .await
+        .unwrap();
+        assert!(id > 1, "the existing job's id");
+    }
+    let read = seq_rows_read(&db.pool, &[&session]).await - before;
+    assert!(
+        read < 1_000,
+        "20 repeated keys read {read} rows of the queue through sequential scans"
+    );
 }
 
 /// Rows read by sequential scans of the queue's tables so far (`pg_stat_user_tables`), after
