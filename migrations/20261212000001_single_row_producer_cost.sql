@@ -19,6 +19,8 @@
 --   insert: made while the table was empty, it read every account for every row (a 200,000-row
 --   insert among 500 accounts: 100 million comparisons). The accounts' providers are now read
 --   once per statement into one object, and each row looks its account up in it.
+-- The trigger keeps one plan per statement and session whatever the caller's plan_cache_mode
+-- (a capture function's force_custom_plan would have planned the account check at each call).
 -- Closed in the update trigger: an UPDATE (an upsert's included) that gave a job an account of
 -- another provider went through; it is refused as an insert is.
 --
@@ -31,6 +33,7 @@
 CREATE OR REPLACE FUNCTION contact_sync.jobs_after_insert() RETURNS trigger
     LANGUAGE plpgsql
     SET search_path TO 'pg_catalog', 'pg_temp'
+    SET plan_cache_mode TO 'force_generic_plan'
     SET jit TO 'off'
     AS $$
 DECLARE

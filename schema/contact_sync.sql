@@ -80,6 +80,7 @@ COMMENT ON FUNCTION contact_sync.enqueue(provider text, account text, email text
 CREATE FUNCTION contact_sync.jobs_after_insert() RETURNS trigger
     LANGUAGE plpgsql
     SET search_path TO 'pg_catalog', 'pg_temp'
+    SET plan_cache_mode TO 'force_generic_plan'
     SET jit TO 'off'
     AS $$
 DECLARE

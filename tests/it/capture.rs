@@ -1080,20 +1080,23 @@ async fn hostile_writes_and_schemas_keep_the_providers_right() {
         "INSERT INTO users (email, keys) VALUES ('k3@example.com', 'z'), ('not an address', 'w')",
     )
     .await;
-    // the application's own role, with rights on its table only
+    // the application's own role, with rights on its table only (a name of this run's own:
+    // roles are the cluster's, and one left by an interrupted run must not fail the next)
+    let role = format!("capture_app_{}", fastrand::u32(..));
     exec(
         &env,
-        "CREATE ROLE capture_app_role; GRANT SELECT, INSERT, UPDATE, DELETE ON users TO capture_app_role;",
+        &format!("CREATE ROLE {role}; GRANT SELECT, INSERT, UPDATE, DELETE ON users TO {role};"),
     )
     .await;
     let mut conn = env.pool.acquire().await.unwrap();
-    sqlx::raw_sql(
-        "SET ROLE capture_app_role; INSERT INTO users (email, first_name) OVERRIDING USER VALUE VALUES ('role@example.com', 'R'); RESET ROLE",
-    )
+    sqlx::raw_sql(&format!(
+        "SET ROLE {role}; INSERT INTO users (email, first_name) OVERRIDING USER VALUE VALUES ('role@example.com', 'R'); RESET ROLE",
+    ))
     .execute(&mut *conn)
     .await
     .expect("the application's role writes without rights on contact-sync's tables");
     drop(conn);
+    exec(&env, &format!("DROP OWNED BY {role}; DROP ROLE {role};")).await;
     let worker = env.worker();
     env.settle(&worker).await;
     assert_providers_match_the_table(&env, &[]).await;
