@@ -16,13 +16,20 @@
 --   earlier on it could stand in for a built-in one and let an invalid row in; it now runs
 --   with pg_catalog first;
 -- - the account check joined the accounts table with the plan the session made at its first
---   insert: made while the table was empty, it read every account for every row (a 200,000-row
---   insert among 500 accounts: 100 million comparisons). The accounts' providers are now read
---   once per statement into one object, and each row looks its account up in it.
+--   insert (PL/pgSQL keeps one plan per session for a statement without parameters): made while
+--   the table was empty, it read every account for every row (a 200,000-row insert among 500
+--   accounts: 100 million comparisons). The statement's own accounts are now probed by their
+--   key once per statement (sequential scans off in the trigger), and each row looks its
+--   account up in what they returned.
 -- The trigger keeps one plan per statement and session whatever the caller's plan_cache_mode
--- (a capture function's force_custom_plan would have planned the account check at each call).
+-- (a capture function's force_custom_plan would have planned the look-up at each call).
 -- Closed in the update trigger: an UPDATE (an upsert's included) that gave a job an account of
--- another provider went through; it is refused as an insert is.
+-- another provider went through; it is refused as an insert is. The update trigger runs with
+-- pg_catalog first too (a caller's operators could let a malformed email or an infinite run_at
+-- in), and probes the account by its key whatever the plan. Its function is now called only
+-- for a row whose provider, account, email or payload changed, or whose run_at is not finite
+-- (the trigger's WHEN, resolved when the trigger is made): a bulk reschedule no longer calls
+-- it for every row.
 --
 -- contact_sync.enqueue() was planned at every call (plan_cache_mode = force_custom_plan). Its
 -- inserts read no table, and keep their plans now. Its look-up of a repeated idempotency key is
@@ -34,6 +41,7 @@ CREATE OR REPLACE FUNCTION contact_sync.jobs_after_insert() RETURNS trigger
     LANGUAGE plpgsql
     SET search_path TO 'pg_catalog', 'pg_temp'
     SET plan_cache_mode TO 'force_generic_plan'
+    SET enable_seqscan TO 'off'
     SET jit TO 'off'
     AS $$
 DECLARE
@@ -41,15 +49,17 @@ DECLARE
     v_not_all_smartlink boolean;
     v_providers jsonb;
 BEGIN
-    -- (the accounts' providers read once, into one object each row looks its account up in:
-    -- no plan can read the accounts table once per row)
-    SELECT bool_or(n.provider IS DISTINCT FROM 'justclick'), bool_or(n.provider IS DISTINCT FROM 'smartlink'),
-           (SELECT jsonb_object_agg(a.account, a.provider) FROM contact_sync.accounts a WHERE a.provider IS NOT NULL)
-    INTO v_not_all_justclick, v_not_all_smartlink, v_providers
+    SELECT bool_or(n.provider IS DISTINCT FROM 'justclick'), bool_or(n.provider IS DISTINCT FROM 'smartlink')
+    INTO v_not_all_justclick, v_not_all_smartlink
     FROM new_jobs n;
     IF v_not_all_justclick IS NULL THEN
         RETURN NULL;  -- an insert of no rows
     END IF;
+    -- the providers of the statement's own accounts, each probed by its key, once: no plan reads
+    -- the accounts table whole or once per row
+    v_providers := (SELECT jsonb_object_agg(a.account, a.provider) FROM contact_sync.accounts a
+                    WHERE a.account = ANY (ARRAY(SELECT DISTINCT n.account FROM new_jobs n))
+                      AND a.provider IS NOT NULL);
     PERFORM contact_sync.reject(
         format('contact_sync: account %s is a %s account, not %s', quote_literal(n.account), v_providers ->> n.account, n.provider),
         format('enqueue it with provider %s, or name one of the %s accounts', quote_literal(v_providers ->> n.account), n.provider),
@@ -73,6 +83,8 @@ $$;
 
 CREATE OR REPLACE FUNCTION contact_sync.jobs_before_update() RETURNS trigger
     LANGUAGE plpgsql
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    SET enable_seqscan TO 'off'
     AS $$
 BEGIN
     IF NEW.provider IS DISTINCT FROM OLD.provider OR NEW.account IS DISTINCT FROM OLD.account THEN
@@ -98,6 +110,15 @@ BEGIN
     RETURN NEW;
 END
 $$;
+
+DROP TRIGGER jobs_validate_update ON contact_sync.jobs;
+CREATE TRIGGER jobs_validate_update
+    BEFORE UPDATE OF provider, account, email, payload, run_at ON contact_sync.jobs
+    FOR EACH ROW
+    WHEN (NEW.provider IS DISTINCT FROM OLD.provider OR NEW.account IS DISTINCT FROM OLD.account
+          OR NEW.email IS DISTINCT FROM OLD.email OR NEW.payload IS DISTINCT FROM OLD.payload
+          OR NOT isfinite(NEW.run_at))
+    EXECUTE FUNCTION contact_sync.jobs_before_update();
 
 CREATE OR REPLACE FUNCTION contact_sync.enqueue(provider text, account text, email text, payload jsonb DEFAULT '{}'::jsonb, idempotency_key text DEFAULT NULL::text, run_at timestamp with time zone DEFAULT now(), max_attempts integer DEFAULT NULL::integer) RETURNS bigint
     LANGUAGE plpgsql

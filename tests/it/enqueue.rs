@@ -309,12 +309,52 @@ async fn a_callers_search_path_cannot_switch_the_checks_off() {
         .unwrap_err();
         assert!(err.to_string().contains(expected), "{row}: {err}");
     }
-    drop(conn);
-    let queued: i64 = sqlx::query_scalar("SELECT count(*) FROM contact_sync.jobs")
+    // and the update trigger's, for an account of another provider, a malformed email, an
+    // infinite run_at
+    sqlx::query(
+        "INSERT INTO contact_sync.accounts (account, provider) VALUES ('jc', 'justclick'), ('sl', 'smartlink')",
+    )
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    let id: i64 = sqlx::query_scalar("SELECT contact_sync.enqueue('justclick', 'jc', 'a@b.co')")
         .fetch_one(&env.pool)
         .await
         .unwrap();
-    assert_eq!(queued, 0);
+    for sql in [
+        "CREATE FUNCTION shadow.never(text, text) RETURNS boolean LANGUAGE sql IMMUTABLE AS 'SELECT false'",
+        "CREATE OPERATOR shadow.<> (LEFTARG = text, RIGHTARG = text, FUNCTION = shadow.never)",
+        "CREATE FUNCTION shadow.always(text, text) RETURNS boolean LANGUAGE sql IMMUTABLE AS 'SELECT true'",
+        "CREATE OPERATOR shadow.~ (LEFTARG = text, RIGHTARG = text, FUNCTION = shadow.always)",
+        "CREATE OPERATOR shadow.!~ (LEFTARG = text, RIGHTARG = text, FUNCTION = shadow.never)",
+    ] {
+        sqlx::query(sql).execute(&mut *conn).await.unwrap();
+    }
+    for (set, expected) in [
+        ("account = 'sl'", "is a smartlink account, not justclick"),
+        ("email = 'a b@example.com'", "malformed email"),
+        ("run_at = 'infinity'", "run_at must be a finite time"),
+    ] {
+        let err = sqlx::query(&format!("UPDATE contact_sync.jobs SET {set} WHERE id = $1"))
+            .bind(id)
+            .execute(&mut *conn)
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains(expected), "{set}: {err}");
+    }
+    drop(conn);
+    let queued: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM contact_sync.jobs WHERE account = 'jc' AND email = 'a@b.co' AND isfinite(run_at)",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(queued, 1);
+    let all: i64 = sqlx::query_scalar("SELECT count(*) FROM contact_sync.jobs")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(all, 1);
 }
 
 /// An `UPDATE` that gives a job an account of another provider is refused, as an insert is: by

@@ -707,6 +707,97 @@ async fn the_insert_trigger_plans_made_for_one_row_hold_for_many() {
     );
 }
 
+/// What the triggers read of the accounts table is what the statement names, by key, whatever
+/// the session's plans were made for: a one-row insert among 20,000 accounts reads one account,
+/// an insert of nothing reads none, and moving jobs to another account probes it by its key,
+/// after plans made while the table held three accounts.
+#[tokio::test]
+async fn the_triggers_read_the_accounts_a_statement_names_by_key() {
+    let db = TestDb::new().await;
+    let session = db.another_pool().await;
+    sqlx::query(
+        "INSERT INTO contact_sync.accounts (account, provider)
+         VALUES ('jc1', 'justclick'), ('jc2', 'justclick'), ('sl1', 'smartlink')",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    sqlx::query("ANALYZE contact_sync.accounts")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    // the session's plans, made on a three-row accounts table
+    for i in 0..8 {
+        sqlx::query(&format!(
+            "SELECT contact_sync.enqueue('justclick', 'jc1', 'p{i}@example.com')"
+        ))
+        .execute(&session)
+        .await
+        .unwrap();
+        sqlx::query(&format!(
+            "UPDATE contact_sync.jobs SET account = 'jc{}' WHERE email = 'p{i}@example.com'",
+            1 + (i % 2)
+        ))
+        .execute(&session)
+        .await
+        .unwrap();
+    }
+    sqlx::query(
+        "INSERT INTO contact_sync.accounts (account, provider)
+         SELECT 'x' || i, 'smartlink' FROM generate_series(1, 20000) i",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let read = |pool: PgPool| async move {
+        sqlx::query("SELECT pg_stat_force_next_flush()")
+            .execute(&pool)
+            .await
+            .unwrap();
+        sqlx::query("SELECT 1").execute(&pool).await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        sqlx::query_as::<_, (i64, i64)>(
+            "SELECT coalesce(seq_tup_read, 0), coalesce(idx_tup_fetch, 0) FROM pg_stat_user_tables
+             WHERE schemaname = 'contact_sync' AND relname = 'accounts'",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap()
+    };
+    let before = read(session.clone()).await;
+    for i in 0..20 {
+        sqlx::query(&format!(
+            "SELECT contact_sync.enqueue('justclick', 'jc1', 'q{i}@example.com')"
+        ))
+        .execute(&session)
+        .await
+        .unwrap();
+    }
+    sqlx::query(
+        "INSERT INTO contact_sync.jobs (provider, account, email)
+         SELECT 'justclick', 'jc1', 'none@example.com' WHERE false",
+    )
+    .execute(&session)
+    .await
+    .unwrap();
+    let moved = sqlx::query("UPDATE contact_sync.jobs SET account = 'jc2' WHERE account = 'jc1'")
+        .execute(&session)
+        .await
+        .unwrap()
+        .rows_affected();
+    assert!(moved >= 20, "{moved}");
+    let after = read(session.clone()).await;
+    let (seq, fetched) = (after.0 - before.0, after.1 - before.1);
+    assert_eq!(
+        seq, 0,
+        "the triggers read the accounts table through sequential scans"
+    );
+    assert!(
+        fetched <= 20 + moved as i64 + 5,
+        "20 one-row inserts and {moved} moved jobs fetched {fetched} accounts"
+    );
+}
+
 /// `enqueue()` looks a repeated idempotency key up through its index, whatever the queue held
 /// when the session first called it: a plan kept from a small queue read the whole table for
 /// each repeated key once a backlog had arrived.
