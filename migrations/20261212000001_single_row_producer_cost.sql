@@ -29,7 +29,9 @@
 -- in), and probes the account by its key whatever the plan. Its function is now called only
 -- for a row whose provider, account, email or payload changed, or whose run_at is not finite
 -- (the trigger's WHEN, resolved when the trigger is made): a bulk reschedule no longer calls
--- it for every row.
+-- it for every row. It keeps one plan per session for its validation: planned for each row's
+-- values, a bulk payload edit spent about 0.8 ms a row planning. Moving many jobs to another
+-- account costs a probe of the account per row now.
 --
 -- contact_sync.enqueue() was planned at every call (plan_cache_mode = force_custom_plan). Its
 -- inserts read no table, and keep their plans now. Its look-up of a repeated idempotency key is
@@ -84,10 +86,14 @@ $$;
 CREATE OR REPLACE FUNCTION contact_sync.jobs_before_update() RETURNS trigger
     LANGUAGE plpgsql
     SET search_path TO 'pg_catalog', 'pg_temp'
+    SET plan_cache_mode TO 'force_generic_plan'
     SET enable_seqscan TO 'off'
     AS $$
 BEGIN
-    IF NEW.provider IS DISTINCT FROM OLD.provider OR NEW.account IS DISTINCT FROM OLD.account THEN
+    -- (an account name the table's CHECK refuses is left to it, which reports it as for an insert)
+    IF (NEW.provider IS DISTINCT FROM OLD.provider OR NEW.account IS DISTINCT FROM OLD.account)
+       AND length(NEW.account) BETWEEN 1 AND 64
+       AND ltrim(NEW.account, 'abcdefghijklmnopqrstuvwxyz0123456789_') = '' THEN
         PERFORM contact_sync.reject(
             format('contact_sync: account %s is a %s account, not %s', quote_literal(NEW.account), a.provider, NEW.provider),
             format('move it to a %s account, or to one of the %s accounts', a.provider, NEW.provider),

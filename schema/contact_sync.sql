@@ -124,10 +124,14 @@ $$;
 CREATE FUNCTION contact_sync.jobs_before_update() RETURNS trigger
     LANGUAGE plpgsql
     SET search_path TO 'pg_catalog', 'pg_temp'
+    SET plan_cache_mode TO 'force_generic_plan'
     SET enable_seqscan TO 'off'
     AS $$
 BEGIN
-    IF NEW.provider IS DISTINCT FROM OLD.provider OR NEW.account IS DISTINCT FROM OLD.account THEN
+    -- (an account name the table's CHECK refuses is left to it, which reports it as for an insert)
+    IF (NEW.provider IS DISTINCT FROM OLD.provider OR NEW.account IS DISTINCT FROM OLD.account)
+       AND length(NEW.account) BETWEEN 1 AND 64
+       AND ltrim(NEW.account, 'abcdefghijklmnopqrstuvwxyz0123456789_') = '' THEN
         PERFORM contact_sync.reject(
             format('contact_sync: account %s is a %s account, not %s', quote_literal(NEW.account), a.provider, NEW.provider),
             format('move it to a %s account, or to one of the %s accounts', a.provider, NEW.provider),

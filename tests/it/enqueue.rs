@@ -398,6 +398,18 @@ async fn a_job_cannot_be_moved_to_an_account_of_another_provider() {
             .contains("account 'sl' is a smartlink account, not justclick"),
         "{err}"
     );
+    // an account name the table refuses is refused by its CHECK, as for an insert, even when an
+    // accounts row of the other provider has that name
+    sqlx::query("INSERT INTO contact_sync.accounts (account, provider) VALUES ('Sl', 'smartlink')")
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    let err = sqlx::query("UPDATE contact_sync.jobs SET account = 'Sl' WHERE id = $1")
+        .bind(id)
+        .execute(&env.pool)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("jobs_account_check"), "{err}");
     // to an account of its own provider, or one with no provider recorded, it may go
     for account in ["jc2", "unregistered"] {
         sqlx::query("UPDATE contact_sync.jobs SET account = $2 WHERE id = $1")
