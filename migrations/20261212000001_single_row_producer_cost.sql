@@ -1,5 +1,5 @@
--- What a producer's one-row statement costs in the insert trigger: only its provider's
--- validation. And three holes in the trigger closed.
+-- The insert and update triggers' holes closed, and a producer's one-row statement validated
+-- with its provider's rules alone.
 --
 -- The validation expression covered both providers, and Postgres sets up the whole expression
 -- at each statement, whichever branch its rows take. A statement whose rows all have one
@@ -30,15 +30,16 @@
 -- for a row whose provider, account, email or payload changed, or whose run_at is not finite
 -- (the trigger's WHEN, resolved when the trigger is made): a bulk reschedule no longer calls
 -- it for every row. It keeps one plan per session for its validation: planned for each row's
--- values, a bulk payload edit spent about 0.8 ms a row planning. Moving many jobs to another
+-- values, a bulk payload edit spent about 0.7 ms a row planning. Moving many jobs to another
 -- account costs a probe of the account per row now.
 --
 -- contact_sync.enqueue() was planned at every call (plan_cache_mode = force_custom_plan). Its
 -- inserts read no table, and keep their plans now. Its look-up of a repeated idempotency key is
 -- still planned at each call (a plan made while the queue was small would read the whole table).
 --
--- Only function definitions change: no table is rewritten or scanned. A worker of the build
--- before keeps working against this schema.
+-- Only function and trigger definitions change: no table is rewritten or scanned (making the
+-- update trigger again takes a brief lock on contact_sync.jobs). A worker of the build before
+-- keeps working against this schema.
 CREATE OR REPLACE FUNCTION contact_sync.jobs_after_insert() RETURNS trigger
     LANGUAGE plpgsql
     SET search_path TO 'pg_catalog', 'pg_temp'
