@@ -749,22 +749,11 @@ async fn the_triggers_read_the_accounts_a_statement_names_by_key() {
     .execute(&db.pool)
     .await
     .unwrap();
-    let read = |pool: PgPool| async move {
-        sqlx::query("SELECT pg_stat_force_next_flush()")
-            .execute(&pool)
-            .await
-            .unwrap();
-        sqlx::query("SELECT 1").execute(&pool).await.unwrap();
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-        sqlx::query_as::<_, (i64, i64)>(
-            "SELECT coalesce(seq_tup_read, 0), coalesce(idx_tup_fetch, 0) FROM pg_stat_user_tables
-             WHERE schemaname = 'contact_sync' AND relname = 'accounts'",
-        )
-        .fetch_one(&pool)
-        .await
-        .unwrap()
+    let read = || async {
+        flush_stats(&[&session]).await;
+        table_reads(&db.pool, "accounts").await
     };
-    let before = read(session.clone()).await;
+    let before = read().await;
     for i in 0..20 {
         sqlx::query(&format!(
             "SELECT contact_sync.enqueue('justclick', 'jc1', 'q{i}@example.com')"
@@ -786,7 +775,7 @@ async fn the_triggers_read_the_accounts_a_statement_names_by_key() {
         .unwrap()
         .rows_affected();
     assert!(moved >= 20, "{moved}");
-    let after = read(session.clone()).await;
+    let after = read().await;
     let (seq, fetched) = (after.0 - before.0, after.1 - before.1);
     assert_eq!(
         seq, 0,
@@ -841,8 +830,20 @@ async fn a_repeated_idempotency_key_is_looked_up_through_its_index() {
 /// Rows read by sequential scans of the queue's tables so far (`pg_stat_user_tables`), after
 /// the given sessions' statistics were flushed.
 async fn seq_rows_read(reader: &PgPool, sessions: &[&PgPool]) -> i64 {
+    flush_stats(sessions).await;
+    table_reads(reader, "jobs").await.0
+}
+
+/// Rows of the queue's table fetched through index scans so far (`pg_stat_user_tables`; the
+/// sessions' statistics flushed by a [`seq_rows_read`] just before).
+async fn index_rows_fetched(reader: &PgPool) -> i64 {
+    table_reads(reader, "jobs").await.1
+}
+
+/// Makes the given sessions' table statistics visible to others: each flushes them when it next
+/// goes idle (PostgreSQL 15 and later).
+async fn flush_stats(sessions: &[&PgPool]) {
     for session in sessions {
-        // flushed when that session next goes idle (PostgreSQL 15 and later)
         sqlx::query("SELECT pg_stat_force_next_flush()")
             .execute(*session)
             .await
@@ -850,26 +851,16 @@ async fn seq_rows_read(reader: &PgPool, sessions: &[&PgPool]) -> i64 {
         sqlx::query("SELECT 1").execute(*session).await.unwrap();
     }
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    let read = |table: &'static str| async move {
-        sqlx::query_scalar::<_, i64>(
-            "SELECT coalesce(sum(seq_tup_read), 0)::bigint FROM pg_stat_user_tables
-             WHERE schemaname = 'contact_sync' AND relname = $1",
-        )
-        .bind(table)
-        .fetch_one(reader)
-        .await
-        .unwrap()
-    };
-    read("jobs").await
 }
 
-/// Rows of the queue's table fetched through index scans so far (`pg_stat_user_tables`; the
-/// sessions' statistics flushed by a [`seq_rows_read`] just before).
-async fn index_rows_fetched(reader: &PgPool) -> i64 {
-    sqlx::query_scalar::<_, i64>(
-        "SELECT coalesce(sum(idx_tup_fetch), 0)::bigint FROM pg_stat_user_tables
-         WHERE schemaname = 'contact_sync' AND relname = 'jobs'",
+/// Rows of one of contact-sync's tables read by sequential scans, and fetched through index
+/// scans, so far (`pg_stat_user_tables`).
+async fn table_reads(reader: &PgPool, table: &str) -> (i64, i64) {
+    sqlx::query_as(
+        "SELECT coalesce(sum(seq_tup_read), 0)::bigint, coalesce(sum(idx_tup_fetch), 0)::bigint
+         FROM pg_stat_user_tables WHERE schemaname = 'contact_sync' AND relname = $1",
     )
+    .bind(table)
     .fetch_one(reader)
     .await
     .unwrap()
@@ -1018,12 +1009,7 @@ async fn plans_made_on_an_empty_queue_hold_for_a_full_one() {
 /// Rows the queue's tables gave up (sequential and index scans' heap rows) to `pool`'s one
 /// session since the last call (statistics flushed first).
 async fn heap_rows_read(reader: &PgPool, session: &PgPool) -> i64 {
-    sqlx::query("SELECT pg_stat_force_next_flush()")
-        .execute(session)
-        .await
-        .unwrap();
-    sqlx::query("SELECT 1").execute(session).await.unwrap();
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    flush_stats(&[session]).await;
     sqlx::query_scalar(
         "SELECT coalesce(sum(coalesce(seq_tup_read, 0) + coalesce(idx_tup_fetch, 0)), 0)::bigint
          FROM pg_stat_user_tables WHERE schemaname = 'contact_sync'",
