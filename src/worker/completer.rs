@@ -169,8 +169,24 @@ async fn write(
     let mut written = Vec::with_capacity(successes.len() + others.len());
     let mut unwritten = Vec::new();
 
+    // A call's double-opt-in bookkeeping goes first: an outcome is never written without it.
+    let mut ready = Vec::with_capacity(successes.len());
+    for mut c in successes {
+        if let Outcome::Success { ledger, .. } = &mut c.outcome {
+            if let Some(writes) = ledger {
+                if let Err(e) = writes.write(pool).await {
+                    tracing::error!(job_id = c.lease.id, error = %e, "could not record the confirmation window of a delivered call; keeping its lease and trying again (the call is not repeated)");
+                    unwritten.push(c);
+                    continue;
+                }
+                *ledger = None;
+            }
+        }
+        ready.push(c);
+    }
+
     // Successes: one statement; if the database refuses it, each alone.
-    let mut groups: Vec<Vec<Completion>> = vec![successes];
+    let mut groups: Vec<Vec<Completion>> = vec![ready];
     while let Some(group) = groups.pop() {
         if group.is_empty() {
             continue;
@@ -320,6 +336,7 @@ fn success_of(c: &Completion) -> Option<Success> {
             modify_ts,
             outcome,
             synced,
+            ledger: _,
         } => Some(Success {
             lease: c.lease,
             doi: doi.clone(),

@@ -89,41 +89,75 @@ pub struct Carried {
     pub window_holder: JobId,
 }
 
-/// After a successful call: restart the window from the answer's time (`Send`), or schedule
-/// the deferred re-send (`Defer`).
-pub async fn after_success(
-    pool: &PgPool,
-    account: Option<(&str, DoubleOptIn)>,
-    decision: &Decision,
+/// The ledger's bookkeeping after a successful call that took part in the rule: restart the
+/// window from the answer's time (`Send`, and drop a re-send an earlier attempt of the same
+/// change deferred), or schedule the deferred re-send (`Defer`).
+///
+/// The completer writes it before the job's outcome, and keeps both (with the lease) until
+/// they are written: the call is answered, so a database that cannot take the write never
+/// makes the call be repeated. Every write is idempotent.
+#[derive(Debug, Clone)]
+pub struct AfterSuccess {
+    api_key_id: String,
+    decision: Decision,
     jobs: Carried,
-    job: &ClaimedJob,
-) -> Result<(), sqlx::Error> {
-    let Some((api_key_id, _)) = account else {
-        return Ok(());
-    };
-    let (provider, account, email) = (job.provider.as_str(), job.account.as_str(), &job.email);
-    if matches!(decision, Decision::Send { .. }) {
-        doi::confirm(pool, api_key_id, email, jobs.window_holder).await?;
-        // an earlier attempt of this change may have deferred the status, and lost its
-        // completion: the status went out now, so that re-send must not
-        doi::drop_deferral_of(pool, provider, account, email, jobs.window_holder).await?;
+    provider: String,
+    account: String,
+    email: String,
+}
+
+impl AfterSuccess {
+    /// What the call leaves to write; `None` when the account has no rule or the decision
+    /// records nothing in the ledger.
+    pub fn new(
+        account: Option<(&str, DoubleOptIn)>,
+        decision: &Decision,
+        jobs: Carried,
+        job: &ClaimedJob,
+    ) -> Option<AfterSuccess> {
+        let (api_key_id, _) = account?;
+        if !matches!(decision, Decision::Send { .. } | Decision::Defer { .. }) {
+            return None;
+        }
+        Some(AfterSuccess {
+            api_key_id: api_key_id.to_string(),
+            decision: decision.clone(),
+            jobs,
+            provider: job.provider.clone(),
+            account: job.account.clone(),
+            email: job.email.clone(),
+        })
     }
-    if let Decision::Defer { until, status } = decision {
-        doi::defer(
-            pool,
-            &Deferral {
-                job_id: jobs.head,
-                covers_id: jobs.covers,
-                provider,
-                account,
-                email,
-                payload: Value::Object(status.clone()),
-                due_at: *until,
-            },
-        )
-        .await?;
+
+    pub async fn write(&self, pool: &PgPool) -> Result<(), sqlx::Error> {
+        let (provider, account, email) = (&self.provider, &self.account, &self.email);
+        match &self.decision {
+            Decision::Send { .. } => {
+                doi::confirm(pool, &self.api_key_id, email, self.jobs.window_holder).await?;
+                // an earlier attempt of this change may have deferred the status, and lost its
+                // completion: the status went out now, so that re-send must not
+                doi::drop_deferral_of(pool, provider, account, email, self.jobs.window_holder)
+                    .await?;
+            }
+            Decision::Defer { until, status } => {
+                doi::defer(
+                    pool,
+                    &Deferral {
+                        job_id: self.jobs.head,
+                        covers_id: self.jobs.covers,
+                        provider,
+                        account,
+                        email,
+                        payload: Value::Object(status.clone()),
+                        due_at: *until,
+                    },
+                )
+                .await?;
+            }
+            Decision::NotApplicable | Decision::Suppress => {}
+        }
+        Ok(())
     }
-    Ok(())
 }
 
 /// After a failed call: when the provider certainly did not act on it, the confirmation window

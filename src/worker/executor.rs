@@ -62,6 +62,9 @@ pub enum Outcome {
         modify_ts: Option<i64>,
         /// Set when the call changed nothing: [`NOT_FOUND`] or [`UNCHANGED`] (no call made).
         outcome: Option<&'static str>,
+        /// The double-opt-in ledger's writes this call leaves, made by the completer before
+        /// the outcome (taken once written).
+        ledger: Option<Box<double_opt_in::AfterSuccess>>,
     },
     Retry {
         delay: Duration,
@@ -247,6 +250,7 @@ async fn deliver(shared: &Shared, job: &ClaimedJob, claimed_at: Instant) -> Outc
                 // one is dropped, as the provider would drop it after this call
                 modify_ts: smartlink_modify_ts(kind, &payload, job),
                 outcome: Some(UNCHANGED),
+                ledger: None,
             };
         }
     }
@@ -319,13 +323,8 @@ async fn deliver(shared: &Shared, job: &ClaimedJob, claimed_at: Instant) -> Outc
                 covers,
                 window_holder,
             };
-            if let Err(e) =
-                double_opt_in::after_success(&shared.pool, confirmation, &decision, carried, job)
-                    .await
-            {
-                tracing::warn!(error = %e, "could not record the confirmation window; the call will be repeated");
-                return database_retry(shared, job.attempts, &e);
-            }
+            let ledger = double_opt_in::AfterSuccess::new(confirmation, &decision, carried, job)
+                .map(Box::new);
             let synced =
                 (shared.captured.contains(&job.account) && !delivered.not_found).then(|| {
                     Delivered {
@@ -344,6 +343,7 @@ async fn deliver(shared: &Shared, job: &ClaimedJob, claimed_at: Instant) -> Outc
                 sets_status,
                 modify_ts,
                 outcome: delivered.not_found.then_some(NOT_FOUND),
+                ledger,
             }
         }
         Err(DeliveryError::Retryable {

@@ -370,3 +370,85 @@ async fn every_double_opt_in_record_is_shown() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivered_confirmation_request_is_not_repeated_when_its_window_cannot_be_recorded() {
+    let env = TestEnv::new().await;
+    env.sandbox.faults().push(
+        FaultRule::new(Fault::Slow { ms: 1500 }, 1)
+            .provider("smartlink")
+            .email("d@example.com"),
+    );
+    let job = env
+        .enqueue(sl("d@example.com", json!({"subscribe": 3})))
+        .await;
+    let worker = env.worker();
+    let run = tokio::spawn({
+        let worker = worker.clone();
+        async move { worker.drain().await }
+    });
+    // the window is reserved and the call is in flight: the ledger goes away until the call
+    // has been answered (a database restart, a failover: any write after the call that fails)
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while sqlx::query_scalar::<_, i64>(
+        "SELECT count(*) FROM contact_sync.doi_ledger WHERE email = 'd@example.com'",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .unwrap()
+        == 0
+    {
+        assert!(std::time::Instant::now() < deadline, "no window reserved");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    sqlx::query("ALTER TABLE contact_sync.doi_ledger RENAME TO doi_ledger_away")
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    while env
+        .sandbox
+        .contact("smartlink", SL_GAME, "d@example.com")
+        .is_none_or(|c| c.subscribe != Some(3))
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the call never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // the completer has tried and failed at least twice
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(
+        env.job(job).await.state,
+        "running",
+        "the outcome waits for its window, the lease kept"
+    );
+    sqlx::query("ALTER TABLE contact_sync.doi_ledger_away RENAME TO doi_ledger")
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    run.await.unwrap();
+    env.settle(&worker).await;
+    // Regression (the model test, seed 843084935268, a Postgres restart): the call was
+    // answered, the window's write failed, and the job was retried: a second confirmation
+    // request inside the hour.
+    let row = env.job(job).await;
+    assert_eq!(row.state, "succeeded", "{row:?}");
+    assert_eq!(row.attempts, 1, "{row:?}");
+    assert_eq!(row.doi.as_deref(), Some("sent"));
+    let c = env
+        .sandbox
+        .contact("smartlink", SL_GAME, "d@example.com")
+        .unwrap();
+    assert_eq!(c.pending_requests, 1, "one confirmation request: {c:?}");
+    assert_eq!(c.confirmations_suppressed, 0);
+    assert_eq!(c.confirmation_emails, 1);
+    // the window counts from after the answer
+    let confirmed: bool = sqlx::query_scalar(
+        "SELECT sent_at > now() - interval '5 seconds' FROM contact_sync.doi_ledger WHERE email = 'd@example.com'",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert!(confirmed);
+}
