@@ -2,7 +2,7 @@
 //! retry, kill (dead), release. Every write matches `(id, attempts, state = 'running')`; a write
 //! that touches no row means the lease was lost and another worker owns the job now.
 
-use super::doi::DoiRecord;
+use super::doi::{AfterCall, DoiRecord};
 use super::job::{AttemptError, JobId, JobState, Lease};
 use super::synced::Delivered;
 use crate::text::storable;
@@ -33,6 +33,9 @@ pub struct Success {
     /// What the call sent, for the synced state (accounts a source captures into): written in
     /// the completion's transaction, so that the contact's next claim reads it.
     pub synced: Option<Delivered>,
+    /// The double-opt-in ledger's writes the call leaves: written in the outcome's transaction,
+    /// only if the outcome is (the write is fenced like the outcome).
+    pub after_call: Option<AfterCall>,
 }
 
 /// A follower as its call carried it.
@@ -79,13 +82,24 @@ pub async fn succeed_many(pool: &PgPool, items: &[Success]) -> Result<Written, s
     if items.is_empty() {
         return Ok(Written::default());
     }
-    if items.iter().all(|i| i.synced.is_none()) {
+    if items
+        .iter()
+        .all(|i| i.synced.is_none() && i.after_call.is_none())
+    {
         let mut conn = pool.acquire().await?;
         let (written, _) = write_successes(&mut conn, items).await?;
         super::claim::requeue_next_or_leave_to_sweep(&mut conn, &written_ids(items), true).await;
         return Ok(written);
     }
     let mut tx = pool.begin().await?;
+    if items.iter().any(|i| i.after_call.is_some()) {
+        // a ledger row another transaction holds fails this write at once (the caller keeps
+        // the outcome and tries again), instead of holding up the completer
+        sqlx::query(LEDGER_LOCK_TIMEOUT)
+            .persistent(false)
+            .execute(&mut *tx)
+            .await?;
+    }
     let (written, done) = write_successes(&mut tx, items).await?;
     let calls: Vec<Delivered> = items
         .iter()
@@ -93,11 +107,19 @@ pub async fn succeed_many(pool: &PgPool, items: &[Success]) -> Result<Written, s
         .filter_map(|i| i.synced.clone())
         .collect();
     super::synced::record(&mut tx, &calls).await?;
+    for item in items.iter().filter(|i| done.contains(&i.lease.id)) {
+        if let Some(after) = &item.after_call {
+            super::doi::write_after_call(&mut tx, after).await?;
+        }
+    }
     tx.commit().await?;
     let mut conn = pool.acquire().await?;
     super::claim::requeue_next_or_leave_to_sweep(&mut conn, &written_ids(items), true).await;
     Ok(written)
 }
+
+/// How long a completion that writes the double-opt-in ledger waits for a lock.
+const LEDGER_LOCK_TIMEOUT: &str = "SET LOCAL lock_timeout = '20ms'";
 
 /// Every job a batch of successes may have written: the heads and their followers (what waits
 /// behind one is brought back; behind one still open, it is set waiting again by the next claim).

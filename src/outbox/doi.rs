@@ -167,23 +167,6 @@ pub async fn reserve(
     Ok(Reservation::Busy { until })
 }
 
-/// After the call that holds the window was answered: the provider's hour started no earlier
-/// than now, so count from now.
-pub async fn confirm(
-    pool: &PgPool,
-    api_key_id: &str,
-    email: &str,
-    job_id: JobId,
-) -> Result<(), sqlx::Error> {
-    sqlx::query("UPDATE contact_sync.doi_ledger SET sent_at = now() WHERE api_key_id = $1 AND email = lower($2) AND job_id = $3").persistent(false)
-        .bind(api_key_id)
-        .bind(email)
-        .bind(job_id)
-        .execute(pool)
-        .await?;
-    Ok(())
-}
-
 /// Gives the window back after a call that certainly sent no email (the provider refused it,
 /// answered 5xx/429, or was never reached).
 pub async fn release(
@@ -201,68 +184,105 @@ pub async fn release(
     Ok(())
 }
 
-/// A pending-status re-send to make when the window ends.
-#[derive(Debug, Clone)]
-pub struct Deferral<'a> {
-    /// The job that carried the change (its head).
-    pub job_id: JobId,
-    /// The newest job id merged into that call: a later status supersedes the re-send.
-    pub covers_id: JobId,
-    pub provider: &'a str,
-    pub account: &'a str,
-    pub email: &'a str,
-    /// `{"subscribe": 3, ["update_strategy": n]}`
-    pub payload: Value,
-    pub due_at: DateTime<Utc>,
+/// What a delivered call leaves for the ledger. The completer writes it in the transaction of
+/// the call's fenced outcome ([`super::complete::succeed_many`]), only when that outcome is
+/// written: the call is answered, so a database that cannot take it never makes the call be
+/// repeated, and a worker that lost the job writes nothing. Idempotent.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AfterCall {
+    /// The call triggered the confirmation email: the provider's hour started no earlier than
+    /// the answer, so the window counts from now. An earlier attempt of the same change may have
+    /// deferred the status and lost its completion: that re-send is dropped (the status went
+    /// out now).
+    Sent {
+        api_key_id: String,
+        provider: String,
+        account: String,
+        email: String,
+        /// The job whose change asks for the pending status (the window is held in its name).
+        window_holder: JobId,
+    },
+    /// The pending status was taken out of the call: re-send it when the window ends.
+    Deferred {
+        /// The job that carried the change (its head).
+        job_id: JobId,
+        /// The newest job id merged into that call: a later status supersedes the re-send.
+        covers_id: JobId,
+        provider: String,
+        account: String,
+        email: String,
+        /// `{"subscribe": 3, ["update_strategy": n]}`
+        payload: Value,
+        due_at: DateTime<Utc>,
+    },
 }
 
-/// Drops the deferral an earlier attempt of the same change recorded (its call deferred the
-/// pending status, and its completion was lost): this attempt sent the status itself, and a
-/// re-send when that deferral fell due would ask for a second confirmation email.
-pub async fn drop_deferral_of(
-    pool: &PgPool,
-    provider: &str,
-    account: &str,
-    email: &str,
-    window_holder: JobId,
+/// Writes `after` on `conn` (inside the outcome's transaction).
+pub async fn write_after_call(
+    conn: &mut sqlx::PgConnection,
+    after: &AfterCall,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        // language=PostgreSQL
-        r#"
-        DELETE FROM contact_sync.doi_deferred
-        WHERE job_id <= $4 AND covers_id >= $4
-          AND provider = $1 AND account = $2 AND lower(email) = lower($3)
-        "#,
-    )
-    .persistent(false)
-    .bind(provider)
-    .bind(account)
-    .bind(email)
-    .bind(window_holder)
-    .execute(pool)
-    .await?;
-    Ok(())
-}
-
-pub async fn defer(pool: &PgPool, d: &Deferral<'_>) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        // language=PostgreSQL
-        r#"
-        INSERT INTO contact_sync.doi_deferred (job_id, covers_id, provider, account, email, payload, due_at)
-        VALUES ($1, $2, $3, $4, $5, $6, $7)
-        ON CONFLICT (job_id) DO UPDATE SET due_at = EXCLUDED.due_at, payload = EXCLUDED.payload,
-                                           covers_id = EXCLUDED.covers_id
-        "#,
-    ).persistent(false)
-    .bind(d.job_id)
-    .bind(d.covers_id)
-    .bind(d.provider)
-    .bind(d.account)
-    .bind(d.email)
-    .bind(&d.payload)
-    .bind(d.due_at)
-    .execute(pool)
-    .await?;
+    match after {
+        AfterCall::Sent {
+            api_key_id,
+            provider,
+            account,
+            email,
+            window_holder,
+        } => {
+            sqlx::query("UPDATE contact_sync.doi_ledger SET sent_at = now() WHERE api_key_id = $1 AND email = lower($2) AND job_id = $3")
+                .persistent(false)
+                .bind(api_key_id)
+                .bind(email)
+                .bind(window_holder)
+                .execute(&mut *conn)
+                .await?;
+            sqlx::query(
+                // language=PostgreSQL
+                r#"
+                DELETE FROM contact_sync.doi_deferred
+                WHERE job_id <= $4 AND covers_id >= $4
+                  AND provider = $1 AND account = $2 AND lower(email) = lower($3)
+                "#,
+            )
+            .persistent(false)
+            .bind(provider)
+            .bind(account)
+            .bind(email)
+            .bind(window_holder)
+            .execute(&mut *conn)
+            .await?;
+        }
+        AfterCall::Deferred {
+            job_id,
+            covers_id,
+            provider,
+            account,
+            email,
+            payload,
+            due_at,
+        } => {
+            sqlx::query(
+                // language=PostgreSQL
+                r#"
+                INSERT INTO contact_sync.doi_deferred (job_id, covers_id, provider, account, email, payload, due_at)
+                VALUES ($1, $2, $3, $4, $5, $6, $7)
+                ON CONFLICT (job_id) DO UPDATE SET due_at = EXCLUDED.due_at, payload = EXCLUDED.payload,
+                                                   covers_id = EXCLUDED.covers_id
+                "#,
+            )
+            .persistent(false)
+            .bind(job_id)
+            .bind(covers_id)
+            .bind(provider)
+            .bind(account)
+            .bind(email)
+            .bind(payload)
+            .bind(due_at)
+            .execute(&mut *conn)
+            .await?;
+        }
+    }
     Ok(())
 }
 

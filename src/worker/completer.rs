@@ -5,7 +5,12 @@
 //! is split and each outcome written alone; an outcome that still cannot be written is kept
 //! (its lease stays in the heartbeat, so no other worker calls the provider again) and written
 //! again on the next round, while new outcomes keep flowing. Only at shutdown is an unwritable
-//! outcome given up, to its lease (the rescuer returns the job).
+//! outcome given up, after `worker.shutdown_timeout` more of trying, to its lease (the rescuer
+//! returns the job).
+//!
+//! A call that wrote the double-opt-in ledger is written in a transaction of its own with its
+//! ledger writes ([`crate::outbox::doi::AfterCall`]), under a short lock timeout: a ledger row
+//! another transaction holds keeps that outcome back, never the others.
 
 use super::executor::{self, Completion, Outcome};
 use super::Shared;
@@ -74,6 +79,10 @@ pub async fn run(shared: std::sync::Arc<Shared>, mut rx: mpsc::UnboundedReceiver
     let mut kept: Vec<Completion> = Vec::new();
     let mut activity = Activity::default();
     let mut open = true;
+    // when the worker stopped handing in outcomes (shutdown): kept ones are tried again for up
+    // to `worker.shutdown_timeout` from then
+    let mut closed_at: Option<std::time::Instant> = None;
+    let give_up_after = shared.settings.worker.shutdown_timeout;
     while open || !kept.is_empty() {
         let mut batch = std::mem::take(&mut kept);
         let first = if batch.is_empty() && !activity.counts.is_empty() {
@@ -93,6 +102,8 @@ pub async fn run(shared: std::sync::Arc<Shared>, mut rx: mpsc::UnboundedReceiver
                 _ = tokio::time::sleep(REWRITE_EVERY) => None,
             }
         } else {
+            // shutting down with outcomes kept: try them again shortly
+            tokio::time::sleep(REWRITE_EVERY).await;
             None
         };
         match first {
@@ -110,13 +121,16 @@ pub async fn run(shared: std::sync::Arc<Shared>, mut rx: mpsc::UnboundedReceiver
         if rx.is_closed() && rx.is_empty() {
             open = false;
         }
+        if !open {
+            closed_at.get_or_insert_with(std::time::Instant::now);
+        }
         let (written, unwritten) = write(&shared, batch, &mut activity).await;
         activity.flush(&shared.pool, !open).await;
         forget(&shared, &written);
         drop(written); // frees the slots
         shared.wake.notify_one();
         if !unwritten.is_empty() {
-            if open {
+            if open || closed_at.is_some_and(|t| t.elapsed() < give_up_after) {
                 kept = unwritten;
             } else {
                 // Left in the heartbeat's map: the shutdown tries to release them.
@@ -156,6 +170,11 @@ fn is_data_error(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(_))
 }
 
+/// The lock timeout a completion that writes the double-opt-in ledger sets for itself.
+fn is_lock_timeout(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db) if db.code().as_deref() == Some("55P03"))
+}
+
 /// Writes a batch; returns (written or lost, to keep for another round).
 async fn write(
     shared: &Shared,
@@ -169,24 +188,21 @@ async fn write(
     let mut written = Vec::with_capacity(successes.len() + others.len());
     let mut unwritten = Vec::new();
 
-    // A call's double-opt-in bookkeeping goes first: an outcome is never written without it.
-    let mut ready = Vec::with_capacity(successes.len());
-    for mut c in successes {
-        if let Outcome::Success { ledger, .. } = &mut c.outcome {
-            if let Some(writes) = ledger {
-                if let Err(e) = writes.write(pool).await {
-                    tracing::error!(job_id = c.lease.id, error = %e, "could not record the confirmation window of a delivered call; keeping its lease and trying again (the call is not repeated)");
-                    unwritten.push(c);
-                    continue;
-                }
-                *ledger = None;
-            }
-        }
-        ready.push(c);
-    }
-
     // Successes: one statement; if the database refuses it, each alone.
-    let mut groups: Vec<Vec<Completion>> = vec![ready];
+    // (a call that writes the double-opt-in ledger alone: a ledger row held elsewhere keeps
+    // back its own outcome, never the others')
+    let (plain, ledger): (Vec<Completion>, Vec<Completion>) =
+        successes.into_iter().partition(|c| {
+            !matches!(
+                &c.outcome,
+                Outcome::Success {
+                    ledger: Some(_),
+                    ..
+                }
+            )
+        });
+    let mut groups: Vec<Vec<Completion>> = vec![plain];
+    groups.extend(ledger.into_iter().map(|c| vec![c]));
     while let Some(group) = groups.pop() {
         if group.is_empty() {
             continue;
@@ -231,6 +247,10 @@ async fn write(
                     }
                     written.push(c);
                 }
+            }
+            Err(e) if is_lock_timeout(&e) => {
+                tracing::info!(jobs = ?group.iter().map(|c| c.lease.id).collect::<Vec<_>>(), "a double-opt-in ledger row of this call is held by another transaction; its outcome is written once it is free");
+                unwritten.extend(group);
             }
             Err(e) if is_data_error(&e) && group.len() > 1 => {
                 tracing::warn!(error = %e, jobs = group.len(), "the database refused a batch of outcomes; writing them one by one");
@@ -336,7 +356,7 @@ fn success_of(c: &Completion) -> Option<Success> {
             modify_ts,
             outcome,
             synced,
-            ledger: _,
+            ledger,
         } => Some(Success {
             lease: c.lease,
             doi: doi.clone(),
@@ -346,6 +366,7 @@ fn success_of(c: &Completion) -> Option<Success> {
             modify_ts: *modify_ts,
             outcome: outcome.map(str::to_string),
             synced: synced.clone(),
+            after_call: ledger.as_deref().cloned(),
         }),
         _ => None,
     }

@@ -4,7 +4,7 @@
 //! when the window ends (`defer`) or record that no email was triggered (`drop`).
 
 use crate::config::DoubleOptIn;
-use crate::outbox::doi::{self, Deferral, DoiRecord, Reservation};
+use crate::outbox::doi::{self, AfterCall, DoiRecord, Reservation};
 use crate::outbox::{ClaimedJob, JobId};
 use crate::providers::payload::Payload;
 use crate::providers::{DeliveryError, RetryReason};
@@ -89,74 +89,35 @@ pub struct Carried {
     pub window_holder: JobId,
 }
 
-/// The ledger's bookkeeping after a successful call that took part in the rule: restart the
-/// window from the answer's time (`Send`, and drop a re-send an earlier attempt of the same
-/// change deferred), or schedule the deferred re-send (`Defer`).
-///
-/// The completer writes it before the job's outcome, and keeps both (with the lease) until
-/// they are written: the call is answered, so a database that cannot take the write never
-/// makes the call be repeated. Every write is idempotent.
-#[derive(Debug, Clone)]
-pub struct AfterSuccess {
-    api_key_id: String,
-    decision: Decision,
+/// What a successful call leaves for the ledger (see [`AfterCall`]), written by the completer
+/// with the job's outcome; `None` when the account has no rule or the decision records
+/// nothing there.
+pub fn after_success(
+    account: Option<(&str, DoubleOptIn)>,
+    decision: &Decision,
     jobs: Carried,
-    provider: String,
-    account: String,
-    email: String,
-}
-
-impl AfterSuccess {
-    /// What the call leaves to write; `None` when the account has no rule or the decision
-    /// records nothing in the ledger.
-    pub fn new(
-        account: Option<(&str, DoubleOptIn)>,
-        decision: &Decision,
-        jobs: Carried,
-        job: &ClaimedJob,
-    ) -> Option<AfterSuccess> {
-        let (api_key_id, _) = account?;
-        if !matches!(decision, Decision::Send { .. } | Decision::Defer { .. }) {
-            return None;
-        }
-        Some(AfterSuccess {
+    job: &ClaimedJob,
+) -> Option<AfterCall> {
+    let (api_key_id, _) = account?;
+    let (provider, account, email) = (job.provider.clone(), job.account.clone(), job.email.clone());
+    match decision {
+        Decision::Send { .. } => Some(AfterCall::Sent {
             api_key_id: api_key_id.to_string(),
-            decision: decision.clone(),
-            jobs,
-            provider: job.provider.clone(),
-            account: job.account.clone(),
-            email: job.email.clone(),
-        })
-    }
-
-    pub async fn write(&self, pool: &PgPool) -> Result<(), sqlx::Error> {
-        let (provider, account, email) = (&self.provider, &self.account, &self.email);
-        match &self.decision {
-            Decision::Send { .. } => {
-                doi::confirm(pool, &self.api_key_id, email, self.jobs.window_holder).await?;
-                // an earlier attempt of this change may have deferred the status, and lost its
-                // completion: the status went out now, so that re-send must not
-                doi::drop_deferral_of(pool, provider, account, email, self.jobs.window_holder)
-                    .await?;
-            }
-            Decision::Defer { until, status } => {
-                doi::defer(
-                    pool,
-                    &Deferral {
-                        job_id: self.jobs.head,
-                        covers_id: self.jobs.covers,
-                        provider,
-                        account,
-                        email,
-                        payload: Value::Object(status.clone()),
-                        due_at: *until,
-                    },
-                )
-                .await?;
-            }
-            Decision::NotApplicable | Decision::Suppress => {}
-        }
-        Ok(())
+            provider,
+            account,
+            email,
+            window_holder: jobs.window_holder,
+        }),
+        Decision::Defer { until, status } => Some(AfterCall::Deferred {
+            job_id: jobs.head,
+            covers_id: jobs.covers,
+            provider,
+            account,
+            email,
+            payload: Value::Object(status.clone()),
+            due_at: *until,
+        }),
+        Decision::NotApplicable | Decision::Suppress => None,
     }
 }
 

@@ -9,7 +9,7 @@ use crate::config::ProviderKind;
 use crate::metrics::{self as m};
 use crate::outbox::accounts::{self, Throttle};
 use crate::outbox::complete::{Attempt, SentFollower};
-use crate::outbox::doi::DoiRecord;
+use crate::outbox::doi::{AfterCall, DoiRecord};
 use crate::outbox::job::{AttemptError, ClaimedJob, Lease};
 use crate::outbox::synced::Delivered;
 use crate::providers::payload::{take_group, Change, Payload};
@@ -62,9 +62,9 @@ pub enum Outcome {
         modify_ts: Option<i64>,
         /// Set when the call changed nothing: [`NOT_FOUND`] or [`UNCHANGED`] (no call made).
         outcome: Option<&'static str>,
-        /// The double-opt-in ledger's writes this call leaves, made by the completer before
-        /// the outcome (taken once written).
-        ledger: Option<Box<double_opt_in::AfterSuccess>>,
+        /// The double-opt-in ledger's writes this call leaves, made in the outcome's
+        /// transaction.
+        ledger: Option<Box<AfterCall>>,
     },
     Retry {
         delay: Duration,
@@ -323,8 +323,8 @@ async fn deliver(shared: &Shared, job: &ClaimedJob, claimed_at: Instant) -> Outc
                 covers,
                 window_holder,
             };
-            let ledger = double_opt_in::AfterSuccess::new(confirmation, &decision, carried, job)
-                .map(Box::new);
+            let ledger =
+                double_opt_in::after_success(confirmation, &decision, carried, job).map(Box::new);
             let synced =
                 (shared.captured.contains(&job.account) && !delivered.not_found).then(|| {
                     Delivered {

@@ -138,6 +138,7 @@ async fn writes_after_a_lost_lease_change_nothing() {
             modify_ts: None,
             outcome: None,
             synced: Some(sent("old")),
+            after_call: None,
         }],
     )
     .await
@@ -176,6 +177,7 @@ async fn writes_after_a_lost_lease_change_nothing() {
             modify_ts: None,
             outcome: None,
             synced: Some(sent("new")),
+            after_call: None,
         }],
     )
     .await
@@ -380,6 +382,7 @@ async fn the_synced_state_is_the_last_call_whatever_its_job_id() {
                         job_id: got[0].id,
                         ..sent(name)
                     }),
+                    after_call: None,
                 }],
             )
             .await
@@ -501,4 +504,69 @@ async fn a_failed_pass_of_a_limited_claim_claims_nothing() {
         (a_state.as_str(), x1_state.as_str()),
         ("pending", "pending")
     );
+}
+
+/// Found by the adversarial review of the double-opt-in ledger's writes after a call: a worker
+/// frozen past its lease wrote a deferral after another worker had delivered the job, and a
+/// later unsubscribe had removed that deferral: the contact was set pending again an hour
+/// later. The ledger's writes are fenced with the outcome.
+#[tokio::test]
+async fn a_worker_that_lost_its_job_writes_nothing_to_the_ledger() {
+    let env = TestEnv::new().await;
+    let id = env
+        .enqueue(sl("f@example.com", json!({"subscribe": 3})))
+        .await;
+    let first = claim(&env.pool, &quota("sl", 1), &options("old"))
+        .await
+        .unwrap();
+    let old = first[0].lease();
+    sqlx::query("UPDATE contact_sync.jobs SET locked_until = now() - interval '1 second'")
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    rescue_expired(&env.pool, 20, Duration::ZERO, ("", &[]))
+        .await
+        .unwrap();
+    let second = claim(&env.pool, &quota("sl", 1), &options("new"))
+        .await
+        .unwrap();
+    assert_eq!(second[0].id, id);
+    let deferred = contact_sync::outbox::doi::AfterCall::Deferred {
+        job_id: id,
+        covers_id: id,
+        provider: "smartlink".into(),
+        account: "sl".into(),
+        email: "f@example.com".into(),
+        payload: json!({"subscribe": 3}),
+        due_at: chrono::Utc::now(),
+    };
+    let success = |lease: Lease, after_call| Success {
+        lease,
+        doi: None,
+        sent_md5: first[0].payload_md5(),
+        followers: vec![],
+        sets_status: true,
+        modify_ts: None,
+        outcome: None,
+        synced: None,
+        after_call,
+    };
+    let deferrals = || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM contact_sync.doi_deferred")
+            .fetch_one(&env.pool)
+            .await
+            .unwrap()
+    };
+    let lost = complete::succeed_many(&env.pool, &[success(old, Some(deferred.clone()))])
+        .await
+        .unwrap();
+    assert_eq!(lost.lost, vec![id]);
+    assert_eq!(deferrals().await, 0, "the stale worker wrote to the ledger");
+    // the worker that holds the lease writes both
+    let done = complete::succeed_many(&env.pool, &[success(second[0].lease(), Some(deferred))])
+        .await
+        .unwrap();
+    assert!(done.lost.is_empty() && done.held.is_empty(), "{done:?}");
+    assert_eq!(env.job(id).await.state, "succeeded");
+    assert_eq!(deferrals().await, 1);
 }

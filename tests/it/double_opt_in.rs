@@ -452,3 +452,148 @@ async fn a_delivered_confirmation_request_is_not_repeated_when_its_window_cannot
     .unwrap();
     assert!(confirmed);
 }
+
+/// Found by the adversarial review: the completer wrote a call's ledger entries before the
+/// outcomes, waiting for a ledger row another transaction held: every other outcome waited too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_ledger_row_keeps_back_its_own_outcome_only() {
+    let env = TestEnv::new().await;
+    env.sandbox.faults().push(
+        FaultRule::new(Fault::Slow { ms: 1000 }, 1)
+            .provider("smartlink")
+            .email("held@example.com"),
+    );
+    let doi = env
+        .enqueue(sl("held@example.com", json!({"subscribe": 3})))
+        .await;
+    let worker = env.worker();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let run = tokio::spawn({
+        let worker = worker.clone();
+        let stop = stop.clone();
+        async move { worker.run(stop).await }
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut holder = env.pool.begin().await.unwrap();
+    loop {
+        let held: Option<i64> = sqlx::query_scalar(
+            "SELECT job_id FROM contact_sync.doi_ledger WHERE email = 'held@example.com' FOR UPDATE",
+        )
+        .fetch_optional(&mut *holder)
+        .await
+        .unwrap();
+        if held.is_some() {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no window reserved");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // the call is answered while the row is held; other changes keep flowing meanwhile
+    while env
+        .sandbox
+        .contact("smartlink", SL_GAME, "held@example.com")
+        .is_none_or(|c| c.subscribe != Some(3))
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the call never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let others: Vec<_> = (0..20)
+        .map(|i| jc(&format!("o{i}@example.com"), json!({"lead_name": "x"})))
+        .collect();
+    let started = std::time::Instant::now();
+    env.enqueue_many(&others).await;
+    while env.count("succeeded").await < 20 {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the other outcomes waited for the held ledger row: {} of 20 written",
+            env.count("succeeded").await
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(env.job(doi).await.state, "running", "its outcome waits");
+    holder.commit().await.unwrap();
+    env.wait_for_state(doi, "succeeded", Duration::from_secs(5))
+        .await;
+    stop.cancel();
+    run.await.unwrap();
+    let row = env.job(doi).await;
+    assert_eq!(row.attempts, 1, "{row:?}");
+    let c = env
+        .sandbox
+        .contact("smartlink", SL_GAME, "held@example.com")
+        .unwrap();
+    assert_eq!(c.pending_requests, 1, "{c:?}");
+}
+
+/// Found by the adversarial review: at shutdown, an answered call whose ledger write could not
+/// be made was given up at once, and its change sent again by the next worker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_gives_an_answered_calls_ledger_write_its_time() {
+    let env = TestEnv::new().await;
+    env.sandbox.faults().push(
+        FaultRule::new(Fault::Slow { ms: 1000 }, 1)
+            .provider("smartlink")
+            .email("s@example.com"),
+    );
+    let job = env
+        .enqueue(sl("s@example.com", json!({"subscribe": 3})))
+        .await;
+    let mut settings = env.settings.clone();
+    settings.worker.shutdown_timeout = Duration::from_secs(10);
+    let worker = env.worker_with(&settings, env.pool.clone());
+    let stop = tokio_util::sync::CancellationToken::new();
+    let run = tokio::spawn({
+        let worker = worker.clone();
+        let stop = stop.clone();
+        async move { worker.run(stop).await }
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while sqlx::query_scalar::<_, i64>(
+        "SELECT count(*) FROM contact_sync.doi_ledger WHERE email = 's@example.com'",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .unwrap()
+        == 0
+    {
+        assert!(std::time::Instant::now() < deadline, "no window reserved");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    sqlx::query("ALTER TABLE contact_sync.doi_ledger RENAME TO doi_ledger_away")
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    while env
+        .sandbox
+        .contact("smartlink", SL_GAME, "s@example.com")
+        .is_none_or(|c| c.subscribe != Some(3))
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the call never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.cancel();
+    // the ledger is back within the shutdown's time
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(!run.is_finished(), "the shutdown gave the outcome up");
+    sqlx::query("ALTER TABLE contact_sync.doi_ledger_away RENAME TO doi_ledger")
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    run.await.unwrap();
+    let row = env.job(job).await;
+    assert_eq!(row.state, "succeeded", "{row:?}");
+    assert_eq!(row.attempts, 1, "{row:?}");
+    let c = env
+        .sandbox
+        .contact("smartlink", SL_GAME, "s@example.com")
+        .unwrap();
+    assert_eq!(c.pending_requests, 1, "{c:?}");
+}

@@ -895,6 +895,7 @@ async fn deliver(pool: &PgPool) -> usize {
             modify_ts: None,
             outcome: None,
             synced: None,
+            after_call: None,
         })
         .collect();
     let written = succeed_many(pool, &done).await.unwrap();
