@@ -7,6 +7,7 @@ use super::job::{AttemptError, JobId, JobState, Lease};
 use super::synced::Delivered;
 use crate::text::storable;
 use sqlx::PgPool;
+use std::collections::HashSet;
 use std::time::Duration;
 
 /// A delivered job and what rode along with it.
@@ -87,7 +88,7 @@ pub async fn succeed_many(pool: &PgPool, items: &[Success]) -> Result<Written, s
         .all(|i| i.synced.is_none() && i.after_call.is_none())
     {
         let mut conn = pool.acquire().await?;
-        let (written, _) = write_successes(&mut conn, items).await?;
+        let written = write_successes(&mut conn, items).await?.written;
         super::claim::requeue_next_or_leave_to_sweep(&mut conn, &written_ids(items), true).await;
         return Ok(written);
     }
@@ -100,18 +101,32 @@ pub async fn succeed_many(pool: &PgPool, items: &[Success]) -> Result<Written, s
             .execute(&mut *tx)
             .await?;
     }
-    let (written, done) = write_successes(&mut tx, items).await?;
+    let Outcomes {
+        written,
+        done,
+        as_sent,
+    } = write_successes(&mut tx, items).await?;
     let calls: Vec<Delivered> = items
         .iter()
         .filter(|i| done.contains(&i.lease.id))
         .filter_map(|i| i.synced.clone())
         .collect();
     super::synced::record(&mut tx, &calls).await?;
-    for item in items.iter().filter(|i| done.contains(&i.lease.id)) {
-        if let Some(after) = &item.after_call {
-            super::doi::write_after_call(&mut tx, after).await?;
-        }
-    }
+    // the window the call took is the provider's whatever became of the job; a deferred
+    // status only for the change delivered (one changed in flight is decided again)
+    let after_calls: Vec<&AfterCall> = items
+        .iter()
+        .filter_map(|i| {
+            let after = i.after_call.as_ref()?;
+            let id = i.lease.id;
+            let applies = match after {
+                AfterCall::Sent { .. } => done.contains(&id),
+                AfterCall::Deferred { .. } => as_sent.contains(&id),
+            };
+            applies.then_some(after)
+        })
+        .collect();
+    super::doi::write_after_calls(&mut tx, &after_calls).await?;
     tx.commit().await?;
     let mut conn = pool.acquire().await?;
     super::claim::requeue_next_or_leave_to_sweep(&mut conn, &written_ids(items), true).await;
@@ -130,11 +145,20 @@ fn written_ids(items: &[Success]) -> Vec<JobId> {
         .collect()
 }
 
-/// The statement of [`succeed_many`]; also returns the jobs it wrote.
+/// What [`write_successes`] did.
+struct Outcomes {
+    written: Written,
+    /// The heads it wrote: `succeeded`, or back to `pending` (changed while in flight).
+    done: HashSet<JobId>,
+    /// Those that ended `succeeded` (the change delivered was the change recorded).
+    as_sent: HashSet<JobId>,
+}
+
+/// The statement of [`succeed_many`].
 async fn write_successes(
     conn: &mut sqlx::PgConnection,
     items: &[Success],
-) -> Result<(Written, std::collections::HashSet<JobId>), sqlx::Error> {
+) -> Result<Outcomes, sqlx::Error> {
     let mut ids = Vec::with_capacity(items.len());
     let mut attempts = Vec::with_capacity(items.len());
     let mut dois = Vec::with_capacity(items.len());
@@ -159,7 +183,7 @@ async fn write_successes(
             follower_md5.push(f.sent_md5.as_str());
         }
     }
-    let rows: Vec<(JobId, bool)> = sqlx::query_as(
+    let rows: Vec<(JobId, bool, bool)> = sqlx::query_as(
         // language=PostgreSQL
         r#"
         WITH t AS (
@@ -205,7 +229,9 @@ async fn write_successes(
                 finished_at = CASE WHEN t.as_sent THEN now() END,
                 locked_until = NULL,
                 locked_by = CASE WHEN t.as_sent THEN j.locked_by END,
-                doi = coalesce(t.doi, j.doi),
+                -- (a status deferred by a call whose change was edited meanwhile is decided
+                -- again when the change is sent as it is now: not recorded)
+                doi = CASE WHEN t.as_sent OR t.doi = 'sent' THEN coalesce(t.doi, j.doi) ELSE j.doi END, -- DoiRecord::Sent
                 outcome = t.outcome,
                 last_error = CASE WHEN t.as_sent THEN j.last_error
                                   ELSE 'changed while its call was in flight: the call delivered it as it was; it is sent again as it is now' END
@@ -266,9 +292,9 @@ async fn write_successes(
               AND f.job_id <> ALL(ARRAY(SELECT s.id FROM done s WHERE s.sets_status))
             RETURNING f.job_id
         )
-        SELECT id, true FROM done
+        SELECT id, true, as_sent FROM done
         UNION ALL
-        SELECT id, false FROM held
+        SELECT id, false, false FROM held
         "#,
     )
     .bind(&ids)
@@ -283,9 +309,9 @@ async fn write_successes(
     .bind(&follower_md5)
     .fetch_all(&mut *conn)
     .await?;
-    let done: std::collections::HashSet<JobId> = rows.iter().filter(|r| r.1).map(|r| r.0).collect();
-    let held: std::collections::HashSet<JobId> =
-        rows.iter().filter(|r| !r.1).map(|r| r.0).collect();
+    let done: HashSet<JobId> = rows.iter().filter(|r| r.1).map(|r| r.0).collect();
+    let as_sent: HashSet<JobId> = rows.iter().filter(|r| r.2).map(|r| r.0).collect();
+    let held: HashSet<JobId> = rows.iter().filter(|r| !r.1).map(|r| r.0).collect();
     let written = Written {
         lost: ids
             .iter()
@@ -294,7 +320,11 @@ async fn write_successes(
             .collect(),
         held: ids.into_iter().filter(|id| held.contains(id)).collect(),
     };
-    Ok((written, done))
+    Ok(Outcomes {
+        written,
+        done,
+        as_sent,
+    })
 }
 
 fn millis(d: Duration) -> i64 {

@@ -217,73 +217,127 @@ pub enum AfterCall {
     },
 }
 
-/// Writes `after` on `conn` (inside the outcome's transaction).
-pub async fn write_after_call(
+/// Writes what `calls` left for the ledger on `conn` (inside their outcomes' transaction):
+/// three set-based statements, whatever their number.
+pub async fn write_after_calls(
     conn: &mut sqlx::PgConnection,
-    after: &AfterCall,
+    calls: &[&AfterCall],
 ) -> Result<(), sqlx::Error> {
-    match after {
-        AfterCall::Sent {
-            api_key_id,
-            provider,
-            account,
-            email,
-            window_holder,
-        } => {
-            sqlx::query("UPDATE contact_sync.doi_ledger SET sent_at = now() WHERE api_key_id = $1 AND email = lower($2) AND job_id = $3")
-                .persistent(false)
-                .bind(api_key_id)
-                .bind(email)
-                .bind(window_holder)
-                .execute(&mut *conn)
-                .await?;
-            sqlx::query(
-                // language=PostgreSQL
-                r#"
-                DELETE FROM contact_sync.doi_deferred
-                WHERE job_id <= $4 AND covers_id >= $4
-                  AND provider = $1 AND account = $2 AND lower(email) = lower($3)
-                "#,
-            )
-            .persistent(false)
-            .bind(provider)
-            .bind(account)
-            .bind(email)
-            .bind(window_holder)
-            .execute(&mut *conn)
-            .await?;
-        }
-        AfterCall::Deferred {
-            job_id,
-            covers_id,
-            provider,
-            account,
-            email,
-            payload,
-            due_at,
-        } => {
-            sqlx::query(
-                // language=PostgreSQL
-                r#"
-                INSERT INTO contact_sync.doi_deferred (job_id, covers_id, provider, account, email, payload, due_at)
-                VALUES ($1, $2, $3, $4, $5, $6, $7)
-                ON CONFLICT (job_id) DO UPDATE SET due_at = EXCLUDED.due_at, payload = EXCLUDED.payload,
-                                                   covers_id = EXCLUDED.covers_id
-                "#,
-            )
-            .persistent(false)
-            .bind(job_id)
-            .bind(covers_id)
-            .bind(provider)
-            .bind(account)
-            .bind(email)
-            .bind(payload)
-            .bind(due_at)
-            .execute(&mut *conn)
-            .await?;
+    let mut sent = SentColumns::default();
+    let mut deferred = DeferredColumns::default();
+    for call in calls {
+        match call {
+            AfterCall::Sent {
+                api_key_id,
+                provider,
+                account,
+                email,
+                window_holder,
+            } => {
+                sent.api_key_id.push(api_key_id.as_str());
+                sent.provider.push(provider.as_str());
+                sent.account.push(account.as_str());
+                sent.email.push(email.as_str());
+                sent.window_holder.push(*window_holder);
+            }
+            AfterCall::Deferred {
+                job_id,
+                covers_id,
+                provider,
+                account,
+                email,
+                payload,
+                due_at,
+            } => {
+                deferred.job_id.push(*job_id);
+                deferred.covers_id.push(*covers_id);
+                deferred.provider.push(provider.as_str());
+                deferred.account.push(account.as_str());
+                deferred.email.push(email.as_str());
+                deferred.payload.push(payload);
+                deferred.due_at.push(*due_at);
+            }
         }
     }
+    if !sent.window_holder.is_empty() {
+        sqlx::query(
+            // language=PostgreSQL
+            r#"
+            UPDATE contact_sync.doi_ledger l SET sent_at = now()
+            FROM unnest($1::text[], $2::text[], $3::bigint[]) AS s(api_key_id, email, holder)
+            WHERE l.api_key_id = s.api_key_id AND l.email = lower(s.email) AND l.job_id = s.holder
+            "#,
+        )
+        .persistent(false)
+        .bind(&sent.api_key_id)
+        .bind(&sent.email)
+        .bind(&sent.window_holder)
+        .execute(&mut *conn)
+        .await?;
+        sqlx::query(
+            // language=PostgreSQL
+            r#"
+            DELETE FROM contact_sync.doi_deferred f
+            USING unnest($1::text[], $2::text[], $3::text[], $4::bigint[]) AS s(provider, account, email, holder)
+            WHERE f.job_id <= s.holder AND f.covers_id >= s.holder
+              AND f.provider = s.provider AND f.account = s.account AND lower(f.email) = lower(s.email)
+            "#,
+        )
+        .persistent(false)
+        .bind(&sent.provider)
+        .bind(&sent.account)
+        .bind(&sent.email)
+        .bind(&sent.window_holder)
+        .execute(&mut *conn)
+        .await?;
+    }
+    if !deferred.job_id.is_empty() {
+        sqlx::query(
+            // language=PostgreSQL
+            r#"
+            INSERT INTO contact_sync.doi_deferred (job_id, covers_id, provider, account, email, payload, due_at)
+            SELECT DISTINCT ON (d.job_id) d.job_id, d.covers_id, d.provider, d.account, d.email, d.payload, d.due_at
+            FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::text[], $6::jsonb[], $7::timestamptz[])
+                 AS d(job_id, covers_id, provider, account, email, payload, due_at)
+            ORDER BY d.job_id
+            ON CONFLICT (job_id) DO UPDATE SET due_at = EXCLUDED.due_at, payload = EXCLUDED.payload,
+                                               covers_id = EXCLUDED.covers_id
+            "#,
+        )
+        .persistent(false)
+        .bind(&deferred.job_id)
+        .bind(&deferred.covers_id)
+        .bind(&deferred.provider)
+        .bind(&deferred.account)
+        .bind(&deferred.email)
+        .bind(&deferred.payload)
+        .bind(&deferred.due_at)
+        .execute(&mut *conn)
+        .await?;
+    }
     Ok(())
+}
+
+/// [`AfterCall::Sent`] calls as the statement's arrays.
+#[derive(Default)]
+struct SentColumns<'a> {
+    api_key_id: Vec<&'a str>,
+    provider: Vec<&'a str>,
+    account: Vec<&'a str>,
+    email: Vec<&'a str>,
+    window_holder: Vec<JobId>,
+}
+
+/// [`AfterCall::Deferred`] calls as the statement's arrays.
+#[derive(Default)]
+struct DeferredColumns<'a> {
+    job_id: Vec<JobId>,
+    covers_id: Vec<JobId>,
+    provider: Vec<&'a str>,
+    account: Vec<&'a str>,
+    email: Vec<&'a str>,
+    payload: Vec<&'a Value>,
+    due_at: Vec<DateTime<Utc>>,
 }
 
 /// Turns due deferrals into jobs at the end of their contact's queue. Later status changes win,

@@ -8,9 +8,10 @@
 //! outcome given up, after `worker.shutdown_timeout` more of trying, to its lease (the rescuer
 //! returns the job).
 //!
-//! A call that wrote the double-opt-in ledger is written in a transaction of its own with its
-//! ledger writes ([`crate::outbox::doi::AfterCall`]), under a short lock timeout: a ledger row
-//! another transaction holds keeps that outcome back, never the others.
+//! The calls that write the double-opt-in ledger ([`crate::outbox::doi::AfterCall`]) are written
+//! apart from the others, with their ledger writes in the same transaction, under a short lock
+//! timeout: a ledger row another transaction holds keeps back only those (then, split one by
+//! one, only its own). A round that cannot reach the database keeps the rest without trying.
 
 use super::executor::{self, Completion, Outcome};
 use super::Shared;
@@ -124,8 +125,11 @@ pub async fn run(shared: std::sync::Arc<Shared>, mut rx: mpsc::UnboundedReceiver
         if !open {
             closed_at.get_or_insert_with(std::time::Instant::now);
         }
-        let (written, unwritten) = write(&shared, batch, &mut activity).await;
-        activity.flush(&shared.pool, !open).await;
+        let (written, unwritten, reached) = write(&shared, batch, &mut activity).await;
+        if reached {
+            // (the database down: the counts wait for a round that reaches it, or for the end)
+            activity.flush(&shared.pool, !open).await;
+        }
         forget(&shared, &written);
         drop(written); // frees the slots
         shared.wake.notify_one();
@@ -175,12 +179,13 @@ fn is_lock_timeout(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(db) if db.code().as_deref() == Some("55P03"))
 }
 
-/// Writes a batch; returns (written or lost, to keep for another round).
+/// Writes a batch; returns (written or lost, to keep for another round, whether the database
+/// could be reached).
 async fn write(
     shared: &Shared,
     batch: Vec<Completion>,
     activity: &mut Activity,
-) -> (Vec<Completion>, Vec<Completion>) {
+) -> (Vec<Completion>, Vec<Completion>, bool) {
     let pool = &shared.pool;
     let (successes, others): (Vec<Completion>, Vec<Completion>) = batch
         .into_iter()
@@ -189,8 +194,8 @@ async fn write(
     let mut unwritten = Vec::new();
 
     // Successes: one statement; if the database refuses it, each alone.
-    // (a call that writes the double-opt-in ledger alone: a ledger row held elsewhere keeps
-    // back its own outcome, never the others')
+    // (the calls that write the double-opt-in ledger apart: a ledger row held elsewhere keeps
+    // back only theirs, then only its own)
     let (plain, ledger): (Vec<Completion>, Vec<Completion>) =
         successes.into_iter().partition(|c| {
             !matches!(
@@ -201,10 +206,16 @@ async fn write(
                 }
             )
         });
-    let mut groups: Vec<Vec<Completion>> = vec![plain];
-    groups.extend(ledger.into_iter().map(|c| vec![c]));
+    let mut groups: Vec<Vec<Completion>> = vec![plain, ledger];
+    // the database cannot be reached: the rest of the round is kept without trying, so that a
+    // round (and a shutdown) waits for one connection attempt, not one per outcome
+    let mut unreachable = false;
     while let Some(group) = groups.pop() {
         if group.is_empty() {
+            continue;
+        }
+        if unreachable {
+            unwritten.extend(group);
             continue;
         }
         let items: Vec<Success> = group.iter().filter_map(success_of).collect();
@@ -248,6 +259,9 @@ async fn write(
                     written.push(c);
                 }
             }
+            Err(e) if is_lock_timeout(&e) && group.len() > 1 => {
+                groups.extend(group.into_iter().map(|c| vec![c]));
+            }
             Err(e) if is_lock_timeout(&e) => {
                 tracing::info!(jobs = ?group.iter().map(|c| c.lease.id).collect::<Vec<_>>(), "a double-opt-in ledger row of this call is held by another transaction; its outcome is written once it is free");
                 unwritten.extend(group);
@@ -258,6 +272,7 @@ async fn write(
             }
             Err(e) => {
                 tracing::error!(error = %e, jobs = group.len(), "could not record delivered jobs; keeping their leases and trying again");
+                unreachable |= !is_data_error(&e);
                 unwritten.extend(group);
             }
         }
@@ -265,6 +280,10 @@ async fn write(
 
     let hold_for = shared.settings.http.abandoned_call_bound;
     for c in others {
+        if unreachable {
+            unwritten.push(c);
+            continue;
+        }
         if matches!(
             c.outcome,
             Outcome::Retry {
@@ -339,11 +358,12 @@ async fn write(
             }
             Err(e) => {
                 tracing::error!(job_id = c.lease.id, error = %e, "could not record the outcome; keeping the lease and trying again");
+                unreachable |= !is_data_error(&e);
                 unwritten.push(c);
             }
         }
     }
-    (written, unwritten)
+    (written, unwritten, !unreachable)
 }
 
 fn success_of(c: &Completion) -> Option<Success> {

@@ -597,3 +597,58 @@ async fn a_shutdown_gives_an_answered_calls_ledger_write_its_time() {
         .unwrap();
     assert_eq!(c.pending_requests, 1, "{c:?}");
 }
+
+/// Found by the adversarial review: a call whose pending status was taken out (deferred) and
+/// whose job was edited while it was in flight recorded its deferral all the same; the job went
+/// back to pending and was sent as edited (no status), and an hour later the deferral set the
+/// contact pending after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_edited_in_flight_leaves_no_deferral() {
+    let env = TestEnv::new().await;
+    let first = env
+        .enqueue(sl("e@example.com", json!({"subscribe": 3})))
+        .await;
+    let worker = env.worker();
+    env.settle(&worker).await;
+    assert_eq!(env.job(first).await.doi.as_deref(), Some("sent"));
+    // inside the window: this one's status is taken out of its call, to be re-sent later
+    env.sandbox.faults().push(
+        FaultRule::new(Fault::Slow { ms: 1500 }, 1)
+            .provider("smartlink")
+            .email("e@example.com"),
+    );
+    let second = env
+        .enqueue(sl(
+            "e@example.com",
+            json!({"subscribe": 3, "attributes": {"a": 1}}),
+        ))
+        .await;
+    let run = tokio::spawn({
+        let worker = worker.clone();
+        async move { worker.drain().await }
+    });
+    env.wait_for_state(second, "running", Duration::from_secs(10))
+        .await;
+    let n =
+        sqlx::query("UPDATE contact_sync.jobs SET payload = '{\"subscribe\": 0, \"update_strategy\": 3}' WHERE id = $1")
+            .bind(second)
+            .execute(&env.pool)
+            .await
+            .unwrap()
+            .rows_affected();
+    assert_eq!(n, 1);
+    run.await.unwrap();
+    env.settle(&worker).await;
+    let row = env.job(second).await;
+    assert_eq!(row.state, "succeeded", "{row:?}");
+    assert_eq!(row.payload, json!({"subscribe": 0, "update_strategy": 3}));
+    assert_eq!(
+        row.doi, None,
+        "no status was deferred for the change delivered: {row:?}"
+    );
+    let deferrals: i64 = sqlx::query_scalar("SELECT count(*) FROM contact_sync.doi_deferred")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(deferrals, 0, "the edited change's deferral was recorded");
+}
