@@ -108,7 +108,7 @@ pub async fn succeed_many(pool: &PgPool, items: &[Success]) -> Result<Written, s
     } = write_successes(&mut tx, items).await?;
     let calls: Vec<Delivered> = items
         .iter()
-        .filter(|i| done.contains(&i.lease.id))
+        .filter(|i| done.contains(&i.lease))
         .filter_map(|i| i.synced.clone())
         .collect();
     super::synced::record(&mut tx, &calls).await?;
@@ -118,10 +118,9 @@ pub async fn succeed_many(pool: &PgPool, items: &[Success]) -> Result<Written, s
         .iter()
         .filter_map(|i| {
             let after = i.after_call.as_ref()?;
-            let id = i.lease.id;
             let applies = match after {
-                AfterCall::Sent { .. } => done.contains(&id),
-                AfterCall::Deferred { .. } => as_sent.contains(&id),
+                AfterCall::Sent { .. } => done.contains(&i.lease),
+                AfterCall::Deferred { .. } => as_sent.contains(&i.lease),
             };
             applies.then_some(after)
         })
@@ -148,10 +147,11 @@ fn written_ids(items: &[Success]) -> Vec<JobId> {
 /// What [`write_successes`] did.
 struct Outcomes {
     written: Written,
-    /// The heads it wrote: `succeeded`, or back to `pending` (changed while in flight).
-    done: HashSet<JobId>,
+    /// The heads it wrote, `succeeded` or back to `pending` (changed while in flight), by the
+    /// lease written (of two outcomes of one job in a batch, only the one whose lease held).
+    done: HashSet<Lease>,
     /// Those that ended `succeeded` (the change delivered was the change recorded).
-    as_sent: HashSet<JobId>,
+    as_sent: HashSet<Lease>,
 }
 
 /// The statement of [`succeed_many`].
@@ -183,7 +183,7 @@ async fn write_successes(
             follower_md5.push(f.sent_md5.as_str());
         }
     }
-    let rows: Vec<(JobId, bool, bool)> = sqlx::query_as(
+    let rows: Vec<(JobId, Option<i32>, bool, bool)> = sqlx::query_as(
         // language=PostgreSQL
         r#"
         WITH t AS (
@@ -242,7 +242,7 @@ async fn write_successes(
             -- from a small queue read every running job of the fleet through one)
             WHERE j.id = ANY(ARRAY(SELECT todo.id FROM todo))
               AND j.id = t.id AND coalesce(j.state, '') = 'running' AND j.attempts = t.attempt
-            RETURNING j.id, j.contact_key, t.sets_status, t.modify_ts, j.state = 'succeeded' AS as_sent
+            RETURNING j.id, j.attempts, j.contact_key, t.sets_status, t.modify_ts, j.state = 'succeeded' AS as_sent
         ), watermark AS (
             -- one running job per contact: a contact appears at most once here
             INSERT INTO contact_sync.smartlink_watermarks AS w (contact_key, modify_ts)
@@ -292,9 +292,9 @@ async fn write_successes(
               AND f.job_id <> ALL(ARRAY(SELECT s.id FROM done s WHERE s.sets_status))
             RETURNING f.job_id
         )
-        SELECT id, true, as_sent FROM done
+        SELECT id, attempts, true, as_sent FROM done
         UNION ALL
-        SELECT id, false, false FROM held
+        SELECT id, NULL, false, false FROM held
         "#,
     )
     .bind(&ids)
@@ -309,9 +309,12 @@ async fn write_successes(
     .bind(&follower_md5)
     .fetch_all(&mut *conn)
     .await?;
-    let done: HashSet<JobId> = rows.iter().filter(|r| r.1).map(|r| r.0).collect();
-    let as_sent: HashSet<JobId> = rows.iter().filter(|r| r.2).map(|r| r.0).collect();
-    let held: HashSet<JobId> = rows.iter().filter(|r| !r.1).map(|r| r.0).collect();
+    let done: HashSet<JobId> = rows.iter().filter(|r| r.2).map(|r| r.0).collect();
+    let lease =
+        |r: &(JobId, Option<i32>, bool, bool)| r.1.map(|attempt| Lease { id: r.0, attempt });
+    let done_leases: HashSet<Lease> = rows.iter().filter(|r| r.2).filter_map(lease).collect();
+    let as_sent: HashSet<Lease> = rows.iter().filter(|r| r.3).filter_map(lease).collect();
+    let held: HashSet<JobId> = rows.iter().filter(|r| !r.2).map(|r| r.0).collect();
     let written = Written {
         lost: ids
             .iter()
@@ -322,7 +325,7 @@ async fn write_successes(
     };
     Ok(Outcomes {
         written,
-        done,
+        done: done_leases,
         as_sent,
     })
 }
