@@ -2,6 +2,7 @@
 //! re-sends (`contact_sync.doi_deferred`). The one-hour window is counted in database time, per
 //! API key (its md5, never the key) and lower-cased address, shared by every worker.
 
+use super::is_lock_timeout;
 use super::job::JobId;
 use chrono::{DateTime, Utc};
 use serde_json::Value;
@@ -370,10 +371,6 @@ pub async fn enqueue_due_resends(pool: &PgPool) -> Result<Vec<JobId>, sqlx::Erro
         }
     }
     Ok(ids)
-}
-
-fn is_lock_timeout(e: &sqlx::Error) -> bool {
-    matches!(e, sqlx::Error::Database(db) if db.code().as_deref() == Some("55P03"))
 }
 
 async fn resends_with_timeout(

@@ -70,3 +70,10 @@ pub use enqueue::{enqueue, enqueue_batch, enqueue_batch_counted, EnqueueError, E
 #[doc(hidden)]
 pub use job::{ClaimedJob, Lease};
 pub use job::{JobId, JobState, NewJob};
+
+/// Whether a statement gave up waiting for a lock (`lock_timeout`, SQLSTATE 55P03): the row or
+/// table is held by another transaction, and the work is left for later.
+#[doc(hidden)]
+pub fn is_lock_timeout(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db) if db.code().as_deref() == Some("55P03"))
+}

@@ -3,6 +3,7 @@
 //! (the rows a claim takes), waits a bounded time for those another transaction holds, and
 //! reports the contacts it skipped rather than blocking the worker.
 
+use super::is_lock_timeout;
 use super::job::{JobId, JobState};
 use serde::Serialize;
 use sqlx::PgPool;
@@ -44,10 +45,6 @@ impl std::fmt::Display for Found {
 /// The longest an operator command waits for a contact another transaction holds, before it
 /// leaves that contact alone and says so.
 pub const OPERATOR_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
-
-fn is_lock_timeout(e: &sqlx::Error) -> bool {
-    matches!(e, sqlx::Error::Database(db) if db.code().as_deref() == Some("55P03"))
-}
 
 /// A transaction whose statements wait at most `wait` for a row lock.
 async fn bounded_tx(

@@ -18,7 +18,7 @@ use super::Shared;
 use crate::metrics::{self as m, JobEvent};
 use crate::outbox::complete::{self, Success, Write};
 use crate::outbox::synced;
-use crate::outbox::JobState;
+use crate::outbox::{is_lock_timeout, JobState};
 use std::collections::HashSet;
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -172,11 +172,6 @@ fn forget(shared: &Shared, done: &[Completion]) {
 /// connection or pool problem.
 fn is_data_error(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(_))
-}
-
-/// The lock timeout a completion that writes the double-opt-in ledger sets for itself.
-fn is_lock_timeout(e: &sqlx::Error) -> bool {
-    matches!(e, sqlx::Error::Database(db) if db.code().as_deref() == Some("55P03"))
 }
 
 /// Writes a batch; returns (written or lost, to keep for another round, whether the database
