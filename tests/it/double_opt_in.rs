@@ -387,35 +387,7 @@ async fn a_delivered_confirmation_request_is_not_repeated_when_its_window_cannot
         let worker = worker.clone();
         async move { worker.drain().await }
     });
-    // the window is reserved and the call is in flight: the ledger goes away until the call
-    // has been answered (a database restart, a failover: any write after the call that fails)
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while sqlx::query_scalar::<_, i64>(
-        "SELECT count(*) FROM contact_sync.doi_ledger WHERE email = 'd@example.com'",
-    )
-    .fetch_one(&env.pool)
-    .await
-    .unwrap()
-        == 0
-    {
-        assert!(std::time::Instant::now() < deadline, "no window reserved");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    sqlx::query("ALTER TABLE contact_sync.doi_ledger RENAME TO doi_ledger_away")
-        .execute(&env.pool)
-        .await
-        .unwrap();
-    while env
-        .sandbox
-        .contact("smartlink", SL_GAME, "d@example.com")
-        .is_none_or(|c| c.subscribe != Some(3))
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the call never arrived"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    hide_the_ledger_until_answered(&env, "d@example.com").await;
     // the completer has tried and failed at least twice
     tokio::time::sleep(Duration::from_millis(1200)).await;
     assert_eq!(
@@ -423,10 +395,7 @@ async fn a_delivered_confirmation_request_is_not_repeated_when_its_window_cannot
         "running",
         "the outcome waits for its window, the lease kept"
     );
-    sqlx::query("ALTER TABLE contact_sync.doi_ledger_away RENAME TO doi_ledger")
-        .execute(&env.pool)
-        .await
-        .unwrap();
+    restore_the_ledger(&env).await;
     run.await.unwrap();
     env.settle(&worker).await;
     // Regression (the model test, seed 843084935268, a Postgres restart): the call was
@@ -551,42 +520,13 @@ async fn a_shutdown_gives_an_answered_calls_ledger_write_its_time() {
         let stop = stop.clone();
         async move { worker.run(stop).await }
     });
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while sqlx::query_scalar::<_, i64>(
-        "SELECT count(*) FROM contact_sync.doi_ledger WHERE email = 's@example.com'",
-    )
-    .fetch_one(&env.pool)
-    .await
-    .unwrap()
-        == 0
-    {
-        assert!(std::time::Instant::now() < deadline, "no window reserved");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    sqlx::query("ALTER TABLE contact_sync.doi_ledger RENAME TO doi_ledger_away")
-        .execute(&env.pool)
-        .await
-        .unwrap();
-    while env
-        .sandbox
-        .contact("smartlink", SL_GAME, "s@example.com")
-        .is_none_or(|c| c.subscribe != Some(3))
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the call never arrived"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    hide_the_ledger_until_answered(&env, "s@example.com").await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     stop.cancel();
     // the ledger is back within the shutdown's time
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert!(!run.is_finished(), "the shutdown gave the outcome up");
-    sqlx::query("ALTER TABLE contact_sync.doi_ledger_away RENAME TO doi_ledger")
-        .execute(&env.pool)
-        .await
-        .unwrap();
+    restore_the_ledger(&env).await;
     run.await.unwrap();
     let row = env.job(job).await;
     assert_eq!(row.state, "succeeded", "{row:?}");
@@ -651,4 +591,45 @@ async fn a_change_edited_in_flight_leaves_no_deferral() {
         .await
         .unwrap();
     assert_eq!(deferrals, 0, "the edited change's deferral was recorded");
+}
+
+/// Once `email`'s confirmation window is reserved and its call in flight, the ledger table goes
+/// away (a database restart, a failover: any write after the call fails) until the call has
+/// been answered.
+async fn hide_the_ledger_until_answered(env: &TestEnv, email: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while sqlx::query_scalar::<_, i64>(
+        "SELECT count(*) FROM contact_sync.doi_ledger WHERE email = $1",
+    )
+    .bind(email)
+    .fetch_one(&env.pool)
+    .await
+    .unwrap()
+        == 0
+    {
+        assert!(std::time::Instant::now() < deadline, "no window reserved");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    sqlx::query("ALTER TABLE contact_sync.doi_ledger RENAME TO doi_ledger_away")
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    while env
+        .sandbox
+        .contact("smartlink", SL_GAME, email)
+        .is_none_or(|c| c.subscribe != Some(3))
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the call never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn restore_the_ledger(env: &TestEnv) {
+    sqlx::query("ALTER TABLE contact_sync.doi_ledger_away RENAME TO doi_ledger")
+        .execute(&env.pool)
+        .await
+        .unwrap();
 }
