@@ -104,21 +104,9 @@ async fn expired_leases_are_rescued_and_the_last_attempt_goes_dead() {
 async fn writes_after_a_lost_lease_change_nothing() {
     let env = TestEnv::new().await;
     let id = env.enqueue(jc("a@example.com", json!({}))).await;
-    let first = claim(&env.pool, &quota("jc", 1), &options("old"))
-        .await
-        .unwrap();
-    let old = first[0].lease();
     // the old worker stalls; its lease expires and another worker takes the job
-    sqlx::query("UPDATE contact_sync.jobs SET locked_until = now() - interval '1 second'")
-        .execute(&env.pool)
-        .await
-        .unwrap();
-    rescue_expired(&env.pool, 20, Duration::ZERO, ("", &[]))
-        .await
-        .unwrap();
-    let second = claim(&env.pool, &quota("jc", 1), &options("new"))
-        .await
-        .unwrap();
+    let (first, second) = claimed_then_taken_over(&env, "jc").await;
+    let old = first[0].lease();
     let new = second[0].lease();
     assert_eq!(new.attempt, old.attempt + 1);
 
@@ -516,20 +504,8 @@ async fn a_worker_that_lost_its_job_writes_nothing_to_the_ledger() {
     let id = env
         .enqueue(sl("f@example.com", json!({"subscribe": 3})))
         .await;
-    let first = claim(&env.pool, &quota("sl", 1), &options("old"))
-        .await
-        .unwrap();
+    let (first, second) = claimed_then_taken_over(&env, "sl").await;
     let old = first[0].lease();
-    sqlx::query("UPDATE contact_sync.jobs SET locked_until = now() - interval '1 second'")
-        .execute(&env.pool)
-        .await
-        .unwrap();
-    rescue_expired(&env.pool, 20, Duration::ZERO, ("", &[]))
-        .await
-        .unwrap();
-    let second = claim(&env.pool, &quota("sl", 1), &options("new"))
-        .await
-        .unwrap();
     assert_eq!(second[0].id, id);
     let deferred = contact_sync::outbox::doi::AfterCall::Deferred {
         job_id: id,
@@ -569,4 +545,29 @@ async fn a_worker_that_lost_its_job_writes_nothing_to_the_ledger() {
     assert!(done.lost.is_empty() && done.held.is_empty(), "{done:?}");
     assert_eq!(env.job(id).await.state, "succeeded");
     assert_eq!(deferrals().await, 1);
+}
+
+/// The account's one job claimed by worker "old", whose lease then expires, and claimed again
+/// by worker "new": (the first claim, the second).
+async fn claimed_then_taken_over(
+    env: &TestEnv,
+    account: &str,
+) -> (
+    Vec<contact_sync::outbox::ClaimedJob>,
+    Vec<contact_sync::outbox::ClaimedJob>,
+) {
+    let first = claim(&env.pool, &quota(account, 1), &options("old"))
+        .await
+        .unwrap();
+    sqlx::query("UPDATE contact_sync.jobs SET locked_until = now() - interval '1 second'")
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    rescue_expired(&env.pool, 20, Duration::ZERO, ("", &[]))
+        .await
+        .unwrap();
+    let second = claim(&env.pool, &quota(account, 1), &options("new"))
+        .await
+        .unwrap();
+    (first, second)
 }
