@@ -570,8 +570,9 @@ ALTER TABLE contact_sync.jobs ALTER COLUMN id ADD GENERATED ALWAYS AS IDENTITY (
 
 CREATE TABLE contact_sync.smartlink_watermarks (
     contact_key text NOT NULL,
-    modify_ts bigint NOT NULL,
-    updated_at timestamp with time zone DEFAULT now() NOT NULL
+    modify_ts bigint,
+    updated_at timestamp with time zone DEFAULT now() NOT NULL,
+    uncertain_ts bigint
 );
 
 CREATE TABLE contact_sync.synced (

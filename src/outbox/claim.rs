@@ -88,9 +88,10 @@ pub const CLAIM_SQL: &str = r#"
                md5(j.payload::text) AS payload_md5, j.attempts,
                coalesce(j.max_attempts, $5) AS max_attempts,
                floor(extract(epoch FROM j.created_at) * 1000)::bigint AS created_at_ms,
+               -- [delivered, possibly delivered by a call whose answer was lost]
                CASE WHEN j.provider = 'smartlink' THEN
-                   (SELECT w.modify_ts FROM contact_sync.smartlink_watermarks w WHERE w.contact_key = j.contact_key)
-               END AS known_modify_ts,
+                   (SELECT ARRAY[w.modify_ts, w.uncertain_ts] FROM contact_sync.smartlink_watermarks w WHERE w.contact_key = j.contact_key)
+               END AS watermark,
                -- what the provider was last sent, for the accounts a source captures into ($8)
                CASE WHEN j.account = ANY($8::text[]) THEN
                    (SELECT s.fields::text FROM contact_sync.synced s WHERE s.contact_key = j.contact_key)
@@ -170,7 +171,7 @@ struct ClaimRow {
     attempts: Option<i32>,
     max_attempts: Option<i32>,
     created_at_ms: Option<i64>,
-    known_modify_ts: Option<i64>,
+    watermark: Option<Vec<Option<i64>>>,
     synced_fields: Option<String>,
     followers: Option<String>,
     set_waiting: i64,
@@ -178,6 +179,7 @@ struct ClaimRow {
 
 impl ClaimRow {
     fn into_job(self) -> Option<ClaimedJob> {
+        let watermark = self.watermark.unwrap_or_default();
         Some(ClaimedJob {
             id: self.id?,
             provider: self.provider?,
@@ -188,7 +190,8 @@ impl ClaimRow {
             attempts: self.attempts?,
             max_attempts: self.max_attempts?,
             created_at_ms: self.created_at_ms?,
-            known_modify_ts: self.known_modify_ts,
+            known_modify_ts: watermark.first().copied().flatten(),
+            uncertain_modify_ts: watermark.get(1).copied().flatten(),
             synced_fields: self.synced_fields,
             followers: self.followers?,
         })

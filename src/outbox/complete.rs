@@ -392,21 +392,21 @@ pub async fn retry(
 /// worker, until `hold` has passed (or `delay`, if longer), so nothing more is sent for its
 /// contact and its account's in-flight slot stays taken; the rescuer then puts it back to
 /// `pending` (or `dead`, if that was its last attempt).
+///
+/// `sent_modify_ts`: the Smartlink `modify_ts` the request carried (the provider holds it if the
+/// request arrived; see `synced::unanswered_calls_ctes`).
 pub async fn hold(
     pool: &PgPool,
     lease: Lease,
     hold: Duration,
     error: &AttemptError,
+    sent_modify_ts: Option<i64>,
 ) -> Result<Write, sqlx::Error> {
-    let result = sqlx::query(
+    let result = sqlx::query(&format!(
         // language=PostgreSQL
         r#"
-        WITH forgotten AS (
-            -- the provider may hold this call or not: what it was last sent is no longer known,
-            -- so the contact's next change is sent whole, never skipped as already held
-            DELETE FROM contact_sync.synced s
-            WHERE s.contact_key = (SELECT j.contact_key FROM contact_sync.jobs j WHERE j.id = $1)
-        )
+        -- the provider may hold this call or not
+        WITH {unanswered}
         UPDATE contact_sync.jobs
         SET locked_until = now() + make_interval(secs => $3::bigint / 1000.0), locked_by = NULL,
             last_error = $5 || ' (the provider may still be acting on this request: nothing more is sent for the contact before '
@@ -417,7 +417,11 @@ pub async fn hold(
         WHERE id = $1 AND attempts = $2 AND state = 'running'
           AND id IN (SELECT id FROM contact_sync.jobs WHERE id = $1 FOR NO KEY UPDATE SKIP LOCKED)
         "#,
-    ).persistent(false)
+        unanswered = super::synced::unanswered_calls_ctes(
+            "ARRAY[$1::bigint]",
+            sent_modify_ts.map(|_| "$8::bigint")
+        )
+    )).persistent(false)
     .bind(lease.id)
     .bind(lease.attempt)
     .bind(millis(hold))
@@ -425,6 +429,7 @@ pub async fn hold(
     .bind(storable(&error.message))
     .bind(error.code.as_deref().map(storable))
     .bind(MAX_ERRORS_KEPT)
+    .bind(sent_modify_ts)
     .execute(pool)
     .await?;
     written_or_why(pool, lease, result.rows_affected()).await
@@ -553,18 +558,17 @@ pub async fn abandon(pool: &PgPool, leases: &[Lease], hold: Duration) -> Result<
     if leases.is_empty() {
         return Ok(0);
     }
+    let (ids, attempts): (Vec<JobId>, Vec<i32>) = leases.iter().map(|l| (l.id, l.attempt)).unzip();
     if hold.is_zero() {
+        // the provider may hold these calls or not
+        super::synced::forget_contacts_of(pool, &ids, None).await?;
         return release(pool, leases, false).await;
     }
-    let (ids, attempts): (Vec<JobId>, Vec<i32>) = leases.iter().map(|l| (l.id, l.attempt)).unzip();
-    let result = sqlx::query(
+    let result = sqlx::query(&format!(
         // language=PostgreSQL
         r#"
-        WITH forgotten AS (
-            -- the provider may hold these calls or not (see `hold`)
-            DELETE FROM contact_sync.synced s
-            WHERE s.contact_key = ANY(ARRAY(SELECT j.contact_key FROM contact_sync.jobs j WHERE j.id = ANY($1)))
-        )
+        -- the provider may hold these calls or not
+        WITH {unanswered}
         UPDATE contact_sync.jobs j
         SET locked_until = now() + make_interval(secs => $3::bigint / 1000.0), locked_by = NULL,
             last_error = 'the worker stopped waiting for this call (shutdown); the provider may still act on it until ' || (now() + make_interval(secs => $3::bigint / 1000.0))::text,
@@ -575,7 +579,8 @@ pub async fn abandon(pool: &PgPool, leases: &[Lease], hold: Duration) -> Result<
         WHERE j.id = t.id AND j.state = 'running' AND j.attempts = t.attempt
           AND j.id IN (SELECT id FROM contact_sync.jobs WHERE id = ANY(ARRAY(SELECT unnest($1::bigint[]))) ORDER BY id FOR NO KEY UPDATE SKIP LOCKED)
         "#,
-    )
+        unanswered = super::synced::unanswered_calls_ctes("$1::bigint[]", None)
+    ))
     .persistent(false)
     .bind(&ids)
     .bind(&attempts)

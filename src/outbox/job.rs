@@ -182,6 +182,9 @@ pub struct ClaimedJob {
     pub created_at_ms: i64,
     /// Smartlink: the newest `modify_ts` already delivered for this contact, if known.
     pub known_modify_ts: Option<i64>,
+    /// Smartlink: the newest `modify_ts` a call of this contact whose answer was lost may have
+    /// carried (see `providers::payload::HeldModifyTs`).
+    pub uncertain_modify_ts: Option<i64>,
     /// Accounts a source captures into: the fields the provider was last sent for this
     /// contact (`contact_sync.synced`), as JSON text, if any.
     pub synced_fields: Option<String>,

@@ -30,7 +30,7 @@ pub async fn rescue_expired(
     own: (&str, &[i64]),
 ) -> Result<(u64, u64), sqlx::Error> {
     let mut conn = pool.acquire().await?;
-    let rows: Vec<(i64, String)> = sqlx::query_as(
+    let rows: Vec<(i64, String)> = sqlx::query_as(&format!(
         // language=PostgreSQL
         r#"
         WITH expired AS (
@@ -42,14 +42,10 @@ pub async fn rescue_expired(
                                WHERE w.id = x.locked_by AND w.expires_at > now())
                    OR (x.locked_by = $3 AND NOT x.id = ANY($4)))
             FOR NO KEY UPDATE SKIP LOCKED
-        ), forgotten AS (
-            -- a gone worker's call may have reached the provider, or not: what the provider was
-            -- last sent for these contacts is no longer known (their next change is sent whole)
-            DELETE FROM contact_sync.synced s
-            WHERE s.contact_key = ANY(ARRAY(SELECT x.contact_key FROM contact_sync.jobs x
-                                            WHERE x.id = ANY(ARRAY(SELECT id FROM expired))
-                                              AND x.locked_by IS NOT NULL))
-        )
+        ),
+        -- a gone worker's call may have reached the provider, or not (a held job's was
+        -- recorded when it was held)
+        {unanswered}
         UPDATE contact_sync.jobs j
         -- a held job (no owner, a lease) is over its hold: back to pending, or dead after its
         -- last attempt. A gone worker's job is first held itself for `$2` (its call may still
@@ -71,7 +67,11 @@ pub async fn rescue_expired(
         WHERE j.id = ANY(ARRAY(SELECT id FROM expired)) AND j.state = 'running'
         RETURNING j.id, j.state
         "#,
-    )
+        unanswered = super::synced::unanswered_calls_ctes(
+            "ARRAY(SELECT x.id FROM contact_sync.jobs x WHERE x.id = ANY(ARRAY(SELECT id FROM expired)) AND x.locked_by IS NOT NULL)",
+            None
+        )
+    ))
     .persistent(false)
     .bind(default_max_attempts)
     .bind(i64::try_from(after_lease.as_millis()).unwrap_or(i64::MAX))

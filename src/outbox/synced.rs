@@ -174,23 +174,79 @@ pub async fn forget(
     Ok(())
 }
 
-/// Forgets what the provider was last sent for the contacts of these jobs: a call of theirs
-/// may have reached the provider without an answer, so the provider may hold it or not, and
-/// the contact's next change is sent whole. (`complete::hold`, `complete::abandon` and the
-/// rescuer do the same in their own statements.)
-pub async fn forget_contacts_of(pool: &sqlx::PgPool, ids: &[i64]) -> Result<u64, sqlx::Error> {
-    Ok(sqlx::query(
-        // language=PostgreSQL
-        r#"
-        DELETE FROM contact_sync.synced s
-        WHERE s.contact_key = ANY(ARRAY(SELECT j.contact_key FROM contact_sync.jobs j WHERE j.id = ANY($1)))
-        "#,
+/// The common table expressions (`forgotten`, `uncertain`) a statement adds for calls that may
+/// have reached the provider without an answer (a timeout, a worker gone mid-call, a call
+/// abandoned at shutdown), the calls of the jobs `heads` (an SQL `bigint[]` expression):
+/// - `forgotten`: what the provider was last sent for their contacts is no longer known, so
+///   the contact's next change is sent whole, never skipped as already held;
+/// - `uncertain`: a Smartlink contact's provider may now hold anything up to the newest
+///   `modify_ts` such a call may have carried (the head's, or that of a later change of the
+///   contact that may have ridden along), so a change older than that is never merged into a
+///   newer one (`providers::payload::HeldModifyTs`). `sent_modify_ts`: an SQL expression for
+///   the `modify_ts` the call carried, when the worker that made it knows it; otherwise the
+///   newest of the head's and of the contact's later pending or cancelled changes (those that
+///   may have ridden along), an over-count that only sends more calls alone.
+pub(crate) fn unanswered_calls_ctes(heads: &str, sent_modify_ts: Option<&str>) -> String {
+    let newest = sent_modify_ts.map_or_else(newest_modify_ts_behind_head, str::to_string);
+    format!(
+        r#"forgotten AS (
+            DELETE FROM contact_sync.synced s
+            WHERE s.contact_key = ANY(ARRAY(SELECT x.contact_key FROM contact_sync.jobs x WHERE x.id = ANY({heads})))
+        ), uncertain AS (
+            INSERT INTO contact_sync.smartlink_watermarks AS w (contact_key, uncertain_ts)
+            SELECT n.contact_key, n.ts FROM (
+                SELECT x.contact_key, {newest} AS ts
+                FROM contact_sync.jobs x
+                WHERE x.id = ANY({heads}) AND x.provider = 'smartlink' AND x.contact_key IS NOT NULL) n
+            WHERE n.ts IS NOT NULL
+            ON CONFLICT (contact_key) DO UPDATE
+                SET uncertain_ts = greatest(w.uncertain_ts, EXCLUDED.uncertain_ts), updated_at = now()
+        )"#
     )
+}
+
+/// The newest `modify_ts` an unanswered call of the head `x` may have carried, when the worker
+/// that made it is gone (see [`unanswered_calls_ctes`]).
+fn newest_modify_ts_behind_head() -> String {
+    // A change's modify_ts as the worker reads it (the payload's integer, else the enqueue
+    // time), bounded above by reading both; never a cast that can fail on odd input.
+    const TS: &str = "greatest(floor(extract(epoch FROM c.created_at) * 1000)::numeric, \
+        CASE WHEN jsonb_typeof(c.payload -> 'modify_ts') = 'number' \
+             THEN least((c.payload ->> 'modify_ts')::numeric, 9223372036854775807) END)";
+    format!(
+        r#"(SELECT max({TS})::bigint FROM (
+                       SELECT x.payload, x.created_at
+                       UNION ALL
+                       -- (at most `worker.max_coalesce` ride along)
+                       (SELECT f.payload, f.created_at FROM contact_sync.jobs f
+                        WHERE f.contact_key = x.contact_key AND f.state = 'pending' AND f.id > x.id
+                        ORDER BY f.id LIMIT 1000)
+                       UNION ALL
+                       (SELECT f.payload, f.created_at FROM contact_sync.jobs f
+                        WHERE f.contact_key = x.contact_key AND f.state = 'cancelled' AND f.id > x.id
+                        ORDER BY f.id LIMIT 1000)) c)"#
+    )
+}
+
+/// Records that the calls of these jobs may have reached the provider without an answer (see
+/// [`unanswered_calls_ctes`]; `complete::hold`, `complete::abandon` and the rescuer do the
+/// same in their own statements).
+/// `sent_modify_ts`: the Smartlink `modify_ts` the call carried, when known (one job).
+pub async fn forget_contacts_of(
+    pool: &sqlx::PgPool,
+    ids: &[i64],
+    sent_modify_ts: Option<i64>,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(&format!(
+        "WITH {} SELECT 1",
+        unanswered_calls_ctes("$1::bigint[]", sent_modify_ts.map(|_| "$2::bigint"))
+    ))
     .persistent(false)
     .bind(ids)
+    .bind(sent_modify_ts)
     .execute(pool)
-    .await?
-    .rows_affected())
+    .await?;
+    Ok(())
 }
 
 #[cfg(test)]

@@ -279,17 +279,29 @@ async fn write(
             unwritten.push(c);
             continue;
         }
-        if matches!(
-            c.outcome,
+        if let (
             Outcome::Retry {
                 abandoned: true,
+                sent_modify_ts,
                 ..
-            }
-        ) && hold_for.is_zero()
+            },
+            true,
+        ) = (&c.outcome, hold_for.is_zero())
         {
-            // (held calls forget it in the hold's own statement)
-            if let Err(e) = synced::forget_contacts_of(pool, &[c.lease.id]).await {
-                tracing::warn!(job_id = c.lease.id, error = %e, "could not forget what the provider was last sent for a contact whose call got no answer; its next change may be skipped as held");
+            let sent_modify_ts = *sent_modify_ts;
+            // (held calls record it in the hold's own statement); recorded before the outcome,
+            // or the outcome waits
+            match synced::forget_contacts_of(pool, &[c.lease.id], sent_modify_ts).await {
+                Ok(()) => {}
+                Err(e) if is_data_error(&e) => {
+                    tracing::error!(job_id = c.lease.id, error = %e, "could not record that a call got no answer (the provider may hold it or not); its contact's next changes may be merged or skipped as if it had not arrived")
+                }
+                Err(e) => {
+                    tracing::warn!(job_id = c.lease.id, error = %e, "could not record that a call got no answer (the provider may hold it or not); keeping its outcome and trying again");
+                    unreachable = true;
+                    unwritten.push(c);
+                    continue;
+                }
             }
         }
         let result = match &c.outcome {
@@ -298,8 +310,15 @@ async fn write(
                 delay,
                 error,
                 abandoned: true,
+                sent_modify_ts,
                 ..
-            } if !hold_for.is_zero() => complete::hold(pool, c.lease, hold_for.max(*delay), error)
+            } if !hold_for.is_zero() => complete::hold(
+                pool,
+                c.lease,
+                hold_for.max(*delay),
+                error,
+                *sent_modify_ts,
+            )
                 .await
                 .inspect(|w| {
                     if *w == Write::Done {

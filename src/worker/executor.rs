@@ -12,7 +12,7 @@ use crate::outbox::complete::{Attempt, SentFollower};
 use crate::outbox::doi::{AfterCall, DoiRecord};
 use crate::outbox::job::{AttemptError, ClaimedJob, Lease};
 use crate::outbox::synced::Delivered;
-use crate::providers::payload::{take_group, Change, Payload};
+use crate::providers::payload::{take_group, Change, HeldModifyTs, Payload};
 use crate::providers::{Delivery, DeliveryError, RetryReason};
 use crate::telemetry::mask_email;
 use serde_json::{Map, Value};
@@ -73,6 +73,9 @@ pub enum Outcome {
         /// The request was sent and the provider may still be acting on it (a timeout, a
         /// reset after sending, a gateway timeout): the job is held, not retried at once.
         abandoned: bool,
+        /// Smartlink: the `modify_ts` the request carried (what the provider holds if it
+        /// arrived).
+        sent_modify_ts: Option<i64>,
     },
     Dead {
         error: AttemptError,
@@ -164,6 +167,7 @@ fn database_retry(shared: &Shared, attempt: i32, err: &sqlx::Error) -> Outcome {
         },
         attempt: Attempt::Counts,
         abandoned: false,
+        sent_modify_ts: None,
     }
 }
 
@@ -219,7 +223,11 @@ async fn deliver(shared: &Shared, job: &ClaimedJob, claimed_at: Instant) -> Outc
             created_at_ms: f.created_at_ms,
         });
     }
-    let group = take_group(kind, job.known_modify_ts, &changes);
+    let held = HeldModifyTs {
+        known: job.known_modify_ts,
+        uncertain: job.uncertain_modify_ts,
+    };
+    let group = take_group(kind, held, &changes);
     let mut payload = group.payload;
     let followers: Vec<SentFollower> = followers[..group.taken.saturating_sub(1)]
         .iter()
@@ -404,6 +412,7 @@ async fn deliver(shared: &Shared, job: &ClaimedJob, claimed_at: Instant) -> Outc
             };
             Outcome::Retry {
                 abandoned,
+                sent_modify_ts: modify_ts,
                 delay,
                 error: AttemptError {
                     kind: reason.as_str().into(),
@@ -436,6 +445,7 @@ async fn deliver(shared: &Shared, job: &ClaimedJob, claimed_at: Instant) -> Outc
             // the job is not at fault: it waits with the account, its attempt not counted
             Outcome::Retry {
                 abandoned: false,
+                sent_modify_ts: None,
                 delay: ACCOUNT_REFUSED_RETRY,
                 error: AttemptError {
                     kind: "account_refused".into(),

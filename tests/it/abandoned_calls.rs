@@ -236,7 +236,9 @@ async fn a_worker_stopped_past_its_lease_does_not_send_its_stale_call() {
     );
     assert_eq!(after.fields["attributes"]["v"], 2);
     assert_eq!(env.job(stale).await.state, "succeeded");
-    assert_eq!(env.job(newer).await.state, "coalesced");
+    // (in a call of its own: as far as the database knows, the stopped worker's call could
+    // have carried it, and the provider could hold its `modify_ts` already)
+    assert_eq!(env.job(newer).await.state, "succeeded");
 }
 
 /// The adversarial review's finding: a killed worker's job on its last attempt went `dead` at
@@ -298,5 +300,92 @@ async fn a_gone_workers_job_is_held_before_it_returns_or_goes_dead() {
     assert_eq!(env.job(last).await.state, "dead");
     // a drain (which waits for held calls) then delivers the newer change
     env.worker().drain().await;
+    assert_eq!(env.job(newer).await.state, "succeeded");
+}
+
+/// The model test's finding (seed 622952402601): a Smartlink call whose answer was lost reached
+/// the provider; its job then went `dead`. The contact's next change, older by `modify_ts`
+/// than that call, was merged into a call with a newer change and applied, where the provider,
+/// holding the lost call's newer `modify_ts`, discards it one by one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_older_than_a_lost_call_is_not_merged_into_a_newer_one() {
+    let mut env = TestEnv::new().await;
+    env.settings.http.request_timeout = Duration::from_millis(500);
+    env.settings.http.abandoned_call_bound = Duration::from_millis(300);
+    let email = "lost@example.com";
+    // the first call is applied, its answer comes after the worker stopped waiting; its retry
+    // is refused for good
+    env.sandbox.faults().push(
+        FaultRule::new(Fault::Stall { ms: 1500 }, 1)
+            .provider("smartlink")
+            .email(email),
+    );
+    env.sandbox.faults().push(
+        FaultRule::new(
+            Fault::ErrorCode {
+                code: 22010,
+                text: "no permission".into(),
+            },
+            1,
+        )
+        .provider("smartlink")
+        .email(email),
+    );
+    let lost = env
+        .enqueue(sl(
+            email,
+            json!({"attributes": {"level": 2}, "modify_ts": 2000}),
+        ))
+        .await;
+    let worker = env.worker();
+    let run = tokio::spawn({
+        let worker = worker.clone();
+        async move { worker.drain().await }
+    });
+    env.wait_for_state(lost, "running", Duration::from_secs(10))
+        .await;
+    // behind it: one change older than the lost call, one newer
+    let older = env
+        .enqueue(sl(
+            email,
+            json!({"attributes": {"plan": "old"}, "modify_ts": 1000}),
+        ))
+        .await;
+    let newer = env
+        .enqueue(sl(email, json!({"tags": ["t"], "modify_ts": 3000})))
+        .await;
+    tokio::time::timeout(Duration::from_secs(30), run)
+        .await
+        .expect("drains")
+        .unwrap();
+
+    let row = env.job(lost).await;
+    assert_eq!(row.state, "dead", "{row:?}");
+    assert_eq!(row.errors[0]["kind"], "timeout", "{row:?}");
+    let uncertain: Option<i64> = sqlx::query_scalar(
+        "SELECT uncertain_ts FROM contact_sync.smartlink_watermarks WHERE contact_key = $1",
+    )
+    .bind(format!("smartlink:sl:{email}"))
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert!(
+        uncertain.is_some_and(|ts| ts >= 2000),
+        "the lost call's modify_ts is recorded: {uncertain:?}"
+    );
+    let c = env.sandbox.contact("smartlink", SL_GAME, email).unwrap();
+    assert_eq!(c.fields["attributes"]["level"], 2, "the lost call arrived");
+    assert_eq!(
+        c.fields["tags"],
+        json!(["t"]),
+        "the newer change is applied"
+    );
+    assert!(
+        c.fields["attributes"].get("plan").is_none(),
+        "the older change is discarded, as one by one: {:?}",
+        c.fields
+    );
+    // sent alone: its own call, which the provider found stale
+    assert_eq!(env.job(older).await.state, "succeeded");
     assert_eq!(env.job(newer).await.state, "succeeded");
 }

@@ -106,10 +106,21 @@ impl Row {
 
     pub(crate) fn summary(&self) -> String {
         format!(
-            "#{} {} attempts={} doi={:?} into={:?} resend_after={:?} last_error={:?} payload={}",
+            "#{} {} attempts={} errors={:?} doi={:?} into={:?} resend_after={:?} last_error={:?} payload={}",
             self.id,
             self.state,
             self.attempts,
+            self.errors
+                .as_array()
+                .map(|errors| errors
+                    .iter()
+                    .map(|e| format!(
+                        "{}:{}",
+                        e.get("attempt").map_or(Value::Null, Clone::clone),
+                        e.get("kind").and_then(Value::as_str).unwrap_or("?")
+                    ))
+                    .collect::<Vec<_>>())
+                .unwrap_or_default(),
             self.doi,
             self.coalesced_into,
             self.resend_after,
@@ -682,7 +693,8 @@ pub(crate) fn replay_calls(account: Account, jobs: &[&Row]) -> ContactState {
                 created_at_ms: 0,
             })
             .collect();
-        let mut call = payload::take_group(kind, None, &changes).payload;
+        let mut call =
+            payload::take_group(kind, payload::HeldModifyTs::default(), &changes).payload;
         if status_stripped(head.doi.as_deref()) {
             call.remove("subscribe");
             call.remove("update_strategy");
