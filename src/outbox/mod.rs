@@ -77,3 +77,12 @@ pub use job::{JobId, JobState, NewJob};
 pub fn is_lock_timeout(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(db) if db.code().as_deref() == Some("55P03"))
 }
+
+/// Whether the same statement will fail the same way again: the database refused the data or
+/// the statement itself (SQLSTATE classes 22, 23, 42), as opposed to a database that is
+/// unreachable, busy, locked or shutting down (a lock timeout, a deadlock, an admin shutdown).
+#[doc(hidden)]
+pub fn is_permanent(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db)
+        if db.code().is_some_and(|c| c.starts_with("22") || c.starts_with("23") || c.starts_with("42")))
+}

@@ -194,11 +194,14 @@ pub(crate) fn unanswered_calls_ctes(heads: &str, sent_modify_ts: Option<&str>) -
             WHERE s.contact_key = ANY(ARRAY(SELECT x.contact_key FROM contact_sync.jobs x WHERE x.id = ANY({heads})))
         ), uncertain AS (
             INSERT INTO contact_sync.smartlink_watermarks AS w (contact_key, uncertain_ts)
-            SELECT n.contact_key, n.ts FROM (
+            -- (one row per contact: two calls of one contact, a stale one among them, are
+            -- one upsert)
+            SELECT n.contact_key, max(n.ts) FROM (
                 SELECT x.contact_key, {newest} AS ts
                 FROM contact_sync.jobs x
                 WHERE x.id = ANY({heads}) AND x.provider = 'smartlink' AND x.contact_key IS NOT NULL) n
             WHERE n.ts IS NOT NULL
+            GROUP BY n.contact_key
             ON CONFLICT (contact_key) DO UPDATE
                 SET uncertain_ts = greatest(w.uncertain_ts, EXCLUDED.uncertain_ts), updated_at = now()
         )"#
@@ -208,13 +211,17 @@ pub(crate) fn unanswered_calls_ctes(heads: &str, sent_modify_ts: Option<&str>) -
 /// The newest `modify_ts` an unanswered call of the head `x` may have carried, when the worker
 /// that made it is gone (see [`unanswered_calls_ctes`]).
 fn newest_modify_ts_behind_head() -> String {
-    // A change's modify_ts as the worker reads it (the payload's integer, else the enqueue
-    // time), bounded above by reading both; never a cast that can fail on odd input.
-    const TS: &str = "greatest(floor(extract(epoch FROM c.created_at) * 1000)::numeric, \
-        CASE WHEN jsonb_typeof(c.payload -> 'modify_ts') = 'number' \
-             THEN least((c.payload ->> 'modify_ts')::numeric, 9223372036854775807) END)";
+    // A change's modify_ts as the worker reads it: the payload's integer (as JSON text: a
+    // `5000.0` is not one), else the enqueue time. Nested so that the cast only ever sees a
+    // number; never a cast that can fail on odd input.
+    const TS: &str = "CASE WHEN jsonb_typeof(c.payload -> 'modify_ts') = 'number' THEN \
+            CASE WHEN (c.payload ->> 'modify_ts') ~ '^-?[0-9]{1,19}$' \
+                  AND (c.payload ->> 'modify_ts')::numeric \
+                      BETWEEN -9223372036854775808 AND 9223372036854775807 \
+                 THEN (c.payload ->> 'modify_ts')::numeric END END";
+    const ENQUEUED: &str = "floor(extract(epoch FROM c.created_at) * 1000)::numeric";
     format!(
-        r#"(SELECT max({TS})::bigint FROM (
+        r#"(SELECT max(coalesce({TS}, {ENQUEUED}))::bigint FROM (
                        SELECT x.payload, x.created_at
                        UNION ALL
                        -- (at most `worker.max_coalesce` ride along)
@@ -229,7 +236,7 @@ fn newest_modify_ts_behind_head() -> String {
 }
 
 /// Records that the calls of these jobs may have reached the provider without an answer (see
-/// [`unanswered_calls_ctes`]; `complete::hold`, `complete::abandon` and the rescuer do the
+/// `unanswered_calls_ctes`; `complete::hold`, `complete::abandon` and the rescuer do the
 /// same in their own statements).
 /// `sent_modify_ts`: the Smartlink `modify_ts` the call carried, when known (one job).
 pub async fn forget_contacts_of(

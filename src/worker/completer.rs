@@ -18,7 +18,7 @@ use super::Shared;
 use crate::metrics::{self as m, JobEvent};
 use crate::outbox::complete::{self, Success, Write};
 use crate::outbox::synced;
-use crate::outbox::{is_lock_timeout, JobState};
+use crate::outbox::{is_lock_timeout, is_permanent, JobState};
 use std::collections::HashSet;
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -293,12 +293,12 @@ async fn write(
             // or the outcome waits
             match synced::forget_contacts_of(pool, &[c.lease.id], sent_modify_ts).await {
                 Ok(()) => {}
-                Err(e) if is_data_error(&e) => {
+                Err(e) if is_permanent(&e) => {
                     tracing::error!(job_id = c.lease.id, error = %e, "could not record that a call got no answer (the provider may hold it or not); its contact's next changes may be merged or skipped as if it had not arrived")
                 }
                 Err(e) => {
                     tracing::warn!(job_id = c.lease.id, error = %e, "could not record that a call got no answer (the provider may hold it or not); keeping its outcome and trying again");
-                    unreachable = true;
+                    unreachable |= !is_data_error(&e);
                     unwritten.push(c);
                     continue;
                 }

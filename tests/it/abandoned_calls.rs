@@ -389,3 +389,49 @@ async fn a_change_older_than_a_lost_call_is_not_merged_into_a_newer_one() {
     assert_eq!(env.job(older).await.state, "succeeded");
     assert_eq!(env.job(newer).await.state, "succeeded");
 }
+
+/// The adversarial review's finding: recording two unanswered calls of one contact in one
+/// statement (a stale call of a job rescued and finished elsewhere, and the contact's next
+/// call, abandoned together at shutdown) upserted the contact's watermark twice and failed,
+/// and the abandon with it. What the calls may have carried is recorded whatever their
+/// payloads hold.
+#[tokio::test]
+async fn unanswered_calls_of_one_contact_are_recorded_in_one_statement() {
+    let env = TestEnv::new().await;
+    let email = "two@example.com";
+    let first = env
+        .enqueue(sl(email, json!({"tags": ["a"], "modify_ts": 5000})))
+        .await;
+    let second = env
+        .enqueue(sl(email, json!({"tags": ["b"], "modify_ts": 7000})))
+        .await;
+    let odd = env
+        .enqueue(sl("odd@example.com", json!({"tags": ["c"]})))
+        .await;
+    sqlx::query(
+        "UPDATE contact_sync.jobs SET state = 'succeeded', finished_at = now() WHERE id = $1",
+    )
+    .bind(first)
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    contact_sync::outbox::synced::forget_contacts_of(&env.pool, &[first, second, odd], None)
+        .await
+        .expect("one upsert per contact");
+    let recorded: Vec<(String, Option<i64>)> = sqlx::query_as(
+        "SELECT contact_key, uncertain_ts FROM contact_sync.smartlink_watermarks ORDER BY contact_key",
+    )
+    .fetch_all(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(recorded.len(), 2, "{recorded:?}");
+    assert_eq!(recorded[1], (format!("smartlink:sl:{email}"), Some(7000)));
+    // a change without a modify_ts carries its enqueue time
+    let now_ms = chrono::Utc::now().timestamp_millis();
+    assert!(
+        recorded[0]
+            .1
+            .is_some_and(|ts| (now_ms - 60_000..=now_ms).contains(&ts)),
+        "{recorded:?}"
+    );
+}
