@@ -520,7 +520,8 @@ CREATE TABLE contact_sync.doi_ledger (
     api_key_id text NOT NULL,
     email text NOT NULL,
     sent_at timestamp with time zone NOT NULL,
-    job_id bigint
+    job_id bigint,
+    answered_md5 text
 );
 
 CREATE TABLE contact_sync.jobs (

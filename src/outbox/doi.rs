@@ -112,13 +112,16 @@ pub enum Reservation {
 /// ledger frees an address only once the provider has certainly forgotten its last email.
 pub const WINDOW_SQL: &str = "interval '1 hour 2 minutes'";
 
-/// Reserves the confirmation window for `job_id`, unless another call holds it. Every time is
-/// the database's.
+/// Reserves the confirmation window for `job_id`, unless another call holds it, or its own
+/// call was answered within the hour carrying another version of the change (`md5`: the
+/// change's payload digest now; edited while that call was in flight, it is a new request,
+/// not a retry). Every time is the database's.
 pub async fn reserve(
     pool: &PgPool,
     api_key_id: &str,
     email: &str,
     job_id: JobId,
+    md5: &str,
 ) -> Result<Reservation, sqlx::Error> {
     let insert = format!(
         r#"
@@ -129,8 +132,11 @@ pub async fn reserve(
         INSERT INTO contact_sync.doi_ledger AS l (api_key_id, email, sent_at, job_id)
         VALUES ($1, lower($2), now(), $3)
         ON CONFLICT (api_key_id, email) DO UPDATE
-            SET sent_at = now(), job_id = EXCLUDED.job_id
-            WHERE l.sent_at <= now() - {WINDOW_SQL} OR l.job_id = EXCLUDED.job_id
+            SET sent_at = now(), job_id = EXCLUDED.job_id, answered_md5 = NULL
+            -- (the same change again, edited since its call was answered: a new request inside
+            -- the hour)
+            WHERE l.sent_at <= now() - {WINDOW_SQL}
+               OR (l.job_id = EXCLUDED.job_id AND (l.answered_md5 IS NULL OR l.answered_md5 = $4))
         RETURNING coalesce((SELECT repeat FROM prior), false)
         "#
     );
@@ -145,6 +151,7 @@ pub async fn reserve(
             .bind(api_key_id)
             .bind(email)
             .bind(job_id)
+            .bind(md5)
             .fetch_optional(pool)
             .await?;
         if let Some(repeat) = granted {
@@ -192,7 +199,8 @@ pub async fn release(
 #[derive(Debug, Clone, PartialEq)]
 pub enum AfterCall {
     /// The call triggered the confirmation email: the provider's hour started no earlier than
-    /// the answer, so the window counts from now. An earlier attempt of the same change may have
+    /// the answer, so the window counts from now, and records the change's digest as the call
+    /// carried it (sent again edited, the change is a new request inside the hour). An earlier attempt of the same change may have
     /// deferred the status and lost its completion: that re-send is dropped (the status went
     /// out now).
     Sent {
@@ -202,6 +210,8 @@ pub enum AfterCall {
         email: String,
         /// The job whose change asks for the pending status (the window is held in its name).
         window_holder: JobId,
+        /// That change's payload digest as the call carried it (`md5(payload::text)`).
+        holder_md5: String,
     },
     /// The pending status was taken out of the call: re-send it when the window ends.
     Deferred {
@@ -234,7 +244,9 @@ pub async fn write_after_calls(
                 account,
                 email,
                 window_holder,
+                holder_md5,
             } => {
+                sent.holder_md5.push(holder_md5.as_str());
                 sent.api_key_id.push(api_key_id.as_str());
                 sent.provider.push(provider.as_str());
                 sent.account.push(account.as_str());
@@ -264,8 +276,8 @@ pub async fn write_after_calls(
         sqlx::query(
             // language=PostgreSQL
             r#"
-            UPDATE contact_sync.doi_ledger l SET sent_at = now()
-            FROM unnest($1::text[], $2::text[], $3::bigint[]) AS s(api_key_id, email, holder)
+            UPDATE contact_sync.doi_ledger l SET sent_at = now(), answered_md5 = s.md5
+            FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[]) AS s(api_key_id, email, holder, md5)
             WHERE l.api_key_id = s.api_key_id AND l.email = lower(s.email) AND l.job_id = s.holder
             "#,
         )
@@ -273,6 +285,7 @@ pub async fn write_after_calls(
         .bind(&sent.api_key_id)
         .bind(&sent.email)
         .bind(&sent.window_holder)
+        .bind(&sent.holder_md5)
         .execute(&mut *conn)
         .await?;
         sqlx::query(
@@ -327,6 +340,7 @@ struct SentColumns<'a> {
     account: Vec<&'a str>,
     email: Vec<&'a str>,
     window_holder: Vec<JobId>,
+    holder_md5: Vec<&'a str>,
 }
 
 /// [`AfterCall::Deferred`] calls as the statement's arrays.

@@ -53,6 +53,7 @@ pub async fn decide(
     account: Option<(&str, DoubleOptIn)>,
     email: &str,
     window_holder: JobId,
+    holder_md5: &str,
     payload: &mut Payload,
 ) -> Result<Decision, sqlx::Error> {
     let Some((api_key_id, policy)) = account else {
@@ -61,7 +62,7 @@ pub async fn decide(
     if payload.get("subscribe").and_then(Value::as_i64) != Some(PENDING) {
         return Ok(Decision::NotApplicable);
     }
-    match doi::reserve(pool, api_key_id, email, window_holder).await? {
+    match doi::reserve(pool, api_key_id, email, window_holder, holder_md5).await? {
         Reservation::Granted { repeat } => Ok(Decision::Send { repeat }),
         Reservation::Busy { until } => {
             let mut status = Payload::new();
@@ -96,6 +97,7 @@ pub fn after_success(
     account: Option<(&str, DoubleOptIn)>,
     decision: &Decision,
     jobs: Carried,
+    holder_md5: &str,
     job: &ClaimedJob,
 ) -> Option<AfterCall> {
     let (api_key_id, _) = account?;
@@ -107,6 +109,7 @@ pub fn after_success(
             account,
             email,
             window_holder: jobs.window_holder,
+            holder_md5: holder_md5.to_string(),
         }),
         Decision::Defer { until, status } => Some(AfterCall::Deferred {
             job_id: jobs.head,

@@ -265,6 +265,12 @@ async fn deliver(shared: &Shared, job: &ClaimedJob, claimed_at: Instant) -> Outc
     // The confirmation window is held in the name of the change that asks for it: its retry,
     // alone or merged into a later call, is the same request (not one inside another's hour).
     let window_holder = group.status_from.map_or(job.id, |i| changes[i].id);
+    // (its change as this call carries it: sent again edited, it is a new request)
+    let holder_md5 = match group.status_from {
+        Some(i) if i > 0 => followers.get(i - 1).map(|f| f.sent_md5.clone()),
+        _ => None,
+    }
+    .unwrap_or_else(|| job.payload_md5());
     if !followers.is_empty() {
         tracing::debug!(
             merged = followers.len(),
@@ -279,6 +285,7 @@ async fn deliver(shared: &Shared, job: &ClaimedJob, claimed_at: Instant) -> Outc
         confirmation,
         &job.email,
         window_holder,
+        &holder_md5,
         &mut payload,
     )
     .await
@@ -332,7 +339,8 @@ async fn deliver(shared: &Shared, job: &ClaimedJob, claimed_at: Instant) -> Outc
                 window_holder,
             };
             let ledger =
-                double_opt_in::after_success(confirmation, &decision, carried, job).map(Box::new);
+                double_opt_in::after_success(confirmation, &decision, carried, &holder_md5, job)
+                    .map(Box::new);
             let synced =
                 (shared.captured.contains(&job.account) && !delivered.not_found).then(|| {
                     Delivered {

@@ -633,3 +633,66 @@ async fn restore_the_ledger(env: &TestEnv) {
         .await
         .unwrap();
 }
+
+/// The previous stop's "not promised": a change asking for the pending status, edited while its
+/// call was in flight, was sent again as edited, status included: a second confirmation
+/// request inside the hour, which the provider does not email. Its window now records the
+/// change's digest as the answered call carried it, and the change sent again edited is a new
+/// request in that window: its status is deferred.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edited_confirmation_request_is_not_asked_again_inside_the_hour() {
+    let env = TestEnv::new().await;
+    let email = "edited@example.com";
+    env.sandbox.faults().push(
+        FaultRule::new(Fault::Slow { ms: 1500 }, 1)
+            .provider("smartlink")
+            .email(email),
+    );
+    let job = env
+        .enqueue(sl(email, json!({"subscribe": 3, "attributes": {"a": 1}})))
+        .await;
+    let worker = env.worker();
+    let run = tokio::spawn({
+        let worker = worker.clone();
+        async move { worker.drain().await }
+    });
+    env.wait_for_state(job, "running", Duration::from_secs(10))
+        .await;
+    // (a newer modify_ts: an older one is discarded by the provider, edited or not)
+    let n = sqlx::query(
+        "UPDATE contact_sync.jobs SET payload = jsonb_build_object('subscribe', 3, 'attributes', jsonb_build_object('a', 2), \
+                                               'modify_ts', (payload->>'modify_ts')::bigint + 1) WHERE id = $1",
+    )
+    .bind(job)
+    .execute(&env.pool)
+    .await
+    .unwrap()
+    .rows_affected();
+    assert_eq!(n, 1);
+    run.await.unwrap();
+    env.settle(&worker).await;
+    let c = env.sandbox.contact("smartlink", SL_GAME, email).unwrap();
+    let row = env.job(job).await;
+    assert_eq!(
+        c.fields["attributes"]["a"], 2,
+        "the edit is delivered: {c:?} {row:?}"
+    );
+    assert_eq!(
+        c.pending_requests, 1,
+        "one confirmation request inside the hour: {c:?}"
+    );
+    assert_eq!(row.state, "succeeded", "{row:?}");
+    assert!(
+        row.doi
+            .as_deref()
+            .is_some_and(|d| d.starts_with("deferred_until")),
+        "the status is re-sent once the window is over: {row:?}"
+    );
+    let deferred: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM contact_sync.doi_deferred WHERE job_id = $1")
+            .bind(job)
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+    assert_eq!(deferred, 1);
+}
