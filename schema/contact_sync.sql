@@ -521,7 +521,7 @@ CREATE TABLE contact_sync.doi_ledger (
     email text NOT NULL,
     sent_at timestamp with time zone NOT NULL,
     job_id bigint,
-    answered_md5 text
+    answered text
 );
 
 CREATE TABLE contact_sync.jobs (

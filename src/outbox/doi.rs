@@ -104,8 +104,13 @@ pub enum Reservation {
     /// job already held a live window: an earlier attempt's email may have gone, so a failed
     /// call must not give the window back.
     Granted { repeat: bool },
-    /// No: one was triggered within the hour; the window ends at `until`.
-    Busy { until: DateTime<Utc> },
+    /// No: one was triggered within the hour; the window ends at `until`. `asked_already`:
+    /// by this change itself, whose answered call carried another version of it (it was
+    /// edited while that call was in flight): its status went out with that call.
+    Busy {
+        until: DateTime<Utc>,
+        asked_already: bool,
+    },
 }
 
 /// The provider's window (one hour) plus a safety margin for clock skew and call latency: the
@@ -132,16 +137,20 @@ pub async fn reserve(
         INSERT INTO contact_sync.doi_ledger AS l (api_key_id, email, sent_at, job_id)
         VALUES ($1, lower($2), now(), $3)
         ON CONFLICT (api_key_id, email) DO UPDATE
-            SET sent_at = now(), job_id = EXCLUDED.job_id, answered_md5 = NULL
-            -- (the same change again, edited since its call was answered: a new request inside
-            -- the hour)
+            SET sent_at = now(), job_id = EXCLUDED.job_id,
+                -- (kept while the same change holds the window: it answered already)
+                answered = CASE WHEN l.sent_at > now() - {WINDOW_SQL} THEN l.answered END
+            -- (the same change again, edited since its call was answered, asked already
+            -- within the hour; a mark left by another job is not this change's)
             WHERE l.sent_at <= now() - {WINDOW_SQL}
-               OR (l.job_id = EXCLUDED.job_id AND (l.answered_md5 IS NULL OR l.answered_md5 = $4))
+               OR (l.job_id = EXCLUDED.job_id
+                   AND (l.answered IS NULL OR l.answered = $3 || ':' || $4
+                        OR NOT starts_with(l.answered, $3 || ':')))
         RETURNING coalesce((SELECT repeat FROM prior), false)
         "#
     );
     let holder = format!(
-        "SELECT sent_at + {WINDOW_SQL} FROM contact_sync.doi_ledger WHERE api_key_id = $1 AND email = lower($2)"
+        "SELECT sent_at + {WINDOW_SQL}, job_id = $3 FROM contact_sync.doi_ledger WHERE api_key_id = $1 AND email = lower($2)"
     );
     // The holder can vanish between the two statements (its call failed and released the
     // window): then try again.
@@ -157,14 +166,18 @@ pub async fn reserve(
         if let Some(repeat) = granted {
             return Ok(Reservation::Granted { repeat });
         }
-        let until: Option<DateTime<Utc>> = sqlx::query_scalar(&holder)
+        let busy: Option<(DateTime<Utc>, Option<bool>)> = sqlx::query_as(&holder)
             .persistent(false)
             .bind(api_key_id)
             .bind(email)
+            .bind(job_id)
             .fetch_optional(pool)
             .await?;
-        if let Some(until) = until {
-            return Ok(Reservation::Busy { until });
+        if let Some((until, own)) = busy {
+            return Ok(Reservation::Busy {
+                until,
+                asked_already: own == Some(true),
+            });
         }
     }
     // Still contended: treat the window as busy for a minute of database time.
@@ -172,7 +185,10 @@ pub async fn reserve(
         .persistent(false)
         .fetch_one(pool)
         .await?;
-    Ok(Reservation::Busy { until })
+    Ok(Reservation::Busy {
+        until,
+        asked_already: false,
+    })
 }
 
 /// Gives the window back after a call that certainly sent no email (the provider refused it,
@@ -276,7 +292,7 @@ pub async fn write_after_calls(
         sqlx::query(
             // language=PostgreSQL
             r#"
-            UPDATE contact_sync.doi_ledger l SET sent_at = now(), answered_md5 = s.md5
+            UPDATE contact_sync.doi_ledger l SET sent_at = now(), answered = s.holder || ':' || s.md5
             FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[]) AS s(api_key_id, email, holder, md5)
             WHERE l.api_key_id = s.api_key_id AND l.email = lower(s.email) AND l.job_id = s.holder
             "#,

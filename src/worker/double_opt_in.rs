@@ -64,7 +64,10 @@ pub async fn decide(
     }
     match doi::reserve(pool, api_key_id, email, window_holder, holder_md5).await? {
         Reservation::Granted { repeat } => Ok(Decision::Send { repeat }),
-        Reservation::Busy { until } => {
+        Reservation::Busy {
+            until,
+            asked_already,
+        } => {
             let mut status = Payload::new();
             for key in ["subscribe", "update_strategy"] {
                 if let Some(v) = payload.remove(key) {
@@ -72,8 +75,9 @@ pub async fn decide(
                 }
             }
             Ok(match policy {
-                DoubleOptIn::Defer => Decision::Defer { until, status },
-                DoubleOptIn::Drop => Decision::Suppress,
+                // (this change's status went out with its answered call: never re-sent)
+                DoubleOptIn::Defer if !asked_already => Decision::Defer { until, status },
+                _ => Decision::Suppress,
             })
         }
     }

@@ -637,8 +637,9 @@ async fn restore_the_ledger(env: &TestEnv) {
 /// The previous stop's "not promised": a change asking for the pending status, edited while its
 /// call was in flight, was sent again as edited, status included: a second confirmation
 /// request inside the hour, which the provider does not email. Its window now records the
-/// change's digest as the answered call carried it, and the change sent again edited is a new
-/// request in that window: its status is deferred.
+/// change's digest as the answered call carried it, and the change sent again edited asked
+/// already: its status is taken out, and not re-sent later (the review's finding: deferring it
+/// asked for a second email an hour later).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_edited_confirmation_request_is_not_asked_again_inside_the_hour() {
     let env = TestEnv::new().await;
@@ -682,17 +683,77 @@ async fn an_edited_confirmation_request_is_not_asked_again_inside_the_hour() {
         "one confirmation request inside the hour: {c:?}"
     );
     assert_eq!(row.state, "succeeded", "{row:?}");
-    assert!(
-        row.doi
-            .as_deref()
-            .is_some_and(|d| d.starts_with("deferred_until")),
-        "the status is re-sent once the window is over: {row:?}"
+    assert_eq!(
+        row.doi.as_deref(),
+        Some("suppressed"),
+        "its status went out with its first call: {row:?}"
     );
+    // never re-sent: that would ask the provider for a second email an hour later
     let deferred: i64 =
         sqlx::query_scalar("SELECT count(*) FROM contact_sync.doi_deferred WHERE job_id = $1")
             .bind(job)
             .fetch_one(&env.pool)
             .await
             .unwrap();
-    assert_eq!(deferred, 1);
+    assert_eq!(deferred, 0);
+    assert_eq!(c.confirmation_emails, 1, "{c:?}");
+}
+
+/// The adversarial review's findings on the answered mark, on the ledger itself: a re-grant of
+/// the window to the same change (a retry whose answer was lost again) keeps the mark, so an
+/// edit after it is still "asked already"; a mark another job left (an old worker handed the
+/// row over during the upgrade without clearing it) is not the new holder's.
+#[tokio::test]
+async fn the_answered_mark_belongs_to_its_change_and_survives_its_retries() {
+    use contact_sync::outbox::doi::{reserve, write_after_calls, AfterCall, Reservation};
+    let env = TestEnv::new().await;
+    let (key, email) = ("key-id", "mark@example.com");
+    let granted = |r: Reservation| matches!(r, Reservation::Granted { .. });
+    let asked = |r: Reservation| {
+        matches!(
+            r,
+            Reservation::Busy {
+                asked_already: true,
+                ..
+            }
+        )
+    };
+    assert!(granted(
+        reserve(&env.pool, key, email, 7, "x").await.unwrap()
+    ));
+    let sent = AfterCall::Sent {
+        api_key_id: key.into(),
+        provider: "smartlink".into(),
+        account: "sl".into(),
+        email: email.into(),
+        window_holder: 7,
+        holder_md5: "x".into(),
+    };
+    let mut conn = env.pool.acquire().await.unwrap();
+    write_after_calls(&mut conn, &[&sent]).await.unwrap();
+    assert!(asked(reserve(&env.pool, key, email, 7, "y").await.unwrap()));
+    assert_eq!(
+        reserve(&env.pool, key, email, 7, "x").await.unwrap(),
+        Reservation::Granted { repeat: true },
+        "the same change unchanged is the same request"
+    );
+    assert!(
+        asked(reserve(&env.pool, key, email, 7, "y").await.unwrap()),
+        "the re-grant kept the mark"
+    );
+    assert!(matches!(
+        reserve(&env.pool, key, email, 8, "z").await.unwrap(),
+        Reservation::Busy {
+            asked_already: false,
+            ..
+        }
+    ));
+    sqlx::query("UPDATE contact_sync.doi_ledger SET job_id = 8")
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    assert!(
+        granted(reserve(&env.pool, key, email, 8, "z").await.unwrap()),
+        "job 7's mark is not job 8's"
+    );
 }
