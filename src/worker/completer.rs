@@ -279,18 +279,18 @@ async fn write(
             unwritten.push(c);
             continue;
         }
-        if let (
+        // a call that got no answer and is not held: what it may have left at the provider is
+        // recorded here (held calls record it in the hold's own statement)
+        let unanswered_unheld = match c.outcome {
             Outcome::Retry {
                 abandoned: true,
                 sent_modify_ts,
                 ..
-            },
-            true,
-        ) = (&c.outcome, hold_for.is_zero())
-        {
-            let sent_modify_ts = *sent_modify_ts;
-            // (held calls record it in the hold's own statement); recorded before the outcome,
-            // or the outcome waits
+            } if hold_for.is_zero() => Some(sent_modify_ts),
+            _ => None,
+        };
+        if let Some(sent_modify_ts) = unanswered_unheld {
+            // recorded before the outcome, or the outcome waits
             match synced::forget_contacts_of(pool, &[c.lease.id], sent_modify_ts).await {
                 Ok(()) => {}
                 Err(e) if is_permanent(&e) => {
