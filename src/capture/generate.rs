@@ -3,12 +3,18 @@
 //! table. What `capture plan` prints and `capture install` runs, byte for byte.
 //!
 //! Each function turns the statement's rows into jobs for every target account in one set-based
-//! insert. It never fails the application's statement: a statement whose rows cannot all be
-//! queued is split in halves until the rows at fault are alone, and those are recorded in
-//! `contact_sync.capture_rejections` with the reason; a mapping that no longer fits the table
-//! (a column renamed or dropped: SQLSTATE class 42) records the statement in
-//! `contact_sync.capture_failures` instead. Each split is a subtransaction, so a statement
-//! with `b` bad rows among `n` costs about `2·b·log2(n)` of them; a clean one costs one.
+//! insert. It never fails the application's statement:
+//! - a statement of at most [`SMALL_STATEMENT_ROWS`] rows (a web request's write, a loop's) is
+//!   evaluated and checked first, as the insert checks it, in a block that writes nothing; its
+//!   jobs are then inserted in the application's own transaction, taking no transaction id of
+//!   their own;
+//! - a larger statement, or one that failed that check, is inserted per account inside an
+//!   exception block (a subtransaction). A statement whose rows cannot all be queued is split in
+//!   halves until the rows at fault are alone, and those are recorded in
+//!   `contact_sync.capture_rejections` with the reason; a mapping that no longer fits the table
+//!   (a column renamed or dropped: SQLSTATE class 42) records the statement in
+//!   `contact_sync.capture_failures` instead. A statement with `b` bad rows among `n` costs
+//!   about `2·b·log2(n)` subtransactions; a clean large one costs one per account.
 
 use super::catalog::{CheckedSource, Kind, Typed};
 use crate::config::{OnDelete, ProviderKind, SourceSettings};
@@ -27,6 +33,16 @@ const FILTER: &str = "\u{1}filter\u{1}";
 /// 1.61× the time without capture, 1.46× with this). A session with more keeps its own. The
 /// memory is taken only as a statement's rows need it.
 const WORK_MEM: &str = "64MB";
+
+/// The most rows a captured statement may have for its jobs to be checked before they are
+/// written, and written in the application's own transaction. Written inside an exception
+/// block instead, as larger statements are, each statement's jobs took a subtransaction id: an
+/// application transaction of more than 64 captured statements (a loop of single-row updates)
+/// overflowed Postgres's per-session cache of subtransaction ids, so that every snapshot taken
+/// on the database while it ran had to look them up in `pg_subtrans`, and each captured
+/// statement used up one more transaction id. Checked first, a statement's jobs are collected
+/// into arrays, in memory in proportion to them: hence the bound.
+pub const SMALL_STATEMENT_ROWS: usize = 1000;
 
 /// Gives the application's session its own `work_mem` back before a capture function returns.
 /// (A function's `SET` clause would also lower a larger one; a `set_config(…, true)` of a
@@ -93,10 +109,15 @@ pub fn install_sql(
             )
             .ok();
         }
-        for target in &targets {
-            let watched = watched(source, checked, Some(target.account));
-            body.push_str(&target_block(name, source, operation, target, &watched));
+        let blocks: Vec<(&Target, Option<Vec<String>>)> = targets
+            .iter()
+            .map(|t| (t, watched(source, checked, Some(t.account))))
+            .collect();
+        let mut fallback = String::new();
+        for (target, watched) in &blocks {
+            fallback.push_str(&target_block(name, source, operation, target, watched));
         }
+        body.push_str(&small_statement_sql(source, operation, &blocks, &fallback));
         write!(
             sql,
             "\nCREATE OR REPLACE FUNCTION {function}() RETURNS trigger\n\
@@ -107,6 +128,7 @@ pub fn install_sql(
              SET jit = off\n\
              AS $contact_sync_capture$\n\
              DECLARE\n    _cs_keys text[];\n    _cs_stack int[];\n    _cs_lo int;\n    _cs_hi int;\n    _cs_mid int;\n\
+             \x20   _cs_small boolean;\n    _cs_accounts text[];\n    _cs_emails text[];\n    _cs_payloads jsonb[];\n\
              \x20   _cs_work_mem text := current_setting('work_mem');\n\
              BEGIN\n\
              \x20   -- (at least {WORK_MEM} for the comparisons, the session's own again on the way out)\n\
@@ -301,18 +323,9 @@ fn target_block(
         return String::new();
     };
     let key = &source.key;
-    // the fast path reads the rows whose watched columns changed (an UPDATE) or every row
-    let (prefix, restrict) = match operation {
-        "update" => (
-            format!("changed AS (\n{}\n), ", changed_sql(source, watched)),
-            format!("r.{key} IN (SELECT k FROM changed)"),
-        ),
-        _ => (String::new(), "true".to_string()),
+    let Some(all) = all_changes_sql(source, operation, target, watched) else {
+        return String::new();
     };
-    let all = changes
-        .replace(PREFIX, &prefix)
-        .replace(JOIN, "")
-        .replace(FILTER, &restrict);
     // a half reads its own keys, through a hash join (a key list tested with `= ANY` would
     // compare every row with every key)
     let some = changes
@@ -370,6 +383,129 @@ fn target_block(
         op_literal = literal(operation),
         insert_all = indent(&insert_sql(&all), 8),
         insert_some = indent(&insert_sql(&some), 20),
+    )
+}
+
+/// [`changes_sql`] of every row of the statement: the rows whose watched columns changed (an
+/// `UPDATE`), or every row.
+fn all_changes_sql(
+    source: &SourceSettings,
+    operation: &str,
+    target: &Target,
+    watched: &Option<Vec<String>>,
+) -> Option<String> {
+    let changes = changes_sql(source, operation, target)?;
+    let (prefix, restrict) = match operation {
+        "update" => (
+            format!("changed AS (\n{}\n), ", changed_sql(source, watched)),
+            format!("r.{} IN (SELECT k FROM changed)", source.key),
+        ),
+        _ => (String::new(), "true".to_string()),
+    };
+    Some(
+        changes
+            .replace(PREFIX, &prefix)
+            .replace(JOIN, "")
+            .replace(FILTER, &restrict),
+    )
+}
+
+/// A statement of at most [`SMALL_STATEMENT_ROWS`] rows: every target's jobs evaluated and
+/// checked as the insert checks them (an invalid one raises), in a block that writes nothing
+/// (a subtransaction without a transaction id), then inserted in one statement of the
+/// application's own transaction. A statement that fails the check, or a larger one, goes
+/// through `fallback` (the targets' blocks: each inserts in a subtransaction of its own, and
+/// records the rows at fault).
+fn small_statement_sql(
+    source: &SourceSettings,
+    operation: &str,
+    targets: &[(&Target, Option<Vec<String>>)],
+    fallback: &str,
+) -> String {
+    let branches: Vec<String> = targets
+        .iter()
+        .enumerate()
+        .filter_map(|(i, (target, watched))| {
+            let changes = all_changes_sql(source, operation, target, watched)?;
+            Some(format!(
+                "SELECT {i} AS t, c.* FROM (\n{}\nSELECT * FROM changes\n) c",
+                indent(&changes, 4).trim_end()
+            ))
+        })
+        .collect();
+    if branches.is_empty() {
+        return String::new();
+    }
+    let providers: Vec<String> = targets
+        .iter()
+        .map(|(t, _)| {
+            format!(
+                "(a.account = {} AND a.provider <> {})",
+                literal(t.account),
+                literal(t.provider.as_str())
+            )
+        })
+        .collect();
+    let rows = if operation == "delete" {
+        "old_rows"
+    } else {
+        "new_rows"
+    };
+    // (the bound tested where the rows are read: a larger statement reads nothing here)
+    let small = format!(
+        "(SELECT count(*) FROM (SELECT FROM {rows} LIMIT {}) s) <= {SMALL_STATEMENT_ROWS}",
+        SMALL_STATEMENT_ROWS + 1
+    );
+    let collect = format!(
+        "SELECT {small},\n\
+         \x20      array_agg(x.account ORDER BY x.t, x.seq, x.k), array_agg(x.email ORDER BY x.t, x.seq, x.k),\n\
+         \x20      array_agg(x.payload ORDER BY x.t, x.seq, x.k)\n\
+         INTO _cs_small, _cs_accounts, _cs_emails, _cs_payloads\n\
+         FROM (\n{}\n) x\n\
+         WHERE {small}\n\
+         \x20 AND CASE WHEN x.payload - 'modify_ts' <> '{{}}'::jsonb THEN contact_sync.validate_job(x.provider, x.email, x.payload) ELSE false END;\n\
+         -- (an account of another provider fails the insert: the blocks below record it)\n\
+         PERFORM contact_sync.reject('contact_sync: an account''s provider differs', NULL, to_jsonb(a.account))\n\
+         FROM contact_sync.accounts a WHERE {};",
+        indent(&branches.join("\nUNION ALL\n"), 4).trim_end(),
+        providers.join(" OR "),
+    );
+    let provider_of = targets
+        .iter()
+        .map(|(t, _)| {
+            format!(
+                "WHEN {} THEN {}",
+                literal(t.account),
+                literal(t.provider.as_str())
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(" ");
+    format!(
+        "    -- a statement of at most {SMALL_STATEMENT_ROWS} rows: its jobs checked, then written in the\n\
+         \x20   -- application's own transaction (no subtransaction id: see SMALL_STATEMENT_ROWS)\n\
+         \x20   BEGIN\n\
+         {collect}\
+         \x20   EXCEPTION WHEN others THEN\n\
+         \x20       IF SQLSTATE NOT LIKE '22%' AND SQLSTATE NOT LIKE '23%' AND SQLSTATE NOT LIKE '42%' THEN\n\
+         \x20           RAISE;\n\
+         \x20       END IF;\n\
+         \x20       _cs_small := false;  -- the blocks below record what is at fault\n\
+         \x20   END;\n\
+         \x20   IF _cs_small THEN\n\
+         \x20       IF _cs_accounts IS NOT NULL THEN\n\
+         \x20           -- (a plan kept for the session: nothing in it depends on the arrays' values)\n\
+         \x20           PERFORM set_config('plan_cache_mode', 'force_generic_plan', true);\n\
+         \x20           INSERT INTO contact_sync.jobs (provider, account, email, payload)\n\
+         \x20           SELECT CASE u.account {provider_of} END, u.account, u.email, u.payload\n\
+         \x20           FROM unnest(_cs_accounts, _cs_emails, _cs_payloads) WITH ORDINALITY AS u(account, email, payload, i)\n\
+         \x20           ORDER BY u.i;\n\
+         \x20       END IF;\n\
+         \x20   ELSE\n\
+         {fallback}\
+         \x20   END IF;\n",
+        collect = indent(&collect, 8),
+        fallback = indent(fallback, 4),
     )
 }
 

@@ -567,6 +567,93 @@ async fn a_captured_write_leaves_the_sessions_settings_as_they_were() {
     assert!(jobs(&env).await >= 4);
 }
 
+/// A transaction of many captured statements (a loop of single-row writes) writes its jobs in
+/// its own transaction: no captured statement of up to `SMALL_STATEMENT_ROWS` clean rows takes
+/// a subtransaction id (more than 64 in one transaction overflow Postgres's per-session cache,
+/// and every snapshot on the database then looks them up in `pg_subtrans`). Each job's `xmin`
+/// is the application transaction's own id. A statement with a row at fault, and a larger one,
+/// go through the blocks that record it, as before.
+#[tokio::test]
+async fn many_captured_statements_in_one_transaction_take_no_subtransaction_ids() {
+    let (env, _config) = captured().await;
+    exec(
+        &env,
+        "INSERT INTO users (email, first_name, city, plan) \
+         SELECT 'x' || i || '@example.com', 'X', 'A', 'free' FROM generate_series(1, 1500) i",
+    )
+    .await;
+    exec(&env, "DELETE FROM contact_sync.jobs").await;
+    let mut tx = env.pool.begin().await.unwrap();
+    for i in 1..=150 {
+        sqlx::query("UPDATE users SET city = $1, plan = 'pro' WHERE email = $2")
+            .bind(format!("C{i}"))
+            .bind(format!("x{i}@example.com"))
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+    }
+    for write in [
+        "INSERT INTO users (email, first_name) VALUES ('fresh1@example.com', 'F'), ('fresh2@example.com', 'G')",
+        "UPDATE users SET marketing_opt_in = false WHERE email = 'x151@example.com'",
+        "DELETE FROM users WHERE email = 'x152@example.com'",
+        // 1,000 rows: the bound itself
+        "UPDATE users SET city = 'B' WHERE id IN (SELECT id FROM users WHERE email LIKE 'x%' ORDER BY id LIMIT 1000)",
+        "UPDATE users SET last_seen_at = now()",
+    ] {
+        sqlx::query(write).execute(&mut *tx).await.unwrap();
+    }
+    let (own, others): (i64, i64) = sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE xmin = pg_current_xact_id()::xid),
+                count(*) FILTER (WHERE xmin <> pg_current_xact_id()::xid)
+         FROM contact_sync.jobs",
+    )
+    .fetch_one(&mut *tx)
+    .await
+    .unwrap();
+    assert_eq!(
+        others, 0,
+        "{own} jobs in the transaction's own id, {others} in others"
+    );
+    // 150 updates × 2 accounts, 2 new rows × 2, an opt-out and a delete (Smartlink's
+    // unsubscribes), and the 1,000-row update's new city (JustClick) for all but the row that
+    // opted out
+    assert_eq!(own, 150 * 2 + 2 * 2 + 1 + 1 + 999);
+    // a statement with a row at fault goes through the recording blocks (a subtransaction id
+    // each), and the rest of its rows are queued
+    sqlx::query("INSERT INTO users (email) VALUES ('ok@example.com'), ('not an address')")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let queued: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM contact_sync.jobs WHERE email = 'ok@example.com' AND xmin <> pg_current_xact_id()::xid",
+    )
+    .fetch_one(&mut *tx)
+    .await
+    .unwrap();
+    assert_eq!(
+        queued, 2,
+        "the good row of a statement with a bad one, once per account"
+    );
+    // more than the bound: one subtransaction id per account
+    sqlx::query("UPDATE users SET city = 'D' WHERE email LIKE 'x%'")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let ids: i64 = sqlx::query_scalar(
+        "SELECT count(DISTINCT xmin::text) FROM contact_sync.jobs WHERE payload ->> 'lead_city' = 'D'",
+    )
+    .fetch_one(&mut *tx)
+    .await
+    .unwrap();
+    assert_eq!(ids, 1, "the larger statement's jobs in one subtransaction");
+    tx.commit().await.unwrap();
+    let rejected: i64 = sqlx::query_scalar("SELECT count(*) FROM contact_sync.capture_rejections")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(rejected, 2, "the bad address, once per account");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bulk_update_and_concurrent_writers() {
     let (env, _config) = captured().await;
