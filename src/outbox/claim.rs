@@ -708,6 +708,17 @@ pub(crate) async fn requeue_next_or_leave_to_sweep(
     }
 }
 
+/// [`requeue_next_of`] once a completion is written, on one of the hot path's sessions: a
+/// failure is logged and left to the workers' sweep.
+pub(crate) async fn requeue_next_of_or_leave_to_sweep(
+    conn: &mut sqlx::PgConnection,
+    contact_keys: &[String],
+) {
+    if let Err(e) = requeue_next_sql(conn, &[], contact_keys, true).await {
+        tracing::debug!(error = %e, "could not bring back the next waiting jobs; the sweep will");
+    }
+}
+
 /// [`requeue_next`] for contacts named by key (the operator actions: what they cancelled may
 /// have been a contact's first pending job).
 pub async fn requeue_next_of(
@@ -737,8 +748,16 @@ async fn requeue_next_sql(
             WHERE j.id = ANY(ARRAY(SELECT unnest($1::bigint[])))
             UNION
             SELECT unnest($2::text[])
+        ), waiting AS (
+            -- most contacts have no waiting job: one probe of the waiting index (as small as
+            -- the jobs set waiting) says so, before the probes of the contact's pending and
+            -- running jobs
+            SELECT k.contact_key FROM keys k
+            WHERE EXISTS (SELECT 1 FROM contact_sync.jobs w
+                          WHERE w.contact_key = k.contact_key AND w.state = 'pending'
+                            AND w.waits_for IS NOT NULL)
         ), next AS (
-            SELECT f.id FROM keys k
+            SELECT f.id FROM waiting k
             CROSS JOIN LATERAL (SELECT j.id, j.waits_for FROM contact_sync.jobs j
                                 WHERE j.contact_key = k.contact_key AND j.state = 'pending'
                                 ORDER BY j.id LIMIT 1) f

@@ -88,9 +88,9 @@ pub async fn succeed_many(pool: &PgPool, items: &[Success]) -> Result<Written, s
         .all(|i| i.synced.is_none() && i.after_call.is_none())
     {
         let mut conn = pool.acquire().await?;
-        let written = write_successes(&mut conn, items).await?.written;
-        super::claim::requeue_next_or_leave_to_sweep(&mut conn, &written_ids(items), true).await;
-        return Ok(written);
+        let outcomes = write_successes(&mut conn, items).await?;
+        super::claim::requeue_next_of_or_leave_to_sweep(&mut conn, &outcomes.contact_keys).await;
+        return Ok(outcomes.written);
     }
     let mut tx = pool.begin().await?;
     if items.iter().any(|i| i.after_call.is_some()) {
@@ -105,6 +105,7 @@ pub async fn succeed_many(pool: &PgPool, items: &[Success]) -> Result<Written, s
         written,
         done,
         as_sent,
+        contact_keys,
     } = write_successes(&mut tx, items).await?;
     let calls: Vec<Delivered> = items
         .iter()
@@ -128,21 +129,12 @@ pub async fn succeed_many(pool: &PgPool, items: &[Success]) -> Result<Written, s
     super::doi::write_after_calls(&mut tx, &after_calls).await?;
     tx.commit().await?;
     let mut conn = pool.acquire().await?;
-    super::claim::requeue_next_or_leave_to_sweep(&mut conn, &written_ids(items), true).await;
+    super::claim::requeue_next_of_or_leave_to_sweep(&mut conn, &contact_keys).await;
     Ok(written)
 }
 
 /// How long a completion that writes the double-opt-in ledger waits for a lock.
 const LEDGER_LOCK_TIMEOUT: &str = "SET LOCAL lock_timeout = '20ms'";
-
-/// Every job a batch of successes may have written: the heads and their followers (what waits
-/// behind one is brought back; behind one still open, it is set waiting again by the next claim).
-fn written_ids(items: &[Success]) -> Vec<JobId> {
-    items
-        .iter()
-        .flat_map(|i| std::iter::once(i.lease.id).chain(i.followers.iter().map(|f| f.id)))
-        .collect()
-}
 
 /// What [`write_successes`] did.
 struct Outcomes {
@@ -152,6 +144,10 @@ struct Outcomes {
     done: HashSet<Lease>,
     /// Those that ended `succeeded` (the change delivered was the change recorded).
     as_sent: HashSet<Lease>,
+    /// The contacts of the heads it wrote (and so of their followers), once each: what waits
+    /// behind them is brought back (behind one still open, it is set waiting again by the next
+    /// claim).
+    contact_keys: Vec<String>,
 }
 
 /// The statement of [`succeed_many`].
@@ -183,7 +179,7 @@ async fn write_successes(
             follower_md5.push(f.sent_md5.as_str());
         }
     }
-    let rows: Vec<(JobId, Option<i32>, bool, bool)> = sqlx::query_as(
+    let rows: Vec<(JobId, Option<i32>, bool, bool, Option<String>)> = sqlx::query_as(
         // language=PostgreSQL
         r#"
         WITH t AS (
@@ -292,9 +288,9 @@ async fn write_successes(
               AND f.job_id <> ALL(ARRAY(SELECT s.id FROM done s WHERE s.sets_status))
             RETURNING f.job_id
         )
-        SELECT id, attempts, true, as_sent FROM done
+        SELECT id, attempts, true, as_sent, contact_key FROM done
         UNION ALL
-        SELECT id, NULL, false, false FROM held
+        SELECT id, NULL, false, false, NULL FROM held
         "#,
     )
     .bind(&ids)
@@ -310,8 +306,15 @@ async fn write_successes(
     .fetch_all(&mut *conn)
     .await?;
     let done: HashSet<JobId> = rows.iter().filter(|r| r.2).map(|r| r.0).collect();
-    let lease =
-        |r: &(JobId, Option<i32>, bool, bool)| r.1.map(|attempt| Lease { id: r.0, attempt });
+    let lease = |r: &(JobId, Option<i32>, bool, bool, Option<String>)| {
+        r.1.map(|attempt| Lease { id: r.0, attempt })
+    };
+    let contact_keys: Vec<String> = rows
+        .iter()
+        .filter_map(|r| r.4.clone())
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
     let done_leases: HashSet<Lease> = rows.iter().filter(|r| r.2).filter_map(lease).collect();
     let as_sent: HashSet<Lease> = rows.iter().filter(|r| r.3).filter_map(lease).collect();
     let held: HashSet<JobId> = rows.iter().filter(|r| !r.2).map(|r| r.0).collect();
@@ -327,6 +330,7 @@ async fn write_successes(
         written,
         done: done_leases,
         as_sent,
+        contact_keys,
     })
 }
 
