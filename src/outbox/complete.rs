@@ -150,6 +150,17 @@ struct Outcomes {
     contact_keys: Vec<String>,
 }
 
+/// A row of [`write_successes`]'s statement: a head written (`succeeded`, or back to `pending`
+/// when changed in flight), or one held by another transaction (`written` false).
+#[derive(sqlx::FromRow)]
+struct WrittenRow {
+    id: JobId,
+    attempts: Option<i32>,
+    written: bool,
+    as_sent: bool,
+    contact_key: Option<String>,
+}
+
 /// The statement of [`succeed_many`].
 async fn write_successes(
     conn: &mut sqlx::PgConnection,
@@ -179,7 +190,7 @@ async fn write_successes(
             follower_md5.push(f.sent_md5.as_str());
         }
     }
-    let rows: Vec<(JobId, Option<i32>, bool, bool, Option<String>)> = sqlx::query_as(
+    let rows: Vec<WrittenRow> = sqlx::query_as(
         // language=PostgreSQL
         r#"
         WITH t AS (
@@ -288,7 +299,7 @@ async fn write_successes(
               AND f.job_id <> ALL(ARRAY(SELECT s.id FROM done s WHERE s.sets_status))
             RETURNING f.job_id
         )
-        SELECT id, attempts, true, as_sent, contact_key FROM done
+        SELECT id, attempts, true AS written, as_sent, contact_key FROM done
         UNION ALL
         SELECT id, NULL, false, false, NULL FROM held
         "#,
@@ -305,19 +316,25 @@ async fn write_successes(
     .bind(&follower_md5)
     .fetch_all(&mut *conn)
     .await?;
-    let done: HashSet<JobId> = rows.iter().filter(|r| r.2).map(|r| r.0).collect();
-    let lease = |r: &(JobId, Option<i32>, bool, bool, Option<String>)| {
-        r.1.map(|attempt| Lease { id: r.0, attempt })
-    };
+    let done: HashSet<JobId> = rows.iter().filter(|r| r.written).map(|r| r.id).collect();
+    let lease = |r: &WrittenRow| r.attempts.map(|attempt| Lease { id: r.id, attempt });
     let contact_keys: Vec<String> = rows
         .iter()
-        .filter_map(|r| r.4.clone())
+        .filter_map(|r| r.contact_key.clone())
         .collect::<std::collections::BTreeSet<_>>()
         .into_iter()
         .collect();
-    let done_leases: HashSet<Lease> = rows.iter().filter(|r| r.2).filter_map(lease).collect();
-    let as_sent: HashSet<Lease> = rows.iter().filter(|r| r.3).filter_map(lease).collect();
-    let held: HashSet<JobId> = rows.iter().filter(|r| !r.2).map(|r| r.0).collect();
+    let done_leases: HashSet<Lease> = rows
+        .iter()
+        .filter(|r| r.written)
+        .filter_map(lease)
+        .collect();
+    let as_sent: HashSet<Lease> = rows
+        .iter()
+        .filter(|r| r.as_sent)
+        .filter_map(lease)
+        .collect();
+    let held: HashSet<JobId> = rows.iter().filter(|r| !r.written).map(|r| r.id).collect();
     let written = Written {
         lost: ids
             .iter()

@@ -278,9 +278,14 @@ impl Fleet {
     }
 }
 
+/// How often [`drained`] looks.
+const DRAINED_POLL: Duration = Duration::from_millis(250);
+
 /// Waits until every job of the benchmark's accounts is finished and `expected` more have
-/// finished than `before` (polled every 50 ms: a cheap probe, but one that reads the ready
-/// contacts' index, whose cost would show in Postgres's share if it ran more often).
+/// finished than `before`. Polled every [`DRAINED_POLL`]: the probe reads the front of the
+/// ready index, where the entries of the jobs just claimed are, and took about 2.8 ms a call
+/// during a drain of 100,000 jobs; every 50 ms, that was 3 µs of the Postgres CPU per job the
+/// bench reports. The drain's time is the last job's `finished_at`, not when this notices.
 pub(crate) async fn drained(
     pool: &PgPool,
     fleet: &mut Fleet,
@@ -302,7 +307,7 @@ pub(crate) async fn drained(
         if Instant::now() > deadline {
             bail!("the backlog was not drained within 30 minutes");
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(DRAINED_POLL).await;
     }
 }
 
