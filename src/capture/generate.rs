@@ -117,7 +117,9 @@ pub fn install_sql(
         for (target, watched) in &blocks {
             fallback.push_str(&target_block(name, source, operation, target, watched));
         }
-        body.push_str(&small_statement_sql(source, operation, &blocks, &fallback));
+        body.push_str(&small_statement_sql(
+            name, source, operation, &blocks, &fallback,
+        ));
         write!(
             sql,
             "\nCREATE OR REPLACE FUNCTION {function}() RETURNS trigger\n\
@@ -301,7 +303,9 @@ fn changed_sql(source: &SourceSettings, watched: &Option<Vec<String>>) -> String
             };
             format!("ROW({}) IS DISTINCT FROM ROW({})", list("o"), list("n"))
         }
-        None => "o IS DISTINCT FROM n".to_string(),
+        // (qualified whole rows, compared as text: a column named `o` or `n` would make the
+        // bare aliases ambiguous, and a json column has no equality)
+        None => "ROW(o.*)::text IS DISTINCT FROM ROW(n.*)::text".to_string(),
     };
     format!(
         "SELECT coalesce(n.{key}, o.{key}) AS k FROM old_rows o FULL JOIN new_rows n ON n.{key} = o.{key}\n\
@@ -417,6 +421,7 @@ fn all_changes_sql(
 /// through `fallback` (the targets' blocks: each inserts in a subtransaction of its own, and
 /// records the rows at fault).
 fn small_statement_sql(
+    name: &str,
     source: &SourceSettings,
     operation: &str,
     targets: &[(&Target, Option<Vec<String>>)],
@@ -496,15 +501,20 @@ fn small_statement_sql(
          \x20       IF _cs_accounts IS NOT NULL THEN\n\
          \x20           -- (a plan kept for the session: nothing in it depends on the arrays' values)\n\
          \x20           PERFORM set_config('plan_cache_mode', 'force_generic_plan', true);\n\
+         \x20           -- (jobs the insert's own check refuses after all are taken out again and the\n\
+         \x20           -- statement recorded as not captured: the application's statement goes on)\n\
+         \x20           PERFORM set_config('contact_sync.capture', {marker}, true);\n\
          \x20           INSERT INTO contact_sync.jobs (provider, account, email, payload)\n\
          \x20           SELECT CASE u.account {provider_of} END, u.account, u.email, u.payload\n\
          \x20           FROM unnest(_cs_accounts, _cs_emails, _cs_payloads) WITH ORDINALITY AS u(account, email, payload, i)\n\
          \x20           ORDER BY u.i;\n\
+         \x20           PERFORM set_config('contact_sync.capture', '', true);\n\
          \x20       END IF;\n\
          \x20   ELSE\n\
          {fallback}\
          \x20   END IF;\n",
         collect = indent(&collect, 8),
+        marker = literal(&format!("{name}:{operation}")),
         fallback = indent(fallback, 4),
     )
 }

@@ -120,10 +120,10 @@ pub async fn run_worker(
     }
 }
 
-/// The `application_name` of a worker process's sessions (`pg_stat_activity`).
 /// The longest a worker's statement waits for a row lock before it fails (and is tried again).
 pub const WORKER_LOCK_TIMEOUT: &str = "5s";
 
+/// The `application_name` of a worker process's sessions (`pg_stat_activity`).
 pub fn worker_application_name(pid: u32) -> String {
     format!("contact-sync worker {pid}")
 }

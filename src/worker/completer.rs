@@ -168,14 +168,9 @@ fn forget(shared: &Shared, done: &[Completion]) {
     }
 }
 
-/// A database error about the data itself (it will fail the same way again), as opposed to a
-/// connection or pool problem.
-fn is_data_error(e: &sqlx::Error) -> bool {
-    matches!(e, sqlx::Error::Database(_))
-}
-
 /// Writes a batch; returns (written or lost, to keep for another round, whether the database
-/// could be reached).
+/// took writes: false when it could not be reached or could not take one now, as opposed to
+/// refusing an outcome for what it holds).
 async fn write(
     shared: &Shared,
     batch: Vec<Completion>,
@@ -202,8 +197,10 @@ async fn write(
             )
         });
     let mut groups: Vec<Vec<Completion>> = vec![plain, ledger];
-    // the database cannot be reached: the rest of the round is kept without trying, so that a
-    // round (and a shutdown) waits for one connection attempt, not one per outcome
+    // the database cannot be reached, or cannot take writes now (shutting down, too many
+    // connections, read-only, a serialization failure: `outbox::is_permanent` is false): the
+    // rest of the round is kept without trying, so that a round (and a shutdown) waits for one
+    // attempt, not one per outcome
     let mut unreachable = false;
     while let Some(group) = groups.pop() {
         if group.is_empty() {
@@ -261,13 +258,16 @@ async fn write(
                 tracing::info!(jobs = ?group.iter().map(|c| c.lease.id).collect::<Vec<_>>(), "a double-opt-in ledger row of this call is held by another transaction; its outcome is written once it is free");
                 unwritten.extend(group);
             }
-            Err(e) if is_data_error(&e) && group.len() > 1 => {
+            // (a batch the database refused for what it holds is split, to find the outcome at
+            // fault; one it could not take now (shutting down, too many connections, a
+            // serialization failure) is kept whole for the next round)
+            Err(e) if is_permanent(&e) && group.len() > 1 => {
                 tracing::warn!(error = %e, jobs = group.len(), "the database refused a batch of outcomes; writing them one by one");
                 groups.extend(group.into_iter().map(|c| vec![c]));
             }
             Err(e) => {
                 tracing::error!(error = %e, jobs = group.len(), "could not record delivered jobs; keeping their leases and trying again");
-                unreachable |= !is_data_error(&e);
+                unreachable |= !is_permanent(&e);
                 unwritten.extend(group);
             }
         }
@@ -298,7 +298,7 @@ async fn write(
                 }
                 Err(e) => {
                     tracing::warn!(job_id = c.lease.id, error = %e, "could not record that a call got no answer (the provider may hold it or not); keeping its outcome and trying again");
-                    unreachable |= !is_data_error(&e);
+                    unreachable |= !is_permanent(&e);
                     unwritten.push(c);
                     continue;
                 }
@@ -372,7 +372,7 @@ async fn write(
             }
             Err(e) => {
                 tracing::error!(job_id = c.lease.id, error = %e, "could not record the outcome; keeping the lease and trying again");
-                unreachable |= !is_data_error(&e);
+                unreachable |= !is_permanent(&e);
                 unwritten.push(c);
             }
         }

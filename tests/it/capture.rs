@@ -654,6 +654,120 @@ async fn many_captured_statements_in_one_transaction_take_no_subtransaction_ids(
     assert_eq!(rejected, 2, "the bad address, once per account");
 }
 
+/// A small statement's jobs pass the capture's check, then fail the insert's own check (an
+/// account given another provider in between; a function in the table's schema that the
+/// capture's search path finds and the insert's does not): the application's statement still
+/// commits; its jobs are taken out and the statement is recorded as not captured, as drift is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_the_insert_refuses_after_the_capture_checked_them_never_fail_the_write() {
+    let (env, _config) = captured().await;
+    exec(
+        &env,
+        "INSERT INTO contact_sync.accounts (account, provider) VALUES ('jc', 'justclick'), ('sl', 'smartlink')
+         ON CONFLICT (account) DO UPDATE SET provider = EXCLUDED.provider",
+    )
+    .await;
+    let failures = |reason: &'static str| {
+        let pool = env.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(
+                "SELECT count(*) FROM contact_sync.capture_failures WHERE error LIKE '%' || $1 || '%'",
+            )
+            .bind(reason)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+
+    // 1. the account's provider changes between the capture's check and the insert: the insert
+    //    waits behind a lock the change's transaction holds, then sees the new provider
+    let mut change = env.pool.begin().await.unwrap();
+    sqlx::query("UPDATE contact_sync.accounts SET provider = 'smartlink' WHERE account = 'jc'")
+        .execute(&mut *change)
+        .await
+        .unwrap();
+    sqlx::query("LOCK TABLE contact_sync.jobs IN SHARE MODE")
+        .execute(&mut *change)
+        .await
+        .unwrap();
+    let pool = env.pool.clone();
+    let write = tokio::spawn(async move {
+        sqlx::query(
+            "INSERT INTO users (email, first_name, city) VALUES ('race@example.com', 'R', 'Oslo')",
+        )
+        .execute(&pool)
+        .await
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!write.is_finished(), "the insert should wait for the lock");
+    change.commit().await.unwrap();
+    write
+        .await
+        .unwrap()
+        .expect("the application's write commits");
+    assert_eq!(failures("is a smartlink account, not justclick").await, 1);
+    let queued: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM contact_sync.jobs WHERE email = 'race@example.com'",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(queued, 0, "the statement's jobs were taken out");
+    exec(
+        &env,
+        "UPDATE contact_sync.accounts SET provider = 'justclick' WHERE account = 'jc'",
+    )
+    .await;
+
+    // 2. a look-alike function in the table's schema makes the capture's check pass a value the
+    //    insert's check (pg_catalog first) refuses
+    exec(
+        &env,
+        "CREATE FUNCTION public.jsonb_path_exists(j jsonb, path text) RETURNS boolean
+         LANGUAGE sql IMMUTABLE AS $$ SELECT false $$",
+    )
+    .await;
+    exec(
+        &env,
+        "INSERT INTO users (email, first_name, plan) VALUES ('alike@example.com', 'A', repeat('x', 1001))",
+    )
+    .await;
+    assert_eq!(failures("longer than 1000 characters").await, 1);
+    let queued: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM contact_sync.jobs WHERE email = 'alike@example.com'",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(queued, 0);
+    // an insert that is not a capture's fails as before, with the same error
+    let err = sqlx::query(
+        "SELECT contact_sync.enqueue('smartlink', 'sl', 'x@example.com', jsonb_build_object('attributes', jsonb_build_object('plan', repeat('x', 1001))))",
+    )
+    .execute(&env.pool)
+    .await
+    .unwrap_err();
+    assert!(
+        err.to_string().contains("longer than 1000 characters"),
+        "{err}"
+    );
+    // and the capture goes on for the next statements
+    exec(&env, "DROP FUNCTION public.jsonb_path_exists(jsonb, text)").await;
+    exec(
+        &env,
+        "INSERT INTO users (email, first_name) VALUES ('after@example.com', 'B')",
+    )
+    .await;
+    let queued: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM contact_sync.jobs WHERE email = 'after@example.com'",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(queued, 2);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bulk_update_and_concurrent_writers() {
     let (env, _config) = captured().await;

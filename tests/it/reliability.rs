@@ -125,6 +125,82 @@ async fn kill_9_mid_run_loses_nothing() {
     assert_eq!(env.sandbox.stats().max_in_flight_per_contact, 1);
 }
 
+/// A worker's sessions cut again and again while it delivers (an administrator's
+/// `pg_terminate_backend`, a pooler or a failover closing connections: SQLSTATE 57P01 or a
+/// closed socket): the outcomes the cut interrupted are kept and written once a session is
+/// back, every contact ends with its final value, only calls in flight at a cut are repeated,
+/// never two at once for a contact, and the worker keeps running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn terminated_sessions_lose_nothing() {
+    let mut env = TestEnv::new().await;
+    env.settings.worker.concurrency = 64;
+    env.settings.worker.lease = Duration::from_secs(2);
+    let config = env.config_file("");
+    env.sandbox.faults().set_delay(Duration::from_millis(25));
+    let total = 4000;
+    let jobs: Vec<NewJob> = (0..total)
+        .map(|i| {
+            if i % 2 == 0 {
+                jc(
+                    &format!("t{i}@example.com"),
+                    json!({"lead_name": format!("final {i}")}),
+                )
+            } else {
+                sl(
+                    &format!("t{i}@example.com"),
+                    json!({"attributes": {"v": format!("final {i}")}}),
+                )
+            }
+        })
+        .collect();
+    env.enqueue_many(&jobs).await;
+    let mut worker = env.spawn_quiet(&config, &["run"]);
+    // (the worker's sessions' application_name: `cli::daemon::worker_application_name`)
+    let app = format!("contact-sync worker {}", worker.id().expect("running"));
+    let until = Instant::now() + Duration::from_secs(120);
+    let (mut cut, mut rounds) = (0i64, 0);
+    while count_where(&env, "state = 'succeeded'").await < total as i64 {
+        assert!(
+            Instant::now() < until,
+            "not delivered within 120 s ({cut} sessions cut)"
+        );
+        assert!(worker.try_wait().unwrap().is_none(), "the worker exited");
+        let now = sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                                   WHERE datname = current_database() AND application_name = $1) t",
+        )
+        .bind(&app)
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+        cut += now;
+        rounds += usize::from(now > 0);
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    assert!(
+        rounds >= 5,
+        "sessions cut {rounds} times ({cut} in all): the drain was too quick to test anything"
+    );
+    sigterm(&worker);
+    assert!(worker.wait().await.unwrap().success());
+    assert_eq!(count_where(&env, "state <> 'succeeded'").await, 0);
+    for (i, job) in jobs.iter().enumerate() {
+        let (provider, account) = if i % 2 == 0 {
+            ("justclick", JC_LOGIN)
+        } else {
+            ("smartlink", SL_GAME)
+        };
+        let c = env.sandbox.contact(provider, account, &job.email).unwrap();
+        let value = if i % 2 == 0 {
+            c.fields["lead_name"].clone()
+        } else {
+            c.fields["attributes"]["v"].clone()
+        };
+        assert_eq!(value, json!(format!("final {i}")));
+    }
+    assert_eq!(env.sandbox.stats().max_in_flight_per_contact, 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_restarts_fast_and_immediate_lose_nothing() {
     // its own cluster: restarting the shared one would cut every other test's connections

@@ -1,0 +1,79 @@
+-- A captured statement never fails at the jobs' insert.
+--
+-- A captured statement of at most 1,000 rows is checked by the capture function, then its jobs
+-- are inserted in the application's own transaction, outside any exception block (so that it
+-- takes no subtransaction id). The insert trigger checks the rows again. Anything that makes the
+-- two checks disagree would have failed the application's statement: an account given another
+-- provider by a concurrent registration between the two, a function in the table's schema that
+-- the capture's search path finds and the trigger's does not, a session setting
+-- (standard_conforming_strings) changed between the plans each one keeps.
+--
+-- The insert trigger now runs its checks in an exception block. An insert made by a capture
+-- function (which sets contact_sync.capture to "source:operation" around it) whose rows fail a
+-- check there has its jobs deleted again and the statement recorded in
+-- contact_sync.capture_failures, as a mapping that no longer fits is: capture verify and status
+-- report it, and a backfill resyncs. Any other insert fails as before, with the same error. A
+-- block that writes nothing takes no transaction id.
+--
+-- Only a function definition changes. A worker of the build before keeps working against it.
+CREATE OR REPLACE FUNCTION contact_sync.jobs_after_insert() RETURNS trigger
+    LANGUAGE plpgsql
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    SET plan_cache_mode TO 'force_generic_plan'
+    SET enable_seqscan TO 'off'
+    SET jit TO 'off'
+    AS $$
+DECLARE
+    v_not_all_justclick boolean;
+    v_not_all_smartlink boolean;
+    v_providers jsonb;
+    -- set by a capture function around its insert: "source:operation"
+    v_capture text := coalesce(current_setting('contact_sync.capture', true), '');
+BEGIN
+    SELECT bool_or(n.provider IS DISTINCT FROM 'justclick'), bool_or(n.provider IS DISTINCT FROM 'smartlink')
+    INTO v_not_all_justclick, v_not_all_smartlink
+    FROM new_jobs n;
+    IF v_not_all_justclick IS NULL THEN
+        RETURN NULL;  -- an insert of no rows
+    END IF;
+    BEGIN
+        -- the providers of the statement's own accounts, each probed by its key, once: no plan reads
+        -- the accounts table whole or once per row
+        v_providers := (SELECT jsonb_object_agg(a.account, a.provider) FROM contact_sync.accounts a
+                        WHERE a.account = ANY (ARRAY(SELECT DISTINCT n.account FROM new_jobs n))
+                          AND a.provider IS NOT NULL);
+        PERFORM contact_sync.reject(
+            format('contact_sync: account %s is a %s account, not %s', quote_literal(n.account), v_providers ->> n.account, n.provider),
+            format('enqueue it with provider %s, or name one of the %s accounts', quote_literal(v_providers ->> n.account), n.provider),
+            to_jsonb(n.id))
+        FROM new_jobs n
+        WHERE (v_providers ->> n.account) <> n.provider;
+        IF NOT v_not_all_justclick THEN
+            PERFORM 1 FROM new_jobs n WHERE NOT contact_sync.validate_job('justclick', n.email, n.payload);
+        ELSIF NOT v_not_all_smartlink THEN
+            PERFORM 1 FROM new_jobs n WHERE NOT contact_sync.validate_job('smartlink', n.email, n.payload);
+        ELSE
+            PERFORM 1 FROM new_jobs n WHERE NOT contact_sync.validate_job(n.provider, n.email, n.payload);
+        END IF;
+        PERFORM contact_sync.reject('contact_sync: run_at must be a finite time, got ' || n.run_at::text,
+                                    'pass a timestamp (or omit run_at for now)', to_jsonb(n.id))
+        FROM new_jobs n WHERE NOT isfinite(n.run_at);
+    EXCEPTION WHEN others THEN
+        IF v_capture = '' OR NOT (SQLSTATE LIKE '22%' OR SQLSTATE LIKE '23%' OR SQLSTATE LIKE '42%') THEN
+            RAISE;
+        END IF;
+        -- A captured statement's jobs, checked by the capture an instant before, that fail
+        -- here (an account given another provider in between, a session setting or a function
+        -- that reads the check differently): the application's statement must not fail, so its
+        -- jobs are taken out and the statement recorded as not captured (a backfill resyncs).
+        DELETE FROM contact_sync.jobs j WHERE j.id = ANY (ARRAY(SELECT n.id FROM new_jobs n));
+        INSERT INTO contact_sync.capture_failures (source, operation, sqlstate, error, row_count)
+        VALUES (split_part(v_capture, ':', 1), split_part(v_capture, ':', 2), SQLSTATE,
+                'its jobs failed the insert''s check after the capture''s own: ' || SQLERRM,
+                (SELECT count(*) FROM new_jobs));
+        RETURN NULL;
+    END;
+    PERFORM pg_notify('contact_sync_jobs', '');
+    RETURN NULL;
+END
+$$;
