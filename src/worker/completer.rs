@@ -18,7 +18,7 @@ use super::Shared;
 use crate::metrics::{self as m, JobEvent};
 use crate::outbox::complete::{self, Success, Write};
 use crate::outbox::synced;
-use crate::outbox::{is_lock_timeout, is_permanent, JobState};
+use crate::outbox::{is_lock_timeout, is_permanent, is_transient, JobState};
 use std::collections::HashSet;
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -197,10 +197,10 @@ async fn write(
             )
         });
     let mut groups: Vec<Vec<Completion>> = vec![plain, ledger];
-    // the database cannot be reached, or cannot take writes now (shutting down, too many
-    // connections, read-only, a serialization failure: `outbox::is_permanent` is false): the
-    // rest of the round is kept without trying, so that a round (and a shutdown) waits for one
-    // attempt, not one per outcome
+    // the database cannot be reached, or cannot take writes now (`outbox::is_transient`:
+    // shutting down, too many connections, read-only, a serialization failure): the rest of the
+    // round is kept without trying, so that a round (and a shutdown) waits for one attempt, not
+    // one per outcome
     let mut unreachable = false;
     while let Some(group) = groups.pop() {
         if group.is_empty() {
@@ -261,13 +261,13 @@ async fn write(
             // (a batch the database refused for what it holds is split, to find the outcome at
             // fault; one it could not take now (shutting down, too many connections, a
             // serialization failure) is kept whole for the next round)
-            Err(e) if is_permanent(&e) && group.len() > 1 => {
+            Err(e) if !is_transient(&e) && group.len() > 1 => {
                 tracing::warn!(error = %e, jobs = group.len(), "the database refused a batch of outcomes; writing them one by one");
                 groups.extend(group.into_iter().map(|c| vec![c]));
             }
             Err(e) => {
                 tracing::error!(error = %e, jobs = group.len(), "could not record delivered jobs; keeping their leases and trying again");
-                unreachable |= !is_permanent(&e);
+                unreachable |= is_transient(&e);
                 unwritten.extend(group);
             }
         }
@@ -298,7 +298,7 @@ async fn write(
                 }
                 Err(e) => {
                     tracing::warn!(job_id = c.lease.id, error = %e, "could not record that a call got no answer (the provider may hold it or not); keeping its outcome and trying again");
-                    unreachable |= !is_permanent(&e);
+                    unreachable |= is_transient(&e);
                     unwritten.push(c);
                     continue;
                 }
@@ -372,7 +372,7 @@ async fn write(
             }
             Err(e) => {
                 tracing::error!(job_id = c.lease.id, error = %e, "could not record the outcome; keeping the lease and trying again");
-                unreachable |= !is_permanent(&e);
+                unreachable |= is_transient(&e);
                 unwritten.push(c);
             }
         }
