@@ -51,6 +51,53 @@ async fn count_where(env: &TestEnv, condition: &str) -> i64 {
     .unwrap()
 }
 
+/// `n` changes of distinct contacts, JustClick and Smartlink alternating, each carrying
+/// `final {i}`: what the providers must end with.
+fn alternating_jobs(prefix: &str, n: usize) -> Vec<NewJob> {
+    (0..n)
+        .map(|i| {
+            if i % 2 == 0 {
+                jc(
+                    &format!("{prefix}{i}@example.com"),
+                    json!({"lead_name": format!("final {i}")}),
+                )
+            } else {
+                sl(
+                    &format!("{prefix}{i}@example.com"),
+                    json!({"attributes": {"v": format!("final {i}")}}),
+                )
+            }
+        })
+        .collect()
+}
+
+/// Every contact of [`alternating_jobs`] holds its final value; `repeated` says whether a
+/// contact's change may have been delivered more than once.
+fn assert_final_values(env: &TestEnv, jobs: &[NewJob], repeated: impl Fn(&str) -> bool) {
+    for (i, job) in jobs.iter().enumerate() {
+        let (provider, account) = if i % 2 == 0 {
+            ("justclick", JC_LOGIN)
+        } else {
+            ("smartlink", SL_GAME)
+        };
+        let c = env.sandbox.contact(provider, account, &job.email).unwrap();
+        let value = if i % 2 == 0 {
+            c.fields["lead_name"].clone()
+        } else {
+            c.fields["attributes"]["v"].clone()
+        };
+        assert_eq!(value, json!(format!("final {i}")));
+        if c.updates > 1 {
+            assert!(
+                repeated(&job.email.to_lowercase()),
+                "{} delivered twice but was not in flight",
+                job.email
+            );
+        }
+    }
+    assert_eq!(env.sandbox.stats().max_in_flight_per_contact, 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_mid_run_loses_nothing() {
     let mut env = TestEnv::new().await;
@@ -58,21 +105,7 @@ async fn kill_9_mid_run_loses_nothing() {
     env.settings.worker.lease = Duration::from_secs(2);
     let config = env.config_file("");
     env.sandbox.faults().set_delay(Duration::from_millis(20));
-    let jobs: Vec<NewJob> = (0..5000)
-        .map(|i| {
-            if i % 2 == 0 {
-                jc(
-                    &format!("k{i}@example.com"),
-                    json!({"lead_name": format!("final {i}")}),
-                )
-            } else {
-                sl(
-                    &format!("k{i}@example.com"),
-                    json!({"attributes": {"v": format!("final {i}")}}),
-                )
-            }
-        })
-        .collect();
+    let jobs = alternating_jobs("k", 5000);
     env.enqueue_many(&jobs).await;
     let mut first = env.spawn_quiet(&config, &["run"]);
     wait_until(Duration::from_secs(60), || async {
@@ -101,28 +134,7 @@ async fn kill_9_mid_run_loses_nothing() {
     assert!(second.wait().await.unwrap().success());
     assert_eq!(count_where(&env, "state = 'running'").await, 0);
     // every contact has its final value; only calls in flight at the kill were repeated
-    for (i, job) in jobs.iter().enumerate() {
-        let (provider, account) = if i % 2 == 0 {
-            ("justclick", JC_LOGIN)
-        } else {
-            ("smartlink", SL_GAME)
-        };
-        let c = env.sandbox.contact(provider, account, &job.email).unwrap();
-        let value = if i % 2 == 0 {
-            c.fields["lead_name"].clone()
-        } else {
-            c.fields["attributes"]["v"].clone()
-        };
-        assert_eq!(value, json!(format!("final {i}")));
-        if c.updates > 1 {
-            assert!(
-                in_flight.contains(&job.email.to_lowercase()),
-                "{} delivered twice but was not in flight",
-                job.email
-            );
-        }
-    }
-    assert_eq!(env.sandbox.stats().max_in_flight_per_contact, 1);
+    assert_final_values(&env, &jobs, |email| in_flight.contains(email));
 }
 
 /// A worker's sessions cut again and again while it delivers (an administrator's
@@ -138,21 +150,7 @@ async fn terminated_sessions_lose_nothing() {
     let config = env.config_file("");
     env.sandbox.faults().set_delay(Duration::from_millis(25));
     let total = 4000;
-    let jobs: Vec<NewJob> = (0..total)
-        .map(|i| {
-            if i % 2 == 0 {
-                jc(
-                    &format!("t{i}@example.com"),
-                    json!({"lead_name": format!("final {i}")}),
-                )
-            } else {
-                sl(
-                    &format!("t{i}@example.com"),
-                    json!({"attributes": {"v": format!("final {i}")}}),
-                )
-            }
-        })
-        .collect();
+    let jobs = alternating_jobs("t", total);
     env.enqueue_many(&jobs).await;
     let mut worker = env.spawn_quiet(&config, &["run"]);
     // (the worker's sessions' application_name: `cli::daemon::worker_application_name`)
@@ -184,21 +182,8 @@ async fn terminated_sessions_lose_nothing() {
     sigterm(&worker);
     assert!(worker.wait().await.unwrap().success());
     assert_eq!(count_where(&env, "state <> 'succeeded'").await, 0);
-    for (i, job) in jobs.iter().enumerate() {
-        let (provider, account) = if i % 2 == 0 {
-            ("justclick", JC_LOGIN)
-        } else {
-            ("smartlink", SL_GAME)
-        };
-        let c = env.sandbox.contact(provider, account, &job.email).unwrap();
-        let value = if i % 2 == 0 {
-            c.fields["lead_name"].clone()
-        } else {
-            c.fields["attributes"]["v"].clone()
-        };
-        assert_eq!(value, json!(format!("final {i}")));
-    }
-    assert_eq!(env.sandbox.stats().max_in_flight_per_contact, 1);
+    // (calls in flight at a cut may be repeated: their outcomes may not have been written)
+    assert_final_values(&env, &jobs, |_| true);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
