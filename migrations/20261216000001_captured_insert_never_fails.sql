@@ -9,7 +9,9 @@
 -- (standard_conforming_strings) changed between the plans each one keeps.
 --
 -- The insert trigger now runs its checks in an exception block. An insert made by a capture
--- function (which sets contact_sync.capture to "source:operation" around it) whose rows fail a
+-- function (which sets contact_sync.capture to "source:operation:rows" around it; heeded only
+-- in an insert made by a trigger, pg_trigger_depth() > 1, so that a session setting it by hand
+-- changes nothing for its own inserts) whose rows fail a
 -- check there has its jobs deleted again and the statement recorded in
 -- contact_sync.capture_failures, as a mapping that no longer fits is: capture verify and status
 -- report it, and a backfill resyncs. Any other insert fails as before, with the same error. A
@@ -27,8 +29,11 @@ DECLARE
     v_not_all_justclick boolean;
     v_not_all_smartlink boolean;
     v_providers jsonb;
-    -- set by a capture function around its insert: "source:operation"
-    v_capture text := coalesce(current_setting('contact_sync.capture', true), '');
+    -- set by a capture function around its insert ("source:operation:rows"), heeded only in a
+    -- trigger's insert (a statement of the application itself, where a session could have set
+    -- it by hand, fails as it always did)
+    v_capture text := CASE WHEN pg_trigger_depth() > 1
+                           THEN coalesce(current_setting('contact_sync.capture', true), '') ELSE '' END;
 BEGIN
     SELECT bool_or(n.provider IS DISTINCT FROM 'justclick'), bool_or(n.provider IS DISTINCT FROM 'smartlink')
     INTO v_not_all_justclick, v_not_all_smartlink
@@ -70,7 +75,7 @@ BEGIN
         INSERT INTO contact_sync.capture_failures (source, operation, sqlstate, error, row_count)
         VALUES (split_part(v_capture, ':', 1), split_part(v_capture, ':', 2), SQLSTATE,
                 'its jobs failed the insert''s check after the capture''s own: ' || SQLERRM,
-                (SELECT count(*) FROM new_jobs));
+                coalesce(nullif(split_part(v_capture, ':', 3), '')::bigint, (SELECT count(*) FROM new_jobs)));
         RETURN NULL;
     END;
     PERFORM pg_notify('contact_sync_jobs', '');

@@ -130,7 +130,7 @@ pub fn install_sql(
              SET jit = off\n\
              AS $contact_sync_capture$\n\
              DECLARE\n    _cs_keys text[];\n    _cs_stack int[];\n    _cs_lo int;\n    _cs_hi int;\n    _cs_mid int;\n\
-             \x20   _cs_small boolean;\n    _cs_accounts text[];\n    _cs_emails text[];\n    _cs_payloads jsonb[];\n\
+             \x20   _cs_small boolean;\n    _cs_rows bigint;\n    _cs_accounts text[];\n    _cs_emails text[];\n    _cs_payloads jsonb[];\n\
              \x20   _cs_work_mem text := current_setting('work_mem');\n\
              BEGIN\n\
              \x20   -- (at least {WORK_MEM} for the comparisons, the session's own again on the way out)\n\
@@ -457,15 +457,16 @@ fn small_statement_sql(
         "new_rows"
     };
     // (the bound tested where the rows are read: a larger statement reads nothing here)
-    let small = format!(
-        "(SELECT count(*) FROM (SELECT FROM {rows} LIMIT {}) s) <= {SMALL_STATEMENT_ROWS}",
+    let count = format!(
+        "(SELECT count(*) FROM (SELECT FROM {rows} LIMIT {}) s)",
         SMALL_STATEMENT_ROWS + 1
     );
+    let small = format!("{count} <= {SMALL_STATEMENT_ROWS}");
     let collect = format!(
-        "SELECT {small},\n\
+        "SELECT {count},\n\
          \x20      array_agg(x.account ORDER BY x.t, x.seq, x.k), array_agg(x.email ORDER BY x.t, x.seq, x.k),\n\
          \x20      array_agg(x.payload ORDER BY x.t, x.seq, x.k)\n\
-         INTO _cs_small, _cs_accounts, _cs_emails, _cs_payloads\n\
+         INTO _cs_rows, _cs_accounts, _cs_emails, _cs_payloads\n\
          FROM (\n{}\n) x\n\
          WHERE {small}\n\
          \x20 AND CASE WHEN x.payload - 'modify_ts' <> '{{}}'::jsonb THEN contact_sync.validate_job(x.provider, x.email, x.payload) ELSE false END;\n\
@@ -491,6 +492,7 @@ fn small_statement_sql(
          \x20   -- application's own transaction (no subtransaction id: see SMALL_STATEMENT_ROWS)\n\
          \x20   BEGIN\n\
          {collect}\
+         \x20       _cs_small := _cs_rows <= {SMALL_STATEMENT_ROWS};\n\
          \x20   EXCEPTION WHEN others THEN\n\
          \x20       IF SQLSTATE NOT LIKE '22%' AND SQLSTATE NOT LIKE '23%' AND SQLSTATE NOT LIKE '42%' THEN\n\
          \x20           RAISE;\n\
@@ -503,7 +505,7 @@ fn small_statement_sql(
          \x20           PERFORM set_config('plan_cache_mode', 'force_generic_plan', true);\n\
          \x20           -- (jobs the insert's own check refuses after all are taken out again and the\n\
          \x20           -- statement recorded as not captured: the application's statement goes on)\n\
-         \x20           PERFORM set_config('contact_sync.capture', {marker}, true);\n\
+         \x20           PERFORM set_config('contact_sync.capture', {marker} || _cs_rows, true);\n\
          \x20           INSERT INTO contact_sync.jobs (provider, account, email, payload)\n\
          \x20           SELECT CASE u.account {provider_of} END, u.account, u.email, u.payload\n\
          \x20           FROM unnest(_cs_accounts, _cs_emails, _cs_payloads) WITH ORDINALITY AS u(account, email, payload, i)\n\
@@ -514,7 +516,7 @@ fn small_statement_sql(
          {fallback}\
          \x20   END IF;\n",
         collect = indent(&collect, 8),
-        marker = literal(&format!("{name}:{operation}")),
+        marker = literal(&format!("{name}:{operation}:")),
         fallback = indent(fallback, 4),
     )
 }

@@ -144,17 +144,19 @@ struct Outcomes {
     done: HashSet<Lease>,
     /// Those that ended `succeeded` (the change delivered was the change recorded).
     as_sent: HashSet<Lease>,
-    /// The contacts of the heads it wrote (and so of their followers), once each: what waits
-    /// behind them is brought back (behind one still open, it is set waiting again by the next
-    /// claim).
+    /// The contacts of the calls' rows (heads and followers) as they are now, once each: what
+    /// waits behind them is brought back (behind one still open, it is set waiting again by the
+    /// next claim).
     contact_keys: Vec<String>,
 }
 
 /// A row of [`write_successes`]'s statement: a head written (`succeeded`, or back to `pending`
-/// when changed in flight), or one held by another transaction (`written` false).
+/// when changed in flight), one held by another transaction (`written` false), or a contact of
+/// the calls (`id` NULL).
 #[derive(sqlx::FromRow)]
 struct WrittenRow {
-    id: JobId,
+    /// NULL on the rows that name a contact of the calls (`contact_key`).
+    id: Option<JobId>,
     attempts: Option<i32>,
     written: bool,
     as_sent: bool,
@@ -299,9 +301,13 @@ async fn write_successes(
               AND f.job_id <> ALL(ARRAY(SELECT s.id FROM done s WHERE s.sets_status))
             RETURNING f.job_id
         )
-        SELECT id, attempts, true AS written, as_sent, contact_key FROM done
+        SELECT id, attempts, true AS written, as_sent, NULL::text AS contact_key FROM done
         UNION ALL
         SELECT id, NULL, false, false, NULL FROM held
+        UNION ALL
+        -- the contacts of every row of these calls, as they are now (a head or a follower moved
+        -- to another address leaves its waiting jobs behind in the contact it left)
+        SELECT NULL, NULL, false, false, k.contact_key FROM (SELECT DISTINCT l.contact_key FROM locked l) k
         "#,
     )
     .bind(&ids)
@@ -316,10 +322,20 @@ async fn write_successes(
     .bind(&follower_md5)
     .fetch_all(&mut *conn)
     .await?;
-    let done: HashSet<JobId> = rows.iter().filter(|r| r.written).map(|r| r.id).collect();
-    let lease = |r: &WrittenRow| r.attempts.map(|attempt| Lease { id: r.id, attempt });
+    let done: HashSet<JobId> = rows
+        .iter()
+        .filter(|r| r.written)
+        .filter_map(|r| r.id)
+        .collect();
+    let lease = |r: &WrittenRow| {
+        Some(Lease {
+            id: r.id?,
+            attempt: r.attempts?,
+        })
+    };
     let contact_keys: Vec<String> = rows
         .iter()
+        .filter(|r| r.id.is_none())
         .filter_map(|r| r.contact_key.clone())
         .collect::<std::collections::BTreeSet<_>>()
         .into_iter()
@@ -334,7 +350,11 @@ async fn write_successes(
         .filter(|r| r.as_sent)
         .filter_map(lease)
         .collect();
-    let held: HashSet<JobId> = rows.iter().filter(|r| !r.written).map(|r| r.id).collect();
+    let held: HashSet<JobId> = rows
+        .iter()
+        .filter(|r| !r.written)
+        .filter_map(|r| r.id)
+        .collect();
     let written = Written {
         lost: ids
             .iter()

@@ -7,7 +7,7 @@
 use crate::helpers::*;
 use contact_sync::sandbox::{Fault, FaultRule};
 use serde_json::{json, Value};
-use sqlx::Row;
+use sqlx::{Connection, Row};
 use std::time::Duration;
 
 /// The application's table: mapped columns, unmapped ones, an opt-in flag.
@@ -728,11 +728,17 @@ async fn jobs_the_insert_refuses_after_the_capture_checked_them_never_fail_the_w
          LANGUAGE sql IMMUTABLE AS $$ SELECT false $$",
     )
     .await;
-    exec(
-        &env,
+    // (a session of its own: one that ran the capture before keeps the plans it made then)
+    let mut fresh = sqlx::PgConnection::connect_with(&env.pool.connect_options())
+        .await
+        .unwrap();
+    sqlx::query(
         "INSERT INTO users (email, first_name, plan) VALUES ('alike@example.com', 'A', repeat('x', 1001))",
     )
-    .await;
+    .execute(&mut fresh)
+    .await
+    .expect("the application's write commits");
+    drop(fresh);
     assert_eq!(failures("longer than 1000 characters").await, 1);
     let queued: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM contact_sync.jobs WHERE email = 'alike@example.com'",
@@ -741,16 +747,46 @@ async fn jobs_the_insert_refuses_after_the_capture_checked_them_never_fail_the_w
     .await
     .unwrap();
     assert_eq!(queued, 0);
-    // an insert that is not a capture's fails as before, with the same error
+    let rows: Vec<i64> = sqlx::query_scalar(
+        "SELECT row_count FROM contact_sync.capture_failures WHERE source = 'users' ORDER BY id",
+    )
+    .fetch_all(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(rows, [1, 1], "each a statement of one row (two jobs)");
+    // an insert that is not a capture's fails as before, with the same error, even with the
+    // capture's marker set by hand
+    let mut conn = env.pool.acquire().await.unwrap();
+    sqlx::query("SET contact_sync.capture = 'users:insert:1'")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
     let err = sqlx::query(
         "SELECT contact_sync.enqueue('smartlink', 'sl', 'x@example.com', jsonb_build_object('attributes', jsonb_build_object('plan', repeat('x', 1001))))",
     )
-    .execute(&env.pool)
+    .execute(&mut *conn)
     .await
     .unwrap_err();
     assert!(
         err.to_string().contains("longer than 1000 characters"),
         "{err}"
+    );
+    let err = sqlx::query(
+        "INSERT INTO contact_sync.jobs (provider, account, email) VALUES ('justclick', 'jc', 'good@example.com'), ('justclick', 'jc', 'bad')",
+    )
+    .execute(&mut *conn)
+    .await
+    .unwrap_err();
+    assert!(err.to_string().contains("malformed email"), "{err}");
+    sqlx::query("RESET contact_sync.capture")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    drop(conn);
+    assert_eq!(
+        failures("failed the insert").await,
+        2,
+        "nothing recorded for them"
     );
     // and the capture goes on for the next statements
     exec(&env, "DROP FUNCTION public.jsonb_path_exists(jsonb, text)").await;
