@@ -65,6 +65,15 @@ async fn jobs(env: &TestEnv) -> i64 {
         .unwrap()
 }
 
+/// The jobs queued for one address.
+async fn jobs_for(env: &TestEnv, email: &str) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM contact_sync.jobs WHERE email = $1")
+        .bind(email)
+        .fetch_one(&env.pool)
+        .await
+        .unwrap()
+}
+
 /// A users table with its capture installed through the command line.
 async fn captured() -> (TestEnv, Scratch) {
     let mut env = TestEnv::new().await;
@@ -707,12 +716,7 @@ async fn jobs_the_insert_refuses_after_the_capture_checked_them_never_fail_the_w
         .unwrap()
         .expect("the application's write commits");
     assert_eq!(failures("is a smartlink account, not justclick").await, 1);
-    let queued: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM contact_sync.jobs WHERE email = 'race@example.com'",
-    )
-    .fetch_one(&env.pool)
-    .await
-    .unwrap();
+    let queued = jobs_for(&env, "race@example.com").await;
     assert_eq!(queued, 0, "the statement's jobs were taken out");
     exec(
         &env,
@@ -740,12 +744,7 @@ async fn jobs_the_insert_refuses_after_the_capture_checked_them_never_fail_the_w
     .expect("the application's write commits");
     drop(fresh);
     assert_eq!(failures("longer than 1000 characters").await, 1);
-    let queued: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM contact_sync.jobs WHERE email = 'alike@example.com'",
-    )
-    .fetch_one(&env.pool)
-    .await
-    .unwrap();
+    let queued = jobs_for(&env, "alike@example.com").await;
     assert_eq!(queued, 0);
     let rows: Vec<i64> = sqlx::query_scalar(
         "SELECT row_count FROM contact_sync.capture_failures WHERE source = 'users' ORDER BY id",
@@ -795,12 +794,7 @@ async fn jobs_the_insert_refuses_after_the_capture_checked_them_never_fail_the_w
         "INSERT INTO users (email, first_name) VALUES ('after@example.com', 'B')",
     )
     .await;
-    let queued: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM contact_sync.jobs WHERE email = 'after@example.com'",
-    )
-    .fetch_one(&env.pool)
-    .await
-    .unwrap();
+    let queued = jobs_for(&env, "after@example.com").await;
     assert_eq!(queued, 2);
 }
 
