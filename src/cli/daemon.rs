@@ -28,8 +28,11 @@ pub async fn run_worker(
     // which worker a session is, in pg_stat_activity
     let options = options.application_name(&worker_application_name(std::process::id()));
     // No worker statement waits without bound for a lock an outsider holds (an operator's open
-    // transaction): the statements that meet such rows skip them; this is the backstop.
-    let options = options.options([("lock_timeout", WORKER_LOCK_TIMEOUT)]);
+    // transaction): the statements that meet such rows skip them; this is the backstop. No
+    // worker statement is compiled (JIT): each reads a batch's rows through indexes, and the
+    // cost estimates that grow with the table set compilation off at about 65 ms a statement
+    // (the rescuer's, every housekeeping tick, beside a million queued jobs).
+    let options = options.options([("lock_timeout", WORKER_LOCK_TIMEOUT), ("jit", "off")]);
     let pool = PgPoolOptions::new()
         .max_connections(settings.database.max_connections)
         .acquire_timeout(Duration::from_secs(10))

@@ -37,7 +37,10 @@ pub async fn rescue_expired(
             SELECT x.id FROM contact_sync.jobs x
             -- a running row without a lease (hand-inserted) is rescued too, or it blocks its
             -- contact forever
-            WHERE x.state = 'running' AND (x.locked_until IS NULL OR x.locked_until < now())
+            -- (`account > ''` holds for every job: it lets the small index of running jobs by
+            -- account serve the scan, where the one by contact keeps an entry for every call
+            -- made since the last vacuum)
+            WHERE x.state = 'running' AND x.account > '' AND (x.locked_until IS NULL OR x.locked_until < now())
               AND (NOT EXISTS (SELECT 1 FROM contact_sync.workers w
                                WHERE w.id = x.locked_by AND w.expires_at > now())
                    OR (x.locked_by = $3 AND NOT x.id = ANY($4)))
@@ -84,6 +87,10 @@ pub async fn rescue_expired(
         .filter(|(_, state)| state.as_str() != "running")
         .map(|(id, _)| *id)
         .collect();
+    if rows.iter().any(|(_, state)| state.as_str() == "pending") {
+        // (pending again with the run_at they were queued with)
+        super::claim::rewind_floors();
+    }
     if !back.is_empty() {
         // what waits behind these calls: the contacts' next jobs come back (failing that, the
         // sweep brings them back)

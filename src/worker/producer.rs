@@ -26,6 +26,7 @@ fn jittered(d: Duration) -> Duration {
 async fn claim_planned(
     shared: &Shared,
     plan: &Plan,
+    floors: &mut claim::ReadyFloors,
 ) -> (Vec<crate::outbox::ClaimedJob>, bool, Option<sqlx::Error>) {
     let w = &shared.settings.worker;
     let options = claim::ClaimOptions {
@@ -39,7 +40,7 @@ async fn claim_planned(
     let mut set_waiting = false;
     let mut failed = None;
     if !plan.open.is_empty() {
-        match claim::claim(&shared.hot, &plan.open, &options).await {
+        match claim::claim(&shared.hot, &plan.open, &options, floors).await {
             Ok(got) => {
                 jobs = got.jobs;
                 set_waiting = got.set_waiting > 0;
@@ -48,7 +49,7 @@ async fn claim_planned(
         }
     }
     if !plan.limited.is_empty() {
-        match claim::claim_within_limits(&shared.hot, &plan.limited, &options).await {
+        match claim::claim_within_limits(&shared.hot, &plan.limited, &options, floors).await {
             Ok(limited) => {
                 for (account, held) in limited.held {
                     shared.limits.held(&account, held);
@@ -106,6 +107,7 @@ pub async fn run(shared: Arc<Shared>, stop: Shutdown, drain: bool) {
     ));
     let mut tasks = JoinSet::new();
     let mut db_backoff = Duration::ZERO;
+    let mut floors = claim::ReadyFloors::default();
 
     if drain {
         tracing::debug!(worker = %shared.worker_id, accounts = ?shared.accounts, "draining");
@@ -133,7 +135,7 @@ pub async fn run(shared: Arc<Shared>, stop: Shutdown, drain: bool) {
             }
             if !plan.is_empty() {
                 let claimed_at = std::time::Instant::now();
-                let (jobs, set_waiting, failed) = claim_planned(&shared, &plan).await;
+                let (jobs, set_waiting, failed) = claim_planned(&shared, &plan, &mut floors).await;
                 // blocked jobs set waiting took the place of due ones: look again at once
                 more_waiting |= set_waiting;
                 for q in plan.open.iter().chain(&plan.limited) {
@@ -193,7 +195,11 @@ pub async fn run(shared: Arc<Shared>, stop: Shutdown, drain: bool) {
         {
             match drain_check(&shared, held_back).await {
                 DrainCheck::Done => break,
-                DrainCheck::LookWithin(d) => wake_in = wake_in.min(d),
+                DrainCheck::LookWithin(d) => {
+                    // something is runnable that the last claim did not see: read it all
+                    floors.forget();
+                    wake_in = wake_in.min(d);
+                }
                 DrainCheck::LookIn(d) => wake_in = d,
             }
         }

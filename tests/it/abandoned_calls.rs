@@ -286,9 +286,14 @@ async fn a_gone_workers_job_is_held_before_it_returns_or_goes_dead() {
         max_followers: 1,
         captured: &[],
     };
-    let claimed = contact_sync::outbox::claim::claim(&env.pool, &quota, &options)
-        .await
-        .unwrap();
+    let claimed = contact_sync::outbox::claim::claim(
+        &env.pool,
+        &quota,
+        &options,
+        &mut contact_sync::outbox::claim::ReadyFloors::default(),
+    )
+    .await
+    .unwrap();
     assert!(claimed.jobs.is_empty(), "{claimed:?}");
     tokio::time::sleep(hold + Duration::from_millis(200)).await;
     assert_eq!(

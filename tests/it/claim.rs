@@ -1,7 +1,7 @@
 //! Claiming, leases, the rescuer, fencing, unknown accounts.
 
 use crate::helpers::*;
-use contact_sync::outbox::claim::{AccountQuota, ClaimOptions};
+use contact_sync::outbox::claim::{AccountQuota, ClaimOptions, ReadyFloors};
 use contact_sync::outbox::complete::{self, Success};
 use contact_sync::outbox::job::AttemptError;
 use contact_sync::outbox::rescue::rescue_expired;
@@ -16,7 +16,7 @@ async fn claim(
     quotas: &[AccountQuota],
     options: &ClaimOptions<'_>,
 ) -> Result<Vec<contact_sync::outbox::ClaimedJob>, sqlx::Error> {
-    contact_sync::outbox::claim::claim(pool, quotas, options)
+    contact_sync::outbox::claim::claim(pool, quotas, options, &mut ReadyFloors::default())
         .await
         .map(|c| c.jobs)
 }
@@ -467,9 +467,13 @@ async fn a_failed_pass_of_a_limited_claim_claims_nothing() {
         max_followers: 1,
         captured: &[],
     };
-    let got =
-        contact_sync::outbox::claim::claim_within_limits(&env.pool, &quota("jc", 5), &options)
-            .await;
+    let got = contact_sync::outbox::claim::claim_within_limits(
+        &env.pool,
+        &quota("jc", 5),
+        &options,
+        &mut ReadyFloors::default(),
+    )
+    .await;
     commit.await.unwrap();
     match got {
         Err(e) => assert!(e.to_string().contains("jobs_running_contact_idx"), "{e}"),
@@ -570,4 +574,130 @@ async fn claimed_then_taken_over(
         .await
         .unwrap();
     (first, second)
+}
+
+/// A claim starts where the previous one stopped ([`ReadyFloors`]); a change that becomes ready
+/// behind that point is not lost. Here a producer's transaction, open for longer than the
+/// floors' slack, commits after the worker's floor has moved past its change: the worker's
+/// claims take it at the latest after their next read from the start.
+#[tokio::test]
+async fn a_change_committed_behind_the_floor_is_still_claimed() {
+    use contact_sync::outbox::claim::{FLOOR_SLACK, FULL_SCAN_EVERY};
+    let env = TestEnv::new().await;
+    let mut producer = env.pool.begin().await.unwrap();
+    let started: chrono::DateTime<chrono::Utc> = sqlx::query_scalar("SELECT now()")
+        .fetch_one(&mut *producer)
+        .await
+        .unwrap();
+    let late: i64 = sqlx::query_scalar(
+        "SELECT contact_sync.enqueue('justclick', 'jc', 'late@example.com', '{}')",
+    )
+    .fetch_one(&mut *producer)
+    .await
+    .unwrap();
+    tokio::time::sleep(FLOOR_SLACK + Duration::from_millis(500)).await;
+    // meanwhile the worker takes everything else: its floor moves past the late change
+    let early = env.enqueue(jc("early@example.com", json!({}))).await;
+    let mut floors = ReadyFloors::default();
+    let got =
+        contact_sync::outbox::claim::claim(&env.pool, &quota("jc", 10), &options("w"), &mut floors)
+            .await
+            .unwrap();
+    assert_eq!(
+        got.jobs.iter().map(|j| j.id).collect::<Vec<_>>(),
+        vec![early]
+    );
+    let floor = floors.floor("jc").unwrap();
+    let slack = chrono::Duration::from_std(FLOOR_SLACK).unwrap();
+    assert!(
+        floor.0 - slack > started,
+        "{floor:?}, the change's run_at {started}"
+    );
+    producer.commit().await.unwrap();
+
+    let since = std::time::Instant::now();
+    loop {
+        let got = contact_sync::outbox::claim::claim(
+            &env.pool,
+            &quota("jc", 10),
+            &options("w"),
+            &mut floors,
+        )
+        .await
+        .unwrap();
+        if got.jobs.iter().any(|j| j.id == late) {
+            break;
+        }
+        assert!(got.jobs.is_empty(), "{:?}", got.jobs);
+        assert!(
+            since.elapsed() < FULL_SCAN_EVERY + Duration::from_secs(2),
+            "the change committed behind the floor was not claimed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Claimers that keep their floors, side by side, with producers committing all along: every
+/// change is claimed once (a floor skips only what was taken, or what a later full read finds).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claimers_keeping_their_floors_take_every_change_once() {
+    let env = TestEnv::new().await;
+    const CHANGES: usize = 3000;
+    let producer_pool = env.db.another_pool().await;
+    let producer = tokio::spawn(async move {
+        for batch in 0..30 {
+            let mut tx = producer_pool.begin().await.unwrap();
+            for i in 0..(CHANGES / 30) {
+                sqlx::query("SELECT contact_sync.enqueue('justclick', 'jc', $1, '{}')")
+                    .bind(format!("c{batch}-{i}@example.com"))
+                    .execute(&mut *tx)
+                    .await
+                    .unwrap();
+            }
+            // some transactions stay open past the floors' slack
+            if batch % 10 == 3 {
+                tokio::time::sleep(
+                    contact_sync::outbox::claim::FLOOR_SLACK + Duration::from_millis(300),
+                )
+                .await;
+            }
+            tx.commit().await.unwrap();
+        }
+    });
+    let taken = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut handles = Vec::new();
+    for w in 0..3 {
+        let pool = env.db.another_pool().await;
+        let taken = taken.clone();
+        handles.push(tokio::spawn(async move {
+            let mut floors = ReadyFloors::default();
+            let since = std::time::Instant::now();
+            while taken.lock().unwrap().len() < CHANGES {
+                assert!(
+                    since.elapsed() < Duration::from_secs(60),
+                    "not every change was claimed"
+                );
+                let got = contact_sync::outbox::claim::claim(
+                    &pool,
+                    &quota("jc", 40),
+                    &options(&format!("w{w}")),
+                    &mut floors,
+                )
+                .await
+                .unwrap();
+                if got.jobs.is_empty() {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                taken.lock().unwrap().extend(got.jobs.iter().map(|j| j.id));
+            }
+        }));
+    }
+    producer.await.unwrap();
+    for h in handles {
+        h.await.unwrap();
+    }
+    let all = taken.lock().unwrap().clone();
+    let unique: HashSet<_> = all.iter().collect();
+    assert_eq!(all.len(), CHANGES, "every change claimed");
+    assert_eq!(unique.len(), CHANGES, "no change claimed twice");
 }

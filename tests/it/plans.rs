@@ -28,6 +28,8 @@ async fn claim_plan(pool: &PgPool) -> (i64, Vec<i64>, String) {
         .bind(16i64)
         .bind(false)
         .bind(Vec::<String>::new())
+        .bind(Vec::<Option<chrono::DateTime<chrono::Utc>>>::new())
+        .bind(Vec::<Option<i64>>::new())
         .fetch_one(&mut *tx)
         .await
         .unwrap();
@@ -42,6 +44,8 @@ async fn claim_plan(pool: &PgPool) -> (i64, Vec<i64>, String) {
         .bind(16i64)
         .bind(false)
         .bind(Vec::<String>::new())
+        .bind(Vec::<Option<chrono::DateTime<chrono::Utc>>>::new())
+        .bind(Vec::<Option<i64>>::new())
         .fetch_all(&mut *tx)
         .await
         .unwrap()
@@ -216,6 +220,105 @@ async fn the_drain_probe_and_next_due_read_only_ready_contacts() {
     assert!(rows < 10, "an empty claim read {rows} rows: {plan}");
 }
 
+/// Pages of the ready index one claim of 256 reads from `floor` (rolled back).
+async fn ready_index_pages(
+    pool: &PgPool,
+    floor: Option<contact_sync::outbox::claim::Floor>,
+) -> (i64, Vec<i64>) {
+    let mut tx = pool.begin().await.unwrap();
+    let explain = format!("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {CLAIM_SQL}");
+    let plan: sqlx::types::Json<Value> = sqlx::query_scalar(&explain)
+        .bind(vec![ACCOUNT])
+        .bind(vec![256i32])
+        .bind(30_000i64)
+        .bind("plan-test")
+        .bind(5i32)
+        .bind(16i64)
+        .bind(false)
+        .bind(Vec::<String>::new())
+        .bind(vec![floor.map(|f| f.0)])
+        .bind(vec![floor.map(|f| f.1)])
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+    tx.rollback().await.unwrap();
+    fn find(node: &Value, out: &mut Vec<i64>) {
+        if node["Index Name"] == "jobs_ready_idx" {
+            let n = |k: &str| node[k].as_i64().unwrap_or(0);
+            out.push(n("Shared Hit Blocks") + n("Shared Read Blocks"));
+        }
+        for child in node["Plans"].as_array().into_iter().flatten() {
+            find(child, out);
+        }
+    }
+    let mut pages = Vec::new();
+    find(&plan.0[0]["Plan"], &mut pages);
+    (pages.iter().sum(), pages)
+}
+
+/// Regression: every claim read the ready index from its start, where each job claimed since
+/// the last vacuum leaves an entry, dead: 10 ms a claim after 250,000 jobs, more than doubling
+/// the database's time per job over a 1,000,000-job drain. A claim starts where the last one
+/// stopped ([`contact_sync::outbox::claim::ReadyFloors`]), also among jobs queued by one
+/// statement (one `run_at`, as a captured bulk `UPDATE` queues them).
+#[tokio::test]
+async fn a_claim_reads_the_ready_index_from_where_the_last_one_stopped() {
+    use contact_sync::outbox::claim::{claim, AccountQuota, ClaimOptions, ReadyFloors};
+    let db = TestDb::new().await;
+    let pool = &db.pool;
+    sqlx::query("ALTER TABLE contact_sync.jobs SET (autovacuum_enabled = false)")
+        .execute(pool)
+        .await
+        .unwrap();
+    // queued a minute ago by one statement (older than the floors' slack)
+    sqlx::query(
+        "INSERT INTO contact_sync.jobs (provider, account, email, payload, run_at)
+         SELECT 'justclick', $1, 'r' || g || '@example.com', '{}', now() - interval '1 minute'
+         FROM generate_series(1, 60000) g",
+    )
+    .bind(ACCOUNT)
+    .execute(pool)
+    .await
+    .unwrap();
+    // the first 50,000 delivered since the last vacuum
+    sqlx::query(
+        "UPDATE contact_sync.jobs SET state = 'succeeded', finished_at = now()
+         WHERE id < (SELECT min(id) + 50000 FROM contact_sync.jobs)",
+    )
+    .execute(pool)
+    .await
+    .unwrap();
+    let quotas = [AccountQuota {
+        account: ACCOUNT.into(),
+        limit: 256,
+    }];
+    let options = ClaimOptions {
+        lease: std::time::Duration::from_secs(30),
+        worker_id: "plan-test",
+        default_max_attempts: 5,
+        max_followers: 1,
+        captured: &[],
+    };
+    let mut floors = ReadyFloors::default();
+    let first = claim(pool, &quotas, &options, &mut floors).await.unwrap();
+    assert_eq!(first.jobs.len(), 256);
+    let floor = floors.floor(ACCOUNT);
+    let last = first.jobs.iter().map(|j| j.id).max().unwrap();
+    assert_eq!(floor.map(|f| f.1), Some(last), "{floor:?}");
+
+    let from_start = ready_index_pages(pool, None).await;
+    let from_floor = ready_index_pages(pool, floor).await;
+    assert!(
+        from_start.0 > 150 && from_floor.0 < 20,
+        "pages of the ready index read from the start {from_start:?}, from the floor {from_floor:?}"
+    );
+    // the next claim goes on in order after the first
+    let next = claim(pool, &quotas, &options, &mut floors).await.unwrap();
+    let mut ids: Vec<i64> = next.jobs.iter().map(|j| j.id).collect();
+    ids.sort_unstable();
+    assert_eq!(ids, ((last + 1)..=(last + 256)).collect::<Vec<_>>());
+}
+
 /// One claim of up to 256 jobs, committed (its passes set waiting what they find blocked); returns how
 /// many it claimed.
 async fn claim_committed(pool: &PgPool) -> usize {
@@ -231,7 +334,11 @@ async fn claim_committed(pool: &PgPool) -> usize {
         max_followers: 1,
         captured: &[],
     };
-    claim(pool, &quotas, &options).await.unwrap().jobs.len()
+    claim(pool, &quotas, &options, &mut Default::default())
+        .await
+        .unwrap()
+        .jobs
+        .len()
 }
 
 /// Waiting changes come back, one at a time and in order, after every way the call they wait
@@ -535,6 +642,8 @@ async fn completing_a_batch_compares_rows_in_proportion_to_it() {
         .bind(16i64)
         .bind(false)
         .bind(Vec::<String>::new())
+        .bind(Vec::<Option<chrono::DateTime<chrono::Utc>>>::new())
+        .bind(Vec::<Option<i64>>::new())
         .fetch_all(&db.pool)
         .await
         .unwrap()
@@ -883,7 +992,10 @@ async fn deliver(pool: &PgPool) -> usize {
         max_followers: 16,
         captured: &[],
     };
-    let jobs = claim(pool, &quotas, &options).await.unwrap().jobs;
+    let jobs = claim(pool, &quotas, &options, &mut Default::default())
+        .await
+        .unwrap()
+        .jobs;
     let done: Vec<Success> = jobs
         .iter()
         .map(|j| Success {
