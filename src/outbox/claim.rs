@@ -192,6 +192,30 @@ pub(crate) fn rewind_floors() {
     REWINDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
 }
 
+/// Jobs this process brought back, with when and where they sort: each [`ReadyFloors`] lowers
+/// its account's floor to them. Kept for [`FULL_SCAN_EVERY`]: a `ReadyFloors` that has not
+/// looked since reads from the start anyway.
+type BroughtBack = std::collections::VecDeque<(std::time::Instant, String, Floor)>;
+static BROUGHT_BACK: std::sync::Mutex<BroughtBack> =
+    std::sync::Mutex::new(std::collections::VecDeque::new());
+
+/// Says that these jobs (account, position) are ready again: the next claim of each account
+/// starts no later than there.
+pub(crate) fn rewind_floors_to(jobs: impl IntoIterator<Item = (String, Floor)>) {
+    let Ok(mut log) = BROUGHT_BACK.lock() else {
+        rewind_floors();
+        return;
+    };
+    let now = std::time::Instant::now();
+    while log
+        .front()
+        .is_some_and(|(at, _, _)| now.duration_since(*at) > FULL_SCAN_EVERY)
+    {
+        log.pop_front();
+    }
+    log.extend(jobs.into_iter().map(|(account, at)| (now, account, at)));
+}
+
 /// A position in the ready index: `(run_at, id)`.
 pub type Floor = (DateTime<Utc>, JobId);
 
@@ -203,14 +227,17 @@ pub type Floor = (DateTime<Utc>, JobId);
 /// So a claim starts where the previous one stopped: at its last candidate when it found its
 /// quota, at its own start when it found less (everything due was taken); and never after
 /// [`FLOOR_SLACK`] before now. What may have become ready before that is found by a read from
-/// the start every [`FULL_SCAN_EVERY`], and at once when this process brought it back
-/// ([`rewind_floors`]). Only when jobs are seen changes: never which job a claim may take, or
-/// in which order a contact's changes go.
+/// the start every [`FULL_SCAN_EVERY`], and at once when this process brought it back (a
+/// contact's next job after a completion lowers the floor to that job, the sweep and the
+/// rescuer make the next claim read from the start). Only when jobs are seen changes: never
+/// which job a claim may take, or in which order a contact's changes go.
 #[derive(Debug, Default)]
 pub struct ReadyFloors {
     floors: std::collections::HashMap<String, Floor>,
     full_scan_at: Option<std::time::Instant>,
     rewinds_seen: u64,
+    /// When the jobs brought back were last looked at.
+    looked_at: Option<std::time::Instant>,
 }
 
 impl ReadyFloors {
@@ -219,7 +246,8 @@ impl ReadyFloors {
         self.floors.clear();
     }
 
-    /// Before a claim: forgets the floors when a full read is due or jobs were brought back.
+    /// Before a claim: forgets the floors when a full read is due or jobs were brought back
+    /// without saying where, lowers them to the jobs brought back since the last claim.
     fn prepare(&mut self) {
         let rewinds = REWINDS.load(std::sync::atomic::Ordering::Relaxed);
         let due = self
@@ -232,6 +260,22 @@ impl ReadyFloors {
         if due {
             self.full_scan_at = Some(std::time::Instant::now());
         }
+        let Ok(log) = BROUGHT_BACK.lock() else {
+            self.floors.clear();
+            return;
+        };
+        for (_, account, at) in log
+            .iter()
+            .filter(|(when, _, _)| self.looked_at.is_none_or(|looked| *when >= looked))
+        {
+            if let Some(floor) = self.floors.get_mut(account) {
+                if *at < *floor {
+                    *floor = *at;
+                }
+            }
+        }
+        // (read under the lock: what is brought back after this is newer)
+        self.looked_at = Some(std::time::Instant::now());
     }
 
     /// Records where a committed claim's scans ended.
@@ -905,7 +949,7 @@ async fn requeue_next_sql(
     if ids.is_empty() && contact_keys.is_empty() {
         return Ok(0);
     }
-    let requeued = sqlx::query(
+    let requeued: Vec<(String, DateTime<Utc>, JobId)> = sqlx::query_as(
         // language=PostgreSQL
         r#"
         WITH keys AS (
@@ -945,19 +989,22 @@ async fn requeue_next_sql(
         -- (no partial index can serve this test: primary-key probes)
         UPDATE contact_sync.jobs p SET waits_for = NULL
         WHERE p.id = ANY(ARRAY(SELECT id FROM taken)) AND coalesce(p.state, '') = 'pending'
+        RETURNING p.account, p.run_at, p.id
         "#,
     )
     .persistent(hot)
     .bind(ids)
     .bind(contact_keys)
-    .execute(conn)
-    .await?
-    .rows_affected();
-    if requeued > 0 {
-        // (ready again with the run_at they were queued with, before the floors)
-        rewind_floors();
-    }
-    Ok(requeued)
+    .fetch_all(conn)
+    .await?;
+    let count = requeued.len() as u64;
+    // (ready again with the run_at they were queued with: before the floors)
+    rewind_floors_to(
+        requeued
+            .into_iter()
+            .map(|(account, run_at, id): (String, DateTime<Utc>, JobId)| (account, (run_at, id))),
+    );
+    Ok(count)
 }
 
 /// How many jobs are `running` under this worker's name (after a drain: must be none).
@@ -970,4 +1017,83 @@ pub async fn held_by(pool: &PgPool, worker_id: &str) -> Result<i64, sqlx::Error>
     .bind(worker_id)
     .fetch_one(pool)
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(secs: i64) -> DateTime<Utc> {
+        DateTime::from_timestamp(1_800_000_000 + secs, 0).unwrap()
+    }
+
+    #[test]
+    fn a_job_brought_back_lowers_its_accounts_floor_once() {
+        let mut floors = ReadyFloors::default();
+        floors.prepare(); // the first claim reads from the start
+        assert_eq!(floors.floor("floors_a"), None);
+        floors.advance(vec![
+            ("floors_a".into(), (at(100), 500)),
+            ("floors_b".into(), (at(100), 501)),
+        ]);
+        rewind_floors_to([("floors_a".to_string(), (at(10), 7))]);
+        // a later job brought back does not raise a floor
+        rewind_floors_to([("floors_b".to_string(), (at(200), 900))]);
+        floors.prepare();
+        assert_eq!(floors.floor("floors_a"), Some((at(10), 7)));
+        assert_eq!(floors.floor("floors_b"), Some((at(100), 501)));
+        // what was looked at is not applied again
+        floors.advance(vec![("floors_a".into(), (at(150), 800))]);
+        floors.prepare();
+        assert_eq!(floors.floor("floors_a"), Some((at(150), 800)));
+        // a tie on run_at sorts by id
+        rewind_floors_to([("floors_a".to_string(), (at(150), 799))]);
+        floors.prepare();
+        assert_eq!(floors.floor("floors_a"), Some((at(150), 799)));
+    }
+
+    #[test]
+    fn a_scan_that_filled_its_quota_stops_at_its_last_candidate_otherwise_at_its_start() {
+        let row = ClaimRow {
+            id: None,
+            provider: None,
+            account: None,
+            email: None,
+            payload: None,
+            payload_md5: None,
+            attempts: None,
+            max_attempts: None,
+            created_at_ms: None,
+            watermark: None,
+            synced_fields: None,
+            followers: None,
+            set_waiting: 0,
+            scanned_at: at(1000),
+            scanned_accounts: Some(vec!["full".into(), "short".into(), "none".into()]),
+            scanned_last_ats: Some(vec![Some(at(5)), Some(at(6)), None]),
+            scanned_last_ids: Some(vec![Some(40), Some(41), None]),
+            scanned_founds: Some(vec![3, 2, 0]),
+        };
+        let quota = |account: &str, limit| AccountQuota {
+            account: account.into(),
+            limit,
+        };
+        let ends = scan_ends(
+            &row,
+            &[
+                quota("full", 3),
+                quota("short", 3),
+                quota("none", 3),
+                quota("paused", 3),
+            ],
+        );
+        assert_eq!(
+            ends,
+            vec![
+                ("full".to_string(), (at(5), 40)),
+                ("short".to_string(), (at(1000), 0)),
+                ("none".to_string(), (at(1000), 0)),
+            ]
+        );
+    }
 }
