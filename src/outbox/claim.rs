@@ -238,6 +238,8 @@ pub struct ReadyFloors {
     rewinds_seen: u64,
     /// When the jobs brought back were last looked at.
     looked_at: Option<std::time::Instant>,
+    /// A claim since the last read from the start began at a floor.
+    floored_since_full: bool,
 }
 
 impl ReadyFloors {
@@ -260,6 +262,7 @@ impl ReadyFloors {
         if due {
             self.full_scan_at = Some(std::time::Instant::now());
         }
+        self.floored_since_full = !due;
         let Ok(log) = BROUGHT_BACK.lock() else {
             self.floors.clear();
             return;
@@ -276,6 +279,19 @@ impl ReadyFloors {
         }
         // (read under the lock: what is brought back after this is newer)
         self.looked_at = Some(std::time::Instant::now());
+    }
+
+    /// When a claim since the last read from the start began at a floor: how long until the
+    /// next read from the start is due. The claim loop wakes by then whatever its poll
+    /// interval, so a job that became ready before a floor (a NOTIFY for a job queued with a
+    /// past `run_at` woke a claim that did not read that far) waits at most
+    /// [`FULL_SCAN_EVERY`].
+    pub fn full_read_due_in(&self) -> Option<Duration> {
+        if !self.floored_since_full {
+            return None;
+        }
+        let since = self.full_scan_at?.elapsed();
+        Some(FULL_SCAN_EVERY.saturating_sub(since))
     }
 
     /// Records where a committed claim's scans ended.

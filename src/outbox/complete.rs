@@ -89,6 +89,9 @@ pub async fn succeed_many(pool: &PgPool, items: &[Success]) -> Result<Written, s
     {
         let mut conn = pool.acquire().await?;
         let outcomes = write_successes(&mut conn, items).await?;
+        if outcomes.sent_again() {
+            super::claim::rewind_floors();
+        }
         super::claim::requeue_next_of_or_leave_to_sweep(&mut conn, &outcomes.contact_keys).await;
         return Ok(outcomes.written);
     }
@@ -101,12 +104,14 @@ pub async fn succeed_many(pool: &PgPool, items: &[Success]) -> Result<Written, s
             .execute(&mut *tx)
             .await?;
     }
+    let outcomes = write_successes(&mut tx, items).await?;
+    let sent_again = outcomes.sent_again();
     let Outcomes {
         written,
         done,
         as_sent,
         contact_keys,
-    } = write_successes(&mut tx, items).await?;
+    } = outcomes;
     let calls: Vec<Delivered> = items
         .iter()
         .filter(|i| done.contains(&i.lease))
@@ -128,6 +133,9 @@ pub async fn succeed_many(pool: &PgPool, items: &[Success]) -> Result<Written, s
         .collect();
     super::doi::write_after_calls(&mut tx, &after_calls).await?;
     tx.commit().await?;
+    if sent_again {
+        super::claim::rewind_floors();
+    }
     let mut conn = pool.acquire().await?;
     super::claim::requeue_next_of_or_leave_to_sweep(&mut conn, &contact_keys).await;
     Ok(written)
@@ -161,6 +169,15 @@ struct WrittenRow {
     written: bool,
     as_sent: bool,
     contact_key: Option<String>,
+}
+
+impl Outcomes {
+    /// Did a job go back to pending, changed while its call was in flight? It keeps the
+    /// `run_at` it was queued with, before the claims' floors: the next claim reads from the
+    /// start (`claim::rewind_floors`, once the write is committed).
+    fn sent_again(&self) -> bool {
+        self.done.len() > self.as_sent.len()
+    }
 }
 
 /// The statement of [`succeed_many`].

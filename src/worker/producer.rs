@@ -136,6 +136,11 @@ pub async fn run(shared: Arc<Shared>, stop: Shutdown, drain: bool) {
             if !plan.is_empty() {
                 let claimed_at = std::time::Instant::now();
                 let (jobs, set_waiting, failed) = claim_planned(&shared, &plan, &mut floors).await;
+                // a claim that began at a floor may have passed over a job ready before it:
+                // the next read from the start comes within a second, not a poll interval
+                if let Some(due) = floors.full_read_due_in() {
+                    wake_in = wake_in.min(due);
+                }
                 // blocked jobs set waiting took the place of due ones: look again at once
                 more_waiting |= set_waiting;
                 for q in plan.open.iter().chain(&plan.limited) {

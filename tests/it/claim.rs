@@ -701,3 +701,41 @@ async fn claimers_keeping_their_floors_take_every_change_once() {
     assert_eq!(all.len(), CHANGES, "every change claimed");
     assert_eq!(unique.len(), CHANGES, "no change claimed twice");
 }
+
+/// Review: a job queued with a `run_at` in the past (or by a transaction open for longer than
+/// the floors' slack) sorts before the claims' floors. A NOTIFY for it woke a claim that began
+/// at a floor and did not see it, and the worker then slept its poll interval (here 30 s). The
+/// claim loop now wakes for the next read from the start within [`FULL_SCAN_EVERY`].
+#[tokio::test]
+async fn a_job_queued_in_the_past_is_claimed_within_a_second_of_its_notify() {
+    use contact_sync::outbox::claim::FULL_SCAN_EVERY;
+    let mut env = TestEnv::new().await;
+    env.settings.worker.poll_interval = Duration::from_secs(30);
+    let worker = env.worker();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let run = tokio::spawn({
+        let worker = worker.clone();
+        let stop = stop.clone();
+        async move { worker.run(stop).await }
+    });
+    for round in 0..3 {
+        // a job of now: its NOTIFY wakes the worker, its claim reads from a floor after it
+        let now = env
+            .enqueue(jc(&format!("now{round}@example.com"), json!({})))
+            .await;
+        env.wait_for_state(now, "succeeded", Duration::from_secs(5))
+            .await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let past: i64 = sqlx::query_scalar(
+            "SELECT contact_sync.enqueue('justclick', 'jc', $1, '{}', run_at => now() - interval '1 hour')",
+        )
+        .bind(format!("past{round}@example.com"))
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+        env.wait_for_state(past, "succeeded", FULL_SCAN_EVERY + Duration::from_secs(2))
+            .await;
+    }
+    stop.cancel();
+    run.await.unwrap();
+}
