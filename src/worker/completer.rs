@@ -274,6 +274,39 @@ async fn write(
     }
 
     let hold_for = shared.settings.http.abandoned_call_bound;
+    // Failed calls that need nothing but their row written (dead, or back to pending later):
+    // one statement for the batch. What it could not write (a row held elsewhere, a lease
+    // lost) goes the one-by-one way below, which says which.
+    let (batch, mut others): (Vec<Completion>, Vec<Completion>) =
+        others.into_iter().partition(|c| failure_of(c).is_some());
+    if !batch.is_empty() && !unreachable {
+        let items: Vec<complete::Failure> = batch.iter().filter_map(failure_of).collect();
+        match complete::fail_many(pool, &items).await {
+            Ok(ids) => {
+                let ids: HashSet<_> = ids.into_iter().collect();
+                for c in batch {
+                    if ids.contains(&c.lease.id) {
+                        let dead = failure_of(&c).is_some_and(|f| f.retry_after.is_none());
+                        failure_written(shared, &c, dead, activity);
+                        written.push(c);
+                    } else {
+                        others.push(c);
+                    }
+                }
+            }
+            Err(e) if is_transient(&e) => {
+                tracing::error!(error = %e, jobs = batch.len(), "could not record failed calls; keeping their leases and trying again");
+                unreachable = true;
+                unwritten.extend(batch);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, jobs = batch.len(), "the database refused a batch of failed calls; writing them one by one");
+                others.extend(batch);
+            }
+        }
+    } else {
+        others.extend(batch);
+    }
     for c in others {
         if unreachable {
             unwritten.push(c);
@@ -336,26 +369,15 @@ async fn write(
             } => complete::retry_or_kill(pool, c.lease, c.max_attempts, *delay, error, *attempt)
                 .await
                 .map(|state| match state {
-                    Ok(JobState::Dead) => {
-                        tracing::error!(job_id = c.lease.id, attempts = c.lease.attempt, error = %error.message, "attempts used up; job parked as dead");
-                        m::job_event(JobEvent::Dead, &c.provider, &c.account, 1);
-                        shared.stats.add_dead();
-                        activity.failed(&c.account);
-                        Write::Done
-                    }
-                    Ok(_) => {
-                        m::job_event(JobEvent::Retried, &c.provider, &c.account, 1);
-                        shared.stats.add_retried();
-                        activity.failed(&c.account);
+                    Ok(state) => {
+                        failure_written(shared, &c, state == JobState::Dead, activity);
                         Write::Done
                     }
                     Err(why) => why,
                 }),
             Outcome::Dead { error } => complete::kill(pool, c.lease, error).await.inspect(|w| {
                 if *w == Write::Done {
-                    m::job_event(JobEvent::Dead, &c.provider, &c.account, 1);
-                    shared.stats.add_dead();
-                    activity.failed(&c.account);
+                    failure_written(shared, &c, true, activity);
                 }
             }),
             Outcome::Release => complete::release_one(pool, c.lease, true).await,
@@ -378,6 +400,51 @@ async fn write(
         }
     }
     (written, unwritten, !unreachable)
+}
+
+/// A failed call whose outcome is only its row: dead, or back to pending after a delay (not a
+/// call that got no answer: it is held, or its uncertainty recorded first).
+fn failure_of(c: &Completion) -> Option<complete::Failure<'_>> {
+    match &c.outcome {
+        Outcome::Dead { error } => Some(complete::Failure {
+            lease: c.lease,
+            error,
+            retry_after: None,
+            attempt: complete::Attempt::Counts,
+        }),
+        Outcome::Retry {
+            delay,
+            error,
+            attempt,
+            abandoned: false,
+            ..
+        } => {
+            let used_up =
+                *attempt == complete::Attempt::Counts && c.lease.attempt >= c.max_attempts;
+            Some(complete::Failure {
+                lease: c.lease,
+                error,
+                retry_after: (!used_up).then_some(*delay),
+                attempt: *attempt,
+            })
+        }
+        _ => None,
+    }
+}
+
+/// The counters and the log of a failed call once its row is written.
+fn failure_written(shared: &Shared, c: &Completion, dead: bool, activity: &mut Activity) {
+    activity.failed(&c.account);
+    if !dead {
+        m::job_event(JobEvent::Retried, &c.provider, &c.account, 1);
+        shared.stats.add_retried();
+        return;
+    }
+    if let Outcome::Retry { error, .. } = &c.outcome {
+        tracing::error!(job_id = c.lease.id, attempts = c.lease.attempt, error = %error.message, "attempts used up; job parked as dead");
+    }
+    m::job_event(JobEvent::Dead, &c.provider, &c.account, 1);
+    shared.stats.add_dead();
 }
 
 fn success_of(c: &Completion) -> Option<Success> {

@@ -269,3 +269,76 @@ async fn timeouts_are_retried() {
     assert_eq!(row.state, "succeeded");
     assert_eq!(row.errors[0]["kind"], "timeout");
 }
+
+/// Failed calls are written a batch to a statement. A provider refusing every change (contacts
+/// it does not have, a revoked key) had each failure written on its own, one transaction and
+/// one look-up each: about 700 jobs a second. Every job ends as one by one: dead with the
+/// provider's code and text, or retried with its attempt counted; the dead rows of a round
+/// share its transaction.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_calls_are_written_a_batch_at_a_time() {
+    let mut env = TestEnv::new().await;
+    env.settings.worker.concurrency = 64;
+    env.settings.worker.batch_size = 64;
+    env.sandbox.faults().push(
+        FaultRule::new(
+            Fault::ErrorCode {
+                code: 500,
+                text: "Подписчик не найден".into(),
+            },
+            400,
+        )
+        .provider("justclick"),
+    );
+    env.sandbox
+        .faults()
+        .push(FaultRule::new(Fault::Status { status: 503 }, 200).provider("smartlink"));
+    let mut jobs: Vec<_> = (0..400)
+        .map(|i| jc(&format!("gone{i}@example.com"), json!({"lead_name": "G"})))
+        .collect();
+    jobs.extend((0..200).map(|i| sl(&format!("later{i}@example.com"), json!({"tags": ["t"]}))));
+    env.enqueue_many(&jobs).await;
+    let worker = env.worker();
+    env.settle(&worker).await;
+
+    let dead: Vec<(i32, String, Option<String>, String)> = sqlx::query_as(
+        "SELECT attempts, errors -> 0 ->> 'code', last_error, xmin::text FROM contact_sync.jobs
+         WHERE state = 'dead' ORDER BY id",
+    )
+    .fetch_all(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(dead.len(), 400);
+    for (attempts, code, last_error, _) in &dead {
+        assert_eq!(
+            (*attempts, code.as_str(), last_error.as_deref()),
+            (1, "500", Some("Подписчик не найден"))
+        );
+    }
+    let transactions: std::collections::HashSet<&String> = dead.iter().map(|d| &d.3).collect();
+    assert!(
+        transactions.len() <= 100,
+        "400 failed calls written in {} transactions",
+        transactions.len()
+    );
+    // (the 503s went to whichever calls came first, retries included)
+    let retried: Vec<(String, i32, i32, i64)> = sqlx::query_as(
+        "SELECT state, attempts, jsonb_array_length(errors),
+                (SELECT count(*) FROM jsonb_array_elements(errors) e WHERE e ->> 'kind' = 'server_error')
+         FROM contact_sync.jobs WHERE account = 'sl'",
+    )
+    .fetch_all(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(retried.len(), 200);
+    let mut failures = 0;
+    for (state, attempts, errors, server_errors) in &retried {
+        assert_eq!(state, "succeeded");
+        assert_eq!(
+            (*attempts, i64::from(*errors)),
+            (errors + 1, *server_errors)
+        );
+        failures += server_errors;
+    }
+    assert_eq!(failures, 200);
+}
