@@ -156,8 +156,8 @@ pub async fn claim(
     }
     floors.prepare();
     let mut conn = pool.acquire().await?;
-    let claimed = run_claim(&mut conn, quotas, options, false, floors).await?;
-    floors.advance(claimed.floors.clone());
+    let mut claimed = run_claim(&mut conn, quotas, options, false, floors).await?;
+    floors.advance(std::mem::take(&mut claimed.floors));
     Ok(claimed)
 }
 
@@ -167,8 +167,8 @@ pub async fn claim(
 pub struct Claimed {
     pub jobs: Vec<ClaimedJob>,
     pub set_waiting: u64,
-    /// Where the scans ended: [`ReadyFloors::advance`] once the claim is committed.
-    pub floors: Vec<(String, Floor)>,
+    /// Where the scans ended, for [`ReadyFloors::advance`] once the claim is committed.
+    pub(crate) floors: Vec<(String, Floor)>,
 }
 
 /// How far behind a floor a claim still looks ([`CLAIM_SQL`] writes it as a literal): a
@@ -262,7 +262,11 @@ impl ReadyFloors {
         if due {
             self.full_scan_at = Some(std::time::Instant::now());
         }
-        self.floored_since_full = !due;
+        if due {
+            self.floored_since_full = false;
+        } else if !self.floors.is_empty() {
+            self.floored_since_full = true;
+        }
         let Ok(log) = BROUGHT_BACK.lock() else {
             self.floors.clear();
             return;
@@ -1048,6 +1052,7 @@ mod tests {
         let mut floors = ReadyFloors::default();
         floors.prepare(); // the first claim reads from the start
         assert_eq!(floors.floor("floors_a"), None);
+        assert_eq!(floors.full_read_due_in(), None);
         floors.advance(vec![
             ("floors_a".into(), (at(100), 500)),
             ("floors_b".into(), (at(100), 501)),
@@ -1057,6 +1062,10 @@ mod tests {
         rewind_floors_to([("floors_b".to_string(), (at(200), 900))]);
         floors.prepare();
         assert_eq!(floors.floor("floors_a"), Some((at(10), 7)));
+        // a claim that began at a floor: the next read from the start within a second
+        assert!(floors
+            .full_read_due_in()
+            .is_some_and(|d| d <= FULL_SCAN_EVERY));
         assert_eq!(floors.floor("floors_b"), Some((at(100), 501)));
         // what was looked at is not applied again
         floors.advance(vec![("floors_a".into(), (at(150), 800))]);
