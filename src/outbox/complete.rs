@@ -418,11 +418,12 @@ pub struct Failure<'a> {
 
 /// Records failed calls in one statement, as [`kill`] and [`retry`] would one by one (the
 /// same fencing: `(id, attempts, state = 'running')`, rows another transaction holds skipped),
-/// then brings back what waits behind them. Returns the ids written; the caller writes the
-/// others one by one, which says whether each was held or lost. One statement a batch: a
+/// then brings back what waits behind them. Returns the leases written (of two outcomes of
+/// one job, only the one whose lease held); the caller writes the others one by one, which
+/// says whether each was held or lost. One statement a batch: a
 /// provider that refuses every change (contacts it does not have, a revoked key) was written
 /// at about 700 jobs a second, one transaction and one look-up each.
-pub async fn fail_many(pool: &PgPool, items: &[Failure<'_>]) -> Result<Vec<JobId>, sqlx::Error> {
+pub async fn fail_many(pool: &PgPool, items: &[Failure<'_>]) -> Result<Vec<Lease>, sqlx::Error> {
     if items.is_empty() {
         return Ok(Vec::new());
     }
@@ -440,7 +441,7 @@ pub async fn fail_many(pool: &PgPool, items: &[Failure<'_>]) -> Result<Vec<JobId
         .map(|f| f.error.code.as_deref().map(storable))
         .collect();
     let mut conn = pool.acquire().await?;
-    let written: Vec<JobId> = sqlx::query_scalar(
+    let written: Vec<(JobId, i32)> = sqlx::query_as(
         // language=PostgreSQL
         r#"
         WITH t AS (
@@ -469,7 +470,8 @@ pub async fn fail_many(pool: &PgPool, items: &[Failure<'_>]) -> Result<Vec<JobId
         FROM t
         WHERE j.id = ANY(ARRAY(SELECT id FROM locked)) AND j.id = t.id
           AND j.attempts = t.attempt AND j.state = 'running'
-        RETURNING j.id
+        -- (the lease written: a throttled retry's attempts go back one)
+        RETURNING j.id, t.attempt
         "#,
     )
     .persistent(false)
@@ -483,9 +485,13 @@ pub async fn fail_many(pool: &PgPool, items: &[Failure<'_>]) -> Result<Vec<JobId
     .bind(MAX_ERRORS_KEPT)
     .fetch_all(&mut *conn)
     .await?;
+    let ids: Vec<JobId> = written.iter().map(|(id, _)| *id).collect();
     // what waits behind these calls comes first now (a failure here is the sweep's)
-    super::claim::requeue_next_or_leave_to_sweep(&mut conn, &written, false).await;
-    Ok(written)
+    super::claim::requeue_next_or_leave_to_sweep(&mut conn, &ids, false).await;
+    Ok(written
+        .into_iter()
+        .map(|(id, attempt)| Lease { id, attempt })
+        .collect())
 }
 
 /// Records a retryable failure: back to `pending` at `now() + delay`.
@@ -627,7 +633,8 @@ pub async fn kill(pool: &PgPool, lease: Lease, error: &AttemptError) -> Result<W
         UPDATE contact_sync.jobs
         SET state = 'dead', finished_at = now(), locked_until = NULL, locked_by = NULL,
             last_error = $4,
-            errors = errors || jsonb_build_array(jsonb_build_object(
+            errors = (CASE WHEN jsonb_array_length(errors) >= $6 THEN errors - 0 ELSE errors END)
+                     || jsonb_build_array(jsonb_build_object(
                 'attempt', attempts, 'at', now(), 'kind', $3::text, 'code', $5::text, 'error', $4::text))
         WHERE id = $1 AND attempts = $2 AND state = 'running'
           AND id IN (SELECT id FROM contact_sync.jobs WHERE id = $1 FOR NO KEY UPDATE SKIP LOCKED)
@@ -638,6 +645,7 @@ pub async fn kill(pool: &PgPool, lease: Lease, error: &AttemptError) -> Result<W
     .bind(&error.kind)
     .bind(storable(&error.message))
     .bind(error.code.as_deref().map(storable))
+    .bind(MAX_ERRORS_KEPT)
     .execute(&mut *conn)
     .await?;
     if result.rows_affected() == 1 {

@@ -282,10 +282,11 @@ async fn write(
     if !batch.is_empty() && !unreachable {
         let items: Vec<complete::Failure> = batch.iter().filter_map(failure_of).collect();
         match complete::fail_many(pool, &items).await {
-            Ok(ids) => {
-                let ids: HashSet<_> = ids.into_iter().collect();
+            Ok(leases) => {
+                let leases: HashSet<_> = leases.into_iter().collect();
                 for c in batch {
-                    if ids.contains(&c.lease.id) {
+                    // (by lease: of two outcomes of one job, the stale one was not written)
+                    if leases.contains(&c.lease) {
                         let dead = failure_of(&c).is_some_and(|f| f.retry_after.is_none());
                         failure_written(shared, &c, dead, activity);
                         written.push(c);

@@ -342,3 +342,54 @@ async fn failed_calls_are_written_a_batch_at_a_time() {
     }
     assert_eq!(failures, 200);
 }
+
+/// Review: two outcomes of one job in one round (an attempt's outcome kept while an operator
+/// held the row, then the next attempt's): the batch writes the one whose lease holds and
+/// says so by lease, so the stale one is counted as a lost lease, not as a second failure.
+#[tokio::test]
+async fn a_batch_of_failures_writes_only_the_outcome_whose_lease_holds() {
+    use contact_sync::outbox::complete::{fail_many, Attempt, Failure};
+    use contact_sync::outbox::job::AttemptError;
+    use contact_sync::outbox::Lease;
+    let env = TestEnv::new().await;
+    let id = env.enqueue(jc("twice@example.com", json!({}))).await;
+    // claimed a second time: attempt 2 is the lease that holds
+    sqlx::query(
+        "UPDATE contact_sync.jobs SET state = 'running', attempts = 2, locked_by = 'w',
+                locked_until = now() + interval '1 minute' WHERE id = $1",
+    )
+    .bind(id)
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    let error = AttemptError {
+        kind: "server_error".into(),
+        code: Some("503".into()),
+        message: "unavailable".into(),
+    };
+    let stale = Lease { id, attempt: 1 };
+    let current = Lease { id, attempt: 2 };
+    let written = fail_many(
+        &env.pool,
+        &[
+            Failure {
+                lease: stale,
+                error: &error,
+                retry_after: None,
+                attempt: Attempt::Counts,
+            },
+            Failure {
+                lease: current,
+                error: &error,
+                retry_after: Some(Duration::from_secs(60)),
+                attempt: Attempt::Counts,
+            },
+        ],
+    )
+    .await
+    .unwrap();
+    assert_eq!(written, vec![current]);
+    let row = env.job(id).await;
+    assert_eq!((row.state.as_str(), row.attempts), ("pending", 2));
+    assert_eq!(row.errors.as_array().unwrap().len(), 1);
+}
