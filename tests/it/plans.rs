@@ -1333,3 +1333,68 @@ async fn a_cancelled_head_brings_back_the_next_change_at_once() {
     .unwrap();
     assert_eq!(back, 2, "each contact's next change is back");
 }
+
+/// A round's failed calls (`complete::fail_many`, planned afresh on the worker's ordinary
+/// session) read the rows of the batch, whatever the planner believes of the table: no
+/// sequential scan of the jobs, a few index fetches per failure, with statistics taken on an
+/// empty queue and 20,000 jobs in it.
+#[tokio::test]
+async fn a_batch_of_failed_calls_reads_rows_in_proportion_to_it() {
+    use contact_sync::outbox::complete::{fail_many, Attempt, Failure};
+    use contact_sync::outbox::job::AttemptError;
+    use contact_sync::outbox::Lease;
+    use sqlx::postgres::PgPoolOptions;
+
+    let db = TestDb::new().await;
+    sqlx::query("ALTER TABLE contact_sync.jobs SET (autovacuum_enabled = off)")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    analyze(&db.pool).await;
+    let session = PgPoolOptions::new()
+        .max_connections(1)
+        .connect_lazy_with(db.options.clone());
+    ready(&db.pool, 1, 20_000).await;
+    const FAILED: usize = 300;
+    let ids: Vec<i64> = sqlx::query_scalar(
+        "UPDATE contact_sync.jobs SET state = 'running', attempts = 1, locked_by = 'w',
+                locked_until = now() + interval '1 hour'
+         WHERE id IN (SELECT id FROM contact_sync.jobs ORDER BY id LIMIT $1) RETURNING id",
+    )
+    .bind(FAILED as i64)
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    let error = AttemptError {
+        kind: "permanent".into(),
+        code: Some("500".into()),
+        message: "Subscriber not found".into(),
+    };
+    let failures: Vec<Failure> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| Failure {
+            lease: Lease {
+                id: *id,
+                attempt: 1,
+            },
+            error: &error,
+            retry_after: (i % 2 == 0).then_some(std::time::Duration::from_secs(60)),
+            attempt: Attempt::Counts,
+        })
+        .collect();
+    let seq_before = seq_rows_read(&db.pool, &[&session]).await;
+    let idx_before = index_rows_fetched(&db.pool).await;
+    let written = fail_many(&session, &failures).await.unwrap();
+    assert_eq!(written.len(), FAILED);
+    let seq = seq_rows_read(&db.pool, &[&session]).await - seq_before;
+    let fetched = index_rows_fetched(&db.pool).await - idx_before;
+    assert_eq!(
+        seq, 0,
+        "a batch of {FAILED} failures read the jobs table sequentially"
+    );
+    assert!(
+        fetched <= 6 * FAILED as i64,
+        "a batch of {FAILED} failures fetched {fetched} rows through indexes"
+    );
+}
