@@ -962,6 +962,25 @@ async fn flush_stats(sessions: &[&PgPool]) {
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
 }
 
+/// A database whose jobs table's statistics were taken empty and stay so (autovacuum off, as
+/// between two of its runs).
+async fn queue_with_empty_statistics() -> TestDb {
+    let db = TestDb::new().await;
+    sqlx::query("ALTER TABLE contact_sync.jobs SET (autovacuum_enabled = off)")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    analyze(&db.pool).await;
+    db
+}
+
+/// A pool of one connection: every statement through it runs in the same session.
+fn one_session(db: &TestDb) -> PgPool {
+    sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect_lazy_with(db.options.clone())
+}
+
 /// Rows of one of contact-sync's tables read by sequential scans, and fetched through index
 /// scans, so far (`pg_stat_user_tables`).
 async fn table_reads(reader: &PgPool, table: &str) -> (i64, i64) {
@@ -1028,18 +1047,9 @@ async fn plans_made_on_an_empty_queue_hold_for_a_full_one() {
     use contact_sync::outbox::{enqueue_batch, NewJob};
     use sqlx::postgres::PgPoolOptions;
 
-    let db = TestDb::new().await;
-    sqlx::query("ALTER TABLE contact_sync.jobs SET (autovacuum_enabled = off)")
-        .execute(&db.pool)
-        .await
-        .unwrap();
-    analyze(&db.pool).await;
+    let db = queue_with_empty_statistics().await;
     // one connection each: every statement of a role runs in the same session
-    let session = || {
-        PgPoolOptions::new()
-            .max_connections(1)
-            .connect_lazy_with(db.options.clone())
-    };
+    let session = || one_session(&db);
     // the worker's claims and completions run on its hot path's sessions, plans kept
     let worker = contact_sync::outbox::hot::pool(&session());
     let producer = session();
@@ -1139,7 +1149,6 @@ async fn heap_rows_read(reader: &PgPool, session: &PgPool) -> i64 {
 #[tokio::test]
 async fn console_statements_touch_rows_bounded_by_the_page() {
     use contact_sync::outbox::console as store;
-    use sqlx::postgres::PgPoolOptions;
     let db = TestDb::new().await;
     sqlx::query(
         "INSERT INTO contact_sync.jobs (provider, account, email, payload, state, attempts, finished_at, created_at)
@@ -1173,11 +1182,7 @@ async fn console_statements_touch_rows_bounded_by_the_page() {
         .await
         .unwrap();
     analyze(&db.pool).await;
-    let session = PgPoolOptions::new()
-        .max_connections(1)
-        .connect_with(db.options.clone())
-        .await
-        .unwrap();
+    let session = one_session(&db);
     let accounts = vec!["jc0".to_string(), "jc1".to_string()];
     let providers = vec![
         ("jc0".to_string(), "justclick".to_string()),
@@ -1343,17 +1348,9 @@ async fn a_batch_of_failed_calls_reads_rows_in_proportion_to_it() {
     use contact_sync::outbox::complete::{fail_many, Attempt, Failure};
     use contact_sync::outbox::job::AttemptError;
     use contact_sync::outbox::Lease;
-    use sqlx::postgres::PgPoolOptions;
 
-    let db = TestDb::new().await;
-    sqlx::query("ALTER TABLE contact_sync.jobs SET (autovacuum_enabled = off)")
-        .execute(&db.pool)
-        .await
-        .unwrap();
-    analyze(&db.pool).await;
-    let session = PgPoolOptions::new()
-        .max_connections(1)
-        .connect_lazy_with(db.options.clone());
+    let db = queue_with_empty_statistics().await;
+    let session = one_session(&db);
     ready(&db.pool, 1, 20_000).await;
     const FAILED: usize = 300;
     let ids: Vec<i64> = sqlx::query_scalar(
