@@ -15,37 +15,38 @@ async fn claim_rows(pool: &PgPool) -> (i64, Vec<i64>) {
     (buffers, ids)
 }
 
+/// The parameters of [`CLAIM_SQL`] for one claim of `limit` jobs of [`ACCOUNT`] from `floor`
+/// (None: from the start).
+fn claim_args(
+    limit: i32,
+    floor: Option<contact_sync::outbox::claim::Floor>,
+) -> sqlx::postgres::PgArguments {
+    use sqlx::Arguments;
+    let mut args = sqlx::postgres::PgArguments::default();
+    args.add(vec![ACCOUNT]).unwrap();
+    args.add(vec![limit]).unwrap();
+    args.add(30_000i64).unwrap();
+    args.add("plan-test").unwrap();
+    args.add(5i32).unwrap();
+    args.add(16i64).unwrap();
+    args.add(false).unwrap();
+    args.add(Vec::<String>::new()).unwrap();
+    args.add(vec![floor.map(|f| f.0)]).unwrap();
+    args.add(vec![floor.map(|f| f.1)]).unwrap();
+    args
+}
+
 /// Rows read, claimed ids and the plan (for failure messages).
 async fn claim_plan(pool: &PgPool) -> (i64, Vec<i64>, String) {
     let mut tx = pool.begin().await.unwrap();
     let explain = format!("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {CLAIM_SQL}");
-    let plan: sqlx::types::Json<Value> = sqlx::query_scalar(&explain)
-        .bind(vec![ACCOUNT])
-        .bind(vec![256i32])
-        .bind(30_000i64)
-        .bind("plan-test")
-        .bind(5i32)
-        .bind(16i64)
-        .bind(false)
-        .bind(Vec::<String>::new())
-        .bind(Vec::<Option<chrono::DateTime<chrono::Utc>>>::new())
-        .bind(Vec::<Option<i64>>::new())
+    let plan: sqlx::types::Json<Value> = sqlx::query_scalar_with(&explain, claim_args(256, None))
         .fetch_one(&mut *tx)
         .await
         .unwrap();
     tx.rollback().await.unwrap();
     let mut tx = pool.begin().await.unwrap();
-    let ids: Vec<i64> = sqlx::query(CLAIM_SQL)
-        .bind(vec![ACCOUNT])
-        .bind(vec![256i32])
-        .bind(30_000i64)
-        .bind("plan-test")
-        .bind(5i32)
-        .bind(16i64)
-        .bind(false)
-        .bind(Vec::<String>::new())
-        .bind(Vec::<Option<chrono::DateTime<chrono::Utc>>>::new())
-        .bind(Vec::<Option<i64>>::new())
+    let ids: Vec<i64> = sqlx::query_with(CLAIM_SQL, claim_args(256, None))
         .fetch_all(&mut *tx)
         .await
         .unwrap()
@@ -227,17 +228,7 @@ async fn ready_index_pages(
 ) -> (i64, Vec<i64>) {
     let mut tx = pool.begin().await.unwrap();
     let explain = format!("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {CLAIM_SQL}");
-    let plan: sqlx::types::Json<Value> = sqlx::query_scalar(&explain)
-        .bind(vec![ACCOUNT])
-        .bind(vec![256i32])
-        .bind(30_000i64)
-        .bind("plan-test")
-        .bind(5i32)
-        .bind(16i64)
-        .bind(false)
-        .bind(Vec::<String>::new())
-        .bind(vec![floor.map(|f| f.0)])
-        .bind(vec![floor.map(|f| f.1)])
+    let plan: sqlx::types::Json<Value> = sqlx::query_scalar_with(&explain, claim_args(256, floor))
         .fetch_one(&mut *tx)
         .await
         .unwrap();
@@ -633,23 +624,16 @@ async fn completing_a_batch_compares_rows_in_proportion_to_it() {
     const PER_STATEMENT: i64 = 200;
     const STATEMENTS: i64 = 8;
     ready(&db.pool, 1, PER_STATEMENT * STATEMENTS).await;
-    let claimed: Vec<i64> = sqlx::query(CLAIM_SQL)
-        .bind(vec![ACCOUNT])
-        .bind(vec![(PER_STATEMENT * STATEMENTS) as i32])
-        .bind(30_000i64)
-        .bind("plan-test")
-        .bind(5i32)
-        .bind(16i64)
-        .bind(false)
-        .bind(Vec::<String>::new())
-        .bind(Vec::<Option<chrono::DateTime<chrono::Utc>>>::new())
-        .bind(Vec::<Option<i64>>::new())
-        .fetch_all(&db.pool)
-        .await
-        .unwrap()
-        .iter()
-        .filter_map(|row| row.get::<Option<i64>, _>("id"))
-        .collect();
+    let claimed: Vec<i64> = sqlx::query_with(
+        CLAIM_SQL,
+        claim_args((PER_STATEMENT * STATEMENTS) as i32, None),
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap()
+    .iter()
+    .filter_map(|row| row.get::<Option<i64>, _>("id"))
+    .collect();
     assert_eq!(claimed.len(), (PER_STATEMENT * STATEMENTS) as usize);
     let mut script = String::new();
     for chunk in claimed.chunks(PER_STATEMENT as usize) {
