@@ -254,7 +254,7 @@ async fn ready_index_pages(
 /// statement (one `run_at`, as a captured bulk `UPDATE` queues them).
 #[tokio::test]
 async fn a_claim_reads_the_ready_index_from_where_the_last_one_stopped() {
-    use contact_sync::outbox::claim::{claim, AccountQuota, ClaimOptions, ReadyFloors};
+    use contact_sync::outbox::claim::ReadyFloors;
     let db = TestDb::new().await;
     let pool = &db.pool;
     sqlx::query("ALTER TABLE contact_sync.jobs SET (autovacuum_enabled = false)")
@@ -279,22 +279,11 @@ async fn a_claim_reads_the_ready_index_from_where_the_last_one_stopped() {
     .execute(pool)
     .await
     .unwrap();
-    let quotas = [AccountQuota {
-        account: ACCOUNT.into(),
-        limit: 256,
-    }];
-    let options = ClaimOptions {
-        lease: std::time::Duration::from_secs(30),
-        worker_id: "plan-test",
-        default_max_attempts: 5,
-        max_followers: 1,
-        captured: &[],
-    };
     let mut floors = ReadyFloors::default();
-    let first = claim(pool, &quotas, &options, &mut floors).await.unwrap();
-    assert_eq!(first.jobs.len(), 256);
+    let first = claim_committed_from(pool, &mut floors).await;
+    assert_eq!(first.len(), 256);
     let floor = floors.floor(ACCOUNT);
-    let last = first.jobs.iter().map(|j| j.id).max().unwrap();
+    let last = first.iter().map(|j| j.id).max().unwrap();
     assert_eq!(floor.map(|f| f.1), Some(last), "{floor:?}");
 
     let from_start = ready_index_pages(pool, None).await;
@@ -304,8 +293,8 @@ async fn a_claim_reads_the_ready_index_from_where_the_last_one_stopped() {
         "pages of the ready index read from the start {from_start:?}, from the floor {from_floor:?}"
     );
     // the next claim goes on in order after the first
-    let next = claim(pool, &quotas, &options, &mut floors).await.unwrap();
-    let mut ids: Vec<i64> = next.jobs.iter().map(|j| j.id).collect();
+    let next = claim_committed_from(pool, &mut floors).await;
+    let mut ids: Vec<i64> = next.iter().map(|j| j.id).collect();
     ids.sort_unstable();
     assert_eq!(ids, ((last + 1)..=(last + 256)).collect::<Vec<_>>());
 }
@@ -313,6 +302,17 @@ async fn a_claim_reads_the_ready_index_from_where_the_last_one_stopped() {
 /// One claim of up to 256 jobs, committed (its passes set waiting what they find blocked); returns how
 /// many it claimed.
 async fn claim_committed(pool: &PgPool) -> usize {
+    claim_committed_from(pool, &mut Default::default())
+        .await
+        .len()
+}
+
+/// One claim of up to 256 jobs, committed, starting from these floors (which it moves); returns
+/// the jobs it claimed.
+async fn claim_committed_from(
+    pool: &PgPool,
+    floors: &mut contact_sync::outbox::claim::ReadyFloors,
+) -> Vec<contact_sync::outbox::ClaimedJob> {
     use contact_sync::outbox::claim::{claim, AccountQuota, ClaimOptions};
     let quotas = [AccountQuota {
         account: ACCOUNT.into(),
@@ -325,11 +325,7 @@ async fn claim_committed(pool: &PgPool) -> usize {
         max_followers: 1,
         captured: &[],
     };
-    claim(pool, &quotas, &options, &mut Default::default())
-        .await
-        .unwrap()
-        .jobs
-        .len()
+    claim(pool, &quotas, &options, floors).await.unwrap().jobs
 }
 
 /// Waiting changes come back, one at a time and in order, after every way the call they wait
