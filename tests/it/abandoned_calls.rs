@@ -117,11 +117,7 @@ async fn a_shutdown_holds_the_calls_it_abandons() {
         .await;
     let worker = env.worker();
     let stop = Shutdown::new();
-    let run = tokio::spawn({
-        let worker = worker.clone();
-        let stop = stop.clone();
-        async move { worker.run(stop).await }
-    });
+    let run = spawn_worker(&worker, &stop);
     env.wait_for_state(first, "running", Duration::from_secs(10))
         .await;
     tokio::time::sleep(Duration::from_millis(200)).await;

@@ -1222,11 +1222,7 @@ async fn a_killed_backfill_resumes_and_live_changes_keep_their_order() {
     // resumed with a worker delivering and the application writing
     let worker = env.worker();
     let stop = contact_sync::worker::Shutdown::new();
-    let run = tokio::spawn({
-        let worker = worker.clone();
-        let stop = stop.clone();
-        async move { worker.run(stop).await }
-    });
+    let run = spawn_worker(&worker, &stop);
     let writer = tokio::spawn({
         let pool = env.pool.clone();
         async move {

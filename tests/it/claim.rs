@@ -289,11 +289,7 @@ async fn a_live_workers_claim_whose_answer_was_lost_is_returned() {
     .execute(&env.pool)
     .await
     .unwrap();
-    let run = tokio::spawn({
-        let worker = worker.clone();
-        let stop = stop.clone();
-        async move { worker.run(stop).await }
-    });
+    let run = spawn_worker(&worker, &stop);
     env.wait_for_state(lost, "succeeded", Duration::from_secs(20))
         .await;
     let row = env.job(lost).await;
@@ -713,11 +709,7 @@ async fn a_job_queued_in_the_past_is_claimed_within_a_second_of_its_notify() {
     env.settings.worker.poll_interval = Duration::from_secs(30);
     let worker = env.worker();
     let stop = tokio_util::sync::CancellationToken::new();
-    let run = tokio::spawn({
-        let worker = worker.clone();
-        let stop = stop.clone();
-        async move { worker.run(stop).await }
-    });
+    let run = spawn_worker(&worker, &stop);
     for round in 0..3 {
         // a job of now: its NOTIFY wakes the worker, its claim reads from a floor after it
         let now = env

@@ -437,11 +437,7 @@ async fn a_held_ledger_row_keeps_back_its_own_outcome_only() {
         .await;
     let worker = env.worker();
     let stop = tokio_util::sync::CancellationToken::new();
-    let run = tokio::spawn({
-        let worker = worker.clone();
-        let stop = stop.clone();
-        async move { worker.run(stop).await }
-    });
+    let run = spawn_worker(&worker, &stop);
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     let mut holder = env.pool.begin().await.unwrap();
     loop {
@@ -515,11 +511,7 @@ async fn a_shutdown_gives_an_answered_calls_ledger_write_its_time() {
     settings.worker.shutdown_timeout = Duration::from_secs(10);
     let worker = env.worker_with(&settings, env.pool.clone());
     let stop = tokio_util::sync::CancellationToken::new();
-    let run = tokio::spawn({
-        let worker = worker.clone();
-        let stop = stop.clone();
-        async move { worker.run(stop).await }
-    });
+    let run = spawn_worker(&worker, &stop);
     hide_the_ledger_until_answered(&env, "s@example.com").await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     stop.cancel();

@@ -411,3 +411,14 @@ pub async fn insert_unchecked(env: &TestEnv, sql: &str) {
         .unwrap();
     tx.commit().await.unwrap();
 }
+
+/// Runs `worker` in the background until `stop` (a `CancellationToken` or a
+/// `contact_sync::worker::Shutdown`) ends it; the handle gives its report.
+pub fn spawn_worker<S>(worker: &Worker, stop: &S) -> tokio::task::JoinHandle<Report>
+where
+    S: Into<contact_sync::worker::Shutdown> + Clone + Send + 'static,
+{
+    let worker = worker.clone();
+    let stop = stop.clone();
+    tokio::spawn(async move { worker.run(stop).await })
+}

@@ -68,11 +68,7 @@ async fn producers_at_every_isolation_level_gain_no_serialization_failure() {
         .unwrap();
     let worker = env.worker();
     let stop = contact_sync::worker::Shutdown::new();
-    let run = tokio::spawn({
-        let worker = worker.clone();
-        let stop = stop.clone();
-        async move { worker.run(stop).await }
-    });
+    let run = spawn_worker(&worker, &stop);
     for level in ["READ COMMITTED", "REPEATABLE READ", "SERIALIZABLE"] {
         let plain = failures(
             &env.pool,

@@ -39,11 +39,7 @@ async fn a_running_job_locked_by_an_operator_costs_no_lease_and_stalls_nothing()
         .await;
     let worker = env.worker();
     let stop = Shutdown::new();
-    let run = tokio::spawn({
-        let worker = worker.clone();
-        let stop = stop.clone();
-        async move { worker.run(stop).await }
-    });
+    let run = spawn_worker(&worker, &stop);
     env.wait_for_state(locked, "running", Duration::from_secs(10))
         .await;
 

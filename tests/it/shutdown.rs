@@ -17,11 +17,7 @@ async fn shutdown_releases_unfinished_claims() {
     settings.worker.shutdown_timeout = Duration::from_millis(300);
     let worker = env.worker_with(&settings, env.pool.clone());
     let stop = CancellationToken::new();
-    let run = tokio::spawn({
-        let worker = worker.clone();
-        let stop = stop.clone();
-        async move { worker.run(stop).await }
-    });
+    let run = spawn_worker(&worker, &stop);
     // wait until calls are in flight
     for _ in 0..200 {
         if env.count("running").await == 8 {
@@ -62,11 +58,7 @@ async fn shutdown_waits_for_calls_that_finish_in_time() {
     }
     let worker = env.worker();
     let stop = CancellationToken::new();
-    let run = tokio::spawn({
-        let worker = worker.clone();
-        let stop = stop.clone();
-        async move { worker.run(stop).await }
-    });
+    let run = spawn_worker(&worker, &stop);
     for _ in 0..200 {
         if env.count("running").await == 4 {
             break;
