@@ -98,24 +98,20 @@ pub fn install_sql(
     let (schema, _) = source.schema_and_table();
     for operation in OPERATIONS {
         let mut body = String::new();
-        if operation == "update" {
-            // an update of columns no mapping reads (the usual `last_seen_at = now()`) stops here
-            // (a mapping that no longer fits the table goes on: each account records it below)
-            write!(
-                body,
-                "    BEGIN\n        IF NOT EXISTS (\n{}\n        ) THEN\n            {RESTORE_WORK_MEM}\n            RETURN NULL;\n        END IF;\n    \
-                 EXCEPTION WHEN others THEN\n        IF SQLSTATE NOT LIKE '42%' THEN\n            RAISE;\n        END IF;\n    END;\n",
-                indent(&changed_sql(source, &watched(source, checked, None)), 12).trim_end()
-            )
-            .ok();
-        }
         let blocks: Vec<(&Target, Option<Vec<String>>)> = targets
             .iter()
             .map(|t| (t, watched(source, checked, Some(t.account))))
             .collect();
+        if operation == "update" {
+            body.push_str(&update_gate_sql(source, checked, &blocks));
+        }
         let mut fallback = String::new();
-        for (target, watched) in &blocks {
-            fallback.push_str(&target_block(name, source, operation, target, watched));
+        for (i, (target, watched)) in blocks.iter().enumerate() {
+            fallback.push_str(&gated(
+                operation,
+                i,
+                &target_block(name, source, operation, target, watched),
+            ));
         }
         body.push_str(&small_statement_sql(
             name, source, operation, &blocks, &fallback,
@@ -131,6 +127,7 @@ pub fn install_sql(
              AS $contact_sync_capture$\n\
              DECLARE\n    _cs_keys text[];\n    _cs_stack int[];\n    _cs_lo int;\n    _cs_hi int;\n    _cs_mid int;\n\
              \x20   _cs_small boolean;\n    _cs_rows bigint;\n    _cs_accounts text[];\n    _cs_emails text[];\n    _cs_payloads jsonb[];\n\
+             \x20   _cs_changed boolean[];\n    _cs_a text[];\n    _cs_e text[];\n    _cs_p jsonb[];\n\
              \x20   _cs_work_mem text := current_setting('work_mem');\n\
              BEGIN\n\
              \x20   -- (at least {WORK_MEM} for the comparisons, the session's own again on the way out)\n\
@@ -292,6 +289,16 @@ fn watched(
 /// The rows of an `UPDATE` whose watched columns changed (or whose key did): one hash join of
 /// the transition tables, `SELECT k` of the keys as text.
 fn changed_sql(source: &SourceSettings, watched: &Option<Vec<String>>) -> String {
+    format!(
+        "SELECT coalesce(n.{key}, o.{key}) AS k FROM old_rows o FULL JOIN new_rows n ON n.{key} = o.{key}\n\
+         WHERE {}",
+        differs_sql(source, watched),
+        key = source.key
+    )
+}
+
+/// Whether an `UPDATE`'s row (old `o`, new `n`) changed in the watched columns, or its key did.
+fn differs_sql(source: &SourceSettings, watched: &Option<Vec<String>>) -> String {
     let differs = match watched {
         Some(columns) => {
             let list = |a: &str| {
@@ -308,9 +315,73 @@ fn changed_sql(source: &SourceSettings, watched: &Option<Vec<String>>) -> String
         None => "ROW(o.*)::text IS DISTINCT FROM ROW(n.*)::text".to_string(),
     };
     format!(
-        "SELECT coalesce(n.{key}, o.{key}) AS k FROM old_rows o FULL JOIN new_rows n ON n.{key} = o.{key}\n\
-         WHERE o.{key} IS NULL OR n.{key} IS NULL OR {differs}",
+        "o.{key} IS NULL OR n.{key} IS NULL OR {differs}",
         key = source.key
+    )
+}
+
+/// The start of an `UPDATE`'s function: which accounts' columns changed (`_cs_changed[i]`, in
+/// the order of the targets), in one hash join of the transition tables. An update of columns
+/// no mapping reads (the usual `last_seen_at = now()`) stops here; an account whose columns did
+/// not change is not evaluated below (the statements of a one-row update cost mostly their
+/// set-up, in proportion to their size). A mapping that no longer fits the table goes on with
+/// every account: each records it below.
+fn update_gate_sql(
+    source: &SourceSettings,
+    checked: &CheckedSource,
+    blocks: &[(&Target, Option<Vec<String>>)],
+) -> String {
+    let flags: Vec<String> = blocks
+        .iter()
+        .enumerate()
+        .map(|(i, _)| format!("coalesce(bool_or(s.d{i}), false)"))
+        .collect();
+    let differs: Vec<String> = blocks
+        .iter()
+        .enumerate()
+        .map(|(i, (_, watched))| format!("({}) AS d{i}", differs_sql(source, watched)))
+        .collect();
+    let all = vec!["true"; blocks.len()].join(", ");
+    let select = format!(
+        "SELECT ARRAY[{}]::boolean[]\n\
+         INTO _cs_changed\n\
+         FROM (\n\
+         \x20   SELECT {}\n\
+         \x20   FROM old_rows o FULL JOIN new_rows n ON n.{key} = o.{key}\n\
+         \x20   WHERE {}\n\
+         ) s;",
+        flags.join(", "),
+        differs.join(",\n           "),
+        differs_sql(source, &watched(source, checked, None)),
+        key = source.key,
+    );
+    format!(
+        "    BEGIN\n\
+         {select}\
+         \x20       IF NOT (true = ANY (_cs_changed)) THEN\n\
+         \x20           {RESTORE_WORK_MEM}\n\
+         \x20           RETURN NULL;\n\
+         \x20       END IF;\n\
+         \x20   EXCEPTION WHEN others THEN\n\
+         \x20       IF SQLSTATE NOT LIKE '42%' THEN\n\
+         \x20           RAISE;\n\
+         \x20       END IF;\n\
+         \x20       _cs_changed := ARRAY[{all}];\n\
+         \x20   END;\n",
+        select = indent(&select, 8),
+    )
+}
+
+/// `statements` run only when target `i`'s columns changed (an `UPDATE`; every target for the
+/// other operations).
+fn gated(operation: &str, i: usize, statements: &str) -> String {
+    if operation != "update" || statements.is_empty() {
+        return statements.to_string();
+    }
+    format!(
+        "    IF _cs_changed[{}] THEN\n{}    END IF;\n",
+        i + 1,
+        indent(statements, 4)
     )
 }
 
@@ -417,9 +488,11 @@ fn all_changes_sql(
 /// A statement of at most [`SMALL_STATEMENT_ROWS`] rows: every target's jobs evaluated and
 /// checked as the insert checks them (an invalid one raises), in a block that writes nothing
 /// (a subtransaction without a transaction id), then inserted in one statement of the
-/// application's own transaction. A statement that fails the check, or a larger one, goes
-/// through `fallback` (the targets' blocks: each inserts in a subtransaction of its own, and
-/// records the rows at fault).
+/// application's own transaction (whose insert trigger does not check them again: see
+/// `contact_sync.jobs_after_insert`). A target of an `UPDATE` whose columns did not change is
+/// not evaluated. A statement that fails the check, or a larger one, goes through `fallback`
+/// (the targets' blocks: each inserts in a subtransaction of its own, and records the rows at
+/// fault).
 fn small_statement_sql(
     name: &str,
     source: &SourceSettings,
@@ -427,18 +500,28 @@ fn small_statement_sql(
     targets: &[(&Target, Option<Vec<String>>)],
     fallback: &str,
 ) -> String {
-    let branches: Vec<String> = targets
+    // one statement per target, appending its checked jobs to the statement's (in the order
+    // of the targets, each target's in the order of its insert)
+    let collects: Vec<String> = targets
         .iter()
         .enumerate()
         .filter_map(|(i, (target, watched))| {
             let changes = all_changes_sql(source, operation, target, watched)?;
-            Some(format!(
-                "SELECT {i} AS t, c.* FROM (\n{}\nSELECT * FROM changes\n) c",
-                indent(&changes, 4).trim_end()
-            ))
+            let collect = format!(
+                "SELECT array_agg(x.account ORDER BY x.seq, x.k), array_agg(x.email ORDER BY x.seq, x.k),\n\
+                 \x20      array_agg(x.payload ORDER BY x.seq, x.k)\n\
+                 INTO _cs_a, _cs_e, _cs_p\n\
+                 FROM (\n{}\nSELECT * FROM changes\n) x\n\
+                 WHERE x.payload - 'modify_ts' <> '{{}}'::jsonb;\n\
+                 _cs_accounts := _cs_accounts || _cs_a;\n\
+                 _cs_emails := _cs_emails || _cs_e;\n\
+                 _cs_payloads := _cs_payloads || _cs_p;\n",
+                indent(&changes, 4).trim_end(),
+            );
+            Some(gated(operation, i, &indent(&collect, 4)))
         })
         .collect();
-    if branches.is_empty() {
+    if collects.is_empty() {
         return String::new();
     }
     let providers: Vec<String> = targets
@@ -451,30 +534,56 @@ fn small_statement_sql(
             )
         })
         .collect();
+    // the jobs checked as the insert's trigger would check them, with its search path (the
+    // function's own, which finds the application's schema for the mapping's expressions, could
+    // find a look-alike of a function the check calls): the trigger does not check them again
+    // (see `contact_sync.jobs_after_insert`). One statement per provider, whose rules alone
+    // are in its plan.
+    let mut checks = String::new();
+    for provider in [ProviderKind::Justclick, ProviderKind::Smartlink] {
+        let accounts: Vec<String> = targets
+            .iter()
+            .filter(|(t, _)| t.provider == provider)
+            .map(|(t, _)| literal(t.account))
+            .collect();
+        if accounts.is_empty() {
+            continue;
+        }
+        write!(
+            checks,
+            "    PERFORM 1 FROM unnest(_cs_accounts, _cs_emails, _cs_payloads) AS u(account, email, payload)\n\
+             \x20   WHERE u.account IN ({}) AND NOT contact_sync.validate_job({}, u.email, u.payload);\n",
+            accounts.join(", "),
+            literal(provider.as_str()),
+        )
+        .ok();
+    }
     let rows = if operation == "delete" {
         "old_rows"
     } else {
         "new_rows"
     };
-    // (the bound tested where the rows are read: a larger statement reads nothing here)
-    let count = format!(
-        "(SELECT count(*) FROM (SELECT FROM {rows} LIMIT {}) s)",
-        SMALL_STATEMENT_ROWS + 1
-    );
-    let small = format!("{count} <= {SMALL_STATEMENT_ROWS}");
+    // (a larger statement reads no more than this of its rows here)
     let collect = format!(
-        "SELECT {count},\n\
-         \x20      array_agg(x.account ORDER BY x.t, x.seq, x.k), array_agg(x.email ORDER BY x.t, x.seq, x.k),\n\
-         \x20      array_agg(x.payload ORDER BY x.t, x.seq, x.k)\n\
-         INTO _cs_rows, _cs_accounts, _cs_emails, _cs_payloads\n\
-         FROM (\n{}\n) x\n\
-         WHERE {small}\n\
-         \x20 AND CASE WHEN x.payload - 'modify_ts' <> '{{}}'::jsonb THEN contact_sync.validate_job(x.provider, x.email, x.payload) ELSE false END;\n\
-         -- (an account of another provider fails the insert: the blocks below record it)\n\
-         PERFORM contact_sync.reject('contact_sync: an account''s provider differs', NULL, to_jsonb(a.account))\n\
-         FROM contact_sync.accounts a WHERE {};",
-        indent(&branches.join("\nUNION ALL\n"), 4).trim_end(),
+        "SELECT count(*) INTO _cs_rows FROM (SELECT FROM {rows} LIMIT {}) s;\n\
+         _cs_small := _cs_rows <= {SMALL_STATEMENT_ROWS};\n\
+         IF _cs_small THEN\n\
+         {}\
+         \x20   -- (an account of another provider fails the insert: the blocks below record it)\n\
+         \x20   PERFORM contact_sync.reject('contact_sync: an account''s provider differs', NULL, to_jsonb(a.account))\n\
+         \x20   FROM contact_sync.accounts a WHERE {};\n\
+         \x20   IF _cs_accounts IS NOT NULL THEN\n\
+         \x20       -- (plans kept for the session from here on: nothing in them depends on the\n\
+         \x20       -- arrays' values, and planning the checks takes longer than running them)\n\
+         \x20       PERFORM set_config('plan_cache_mode', 'force_generic_plan', true);\n\
+         \x20       PERFORM set_config('search_path', 'pg_catalog, pg_temp', true);\n\
+         {}\
+         \x20   END IF;\n\
+         END IF;\n",
+        SMALL_STATEMENT_ROWS + 1,
+        collects.concat(),
         providers.join(" OR "),
+        indent(&checks, 4),
     );
     let provider_of = targets
         .iter()
@@ -492,7 +601,6 @@ fn small_statement_sql(
          \x20   -- application's own transaction (no subtransaction id: see SMALL_STATEMENT_ROWS)\n\
          \x20   BEGIN\n\
          {collect}\
-         \x20       _cs_small := _cs_rows <= {SMALL_STATEMENT_ROWS};\n\
          \x20   EXCEPTION WHEN others THEN\n\
          \x20       IF SQLSTATE NOT LIKE '22%' AND SQLSTATE NOT LIKE '23%' AND SQLSTATE NOT LIKE '42%' THEN\n\
          \x20           RAISE;\n\
@@ -501,10 +609,10 @@ fn small_statement_sql(
          \x20   END;\n\
          \x20   IF _cs_small THEN\n\
          \x20       IF _cs_accounts IS NOT NULL THEN\n\
-         \x20           -- (a plan kept for the session: nothing in it depends on the arrays' values)\n\
-         \x20           PERFORM set_config('plan_cache_mode', 'force_generic_plan', true);\n\
-         \x20           -- (jobs the insert's own check refuses after all are taken out again and the\n\
-         \x20           -- statement recorded as not captured: the application's statement goes on)\n\
+         \x20           -- (checked above: the insert's trigger checks only the accounts' providers again;\n\
+         \x20           -- jobs it refuses after all, an account given another provider since, are taken\n\
+         \x20           -- out again and the statement recorded as not captured: the application's\n\
+         \x20           -- statement goes on)\n\
          \x20           PERFORM set_config('contact_sync.capture', {marker} || _cs_rows, true);\n\
          \x20           INSERT INTO contact_sync.jobs (provider, account, email, payload)\n\
          \x20           SELECT CASE u.account {provider_of} END, u.account, u.email, u.payload\n\
