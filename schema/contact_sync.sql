@@ -112,23 +112,16 @@ BEGIN
             to_jsonb(n.id))
         FROM new_jobs n
         WHERE (v_providers ->> n.account) <> n.provider;
-        IF v_capture <> '' THEN
-            -- a capture function's small statement: checked by the same function with this
-            -- trigger's search path an instant before (only the accounts' providers, above, may
-            -- have changed since)
-            NULL;
-        ELSIF NOT v_not_all_justclick THEN
+        IF NOT v_not_all_justclick THEN
             PERFORM 1 FROM new_jobs n WHERE NOT contact_sync.validate_job('justclick', n.email, n.payload);
         ELSIF NOT v_not_all_smartlink THEN
             PERFORM 1 FROM new_jobs n WHERE NOT contact_sync.validate_job('smartlink', n.email, n.payload);
         ELSE
             PERFORM 1 FROM new_jobs n WHERE NOT contact_sync.validate_job(n.provider, n.email, n.payload);
         END IF;
-        IF v_capture = '' THEN
-            PERFORM contact_sync.reject('contact_sync: run_at must be a finite time, got ' || n.run_at::text,
-                                        'pass a timestamp (or omit run_at for now)', to_jsonb(n.id))
-            FROM new_jobs n WHERE NOT isfinite(n.run_at);
-        END IF;
+        PERFORM contact_sync.reject('contact_sync: run_at must be a finite time, got ' || n.run_at::text,
+                                    'pass a timestamp (or omit run_at for now)', to_jsonb(n.id))
+        FROM new_jobs n WHERE NOT isfinite(n.run_at);
     EXCEPTION WHEN others THEN
         IF v_capture = '' OR NOT (SQLSTATE LIKE '22%' OR SQLSTATE LIKE '23%' OR SQLSTATE LIKE '42%') THEN
             RAISE;

@@ -105,6 +105,7 @@ pub fn install_sql(
         if operation == "update" {
             body.push_str(&update_gate_sql(source, checked, &blocks));
         }
+        body.push_str(SET_CAPTURE_TIME);
         let mut fallback = String::new();
         for (i, (target, watched)) in blocks.iter().enumerate() {
             fallback.push_str(&gated(
@@ -819,8 +820,20 @@ pub fn page_sql(
     ))
 }
 
-/// The capture time in milliseconds: Smartlink's `modify_ts` when none is mapped.
-const CAPTURE_TIME: &str = "floor(extract(epoch FROM clock_timestamp()) * 1000)::bigint";
+/// The capture time in milliseconds: Smartlink's `modify_ts` when none is mapped. One per
+/// captured statement ([`SET_CAPTURE_TIME`], set when its function starts): a contact's
+/// changes of one statement (an address that stops, the same address that starts again in
+/// another row) must not carry times in the order their rows happened to be evaluated, which
+/// is not the order they are queued in, or Smartlink drops the one queued last as older. A
+/// backfill's read has no capture function: the time of the row's evaluation.
+const CAPTURE_TIME: &str =
+    "coalesce(nullif(current_setting('contact_sync.capture_ts', true), '')::bigint, \
+                            floor(extract(epoch FROM clock_timestamp()) * 1000)::bigint)";
+
+/// Sets [`CAPTURE_TIME`] for the statement a capture function runs for (after the row locks
+/// that order the writers of one row: so a change committed last carries the later time).
+const SET_CAPTURE_TIME: &str = "    PERFORM set_config('contact_sync.capture_ts', \
+                                floor(extract(epoch FROM clock_timestamp()) * 1000)::bigint::text, true);\n";
 
 /// The payload of one change: every mapped field of `alias` (`compared_with`: only those that
 /// differ from it). A field whose value is SQL NULL is left out.

@@ -1303,12 +1303,27 @@ async fn hostile_writes_and_schemas_keep_the_providers_right() {
     )
     .await;
     // an address swap
+    let last: i64 = sqlx::query_scalar("SELECT coalesce(max(id), 0) FROM contact_sync.jobs")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
     exec(
         &env,
         "UPDATE users u SET email = v.e FROM (VALUES ('k1@example.com', 'k2@example.com'), ('k2@example.com', 'k1@example.com')) v(o, e) \
          WHERE u.email = v.o",
     )
     .await;
+    // (its Smartlink changes, unsubscribes queued before subscribes, carry one capture time:
+    // times taken row by row could make a subscribe look older than the unsubscribe before it,
+    // and Smartlink would drop it)
+    let times: Vec<Option<String>> = sqlx::query_scalar(
+        "SELECT DISTINCT payload ->> 'modify_ts' FROM contact_sync.jobs WHERE account = 'sl' AND id > $1",
+    )
+    .bind(last)
+    .fetch_all(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(times.len(), 1, "{times:?}");
     // a malformed address, fixed
     exec(
         &env,
