@@ -57,6 +57,11 @@ pub struct CaptureResult {
 
 const SINGLE_ROW_UPDATES: i64 = 300;
 
+/// Rounds of [`SINGLE_ROW_UPDATES`], the fastest kept: a round takes a fraction of a second, so
+/// a stall of the machine moves one round's mean by as much as capture does (two rounds gave
+/// 0.82 and 1.67 ms with capture for one build within an hour).
+const SINGLE_ROW_ROUNDS: i64 = 6;
+
 pub async fn measure(pool: &PgPool, config: &Path, rows: i64) -> anyhow::Result<CaptureResult> {
     eprintln!("bench: capture, a table of {rows} rows ...");
     let mut settings = Settings::load_from(Some(config), |_| None, Some(Vec::new()))?;
@@ -175,14 +180,14 @@ struct Timings {
     single: Duration,
 }
 
-/// Each statement twice, the faster kept, from a vacuumed table; the jobs a run queued are
-/// removed before the next.
+/// Each bulk statement twice, the faster kept, from a vacuumed table (the jobs a run queued are
+/// removed before the next); the one-row updates in [`SINGLE_ROW_ROUNDS`] rounds.
 async fn timings(pool: &PgPool, rows: i64) -> anyhow::Result<Timings> {
     let best = |d: Duration, slot: &mut Option<Duration>| {
         *slot = Some(slot.map_or(d, |s| s.min(d)));
     };
     let (mut unmapped, mut mapped, mut single) = (None, None, None);
-    for round in 0..2 {
+    for _ in 0..2 {
         clean(pool).await?;
         let started = Instant::now();
         sqlx::query(&format!("UPDATE {TABLE} SET last_seen_at = now()"))
@@ -195,7 +200,9 @@ async fn timings(pool: &PgPool, rows: i64) -> anyhow::Result<Timings> {
             .execute(pool)
             .await?;
         best(started.elapsed(), &mut mapped);
-        clean(pool).await?;
+    }
+    clean(pool).await?;
+    for round in 0..SINGLE_ROW_ROUNDS {
         let started = Instant::now();
         for i in 0..SINGLE_ROW_UPDATES {
             let id = 1 + (i * 7919 + round * 31) % rows.max(1);
