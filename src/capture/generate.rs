@@ -489,8 +489,8 @@ fn all_changes_sql(
 /// A statement of at most [`SMALL_STATEMENT_ROWS`] rows: every target's jobs evaluated and
 /// checked as the insert checks them (an invalid one raises), in a block that writes nothing
 /// (a subtransaction without a transaction id), then inserted in one statement of the
-/// application's own transaction (whose insert trigger does not check them again: see
-/// `contact_sync.jobs_after_insert`). A target of an `UPDATE` whose columns did not change is
+/// application's own transaction (whose insert trigger checks them again, as it checks every
+/// insert). A target of an `UPDATE` whose columns did not change is
 /// not evaluated. A statement that fails the check, or a larger one, goes through `fallback`
 /// (the targets' blocks: each inserts in a subtransaction of its own, and records the rows at
 /// fault).
@@ -535,11 +535,10 @@ fn small_statement_sql(
             )
         })
         .collect();
-    // the jobs checked as the insert's trigger would check them, with its search path (the
+    // the jobs checked as the insert's trigger checks them, with its search path (the
     // function's own, which finds the application's schema for the mapping's expressions, could
-    // find a look-alike of a function the check calls): the trigger does not check them again
-    // (see `contact_sync.jobs_after_insert`). One statement per provider, whose rules alone
-    // are in its plan.
+    // find a look-alike of a function the check calls, and pass what the trigger then refuses).
+    // One statement per provider, whose rules alone are in its plan.
     let mut checks = String::new();
     for provider in [ProviderKind::Justclick, ProviderKind::Smartlink] {
         let accounts: Vec<String> = targets
@@ -610,10 +609,9 @@ fn small_statement_sql(
          \x20   END;\n\
          \x20   IF _cs_small THEN\n\
          \x20       IF _cs_accounts IS NOT NULL THEN\n\
-         \x20           -- (checked above: the insert's trigger checks only the accounts' providers again;\n\
-         \x20           -- jobs it refuses after all, an account given another provider since, are taken\n\
-         \x20           -- out again and the statement recorded as not captured: the application's\n\
-         \x20           -- statement goes on)\n\
+         \x20           -- (jobs the insert's own check refuses after all, an account given another\n\
+         \x20           -- provider since, are taken out again and the statement recorded as not\n\
+         \x20           -- captured: the application's statement goes on)\n\
          \x20           PERFORM set_config('contact_sync.capture', {marker} || _cs_rows, true);\n\
          \x20           INSERT INTO contact_sync.jobs (provider, account, email, payload)\n\
          \x20           SELECT CASE u.account {provider_of} END, u.account, u.email, u.payload\n\
