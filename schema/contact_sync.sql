@@ -571,7 +571,17 @@ CREATE TABLE contact_sync.jobs (
     waits_for bigint,
     CONSTRAINT jobs_account_check CHECK ((((length(account) >= 1) AND (length(account) <= 64)) AND (ltrim(account, 'abcdefghijklmnopqrstuvwxyz0123456789_'::text) = ''::text))),
     CONSTRAINT jobs_max_attempts_check CHECK (((max_attempts IS NULL) OR (max_attempts >= 1))),
-    CONSTRAINT jobs_state_check CHECK ((state = ANY (ARRAY['pending'::text, 'running'::text, 'succeeded'::text, 'dead'::text, 'cancelled'::text, 'coalesced'::text])))
+    CONSTRAINT jobs_state_check CHECK ((state = ANY (ARRAY['pending'::text, 'running'::text, 'succeeded'::text, 'dead'::text, 'cancelled'::text, 'coalesced'::text]))),
+    CONSTRAINT jobs_values_check CHECK (
+CASE
+    WHEN (NOT ((run_at > '-infinity'::timestamp with time zone) AND (run_at < '10000-01-01 00:00:00+00'::timestamp with time zone))) THEN contact_sync.reject(('contact_sync: run_at must be a finite time before the year 10000, got '::text || (run_at)::text), 'pass a timestamp (or omit run_at for now)'::text, NULL::jsonb)
+    WHEN (NOT ((created_at > '-infinity'::timestamp with time zone) AND (created_at < '10000-01-01 00:00:00+00'::timestamp with time zone))) THEN contact_sync.reject(('contact_sync: created_at must be a finite time before the year 10000, got '::text || (created_at)::text), 'omit created_at: it defaults to now()'::text, NULL::jsonb)
+    WHEN ((locked_until IS NOT NULL) AND (NOT ((locked_until > '-infinity'::timestamp with time zone) AND (locked_until < '10000-01-01 00:00:00+00'::timestamp with time zone)))) THEN contact_sync.reject(('contact_sync: locked_until must be a finite time before the year 10000, got '::text || (locked_until)::text), 'leases are the worker''s to set; leave it NULL'::text, NULL::jsonb)
+    WHEN ((finished_at IS NOT NULL) AND (NOT ((finished_at > '-infinity'::timestamp with time zone) AND (finished_at < '10000-01-01 00:00:00+00'::timestamp with time zone)))) THEN contact_sync.reject(('contact_sync: finished_at must be a finite time before the year 10000, got '::text || (finished_at)::text), 'leave it NULL: the worker sets it'::text, NULL::jsonb)
+    WHEN ((attempts < 0) OR (attempts > 999999)) THEN contact_sync.reject(('contact_sync: attempts must be between 0 and 999999, got '::text || attempts), 'omit attempts: it starts at 0'::text, NULL::jsonb)
+    WHEN (jsonb_typeof(errors) <> 'array'::text) THEN contact_sync.reject(('contact_sync: errors must be a JSON array, got '::text || jsonb_typeof(errors)), 'omit errors: it starts as []'::text, NULL::jsonb)
+    ELSE true
+END)
 );
 ALTER TABLE ONLY contact_sync.jobs ALTER COLUMN state SET STATISTICS 0;
 

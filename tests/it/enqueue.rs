@@ -240,23 +240,28 @@ async fn non_finite_run_at_is_refused() {
             "{err}"
         );
     }
-    // Several faults in one statement: the account of every row is checked first, then every
-    // row's fields, then every row's run_at, whichever row comes first.
+    // Several faults in one statement: a row's run_at is checked as the row is written (the
+    // table's own check), then the account of every row, then every row's fields, whichever
+    // row comes first.
     sqlx::query("INSERT INTO contact_sync.accounts (account, provider) VALUES ('jc', 'justclick')")
         .execute(&env.pool)
         .await
         .unwrap();
     for (rows, expected) in [
         (
-            "('smartlink', 'zz', 'a@b.co', 'infinity'), ('smartlink', 'zz', 'bad', now())",
+            "('smartlink', 'zz', 'bad', now()), ('smartlink', 'zz', 'a@b.co', 'infinity')",
+            "run_at must be a finite time",
+        ),
+        (
+            "('nope', 'zz', 'a@b.co', now()), ('justclick', 'zz', 'a@b.co', '-infinity')",
+            "run_at must be a finite time",
+        ),
+        (
+            "('smartlink', 'zz', 'a@b.co', now()), ('smartlink', 'zz', 'bad', now())",
             "malformed email",
         ),
         (
-            "('justclick', 'zz', 'a@b.co', '-infinity'), ('nope', 'zz', 'a@b.co', now())",
-            "unknown provider",
-        ),
-        (
-            "('justclick', 'zz', 'bad', 'infinity'), ('smartlink', 'jc', 'a@b.co', now())",
+            "('justclick', 'zz', 'bad', now()), ('smartlink', 'jc', 'a@b.co', now())",
             "is a justclick account, not smartlink",
         ),
     ] {
@@ -269,6 +274,126 @@ async fn non_finite_run_at_is_refused() {
         assert!(err.to_string().contains(expected), "{rows}: {err}");
     }
     inspect::status(&env.pool).await.unwrap();
+}
+
+/// The table's own check holds where the triggers do not run (`pg_restore --disable-triggers`,
+/// `session_replication_role = replica`) and for hand-written updates of any column: a time no
+/// reader can represent (one such job failed every claim of its account, or stopped the worker),
+/// an attempt count that overflows the claim, an `errors` that is not an array are refused with
+/// what to fix. Jobs within them, however odd, are claimed and shown like any other.
+#[tokio::test]
+async fn values_no_reader_can_use_are_refused_even_with_the_triggers_off() {
+    let env = TestEnv::new().await;
+    let mut conn = env.pool.acquire().await.unwrap();
+    sqlx::query("SET session_replication_role = replica")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    let insert = |column: &str, value: &str| {
+        format!(
+            "INSERT INTO contact_sync.jobs (provider, account, email, payload, {column}) \
+             VALUES ('justclick', 'jc', 'a@b.co', '{{}}', {value}) RETURNING id"
+        )
+    };
+    for (column, value, expected) in [
+        ("run_at", "'infinity'", "run_at must be a finite time"),
+        ("run_at", "'-infinity'", "run_at must be a finite time"),
+        (
+            "run_at",
+            "'12000-01-01'",
+            "run_at must be a finite time before the year 10000",
+        ),
+        (
+            "created_at",
+            "'infinity'",
+            "created_at must be a finite time",
+        ),
+        (
+            "created_at",
+            "'200000-01-01'",
+            "created_at must be a finite time",
+        ),
+        (
+            "locked_until",
+            "'infinity'",
+            "locked_until must be a finite time",
+        ),
+        (
+            "finished_at",
+            "'-infinity'",
+            "finished_at must be a finite time",
+        ),
+        (
+            "attempts",
+            "2147483647",
+            "attempts must be between 0 and 999999",
+        ),
+        ("attempts", "-1", "attempts must be between 0 and 999999"),
+        ("errors", "'{}'", "errors must be a JSON array"),
+    ] {
+        let err = sqlx::query(&insert(column, value))
+            .execute(&mut *conn)
+            .await
+            .unwrap_err();
+        let db = err.as_database_error().expect("a database error");
+        assert_eq!(
+            db.code().as_deref(),
+            Some("22023"),
+            "{column} = {value}: {err}"
+        );
+        assert!(db.message().contains(expected), "{column} = {value}: {err}");
+        assert!(!db.message().contains("a@b.co"), "no row contents: {err}");
+    }
+    // odd but usable, with the triggers off: one due since the year 1, one never due
+    let old: i64 = sqlx::query_scalar(&insert("run_at", "'0001-01-01 00:00:00+00'"))
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+    let never: i64 = sqlx::query_scalar(&insert("run_at", "'9999-12-31 00:00:00+00'"))
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+    sqlx::query("SET session_replication_role = DEFAULT")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    // hand-written updates of columns no trigger watches
+    for (set, expected) in [
+        (
+            "created_at = 'infinity'",
+            "created_at must be a finite time",
+        ),
+        ("attempts = 2147483647", "attempts must be between"),
+        ("errors = '\"x\"'", "errors must be a JSON array"),
+        (
+            "locked_until = '-infinity'",
+            "locked_until must be a finite time",
+        ),
+    ] {
+        let err = sqlx::query(&format!("UPDATE contact_sync.jobs SET {set} WHERE id = $1"))
+            .bind(never)
+            .execute(&mut *conn)
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains(expected), "{set}: {err}");
+    }
+    drop(conn);
+    let worker = env.worker();
+    worker.drain().await;
+    assert_eq!(env.job(old).await.state, "succeeded");
+    assert_eq!(env.job(never).await.state, "pending");
+    inspect::status(&env.pool).await.unwrap();
+    let listed = inspect::list(
+        &env.pool,
+        &inspect::ListFilter {
+            limit: 10,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(listed.len(), 2);
+    assert!(inspect::show(&env.pool, never).await.unwrap().is_some());
 }
 
 /// The insert trigger's checks run with Postgres's own functions, whatever the caller's
