@@ -70,3 +70,50 @@ ALTER TABLE contact_sync.jobs ADD CONSTRAINT jobs_values_check CHECK (CASE
     ELSE true
 END) NOT VALID;
 ALTER TABLE contact_sync.jobs VALIDATE CONSTRAINT jobs_values_check;
+
+-- Jobs from before migration 20261126000001, whose idempotency key is empty or longer than 200
+-- characters: that constraint was added NOT VALID, so it held for every new version of such a
+-- row, and the claim's update of one failed every claim of every account (found by the same
+-- check). Their keys are dropped (an empty one never matched anything useful; a longer one
+-- cannot be sent again under that key anyway), and the constraint is validated.
+UPDATE contact_sync.jobs SET idempotency_key = NULL
+WHERE idempotency_key IS NOT NULL AND length(idempotency_key) NOT BETWEEN 1 AND 200;
+ALTER TABLE contact_sync.jobs VALIDATE CONSTRAINT jobs_idempotency_key_1_to_200_characters;
+
+-- The times of contact-sync's other tables, which only it writes but an operator may edit by
+-- hand: one `accounts.refilled_at` of -infinity failed every claim of every rate-limited
+-- account, an infinite `doi_ledger.sent_at` made the call of its contact panic and stay
+-- `running`, and such a time in `accounts`, `workers`, `synced`, `console_audit`,
+-- `capture_sources` or `activity` made `status`, `accounts list`, `workers`, `/metrics` or the
+-- console fail. Each is now finite and before the year 10000 (an existing one outside is set to
+-- now; a per-minute counter row outside is dropped), a plain CHECK constraint.
+DO $migration$
+DECLARE
+    c record;
+BEGIN
+    FOR c IN
+        SELECT table_name::text AS t, column_name::text AS col
+        FROM information_schema.columns
+        WHERE table_schema = 'contact_sync' AND data_type = 'timestamp with time zone'
+          AND table_name IN ('accounts', 'activity', 'backfills', 'capture_failures',
+                             'capture_rejections', 'capture_sources', 'console_audit',
+                             'console_sessions', 'doi_deferred', 'doi_ledger',
+                             'smartlink_watermarks', 'synced', 'workers')
+        ORDER BY 1, 2
+    LOOP
+        IF c.t = 'activity' THEN
+            -- (a minute of the per-minute counters is part of their key: such a row is dropped)
+            EXECUTE format('DELETE FROM contact_sync.%I '
+                           'WHERE NOT (%I > ''-infinity'' AND %I < ''10000-01-01 00:00:00+00'')',
+                           c.t, c.col, c.col);
+        ELSE
+            EXECUTE format('UPDATE contact_sync.%I SET %I = now() '
+                           'WHERE NOT (%I > ''-infinity'' AND %I < ''10000-01-01 00:00:00+00'')',
+                           c.t, c.col, c.col, c.col);
+        END IF;
+        EXECUTE format('ALTER TABLE contact_sync.%I ADD CONSTRAINT %I '
+                       'CHECK (%I > ''-infinity'' AND %I < ''10000-01-01 00:00:00+00'')',
+                       c.t, c.t || '_' || c.col || '_usable', c.col, c.col);
+    END LOOP;
+END
+$migration$;

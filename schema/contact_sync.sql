@@ -407,9 +407,14 @@ CREATE TABLE contact_sync.accounts (
     updated_at timestamp with time zone DEFAULT now() NOT NULL,
     CONSTRAINT accounts_burst_check CHECK (((burst >= (1)::double precision) AND (burst < 'Infinity'::double precision))),
     CONSTRAINT accounts_max_in_flight_check CHECK ((max_in_flight >= 1)),
+    CONSTRAINT accounts_paused_at_usable CHECK (((paused_at > '-infinity'::timestamp with time zone) AND (paused_at < '10000-01-01 00:00:00+00'::timestamp with time zone))),
     CONSTRAINT accounts_paused_by_check CHECK ((paused_by = ANY (ARRAY['operator'::text, 'credentials'::text]))),
     CONSTRAINT accounts_rate_per_second_check CHECK (((rate_per_second > (0)::double precision) AND (rate_per_second < 'Infinity'::double precision))),
-    CONSTRAINT accounts_throttled_until_check CHECK (isfinite(throttled_until))
+    CONSTRAINT accounts_refilled_at_usable CHECK (((refilled_at > '-infinity'::timestamp with time zone) AND (refilled_at < '10000-01-01 00:00:00+00'::timestamp with time zone))),
+    CONSTRAINT accounts_registered_at_usable CHECK (((registered_at > '-infinity'::timestamp with time zone) AND (registered_at < '10000-01-01 00:00:00+00'::timestamp with time zone))),
+    CONSTRAINT accounts_throttled_until_check CHECK (isfinite(throttled_until)),
+    CONSTRAINT accounts_throttled_until_usable CHECK (((throttled_until > '-infinity'::timestamp with time zone) AND (throttled_until < '10000-01-01 00:00:00+00'::timestamp with time zone))),
+    CONSTRAINT accounts_updated_at_usable CHECK (((updated_at > '-infinity'::timestamp with time zone) AND (updated_at < '10000-01-01 00:00:00+00'::timestamp with time zone)))
 );
 
 COMMENT ON TABLE contact_sync.accounts IS 'contact-sync: provider accounts, their fleet-wide limits and pauses';
@@ -418,7 +423,8 @@ CREATE TABLE contact_sync.activity (
     account text NOT NULL,
     minute timestamp with time zone NOT NULL,
     delivered bigint DEFAULT 0 NOT NULL,
-    failed bigint DEFAULT 0 NOT NULL
+    failed bigint DEFAULT 0 NOT NULL,
+    CONSTRAINT activity_minute_usable CHECK (((minute > '-infinity'::timestamp with time zone) AND (minute < '10000-01-01 00:00:00+00'::timestamp with time zone)))
 );
 
 COMMENT ON TABLE contact_sync.activity IS 'contact-sync: deliveries and failed attempts per account and minute';
@@ -436,7 +442,9 @@ CREATE TABLE contact_sync.backfills (
     rejected bigint DEFAULT 0 NOT NULL,
     started_at timestamp with time zone DEFAULT now() NOT NULL,
     updated_at timestamp with time zone DEFAULT now() NOT NULL,
-    CONSTRAINT backfills_mode_check CHECK ((mode = ANY (ARRAY['send'::text, 'force'::text, 'baseline'::text])))
+    CONSTRAINT backfills_mode_check CHECK ((mode = ANY (ARRAY['send'::text, 'force'::text, 'baseline'::text]))),
+    CONSTRAINT backfills_started_at_usable CHECK (((started_at > '-infinity'::timestamp with time zone) AND (started_at < '10000-01-01 00:00:00+00'::timestamp with time zone))),
+    CONSTRAINT backfills_updated_at_usable CHECK (((updated_at > '-infinity'::timestamp with time zone) AND (updated_at < '10000-01-01 00:00:00+00'::timestamp with time zone)))
 );
 
 COMMENT ON TABLE contact_sync.backfills IS 'contact-sync: backfill cursors, one per source';
@@ -448,7 +456,8 @@ CREATE TABLE contact_sync.capture_failures (
     sqlstate text NOT NULL,
     error text NOT NULL,
     row_count bigint NOT NULL,
-    failed_at timestamp with time zone DEFAULT now() NOT NULL
+    failed_at timestamp with time zone DEFAULT now() NOT NULL,
+    CONSTRAINT capture_failures_failed_at_usable CHECK (((failed_at > '-infinity'::timestamp with time zone) AND (failed_at < '10000-01-01 00:00:00+00'::timestamp with time zone)))
 );
 
 COMMENT ON TABLE contact_sync.capture_failures IS 'contact-sync: application statements whose changes could not be captured (mapping drift, TRUNCATE)';
@@ -469,7 +478,8 @@ CREATE TABLE contact_sync.capture_rejections (
     row_key text NOT NULL,
     sqlstate text NOT NULL,
     reason text NOT NULL,
-    rejected_at timestamp with time zone DEFAULT now() NOT NULL
+    rejected_at timestamp with time zone DEFAULT now() NOT NULL,
+    CONSTRAINT capture_rejections_rejected_at_usable CHECK (((rejected_at > '-infinity'::timestamp with time zone) AND (rejected_at < '10000-01-01 00:00:00+00'::timestamp with time zone)))
 );
 
 COMMENT ON TABLE contact_sync.capture_rejections IS 'contact-sync: application rows whose change could not be queued, with the reason';
@@ -488,7 +498,8 @@ CREATE TABLE contact_sync.capture_sources (
     table_name text NOT NULL,
     mapping_md5 text NOT NULL,
     columns jsonb NOT NULL,
-    installed_at timestamp with time zone DEFAULT now() NOT NULL
+    installed_at timestamp with time zone DEFAULT now() NOT NULL,
+    CONSTRAINT capture_sources_installed_at_usable CHECK (((installed_at > '-infinity'::timestamp with time zone) AND (installed_at < '10000-01-01 00:00:00+00'::timestamp with time zone)))
 );
 
 COMMENT ON TABLE contact_sync.capture_sources IS 'contact-sync: installed capture triggers, one row per source';
@@ -500,7 +511,8 @@ CREATE TABLE contact_sync.console_audit (
     action text NOT NULL,
     target text NOT NULL,
     jobs bigint NOT NULL,
-    outcome text NOT NULL
+    outcome text NOT NULL,
+    CONSTRAINT console_audit_at_usable CHECK (((at > '-infinity'::timestamp with time zone) AND (at < '10000-01-01 00:00:00+00'::timestamp with time zone)))
 );
 
 COMMENT ON TABLE contact_sync.console_audit IS 'contact-sync: actions taken from the console';
@@ -522,6 +534,8 @@ CREATE TABLE contact_sync.console_sessions (
     credential text NOT NULL,
     created_at timestamp with time zone DEFAULT now() NOT NULL,
     expires_at timestamp with time zone NOT NULL,
+    CONSTRAINT console_sessions_created_at_usable CHECK (((created_at > '-infinity'::timestamp with time zone) AND (created_at < '10000-01-01 00:00:00+00'::timestamp with time zone))),
+    CONSTRAINT console_sessions_expires_at_usable CHECK (((expires_at > '-infinity'::timestamp with time zone) AND (expires_at < '10000-01-01 00:00:00+00'::timestamp with time zone))),
     CONSTRAINT console_sessions_role_check CHECK ((role = ANY (ARRAY['viewer'::text, 'operator'::text])))
 );
 
@@ -534,7 +548,8 @@ CREATE TABLE contact_sync.doi_deferred (
     account text NOT NULL,
     email text NOT NULL,
     payload jsonb NOT NULL,
-    due_at timestamp with time zone NOT NULL
+    due_at timestamp with time zone NOT NULL,
+    CONSTRAINT doi_deferred_due_at_usable CHECK (((due_at > '-infinity'::timestamp with time zone) AND (due_at < '10000-01-01 00:00:00+00'::timestamp with time zone)))
 );
 
 CREATE TABLE contact_sync.doi_ledger (
@@ -542,7 +557,8 @@ CREATE TABLE contact_sync.doi_ledger (
     email text NOT NULL,
     sent_at timestamp with time zone NOT NULL,
     job_id bigint,
-    answered text
+    answered text,
+    CONSTRAINT doi_ledger_sent_at_usable CHECK (((sent_at > '-infinity'::timestamp with time zone) AND (sent_at < '10000-01-01 00:00:00+00'::timestamp with time zone)))
 );
 
 CREATE TABLE contact_sync.jobs (
@@ -570,6 +586,7 @@ CREATE TABLE contact_sync.jobs (
     overtaken_by bigint,
     waits_for bigint,
     CONSTRAINT jobs_account_check CHECK ((((length(account) >= 1) AND (length(account) <= 64)) AND (ltrim(account, 'abcdefghijklmnopqrstuvwxyz0123456789_'::text) = ''::text))),
+    CONSTRAINT jobs_idempotency_key_1_to_200_characters CHECK (((idempotency_key IS NULL) OR ((length(idempotency_key) >= 1) AND (length(idempotency_key) <= 200)))),
     CONSTRAINT jobs_max_attempts_check CHECK (((max_attempts IS NULL) OR (max_attempts >= 1))),
     CONSTRAINT jobs_state_check CHECK ((state = ANY (ARRAY['pending'::text, 'running'::text, 'succeeded'::text, 'dead'::text, 'cancelled'::text, 'coalesced'::text]))),
     CONSTRAINT jobs_values_check CHECK (
@@ -604,14 +621,16 @@ CREATE TABLE contact_sync.smartlink_watermarks (
     contact_key text NOT NULL,
     modify_ts bigint,
     updated_at timestamp with time zone DEFAULT now() NOT NULL,
-    uncertain_ts bigint
+    uncertain_ts bigint,
+    CONSTRAINT smartlink_watermarks_updated_at_usable CHECK (((updated_at > '-infinity'::timestamp with time zone) AND (updated_at < '10000-01-01 00:00:00+00'::timestamp with time zone)))
 );
 
 CREATE TABLE contact_sync.synced (
     contact_key text NOT NULL,
     fields jsonb NOT NULL,
     job_id bigint NOT NULL,
-    synced_at timestamp with time zone DEFAULT now() NOT NULL
+    synced_at timestamp with time zone DEFAULT now() NOT NULL,
+    CONSTRAINT synced_synced_at_usable CHECK (((synced_at > '-infinity'::timestamp with time zone) AND (synced_at < '10000-01-01 00:00:00+00'::timestamp with time zone)))
 );
 
 COMMENT ON TABLE contact_sync.synced IS 'contact-sync: the fields each provider was last sent, per captured account and contact';
@@ -624,7 +643,10 @@ CREATE TABLE contact_sync.workers (
     concurrency integer NOT NULL,
     started_at timestamp with time zone DEFAULT now() NOT NULL,
     heartbeat_at timestamp with time zone DEFAULT now() NOT NULL,
-    expires_at timestamp with time zone NOT NULL
+    expires_at timestamp with time zone NOT NULL,
+    CONSTRAINT workers_expires_at_usable CHECK (((expires_at > '-infinity'::timestamp with time zone) AND (expires_at < '10000-01-01 00:00:00+00'::timestamp with time zone))),
+    CONSTRAINT workers_heartbeat_at_usable CHECK (((heartbeat_at > '-infinity'::timestamp with time zone) AND (heartbeat_at < '10000-01-01 00:00:00+00'::timestamp with time zone))),
+    CONSTRAINT workers_started_at_usable CHECK (((started_at > '-infinity'::timestamp with time zone) AND (started_at < '10000-01-01 00:00:00+00'::timestamp with time zone)))
 );
 
 COMMENT ON TABLE contact_sync.workers IS 'contact-sync: live worker replicas (heartbeat registry)';
@@ -658,9 +680,6 @@ ALTER TABLE ONLY contact_sync.doi_deferred
 
 ALTER TABLE ONLY contact_sync.doi_ledger
     ADD CONSTRAINT doi_ledger_pkey PRIMARY KEY (api_key_id, email);
-
-ALTER TABLE contact_sync.jobs
-    ADD CONSTRAINT jobs_idempotency_key_1_to_200_characters CHECK (((idempotency_key IS NULL) OR ((length(idempotency_key) >= 1) AND (length(idempotency_key) <= 200)))) NOT VALID;
 
 ALTER TABLE ONLY contact_sync.jobs
     ADD CONSTRAINT jobs_pkey PRIMARY KEY (id);

@@ -428,7 +428,7 @@ pub(crate) async fn job(
         locked_until: views::time_or_dash(job.locked_until),
         doi: job.doi.as_ref().map_or("—".to_string(), |d| d.to_string()),
         payload: views::pretty(&job.payload),
-        call: followers.call.as_ref().map_or_else(String::new, views::pretty),
+        call: followers.call.as_ref().map_or_else(String::new, |call| views::pretty(call)),
         carried: match followers.count {
             0 => "this job's payload alone".to_string(),
             n if n > store::FOLLOWERS_LISTED => format!(

@@ -80,7 +80,8 @@ pub const CLAIM_SQL: &str = r#"
             RETURNING j.id
         ), claimed AS (
             UPDATE contact_sync.jobs j
-            SET state = 'running', attempts = j.attempts + 1,
+            -- (at most the table's bound: a count set that high by hand must not fail the claim)
+            SET state = 'running', attempts = least(j.attempts + 1, 999999),
                 locked_until = now() + make_interval(secs => $3::bigint / 1000.0), locked_by = $4
             -- the state test is written so that no partial index can serve it (a plain
             -- `state = 'pending'` let the planner AND the probes with a scan of a whole index)

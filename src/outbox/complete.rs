@@ -462,7 +462,7 @@ pub async fn fail_many(pool: &PgPool, items: &[Failure<'_>]) -> Result<Vec<Lease
             run_at = CASE WHEN t.delay_ms IS NULL THEN j.run_at
                           ELSE now() + make_interval(secs => t.delay_ms / 1000.0) END,
             locked_until = NULL, locked_by = NULL,
-            attempts = CASE WHEN t.delay_ms IS NOT NULL AND t.throttled THEN j.attempts - 1 ELSE j.attempts END,
+            attempts = CASE WHEN t.delay_ms IS NOT NULL AND t.throttled THEN greatest(j.attempts - 1, 0) ELSE j.attempts END,
             last_error = t.message,
             errors = (CASE WHEN jsonb_array_length(j.errors) >= $8 THEN j.errors - 0 ELSE j.errors END)
                      || jsonb_build_array(jsonb_build_object(
@@ -509,7 +509,7 @@ pub async fn retry(
         UPDATE contact_sync.jobs
         SET state = 'pending', run_at = now() + make_interval(secs => $3::bigint / 1000.0),
             locked_until = NULL, locked_by = NULL,
-            attempts = CASE WHEN $7 THEN attempts - 1 ELSE attempts END,
+            attempts = CASE WHEN $7 THEN greatest(attempts - 1, 0) ELSE attempts END,
             last_error = $5,
             errors = (CASE WHEN jsonb_array_length(errors) >= $8 THEN errors - 0 ELSE errors END)
                      || jsonb_build_array(jsonb_build_object(
@@ -672,7 +672,7 @@ pub async fn release(
         r#"
         UPDATE contact_sync.jobs j
         SET state = 'pending', locked_until = NULL, locked_by = NULL, run_at = now(),
-            attempts = CASE WHEN $3 THEN j.attempts - 1 ELSE j.attempts END
+            attempts = CASE WHEN $3 THEN greatest(j.attempts - 1, 0) ELSE j.attempts END
         FROM unnest($1::bigint[], $2::int[]) AS t(id, attempt)
         WHERE j.id = t.id AND j.state = 'running' AND j.attempts = t.attempt
           AND j.id IN (SELECT id FROM contact_sync.jobs WHERE id = ANY(ARRAY(SELECT unnest($1::bigint[]))) ORDER BY id FOR NO KEY UPDATE SKIP LOCKED)

@@ -460,7 +460,7 @@ pub async fn newest_job(pool: &PgPool) -> Result<JobId, sqlx::Error> {
 #[derive(Debug, Clone, Serialize, sqlx::FromRow)]
 pub struct Follower {
     pub id: JobId,
-    pub payload: serde_json::Value,
+    pub payload: super::inspect::StoredJson,
     pub created_at: DateTime<Utc>,
 }
 
@@ -476,7 +476,7 @@ pub struct Followers {
     pub count: i64,
     /// The fields the call carried: the payloads of the job and of every follower merged in
     /// order (later values win).
-    pub call: Option<serde_json::Value>,
+    pub call: Option<super::inspect::StoredJson>,
 }
 
 /// The jobs whose change rode along with `id`'s call (among the next [`FOLLOWER_WINDOW`] ids).
@@ -495,7 +495,7 @@ pub async fn followers(pool: &PgPool, id: JobId) -> Result<Followers, sqlx::Erro
     .bind(FOLLOWERS_LISTED)
     .fetch_all(pool)
     .await?;
-    let (count, call): (i64, Option<serde_json::Value>) = sqlx::query_as(
+    let (count, call): (i64, Option<super::inspect::StoredJson>) = sqlx::query_as(
         // language=PostgreSQL
         r#"
         SELECT count(f.id),
@@ -528,7 +528,7 @@ pub struct ContactChange {
     pub account: String,
     pub email: String,
     pub state: JobState,
-    pub payload: serde_json::Value,
+    pub payload: super::inspect::StoredJson,
     pub attempts: i32,
     pub created_at: DateTime<Utc>,
     pub finished_at: Option<DateTime<Utc>>,
@@ -541,7 +541,7 @@ pub struct ContactChange {
 #[derive(Debug, Clone, Serialize, sqlx::FromRow)]
 pub struct SyncedFields {
     pub contact_key: String,
-    pub fields: serde_json::Value,
+    pub fields: super::inspect::StoredJson,
     pub job_id: JobId,
     pub synced_at: DateTime<Utc>,
 }

@@ -384,7 +384,8 @@ pub async fn enqueue_due_resends(pool: &PgPool) -> Result<Vec<JobId>, sqlx::Erro
     // contact is held, one by one, leaving the held ones for a later sweep.
     // (at most 20 × 50 ms one by one: the sweep also rescues expired leases)
     match resends_with_timeout(pool, None, 200).await {
-        Err(e) if is_lock_timeout(&e) => {}
+        // (one row the insert refuses: one by one, so that it holds up no other)
+        Err(e) if is_lock_timeout(&e) || is_refused(&e) => {}
         other => return other,
     }
     let due: Vec<JobId> = sqlx::query_scalar(
@@ -397,10 +398,26 @@ pub async fn enqueue_due_resends(pool: &PgPool) -> Result<Vec<JobId>, sqlx::Erro
         match resends_with_timeout(pool, Some(job_id), 50).await {
             Ok(mut new) => ids.append(&mut new),
             Err(e) if is_lock_timeout(&e) => {}
+            Err(e) if is_refused(&e) => {
+                // a deferral no insert will ever take (edited by hand, or a rule that changed
+                // since): dropped, with the reason, instead of blocking every re-send after it
+                tracing::warn!(job_id, error = %e, "confirmation re-send refused by the queue's checks; deferral dropped");
+                sqlx::query("DELETE FROM contact_sync.doi_deferred WHERE job_id = $1")
+                    .persistent(false)
+                    .bind(job_id)
+                    .execute(pool)
+                    .await?;
+            }
             Err(e) => return Err(e),
         }
     }
     Ok(ids)
+}
+
+/// An insert the queue's checks refuse (SQLSTATE classes 22 and 23): the row, not the moment.
+fn is_refused(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db)
+        if db.code().is_some_and(|c| c.starts_with("22") || c.starts_with("23")))
 }
 
 async fn resends_with_timeout(

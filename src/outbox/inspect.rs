@@ -172,6 +172,54 @@ pub async fn list(pool: &PgPool, filter: &ListFilter) -> Result<Vec<JobSummary>,
     q.build_query_as::<JobSummary>().fetch_all(pool).await
 }
 
+/// A stored JSON value as an operator's view shows it: decoded when it can be, else its text
+/// as a JSON string. A row written with the triggers off or edited by hand may hold what the
+/// decoder refuses (a number beyond a double's range, nesting deeper than its limit); one such
+/// row must not hide the page it is on. Reads as the [`Value`] it holds.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(transparent)]
+pub struct StoredJson(pub Value);
+
+impl std::ops::Deref for StoredJson {
+    type Target = Value;
+    fn deref(&self) -> &Value {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for StoredJson {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl sqlx::Type<sqlx::Postgres> for StoredJson {
+    fn type_info() -> sqlx::postgres::PgTypeInfo {
+        <Value as sqlx::Type<sqlx::Postgres>>::type_info()
+    }
+    fn compatible(ty: &sqlx::postgres::PgTypeInfo) -> bool {
+        <Value as sqlx::Type<sqlx::Postgres>>::compatible(ty)
+    }
+}
+
+impl<'r> sqlx::Decode<'r, sqlx::Postgres> for StoredJson {
+    fn decode(value: sqlx::postgres::PgValueRef<'r>) -> Result<Self, sqlx::error::BoxDynError> {
+        use sqlx::postgres::PgValueFormat;
+        use sqlx::TypeInfo;
+        let binary = value.format() == PgValueFormat::Binary;
+        let jsonb = sqlx::ValueRef::type_info(&value).name() == "JSONB";
+        let bytes = value.as_bytes()?;
+        // (binary jsonb starts with its format version, 1)
+        let text = match bytes {
+            [1, rest @ ..] if binary && jsonb => rest,
+            _ => bytes,
+        };
+        Ok(StoredJson(serde_json::from_slice(text).unwrap_or_else(
+            |_| Value::String(String::from_utf8_lossy(text).into_owned()),
+        )))
+    }
+}
+
 /// Everything about one job, with its error history.
 #[derive(Debug, Clone, Serialize, sqlx::FromRow)]
 pub struct JobDetail {
@@ -179,7 +227,7 @@ pub struct JobDetail {
     pub provider: String,
     pub account: String,
     pub email: String,
-    pub payload: Value,
+    pub payload: StoredJson,
     pub idempotency_key: Option<String>,
     pub state: JobState,
     pub attempts: i32,
@@ -190,7 +238,7 @@ pub struct JobDetail {
     pub locked_until: Option<DateTime<Utc>>,
     pub locked_by: Option<String>,
     pub last_error: Option<String>,
-    pub errors: Value,
+    pub errors: StoredJson,
     pub coalesced_into: Option<JobId>,
     /// The double-opt-in decision of its call (Smartlink).
     pub doi: Option<DoiRecord>,

@@ -13,9 +13,11 @@ use crate::outbox::doi::{AfterCall, DoiRecord};
 use crate::outbox::job::{AttemptError, ClaimedJob, Lease};
 use crate::outbox::synced::Delivered;
 use crate::providers::payload::{take_group, Change, HeldModifyTs, Payload};
-use crate::providers::{Delivery, DeliveryError, RetryReason};
+use crate::providers::{justclick, smartlink, Delivery, DeliveryError, RetryReason};
 use crate::telemetry::mask_email;
+use futures_util::FutureExt;
 use serde_json::{Map, Value};
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
@@ -114,7 +116,15 @@ pub async fn execute(
         attempt = job.attempts,
     );
     async move {
-        let outcome = deliver(&shared, &job, claimed_at).await;
+        // A bug that panics while delivering must still give the job an outcome: its lease
+        // would otherwise be renewed for as long as this process lives, and its contact held.
+        let outcome = match AssertUnwindSafe(deliver(&shared, &job, claimed_at))
+            .catch_unwind()
+            .await
+        {
+            Ok(outcome) => outcome,
+            Err(panic) => internal_error(&shared, job.attempts, panic_message(&*panic)),
+        };
         let completion = Completion {
             lease: job.lease(),
             max_attempts: job.max_attempts,
@@ -149,7 +159,43 @@ fn dead(code: &str, message: String) -> Outcome {
     }
 }
 
+/// The text of a panic's payload (a `&str` or a `String`, as `panic!` makes them).
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".to_string())
+}
+
+/// The outcome of a delivery that panicked: tried again after the backoff, and held first as
+/// a call that may have been sent (where it stopped is unknown); its attempts count, so a
+/// change that panics every time ends `dead` with the message.
+fn internal_error(shared: &Shared, attempt: i32, message: String) -> Outcome {
+    tracing::error!(error = %message, "internal error while delivering; the job will be tried again");
+    let message = format!("internal error while delivering (please report it): {message}");
+    retry_after_backoff(shared, attempt, "internal", message, true)
+}
+
 fn database_retry(shared: &Shared, attempt: i32, err: &sqlx::Error) -> Outcome {
+    retry_after_backoff(
+        shared,
+        attempt,
+        "database",
+        format!("database error: {err}"),
+        false,
+    )
+}
+
+/// A counted attempt tried again after the account's backoff (`abandoned`: held first, as a
+/// call that may have been sent).
+fn retry_after_backoff(
+    shared: &Shared,
+    attempt: i32,
+    kind: &str,
+    message: String,
+    abandoned: bool,
+) -> Outcome {
     let w = &shared.settings.worker;
     let delay = next_delay(
         attempt,
@@ -161,12 +207,12 @@ fn database_retry(shared: &Shared, attempt: i32, err: &sqlx::Error) -> Outcome {
     Outcome::Retry {
         delay,
         error: AttemptError {
-            kind: "database".into(),
+            kind: kind.into(),
             code: None,
-            message: format!("database error: {err}"),
+            message,
         },
         attempt: Attempt::Counts,
-        abandoned: false,
+        abandoned,
         sent_modify_ts: None,
     }
 }
@@ -202,14 +248,32 @@ async fn deliver(shared: &Shared, job: &ClaimedJob, claimed_at: Instant) -> Outc
             return dead("undecodable_payload", why);
         }
     };
-    let followers = job.decode_followers();
-    let follower_payloads: Vec<Payload> = followers
+    let mut followers = job.decode_followers();
+    let mut follower_payloads: Vec<Payload> = followers
         .iter()
         .map(|f| match &f.payload {
             Value::Object(map) => map.clone(),
             _ => Payload::new(),
         })
         .collect();
+    // A follower the provider could not take on its own (one queued with the triggers off)
+    // ends the group: merged, it would take the head and the others down with it. It is
+    // parked alone, with its reason, when its turn comes.
+    let sendable = followers
+        .iter()
+        .zip(&follower_payloads)
+        .take_while(|(f, payload)| {
+            f.payload.is_object()
+                && match kind {
+                    ProviderKind::Justclick => justclick::form_fields(&job.email, payload).is_ok(),
+                    ProviderKind::Smartlink => {
+                        smartlink::body(&job.email, payload, f.created_at_ms).is_ok()
+                    }
+                }
+        })
+        .count();
+    followers.truncate(sendable);
+    follower_payloads.truncate(sendable);
     let mut changes = Vec::with_capacity(1 + followers.len());
     changes.push(Change {
         id: job.id,

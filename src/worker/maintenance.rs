@@ -314,7 +314,10 @@ async fn sweep(shared: &Shared) {
             tracing::info!(jobs = ?ids, "enqueued confirmation re-sends whose window ended")
         }
         Ok(_) => {}
-        Err(e) => tracing::debug!(error = %e, "re-send sweep failed"),
+        Err(e) if crate::outbox::is_transient(&e) => {
+            tracing::debug!(error = %e, "re-send sweep failed")
+        }
+        Err(e) => tracing::warn!(error = %e, "re-send sweep failed"),
     }
 }
 

@@ -377,6 +377,27 @@ async fn values_no_reader_can_use_are_refused_even_with_the_triggers_off() {
             .unwrap_err();
         assert!(err.to_string().contains(expected), "{set}: {err}");
     }
+    // a count at the table's bound: the claim's increment stays within it (it failed every
+    // claim of every account)
+    sqlx::query(
+        "UPDATE contact_sync.jobs SET attempts = 999999, max_attempts = 1000000 WHERE id = $1",
+    )
+    .bind(old)
+    .execute(&mut *conn)
+    .await
+    .unwrap();
+    // the other tables' times: one out of range stopped claims, calls or operator views
+    for sql in [
+        "INSERT INTO contact_sync.accounts (account, provider, refilled_at) VALUES ('x1', 'justclick', '-infinity')",
+        "INSERT INTO contact_sync.accounts (account, provider, paused_at) VALUES ('x2', 'justclick', '270000-01-01')",
+        "INSERT INTO contact_sync.doi_ledger (api_key_id, email, sent_at) VALUES ('k', 'a@b.co', 'infinity')",
+        "INSERT INTO contact_sync.activity (account, minute) VALUES ('jc', 'infinity')",
+        "INSERT INTO contact_sync.synced (contact_key, fields, job_id, synced_at) VALUES ('k', '{}', 1, '-infinity')",
+    ] {
+        let err = sqlx::query(sql).execute(&mut *conn).await.unwrap_err();
+        let db = err.as_database_error().expect("a database error");
+        assert_eq!(db.code().as_deref(), Some("23514"), "{sql}: {err}");
+    }
     drop(conn);
     let worker = env.worker();
     worker.drain().await;
@@ -394,6 +415,29 @@ async fn values_no_reader_can_use_are_refused_even_with_the_triggers_off() {
     .unwrap();
     assert_eq!(listed.len(), 2);
     assert!(inspect::show(&env.pool, never).await.unwrap().is_some());
+    // what the JSON decoder refuses is shown as its text, never an error for the whole view
+    let mut conn = env.pool.acquire().await.unwrap();
+    sqlx::query("SET session_replication_role = replica")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    let odd: i64 = sqlx::query_scalar(
+        "INSERT INTO contact_sync.jobs (provider, account, email, payload, errors)
+         VALUES ('justclick', 'jc', 'a@b.co', '{\"lead_name\": 1e400}', '[{\"error\": 1e400}]') RETURNING id",
+    )
+    .fetch_one(&mut *conn)
+    .await
+    .unwrap();
+    drop(conn);
+    let shown = inspect::show(&env.pool, odd).await.unwrap().unwrap();
+    assert!(
+        shown
+            .payload
+            .as_str()
+            .is_some_and(|t| t.contains("1e400") || t.contains("10000")),
+        "{shown:?}"
+    );
+    assert!(shown.errors.as_str().is_some(), "{shown:?}");
 }
 
 /// The insert trigger's checks run with Postgres's own functions, whatever the caller's

@@ -835,3 +835,66 @@ async fn a_follower_cancelled_in_flight_ends_coalesced_and_a_leaseless_running_r
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// A change queued with the triggers off that the provider could not take never takes down
+/// the changes merged with it: the head and the valid followers before it are delivered, it
+/// is parked alone with its reason, and what follows it is delivered after.
+#[tokio::test]
+async fn an_unsendable_follower_is_parked_alone() {
+    let env = TestEnv::new().await;
+    let mut tx = env.pool.begin().await.unwrap();
+    sqlx::query("SET LOCAL session_replication_role = replica")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let ids: Vec<i64> = sqlx::query_scalar(
+        "INSERT INTO contact_sync.jobs (provider, account, email, payload) VALUES
+             ('justclick', 'jc', 'head@example.com', '{\"lead_name\": \"Head\"}'),
+             ('justclick', 'jc', 'head@example.com', '{\"lead_city\": \"Riga\"}'),
+             ('justclick', 'jc', 'head@example.com', '{\"lead_name\": 5}'),
+             ('justclick', 'jc', 'head@example.com', '{\"lead_phone\": \"+371\"}'),
+             ('smartlink', 'sl', 'sl@example.com', '{\"subscribe\": 1}'),
+             ('smartlink', 'sl', 'sl@example.com', '{\"attributes\": {\"a\": [1, 2]}}')
+         RETURNING id",
+    )
+    .fetch_all(&mut *tx)
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    env.sandbox
+        .seed("justclick", JC_LOGIN, &["head@example.com".to_string()]);
+    let worker = env.worker();
+    env.settle(&worker).await;
+    let states = |i: usize| {
+        let env = &env;
+        let id = ids[i];
+        async move { env.job(id).await }
+    };
+    assert_eq!(states(0).await.state, "succeeded");
+    assert_eq!(states(1).await.state, "coalesced");
+    let bad = states(2).await;
+    assert_eq!(bad.state, "dead");
+    assert!(
+        bad.last_error
+            .unwrap_or_default()
+            .contains("lead_name must be a string"),
+        "the follower's own reason"
+    );
+    assert_eq!(states(3).await.state, "succeeded");
+    assert_eq!(states(4).await.state, "succeeded");
+    assert_eq!(states(5).await.state, "dead");
+    let contact = env
+        .sandbox
+        .contact("justclick", JC_LOGIN, "head@example.com")
+        .expect("the head was delivered");
+    let field = |name: &str| {
+        contact
+            .fields
+            .get(name)
+            .and_then(|v| v.as_str())
+            .map(str::to_string)
+    };
+    assert_eq!(field("lead_name").as_deref(), Some("Head"));
+    assert_eq!(field("lead_city").as_deref(), Some("Riga"));
+    assert_eq!(field("lead_phone").as_deref(), Some("+371"));
+}

@@ -68,9 +68,9 @@ pub fn form_fields(
     }
     let mut fields = vec![("lead_email", email.to_string())];
     for name in FIELDS {
-        match payload.get(name) {
-            None | Some(Value::Null) => {}
-            Some(Value::String(s)) => fields.push((name, s.clone())),
+        let value = match payload.get(name) {
+            None | Some(Value::Null) => continue,
+            Some(Value::String(s)) => s.clone(),
             Some(Value::Array(items)) if name == "lead_tags" => {
                 let tags: Option<Vec<&str>> = items.iter().map(Value::as_str).collect();
                 let tags = tags.ok_or_else(|| {
@@ -79,7 +79,13 @@ pub fn form_fields(
                         "justclick field lead_tags: tags must be strings",
                     )
                 })?;
-                fields.push((name, tags.join(",")));
+                if tags.iter().any(|t| t.is_empty() || t.contains(',')) {
+                    return Err(DeliveryError::permanent(
+                        "invalid_payload",
+                        "justclick field lead_tags: a tag in an array must be non-empty and contain no comma",
+                    ));
+                }
+                tags.join(",")
             }
             Some(_) => {
                 return Err(DeliveryError::permanent(
@@ -87,9 +93,28 @@ pub fn form_fields(
                     format!("justclick field {name} must be a string"),
                 ))
             }
+        };
+        // (a job queued with the triggers off: the limits enqueue holds every change to)
+        let most = most_characters(name);
+        if value.chars().count() > most {
+            return Err(DeliveryError::permanent(
+                "invalid_payload",
+                format!("justclick field {name} is longer than {most} characters"),
+            ));
         }
+        fields.push((name, value));
     }
     Ok(fields)
+}
+
+/// The most characters a field may carry: `contact_sync.validate_justclick`'s limits (tags
+/// counted as sent, joined by commas).
+fn most_characters(field: &str) -> usize {
+    match field {
+        "lead_phone" => 64,
+        "lead_tags" => 1000,
+        _ => 255,
+    }
 }
 
 /// The signed form body: the encoded fields, then `&hash=…`.
@@ -224,6 +249,48 @@ mod tests {
     }
 
     /// Regression: addresses JustClick refuses (code 100) were sent.
+    /// What enqueue refuses is never sent, for a job queued with the triggers off: the same
+    /// limits, counted in characters as Postgres's `length` counts them.
+    #[test]
+    fn fields_enqueue_would_refuse_are_never_sent() {
+        let fits = json!({"lead_name": "я".repeat(255), "lead_city": "я".repeat(255),
+                          "lead_phone": "1".repeat(64), "lead_tags": ["a".repeat(499), "b".repeat(500)]});
+        assert!(form_fields("u@example.com", fits.as_object().unwrap()).is_ok());
+        for (payload, expected) in [
+            (
+                json!({"lead_name": "я".repeat(256)}),
+                "lead_name is longer than 255",
+            ),
+            (
+                json!({"lead_city": "x".repeat(256)}),
+                "lead_city is longer than 255",
+            ),
+            (
+                json!({"lead_phone": "1".repeat(65)}),
+                "lead_phone is longer than 64",
+            ),
+            (
+                json!({"lead_tags": "t".repeat(1001)}),
+                "lead_tags is longer than 1000",
+            ),
+            (
+                json!({"lead_tags": ["a".repeat(500), "b".repeat(500)]}),
+                "lead_tags is longer than 1000",
+            ),
+            (
+                json!({"lead_tags": ["a", ""]}),
+                "non-empty and contain no comma",
+            ),
+            (
+                json!({"lead_tags": ["a,b"]}),
+                "non-empty and contain no comma",
+            ),
+        ] {
+            let err = form_fields("u@example.com", payload.as_object().unwrap()).unwrap_err();
+            assert!(err.to_string().contains(expected), "{payload}: {err}");
+        }
+    }
+
     #[test]
     fn addresses_justclick_refuses_are_never_sent() {
         let payload = json!({"lead_name": "N"});
