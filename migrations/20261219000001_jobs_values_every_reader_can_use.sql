@@ -25,6 +25,16 @@
 -- each). The update validation trigger does not fire for these rows: their new `run_at` is
 -- finite, and nothing it checks changes.
 
+-- Jobs from before migration 20261126000001, whose idempotency key is empty or longer than 200
+-- characters: that constraint was added NOT VALID, so it held for every new version of such a
+-- row, and the claim's update of one failed every claim of every account (found by the same
+-- check). First, since that constraint holds for every row the updates below write. Their keys
+-- are dropped (an empty one never matched anything useful; a longer one
+-- cannot be sent again under that key anyway), and the constraint is validated.
+UPDATE contact_sync.jobs SET idempotency_key = NULL
+WHERE idempotency_key IS NOT NULL AND length(idempotency_key) NOT BETWEEN 1 AND 200;
+ALTER TABLE contact_sync.jobs VALIDATE CONSTRAINT jobs_idempotency_key_1_to_200_characters;
+
 UPDATE contact_sync.jobs
 SET created_at = CASE WHEN created_at > '-infinity' AND created_at < '10000-01-01 00:00:00+00' THEN created_at
                       ELSE now() END
@@ -71,14 +81,6 @@ ALTER TABLE contact_sync.jobs ADD CONSTRAINT jobs_values_check CHECK (CASE
 END) NOT VALID;
 ALTER TABLE contact_sync.jobs VALIDATE CONSTRAINT jobs_values_check;
 
--- Jobs from before migration 20261126000001, whose idempotency key is empty or longer than 200
--- characters: that constraint was added NOT VALID, so it held for every new version of such a
--- row, and the claim's update of one failed every claim of every account (found by the same
--- check). Their keys are dropped (an empty one never matched anything useful; a longer one
--- cannot be sent again under that key anyway), and the constraint is validated.
-UPDATE contact_sync.jobs SET idempotency_key = NULL
-WHERE idempotency_key IS NOT NULL AND length(idempotency_key) NOT BETWEEN 1 AND 200;
-ALTER TABLE contact_sync.jobs VALIDATE CONSTRAINT jobs_idempotency_key_1_to_200_characters;
 
 -- The times of contact-sync's other tables, which only it writes but an operator may edit by
 -- hand: one `accounts.refilled_at` of -infinity failed every claim of every rate-limited
@@ -117,3 +119,15 @@ BEGIN
     END LOOP;
 END
 $migration$;
+
+-- The account lists of `workers` and `backfills`: a NULL in one (an edit by hand) made
+-- `workers`, the console's overview, and every `backfill` of that source, `--restart`
+-- included, fail. They are refused now (such an element is dropped first).
+UPDATE contact_sync.workers SET accounts = array_remove(accounts, NULL)
+WHERE array_position(accounts, NULL) IS NOT NULL;
+UPDATE contact_sync.backfills SET accounts = array_remove(accounts, NULL)
+WHERE array_position(accounts, NULL) IS NOT NULL;
+ALTER TABLE contact_sync.workers ADD CONSTRAINT workers_accounts_without_null
+    CHECK (array_position(accounts, NULL) IS NULL);
+ALTER TABLE contact_sync.backfills ADD CONSTRAINT backfills_accounts_without_null
+    CHECK (array_position(accounts, NULL) IS NULL);

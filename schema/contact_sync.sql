@@ -442,6 +442,7 @@ CREATE TABLE contact_sync.backfills (
     rejected bigint DEFAULT 0 NOT NULL,
     started_at timestamp with time zone DEFAULT now() NOT NULL,
     updated_at timestamp with time zone DEFAULT now() NOT NULL,
+    CONSTRAINT backfills_accounts_without_null CHECK ((array_position(accounts, NULL::text) IS NULL)),
     CONSTRAINT backfills_mode_check CHECK ((mode = ANY (ARRAY['send'::text, 'force'::text, 'baseline'::text]))),
     CONSTRAINT backfills_started_at_usable CHECK (((started_at > '-infinity'::timestamp with time zone) AND (started_at < '10000-01-01 00:00:00+00'::timestamp with time zone))),
     CONSTRAINT backfills_updated_at_usable CHECK (((updated_at > '-infinity'::timestamp with time zone) AND (updated_at < '10000-01-01 00:00:00+00'::timestamp with time zone)))
@@ -644,6 +645,7 @@ CREATE TABLE contact_sync.workers (
     started_at timestamp with time zone DEFAULT now() NOT NULL,
     heartbeat_at timestamp with time zone DEFAULT now() NOT NULL,
     expires_at timestamp with time zone NOT NULL,
+    CONSTRAINT workers_accounts_without_null CHECK ((array_position(accounts, NULL::text) IS NULL)),
     CONSTRAINT workers_expires_at_usable CHECK (((expires_at > '-infinity'::timestamp with time zone) AND (expires_at < '10000-01-01 00:00:00+00'::timestamp with time zone))),
     CONSTRAINT workers_heartbeat_at_usable CHECK (((heartbeat_at > '-infinity'::timestamp with time zone) AND (heartbeat_at < '10000-01-01 00:00:00+00'::timestamp with time zone))),
     CONSTRAINT workers_started_at_usable CHECK (((started_at > '-infinity'::timestamp with time zone) AND (started_at < '10000-01-01 00:00:00+00'::timestamp with time zone)))

@@ -295,7 +295,7 @@ async fn column_drift(
     pool: &PgPool,
 ) -> Result<Vec<String>, sqlx::Error> {
     let then: Vec<(String, String)> =
-        serde_json::from_value(record.columns.clone()).unwrap_or_default();
+        serde_json::from_value(record.columns.0.clone()).unwrap_or_default();
     let now = catalog::columns_of(&mut *pool.acquire().await?, &record.table_name).await?;
     if now.is_empty() {
         return Ok(vec![format!(

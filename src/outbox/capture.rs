@@ -15,8 +15,9 @@ pub struct Installed {
     pub source: String,
     pub table_name: String,
     pub mapping_md5: String,
-    /// The table's columns and types when installed: `[[name, type], …]`.
-    pub columns: Value,
+    /// The table's columns and types when installed: `[[name, type], …]` (text, if an edit by
+    /// hand left something the JSON decoder refuses: it then matches no table).
+    pub columns: super::inspect::StoredJson,
     pub installed_at: DateTime<Utc>,
 }
 

@@ -109,7 +109,8 @@ pub async fn known(
     account: &str,
     emails: &[String],
 ) -> Result<Vec<Option<Map<String, Value>>>, sqlx::Error> {
-    let rows: Vec<(i64, Value)> = sqlx::query_as(
+    // (fields the JSON decoder refuses, left by an edit by hand, read as never sent)
+    let rows: Vec<(i64, super::inspect::StoredJson)> = sqlx::query_as(
         "SELECT e.n, s.fields FROM unnest($3::text[]) WITH ORDINALITY AS e(email, n) \
          JOIN contact_sync.synced s ON s.contact_key = $1 || ':' || $2 || ':' || lower(e.email)",
     )
@@ -122,7 +123,7 @@ pub async fn known(
     for (n, fields) in rows {
         if let (Some(slot), Value::Object(map)) = (
             usize::try_from(n - 1).ok().and_then(|i| out.get_mut(i)),
-            fields,
+            fields.0,
         ) {
             *slot = Some(map);
         }

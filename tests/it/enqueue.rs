@@ -393,6 +393,7 @@ async fn values_no_reader_can_use_are_refused_even_with_the_triggers_off() {
         "INSERT INTO contact_sync.doi_ledger (api_key_id, email, sent_at) VALUES ('k', 'a@b.co', 'infinity')",
         "INSERT INTO contact_sync.activity (account, minute) VALUES ('jc', 'infinity')",
         "INSERT INTO contact_sync.synced (contact_key, fields, job_id, synced_at) VALUES ('k', '{}', 1, '-infinity')",
+        "INSERT INTO contact_sync.workers (id, host, pid, accounts, concurrency, expires_at) VALUES ('w', 'h', 1, ARRAY['jc', NULL], 1, now())",
     ] {
         let err = sqlx::query(sql).execute(&mut *conn).await.unwrap_err();
         let db = err.as_database_error().expect("a database error");
