@@ -670,3 +670,52 @@ async fn validation_reports_the_first_faulty_row_whatever_the_providers() {
         .unwrap();
     assert_eq!(queued, 5);
 }
+
+/// The stored JSON contact-sync reads back for its own bookkeeping (what a provider was last
+/// sent, the columns a capture was installed against) may have been edited by hand into what
+/// the JSON decoder refuses: the contact reads as never sent (its change is sent again), the
+/// installed source as matching no table, and nothing else stops.
+#[tokio::test]
+async fn bookkeeping_json_the_decoder_refuses_stops_nothing() {
+    let env = TestEnv::new().await;
+    sqlx::query(
+        "INSERT INTO contact_sync.synced (contact_key, fields, job_id) VALUES
+             ('justclick:jc:odd@example.com', '{\"lead_name\": 1e400}', 1),
+             ('justclick:jc:deep@example.com', (repeat('[', 200) || repeat(']', 200))::jsonb, 2),
+             ('justclick:jc:fine@example.com', '{\"lead_name\": \"Fine\"}', 3)",
+    )
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    let mut conn = env.pool.acquire().await.unwrap();
+    let known = contact_sync::outbox::synced::known(
+        &mut conn,
+        "justclick",
+        "jc",
+        &[
+            "odd@example.com".to_string(),
+            "deep@example.com".to_string(),
+            "fine@example.com".to_string(),
+        ],
+    )
+    .await
+    .unwrap();
+    assert_eq!(known[0], None);
+    assert_eq!(known[1], None);
+    assert_eq!(
+        known[2].as_ref().and_then(|f| f.get("lead_name")),
+        Some(&json!("Fine"))
+    );
+    sqlx::query(
+        "INSERT INTO contact_sync.capture_sources (source, table_name, mapping_md5, columns)
+         VALUES ('s1', 'public.users', 'x', '[1e400]')",
+    )
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    let installed = contact_sync::outbox::capture::installed(&env.pool)
+        .await
+        .unwrap();
+    assert!(installed[0].columns.is_string(), "{installed:?}");
+    inspect::status(&env.pool).await.unwrap();
+}
