@@ -85,6 +85,14 @@ fn string_list<'a>(payload: &'a Payload, field: &str) -> Result<Option<&'a Value
             if items.iter().any(|i| !i.is_string()) {
                 return Err(invalid(field, "entries must be strings"));
             }
+            // (the limit enqueue holds every change to: a job queued with the triggers off)
+            if items
+                .iter()
+                .filter_map(Value::as_str)
+                .any(|i| i.chars().count() > 255)
+            {
+                return Err(invalid(field, "has an entry longer than 255 characters"));
+            }
             Ok(Some(v))
         }
         Some(_) => Err(invalid(field, "must be an array of strings")),
@@ -169,6 +177,12 @@ pub fn body<'a>(
                 return Err(invalid("attributes", "more than 50 entries"));
             }
             for (k, value) in map {
+                if k.chars().count() > 255 {
+                    return Err(invalid(
+                        "attributes",
+                        "has a name longer than 255 characters",
+                    ));
+                }
                 match value {
                     Value::String(s) if s.chars().count() > 1000 => {
                         return Err(invalid(
@@ -363,6 +377,10 @@ mod tests {
             (json!({"language": "english!"}), "language"),
             (json!({"tags": "x"}), "tags"),
             (json!({"nope": 1}), "nope"),
+            // enqueue's limits, for a job queued with the triggers off
+            (json!({"tags": ["я".repeat(256)]}), "tags"),
+            (json!({"preferences": ["p".repeat(256)]}), "preferences"),
+            (json!({"attributes": {"n".repeat(256): 1}}), "attributes"),
         ] {
             match body("a@b.co", payload.as_object().unwrap(), 0) {
                 Err(DeliveryError::Permanent { text, .. }) => {
@@ -371,6 +389,9 @@ mod tests {
                 other => panic!("{payload}: {other:?}"),
             }
         }
+        let fits =
+            json!({"tags": ["я".repeat(255)], "attributes": {"n".repeat(255): "v".repeat(1000)}});
+        assert!(body("a@b.co", fits.as_object().unwrap(), 0).is_ok());
         assert!(body("not-an-address", json!({}).as_object().unwrap(), 0).is_err());
         assert!(is_language_code("pt-BR") && is_language_code("en") && is_language_code(""));
     }
