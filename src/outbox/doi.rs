@@ -2,8 +2,8 @@
 //! re-sends (`contact_sync.doi_deferred`). The one-hour window is counted in database time, per
 //! API key (its md5, never the key) and lower-cased address, shared by every worker.
 
-use super::is_lock_timeout;
 use super::job::JobId;
+use super::{is_lock_timeout, is_refused};
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 use sqlx::PgPool;
@@ -412,12 +412,6 @@ pub async fn enqueue_due_resends(pool: &PgPool) -> Result<Vec<JobId>, sqlx::Erro
         }
     }
     Ok(ids)
-}
-
-/// An insert the queue's checks refuse (SQLSTATE classes 22 and 23): the row, not the moment.
-fn is_refused(e: &sqlx::Error) -> bool {
-    matches!(e, sqlx::Error::Database(db)
-        if db.code().is_some_and(|c| c.starts_with("22") || c.starts_with("23")))
 }
 
 async fn resends_with_timeout(

@@ -78,6 +78,14 @@ pub fn is_lock_timeout(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(db) if db.code().as_deref() == Some("55P03"))
 }
 
+/// Whether the queue's checks refused what a statement wrote (SQLSTATE classes 22 and 23: the
+/// validation, a constraint): the rows are at fault, not the moment, and trying them again as
+/// they are cannot succeed.
+pub fn is_refused(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db)
+        if db.code().is_some_and(|c| c.starts_with("22") || c.starts_with("23")))
+}
+
 /// Whether the database could not take a statement now, whatever the statement: it cannot be
 /// reached (a connection or pool error), or answered that it is shutting down or was cut by an
 /// administrator (SQLSTATE class 57), out of resources (53, as too many connections), in a
