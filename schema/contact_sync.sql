@@ -176,6 +176,45 @@ BEGIN
 END
 $$;
 
+CREATE FUNCTION contact_sync.jobs_delivered_before_update() RETURNS trigger
+    LANGUAGE plpgsql
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+BEGIN
+    IF NEW.state IS DISTINCT FROM OLD.state AND NEW.state IS DISTINCT FROM 'succeeded'
+       AND NEW.state IS DISTINCT FROM 'coalesced' THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = format('contact_sync: job %s was delivered; it cannot become %s', OLD.id,
+                             coalesce(quote_literal(NEW.state), 'NULL')),
+            HINT = 'to send its change again, enqueue it anew (contact_sync.enqueue or contact-sync enqueue)';
+    END IF;
+    IF NEW.idempotency_key IS NOT NULL THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = format('contact_sync: job %s was delivered without an idempotency key; it cannot be given one', OLD.id),
+            HINT = 'enqueue the change anew with the key';
+    END IF;
+    IF NOT (NEW.run_at > '-infinity' AND NEW.run_at < '10000-01-01 00:00:00+00')
+       OR NOT (NEW.created_at > '-infinity' AND NEW.created_at < '10000-01-01 00:00:00+00')
+       OR NOT (NEW.locked_until IS NULL OR (NEW.locked_until > '-infinity' AND NEW.locked_until < '10000-01-01 00:00:00+00'))
+       OR NOT (NEW.finished_at IS NULL OR (NEW.finished_at > '-infinity' AND NEW.finished_at < '10000-01-01 00:00:00+00')) THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = format('contact_sync: job %s: its times must be finite and before the year 10000', OLD.id),
+            HINT = 'pass a timestamp';
+    END IF;
+    IF NEW.attempts < 0 OR NEW.attempts > 999999 THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = format('contact_sync: attempts must be between 0 and 999999, got %s', NEW.attempts),
+            HINT = 'leave attempts as the worker set it';
+    END IF;
+    IF jsonb_typeof(NEW.errors) IS DISTINCT FROM 'array' THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = format('contact_sync: errors must be a JSON array, got %s', coalesce(jsonb_typeof(NEW.errors), 'NULL')),
+            HINT = 'leave errors as the worker set it';
+    END IF;
+    RETURN NEW;
+END
+$$;
+
 CREATE FUNCTION contact_sync.joined_length(arr jsonb) RETURNS integer
     LANGUAGE sql IMMUTABLE PARALLEL SAFE
     AS $$
@@ -586,10 +625,10 @@ CREATE TABLE contact_sync.jobs (
     outcome text,
     overtaken_by bigint,
     waits_for bigint,
-    CONSTRAINT jobs_account_check CHECK ((((length(account) >= 1) AND (length(account) <= 64)) AND (ltrim(account, 'abcdefghijklmnopqrstuvwxyz0123456789_'::text) = ''::text))),
-    CONSTRAINT jobs_idempotency_key_1_to_200_characters CHECK (((idempotency_key IS NULL) OR ((length(idempotency_key) >= 1) AND (length(idempotency_key) <= 200)))),
-    CONSTRAINT jobs_max_attempts_check CHECK (((max_attempts IS NULL) OR (max_attempts >= 1))),
-    CONSTRAINT jobs_state_check CHECK ((state = ANY (ARRAY['pending'::text, 'running'::text, 'succeeded'::text, 'dead'::text, 'cancelled'::text, 'coalesced'::text]))),
+    CONSTRAINT jobs_account_check CHECK (((length(account) >= 1) AND (length(account) <= 64) AND (ltrim(account, 'abcdefghijklmnopqrstuvwxyz0123456789_'::text) = ''::text))) NO INHERIT,
+    CONSTRAINT jobs_idempotency_key_1_to_200_characters CHECK (((idempotency_key IS NULL) OR ((length(idempotency_key) >= 1) AND (length(idempotency_key) <= 200)))) NO INHERIT,
+    CONSTRAINT jobs_max_attempts_check CHECK (((max_attempts IS NULL) OR (max_attempts >= 1))) NO INHERIT,
+    CONSTRAINT jobs_state_check CHECK ((state = ANY (ARRAY['pending'::text, 'running'::text, 'succeeded'::text, 'dead'::text, 'cancelled'::text, 'coalesced'::text]))) NO INHERIT,
     CONSTRAINT jobs_values_check CHECK (
 CASE
     WHEN (NOT ((run_at > '-infinity'::timestamp with time zone) AND (run_at < '10000-01-01 00:00:00+00'::timestamp with time zone))) THEN contact_sync.reject(('contact_sync: run_at must be a finite time before the year 10000, got '::text || (run_at)::text), 'pass a timestamp (or omit run_at for now)'::text, NULL::jsonb)
@@ -599,15 +638,23 @@ CASE
     WHEN ((attempts < 0) OR (attempts > 999999)) THEN contact_sync.reject(('contact_sync: attempts must be between 0 and 999999, got '::text || attempts), 'omit attempts: it starts at 0'::text, NULL::jsonb)
     WHEN (jsonb_typeof(errors) <> 'array'::text) THEN contact_sync.reject(('contact_sync: errors must be a JSON array, got '::text || jsonb_typeof(errors)), 'omit errors: it starts as []'::text, NULL::jsonb)
     ELSE true
-END)
+END) NO INHERIT
 );
 ALTER TABLE ONLY contact_sync.jobs ALTER COLUMN state SET STATISTICS 0;
 
 COMMENT ON TABLE contact_sync.jobs IS 'contact-sync outbox: one row per contact change';
 
-COMMENT ON COLUMN contact_sync.jobs.overtaken_by IS 'contact-sync: for a dead or cancelled job, the newest later change of its contact that was delivered and has since been pruned (retry refuses to re-send this job over it)';
+COMMENT ON COLUMN contact_sync.jobs.overtaken_by IS 'contact-sync: for a dead or cancelled job, the newest later change of its contact that was delivered and has since left this table (moved to contact_sync.jobs_delivered, or deleted by retention): retry refuses to re-send this job over it';
 
 COMMENT ON COLUMN contact_sync.jobs.waits_for IS 'contact-sync: for a pending job found behind another open job of its contact, that job: it is claimed once that job has left running or pending';
+
+CREATE TABLE contact_sync.jobs_delivered (
+    CONSTRAINT jobs_delivered_state_check CHECK ((state = ANY (ARRAY['succeeded'::text, 'coalesced'::text]))),
+    CONSTRAINT jobs_delivered_without_key CHECK ((idempotency_key IS NULL))
+)
+INHERITS (contact_sync.jobs);
+
+COMMENT ON TABLE contact_sync.jobs_delivered IS 'contact-sync: delivered jobs without an idempotency key (succeeded, coalesced), moved here from contact_sync.jobs at completion; a child table of it: SELECT ... FROM contact_sync.jobs includes them';
 
 ALTER TABLE contact_sync.jobs ALTER COLUMN id ADD GENERATED ALWAYS AS IDENTITY (
     SEQUENCE NAME contact_sync.jobs_id_seq
@@ -653,6 +700,18 @@ CREATE TABLE contact_sync.workers (
 
 COMMENT ON TABLE contact_sync.workers IS 'contact-sync: live worker replicas (heartbeat registry)';
 
+ALTER TABLE ONLY contact_sync.jobs_delivered ALTER COLUMN payload SET DEFAULT '{}'::jsonb;
+
+ALTER TABLE ONLY contact_sync.jobs_delivered ALTER COLUMN state SET DEFAULT 'pending'::text;
+
+ALTER TABLE ONLY contact_sync.jobs_delivered ALTER COLUMN attempts SET DEFAULT 0;
+
+ALTER TABLE ONLY contact_sync.jobs_delivered ALTER COLUMN run_at SET DEFAULT now();
+
+ALTER TABLE ONLY contact_sync.jobs_delivered ALTER COLUMN created_at SET DEFAULT now();
+
+ALTER TABLE ONLY contact_sync.jobs_delivered ALTER COLUMN errors SET DEFAULT '[]'::jsonb;
+
 ALTER TABLE ONLY contact_sync.accounts
     ADD CONSTRAINT accounts_pkey PRIMARY KEY (account);
 
@@ -683,6 +742,9 @@ ALTER TABLE ONLY contact_sync.doi_deferred
 ALTER TABLE ONLY contact_sync.doi_ledger
     ADD CONSTRAINT doi_ledger_pkey PRIMARY KEY (api_key_id, email);
 
+ALTER TABLE ONLY contact_sync.jobs_delivered
+    ADD CONSTRAINT jobs_delivered_pkey PRIMARY KEY (id);
+
 ALTER TABLE ONLY contact_sync.jobs
     ADD CONSTRAINT jobs_pkey PRIMARY KEY (id);
 
@@ -707,6 +769,8 @@ CREATE INDEX doi_deferred_due_idx ON contact_sync.doi_deferred USING btree (due_
 
 CREATE INDEX jobs_dead_idx ON contact_sync.jobs USING btree (account, id) WHERE (state = 'dead'::text);
 
+CREATE INDEX jobs_delivered_finished_idx ON contact_sync.jobs_delivered USING btree (finished_at);
+
 CREATE INDEX jobs_finished_idx ON contact_sync.jobs USING btree (finished_at) WHERE (state = ANY (ARRAY['succeeded'::text, 'coalesced'::text, 'cancelled'::text]));
 
 CREATE UNIQUE INDEX jobs_idempotency_idx ON contact_sync.jobs USING btree (account, idempotency_key) WHERE (idempotency_key IS NOT NULL);
@@ -726,5 +790,7 @@ CREATE INDEX jobs_waiting_idx ON contact_sync.jobs USING btree (contact_key, id)
 CREATE INDEX smartlink_watermarks_updated_idx ON contact_sync.smartlink_watermarks USING btree (updated_at);
 
 CREATE TRIGGER jobs_after_insert AFTER INSERT ON contact_sync.jobs REFERENCING NEW TABLE AS new_jobs FOR EACH STATEMENT EXECUTE FUNCTION contact_sync.jobs_after_insert();
+
+CREATE TRIGGER jobs_delivered_validate_update BEFORE UPDATE ON contact_sync.jobs_delivered FOR EACH ROW EXECUTE FUNCTION contact_sync.jobs_delivered_before_update();
 
 CREATE TRIGGER jobs_validate_update BEFORE UPDATE OF provider, account, email, payload, run_at ON contact_sync.jobs FOR EACH ROW WHEN (((new.provider IS DISTINCT FROM old.provider) OR (new.account IS DISTINCT FROM old.account) OR (new.email IS DISTINCT FROM old.email) OR (new.payload IS DISTINCT FROM old.payload) OR (NOT isfinite(new.run_at)))) EXECUTE FUNCTION contact_sync.jobs_before_update();

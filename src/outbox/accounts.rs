@@ -122,7 +122,7 @@ pub async fn register(
                         WHEN EXISTS (SELECT 1 FROM contact_sync.workers w
                                      WHERE $1 = ANY(w.accounts) AND w.expires_at >= now() AND w.id <> $3)
                             THEN 'live workers serve it'
-                        WHEN EXISTS (SELECT 1 FROM contact_sync.jobs j
+                        WHEN EXISTS (SELECT 1 FROM ONLY contact_sync.jobs j
                                      WHERE j.account = $1 AND j.provider = $2 AND j.state IN ('pending', 'running'))
                             THEN 'it has open ' || $2 || ' jobs'
                         END
@@ -362,12 +362,12 @@ pub async fn resume(pool: &PgPool, account: &str) -> Result<bool, sqlx::Error> {
         // language=PostgreSQL
         r#"
         WITH waiting AS (
-            SELECT j.id FROM contact_sync.jobs j
+            SELECT j.id FROM ONLY contact_sync.jobs j
             WHERE j.account = $1 AND j.state = 'pending' AND j.waits_for IS NULL AND j.run_at > now()
               AND j.errors -> -1 ->> 'kind' IN ('rate_limited', 'account_refused')
             FOR NO KEY UPDATE OF j
         )
-        UPDATE contact_sync.jobs j SET run_at = now()
+        UPDATE ONLY contact_sync.jobs j SET run_at = now()
         FROM waiting w
         WHERE j.id = w.id AND j.state = 'pending'
           AND j.errors -> -1 ->> 'kind' IN ('rate_limited', 'account_refused')
@@ -415,7 +415,7 @@ pub async fn list(pool: &PgPool) -> Result<Vec<AccountRow>, sqlx::Error> {
         // language=PostgreSQL
         r#"
         SELECT a.account, a.provider, a.rate_per_second, a.burst, a.max_in_flight,
-               (SELECT count(*) FROM contact_sync.jobs j WHERE j.account = a.account AND j.state = 'running') AS in_flight,
+               (SELECT count(*) FROM ONLY contact_sync.jobs j WHERE j.account = a.account AND j.state = 'running') AS in_flight,
                a.paused_at, a.pause_reason, a.paused_by,
                CASE WHEN a.throttled_until > now() THEN a.throttled_until END AS throttled_until,
                CASE WHEN a.throttled_until > now() THEN a.throttle_reason END AS throttle_reason,
@@ -489,10 +489,10 @@ pub async fn unserved(pool: &PgPool) -> Result<Vec<String>, sqlx::Error> {
         // language=PostgreSQL
         r#"
         WITH RECURSIVE waiting(account) AS (
-            (SELECT j.account FROM contact_sync.jobs j
+            (SELECT j.account FROM ONLY contact_sync.jobs j
              WHERE j.state = 'pending' AND j.waits_for IS NULL ORDER BY j.account LIMIT 1)
             UNION ALL
-            SELECT (SELECT j.account FROM contact_sync.jobs j
+            SELECT (SELECT j.account FROM ONLY contact_sync.jobs j
                     WHERE j.state = 'pending' AND j.waits_for IS NULL AND j.account > w.account
                     ORDER BY j.account LIMIT 1)
             FROM waiting w WHERE w.account IS NOT NULL

@@ -53,7 +53,7 @@ pub const CLAIM_SQL: &str = r#"
             SELECT c.id, c.contact_key, c.run_at, q.account, q.n
             FROM open_accounts q
             CROSS JOIN LATERAL (
-                SELECT j.id, j.contact_key, j.run_at FROM contact_sync.jobs j
+                SELECT j.id, j.contact_key, j.run_at FROM ONLY contact_sync.jobs j
                 WHERE j.account = q.account AND j.state = 'pending' AND j.waits_for IS NULL
                   AND j.run_at <= now() AND (j.run_at, j.id) >= (q.from_at, q.from_id)
                 ORDER BY j.run_at, j.id
@@ -64,22 +64,22 @@ pub const CLAIM_SQL: &str = r#"
             -- what each candidate waits for: its contact's call in flight, else its contact's
             -- first pending job if that is lower (one probe of each contact index)
             SELECT c.id, coalesce(
-                       (SELECT r.id FROM contact_sync.jobs r
+                       (SELECT r.id FROM ONLY contact_sync.jobs r
                         WHERE r.contact_key = c.contact_key AND r.state = 'running' LIMIT 1),
-                       (SELECT e.id FROM contact_sync.jobs e
+                       (SELECT e.id FROM ONLY contact_sync.jobs e
                         WHERE e.contact_key = c.contact_key AND e.state = 'pending' AND e.id < c.id
                         ORDER BY e.id LIMIT 1)) AS behind
             FROM candidates c
         ), set_waiting AS (
             -- driven from the judged rows: one primary-key probe each (an `= ANY(...)` test
             -- besides the join made it a nested loop over both sides, quadratic in the batch)
-            UPDATE contact_sync.jobs j SET waits_for = g.behind
+            UPDATE ONLY contact_sync.jobs j SET waits_for = g.behind
             FROM judged g
             WHERE j.id = ANY(ARRAY(SELECT w.id FROM judged w WHERE w.behind IS NOT NULL))
               AND j.id = g.id AND coalesce(j.state, '') = 'pending'
             RETURNING j.id
         ), claimed AS (
-            UPDATE contact_sync.jobs j
+            UPDATE ONLY contact_sync.jobs j
             -- (at most the table's bound: a count set that high by hand must not fail the claim)
             SET state = 'running', attempts = least(j.attempts + 1, 999999),
                 locked_until = now() + make_interval(secs => $3::bigint / 1000.0), locked_by = $4
@@ -109,7 +109,7 @@ pub const CLAIM_SQL: &str = r#"
                -- most heads have no follower: one index probe says so, without the
                -- aggregate's set-up for every claimed job
                CASE WHEN j.id IS NULL THEN NULL
-                    WHEN NOT EXISTS (SELECT 1 FROM contact_sync.jobs f
+                    WHEN NOT EXISTS (SELECT 1 FROM ONLY contact_sync.jobs f
                                      WHERE f.contact_key = j.contact_key AND f.state = 'pending' AND f.id > j.id)
                     THEN '[]' ELSE
                (SELECT coalesce(jsonb_agg(jsonb_build_object(
@@ -119,7 +119,7 @@ pub const CLAIM_SQL: &str = r#"
                              -- consecutive only: stop at a job scheduled later or a re-send
                              bool_and(f.run_at <= now() AND f.resend_after IS NULL) OVER (ORDER BY f.id) AS consecutive
                       FROM (SELECT f.id, f.payload, f.created_at, f.run_at, f.resend_after
-                            FROM contact_sync.jobs f
+                            FROM ONLY contact_sync.jobs f
                             WHERE f.contact_key = j.contact_key AND f.state = 'pending' AND f.id > j.id
                             ORDER BY f.id LIMIT $6) f) f
                 WHERE f.consecutive) END AS followers,
@@ -587,7 +587,7 @@ pub async fn claim_within_limits(
                a.paused_at IS NOT NULL AS paused,
                c.t,
                CASE WHEN a.max_in_flight IS NOT NULL THEN
-                   (SELECT count(*) FROM contact_sync.jobs j WHERE j.state = 'running' AND j.account = a.account)
+                   (SELECT count(*) FROM ONLY contact_sync.jobs j WHERE j.state = 'running' AND j.account = a.account)
                ELSE 0 END AS running
         FROM contact_sync.accounts a CROSS JOIN (SELECT clock_timestamp() AS t) c
         WHERE a.account = ANY($1)
@@ -729,17 +729,17 @@ pub async fn extend_leases(
         // language=PostgreSQL
         r#"
         WITH mine AS (
-            SELECT j.id FROM contact_sync.jobs j
+            SELECT j.id FROM ONLY contact_sync.jobs j
             JOIN unnest($1::bigint[], $2::int[]) AS t(id, attempt) ON j.id = t.id AND j.attempts = t.attempt
             -- primary-key probes
             WHERE j.id = ANY($1) AND j.state = 'running' AND j.locked_by = $4
         ), locked AS (
-            SELECT j.id FROM contact_sync.jobs j
+            SELECT j.id FROM ONLY contact_sync.jobs j
             WHERE j.id = ANY(ARRAY(SELECT id FROM mine))
             ORDER BY j.id
             FOR NO KEY UPDATE SKIP LOCKED
         ), extended AS (
-            UPDATE contact_sync.jobs j
+            UPDATE ONLY contact_sync.jobs j
             SET locked_until = greatest(j.locked_until, now() + make_interval(secs => $3::bigint / 1000.0))
             WHERE j.id = ANY(ARRAY(SELECT id FROM locked)) AND j.state = 'running' AND j.locked_by = $4
         )
@@ -764,7 +764,7 @@ pub async fn runnable_exists(pool: &PgPool, accounts: &[String]) -> Result<bool,
             SELECT 1 FROM unnest($1::text[]) AS a(account)
             -- the latest due first: the index keeps the entries of the jobs claimed since the
             -- last vacuum, dead, before the ones still ready (see ReadyFloors)
-            WHERE (SELECT j.run_at FROM contact_sync.jobs j
+            WHERE (SELECT j.run_at FROM ONLY contact_sync.jobs j
                    WHERE j.account = a.account AND j.state = 'pending' AND j.waits_for IS NULL
                      AND j.run_at <= now()
                    ORDER BY j.run_at DESC LIMIT 1) IS NOT NULL)
@@ -780,7 +780,7 @@ pub async fn runnable_exists(pool: &PgPool, accounts: &[String]) -> Result<bool,
 pub async fn in_flight_exists(pool: &PgPool, accounts: &[String]) -> Result<bool, sqlx::Error> {
     sqlx::query_scalar(
         // language=PostgreSQL
-        "SELECT EXISTS (SELECT 1 FROM contact_sync.jobs WHERE state = 'running' AND account = ANY($1))",
+        "SELECT EXISTS (SELECT 1 FROM ONLY contact_sync.jobs WHERE state = 'running' AND account = ANY($1))",
     ).persistent(false)
     .bind(accounts)
     .fetch_one(pool)
@@ -792,7 +792,7 @@ pub async fn in_flight_exists(pool: &PgPool, accounts: &[String]) -> Result<bool
 pub async fn held_exists(pool: &PgPool, accounts: &[String]) -> Result<bool, sqlx::Error> {
     sqlx::query_scalar(
         // language=PostgreSQL
-        "SELECT EXISTS (SELECT 1 FROM contact_sync.jobs WHERE state = 'running' AND locked_by IS NULL AND account = ANY($1))",
+        "SELECT EXISTS (SELECT 1 FROM ONLY contact_sync.jobs WHERE state = 'running' AND locked_by IS NULL AND account = ANY($1))",
     ).persistent(false)
     .bind(accounts)
     .fetch_one(pool)
@@ -810,7 +810,7 @@ pub async fn next_due_in(
         SELECT (extract(epoch FROM (min(n.run_at) - now())) * 1000)::float8
         FROM unnest($1::text[]) AS a(account)
         CROSS JOIN LATERAL (
-            SELECT j.run_at FROM contact_sync.jobs j
+            SELECT j.run_at FROM ONLY contact_sync.jobs j
             WHERE j.account = a.account AND j.state = 'pending' AND j.waits_for IS NULL
             ORDER BY j.run_at LIMIT 1) n
         "#,
@@ -878,11 +878,11 @@ pub struct StaleWaits {
 #[doc(hidden)]
 pub const REQUEUE_STALE_WAITS_SQL: &str = r#"
         WITH RECURSIVE waiting(key, n) AS (
-            (SELECT j.contact_key, 1 FROM contact_sync.jobs j
+            (SELECT j.contact_key, 1 FROM ONLY contact_sync.jobs j
              WHERE j.state = 'pending' AND j.waits_for IS NOT NULL AND j.contact_key > $1
              ORDER BY j.contact_key LIMIT 1)
             UNION ALL
-            SELECT (SELECT j.contact_key FROM contact_sync.jobs j
+            SELECT (SELECT j.contact_key FROM ONLY contact_sync.jobs j
                     WHERE j.state = 'pending' AND j.waits_for IS NOT NULL AND j.contact_key > w.key
                     ORDER BY j.contact_key LIMIT 1), w.n + 1
             FROM waiting w WHERE w.key IS NOT NULL AND w.n < $2
@@ -890,22 +890,22 @@ pub const REQUEUE_STALE_WAITS_SQL: &str = r#"
             SELECT w.key FROM waiting w WHERE w.key IS NOT NULL
         ), stale AS (
             SELECT f.id FROM looked k
-            CROSS JOIN LATERAL (SELECT j.id, j.waits_for FROM contact_sync.jobs j
+            CROSS JOIN LATERAL (SELECT j.id, j.waits_for FROM ONLY contact_sync.jobs j
                                 WHERE j.contact_key = k.key AND j.state = 'pending'
                                 ORDER BY j.id LIMIT 1) f
             WHERE f.waits_for IS NOT NULL
-              AND NOT EXISTS (SELECT 1 FROM contact_sync.jobs r
+              AND NOT EXISTS (SELECT 1 FROM ONLY contact_sync.jobs r
                               WHERE r.contact_key = k.key AND r.state = 'running')
         ), taken AS (
             -- a row another transaction holds is left for the next sweep
-            SELECT j.id FROM contact_sync.jobs j
+            SELECT j.id FROM ONLY contact_sync.jobs j
             WHERE j.id = ANY(ARRAY(SELECT id FROM stale))
             ORDER BY j.id
             FOR NO KEY UPDATE SKIP LOCKED
         ), requeued AS (
             -- (tests written so that no partial index can serve them: the waiting index was
             -- read whole for them with stale statistics; the ids are primary-key probes)
-            UPDATE contact_sync.jobs p SET waits_for = NULL
+            UPDATE ONLY contact_sync.jobs p SET waits_for = NULL
             WHERE p.id = ANY(ARRAY(SELECT id FROM taken)) AND coalesce(p.state, '') = 'pending'
             RETURNING p.id
         )
@@ -976,7 +976,7 @@ async fn requeue_next_sql(
         WITH keys AS (
             -- = ANY(ARRAY(SELECT unnest(...))): primary-key probes whatever the planner
             -- believes of the table's size
-            SELECT j.contact_key FROM contact_sync.jobs j
+            SELECT j.contact_key FROM ONLY contact_sync.jobs j
             WHERE j.id = ANY(ARRAY(SELECT unnest($1::bigint[])))
             UNION
             SELECT unnest($2::text[])
@@ -988,27 +988,27 @@ async fn requeue_next_sql(
             -- without nested loops, ran as a hash of every waiting job: 15 ms a completion
             -- beside 51,000 of them)
             SELECT k.contact_key FROM keys k
-            WHERE (SELECT w.id FROM contact_sync.jobs w
+            WHERE (SELECT w.id FROM ONLY contact_sync.jobs w
                    WHERE w.contact_key = k.contact_key AND w.state = 'pending'
                      AND w.waits_for IS NOT NULL
                    LIMIT 1) IS NOT NULL
         ), next AS (
             SELECT f.id FROM waiting k
-            CROSS JOIN LATERAL (SELECT j.id, j.waits_for FROM contact_sync.jobs j
+            CROSS JOIN LATERAL (SELECT j.id, j.waits_for FROM ONLY contact_sync.jobs j
                                 WHERE j.contact_key = k.contact_key AND j.state = 'pending'
                                 ORDER BY j.id LIMIT 1) f
             WHERE f.waits_for IS NOT NULL
               -- (a probe of the contact, never an anti-join over every running job)
-              AND (SELECT r.id FROM contact_sync.jobs r
+              AND (SELECT r.id FROM ONLY contact_sync.jobs r
                    WHERE r.contact_key = k.contact_key AND r.state = 'running') IS NULL
         ), taken AS (
-            SELECT j.id FROM contact_sync.jobs j
+            SELECT j.id FROM ONLY contact_sync.jobs j
             WHERE j.id = ANY(ARRAY(SELECT id FROM next))
             ORDER BY j.id
             FOR NO KEY UPDATE SKIP LOCKED
         )
         -- (no partial index can serve this test: primary-key probes)
-        UPDATE contact_sync.jobs p SET waits_for = NULL
+        UPDATE ONLY contact_sync.jobs p SET waits_for = NULL
         WHERE p.id = ANY(ARRAY(SELECT id FROM taken)) AND coalesce(p.state, '') = 'pending'
         RETURNING p.account, p.run_at, p.id
         "#,
@@ -1032,7 +1032,7 @@ async fn requeue_next_sql(
 pub async fn held_by(pool: &PgPool, worker_id: &str) -> Result<i64, sqlx::Error> {
     sqlx::query_scalar(
         // language=PostgreSQL
-        "SELECT count(*) FROM contact_sync.jobs WHERE state = 'running' AND locked_by = $1",
+        "SELECT count(*) FROM ONLY contact_sync.jobs WHERE state = 'running' AND locked_by = $1",
     )
     .persistent(false)
     .bind(worker_id)

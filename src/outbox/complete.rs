@@ -221,11 +221,24 @@ async fn write_successes(
             -- the rows of these calls this statement can take now: one another transaction
             -- holds (an operator's open UPDATE, an application's upsert) is skipped, never
             -- waited for
-            SELECT j.id, j.contact_key, md5(j.payload::text) AS md5 FROM contact_sync.jobs j
+            SELECT j.id, j.contact_key, md5(j.payload::text) AS md5 FROM ONLY contact_sync.jobs j
             -- = ANY(ARRAY(SELECT unnest(...))): primary-key probes whatever the planner
             -- believes of the table's size (a seq scan was planned on statistics of an empty queue)
             WHERE j.id = ANY(ARRAY(SELECT unnest($1::bigint[] || $4::bigint[])))
             ORDER BY j.id
+            -- (FOR UPDATE, the lock a delete takes: a row another transaction holds even
+            -- `FOR KEY SHARE` is skipped here, not waited for by `moved`)
+            FOR UPDATE SKIP LOCKED
+        ), parked AS (
+            -- the older changes of these contacts that are parked (dead, cancelled): a delivered
+            -- job leaving the table leaves its id in theirs (`overtaken`). Usually none: one
+            -- probe of the parked index per contact.
+            SELECT o.id, o.contact_key FROM ONLY contact_sync.jobs o
+            WHERE o.contact_key = ANY(ARRAY(SELECT DISTINCT l.contact_key FROM locked l))
+              AND o.state IN ('dead', 'cancelled')
+        ), parked_locked AS (
+            SELECT o.id FROM ONLY contact_sync.jobs o
+            WHERE o.id = ANY(ARRAY(SELECT p.id FROM parked p))
             FOR NO KEY UPDATE SKIP LOCKED
         ), held AS (
             -- a call one of whose rows is held elsewhere is written later, whole: a head still
@@ -235,22 +248,53 @@ async fn write_successes(
             SELECT t.id FROM t
             WHERE t.id <> ALL(ARRAY(SELECT l.id FROM locked l))
               AND (SELECT p.state = 'running' AND p.attempts = t.attempt
-                   FROM contact_sync.jobs p WHERE p.id = t.id)
+                   FROM ONLY contact_sync.jobs p WHERE p.id = t.id)
             UNION
             SELECT m.head FROM m
             WHERE m.id <> ALL(ARRAY(SELECT l.id FROM locked l))
-              AND (SELECT true FROM contact_sync.jobs p WHERE p.id = m.id)
+              AND (SELECT true FROM ONLY contact_sync.jobs p WHERE p.id = m.id)
+            UNION
+            -- (a parked change of the contact held elsewhere: the call is written later, whole)
+            SELECT l.id FROM locked l JOIN parked p ON p.contact_key = l.contact_key
+            WHERE p.id <> ALL(ARRAY(SELECT k.id FROM parked_locked k))
+              AND l.id = ANY($1::bigint[])
         ), todo AS (
             -- the heads to write, and whether each is still as its call carried it (the row as
             -- `locked` took it: this statement holds it until the end)
             SELECT t.*, l.md5 = t.sent_md5 AS as_sent FROM t JOIN locked l ON l.id = t.id
             WHERE t.id <> ALL(ARRAY(SELECT h.id FROM held h))
-        ), done AS (
-            -- delivered; a job changed since the claim was delivered as it was, and goes back
-            -- to pending to be sent as it is now (never `run_at` in the SET list: it would fire
-            -- the row-level validation trigger, which fires on that column whatever the value,
-            -- for every job)
-            UPDATE contact_sync.jobs j
+        ), moved AS (
+            -- delivered, as its call carried it, without an idempotency key: out of the queue's
+            -- table into `jobs_delivered` (below). Keyed jobs stay (`kept`): the unique index
+            -- that answers a repeated key is on the queue's table.
+            -- (= ANY(ARRAY(...)): primary-key probes, whatever the plan; the state test is
+            -- written so that no partial index can serve it: a plan kept from a small queue
+            -- read every running job of the fleet through one)
+            DELETE FROM ONLY contact_sync.jobs j
+            USING todo t
+            WHERE j.id = ANY(ARRAY(SELECT todo.id FROM todo WHERE todo.as_sent))
+              AND j.id = t.id AND coalesce(j.state, '') = 'running' AND j.attempts = t.attempt
+              AND j.idempotency_key IS NULL
+            RETURNING j.id, j.provider, j.account, j.email, j.payload, j.attempts, j.max_attempts,
+                      j.run_at, j.created_at, j.locked_by, j.last_error, j.errors, j.coalesced_into,
+                      coalesce(t.doi, j.doi) AS doi, j.resend_after, t.outcome, j.overtaken_by,
+                      j.waits_for, j.contact_key, t.sets_status, t.modify_ts
+        ), delivered AS (
+            INSERT INTO contact_sync.jobs_delivered
+                (id, provider, account, email, payload, state, attempts, max_attempts, run_at,
+                 created_at, locked_by, finished_at, last_error, errors, coalesced_into, doi,
+                 resend_after, outcome, overtaken_by, waits_for)
+            SELECT m.id, m.provider, m.account, m.email, m.payload, 'succeeded', m.attempts,
+                   m.max_attempts, m.run_at, m.created_at, m.locked_by, now(), m.last_error,
+                   m.errors, m.coalesced_into, m.doi, m.resend_after, m.outcome, m.overtaken_by,
+                   m.waits_for
+            FROM moved m
+        ), kept AS (
+            -- delivered with an idempotency key: `succeeded` in place; a job changed since the
+            -- claim was delivered as it was, and goes back to pending to be sent as it is now
+            -- (never `run_at` in the SET list: it would fire the row-level validation trigger,
+            -- which fires on that column whatever the value, for every job)
+            UPDATE ONLY contact_sync.jobs j
             SET state = CASE WHEN t.as_sent THEN 'succeeded' ELSE 'pending' END,
                 finished_at = CASE WHEN t.as_sent THEN now() END,
                 locked_until = NULL,
@@ -262,47 +306,81 @@ async fn write_successes(
                 last_error = CASE WHEN t.as_sent THEN j.last_error
                                   ELSE 'changed while its call was in flight: the call delivered it as it was; it is sent again as it is now' END
             FROM todo t
-            -- (the rows `locked` holds: this statement's own locks, so the row is as locked read it;
-            -- = ANY(ARRAY(...)): primary-key probes, whatever the plan)
-            -- (the state test is written so that no partial index can serve it: a plan kept
-            -- from a small queue read every running job of the fleet through one)
             WHERE j.id = ANY(ARRAY(SELECT todo.id FROM todo))
               AND j.id = t.id AND coalesce(j.state, '') = 'running' AND j.attempts = t.attempt
+              AND NOT (t.as_sent AND j.idempotency_key IS NULL)
             RETURNING j.id, j.attempts, j.contact_key, t.sets_status, t.modify_ts, j.state = 'succeeded' AS as_sent
+        ), done AS (
+            SELECT m.id, m.attempts, m.contact_key, m.sets_status, m.modify_ts, true AS as_sent FROM moved m
+            UNION ALL
+            SELECT k.id, k.attempts, k.contact_key, k.sets_status, k.modify_ts, k.as_sent FROM kept k
         ), watermark AS (
             -- one running job per contact: a contact appears at most once here
             INSERT INTO contact_sync.smartlink_watermarks AS w (contact_key, modify_ts)
             SELECT d.contact_key, d.modify_ts FROM done d WHERE d.modify_ts IS NOT NULL
             ON CONFLICT (contact_key) DO UPDATE
                 SET modify_ts = greatest(w.modify_ts, EXCLUDED.modify_ts), updated_at = now()
-        ), merged AS (
-            -- a follower cancelled while its call was in flight was delivered all the same:
-            -- say so instead of leaving it `cancelled`
-            UPDATE contact_sync.jobs f
+        ), followers AS (
+            -- in id order, up to the first follower changed since the claim (or gone, or moved
+            -- to another contact): it and those after it are sent again, in order. The rows as
+            -- `locked` took them (the newest versions, never this statement's snapshot: a change
+            -- committed in between must be seen), joined by hashing.
+            SELECT m.id, m.head,
+                   bool_and(coalesce(l.md5 = m.sent_md5 AND l.contact_key = h.contact_key, false))
+                       OVER (PARTITION BY m.head ORDER BY m.id) AS as_sent
+            FROM m JOIN locked h ON h.id = m.head
+            LEFT JOIN locked l ON l.id = m.id
+            WHERE m.head = ANY(ARRAY(SELECT d.id FROM done d WHERE d.as_sent))
+        ), merged_moved AS (
+            -- (a follower cancelled while its call was in flight was delivered all the same:
+            -- said so instead of leaving it `cancelled`)
+            DELETE FROM ONLY contact_sync.jobs f
+            USING followers m
+            WHERE f.id = ANY(ARRAY(SELECT m.id FROM followers m WHERE m.as_sent))
+              AND f.id = m.id AND f.state IN ('pending', 'cancelled') AND f.idempotency_key IS NULL
+            RETURNING f.id, f.provider, f.account, f.email, f.payload, f.attempts, f.max_attempts,
+                      f.run_at, f.created_at, f.locked_by, f.errors, f.doi, f.resend_after,
+                      f.outcome, f.overtaken_by, f.waits_for, f.contact_key, m.head,
+                      CASE WHEN f.state = 'cancelled'
+                           THEN 'cancelled while being delivered with job ' || m.head || ': delivered all the same'
+                           ELSE f.last_error END AS last_error
+        ), merged_delivered AS (
+            INSERT INTO contact_sync.jobs_delivered
+                (id, provider, account, email, payload, state, attempts, max_attempts, run_at,
+                 created_at, locked_by, finished_at, last_error, errors, coalesced_into, doi,
+                 resend_after, outcome, overtaken_by, waits_for)
+            SELECT f.id, f.provider, f.account, f.email, f.payload, 'coalesced', f.attempts,
+                   f.max_attempts, f.run_at, f.created_at, f.locked_by, now(), f.last_error,
+                   f.errors, f.head, f.doi, f.resend_after, f.outcome, f.overtaken_by, f.waits_for
+            FROM merged_moved f
+        ), merged_kept AS (
+            UPDATE ONLY contact_sync.jobs f
             SET state = 'coalesced', finished_at = now(), coalesced_into = m.head,
                 last_error = CASE WHEN f.state = 'cancelled'
                                   THEN 'cancelled while being delivered with job ' || m.head || ': delivered all the same'
                                   ELSE f.last_error END
-            FROM (
-                -- in id order, up to the first follower changed since the claim (or gone, or
-                -- moved to another contact): it and those after it are sent again, in order. The
-                -- rows as `locked` took them (the newest versions, never this statement's
-                -- snapshot: a change committed in between must be seen), joined by hashing.
-                SELECT m.id, m.head,
-                       bool_and(coalesce(l.md5 = m.sent_md5 AND l.contact_key = h.contact_key, false))
-                           OVER (PARTITION BY m.head ORDER BY m.id) AS as_sent
-                FROM m JOIN locked h ON h.id = m.head
-                LEFT JOIN locked l ON l.id = m.id
-                WHERE m.head = ANY(ARRAY(SELECT d.id FROM done d WHERE d.as_sent))
-            ) m
-            WHERE f.id = ANY(ARRAY(SELECT m.id FROM m))
-              AND f.id = m.id AND m.as_sent AND f.state IN ('pending', 'cancelled')
+            FROM followers m
+            WHERE f.id = ANY(ARRAY(SELECT m.id FROM followers m WHERE m.as_sent))
+              AND f.id = m.id AND f.state IN ('pending', 'cancelled') AND f.idempotency_key IS NOT NULL
             RETURNING f.id
+        ), overtaken AS (
+            -- the older parked changes of each contact whose delivered job left the table
+            -- remember the newest one (as retention does when it deletes one): `retry` reads
+            -- the queue's table alone
+            UPDATE ONLY contact_sync.jobs o
+            SET overtaken_by = n.newest
+            FROM (SELECT x.contact_key, max(x.id) AS newest
+                  FROM (SELECT d.contact_key, d.id FROM moved d
+                        UNION ALL SELECT f.contact_key, f.id FROM merged_moved f) x
+                  GROUP BY x.contact_key) n
+            WHERE o.id = ANY(ARRAY(SELECT k.id FROM parked_locked k))
+              AND o.contact_key = n.contact_key AND o.state IN ('dead', 'cancelled')
+              AND o.id < n.newest AND (o.overtaken_by IS NULL OR o.overtaken_by < n.newest)
         ), superseded AS (
             -- a status delivered now comes after every confirmation re-send still waiting for
             -- its contact (in delivery order, whatever the ids): those are superseded, queued
             -- or not yet swept
-            UPDATE contact_sync.jobs r
+            UPDATE ONLY contact_sync.jobs r
             SET state = 'cancelled', finished_at = now(), doi = 'superseded by job ' || d.id -- DoiRecord::SupersededBy
             FROM done d
             WHERE r.contact_key = ANY(ARRAY(SELECT s.contact_key FROM done s WHERE s.sets_status))
@@ -449,12 +527,12 @@ pub async fn fail_many(pool: &PgPool, items: &[Failure<'_>]) -> Result<Vec<Lease
                  AS t(id, attempt, delay_ms, throttled, kind, message, code)
         ), locked AS (
             -- (rows another transaction holds are skipped, never waited for; primary-key probes)
-            SELECT j.id FROM contact_sync.jobs j
+            SELECT j.id FROM ONLY contact_sync.jobs j
             WHERE j.id = ANY(ARRAY(SELECT unnest($1::bigint[])))
             ORDER BY j.id
             FOR NO KEY UPDATE SKIP LOCKED
         )
-        UPDATE contact_sync.jobs j
+        UPDATE ONLY contact_sync.jobs j
         SET state = CASE WHEN t.delay_ms IS NULL THEN 'dead' ELSE 'pending' END,
             finished_at = CASE WHEN t.delay_ms IS NULL THEN now() END,
             -- (unchanged for a dead job: the row-level validation trigger fires on run_at only
@@ -506,7 +584,7 @@ pub async fn retry(
     let result = sqlx::query(
         // language=PostgreSQL
         r#"
-        UPDATE contact_sync.jobs
+        UPDATE ONLY contact_sync.jobs
         SET state = 'pending', run_at = now() + make_interval(secs => $3::bigint / 1000.0),
             locked_until = NULL, locked_by = NULL,
             attempts = CASE WHEN $7 THEN greatest(attempts - 1, 0) ELSE attempts END,
@@ -515,7 +593,7 @@ pub async fn retry(
                      || jsonb_build_array(jsonb_build_object(
                 'attempt', attempts, 'at', now(), 'kind', $4::text, 'code', $6::text, 'error', $5::text))
         WHERE id = $1 AND attempts = $2 AND state = 'running'
-          AND id IN (SELECT id FROM contact_sync.jobs WHERE id = $1 FOR NO KEY UPDATE SKIP LOCKED)
+          AND id IN (SELECT id FROM ONLY contact_sync.jobs WHERE id = $1 FOR NO KEY UPDATE SKIP LOCKED)
         "#,
     ).persistent(false)
     .bind(lease.id)
@@ -555,7 +633,7 @@ pub async fn hold(
         r#"
         -- the provider may hold this call or not
         WITH {unanswered}
-        UPDATE contact_sync.jobs
+        UPDATE ONLY contact_sync.jobs
         SET locked_until = now() + make_interval(secs => $3::bigint / 1000.0), locked_by = NULL,
             last_error = $5 || ' (the provider may still be acting on this request: nothing more is sent for the contact before '
                          || (now() + make_interval(secs => $3::bigint / 1000.0))::text || ')',
@@ -563,7 +641,7 @@ pub async fn hold(
                      || jsonb_build_array(jsonb_build_object(
                 'attempt', attempts, 'at', now(), 'kind', $4::text, 'code', $6::text, 'error', $5::text))
         WHERE id = $1 AND attempts = $2 AND state = 'running'
-          AND id IN (SELECT id FROM contact_sync.jobs WHERE id = $1 FOR NO KEY UPDATE SKIP LOCKED)
+          AND id IN (SELECT id FROM ONLY contact_sync.jobs WHERE id = $1 FOR NO KEY UPDATE SKIP LOCKED)
         "#,
         unanswered = super::synced::unanswered_calls_ctes(
             "ARRAY[$1::bigint]",
@@ -590,7 +668,7 @@ async fn written_or_why(pool: &PgPool, lease: Lease, rows: u64) -> Result<Write,
         return Ok(Write::Done);
     }
     let ours: bool = sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM contact_sync.jobs WHERE id = $1 AND attempts = $2 AND state = 'running')",
+        "SELECT EXISTS (SELECT 1 FROM ONLY contact_sync.jobs WHERE id = $1 AND attempts = $2 AND state = 'running')",
     )
     .persistent(false)
     .bind(lease.id)
@@ -630,14 +708,14 @@ pub async fn kill(pool: &PgPool, lease: Lease, error: &AttemptError) -> Result<W
     let result = sqlx::query(
         // language=PostgreSQL
         r#"
-        UPDATE contact_sync.jobs
+        UPDATE ONLY contact_sync.jobs
         SET state = 'dead', finished_at = now(), locked_until = NULL, locked_by = NULL,
             last_error = $4,
             errors = (CASE WHEN jsonb_array_length(errors) >= $6 THEN errors - 0 ELSE errors END)
                      || jsonb_build_array(jsonb_build_object(
                 'attempt', attempts, 'at', now(), 'kind', $3::text, 'code', $5::text, 'error', $4::text))
         WHERE id = $1 AND attempts = $2 AND state = 'running'
-          AND id IN (SELECT id FROM contact_sync.jobs WHERE id = $1 FOR NO KEY UPDATE SKIP LOCKED)
+          AND id IN (SELECT id FROM ONLY contact_sync.jobs WHERE id = $1 FOR NO KEY UPDATE SKIP LOCKED)
         "#,
     ).persistent(false)
     .bind(lease.id)
@@ -670,12 +748,12 @@ pub async fn release(
     let result = sqlx::query(
         // language=PostgreSQL
         r#"
-        UPDATE contact_sync.jobs j
+        UPDATE ONLY contact_sync.jobs j
         SET state = 'pending', locked_until = NULL, locked_by = NULL, run_at = now(),
             attempts = CASE WHEN $3 THEN greatest(j.attempts - 1, 0) ELSE j.attempts END
         FROM unnest($1::bigint[], $2::int[]) AS t(id, attempt)
         WHERE j.id = t.id AND j.state = 'running' AND j.attempts = t.attempt
-          AND j.id IN (SELECT id FROM contact_sync.jobs WHERE id = ANY(ARRAY(SELECT unnest($1::bigint[]))) ORDER BY id FOR NO KEY UPDATE SKIP LOCKED)
+          AND j.id IN (SELECT id FROM ONLY contact_sync.jobs WHERE id = ANY(ARRAY(SELECT unnest($1::bigint[]))) ORDER BY id FOR NO KEY UPDATE SKIP LOCKED)
         "#,
     )
     .persistent(false)
@@ -719,7 +797,7 @@ pub async fn abandon(pool: &PgPool, leases: &[Lease], hold: Duration) -> Result<
         r#"
         -- the provider may hold these calls or not
         WITH {unanswered}
-        UPDATE contact_sync.jobs j
+        UPDATE ONLY contact_sync.jobs j
         SET locked_until = now() + make_interval(secs => $3::bigint / 1000.0), locked_by = NULL,
             last_error = 'the worker stopped waiting for this call (shutdown); the provider may still act on it until ' || (now() + make_interval(secs => $3::bigint / 1000.0))::text,
             errors = j.errors || jsonb_build_array(jsonb_build_object(
@@ -727,7 +805,7 @@ pub async fn abandon(pool: &PgPool, leases: &[Lease], hold: Duration) -> Result<
                 'error', 'the worker stopped waiting for this call (shutdown)'))
         FROM unnest($1::bigint[], $2::int[]) AS t(id, attempt)
         WHERE j.id = t.id AND j.state = 'running' AND j.attempts = t.attempt
-          AND j.id IN (SELECT id FROM contact_sync.jobs WHERE id = ANY(ARRAY(SELECT unnest($1::bigint[]))) ORDER BY id FOR NO KEY UPDATE SKIP LOCKED)
+          AND j.id IN (SELECT id FROM ONLY contact_sync.jobs WHERE id = ANY(ARRAY(SELECT unnest($1::bigint[]))) ORDER BY id FOR NO KEY UPDATE SKIP LOCKED)
         "#,
         unanswered = super::synced::unanswered_calls_ctes("$1::bigint[]", None)
     ))

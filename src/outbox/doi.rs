@@ -436,7 +436,7 @@ async fn resends_with_timeout(
                 SELECT f.job_id FROM contact_sync.doi_deferred f
                 WHERE f.due_at <= now() AND ($1::bigint IS NULL OR f.job_id = $1)
                   AND NOT EXISTS (
-                      SELECT 1 FROM contact_sync.jobs r
+                      SELECT 1 FROM ONLY contact_sync.jobs r
                       WHERE r.contact_key = f.provider || ':' || f.account || ':' || lower(f.email)
                         AND r.state = 'running')
                 ORDER BY f.due_at LIMIT 1000 FOR UPDATE SKIP LOCKED)
@@ -450,7 +450,7 @@ async fn resends_with_timeout(
         -- a status change still queued comes later than the deferring call, whatever its id
         -- (one delivered since already removed the deferral)
         WHERE NOT EXISTS (
-            SELECT 1 FROM contact_sync.jobs n
+            SELECT 1 FROM ONLY contact_sync.jobs n
             WHERE n.contact_key = due.provider || ':' || due.account || ':' || lower(due.email)
               AND n.state = 'pending' AND n.payload ? 'subscribe')
         RETURNING id

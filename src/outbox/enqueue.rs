@@ -170,7 +170,7 @@ pub async fn enqueue_batch_counted(
         let existing: Vec<(JobId, String, String)> = sqlx::query_as(
             // language=PostgreSQL
             r#"
-            SELECT j.id, j.account, j.idempotency_key FROM contact_sync.jobs j
+            SELECT j.id, j.account, j.idempotency_key FROM ONLY contact_sync.jobs j
             JOIN unnest($1::text[], $2::text[]) AS m(account, key) ON j.account = m.account AND j.idempotency_key = m.key
             WHERE j.idempotency_key IS NOT NULL
             "#,

@@ -70,10 +70,11 @@ async fn state_of(pool: &PgPool, id: JobId) -> Result<Option<JobState>, sqlx::Er
 }
 
 /// A newer change of the same contact that was delivered or is being delivered (or was
-/// delivered and has been pruned since: `overtaken_by`): retrying an older change after it
-/// would overwrite the newer value at the provider.
+/// delivered and has left the queue's table since, moved to `jobs_delivered` at its completion
+/// or deleted by retention: `overtaken_by`): retrying an older change after it would overwrite
+/// the newer value at the provider.
 const NEWER_DELIVERED: &str = r#"
-    coalesce((SELECT n.id FROM contact_sync.jobs n
+    coalesce((SELECT n.id FROM ONLY contact_sync.jobs n
               WHERE n.contact_key = j.contact_key AND n.id > j.id
                 AND n.state IN ('succeeded', 'coalesced', 'running')
               ORDER BY n.id DESC LIMIT 1), j.overtaken_by)"#;
@@ -106,8 +107,8 @@ async fn retry_held(
     sqlx::query(
         // language=PostgreSQL
         r#"
-        SELECT c.id FROM contact_sync.jobs c
-        WHERE c.contact_key = (SELECT j.contact_key FROM contact_sync.jobs j WHERE j.id = $1)
+        SELECT c.id FROM ONLY contact_sync.jobs c
+        WHERE c.contact_key = (SELECT j.contact_key FROM ONLY contact_sync.jobs j WHERE j.id = $1)
           AND c.state = 'pending'
         ORDER BY c.id
         FOR NO KEY UPDATE
@@ -121,9 +122,9 @@ async fn retry_held(
         r#"
         WITH target AS (
             SELECT j.id, {NEWER_DELIVERED} AS newer
-            FROM contact_sync.jobs j WHERE j.id = $1 AND j.state IN ('dead', 'cancelled')
+            FROM ONLY contact_sync.jobs j WHERE j.id = $1 AND j.state IN ('dead', 'cancelled')
         ), done AS (
-            UPDATE contact_sync.jobs j
+            UPDATE ONLY contact_sync.jobs j
             SET state = 'pending', attempts = 0, run_at = greatest(j.run_at, now()), finished_at = NULL, waits_for = NULL,
                 locked_until = NULL, locked_by = NULL
             FROM target t
@@ -244,9 +245,9 @@ const FILTER_SQL: &str = r#"
 /// claim takes them (the first statement of a bulk action: the next one sees every claim made
 /// before).
 const HOLD_CONTACTS_SQL: &str = r#"
-    SELECT c.id FROM contact_sync.jobs c
+    SELECT c.id FROM ONLY contact_sync.jobs c
     WHERE c.state = 'pending'
-      AND c.contact_key IN (SELECT j.contact_key FROM contact_sync.jobs j WHERE {FILTER})
+      AND c.contact_key IN (SELECT j.contact_key FROM ONLY contact_sync.jobs j WHERE {FILTER})
     ORDER BY c.contact_key, c.id
     FOR NO KEY UPDATE OF c"#;
 
@@ -282,12 +283,12 @@ impl Bulk {
             Bulk::Retry { .. } => format!(
                 r#"
         WITH matched AS (
-            SELECT j.id, j.contact_key, j.overtaken_by FROM contact_sync.jobs j
+            SELECT j.id, j.contact_key, j.overtaken_by FROM ONLY contact_sync.jobs j
             WHERE j.state IN ('dead', 'cancelled') AND {FILTER_SQL}
         ), newest AS (
             -- the newest delivered or running change of each matched contact, in one pass
             -- (not a probe per job: finished rows have no index by contact)
-            SELECT n.contact_key, max(n.id) AS id FROM contact_sync.jobs n
+            SELECT n.contact_key, max(n.id) AS id FROM ONLY contact_sync.jobs n
             WHERE n.state IN ('succeeded', 'coalesced', 'running')
               AND n.contact_key IN (SELECT contact_key FROM matched)
             GROUP BY n.contact_key
@@ -295,7 +296,7 @@ impl Bulk {
             SELECT m.id, coalesce(greatest(w.id, m.overtaken_by) > m.id, false) AS stale
             FROM matched m LEFT JOIN newest w ON w.contact_key = m.contact_key
         ), done AS (
-            UPDATE contact_sync.jobs j
+            UPDATE ONLY contact_sync.jobs j
             SET state = 'pending', attempts = 0, run_at = greatest(j.run_at, now()), finished_at = NULL, waits_for = NULL,
                 locked_until = NULL, locked_by = NULL
             FROM candidates c
@@ -310,10 +311,10 @@ impl Bulk {
             Bulk::Cancel => format!(
                 r#"
         WITH targets AS (
-            SELECT j.id, j.contact_key FROM contact_sync.jobs j
+            SELECT j.id, j.contact_key FROM ONLY contact_sync.jobs j
             WHERE j.state IN ('pending', 'dead') AND {FILTER_SQL}
         ), done AS (
-            UPDATE contact_sync.jobs j SET state = 'cancelled', finished_at = now(), waits_for = NULL
+            UPDATE ONLY contact_sync.jobs j SET state = 'cancelled', finished_at = now(), waits_for = NULL
             FROM targets t
             WHERE j.id = t.id AND j.state = $1 AND NOT $6
             RETURNING j.id
@@ -389,7 +390,7 @@ impl Bulk {
             ));
         }
         let sql = format!(
-            r#"SELECT DISTINCT j.contact_key FROM contact_sync.jobs j
+            r#"SELECT DISTINCT j.contact_key FROM ONLY contact_sync.jobs j
                WHERE j.state = ANY($17) AND {FILTER_SQL} ORDER BY 1"#
         );
         let keys: Vec<String> = bind_filter(sqlx::query(&sql), filter, false, false, None)
@@ -425,11 +426,11 @@ impl Bulk {
                 // language=PostgreSQL
                 r#"
                 WITH free AS (
-                    SELECT l.id FROM contact_sync.jobs l
+                    SELECT l.id FROM ONLY contact_sync.jobs l
                     WHERE l.contact_key = ANY($1) AND l.state = 'pending'
                     FOR NO KEY UPDATE SKIP LOCKED)
                 -- an anti-join, not NOT IN: hashed or merged at any size
-                SELECT DISTINCT c.contact_key FROM contact_sync.jobs c
+                SELECT DISTINCT c.contact_key FROM ONLY contact_sync.jobs c
                 WHERE c.contact_key = ANY($1) AND c.state = 'pending'
                   AND NOT EXISTS (SELECT 1 FROM free f WHERE f.id = c.id)
                 "#,
@@ -578,13 +579,13 @@ pub async fn cancel(
             -- the contact's pending jobs first, in id order, as the other operator actions
             -- take them (its contact's next job is brought back after the commit)
             WITH held AS (
-                SELECT c.id FROM contact_sync.jobs c
-                WHERE c.contact_key = (SELECT j.contact_key FROM contact_sync.jobs j WHERE j.id = $1)
+                SELECT c.id FROM ONLY contact_sync.jobs c
+                WHERE c.contact_key = (SELECT j.contact_key FROM ONLY contact_sync.jobs j WHERE j.id = $1)
                   AND c.state = 'pending'
                 ORDER BY c.id
                 FOR NO KEY UPDATE
             )
-            UPDATE contact_sync.jobs SET state = 'cancelled', finished_at = now(), waits_for = NULL
+            UPDATE ONLY contact_sync.jobs SET state = 'cancelled', finished_at = now(), waits_for = NULL
             WHERE id = $1 AND state IN ('pending', 'dead') AND (SELECT count(*) FROM held) >= 0
             "#,
         )

@@ -34,7 +34,7 @@ pub async fn rescue_expired(
         // language=PostgreSQL
         r#"
         WITH expired AS (
-            SELECT x.id FROM contact_sync.jobs x
+            SELECT x.id FROM ONLY contact_sync.jobs x
             -- a running row without a lease (hand-inserted) is rescued too, or it blocks its
             -- contact forever
             -- (`account > ''` holds for every job: it lets the small index of running jobs by
@@ -49,7 +49,7 @@ pub async fn rescue_expired(
         -- a gone worker's call may have reached the provider, or not (a held job's was
         -- recorded when it was held)
         {unanswered}
-        UPDATE contact_sync.jobs j
+        UPDATE ONLY contact_sync.jobs j
         -- a held job (no owner, a lease) is over its hold: back to pending, or dead after its
         -- last attempt. A gone worker's job is first held itself for `$2` (its call may still
         -- be at the provider: the contact waits and the account's slot stays taken), unless $2
@@ -71,7 +71,7 @@ pub async fn rescue_expired(
         RETURNING j.id, j.state
         "#,
         unanswered = super::synced::unanswered_calls_ctes(
-            "ARRAY(SELECT x.id FROM contact_sync.jobs x WHERE x.id = ANY(ARRAY(SELECT id FROM expired)) AND x.locked_by IS NOT NULL)",
+            "ARRAY(SELECT x.id FROM ONLY contact_sync.jobs x WHERE x.id = ANY(ARRAY(SELECT id FROM expired)) AND x.locked_by IS NOT NULL)",
             None
         )
     ))

@@ -226,11 +226,11 @@ fn newest_modify_ts_behind_head() -> String {
                        SELECT x.payload, x.created_at
                        UNION ALL
                        -- (at most `worker.max_coalesce` ride along)
-                       (SELECT f.payload, f.created_at FROM contact_sync.jobs f
+                       (SELECT f.payload, f.created_at FROM ONLY contact_sync.jobs f
                         WHERE f.contact_key = x.contact_key AND f.state = 'pending' AND f.id > x.id
                         ORDER BY f.id LIMIT 1000)
                        UNION ALL
-                       (SELECT f.payload, f.created_at FROM contact_sync.jobs f
+                       (SELECT f.payload, f.created_at FROM ONLY contact_sync.jobs f
                         WHERE f.contact_key = x.contact_key AND f.state = 'cancelled' AND f.id > x.id
                         ORDER BY f.id LIMIT 1000)) c)"#
     )

@@ -36,8 +36,44 @@ impl TestDb {
         Self::on(&admin_url).await
     }
 
+    /// A database of its own with the migrations before `version` applied only (an upgrade
+    /// test applies the rest with [`contact_sync::migrate`]).
+    pub async fn before_migration(version: i64) -> TestDb {
+        let admin_url = std::env::var("DATABASE_URL")
+            .expect("DATABASE_URL must be set: run the tests through scripts/test.sh");
+        let db = Self::unmigrated(&admin_url).await;
+        let earlier = sqlx::migrate::Migrator {
+            migrations: std::borrow::Cow::Owned(
+                contact_sync::MIGRATOR
+                    .iter()
+                    .filter(|m| m.version < version)
+                    .cloned()
+                    .collect(),
+            ),
+            ..sqlx::migrate::Migrator::DEFAULT
+        };
+        let mut tx = db.pool.begin().await.unwrap();
+        sqlx::query("CREATE SCHEMA IF NOT EXISTS contact_sync")
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        sqlx::query("SET LOCAL search_path TO contact_sync")
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        earlier.run_direct(&mut *tx).await.unwrap();
+        tx.commit().await.unwrap();
+        db
+    }
+
     /// A database of its own on another server.
     pub async fn on(admin_url: &str) -> TestDb {
+        let db = Self::unmigrated(admin_url).await;
+        contact_sync::migrate(&db.pool).await.unwrap();
+        db
+    }
+
+    async fn unmigrated(admin_url: &str) -> TestDb {
         let admin = PgConnectOptions::from_str(admin_url).unwrap();
         let name = format!(
             "cs_test_{}_{}_{}",
@@ -54,7 +90,6 @@ impl TestDb {
         let mut url = url::Url::parse(admin_url).unwrap();
         url.set_path(&format!("/{name}"));
         let pool = pool_for(&options).await;
-        contact_sync::migrate(&pool).await.unwrap();
         TestDb {
             options,
             url: url.to_string(),
@@ -95,7 +130,8 @@ impl TestEnv {
         Self::with_db(TestDb::on(url).await).await
     }
 
-    async fn with_db(db: TestDb) -> TestEnv {
+    /// On a database already made (an upgrade test's).
+    pub async fn with_db(db: TestDb) -> TestEnv {
         let sandbox = Sandbox::start(
             "127.0.0.1:0".parse().unwrap(),
             SandboxAccounts::default()

@@ -12,6 +12,7 @@ mod capture;
 mod claim;
 mod cli;
 mod console;
+mod delivered;
 mod double_opt_in;
 mod edits_in_flight;
 mod enqueue;

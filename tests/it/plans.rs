@@ -917,16 +917,17 @@ async fn a_repeated_idempotency_key_is_looked_up_through_its_index() {
 }
 
 /// Rows read by sequential scans of the queue's tables so far (`pg_stat_user_tables`), after
-/// the given sessions' statistics were flushed.
+/// the given sessions' statistics were flushed: the queue's own and `jobs_delivered`, its child
+/// (a statement that named an open state wrongly would read the delivered jobs whole).
 async fn seq_rows_read(reader: &PgPool, sessions: &[&PgPool]) -> i64 {
     flush_stats(sessions).await;
-    table_reads(reader, "jobs").await.0
+    table_reads(reader, "jobs").await.0 + table_reads(reader, "jobs_delivered").await.0
 }
 
-/// Rows of the queue's table fetched through index scans so far (`pg_stat_user_tables`; the
+/// Rows of the queue's tables fetched through index scans so far (`pg_stat_user_tables`; the
 /// sessions' statistics flushed by a [`seq_rows_read`] just before).
 async fn index_rows_fetched(reader: &PgPool) -> i64 {
-    table_reads(reader, "jobs").await.1
+    table_reads(reader, "jobs").await.1 + table_reads(reader, "jobs_delivered").await.1
 }
 
 /// Makes the given sessions' table statistics visible to others: each flushes them when it next

@@ -317,10 +317,14 @@ async fn a_deferral_of_an_attempt_whose_retry_sent_the_status_is_dropped() {
         .doi
         .unwrap()
         .starts_with("deferred_until "));
-    // as if the worker had died after the call and before recording it: running, its lease gone
+    // as if the worker had died after the call and before recording it: running, its lease
+    // gone (back in the queue's table: a delivered job has left it)
     sqlx::query(
-        "UPDATE contact_sync.jobs SET state = 'running', finished_at = NULL, doi = NULL, \
-         locked_by = 'gone:1:0000', locked_until = now() - interval '1 second' WHERE id = $1",
+        "WITH d AS (DELETE FROM contact_sync.jobs_delivered WHERE id = $1 RETURNING *) \
+         INSERT INTO contact_sync.jobs (id, provider, account, email, payload, state, attempts, \
+             run_at, created_at, locked_by, locked_until, errors) OVERRIDING SYSTEM VALUE \
+         SELECT id, provider, account, email, payload, 'running', attempts, run_at, created_at, \
+             'gone:1:0000', now() - interval '1 second', errors FROM d",
     )
     .bind(change)
     .execute(&env.pool)

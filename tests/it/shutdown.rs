@@ -81,6 +81,13 @@ async fn drain_fails_while_its_own_claims_are_still_running() {
     sqlx::query(
         r#"CREATE FUNCTION refuse_stuck() RETURNS trigger LANGUAGE plpgsql AS $$
            BEGIN
+               -- (a delivered job leaves the table: its outcome is a DELETE)
+               IF TG_OP = 'DELETE' THEN
+                   IF OLD.state = 'running' AND OLD.email = 'stuck@example.com' THEN
+                       RAISE EXCEPTION 'refusing to record this job';
+                   END IF;
+                   RETURN OLD;
+               END IF;
                IF OLD.state = 'running' AND NEW.state <> 'running' AND NEW.email = 'stuck@example.com' THEN
                    RAISE EXCEPTION 'refusing to record this job';
                END IF;
@@ -91,7 +98,7 @@ async fn drain_fails_while_its_own_claims_are_still_running() {
     .await
     .unwrap();
     sqlx::query(
-        "CREATE TRIGGER refuse_stuck BEFORE UPDATE ON contact_sync.jobs FOR EACH ROW EXECUTE FUNCTION refuse_stuck()",
+        "CREATE TRIGGER refuse_stuck BEFORE UPDATE OR DELETE ON contact_sync.jobs FOR EACH ROW EXECUTE FUNCTION refuse_stuck()",
     )
     .execute(&env.pool)
     .await
