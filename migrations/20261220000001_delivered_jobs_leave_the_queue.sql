@@ -94,18 +94,7 @@ $fn$;
 CREATE TRIGGER jobs_delivered_validate_update BEFORE UPDATE ON contact_sync.jobs_delivered
     FOR EACH ROW EXECUTE FUNCTION contact_sync.jobs_delivered_before_update();
 
--- The jobs already delivered. First, as retention does when it deletes a delivered job: an
--- older parked change of the contact (dead, cancelled) remembers the newest delivered one, so
--- that `retry` still refuses to send it over that one (the worker's statements, and `retry`'s
--- check, read the queue's table alone).
-UPDATE ONLY contact_sync.jobs o
-SET overtaken_by = n.newest
-FROM (SELECT d.contact_key, max(d.id) AS newest FROM ONLY contact_sync.jobs d
-      WHERE d.state IN ('succeeded', 'coalesced') AND d.idempotency_key IS NULL
-      GROUP BY d.contact_key) n
-WHERE o.contact_key = n.contact_key AND o.state IN ('dead', 'cancelled')
-  AND o.id < n.newest AND (o.overtaken_by IS NULL OR o.overtaken_by < n.newest);
-
+-- The jobs already delivered.
 WITH moved AS (
     DELETE FROM ONLY contact_sync.jobs
     WHERE state IN ('succeeded', 'coalesced') AND idempotency_key IS NULL
@@ -119,5 +108,3 @@ SELECT id, provider, account, email, payload, idempotency_key, state, attempts, 
        created_at, locked_until, locked_by, finished_at, last_error, errors, coalesced_into, doi,
        resend_after, outcome, overtaken_by, waits_for
 FROM moved;
-
-COMMENT ON COLUMN contact_sync.jobs.overtaken_by IS 'contact-sync: for a dead or cancelled job, the newest later change of its contact that was delivered and has since left this table (moved to contact_sync.jobs_delivered, or deleted by retention): retry refuses to re-send this job over it';

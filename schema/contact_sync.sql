@@ -644,7 +644,7 @@ ALTER TABLE ONLY contact_sync.jobs ALTER COLUMN state SET STATISTICS 0;
 
 COMMENT ON TABLE contact_sync.jobs IS 'contact-sync outbox: one row per contact change';
 
-COMMENT ON COLUMN contact_sync.jobs.overtaken_by IS 'contact-sync: for a dead or cancelled job, the newest later change of its contact that was delivered and has since left this table (moved to contact_sync.jobs_delivered, or deleted by retention): retry refuses to re-send this job over it';
+COMMENT ON COLUMN contact_sync.jobs.overtaken_by IS 'contact-sync: for a dead or cancelled job, the newest later change of its contact that was delivered and has since been pruned (retry refuses to re-send this job over it)';
 
 COMMENT ON COLUMN contact_sync.jobs.waits_for IS 'contact-sync: for a pending job found behind another open job of its contact, that job: it is claimed once that job has left running or pending';
 

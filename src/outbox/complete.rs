@@ -221,7 +221,9 @@ async fn write_successes(
             -- the rows of these calls this statement can take now: one another transaction
             -- holds (an operator's open UPDATE, an application's upsert) is skipped, never
             -- waited for
-            SELECT j.id, j.contact_key, md5(j.payload::text) AS md5 FROM ONLY contact_sync.jobs j
+            SELECT j.id, j.contact_key, md5(j.payload::text) AS md5,
+                   j.idempotency_key IS NOT NULL AS keyed
+            FROM ONLY contact_sync.jobs j
             -- = ANY(ARRAY(SELECT unnest(...))): primary-key probes whatever the planner
             -- believes of the table's size (a seq scan was planned on statistics of an empty queue)
             WHERE j.id = ANY(ARRAY(SELECT unnest($1::bigint[] || $4::bigint[])))
@@ -229,17 +231,6 @@ async fn write_successes(
             -- (FOR UPDATE, the lock a delete takes: a row another transaction holds even
             -- `FOR KEY SHARE` is skipped here, not waited for by `moved`)
             FOR UPDATE SKIP LOCKED
-        ), parked AS (
-            -- the older changes of these contacts that are parked (dead, cancelled): a delivered
-            -- job leaving the table leaves its id in theirs (`overtaken`). Usually none: one
-            -- probe of the parked index per contact.
-            SELECT o.id, o.contact_key FROM ONLY contact_sync.jobs o
-            WHERE o.contact_key = ANY(ARRAY(SELECT DISTINCT l.contact_key FROM locked l))
-              AND o.state IN ('dead', 'cancelled')
-        ), parked_locked AS (
-            SELECT o.id FROM ONLY contact_sync.jobs o
-            WHERE o.id = ANY(ARRAY(SELECT p.id FROM parked p))
-            FOR NO KEY UPDATE SKIP LOCKED
         ), held AS (
             -- a call one of whose rows is held elsewhere is written later, whole: a head still
             -- running under this attempt, or a follower still there, that `locked` could not
@@ -253,15 +244,10 @@ async fn write_successes(
             SELECT m.head FROM m
             WHERE m.id <> ALL(ARRAY(SELECT l.id FROM locked l))
               AND (SELECT true FROM ONLY contact_sync.jobs p WHERE p.id = m.id)
-            UNION
-            -- (a parked change of the contact held elsewhere: the call is written later, whole)
-            SELECT l.id FROM locked l JOIN parked p ON p.contact_key = l.contact_key
-            WHERE p.id <> ALL(ARRAY(SELECT k.id FROM parked_locked k))
-              AND l.id = ANY($1::bigint[])
         ), todo AS (
             -- the heads to write, and whether each is still as its call carried it (the row as
             -- `locked` took it: this statement holds it until the end)
-            SELECT t.*, l.md5 = t.sent_md5 AS as_sent FROM t JOIN locked l ON l.id = t.id
+            SELECT t.*, l.md5 = t.sent_md5 AS as_sent, l.keyed FROM t JOIN locked l ON l.id = t.id
             WHERE t.id <> ALL(ARRAY(SELECT h.id FROM held h))
         ), moved AS (
             -- delivered, as its call carried it, without an idempotency key: out of the queue's
@@ -272,9 +258,8 @@ async fn write_successes(
             -- read every running job of the fleet through one)
             DELETE FROM ONLY contact_sync.jobs j
             USING todo t
-            WHERE j.id = ANY(ARRAY(SELECT todo.id FROM todo WHERE todo.as_sent))
+            WHERE j.id = ANY(ARRAY(SELECT todo.id FROM todo WHERE todo.as_sent AND NOT todo.keyed))
               AND j.id = t.id AND coalesce(j.state, '') = 'running' AND j.attempts = t.attempt
-              AND j.idempotency_key IS NULL
             RETURNING j.id, j.provider, j.account, j.email, j.payload, j.attempts, j.max_attempts,
                       j.run_at, j.created_at, j.locked_by, j.last_error, j.errors, j.coalesced_into,
                       coalesce(t.doi, j.doi) AS doi, j.resend_after, t.outcome, j.overtaken_by,
@@ -306,9 +291,9 @@ async fn write_successes(
                 last_error = CASE WHEN t.as_sent THEN j.last_error
                                   ELSE 'changed while its call was in flight: the call delivered it as it was; it is sent again as it is now' END
             FROM todo t
-            WHERE j.id = ANY(ARRAY(SELECT todo.id FROM todo))
+            -- (the rows `locked` holds: their key cannot have changed since)
+            WHERE j.id = ANY(ARRAY(SELECT todo.id FROM todo WHERE NOT todo.as_sent OR todo.keyed))
               AND j.id = t.id AND coalesce(j.state, '') = 'running' AND j.attempts = t.attempt
-              AND NOT (t.as_sent AND j.idempotency_key IS NULL)
             RETURNING j.id, j.attempts, j.contact_key, t.sets_status, t.modify_ts, j.state = 'succeeded' AS as_sent
         ), done AS (
             SELECT m.id, m.attempts, m.contact_key, m.sets_status, m.modify_ts, true AS as_sent FROM moved m
@@ -325,7 +310,7 @@ async fn write_successes(
             -- to another contact): it and those after it are sent again, in order. The rows as
             -- `locked` took them (the newest versions, never this statement's snapshot: a change
             -- committed in between must be seen), joined by hashing.
-            SELECT m.id, m.head,
+            SELECT m.id, m.head, coalesce(l.keyed, false) AS keyed,
                    bool_and(coalesce(l.md5 = m.sent_md5 AND l.contact_key = h.contact_key, false))
                        OVER (PARTITION BY m.head ORDER BY m.id) AS as_sent
             FROM m JOIN locked h ON h.id = m.head
@@ -336,8 +321,8 @@ async fn write_successes(
             -- said so instead of leaving it `cancelled`)
             DELETE FROM ONLY contact_sync.jobs f
             USING followers m
-            WHERE f.id = ANY(ARRAY(SELECT m.id FROM followers m WHERE m.as_sent))
-              AND f.id = m.id AND f.state IN ('pending', 'cancelled') AND f.idempotency_key IS NULL
+            WHERE f.id = ANY(ARRAY(SELECT m.id FROM followers m WHERE m.as_sent AND NOT m.keyed))
+              AND f.id = m.id AND f.state IN ('pending', 'cancelled')
             RETURNING f.id, f.provider, f.account, f.email, f.payload, f.attempts, f.max_attempts,
                       f.run_at, f.created_at, f.locked_by, f.errors, f.doi, f.resend_after,
                       f.outcome, f.overtaken_by, f.waits_for, f.contact_key, m.head,
@@ -360,22 +345,9 @@ async fn write_successes(
                                   THEN 'cancelled while being delivered with job ' || m.head || ': delivered all the same'
                                   ELSE f.last_error END
             FROM followers m
-            WHERE f.id = ANY(ARRAY(SELECT m.id FROM followers m WHERE m.as_sent))
-              AND f.id = m.id AND f.state IN ('pending', 'cancelled') AND f.idempotency_key IS NOT NULL
+            WHERE f.id = ANY(ARRAY(SELECT m.id FROM followers m WHERE m.as_sent AND m.keyed))
+              AND f.id = m.id AND f.state IN ('pending', 'cancelled')
             RETURNING f.id
-        ), overtaken AS (
-            -- the older parked changes of each contact whose delivered job left the table
-            -- remember the newest one (as retention does when it deletes one): `retry` reads
-            -- the queue's table alone
-            UPDATE ONLY contact_sync.jobs o
-            SET overtaken_by = n.newest
-            FROM (SELECT x.contact_key, max(x.id) AS newest
-                  FROM (SELECT d.contact_key, d.id FROM moved d
-                        UNION ALL SELECT f.contact_key, f.id FROM merged_moved f) x
-                  GROUP BY x.contact_key) n
-            WHERE o.id = ANY(ARRAY(SELECT k.id FROM parked_locked k))
-              AND o.contact_key = n.contact_key AND o.state IN ('dead', 'cancelled')
-              AND o.id < n.newest AND (o.overtaken_by IS NULL OR o.overtaken_by < n.newest)
         ), superseded AS (
             -- a status delivered now comes after every confirmation re-send still waiting for
             -- its contact (in delivery order, whatever the ids): those are superseded, queued

@@ -1,11 +1,10 @@
 //! Retention: finished jobs (`succeeded`, `coalesced`, `cancelled`) older than
 //! `retention.finished` are deleted in small batches, oldest first; `dead` jobs stay until
-//! retried or cancelled. Delivered jobs without an idempotency key are in
-//! `contact_sync.jobs_delivered` (moved there at completion, which already left their ids in
-//! the contact's parked jobs); the others in the queue's table, where a delivered job deleted
-//! while an older change of its contact is parked (`dead`, `cancelled`) leaves its id in that
-//! job's `overtaken_by`, so `retry` still sees that a newer change was delivered; nothing is
-//! kept back, so no batch reads a row twice. Smartlink
+//! retried or cancelled; delivered jobs without an idempotency key are in
+//! `contact_sync.jobs_delivered` (moved there at completion), the others in the queue's table.
+//! A delivered job deleted while an older change of its contact is parked (`dead`,
+//! `cancelled`) leaves its id in that job's `overtaken_by`, so `retry` still sees that a newer
+//! change was delivered; nothing is kept back, so no batch reads a row twice. Smartlink
 //! watermarks (the newest `modify_ts` delivered per contact) go after the same time without an
 //! update.
 
@@ -40,16 +39,24 @@ pub const PRUNE_SQL: &str = r#"
         DELETE FROM ONLY contact_sync.jobs WHERE id IN (SELECT id FROM batch)
         "#;
 
-/// The retention statement of `jobs_delivered`, as [`PRUNE_SQL`] (public for the plan tests).
+/// The retention statement of `jobs_delivered`, as [`PRUNE_SQL`], oldest first along its
+/// `finished_at` index (public for the plan tests).
 #[doc(hidden)]
 pub const PRUNE_DELIVERED_SQL: &str = r#"
-        DELETE FROM contact_sync.jobs_delivered
-        WHERE id IN (
-            SELECT d.id FROM contact_sync.jobs_delivered d
+        WITH batch AS (
+            SELECT d.id, d.contact_key FROM contact_sync.jobs_delivered d
             WHERE d.finished_at < now() - make_interval(secs => $1::bigint / 1000.0)
             ORDER BY d.finished_at
             LIMIT $2
-            FOR UPDATE SKIP LOCKED)
+            FOR UPDATE SKIP LOCKED
+        ), overtaken AS (
+            UPDATE ONLY contact_sync.jobs o
+            SET overtaken_by = n.newest
+            FROM (SELECT b.contact_key, max(b.id) AS newest FROM batch b GROUP BY b.contact_key) n
+            WHERE o.contact_key = n.contact_key AND o.state IN ('dead', 'cancelled')
+              AND o.id < n.newest AND (o.overtaken_by IS NULL OR o.overtaken_by < n.newest)
+        )
+        DELETE FROM contact_sync.jobs_delivered WHERE id IN (SELECT id FROM batch)
         "#;
 
 /// Deletes up to `batch` finished jobs older than `older_than`, from `jobs_delivered` first,

@@ -70,11 +70,11 @@ async fn state_of(pool: &PgPool, id: JobId) -> Result<Option<JobState>, sqlx::Er
 }
 
 /// A newer change of the same contact that was delivered or is being delivered (or was
-/// delivered and has left the queue's table since, moved to `jobs_delivered` at its completion
-/// or deleted by retention: `overtaken_by`): retrying an older change after it would overwrite
-/// the newer value at the provider.
+/// delivered and has been pruned since: `overtaken_by`): retrying an older change after it
+/// would overwrite the newer value at the provider. (`contact_sync.jobs` with its child
+/// `jobs_delivered`: read backwards along their primary keys, down to this job at most.)
 const NEWER_DELIVERED: &str = r#"
-    coalesce((SELECT n.id FROM ONLY contact_sync.jobs n
+    coalesce((SELECT n.id FROM contact_sync.jobs n
               WHERE n.contact_key = j.contact_key AND n.id > j.id
                 AND n.state IN ('succeeded', 'coalesced', 'running')
               ORDER BY n.id DESC LIMIT 1), j.overtaken_by)"#;
@@ -287,8 +287,9 @@ impl Bulk {
             WHERE j.state IN ('dead', 'cancelled') AND {FILTER_SQL}
         ), newest AS (
             -- the newest delivered or running change of each matched contact, in one pass
-            -- (not a probe per job: finished rows have no index by contact)
-            SELECT n.contact_key, max(n.id) AS id FROM ONLY contact_sync.jobs n
+            -- (not a probe per job: finished rows have no index by contact; `jobs_delivered`
+            -- included)
+            SELECT n.contact_key, max(n.id) AS id FROM contact_sync.jobs n
             WHERE n.state IN ('succeeded', 'coalesced', 'running')
               AND n.contact_key IN (SELECT contact_key FROM matched)
             GROUP BY n.contact_key

@@ -158,14 +158,6 @@ async fn retry_refuses_a_parked_change_over_a_newer_one_that_left_the_queue() {
         place(&env.pool, newer).await,
         ("delivered".into(), "succeeded".into())
     );
-    let overtaken: Option<i64> =
-        sqlx::query_scalar("SELECT overtaken_by FROM contact_sync.jobs WHERE id = $1")
-            .bind(old)
-            .fetch_one(&env.pool)
-            .await
-            .unwrap();
-    assert_eq!(overtaken, Some(newer));
-
     let (result, found) = repair::retry(&env.pool, old, false).await.unwrap();
     assert_eq!(result, ActionResult::Stale);
     assert!(
@@ -184,6 +176,13 @@ async fn retry_refuses_a_parked_change_over_a_newer_one_that_left_the_queue() {
     contact_sync::outbox::prune::prune_finished(&env.pool, Duration::from_secs(86_400), 100)
         .await
         .unwrap();
+    let overtaken: Option<i64> =
+        sqlx::query_scalar("SELECT overtaken_by FROM contact_sync.jobs WHERE id = $1")
+            .bind(old)
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+    assert_eq!(overtaken, Some(newer));
     let (result, _) = repair::retry(&env.pool, old, false).await.unwrap();
     assert_eq!(result, ActionResult::Stale);
     let (result, _) = repair::retry(&env.pool, old, true).await.unwrap();
@@ -198,19 +197,12 @@ async fn retry_refuses_a_parked_change_over_a_newer_one_that_left_the_queue() {
     );
 }
 
-/// A parked change of the contact that another transaction holds: the completion does not wait
-/// for it (the call is held, its lease kept, and written once the row is free), and the parked
-/// change still learns of the newer delivery.
+/// A delivered job's row held `FOR KEY SHARE` by another transaction (a lock an update does not
+/// wait for, a delete does): the completion does not wait for it; the call is held, its lease
+/// kept, and written once the row is free.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_parked_change_held_elsewhere_holds_the_completion_without_a_wait() {
+async fn a_delivered_row_held_elsewhere_holds_its_completion_without_a_wait() {
     let env = TestEnv::new().await;
-    let old = env
-        .enqueue(jc("h@example.com", json!({"lead_name": "old"})))
-        .await;
-    park_as_dead(&env.pool, old).await;
-    let newer = env
-        .enqueue(jc("h@example.com", json!({"lead_name": "new"})))
-        .await;
     let options = ClaimOptions {
         lease: Duration::from_secs(30),
         worker_id: "w",
@@ -222,61 +214,6 @@ async fn a_parked_change_held_elsewhere_holds_the_completion_without_a_wait() {
         account: "jc".into(),
         limit: 10,
     }];
-    let claimed = contact_sync::outbox::claim::claim(
-        &env.pool,
-        &quotas,
-        &options,
-        &mut ReadyFloors::default(),
-    )
-    .await
-    .unwrap()
-    .jobs;
-    assert_eq!(claimed.len(), 1);
-    let success = Success {
-        lease: claimed[0].lease(),
-        doi: None,
-        sent_md5: claimed[0].payload_md5(),
-        followers: vec![],
-        sets_status: false,
-        modify_ts: None,
-        outcome: None,
-        synced: None,
-        after_call: None,
-    };
-    let mut operator = env.pool.begin().await.unwrap();
-    sqlx::query("SELECT 1 FROM contact_sync.jobs WHERE id = $1 FOR UPDATE")
-        .bind(old)
-        .execute(&mut *operator)
-        .await
-        .unwrap();
-    let started = std::time::Instant::now();
-    let written = complete::succeed_many(&env.pool, std::slice::from_ref(&success))
-        .await
-        .unwrap();
-    assert!(started.elapsed() < Duration::from_secs(2), "it waited");
-    assert_eq!(written.held, vec![newer]);
-    assert_eq!(
-        place(&env.pool, newer).await,
-        ("queue".into(), "running".into())
-    );
-    operator.commit().await.unwrap();
-    let written = complete::succeed_many(&env.pool, std::slice::from_ref(&success))
-        .await
-        .unwrap();
-    assert_eq!(written, Default::default());
-    assert_eq!(
-        place(&env.pool, newer).await,
-        ("delivered".into(), "succeeded".into())
-    );
-    let overtaken: Option<i64> =
-        sqlx::query_scalar("SELECT overtaken_by FROM contact_sync.jobs WHERE id = $1")
-            .bind(old)
-            .fetch_one(&env.pool)
-            .await
-            .unwrap();
-    assert_eq!(overtaken, Some(newer));
-
-    // the head itself held `FOR KEY SHARE` (a lock an update does not wait for, a delete does)
     let third = env
         .enqueue(jc("h@example.com", json!({"lead_name": "third"})))
         .await;
@@ -292,8 +229,14 @@ async fn a_parked_change_held_elsewhere_holds_the_completion_without_a_wait() {
     assert_eq!(claimed.iter().map(|j| j.id).collect::<Vec<_>>(), [third]);
     let success = Success {
         lease: claimed[0].lease(),
+        doi: None,
         sent_md5: claimed[0].payload_md5(),
-        ..success
+        followers: vec![],
+        sets_status: false,
+        modify_ts: None,
+        outcome: None,
+        synced: None,
+        after_call: None,
     };
     let mut outsider = env.pool.begin().await.unwrap();
     sqlx::query("SELECT 1 FROM contact_sync.jobs WHERE id = $1 FOR KEY SHARE")
@@ -360,7 +303,7 @@ async fn a_hand_update_cannot_reopen_a_delivered_job() {
 }
 
 /// The upgrade, with every kind of job in the table: the delivered ones without a key move,
-/// and a parked change learns of the newer delivered one; the queue then goes on.
+/// `retry` still finds them newer than a parked change, and the queue goes on.
 #[tokio::test]
 async fn the_upgrade_moves_delivered_jobs_and_keeps_retry_right() {
     let db = TestDb::before_migration(20261220000001).await;
@@ -406,15 +349,9 @@ async fn the_upgrade_moves_delivered_jobs_and_keeps_retry_right() {
     for (id, state) in [(keyed, "succeeded"), (pending, "pending"), (parked, "dead")] {
         assert_eq!(place(&db.pool, id).await, ("queue".into(), state.into()));
     }
-    let overtaken: Option<i64> =
-        sqlx::query_scalar("SELECT overtaken_by FROM contact_sync.jobs WHERE id = $1")
-            .bind(parked)
-            .fetch_one(&db.pool)
-            .await
-            .unwrap();
-    assert_eq!(overtaken, Some(coalesced));
-    let (result, _) = repair::retry(&db.pool, parked, false).await.unwrap();
+    let (result, found) = repair::retry(&db.pool, parked, false).await.unwrap();
     assert_eq!(result, ActionResult::Stale);
+    assert!(matches!(found, Some(Found::Newer(id)) if id == coalesced), "{found:?}");
     // the queue's own rules are its own: a delivered job is not checked by them twice
     let inherited: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM pg_constraint WHERE conrelid = 'contact_sync.jobs'::regclass
