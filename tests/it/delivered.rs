@@ -351,7 +351,10 @@ async fn the_upgrade_moves_delivered_jobs_and_keeps_retry_right() {
     }
     let (result, found) = repair::retry(&db.pool, parked, false).await.unwrap();
     assert_eq!(result, ActionResult::Stale);
-    assert!(matches!(found, Some(Found::Newer(id)) if id == coalesced), "{found:?}");
+    assert!(
+        matches!(found, Some(Found::Newer(id)) if id == coalesced),
+        "{found:?}"
+    );
     // the queue's own rules are its own: a delivered job is not checked by them twice
     let inherited: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM pg_constraint WHERE conrelid = 'contact_sync.jobs'::regclass
