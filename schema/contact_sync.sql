@@ -181,8 +181,7 @@ CREATE FUNCTION contact_sync.jobs_delivered_before_update() RETURNS trigger
     SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
 BEGIN
-    IF NEW.state IS DISTINCT FROM OLD.state AND NEW.state IS DISTINCT FROM 'succeeded'
-       AND NEW.state IS DISTINCT FROM 'coalesced' THEN
+    IF NEW.state IS DISTINCT FROM 'succeeded' AND NEW.state IS DISTINCT FROM 'coalesced' THEN
         RAISE EXCEPTION USING ERRCODE = '22023',
             MESSAGE = format('contact_sync: job %s was delivered; it cannot become %s', OLD.id,
                              coalesce(quote_literal(NEW.state), 'NULL')),
@@ -192,24 +191,6 @@ BEGIN
         RAISE EXCEPTION USING ERRCODE = '22023',
             MESSAGE = format('contact_sync: job %s was delivered without an idempotency key; it cannot be given one', OLD.id),
             HINT = 'enqueue the change anew with the key';
-    END IF;
-    IF NOT (NEW.run_at > '-infinity' AND NEW.run_at < '10000-01-01 00:00:00+00')
-       OR NOT (NEW.created_at > '-infinity' AND NEW.created_at < '10000-01-01 00:00:00+00')
-       OR NOT (NEW.locked_until IS NULL OR (NEW.locked_until > '-infinity' AND NEW.locked_until < '10000-01-01 00:00:00+00'))
-       OR NOT (NEW.finished_at IS NULL OR (NEW.finished_at > '-infinity' AND NEW.finished_at < '10000-01-01 00:00:00+00')) THEN
-        RAISE EXCEPTION USING ERRCODE = '22023',
-            MESSAGE = format('contact_sync: job %s: its times must be finite and before the year 10000', OLD.id),
-            HINT = 'pass a timestamp';
-    END IF;
-    IF NEW.attempts < 0 OR NEW.attempts > 999999 THEN
-        RAISE EXCEPTION USING ERRCODE = '22023',
-            MESSAGE = format('contact_sync: attempts must be between 0 and 999999, got %s', NEW.attempts),
-            HINT = 'leave attempts as the worker set it';
-    END IF;
-    IF jsonb_typeof(NEW.errors) IS DISTINCT FROM 'array' THEN
-        RAISE EXCEPTION USING ERRCODE = '22023',
-            MESSAGE = format('contact_sync: errors must be a JSON array, got %s', coalesce(jsonb_typeof(NEW.errors), 'NULL')),
-            HINT = 'leave errors as the worker set it';
     END IF;
     RETURN NEW;
 END
@@ -625,10 +606,10 @@ CREATE TABLE contact_sync.jobs (
     outcome text,
     overtaken_by bigint,
     waits_for bigint,
-    CONSTRAINT jobs_account_check CHECK (((length(account) >= 1) AND (length(account) <= 64) AND (ltrim(account, 'abcdefghijklmnopqrstuvwxyz0123456789_'::text) = ''::text))) NO INHERIT,
-    CONSTRAINT jobs_idempotency_key_1_to_200_characters CHECK (((idempotency_key IS NULL) OR ((length(idempotency_key) >= 1) AND (length(idempotency_key) <= 200)))) NO INHERIT,
-    CONSTRAINT jobs_max_attempts_check CHECK (((max_attempts IS NULL) OR (max_attempts >= 1))) NO INHERIT,
-    CONSTRAINT jobs_state_check CHECK ((state = ANY (ARRAY['pending'::text, 'running'::text, 'succeeded'::text, 'dead'::text, 'cancelled'::text, 'coalesced'::text]))) NO INHERIT,
+    CONSTRAINT jobs_account_check CHECK ((((length(account) >= 1) AND (length(account) <= 64)) AND (ltrim(account, 'abcdefghijklmnopqrstuvwxyz0123456789_'::text) = ''::text))),
+    CONSTRAINT jobs_idempotency_key_1_to_200_characters CHECK (((idempotency_key IS NULL) OR ((length(idempotency_key) >= 1) AND (length(idempotency_key) <= 200)))),
+    CONSTRAINT jobs_max_attempts_check CHECK (((max_attempts IS NULL) OR (max_attempts >= 1))),
+    CONSTRAINT jobs_state_check CHECK ((state = ANY (ARRAY['pending'::text, 'running'::text, 'succeeded'::text, 'dead'::text, 'cancelled'::text, 'coalesced'::text]))),
     CONSTRAINT jobs_values_check CHECK (
 CASE
     WHEN (NOT ((run_at > '-infinity'::timestamp with time zone) AND (run_at < '10000-01-01 00:00:00+00'::timestamp with time zone))) THEN contact_sync.reject(('contact_sync: run_at must be a finite time before the year 10000, got '::text || (run_at)::text), 'pass a timestamp (or omit run_at for now)'::text, NULL::jsonb)
@@ -638,7 +619,7 @@ CASE
     WHEN ((attempts < 0) OR (attempts > 999999)) THEN contact_sync.reject(('contact_sync: attempts must be between 0 and 999999, got '::text || attempts), 'omit attempts: it starts at 0'::text, NULL::jsonb)
     WHEN (jsonb_typeof(errors) <> 'array'::text) THEN contact_sync.reject(('contact_sync: errors must be a JSON array, got '::text || jsonb_typeof(errors)), 'omit errors: it starts as []'::text, NULL::jsonb)
     ELSE true
-END) NO INHERIT
+END)
 );
 ALTER TABLE ONLY contact_sync.jobs ALTER COLUMN state SET STATISTICS 0;
 
@@ -649,8 +630,18 @@ COMMENT ON COLUMN contact_sync.jobs.overtaken_by IS 'contact-sync: for a dead or
 COMMENT ON COLUMN contact_sync.jobs.waits_for IS 'contact-sync: for a pending job found behind another open job of its contact, that job: it is claimed once that job has left running or pending';
 
 CREATE TABLE contact_sync.jobs_delivered (
-    CONSTRAINT jobs_delivered_state_check CHECK ((state = ANY (ARRAY['succeeded'::text, 'coalesced'::text]))),
-    CONSTRAINT jobs_delivered_without_key CHECK ((idempotency_key IS NULL))
+    CONSTRAINT jobs_delivered_check_key CHECK (
+CASE
+    WHEN (idempotency_key IS NULL) THEN true
+    ELSE contact_sync.reject((('contact_sync: a row of contact_sync.jobs_delivered has no idempotency key, got one of '::text || length(idempotency_key)) || ' characters'::text), 'jobs with a key stay in the queue''s own table: enqueue the change anew with the key'::text, NULL::jsonb)
+END),
+    CONSTRAINT jobs_delivered_check_state CHECK (
+CASE
+    WHEN (state = ANY (ARRAY['succeeded'::text, 'coalesced'::text])) THEN true
+    ELSE contact_sync.reject(('contact_sync: a row of contact_sync.jobs_delivered is succeeded or coalesced, got '::text || COALESCE(quote_literal(state), 'NULL'::text)), 'a delivered job stays delivered: to send its change again, enqueue it anew'::text, NULL::jsonb)
+END),
+    CONSTRAINT jobs_delivered_planner_key CHECK ((idempotency_key IS NULL)),
+    CONSTRAINT jobs_delivered_planner_state CHECK ((state = ANY (ARRAY['succeeded'::text, 'coalesced'::text])))
 )
 INHERITS (contact_sync.jobs);
 
@@ -791,6 +782,6 @@ CREATE INDEX smartlink_watermarks_updated_idx ON contact_sync.smartlink_watermar
 
 CREATE TRIGGER jobs_after_insert AFTER INSERT ON contact_sync.jobs REFERENCING NEW TABLE AS new_jobs FOR EACH STATEMENT EXECUTE FUNCTION contact_sync.jobs_after_insert();
 
-CREATE TRIGGER jobs_delivered_validate_update BEFORE UPDATE ON contact_sync.jobs_delivered FOR EACH ROW EXECUTE FUNCTION contact_sync.jobs_delivered_before_update();
+CREATE TRIGGER jobs_delivered_validate_update BEFORE UPDATE OF state, idempotency_key ON contact_sync.jobs_delivered FOR EACH ROW EXECUTE FUNCTION contact_sync.jobs_delivered_before_update();
 
 CREATE TRIGGER jobs_validate_update BEFORE UPDATE OF provider, account, email, payload, run_at ON contact_sync.jobs FOR EACH ROW WHEN (((new.provider IS DISTINCT FROM old.provider) OR (new.account IS DISTINCT FROM old.account) OR (new.email IS DISTINCT FROM old.email) OR (new.payload IS DISTINCT FROM old.payload) OR (NOT isfinite(new.run_at)))) EXECUTE FUNCTION contact_sync.jobs_before_update();

@@ -274,6 +274,18 @@ async fn write_successes(
                    m.errors, m.coalesced_into, m.doi, m.resend_after, m.outcome, m.overtaken_by,
                    m.waits_for
             FROM moved m
+            -- (an id already there can only be a row written by hand, e.g. an archive reloaded
+            -- with ids the queue had not issued yet: the job delivered now is the one that
+            -- holds the id, and its outcome must be recorded, or it would be sent again)
+            ON CONFLICT (id) DO UPDATE
+                SET provider = EXCLUDED.provider, account = EXCLUDED.account, email = EXCLUDED.email,
+                    payload = EXCLUDED.payload, state = EXCLUDED.state, attempts = EXCLUDED.attempts,
+                    max_attempts = EXCLUDED.max_attempts, run_at = EXCLUDED.run_at,
+                    created_at = EXCLUDED.created_at, locked_until = NULL, locked_by = EXCLUDED.locked_by,
+                    finished_at = EXCLUDED.finished_at, last_error = EXCLUDED.last_error,
+                    errors = EXCLUDED.errors, coalesced_into = EXCLUDED.coalesced_into, doi = EXCLUDED.doi,
+                    resend_after = EXCLUDED.resend_after, outcome = EXCLUDED.outcome,
+                    overtaken_by = EXCLUDED.overtaken_by, waits_for = EXCLUDED.waits_for
         ), kept AS (
             -- delivered with an idempotency key: `succeeded` in place; a job changed since the
             -- claim was delivered as it was, and goes back to pending to be sent as it is now
@@ -338,6 +350,15 @@ async fn write_successes(
                    f.max_attempts, f.run_at, f.created_at, f.locked_by, now(), f.last_error,
                    f.errors, f.head, f.doi, f.resend_after, f.outcome, f.overtaken_by, f.waits_for
             FROM merged_moved f
+            ON CONFLICT (id) DO UPDATE
+                SET provider = EXCLUDED.provider, account = EXCLUDED.account, email = EXCLUDED.email,
+                    payload = EXCLUDED.payload, state = EXCLUDED.state, attempts = EXCLUDED.attempts,
+                    max_attempts = EXCLUDED.max_attempts, run_at = EXCLUDED.run_at,
+                    created_at = EXCLUDED.created_at, locked_until = NULL, locked_by = EXCLUDED.locked_by,
+                    finished_at = EXCLUDED.finished_at, last_error = EXCLUDED.last_error,
+                    errors = EXCLUDED.errors, coalesced_into = EXCLUDED.coalesced_into, doi = EXCLUDED.doi,
+                    resend_after = EXCLUDED.resend_after, outcome = EXCLUDED.outcome,
+                    overtaken_by = EXCLUDED.overtaken_by, waits_for = EXCLUDED.waits_for
         ), merged_kept AS (
             UPDATE ONLY contact_sync.jobs f
             SET state = 'coalesced', finished_at = now(), coalesced_into = m.head,

@@ -290,6 +290,39 @@ async fn a_hand_update_cannot_reopen_a_delivered_job() {
             "{set}: {err:?}"
         );
     }
+    // the same with the triggers off (a restore, a replica's apply): the table's checks hold
+    let mut conn = env.pool.acquire().await.unwrap();
+    sqlx::query("SET session_replication_role = replica")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    for set in [
+        "state = 'pending'",
+        "run_at = 'infinity'",
+        "attempts = -5",
+        "account = 'NOT VALID!!'",
+    ] {
+        let err = sqlx::query(&format!("UPDATE contact_sync.jobs SET {set} WHERE id = $1"))
+            .bind(id)
+            .execute(&mut *conn)
+            .await
+            .expect_err(set);
+        assert!(err.as_database_error().is_some(), "{set}: {err}");
+    }
+    // a row written into the table by hand is held to the same rules, its contents kept out
+    // of the error
+    let err = sqlx::query(
+        "INSERT INTO contact_sync.jobs_delivered (id, provider, account, email, payload, state, finished_at)
+         VALUES (1000000, 'justclick', 'jc', 'old@example.com', '{\"lead_name\": \"secret-name\"}', 'pending', now())",
+    )
+    .execute(&mut *conn)
+    .await
+    .unwrap_err();
+    let db = err.as_database_error().expect("a database error");
+    assert_eq!(db.code().as_deref(), Some("22023"), "{db}");
+    assert!(db.message().contains("is succeeded or coalesced"), "{db}");
+    assert!(!format!("{err:?}").contains("secret-name"), "{err:?}");
+    drop(conn);
     // what retention tests and operators do still works
     sqlx::query("UPDATE contact_sync.jobs SET finished_at = now() - interval '1 day', last_error = 'note' WHERE id = $1")
         .bind(id)
@@ -355,15 +388,6 @@ async fn the_upgrade_moves_delivered_jobs_and_keeps_retry_right() {
         matches!(found, Some(Found::Newer(id)) if id == coalesced),
         "{found:?}"
     );
-    // the queue's own rules are its own: a delivered job is not checked by them twice
-    let inherited: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM pg_constraint WHERE conrelid = 'contact_sync.jobs'::regclass
-         AND contype = 'c' AND NOT connoinherit",
-    )
-    .fetch_one(&db.pool)
-    .await
-    .unwrap();
-    assert_eq!(inherited, 0);
     // and the queue goes on: the pending job is delivered and moves
     let env = TestEnv::with_db(db).await;
     env.settle(&env.worker()).await;
@@ -371,4 +395,72 @@ async fn the_upgrade_moves_delivered_jobs_and_keeps_retry_right() {
         place(&env.pool, pending).await,
         ("delivered".into(), "succeeded".into())
     );
+}
+
+/// A row written by hand into `jobs_delivered` with an id the queue had not issued yet (an
+/// archive reloaded): the job that is given that id is delivered and recorded all the same,
+/// never sent again and again.
+#[tokio::test]
+async fn an_id_written_by_hand_into_delivered_jobs_never_wedges_a_delivery() {
+    let env = TestEnv::new().await;
+    let next: i64 = sqlx::query_scalar("SELECT last_value + 2 FROM contact_sync.jobs_id_seq")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO contact_sync.jobs_delivered (id, provider, account, email, payload, state, finished_at)
+         VALUES ($1, 'justclick', 'jc', 'archived@example.com', '{}', 'succeeded', now() - interval '1 year')",
+    )
+    .bind(next)
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    let jobs = env
+        .enqueue_many(&[
+            jc("d1@example.com", json!({"lead_name": "D1"})),
+            jc("d2@example.com", json!({"lead_name": "D2"})),
+            jc("d3@example.com", json!({"lead_name": "D3"})),
+        ])
+        .await;
+    assert!(jobs.contains(&next), "{jobs:?} {next}");
+    let report = env.settle(&env.worker()).await;
+    assert_eq!(report.succeeded, 3, "{report:?}");
+    let email: String = sqlx::query_scalar("SELECT email FROM contact_sync.jobs WHERE id = $1")
+        .bind(next)
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    assert_ne!(email, "archived@example.com");
+    assert_eq!(env.count("succeeded").await, 3);
+    let running: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM contact_sync.jobs WHERE state = 'running'")
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+    assert_eq!(running, 0);
+}
+
+/// A foreign key to `contact_sync.jobs(id)` would fail every completion once delivered jobs
+/// leave the table: the upgrade refuses it and says what to do.
+#[tokio::test]
+async fn the_upgrade_refuses_foreign_keys_to_the_jobs_table() {
+    let db = TestDb::before_migration(20261220000001).await;
+    sqlx::query("CREATE TABLE public.app_audit (job_id bigint REFERENCES contact_sync.jobs (id))")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let err = contact_sync::migrate(&db.pool)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("foreign keys reference contact_sync.jobs"),
+        "{err}"
+    );
+    assert!(err.contains("app_audit"), "{err}");
+    sqlx::query("ALTER TABLE public.app_audit DROP CONSTRAINT app_audit_job_id_fkey")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    contact_sync::migrate(&db.pool).await.unwrap();
 }
