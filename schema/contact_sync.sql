@@ -101,6 +101,17 @@ BEGIN
         RETURN NULL;  -- an insert of no rows
     END IF;
     BEGIN
+        -- an id a delivered job already has (the two tables' primary keys are their own): only
+        -- when the id sequence is behind, as after a restore or a replica's promotion; one
+        -- probe of the delivered jobs' newest id per statement says it is not
+        IF (SELECT min(n.id) FROM new_jobs n) <= (SELECT max(d.id) FROM contact_sync.jobs_delivered d) THEN
+            PERFORM contact_sync.reject(
+                format('contact_sync: job id %s is already taken by a delivered job', n.id),
+                'the id sequence is behind the jobs (a restore, a promoted replica?): run SELECT setval(''contact_sync.jobs_id_seq'', (SELECT max(id) FROM contact_sync.jobs))',
+                to_jsonb(n.id))
+            FROM new_jobs n
+            WHERE EXISTS (SELECT 1 FROM contact_sync.jobs_delivered d WHERE d.id = n.id);
+        END IF;
         -- the providers of the statement's own accounts, each probed by its key, once: no plan reads
         -- the accounts table whole or once per row
         v_providers := (SELECT jsonb_object_agg(a.account, a.provider) FROM contact_sync.accounts a

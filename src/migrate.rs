@@ -54,3 +54,17 @@ pub async fn is_current(pool: &PgPool) -> Result<bool, sqlx::Error> {
     };
     Ok(MIGRATOR.iter().all(|m| applied.contains(&m.version)))
 }
+
+/// Foreign keys from other tables to `contact_sync.jobs(id)`, as `name on table`. A delivered
+/// job's row leaves that table at completion, so such a key fails every completion (or, with
+/// `ON DELETE CASCADE`, deletes the application's rows): the worker refuses to start while one
+/// exists (the 2026-12-20 migration refuses to run).
+pub async fn foreign_keys_to_jobs(pool: &PgPool) -> Result<Vec<String>, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT format('%s on %s', c.conname, c.conrelid::regclass) FROM pg_constraint c
+         WHERE c.contype = 'f' AND c.confrelid = 'contact_sync.jobs'::regclass ORDER BY 1",
+    )
+    .persistent(false)
+    .fetch_all(pool)
+    .await
+}

@@ -80,6 +80,14 @@ pub async fn run_worker(
             }
         }
     }
+    let foreign_keys = contact_sync::migrate::foreign_keys_to_jobs(&pool).await?;
+    if !foreign_keys.is_empty() {
+        stop.cancel();
+        bail!(
+            "foreign keys reference contact_sync.jobs ({}): a delivered job's row leaves that table, so every completion would fail; drop them and keep job ids as plain bigint columns",
+            foreign_keys.join(", ")
+        )
+    }
     let worker = Worker::new(pool.clone(), settings, registry);
     let report = if drain {
         worker.drain_until(signals.clone()).await

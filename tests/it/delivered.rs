@@ -398,10 +398,11 @@ async fn the_upgrade_moves_delivered_jobs_and_keeps_retry_right() {
 }
 
 /// A row written by hand into `jobs_delivered` with an id the queue had not issued yet (an
-/// archive reloaded): the job that is given that id is delivered and recorded all the same,
-/// never sent again and again.
+/// archive reloaded), or the id sequence set back (a restore, a promoted replica): a job given
+/// an id a delivered job has is refused at enqueue, with what to do; one that got in with the
+/// triggers off is delivered and recorded all the same, never sent again and again.
 #[tokio::test]
-async fn an_id_written_by_hand_into_delivered_jobs_never_wedges_a_delivery() {
+async fn an_id_a_delivered_job_has_is_never_given_twice_and_never_wedges_a_delivery() {
     let env = TestEnv::new().await;
     let next: i64 = sqlx::query_scalar("SELECT last_value + 2 FROM contact_sync.jobs_id_seq")
         .fetch_one(&env.pool)
@@ -415,23 +416,60 @@ async fn an_id_written_by_hand_into_delivered_jobs_never_wedges_a_delivery() {
     .execute(&env.pool)
     .await
     .unwrap();
-    let jobs = env
-        .enqueue_many(&[
-            jc("d1@example.com", json!({"lead_name": "D1"})),
-            jc("d2@example.com", json!({"lead_name": "D2"})),
-            jc("d3@example.com", json!({"lead_name": "D3"})),
-        ])
-        .await;
-    assert!(jobs.contains(&next), "{jobs:?} {next}");
+    let jobs = [
+        jc("d1@example.com", json!({"lead_name": "D1"})),
+        jc("d2@example.com", json!({"lead_name": "D2"})),
+        jc("d3@example.com", json!({"lead_name": "D3"})),
+    ];
+    let mut conn = env.pool.acquire().await.unwrap();
+    let err = contact_sync::outbox::enqueue_batch(&mut conn, &jobs)
+        .await
+        .unwrap_err();
+    match err {
+        contact_sync::outbox::EnqueueError::Invalid { message, sqlstate } => {
+            assert_eq!(sqlstate, "22023");
+            assert!(
+                message.contains(&format!(
+                    "job id {next} is already taken by a delivered job"
+                )),
+                "{message}"
+            );
+        }
+        other => panic!("{other}"),
+    }
+    // what the hint says to do
+    sqlx::query(
+        "SELECT setval('contact_sync.jobs_id_seq', (SELECT max(id) FROM contact_sync.jobs))",
+    )
+    .execute(&mut *conn)
+    .await
+    .unwrap();
+    let ids = contact_sync::outbox::enqueue_batch(&mut conn, &jobs)
+        .await
+        .unwrap();
+    assert_eq!(ids.len(), 3);
+    // with the triggers off, the check does not run: the delivery is recorded over the id
+    sqlx::query("SET session_replication_role = replica")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO contact_sync.jobs (id, provider, account, email, payload) OVERRIDING SYSTEM VALUE
+         VALUES ($1, 'justclick', 'jc', 'restored@example.com', '{\"lead_name\": \"R\"}')",
+    )
+    .bind(next)
+    .execute(&mut *conn)
+    .await
+    .unwrap();
+    drop(conn);
     let report = env.settle(&env.worker()).await;
-    assert_eq!(report.succeeded, 3, "{report:?}");
+    assert_eq!(report.succeeded, 4, "{report:?}");
     let email: String = sqlx::query_scalar("SELECT email FROM contact_sync.jobs WHERE id = $1")
         .bind(next)
         .fetch_one(&env.pool)
         .await
         .unwrap();
-    assert_ne!(email, "archived@example.com");
-    assert_eq!(env.count("succeeded").await, 3);
+    assert_eq!(email, "restored@example.com");
     let running: i64 =
         sqlx::query_scalar("SELECT count(*) FROM contact_sync.jobs WHERE state = 'running'")
             .fetch_one(&env.pool)
@@ -463,4 +501,20 @@ async fn the_upgrade_refuses_foreign_keys_to_the_jobs_table() {
         .await
         .unwrap();
     contact_sync::migrate(&db.pool).await.unwrap();
+    // one added since: the worker refuses to start, and says why
+    sqlx::query(
+        "ALTER TABLE public.app_audit ADD FOREIGN KEY (job_id) REFERENCES contact_sync.jobs (id)",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let env = TestEnv::with_db(db).await;
+    let config = env.config_file("");
+    let (code, _, stderr) = env.cli(&config, &["run", "--drain"]).await;
+    assert_ne!(code, 0);
+    assert!(
+        stderr.contains("foreign keys reference contact_sync.jobs"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("app_audit"), "{stderr}");
 }
