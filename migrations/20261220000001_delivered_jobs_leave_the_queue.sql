@@ -17,7 +17,7 @@
 -- Upgrade with workers running: old workers go on marking jobs `succeeded` in place, which
 -- every reader and retention still handle; delivered jobs move here once the new binary runs.
 -- This migration moves the delivered jobs already in the table, in one statement under the
--- migration's lock (about 2 s per million delivered jobs on the development machine).
+-- migration's lock (about 9 s per million delivered jobs on the development machine).
 
 -- A foreign key from another table to `contact_sync.jobs(id)` would make every completion fail
 -- (the delivered job's row is deleted from this table): refused, with what to do.
