@@ -7,8 +7,12 @@
 use sqlx::migrate::Migrator;
 use sqlx::PgPool;
 
-/// The embedded migrations (`migrations/`).
-pub static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
+/// The embedded migrations (`migrations/`), run without sqlx's own lock (see [`migrate`]).
+pub static MIGRATOR: std::sync::LazyLock<Migrator> = std::sync::LazyLock::new(|| {
+    let mut migrator = sqlx::migrate!("./migrations");
+    migrator.set_locking(false);
+    migrator
+});
 
 /// Advisory lock key: "contact_sync" in ASCII, folded into an i64.
 const MIGRATION_LOCK_KEY: i64 = 0x636f_6e74_6163_7473;
@@ -35,6 +39,9 @@ pub async fn migrate(pool: &PgPool) -> Result<(), MigrateError> {
     sqlx::query("SET LOCAL search_path TO contact_sync")
         .execute(&mut *tx)
         .await?;
+    // Without sqlx's own lock: it is a session-level advisory lock, which a failed migration
+    // leaves held by the pooled connection it ran on, so the next `migrate` on another of the
+    // pool's connections waited forever. The transaction-scoped lock above serializes migrators.
     MIGRATOR.run_direct(&mut *tx).await?;
     tx.commit().await?;
     Ok(())

@@ -142,6 +142,38 @@ pub async fn succeed_many(pool: &PgPool, items: &[Success]) -> Result<Written, s
 }
 
 /// How long a completion that writes the double-opt-in ledger waits for a lock.
+/// The head of an insert into `jobs_delivered`: its column list (the `SELECT` follows).
+macro_rules! insert_delivered {
+    () => {
+        r#"
+            INSERT INTO contact_sync.jobs_delivered
+                (id, provider, account, email, payload, state, attempts, max_attempts, run_at,
+                 created_at, locked_by, finished_at, last_error, errors, coalesced_into, doi,
+                 resend_after, outcome, overtaken_by, waits_for)
+"#
+    };
+}
+
+/// The tail of an insert into `jobs_delivered`: an id already there can only be a row written
+/// by hand (e.g. an archive reloaded with ids the queue had not issued yet). The job delivered
+/// now is the one that holds the id, and its outcome must be recorded, or it would be sent
+/// again.
+macro_rules! on_delivered_id_taken {
+    () => {
+        r#"
+            ON CONFLICT (id) DO UPDATE
+                SET provider = EXCLUDED.provider, account = EXCLUDED.account, email = EXCLUDED.email,
+                    payload = EXCLUDED.payload, state = EXCLUDED.state, attempts = EXCLUDED.attempts,
+                    max_attempts = EXCLUDED.max_attempts, run_at = EXCLUDED.run_at,
+                    created_at = EXCLUDED.created_at, locked_until = NULL, locked_by = EXCLUDED.locked_by,
+                    finished_at = EXCLUDED.finished_at, last_error = EXCLUDED.last_error,
+                    errors = EXCLUDED.errors, coalesced_into = EXCLUDED.coalesced_into, doi = EXCLUDED.doi,
+                    resend_after = EXCLUDED.resend_after, outcome = EXCLUDED.outcome,
+                    overtaken_by = EXCLUDED.overtaken_by, waits_for = EXCLUDED.waits_for
+"#
+    };
+}
+
 const LEDGER_LOCK_TIMEOUT: &str = "SET LOCAL lock_timeout = '20ms'";
 
 /// What [`write_successes`] did.
@@ -209,7 +241,7 @@ async fn write_successes(
             follower_md5.push(f.sent_md5.as_str());
         }
     }
-    let rows: Vec<WrittenRow> = sqlx::query_as(
+    let rows: Vec<WrittenRow> = sqlx::query_as(concat!(
         // language=PostgreSQL
         r#"
         WITH t AS (
@@ -265,27 +297,17 @@ async fn write_successes(
                       coalesce(t.doi, j.doi) AS doi, j.resend_after, t.outcome, j.overtaken_by,
                       j.waits_for, j.contact_key, t.sets_status, t.modify_ts
         ), delivered AS (
-            INSERT INTO contact_sync.jobs_delivered
-                (id, provider, account, email, payload, state, attempts, max_attempts, run_at,
-                 created_at, locked_by, finished_at, last_error, errors, coalesced_into, doi,
-                 resend_after, outcome, overtaken_by, waits_for)
+"#,
+        insert_delivered!(),
+        r#"
             SELECT m.id, m.provider, m.account, m.email, m.payload, 'succeeded', m.attempts,
                    m.max_attempts, m.run_at, m.created_at, m.locked_by, now(), m.last_error,
                    m.errors, m.coalesced_into, m.doi, m.resend_after, m.outcome, m.overtaken_by,
                    m.waits_for
             FROM moved m
-            -- (an id already there can only be a row written by hand, e.g. an archive reloaded
-            -- with ids the queue had not issued yet: the job delivered now is the one that
-            -- holds the id, and its outcome must be recorded, or it would be sent again)
-            ON CONFLICT (id) DO UPDATE
-                SET provider = EXCLUDED.provider, account = EXCLUDED.account, email = EXCLUDED.email,
-                    payload = EXCLUDED.payload, state = EXCLUDED.state, attempts = EXCLUDED.attempts,
-                    max_attempts = EXCLUDED.max_attempts, run_at = EXCLUDED.run_at,
-                    created_at = EXCLUDED.created_at, locked_until = NULL, locked_by = EXCLUDED.locked_by,
-                    finished_at = EXCLUDED.finished_at, last_error = EXCLUDED.last_error,
-                    errors = EXCLUDED.errors, coalesced_into = EXCLUDED.coalesced_into, doi = EXCLUDED.doi,
-                    resend_after = EXCLUDED.resend_after, outcome = EXCLUDED.outcome,
-                    overtaken_by = EXCLUDED.overtaken_by, waits_for = EXCLUDED.waits_for
+"#,
+        on_delivered_id_taken!(),
+        r#"
         ), kept AS (
             -- delivered with an idempotency key: `succeeded` in place; a job changed since the
             -- claim was delivered as it was, and goes back to pending to be sent as it is now
@@ -342,23 +364,16 @@ async fn write_successes(
                            THEN 'cancelled while being delivered with job ' || m.head || ': delivered all the same'
                            ELSE f.last_error END AS last_error
         ), merged_delivered AS (
-            INSERT INTO contact_sync.jobs_delivered
-                (id, provider, account, email, payload, state, attempts, max_attempts, run_at,
-                 created_at, locked_by, finished_at, last_error, errors, coalesced_into, doi,
-                 resend_after, outcome, overtaken_by, waits_for)
+"#,
+        insert_delivered!(),
+        r#"
             SELECT f.id, f.provider, f.account, f.email, f.payload, 'coalesced', f.attempts,
                    f.max_attempts, f.run_at, f.created_at, f.locked_by, now(), f.last_error,
                    f.errors, f.head, f.doi, f.resend_after, f.outcome, f.overtaken_by, f.waits_for
             FROM merged_moved f
-            ON CONFLICT (id) DO UPDATE
-                SET provider = EXCLUDED.provider, account = EXCLUDED.account, email = EXCLUDED.email,
-                    payload = EXCLUDED.payload, state = EXCLUDED.state, attempts = EXCLUDED.attempts,
-                    max_attempts = EXCLUDED.max_attempts, run_at = EXCLUDED.run_at,
-                    created_at = EXCLUDED.created_at, locked_until = NULL, locked_by = EXCLUDED.locked_by,
-                    finished_at = EXCLUDED.finished_at, last_error = EXCLUDED.last_error,
-                    errors = EXCLUDED.errors, coalesced_into = EXCLUDED.coalesced_into, doi = EXCLUDED.doi,
-                    resend_after = EXCLUDED.resend_after, outcome = EXCLUDED.outcome,
-                    overtaken_by = EXCLUDED.overtaken_by, waits_for = EXCLUDED.waits_for
+"#,
+        on_delivered_id_taken!(),
+        r#"
         ), merged_kept AS (
             UPDATE ONLY contact_sync.jobs f
             SET state = 'coalesced', finished_at = now(), coalesced_into = m.head,
@@ -397,7 +412,7 @@ async fn write_successes(
         -- to another address leaves its waiting jobs behind in the contact it left)
         SELECT NULL, NULL, false, false, k.contact_key FROM (SELECT DISTINCT l.contact_key FROM locked l) k
         "#,
-    )
+    ))
     .bind(&ids)
     .bind(&attempts)
     .bind(&dois)

@@ -23,16 +23,6 @@ async fn place(pool: &sqlx::PgPool, id: i64) -> (String, String) {
     .unwrap()
 }
 
-async fn park_as_dead(pool: &sqlx::PgPool, id: i64) {
-    sqlx::query(
-        "UPDATE contact_sync.jobs SET state = 'dead', finished_at = now(), last_error = 'x' WHERE id = $1",
-    )
-    .bind(id)
-    .execute(pool)
-    .await
-    .unwrap();
-}
-
 #[tokio::test]
 async fn delivered_jobs_leave_the_queue_and_every_reader_still_sees_them() {
     let env = TestEnv::new().await;
@@ -496,6 +486,16 @@ async fn the_upgrade_refuses_foreign_keys_to_the_jobs_table() {
         "{err}"
     );
     assert!(err.contains("app_audit"), "{err}");
+    // the failed migration leaves no lock behind on the pool's connection (sqlx's own
+    // session-level lock did: the next migrate on another connection waited forever)
+    let held: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_locks l JOIN pg_database d ON d.oid = l.database
+         WHERE l.locktype = 'advisory' AND d.datname = current_database()",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(held, 0, "advisory locks held after a failed migration");
     sqlx::query("ALTER TABLE public.app_audit DROP CONSTRAINT app_audit_job_id_fkey")
         .execute(&db.pool)
         .await

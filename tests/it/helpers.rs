@@ -50,6 +50,7 @@ impl TestDb {
                     .cloned()
                     .collect(),
             ),
+            locking: false,
             ..sqlx::migrate::Migrator::DEFAULT
         };
         let mut tx = db.pool.begin().await.unwrap();
@@ -420,6 +421,17 @@ pub fn jc(email: &str, payload: Value) -> NewJob {
 
 pub fn sl(email: &str, payload: Value) -> NewJob {
     NewJob::new("smartlink", "sl", email, payload)
+}
+
+/// Parks a job as `dead` by hand (an operator's SQL), as if its provider had refused it.
+pub async fn park_as_dead(pool: &PgPool, id: i64) {
+    sqlx::query(
+        "UPDATE contact_sync.jobs SET state = 'dead', finished_at = now(), last_error = 'x' WHERE id = $1",
+    )
+    .bind(id)
+    .execute(pool)
+    .await
+    .unwrap();
 }
 
 pub async fn enqueue_err(env: &TestEnv, job: NewJob) -> String {

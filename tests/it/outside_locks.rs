@@ -13,14 +13,6 @@ use contact_sync::worker::Shutdown;
 use serde_json::json;
 use std::time::{Duration, Instant};
 
-async fn park_as_dead(env: &TestEnv, id: i64) {
-    sqlx::query("UPDATE contact_sync.jobs SET state = 'dead', finished_at = now(), last_error = 'x' WHERE id = $1")
-        .bind(id)
-        .execute(&env.pool)
-        .await
-        .unwrap();
-}
-
 /// The review's finding: an operator's open transaction that touched a `running` job made the
 /// heartbeat skip the row until the lease expired while its worker was alive; the rescuer then
 /// waited on the row (so a killed worker's job elsewhere stayed stranded), the completer waited
@@ -108,8 +100,8 @@ async fn operator_commands_skip_contacts_a_producer_holds_and_say_so() {
     let free_dead = env
         .enqueue(jc("free@example.com", json!({"lead_name": "1"})))
         .await;
-    park_as_dead(&env, held_dead).await;
-    park_as_dead(&env, free_dead).await;
+    park_as_dead(&env.pool, held_dead).await;
+    park_as_dead(&env.pool, free_dead).await;
     // a pending job another operator's transaction holds
     let to_cancel = env
         .enqueue(jc("c@example.com", json!({"lead_name": "2"})))
@@ -202,11 +194,11 @@ async fn operator_commands_skip_contacts_a_producer_holds_and_say_so() {
     let d = env
         .enqueue(jc("other2@example.com", json!({"lead_name": "1"})))
         .await;
-    park_as_dead(&env, d).await;
+    park_as_dead(&env.pool, d).await;
     let e = env
         .enqueue(jc("held2@example.com", json!({"lead_name": "1"})))
         .await;
-    park_as_dead(&env, e).await;
+    park_as_dead(&env.pool, e).await;
     let pending = env
         .enqueue(jc("held2@example.com", json!({"lead_name": "3"})))
         .await;
@@ -238,7 +230,7 @@ async fn retry_and_a_claim_of_a_newer_change_never_cross() {
     let old = env
         .enqueue(jc("r@example.com", json!({"lead_name": "old"})))
         .await;
-    park_as_dead(&env, old).await;
+    park_as_dead(&env.pool, old).await;
     // a hook that makes the retry's update slow, between its check and its write
     sqlx::query(
         "CREATE FUNCTION public.slow_retry() RETURNS trigger LANGUAGE plpgsql AS $$ \
