@@ -185,8 +185,11 @@ pub async fn run(
         table = source.table
     );
 
-    // one backfill per source at a time
-    let mut lock = pool.acquire().await?;
+    // one backfill per source at a time: a session-level lock, on a connection of its own
+    // that never goes back to the pool, so that a run that fails or is dropped midway (an
+    // embedder's timeout) releases it when the connection closes, instead of leaving it held
+    // by a pooled session that refuses every later backfill of the source
+    let mut lock = pool.acquire().await?.detach();
     if !backfills::try_lock(&mut lock, name).await? {
         return Err(CaptureError::Usage(format!(
             "a backfill of {name} is already running; wait for it, or stop it (it resumes where it stopped)"
@@ -309,6 +312,7 @@ pub async fn run(
     }
     .await;
     let _ = backfills::unlock(&mut lock, name).await;
+    let _ = sqlx::Connection::close(lock).await;
     result
 }
 

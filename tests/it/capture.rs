@@ -908,6 +908,64 @@ fn summary(out: &str) -> Value {
     serde_json::from_str(last).unwrap_or_else(|e| panic!("{e}: {out}"))
 }
 
+/// An embedder's backfill that is dropped midway (its timeout fired, its task was aborted) or
+/// fails leaves the source free: the next backfill of it runs, in the same process and pool.
+/// (Its lock was a session-level lock on a pooled connection, which went back to the pool held:
+/// every later backfill of the source was refused as "already running".)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backfill_dropped_midway_leaves_the_source_free() {
+    use contact_sync::capture::backfill::{self, Mode, Options};
+    let (env, _config) = installed_over_existing_users(400).await;
+    let options = |max_pending| Options {
+        accounts: Vec::new(),
+        condition: None,
+        mode: Mode::Send,
+        dry_run: false,
+        restart: false,
+        page: 10,
+        max_pending,
+        sync_deletes: false,
+    };
+    // no worker runs: with at most 10 pending jobs the run waits after its first page
+    let dropped = tokio::time::timeout(
+        Duration::from_millis(1500),
+        backfill::run(&env.pool, &env.settings, "users", &options(10), |_| {}),
+    )
+    .await;
+    assert!(
+        dropped.is_err(),
+        "the backfill was to be waiting: {dropped:?}"
+    );
+    let queued = jobs(&env).await;
+    assert!(queued > 0, "the dropped backfill queued nothing");
+    // the same pool, every connection of it: the lock is gone with the dropped run
+    for _ in 0..3 {
+        let progress = backfill::run(
+            &env.pool,
+            &env.settings,
+            "users",
+            &Options {
+                dry_run: true,
+                ..options(1_000_000)
+            },
+            |_| {},
+        )
+        .await
+        .unwrap_or_else(|e| panic!("a backfill after the dropped one: {e}"));
+        assert!(progress.resumed || progress.read > 0, "{progress:?}");
+    }
+    let done = backfill::run(
+        &env.pool,
+        &env.settings,
+        "users",
+        &options(1_000_000),
+        |_| {},
+    )
+    .await
+    .unwrap();
+    assert_eq!(done.read, 400, "{done:?}");
+}
+
 /// A backfill queues what differs from what was last sent: everything the first time (a dry run
 /// counts exactly that and queues nothing), nothing on a resync of unchanged rows, and only the
 /// fields that changed behind the capture's back.
