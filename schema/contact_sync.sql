@@ -102,9 +102,15 @@ BEGIN
     END IF;
     BEGIN
         -- an id a delivered job already has (the two tables' primary keys are their own): only
-        -- when the id sequence is behind, as after a restore or a replica's promotion; one
-        -- probe of the delivered jobs' newest id per statement says it is not
-        IF (SELECT min(n.id) FROM new_jobs n) <= (SELECT max(d.id) FROM contact_sync.jobs_delivered d) THEN
+        -- when the id sequence is behind, as after a restore or a replica's promotion. One
+        -- probe of the delivered jobs' index at the statement's lowest id says it is not: the
+        -- probe starts there, so it never walks the entries that deleted jobs leave at the top
+        -- of the index until a vacuum (`max(id)` walked them all: about 6 ms for every insert
+        -- after a million delivered jobs were purged). Written as the first id in index order,
+        -- not `EXISTS`, for which the planner reads the table sequentially instead
+        IF (SELECT d.id FROM contact_sync.jobs_delivered d
+            WHERE d.id >= (SELECT min(n.id) FROM new_jobs n)
+            ORDER BY d.id LIMIT 1) IS NOT NULL THEN
             PERFORM contact_sync.reject(
                 format('contact_sync: job id %s is already taken by a delivered job', n.id),
                 'the id sequence is behind the jobs (a restore, a promoted replica?): run SELECT setval(''contact_sync.jobs_id_seq'', (SELECT max(id) FROM contact_sync.jobs))',

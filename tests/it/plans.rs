@@ -916,6 +916,56 @@ async fn a_repeated_idempotency_key_is_looked_up_through_its_index() {
     );
 }
 
+/// The insert trigger's check that a new job's id is not a delivered job's reads a few pages of
+/// `jobs_delivered_pkey`, however many entries deleted delivered jobs left at its top (a purge,
+/// or retention that deleted them all, before a vacuum). It read the newest id with `max(id)`,
+/// which walked every such entry in every insert: about 6 ms a one-row enqueue after a million.
+#[tokio::test]
+async fn an_insert_reads_no_entries_of_deleted_delivered_jobs() {
+    let db = TestDb::new().await;
+    let session = one_session(&db);
+    for sql in [
+        "ALTER TABLE contact_sync.jobs_delivered SET (autovacuum_enabled = off)",
+        "INSERT INTO contact_sync.jobs_delivered (id, provider, account, email, state, finished_at)
+         SELECT i, 'justclick', 'jc', 'u' || i || '@example.com', 'succeeded', now()
+         FROM generate_series(1, 200000) i",
+        "SELECT setval('contact_sync.jobs_id_seq', 200000)",
+        "DELETE FROM contact_sync.jobs_delivered",
+    ] {
+        sqlx::query(sql).execute(&db.pool).await.unwrap();
+    }
+    // the first scans mark the dead entries as such; what is measured is what every insert
+    // after them reads
+    sqlx::query("SELECT count(*) FROM contact_sync.jobs_delivered WHERE id > 0")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let pages = |pool: PgPool| async move {
+        flush_stats(&[&pool]).await;
+        let n: i64 = sqlx::query_scalar(
+            "SELECT coalesce(idx_blks_hit + idx_blks_read, 0)::bigint FROM pg_statio_user_indexes
+             WHERE schemaname = 'contact_sync' AND indexrelname = 'jobs_delivered_pkey'",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        n
+    };
+    let before = pages(session.clone()).await;
+    for i in 0..10 {
+        sqlx::query("SELECT contact_sync.enqueue('justclick', 'jc', $1, '{}')")
+            .bind(format!("a{i}@example.com"))
+            .execute(&session)
+            .await
+            .unwrap();
+    }
+    let read = pages(session.clone()).await - before;
+    assert!(
+        read < 100,
+        "10 one-row enqueues read {read} pages of jobs_delivered_pkey (200,000 dead entries in it)"
+    );
+}
+
 /// Rows read by sequential scans of the queue's tables so far (`pg_stat_user_tables`), after
 /// the given sessions' statistics were flushed: the queue's own and `jobs_delivered`, its child
 /// (a statement that named an open state wrongly would read the delivered jobs whole).
