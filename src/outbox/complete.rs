@@ -141,7 +141,6 @@ pub async fn succeed_many(pool: &PgPool, items: &[Success]) -> Result<Written, s
     Ok(written)
 }
 
-/// How long a completion that writes the double-opt-in ledger waits for a lock.
 /// The head of an insert into `jobs_delivered`: its column list (the `SELECT` follows).
 macro_rules! insert_delivered {
     () => {
@@ -174,6 +173,7 @@ macro_rules! on_delivered_id_taken {
     };
 }
 
+/// How long a completion that writes the double-opt-in ledger waits for a lock.
 const LEDGER_LOCK_TIMEOUT: &str = "SET LOCAL lock_timeout = '20ms'";
 
 /// What [`write_successes`] did.
